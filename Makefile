@@ -1,0 +1,41 @@
+# halb: the two commands a fresh machine needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-unit test-integration bench chaos lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[test,report]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## Start the local three-node cluster with the checkout backends (foreground, Ctrl-C stops all).
+demo: $(STAMP)
+	$(BIN)/halb cluster up
+
+## Run the whole test suite (unit, integration with real processes, netns when root).
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest tests/integration $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+chaos: $(STAMP)
+	$(BIN)/halb chaos run chaos/drills/*.toml --cluster local
+
+clean:
+	rm -rf $(VENV) .halb build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Shared pytest fixtures: free ports, process reaping, temporary dirs."""
