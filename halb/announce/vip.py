@@ -1,0 +1,293 @@
+"""Floating VIP primitives: add/renew with a short kernel lifetime, release, GARP.
+
+This module is the *mechanism*; the quorum lease decides *whether* to call it.
+
+Why a short kernel lifetime: the VIP is added with ``valid_lft``/``preferred_lft`` of 1 s
+and renewed every ~200 ms while the lease allows. If the holder crashes, freezes or loses
+its lease logic, the kernel deletes the address by itself about 1.0–1.15 s later, so a
+dead holder cannot keep answering for the VIP.
+
+Threading model: every netlink operation runs on one dedicated worker thread owned by the
+announcer. That thread enters the target namespace once (``netns=NAME``), so the netlink
+socket, the raw ARP socket and sysctl writes all live there without forking. Sync methods
+(``hold``, ``release``...) may be called from any thread *except* an asyncio loop thread
+(they block for ~1 ms normally, at most ``op_timeout``); the ``a*`` coroutines run the same
+operations on the worker without blocking the loop. GARP bursts sleep between rounds, so
+they use a second thread and never delay a renewal queued behind them.
+
+Typical caller (the lease logic)::
+
+    vip = VipAnnouncer("eth0", "10.99.0.10")
+    await vip.acquire()           # add + GARP burst + refresh burst a few seconds later
+    while lease_valid():          # every ~200 ms
+        await vip.ahold()
+    await vip.arelease()          # on lease loss, shutdown, SIGTERM
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+import socket
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
+
+from . import garp as _garp
+from .sysctl import enter_netns, set_vip_arp_sysctls
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+IP_FREEBIND = 15  # <linux/in.h>; not exported by Python's socket module
+
+
+class VipError(RuntimeError):
+    """A netlink or packet operation on the VIP failed."""
+
+
+def freebind_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
+                    backlog: int = 128, reuse_port: bool = False) -> socket.socket:
+    """A listening (or bound UDP) socket on ``host:port`` that may bind an absent address.
+
+    Why: with IP_FREEBIND a standby listens on the VIP *before* it holds it, so the
+    first connection after a failover is accepted instead of reset. No sysctl needed
+    (the process-wide alternative is :func:`halb.announce.sysctl.enable_nonlocal_bind`).
+    Pass the socket to ``asyncio``'s ``create_server(sock=...)`` or aiohttp's
+    ``SockSite``.
+    """
+    sock = socket.socket(socket.AF_INET, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class VipAnnouncer:
+    """Add/renew, release, read back and announce one VIP on one interface.
+
+    ``netns`` names a namespace in /run/netns (lab and tests); production nodes run
+    inside their namespace already and pass None.
+    """
+
+    def __init__(self, ifname: str, vip: str, prefixlen: int = 32, netns: str | None = None,
+                 op_timeout: float = 2.0) -> None:
+        ipaddress.IPv4Address(vip)  # validate early, clear error
+        self.ifname = ifname
+        self.vip = vip
+        self.prefixlen = prefixlen
+        self.netns = netns
+        self.op_timeout = op_timeout
+        self._nl = ThreadPoolExecutor(1, thread_name_prefix=f"vip-nl-{ifname}",
+                                      initializer=self._init_worker)
+        self._tx = ThreadPoolExecutor(1, thread_name_prefix=f"vip-garp-{ifname}")
+        self._ipr: Any = None
+        self._ifindex: int | None = None
+        self._arp: tuple[socket.socket, bytes] | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._lock = threading.Lock()
+
+    # ---- worker-thread internals -------------------------------------------------
+    def _init_worker(self) -> None:
+        if self.netns is not None:
+            enter_netns(self.netns)
+
+    def _iproute(self) -> Any:
+        if self._ipr is None:
+            from pyroute2 import IPRoute  # imported lazily: keeps CLI start fast
+
+            self._ipr = IPRoute()  # created on the worker thread, inside the namespace
+        return self._ipr
+
+    def _index(self) -> int:
+        if self._ifindex is None:
+            found = self._iproute().link_lookup(ifname=self.ifname)
+            if not found:
+                raise VipError(f"interface {self.ifname!r} not found"
+                               + (f" in netns {self.netns}" if self.netns else ""))
+            self._ifindex = found[0]
+        return self._ifindex
+
+    def _run(self, fn: Callable[[], T]) -> T:
+        if self._closed:
+            raise VipError("announcer is closed")
+        fut: Future[T] = self._nl.submit(fn)
+        return fut.result(timeout=self.op_timeout)
+
+    def _do_hold(self, valid_lft: int) -> None:
+        try:
+            self._iproute().addr("replace", index=self._index(), address=self.vip,
+                                 prefixlen=self.prefixlen, valid_lft=valid_lft,
+                                 preferred_lft=valid_lft)
+        except VipError:
+            raise
+        except Exception as exc:
+            self._ifindex = None  # interface may have been recreated
+            raise VipError(f"adding {self.vip}/{self.prefixlen} on {self.ifname} failed: {exc}") from exc
+
+    def _do_release(self) -> bool:
+        try:
+            self._iproute().addr("del", index=self._index(), address=self.vip,
+                                 prefixlen=self.prefixlen)
+            return True
+        except Exception as exc:
+            code = getattr(exc, "code", None)
+            if code in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT):
+                return False  # already gone (expired or never added): release is done
+            raise VipError(f"removing {self.vip} from {self.ifname} failed: {exc}") from exc
+
+    def _do_lifetime(self) -> int | None:
+        for msg in self._iproute().addr("dump", index=self._index()):
+            if msg.get("IFA_ADDRESS") == self.vip and msg.get("prefixlen") == self.prefixlen:
+                info = msg.get("IFA_CACHEINFO") or {}
+                return int(info.get("ifa_valid", 0xFFFFFFFF))
+        return None
+
+    def _do_open_arp(self) -> tuple[socket.socket, bytes]:
+        if self._arp is None:
+            self._arp = _garp.open_arp_socket(self.ifname)
+        return self._arp
+
+    # ---- sync API (any thread except an event loop's) ----------------------------
+    def hold(self, valid_lft: int = 1) -> None:
+        """Add the VIP, or renew it if present, with a kernel lifetime of ``valid_lft`` s.
+
+        Idempotent (netlink NEWADDR with CREATE|REPLACE). Callers renew every ~200 ms;
+        if they stop, the kernel deletes the address ~``valid_lft`` s after the last call.
+        """
+        self._run(lambda: self._do_hold(valid_lft))
+
+    def release(self) -> bool:
+        """Remove the VIP now. Returns False if it was not there. Safe to call twice."""
+        return self._run(self._do_release)
+
+    def is_held(self) -> bool:
+        """True if the VIP is configured on the interface right now."""
+        return self._run(self._do_lifetime) is not None
+
+    def valid_lifetime(self) -> int | None:
+        """Remaining kernel valid lifetime in whole seconds, or None if not held."""
+        return self._run(self._do_lifetime)
+
+    def mac(self) -> str:
+        """The interface's MAC address, as GARP announces it."""
+        return _garp.mac_to_str(self._run(self._do_open_arp)[1])
+
+    def send_garp(self, count: int = 3, interval: float = 0.05) -> int:
+        """Send ``count`` rounds of gratuitous ARP (request and reply forms).
+
+        Blocks for about ``(count-1)*interval``. Returns the number of frames sent.
+        """
+        sock, mac = self._run(self._do_open_arp)
+        with self._lock:
+            return _garp.send_garp_burst(sock, mac, self.vip, count, interval)
+
+    def set_arp_sysctls(self) -> None:
+        """arp_ignore=1 / arp_announce=2 (all + interface) in the announcer's namespace."""
+        set_vip_arp_sysctls(self.ifname, self.netns)
+
+    def close(self, release: bool = False) -> None:
+        """Stop the worker threads; with ``release=True`` remove the VIP first."""
+        if self._closed:
+            return
+        try:
+            if release:
+                try:
+                    self.release()
+                except Exception:
+                    log.exception("releasing %s on close failed", self.vip)
+            if self._refresh_task is not None:
+                self._refresh_task.cancel()
+
+            def shutdown() -> None:
+                if self._ipr is not None:
+                    self._ipr.close()
+                    self._ipr = None
+                if self._arp is not None:
+                    self._arp[0].close()
+                    self._arp = None
+
+            self._run(shutdown)
+        finally:
+            self._closed = True
+            self._nl.shutdown(wait=False)
+            self._tx.shutdown(wait=False)
+
+    def __enter__(self) -> "VipAnnouncer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- async API (never blocks the loop) ---------------------------------------
+    async def _arun(self, fn: Callable[[], T], executor: ThreadPoolExecutor | None = None) -> T:
+        if self._closed:
+            raise VipError("announcer is closed")
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(executor or self._nl, fn),
+                                      self.op_timeout)
+
+    async def ahold(self, valid_lft: int = 1) -> None:
+        await self._arun(lambda: self._do_hold(valid_lft))
+
+    async def arelease(self) -> bool:
+        """Cancel a pending GARP refresh and remove the VIP now."""
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            self._refresh_task = None
+        return await self._arun(self._do_release)
+
+    async def ais_held(self) -> bool:
+        return (await self._arun(self._do_lifetime)) is not None
+
+    async def asend_garp(self, count: int = 3, interval: float = 0.05) -> int:
+        sock, mac = await self._arun(self._do_open_arp)
+
+        def burst() -> int:
+            with self._lock:
+                return _garp.send_garp_burst(sock, mac, self.vip, count, interval)
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tx, burst)
+
+    async def acquire(self, valid_lft: int = 1, garp_count: int = 3, garp_interval: float = 0.05,
+                      refresh_after: float | None = 2.0, refresh_count: int = 2) -> None:
+        """Take the VIP: add it, send a GARP burst, schedule a refresh burst.
+
+        Why the refresh: a GARP sent while a switch port or client is still busy (or
+        lost) leaves a stale entry; a second burst a few seconds later catches those.
+        The refresh is skipped if the VIP is no longer held by then, and cancelled by
+        :meth:`arelease`.
+        """
+        await self.ahold(valid_lft)
+        try:
+            await self.asend_garp(garp_count, garp_interval)
+        except Exception:
+            log.exception("GARP for %s on %s failed (VIP is held; clients may lag)",
+                          self.vip, self.ifname)
+        if self._refresh_task is not None:
+            self._refresh_task.cancel()
+            self._refresh_task = None
+        if refresh_after is not None:
+            self._refresh_task = asyncio.create_task(
+                self._refresh(refresh_after, refresh_count, garp_interval))
+
+    async def _refresh(self, delay: float, count: int, interval: float) -> None:
+        try:
+            await asyncio.sleep(delay)
+            if await self.ais_held():
+                await self.asend_garp(count, interval)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("GARP refresh for %s failed", self.vip)
