@@ -1,0 +1,319 @@
+"""The Prober against real servers on 127.0.0.1 (aiohttp and raw asyncio listeners).
+
+Timing assertions only bound from above with generous slack: the CI box has two cores
+shared with other test runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from halb.health.checks import CheckConfig
+from halb.health.prober import Prober
+
+SLACK = 2.0  # seconds of scheduling slack on a loaded machine
+
+
+@dataclass
+class Hit:
+    path: str
+    at: float
+    peer_port: int
+
+
+@dataclass
+class FakeBackend:
+    """An aiohttp server whose answers per path the test changes on the fly."""
+
+    status: dict[str, int] = field(default_factory=dict)
+    body: dict[str, str] = field(default_factory=dict)
+    delay: dict[str, float] = field(default_factory=dict)
+    hits: list[Hit] = field(default_factory=list)
+    port: int = 0
+    runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.hits.append(Hit(request.path, time.monotonic(), peer[1] if peer else 0))
+        await asyncio.sleep(self.delay.get(request.path, 0.0))
+        return web.Response(status=self.status.get(request.path, 200), text=self.body.get(request.path, "ok"))
+
+    async def start(self) -> int:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def paths_hit(self, path: str) -> list[Hit]:
+        return [h for h in self.hits if h.path == path]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, bool, str]] = []
+        self.changed = asyncio.Event()
+
+    def __call__(self, service: str, backend: str, up: bool, detail: str) -> None:
+        self.events.append((service, backend, up, detail))
+        self.changed.set()
+
+    async def wait_for(self, pred: Callable[[], bool], timeout: float) -> float:
+        """Wait until pred() holds; returns the seconds it took."""
+        start = time.monotonic()
+        async with asyncio.timeout(timeout):
+            while not pred():
+                self.changed.clear()
+                try:
+                    await asyncio.wait_for(self.changed.wait(), 0.05)
+                except TimeoutError:
+                    pass
+        return time.monotonic() - start
+
+
+async def wait_until(pred: Callable[[], bool], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.02)
+
+
+def run(coro_fn: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(coro_fn())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+FAST = dict(interval=0.2, timeout=0.5, rise=2, fall=2, jitter=0.1)
+
+
+@pytest.mark.timeout(30)
+def test_http_backend_goes_down_after_fall_and_comes_back_after_rise() -> None:
+    async def main() -> None:
+        be = FakeBackend()
+        port = await be.start()
+        rec = Recorder()
+        latencies: list[float] = []
+        prober = Prober(rec, on_result=lambda s, b, r: latencies.append(r.latency))
+        cfg = CheckConfig(**FAST)  # type: ignore[arg-type]
+        try:
+            prober.set_targets({("shop", "A"): ("127.0.0.1", port, cfg)})
+            await wait_until(lambda: prober.state("shop", "A").consecutive_successes >= 3, 10)
+            st = prober.state("shop", "A")
+            assert st.up and rec.events == [] and st.last_latency is not None and st.last_latency > 0
+            # every check on its own connection: no keep-alive reuse
+            ports = [h.peer_port for h in be.hits]
+            assert len(set(ports)) == len(ports)
+
+            await be.stop()  # listener gone: connection refused
+            took = await rec.wait_for(lambda: len(rec.events) >= 1, 10)
+            assert took <= cfg.interval * (1 + cfg.jitter) * cfg.fall + SLACK
+            svc, name, up, detail = rec.events[0]
+            assert (svc, name, up) == ("shop", "A", False) and "connect failed" in detail
+            st = prober.state("shop", "A")
+            assert not st.up and st.consecutive_failures >= 2 and "connect failed" in st.last_error
+
+            await be.start()  # same port again
+            took = await rec.wait_for(lambda: len(rec.events) >= 2, 10)
+            assert took <= cfg.interval * (1 + cfg.jitter) * cfg.rise + SLACK
+            assert rec.events[1][2] is True and prober.state("shop", "A").up
+            await asyncio.sleep(cfg.interval * 3)
+            assert [e[2] for e in rec.events] == [False, True]  # transitions only, once each
+            assert len(latencies) == prober.state("shop", "A").checks_total
+        finally:
+            await prober.stop()
+            await be.stop()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_status_range_body_substring_host_header_and_timeout() -> None:
+    async def main() -> None:
+        be = FakeBackend(status={"/fail": 503, "/teapot": 418}, body={"/body": "hello world"}, delay={"/slow": 2.0})
+        port = await be.start()
+        rec = Recorder()
+        prober = Prober(rec)
+        mk = lambda **kw: CheckConfig(**{**FAST, **kw})  # noqa: E731
+        targets = {
+            ("shop", "ok"): ("127.0.0.1", port, mk(path="/ok")),
+            ("shop", "fail"): ("127.0.0.1", port, mk(path="/fail")),
+            ("shop", "teapot-ok"): ("127.0.0.1", port, mk(path="/teapot", expect_status=(418, 418))),
+            ("shop", "teapot-bad"): ("127.0.0.1", port, mk(path="/teapot")),
+            ("shop", "body-ok"): ("127.0.0.1", port, mk(path="/body", expect_body="world")),
+            ("shop", "body-bad"): ("127.0.0.1", port, mk(path="/body", expect_body="missing")),
+            ("shop", "slow"): ("127.0.0.1", port, mk(path="/slow", timeout=0.15)),
+        }
+        try:
+            prober.set_targets(targets)
+            bad = {"fail", "teapot-bad", "body-bad", "slow"}
+            await rec.wait_for(lambda: {e[1] for e in rec.events} >= bad, 15)
+            # the good ones must also have been checked enough to have had the chance to fail
+            await wait_until(lambda: all(prober.state("shop", n).checks_total >= 3 for _, n in targets), 10)
+            states = prober.states()
+            assert {k[1] for k, st in states.items() if not st.up} == bad
+            assert {e[1] for e in rec.events} == bad and all(e[2] is False for e in rec.events)
+            assert "status 503 not in 200-399" in states[("shop", "fail")].last_error
+            assert "status 418 not in 200-399" in states[("shop", "teapot-bad")].last_error
+            assert "lacks 'missing'" in states[("shop", "body-bad")].last_error
+            assert "timeout after 0.15s" in states[("shop", "slow")].last_error
+            assert states[("shop", "slow")].last_latency is not None and states[("shop", "slow")].last_latency < 1.5
+        finally:
+            await prober.stop()
+            await be.stop()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_host_header_and_method_are_sent() -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def main() -> None:
+        async def handler(request: web.Request) -> web.Response:
+            seen.append((request.method, request.headers.get("Host", "")))
+            return web.Response(text="ok")
+
+        app = web.Application()
+        app.router.add_route("*", "/health", handler)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        prober = Prober(lambda *a: None)
+        try:
+            cfg = CheckConfig(**{**FAST, "method": "HEAD", "host_header": "shop.example"})  # type: ignore[arg-type]
+            prober.set_targets({("shop", "A"): ("127.0.0.1", port, cfg)})
+            await wait_until(lambda: len(seen) >= 2, 10)
+            assert prober.state("shop", "A").up
+        finally:
+            await prober.stop()
+            await runner.cleanup()
+
+    run(main)
+    assert seen[0] == ("HEAD", "shop.example")
+
+
+@pytest.mark.timeout(30)
+def test_tcp_check_up_down_up() -> None:
+    async def main() -> None:
+        async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(on_conn, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        rec = Recorder()
+        prober = Prober(rec)
+        cfg = CheckConfig(kind="tcp", **FAST)  # type: ignore[arg-type]
+        try:
+            prober.set_targets({("db", "pg1"): ("127.0.0.1", port, cfg)})
+            await wait_until(lambda: prober.state("db", "pg1").consecutive_successes >= 2, 10)
+            assert rec.events == []
+            server.close()
+            await server.wait_closed()
+            await rec.wait_for(lambda: len(rec.events) == 1, 10)
+            assert rec.events[0][2] is False and "connect failed" in rec.events[0][3]
+            server = await asyncio.start_server(on_conn, "127.0.0.1", port, reuse_address=True)
+            await rec.wait_for(lambda: len(rec.events) == 2, 10)
+            assert rec.events[1][2] is True
+        finally:
+            await prober.stop()
+            server.close()
+            await server.wait_closed()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_tcp_check_to_closed_port_fails() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        prober = Prober(rec)
+        try:
+            prober.set_targets({("db", "x"): ("127.0.0.1", free_port(), CheckConfig(kind="tcp", **FAST))})  # type: ignore[arg-type]
+            await rec.wait_for(lambda: len(rec.events) == 1, 10)
+            assert rec.events[0][:3] == ("db", "x", False)
+        finally:
+            await prober.stop()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_jitter_spreads_start_times_and_intervals() -> None:
+    async def main() -> None:
+        be = FakeBackend()
+        port = await be.start()
+        prober = Prober(lambda *a: None)
+        cfg = CheckConfig(interval=0.5, timeout=0.3, jitter=0.3)
+        n = 8
+        try:
+            prober.set_targets({("shop", f"b{i}"): ("127.0.0.1", port, dataclasses.replace(cfg, path=f"/p{i}"))
+                                for i in range(n)})
+            await wait_until(lambda: all(len(be.paths_hit(f"/p{i}")) >= 2 for i in range(n)), 10)
+        finally:
+            await prober.stop()
+            await be.stop()
+        firsts = [be.paths_hit(f"/p{i}")[0].at for i in range(n)]
+        gaps = [be.paths_hit(f"/p{i}")[1].at - be.paths_hit(f"/p{i}")[0].at for i in range(n)]
+        # first checks land within jitter*interval (0.15 s) of each other, but not all at once
+        assert max(firsts) - min(firsts) > 0.01
+        # later waits are interval * (1 +/- 0.3): different per target
+        assert max(gaps) - min(gaps) > 0.02
+        assert all(g >= 0.5 * 0.7 - 0.05 for g in gaps)
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
+def test_removing_a_target_stops_its_loop() -> None:
+    async def main() -> None:
+        be = FakeBackend()
+        port = await be.start()
+        prober = Prober(lambda *a: None)
+        cfg = CheckConfig(**FAST)  # type: ignore[arg-type]
+        keep = CheckConfig(**{**FAST, "path": "/keep"})  # type: ignore[arg-type]
+        gone = CheckConfig(**{**FAST, "path": "/gone"})  # type: ignore[arg-type]
+        try:
+            prober.set_targets({("shop", "keep"): ("127.0.0.1", port, keep), ("shop", "gone"): ("127.0.0.1", port, gone)})
+            await wait_until(lambda: len(be.paths_hit("/gone")) >= 2 and len(be.paths_hit("/keep")) >= 2, 10)
+            prober.set_targets({("shop", "keep"): ("127.0.0.1", port, keep)})
+            with pytest.raises(KeyError):
+                prober.state("shop", "gone")
+            assert set(prober.targets()) == {("shop", "keep")}
+            await asyncio.sleep(0.1)  # let an in-flight request (if any) land
+            gone_hits = len(be.paths_hit("/gone"))
+            keep_hits = len(be.paths_hit("/keep"))
+            await asyncio.sleep(cfg.interval * 4)
+            assert len(be.paths_hit("/gone")) == gone_hits
+            assert len(be.paths_hit("/keep")) > keep_hits
+            # unchanged set_targets does not restart loops
+            tasks_before = dict(prober._tasks)
+            prober.set_targets({("shop", "keep"): ("127.0.0.1", port, keep)})
+            assert prober._tasks == tasks_before
+        finally:
+            await prober.stop()
+            await be.stop()
+        assert all(t.done() for t in tasks_before.values())
+        assert prober._session is None
+
+    run(main)
