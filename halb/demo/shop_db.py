@@ -217,13 +217,6 @@ class ShopDB:
         conn = self._conn()
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if idempotency_key is not None:
-                # Fast path for retries; the UNIQUE constraint below is what guarantees
-                # exactly-once, this read only saves pricing work (we hold the write lock).
-                row = conn.execute("SELECT * FROM orders WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
-                if row is not None:
-                    conn.execute("COMMIT")
-                    return self._replay(row, idempotency_key, digest), True
             lines = []
             total = 0
             for sku, qty in basket:
@@ -240,7 +233,9 @@ class ShopDB:
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
                 (order_id, idempotency_key, digest, created_by, time.time(), total, json.dumps(lines)),
             )
-            if cur.rowcount == 0:  # someone else stored this key first
+            # No "does the key exist?" read before this INSERT: the UNIQUE constraint alone
+            # decides who wins, so correctness never depends on the locking mode.
+            if cur.rowcount == 0:  # this key was stored before (by us or another instance)
                 row = conn.execute("SELECT * FROM orders WHERE idempotency_key = ?", (idempotency_key,)).fetchone()
                 conn.execute("COMMIT")
                 return self._replay(row, idempotency_key or "", digest), True
