@@ -87,6 +87,8 @@ class CheckConfig:
         parse_status_range(list(self.expect_status))
         if self.expect_body is not None and (not isinstance(self.expect_body, str) or not self.expect_body):
             raise CheckConfigError(f"expect_body: must be a non-empty string, got {self.expect_body!r}")
+        if self.expect_body is not None and self.method == "HEAD":
+            raise CheckConfigError("expect_body: a HEAD response has no body; use GET")
         if self.host_header is not None and (not isinstance(self.host_header, str) or not self.host_header
                                              or any(c in self.host_header for c in " \r\n")):
             raise CheckConfigError(f"host: must be a non-empty header value, got {self.host_header!r}")

@@ -22,10 +22,10 @@ def test_defaults() -> None:
 
 
 def test_full_http_section() -> None:
-    cfg = CheckConfig.from_dict({"kind": "http", "method": "head", "path": "/ready", "expect_status": "200-299",
+    cfg = CheckConfig.from_dict({"kind": "http", "method": "options", "path": "/ready", "expect_status": "200-299",
                                  "expect_body": "ok", "host": "shop.example", "interval": 2, "timeout": 0.25,
                                  "rise": 3, "fall": 1, "jitter": 0.2})
-    assert cfg.method == "HEAD" and cfg.expect_status == (200, 299) and cfg.host_header == "shop.example"
+    assert cfg.method == "OPTIONS" and cfg.expect_status == (200, 299) and cfg.host_header == "shop.example"
     assert cfg.to_dict()["expect_status"] == "200-299" and cfg.to_dict()["host"] == "shop.example"
     assert CheckConfig.from_dict(cfg.to_dict()) == cfg  # round trip
 
@@ -63,6 +63,7 @@ def test_status_range_bad(value: object) -> None:
     ({"expect_status": "2xx"}, "health_check.expect_status"),
     ({"expect_body": ""}, "health_check.expect_body"),
     ({"host": "a b"}, "health_check.host"),
+    ({"method": "HEAD", "expect_body": "ok"}, "health_check.expect_body"),
     ({"kind": "tcp", "path": "/x"}, "health_check.path"),
     ({"kind": "http", "type": "tcp"}, "health_check.type"),
 ])
