@@ -98,6 +98,7 @@ class Member:
     id: str
     raft: str  # host:port of the Raft port
     api: str  # host:port of the admin API
+    listen_host: str = ""  # host the node's data plane binds service listeners on ("" = as configured)
 
 
 @dataclass

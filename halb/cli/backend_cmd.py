@@ -1,0 +1,118 @@
+"""`halb backend list|add|remove|drain|maint|enable|weight`."""
+from __future__ import annotations
+
+import click
+
+from halb.cli.common import api_command, client_from, emit_json, json_option, resolve_service, table, wants_json
+from halb.model import ModelError, parse_hostport
+
+service_option = click.option("--service", "-s", default=None,
+                              help="Service name (may be left out when the cluster has one service).")
+
+
+@click.group()
+def backend() -> None:
+    """Manage a service's backends (the servers behind it)."""
+
+
+def _path(svc: str, name: str = "") -> str:
+    return f"/v1/services/{svc}/backends" + (f"/{name}" if name else "")
+
+
+@backend.command("list")
+@service_option
+@json_option
+@click.pass_context
+@api_command
+def list_(ctx: click.Context, service: str | None, as_json: bool) -> None:
+    """List backends with their admin state, weight and health."""
+    client = client_from(ctx)
+    rows = client.get(_path(service) if service else "/v1/backends")["backends"]
+    if wants_json(ctx, as_json):
+        emit_json(rows)
+        return
+    click.echo(table(
+        [(r["service"], r["name"], r["address"], r.get("server"), r["weight"], r["admin_state"],
+          r.get("verdict", "-"), r.get("in_flight", "-")) for r in rows],
+        ["SERVICE", "NAME", "ADDRESS", "SERVER", "WEIGHT", "ADMIN", "VERDICT", "IN-FLIGHT"],
+    ))
+
+
+@backend.command("add")
+@service_option
+@click.argument("name")
+@click.argument("address")
+@click.option("--weight", default=100, show_default=True, type=click.IntRange(0, 10000))
+@click.option("--server", default="", help="Failure domain (host) the instance runs on; default: its address.")
+@click.option("--zone", default="")
+@json_option
+@click.pass_context
+@api_command
+def add(ctx: click.Context, service: str | None, name: str, address: str, weight: int, server: str,
+        zone: str, as_json: bool) -> None:
+    """Add backend NAME at HOST:PORT."""
+    try:
+        parse_hostport(address)
+    except ModelError as exc:
+        raise click.BadParameter(str(exc), param_hint="ADDRESS") from None
+    client = client_from(ctx)
+    svc = resolve_service(client, service)
+    res = client.post(_path(svc), {"name": name, "address": address, "weight": weight, "server": server,
+                                   "zone": zone})
+    if wants_json(ctx, as_json):
+        emit_json(res)
+    else:
+        click.echo(f"added backend {svc}/{name} at {address} (weight {weight})")
+
+
+@backend.command("remove")
+@service_option
+@click.argument("name")
+@json_option
+@click.pass_context
+@api_command
+def remove(ctx: click.Context, service: str | None, name: str, as_json: bool) -> None:
+    """Remove backend NAME (drain it first to let in-flight requests finish)."""
+    client = client_from(ctx)
+    svc = resolve_service(client, service)
+    res = client.delete(_path(svc, name))
+    emit_json(res) if wants_json(ctx, as_json) else click.echo(f"removed backend {svc}/{name}")
+
+
+def _state_command(action: str, help_text: str) -> click.Command:
+    @click.command(action, help=help_text)
+    @service_option
+    @click.argument("name")
+    @json_option
+    @click.pass_context
+    @api_command
+    def cmd(ctx: click.Context, service: str | None, name: str, as_json: bool) -> None:
+        client = client_from(ctx)
+        svc = resolve_service(client, service)
+        res = client.post(f"{_path(svc, name)}/{action}")
+        if wants_json(ctx, as_json):
+            emit_json(res)
+        else:
+            click.echo(f"backend {svc}/{name}: {res['backend']['admin_state']}")
+
+    return cmd
+
+
+backend.add_command(_state_command("drain", "Stop new requests to NAME; in-flight ones finish."))
+backend.add_command(_state_command("maint", "Take NAME out of rotation (maintenance)."))
+backend.add_command(_state_command("enable", "Put NAME back into rotation."))
+
+
+@backend.command("weight")
+@service_option
+@click.argument("name")
+@click.argument("weight", type=click.IntRange(0, 10000))
+@json_option
+@click.pass_context
+@api_command
+def weight(ctx: click.Context, service: str | None, name: str, weight: int, as_json: bool) -> None:
+    """Set NAME's weight (0-10000; 0 takes it out of new selections)."""
+    client = client_from(ctx)
+    svc = resolve_service(client, service)
+    res = client.put(f"{_path(svc, name)}/weight", {"weight": weight})
+    emit_json(res) if wants_json(ctx, as_json) else click.echo(f"backend {svc}/{name}: weight {weight}")

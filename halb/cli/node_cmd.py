@@ -1,0 +1,44 @@
+"""`halb node run`: one balancer node in the foreground."""
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from halb.config import ConfigError, load_config
+
+
+@click.group()
+def node() -> None:
+    """Run a balancer node."""
+
+
+@node.command("run")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Node TOML config file.")
+@click.option("--insecure-dev", is_flag=True, default=False,
+              help="Allow running without a cluster secret (unauthenticated Raft port: remote code "
+                   "execution for anyone who reaches it). Never in production.")
+def run(config_path: str, insecure_dev: bool) -> None:
+    """Start one balancer node from FILE and run until SIGTERM/SIGINT."""
+    from halb.node import InsecureConfig, Node, setup_logging
+
+    try:
+        cfg = load_config(config_path)
+        setup_logging(cfg.node_id, cfg.log_level)
+        node_obj = Node(cfg, insecure_dev=insecure_dev)
+    except (ConfigError, InsecureConfig) as exc:
+        click.echo(f"halb: config error: {exc}", err=True)
+        sys.exit(2)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    try:
+        runner(node_obj.run())
+    except OSError as exc:
+        click.echo(f"halb: node {cfg.node_id} failed to start: {exc}", err=True)
+        sys.exit(1)

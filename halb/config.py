@@ -1,0 +1,294 @@
+"""Node-local TOML configuration -> validated dataclasses.
+
+Every error names the file, the key (as a dotted path) and the reason, because the
+operator reading it is usually in the middle of an incident. The static config only
+*seeds* an empty cluster; after that the replicated state is the truth.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from halb.model import ALGORITHMS, SERVICE_MODES, ModelError, check_name, parse_hostport
+
+
+class ConfigError(Exception):
+    """Invalid node configuration: str() is '<file>: <key>: <reason>'."""
+
+    def __init__(self, file: str | os.PathLike[str], key: str, reason: str) -> None:
+        self.file, self.key, self.reason = str(file), key, reason
+        super().__init__(f"{file}: {key}: {reason}" if key else f"{file}: {reason}")
+
+
+@dataclass
+class RaftConfig:
+    bind: str
+    peers: list[str] = field(default_factory=list)
+    # Tuned for fast failure detection on a LAN (see docs/failover.md); pysyncobj's own
+    # defaults (0.4/1.4/0.1, 5 s reconnect) roughly double election time.
+    election_timeout_min: float = 0.3
+    election_timeout_max: float = 0.6
+    heartbeat_interval: float = 0.05
+    connection_retry: float = 0.5
+    connection_timeout: float = 1.5
+    leader_fallback_timeout: float = 3.0
+    log_compaction_entries: int = 5000
+    log_compaction_seconds: float = 300.0
+
+
+@dataclass
+class ApiConfig:
+    bind: str
+    write_timeout: float = 3.0
+
+
+@dataclass
+class DataplaneConfig:
+    listen_host: str = ""  # overrides the host part of every service's listen address
+    workers: int = 1
+
+
+@dataclass
+class BackendSeed:
+    name: str
+    address: str
+    weight: int = 100
+    server: str = ""
+    zone: str = ""
+
+
+@dataclass
+class ServiceSeed:
+    name: str
+    mode: str = "http"
+    listen: str = ""
+    algorithm: str = "round_robin"
+    hash_key: str = "source"
+    backends: list[BackendSeed] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NodeConfig:
+    path: Path
+    node_id: str
+    data_dir: Path
+    secret_file: Path | None
+    token_file: Path
+    raft: RaftConfig
+    api: ApiConfig
+    dataplane: DataplaneConfig = field(default_factory=DataplaneConfig)
+    services: list[ServiceSeed] = field(default_factory=list)
+    announce: dict[str, Any] = field(default_factory=dict)
+    log_level: str = "INFO"
+
+    def read_secret(self) -> str | None:
+        return _read_secret_file(self.path, "secret_file", self.secret_file) if self.secret_file else None
+
+    def read_token(self) -> str:
+        return _read_secret_file(self.path, "token_file", self.token_file)
+
+
+def _read_secret_file(cfg: Path, key: str, path: Path) -> str:
+    try:
+        value = path.read_text().strip()
+    except FileNotFoundError:
+        raise ConfigError(cfg, key, f"file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(cfg, key, f"cannot read {path}: {exc.strerror}") from None
+    if len(value) < 16:
+        raise ConfigError(cfg, key, f"{path} holds fewer than 16 characters; use `halb cluster init` to make one")
+    return value
+
+
+# --- schema helpers ---------------------------------------------------------------
+
+class _Table:
+    """A TOML table being consumed key by key, so leftovers are reported as unknown."""
+
+    def __init__(self, file: Path, prefix: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(file, prefix, "must be a table")
+        self.file, self.prefix, self.data = file, prefix, dict(data)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, reason: str) -> ConfigError:
+        return ConfigError(self.file, self.key(name), reason)
+
+    def take(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
+        if name not in self.data:
+            if required or default is ...:
+                raise self.error(name, "is required")
+            return default
+        value = self.data.pop(name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise self.error(name, f"must be a {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def address(self, name: str, default: Any = ..., *, required: bool = False) -> str:
+        value = self.take(name, str, default, required=required)
+        if value:
+            try:
+                parse_hostport(value)
+            except ModelError as exc:
+                raise self.error(name, str(exc)) from None
+        return value
+
+    def positive(self, name: str, default: float) -> float:
+        value = self.take(name, float, default)
+        if value <= 0:
+            raise self.error(name, f"must be > 0, got {value}")
+        return value
+
+    def done(self) -> None:
+        for name in self.data:
+            raise self.error(name, "unknown key")
+
+
+def load_config(path: str | os.PathLike[str]) -> NodeConfig:
+    """Read and validate a node config; relative paths are relative to the file."""
+    file = Path(path)
+    try:
+        raw = tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(file, "", "file does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "", f"not valid TOML: {exc}") from None
+    return parse_config(file, raw)
+
+
+def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
+    base = file.parent
+    top = _Table(file, "", raw)
+    node_id = top.take("node_id", str, required=True)
+    try:
+        check_name(node_id, "node id")
+    except ModelError as exc:
+        raise top.error("node_id", str(exc)) from None
+
+    data_dir = base / top.take("data_dir", str, f"data/{node_id}")
+    secret_name = top.take("secret_file", str, "")
+    secret_file = base / secret_name if secret_name else None
+    token_file = base / top.take("token_file", str, required=True)
+    log_level = top.take("log_level", str, "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise top.error("log_level", "must be DEBUG, INFO, WARNING or ERROR")
+
+    raft_t = _Table(file, "raft", top.take("raft", dict, required=True))
+    raft = RaftConfig(bind=raft_t.address("bind", required=True))
+    peers = raft_t.take("peers", list, [])
+    for i, peer in enumerate(peers):
+        try:
+            parse_hostport(peer, "peer")
+        except ModelError as exc:
+            raise raft_t.error(f"peers[{i}]", str(exc)) from None
+    if raft.bind in peers:
+        raise raft_t.error("peers", f"lists this node's own address {raft.bind}")
+    if len(set(peers)) != len(peers):
+        raise raft_t.error("peers", "lists an address twice")
+    raft.peers = list(peers)
+    raft.election_timeout_min = raft_t.positive("election_timeout_min", raft.election_timeout_min)
+    raft.election_timeout_max = raft_t.positive("election_timeout_max", raft.election_timeout_max)
+    if raft.election_timeout_max <= raft.election_timeout_min:
+        raise raft_t.error("election_timeout_max", "must be greater than election_timeout_min")
+    raft.heartbeat_interval = raft_t.positive("heartbeat_interval", raft.heartbeat_interval)
+    if raft.heartbeat_interval * 3 > raft.election_timeout_min:
+        raise raft_t.error("heartbeat_interval", "must be at most a third of election_timeout_min")
+    raft.connection_retry = raft_t.positive("connection_retry", raft.connection_retry)
+    raft.connection_timeout = raft_t.positive("connection_timeout", raft.connection_timeout)
+    raft.leader_fallback_timeout = raft_t.positive("leader_fallback_timeout", raft.leader_fallback_timeout)
+    raft.log_compaction_entries = int(raft_t.positive("log_compaction_entries", raft.log_compaction_entries))
+    raft.log_compaction_seconds = raft_t.positive("log_compaction_seconds", raft.log_compaction_seconds)
+    raft_t.done()
+
+    api_t = _Table(file, "api", top.take("api", dict, required=True))
+    api = ApiConfig(bind=api_t.address("bind", required=True))
+    api.write_timeout = api_t.positive("write_timeout", api.write_timeout)
+    api_t.done()
+    if api.bind == raft.bind:
+        raise ConfigError(file, "api.bind", "must differ from raft.bind")
+
+    dp_t = _Table(file, "dataplane", top.take("dataplane", dict, {}))
+    dataplane = DataplaneConfig(listen_host=dp_t.take("listen_host", str, ""))
+    dataplane.workers = dp_t.take("workers", int, 1)
+    if not 1 <= dataplane.workers <= 64:
+        raise dp_t.error("workers", "must be between 1 and 64")
+    dp_t.done()
+
+    announce = top.take("announce", dict, {})
+
+    services: list[ServiceSeed] = []
+    for i, raw_svc in enumerate(top.take("services", list, [])):
+        services.append(_parse_service(file, f"services[{i}]", raw_svc))
+    names = [s.name for s in services]
+    for s in services:
+        if names.count(s.name) > 1:
+            raise ConfigError(file, "services", f"service name {s.name!r} is used twice")
+    top.done()
+    return NodeConfig(
+        path=file, node_id=node_id, data_dir=data_dir, secret_file=secret_file, token_file=token_file,
+        raft=raft, api=api, dataplane=dataplane, services=services, announce=announce, log_level=log_level,
+    )
+
+
+def _parse_service(file: Path, prefix: str, raw: Any) -> ServiceSeed:
+    t = _Table(file, prefix, raw)
+    name = t.take("name", str, required=True)
+    try:
+        check_name(name, "service name")
+    except ModelError as exc:
+        raise t.error("name", str(exc)) from None
+    svc = ServiceSeed(name=name)
+    svc.mode = t.take("mode", str, "http")
+    if svc.mode not in SERVICE_MODES:
+        raise t.error("mode", f"must be one of {', '.join(SERVICE_MODES)}, got {svc.mode!r}")
+    svc.listen = t.address("listen", required=True)
+    svc.algorithm = t.take("algorithm", str, "round_robin")
+    if svc.algorithm not in ALGORITHMS:
+        raise t.error("algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {svc.algorithm!r}")
+    svc.hash_key = t.take("hash_key", str, "source")
+    if not (svc.hash_key == "source" or svc.hash_key.startswith(("header:", "cookie:"))):
+        raise t.error("hash_key", "must be 'source', 'header:NAME' or 'cookie:NAME'")
+    svc.options = t.take("options", dict, {})
+    svc.health = t.take("health", dict, {})
+    for j, raw_be in enumerate(t.take("backends", list, [])):
+        bt = _Table(file, f"{prefix}.backends[{j}]", raw_be)
+        be = BackendSeed(name=bt.take("name", str, required=True), address=bt.address("address", required=True))
+        try:
+            check_name(be.name, "backend name")
+        except ModelError as exc:
+            raise bt.error("name", str(exc)) from None
+        be.weight = bt.take("weight", int, 100)
+        if not 0 <= be.weight <= 10000:
+            raise bt.error("weight", f"must be between 0 and 10000, got {be.weight}")
+        be.server = bt.take("server", str, "")
+        be.zone = bt.take("zone", str, "")
+        bt.done()
+        if any(b.name == be.name for b in svc.backends):
+            raise bt.error("name", f"backend name {be.name!r} is used twice in service {name!r}")
+        svc.backends.append(be)
+    t.done()
+    return svc
+
+
+def service_seed_to_dict(seed: ServiceSeed) -> dict[str, Any]:
+    """The shape the replicated `service.add` command takes."""
+    return {
+        "name": seed.name, "mode": seed.mode, "listen": seed.listen, "algorithm": seed.algorithm,
+        "hash_key": seed.hash_key, "options": dict(seed.options, health=seed.health) if seed.health else dict(seed.options),
+        "backends": {
+            b.name: {"name": b.name, "address": b.address, "weight": b.weight, "server": b.server, "zone": b.zone,
+                     "admin_state": "active"}
+            for b in seed.backends
+        },
+    }

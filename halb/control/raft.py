@@ -1,0 +1,200 @@
+"""The replicated state: a pysyncobj SyncObj around the pure ClusterState.
+
+Why this shape:
+- One `@replicated` entry point (`_apply`) takes one msgpack-encoded command. pysyncobj
+  pickles `(funcID, args)` into its log, but args is only ever a `bytes` blob, so no halb
+  object is ever pickled and the state machine stays independent of Python versions.
+- Snapshots use pysyncobj's serializer hook and are msgpack files we write ourselves.
+- The journal is mandatory: without it pysyncobj loses acknowledged writes on a crash
+  (see docs/durability in docs/architecture.md).
+- pysyncobj runs its own tick thread; state is mutated only there, under a lock that
+  readers in the asyncio thread take briefly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import msgpack
+from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.node import TCPNode
+
+from halb.config import RaftConfig
+from halb.control.state import Applied, ClusterState
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = "halb-snapshot-1"
+RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
+FAIL_NAMES = {v: k.lower() for k, v in vars(FAIL_REASON).items() if isinstance(v, int)}
+
+
+@dataclass(frozen=True)
+class RaftStatus:
+    """A consistent copy of pysyncobj's status, refreshed in the tick thread."""
+
+    self_addr: str
+    state: str
+    leader: str | None
+    term: int
+    has_quorum: bool
+    commit_index: int
+    last_applied: int
+    log_len: int
+    partners: dict[str, bool]  # raft address -> connected
+    at: float  # monotonic time of this reading
+
+
+class ReplicatedState(SyncObj):
+    def __init__(
+        self,
+        node_id: str,
+        self_addr: str,
+        partners: list[str],
+        data_dir: Path,
+        password: str | None,
+        raft: RaftConfig,
+        on_applied: Callable[[dict[str, Any], Applied], None] | None = None,
+        on_state_changed: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self._cluster = ClusterState()
+        self._lock = threading.RLock()
+        self._on_applied = on_applied
+        self._on_state_changed = on_state_changed
+        self._status: RaftStatus | None = None
+        self._status_lock = threading.Lock()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.journal_path = data_dir / "raft.journal"
+        self.snapshot_path = data_dir / "raft.snapshot"
+        conf = SyncObjConf(
+            password=password,
+            bindAddress=self_addr,  # pysyncobj binds 0.0.0.0 by default: bind only what the operator named
+            journalFile=str(self.journal_path),
+            fullDumpFile=str(self.snapshot_path),
+            serializer=self._write_snapshot,
+            deserializer=self._read_snapshot,
+            dynamicMembershipChange=True,
+            commandsWaitLeader=True,
+            raftMinTimeout=raft.election_timeout_min,
+            raftMaxTimeout=raft.election_timeout_max,
+            appendEntriesPeriod=raft.heartbeat_interval,
+            connectionRetryTime=raft.connection_retry,
+            connectionTimeout=raft.connection_timeout,
+            leaderFallbackTimeout=raft.leader_fallback_timeout,
+            logCompactionMinEntries=raft.log_compaction_entries,
+            logCompactionMinTime=raft.log_compaction_seconds,
+            onStateChanged=self._state_changed,
+        )
+        super().__init__(self_addr, partners, conf)
+        self.addOnTickCallback(self._refresh_status)
+
+    # --- the single replicated entry point ------------------------------------------
+
+    @replicated
+    def _apply(self, blob: bytes) -> dict[str, Any]:
+        try:
+            cmd = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+            if not isinstance(cmd, dict):
+                raise ValueError("command is not a map")
+        except Exception as exc:  # a bad entry must not stop the state machine
+            return {"ok": False, "error": "invalid", "message": f"undecodable command: {exc}"}
+        with self._lock:
+            applied = self._cluster.apply(cmd)
+        if self._on_applied is not None:
+            try:
+                self._on_applied(cmd, applied)
+            except Exception:  # listeners must never break replication
+                log.exception("on_applied listener failed")
+        return applied.result
+
+    def submit(self, op: str, args: dict[str, Any], *, by: str, cid: str | None = None,
+               callback: Callable[[Any, int], None]) -> str:
+        """Queue one command; `callback(result, fail_code)` runs in the tick thread after
+        commit and local apply (fail_code 0) or on failure. Returns the command id."""
+        cid = cid or uuid.uuid4().hex
+        cmd = {"op": op, "args": args, "id": cid, "by": by, "node": self.node_id, "at": time.time()}
+        self._apply(msgpack.packb(cmd, use_bin_type=True), callback=callback)
+        return cid
+
+    # --- reads ------------------------------------------------------------------------
+
+    @contextmanager
+    def read(self) -> Iterator[ClusterState]:
+        """Hold the state lock while reading; keep the block short and never block in it."""
+        with self._lock:
+            yield self._cluster
+
+    def raft_status(self) -> RaftStatus:
+        """Cached status (a method, not a property: SyncObj.__init__ probes every attribute)."""
+        with self._status_lock:
+            st = self._status
+        return st if st is not None else self._read_status()
+
+    def _refresh_status(self) -> None:
+        st = self._read_status()
+        with self._status_lock:
+            self._status = st
+
+    def _read_status(self) -> RaftStatus:
+        s = self.getStatus()
+        partners = {k[len("partner_node_status_server_"):]: v == 2 for k, v in s.items()
+                    if k.startswith("partner_node_status_server_")}
+        leader = s.get("leader")
+        return RaftStatus(
+            self_addr=str(s["self"]), state=RAFT_STATES.get(s["state"], str(s["state"])),
+            leader=str(leader) if leader is not None else None, term=s["raft_term"],
+            has_quorum=bool(s["has_quorum"]), commit_index=s["commit_idx"], last_applied=s["last_applied"],
+            log_len=s["log_len"], partners=partners, at=time.monotonic(),
+        )
+
+    def _state_changed(self, old: int, new: int) -> None:
+        if self._on_state_changed is not None:
+            try:
+                self._on_state_changed(RAFT_STATES.get(old, str(old)), RAFT_STATES.get(new, str(new)))
+            except Exception:
+                log.exception("on_state_changed listener failed")
+
+    # --- snapshots (msgpack, written in the tick thread) ------------------------------
+
+    def _write_snapshot(self, filename: str, data: tuple[Any, Any, Any]) -> None:
+        last, prev, cluster = data
+        with self._lock:
+            state = self._cluster.to_dict()
+        blob = msgpack.packb(
+            {
+                "format": SNAPSHOT_FORMAT,
+                "state": state,
+                "last": list(last),
+                "prev": list(prev),
+                "cluster": sorted(n.id if hasattr(n, "id") else str(n) for n in cluster),
+            },
+            use_bin_type=True,
+        )
+        with open(filename, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _read_snapshot(self, filename: str) -> tuple[Any, Any, Any]:
+        with open(filename, "rb") as f:
+            d = msgpack.unpackb(f.read(), raw=False, strict_map_key=False)
+        if d.get("format") != SNAPSHOT_FORMAT:
+            raise ValueError(f"{filename}: not a halb snapshot (format {d.get('format')!r})")
+        with self._lock:
+            self._cluster = ClusterState.from_dict(d["state"])
+        if self._on_applied is not None:
+            self._on_applied({"op": "snapshot.loaded"}, Applied({"ok": True}, []))
+        # pysyncobj compares entries as tuples; lists would make it discard the journal
+        return tuple(d["last"]), tuple(d["prev"]), {TCPNode(a) for a in d["cluster"]}
+
+
+def fail_reason_name(code: int) -> str:
+    return FAIL_NAMES.get(code, f"error {code}")

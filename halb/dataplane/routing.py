@@ -1,0 +1,297 @@
+"""Per-service routing state on one worker: backend runtime state, candidate selection,
+passive outlier detection, slow start and the panic / fail-closed policy.
+
+The snapshot says what the cluster wants (admin state, health verdict, weight); this
+module adds what only this worker sees (in-flight counts, ejections, latency) and decides
+which backends may take the next request. It does no I/O: the proxies call `pick` and
+report outcomes with `record_success` / `record_failure`; a periodic `tick` ends ejections
+and advances slow-start ramps.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from halb.dataplane.balancers import Maglev, ewma_update, make_balancer
+from halb.dataplane.budget import RetryBudget
+from halb.dataplane.options import ServiceOptions
+from halb.dataplane.snapshot import BackendRoute, ServiceRoute
+
+log = logging.getLogger(__name__)
+
+EjectionHook = Callable[[str, str, bool, str], None]
+
+
+@dataclass(eq=False)
+class BackendState:
+    """One backend as this worker sees it. Identity-compared; shared by in-flight work."""
+
+    route: BackendRoute
+    name: str = ""
+    host: str = ""
+    port: int = 0
+    server: str = ""
+    weight: float = 1.0  # effective weight for balancers (slow start applied)
+    in_flight: int = 0
+    requests: int = 0
+    errors: int = 0
+    retries: int = 0  # attempts this backend received as a retry of a failed attempt
+    ejections: int = 0
+    ejected: bool = False
+    ejected_until: float = 0.0
+    ejection_streak: int = 0  # consecutive ejections without a quiet period in between
+    consecutive_failures: int = 0
+    consecutive_connect_failures: int = 0
+    eligible_since: float = -math.inf
+    was_eligible: bool = False
+    ewma: float = 0.0
+    ewma_stamp: float = 0.0
+    removed: bool = False  # no longer in the snapshot: close connections when done
+    pool: list[Any] = field(default_factory=list)  # idle upstream connections (LIFO)
+
+    def __post_init__(self) -> None:
+        self.set_route(self.route)
+
+    def set_route(self, route: BackendRoute) -> None:
+        self.route = route
+        self.name, self.host, self.port, self.server = route.name, route.host, route.port, route.server
+
+    def close_pool(self) -> None:
+        pool, self.pool = self.pool, []
+        for conn in pool:
+            conn.close()
+
+
+class ServiceRuntime:
+    """Long-lived per service; `apply(route)` swaps in a new snapshot atomically.
+
+    Work already started keeps the `BackendState` and `ServiceOptions` objects it captured,
+    so an update never changes the rules under an in-flight request.
+    """
+
+    def __init__(self, route: ServiceRoute, hook: EjectionHook | None = None,
+                 clock: Callable[[], float] = time.monotonic, initial: bool = True) -> None:
+        self.clock = clock
+        self.hook = hook
+        self.backends: dict[str, BackendState] = {}
+        self.route = route
+        self.opts = ServiceOptions()
+        self.balancer: Any = None
+        self.budget = RetryBudget()
+        self.candidates: list[BackendState] = []
+        self.panic = False
+        self.eligible_count = 0
+        self.dirty = True
+        self.ramp_until = 0.0
+        self.hash_header: bytes | None = None
+        self.hash_cookie: bytes | None = None
+        self.uses_key = False
+        # service totals (per worker)
+        self.requests = 0
+        self.errors = 0
+        self.retries = 0
+        self.rejected = 0  # refused before any backend: 503 no backend, limits, bad requests
+        self.connections = 0
+        self.apply(route, initial=initial)
+
+    # ---------------------------------------------------------------- snapshot swap
+    def apply(self, route: ServiceRoute, initial: bool = False) -> None:
+        now = self.clock()
+        old_algo = self.route.algorithm if self.balancer is not None else None
+        self.route = route
+        self.opts = ServiceOptions.from_route(route)
+        self.budget.ratio = self.opts.retry_budget
+        self.budget.minimum = self.opts.retry_budget_min
+        seen: set[str] = set()
+        for br in route.backends:
+            seen.add(br.name)
+            st = self.backends.get(br.name)
+            if st is None or (st.host, st.port) != (br.host, br.port):
+                if st is not None:
+                    st.removed = True
+                    st.close_pool()
+                st = BackendState(br)
+                if not initial:
+                    st.eligible_since = now  # a backend added later slow-starts
+                self.backends[br.name] = st
+            else:
+                st.set_route(br)
+                if br.admin_state != "active" or not br.healthy:
+                    st.close_pool()
+        for name in [n for n in self.backends if n not in seen]:
+            st = self.backends.pop(name)
+            st.removed = True
+            st.close_pool()
+        members = tuple((b.name, b.weight) for b in route.backends if b.admin_state != "maint" and b.weight > 0)
+        algo = route.algorithm
+        if self.balancer is None or old_algo != algo or (
+            isinstance(self.balancer, Maglev) and self.balancer.members != members
+        ):
+            self.balancer = make_balancer(algo, members)
+        self.uses_key = isinstance(self.balancer, Maglev)
+        hk = (route.hash_key or "source").strip()
+        self.hash_header = self.hash_cookie = None
+        if hk.lower().startswith("header:"):
+            self.hash_header = hk[7:].strip().lower().encode()
+        elif hk.lower().startswith("cookie:"):
+            self.hash_cookie = hk[7:].strip().encode()
+        self.dirty = True
+        self._recompute(now, initial=initial)
+
+    # ---------------------------------------------------------------- candidates
+    def _recompute(self, now: float, initial: bool = False) -> None:
+        opts = self.opts
+        active = 0
+        eligible: list[BackendState] = []
+        fallback: list[BackendState] = []
+        ramp_until = 0.0
+        for st in self.backends.values():
+            r = st.route
+            if r.weight <= 0 or r.admin_state == "maint":
+                st.was_eligible = False
+                continue
+            fallback.append(st)
+            if r.admin_state == "active":
+                active += 1
+            ok = r.eligible and not st.ejected
+            if ok and not st.was_eligible and not initial and st.eligible_since < now - 1e-9:
+                st.eligible_since = now
+            st.was_eligible = ok
+            w = float(r.weight)
+            if opts.slow_start_s > 0 and st.eligible_since > -math.inf:
+                frac = (now - st.eligible_since) / opts.slow_start_s
+                if frac < 1.0:
+                    w = w * max(opts.slow_start_min_weight, frac)
+                    ramp_until = max(ramp_until, st.eligible_since + opts.slow_start_s)
+            st.weight = max(w, 1e-6)
+            if ok:
+                eligible.append(st)
+        share = len(eligible) / active if active else 0.0
+        self.eligible_count = len(eligible)
+        self.panic = False
+        if active and share < opts.panic_threshold and opts.fail_policy == "panic":
+            self.panic = True
+            for st in fallback:
+                st.weight = max(float(st.route.weight), 1e-6)
+            self.candidates = fallback
+        else:
+            self.candidates = eligible
+        self.ramp_until = ramp_until
+        self.dirty = False
+
+    def pick(self, key: bytes | None = None, exclude: set[BackendState] | None = None,
+             avoid_servers: set[str] | None = None) -> BackendState | None:
+        """Choose a backend for a new request/connection, or None (-> 503)."""
+        if self.dirty:
+            self._recompute(self.clock())
+        cands = self.candidates
+        if exclude:
+            cands = [c for c in cands if c not in exclude]
+            if avoid_servers and self.opts.server_aware:
+                pref = [c for c in cands if not c.server or c.server not in avoid_servers]
+                if pref:
+                    cands = pref
+        return self.balancer.pick(cands, key)
+
+    # ---------------------------------------------------------------- outcomes
+    def record_success(self, st: BackendState, latency: float | None = None) -> None:
+        st.consecutive_failures = 0
+        st.consecutive_connect_failures = 0
+        if st.ejection_streak and not st.ejected:
+            now = self.clock()
+            quiet = min(self.opts.outlier_base_ejection_s * (2 ** st.ejection_streak), self.opts.outlier_max_ejection_s)
+            if now - st.ejected_until > quiet:
+                st.ejection_streak = 0
+        if latency is not None:
+            now = self.clock()
+            st.ewma = ewma_update(st.ewma, st.ewma_stamp, latency, now, self.opts.ewma_decay_s)
+            st.ewma_stamp = now
+
+    def record_failure(self, st: BackendState, connect: bool, reason: str) -> None:
+        """A failed attempt: connect failure, reset, timeout or 5xx; may eject at once."""
+        st.errors += 1
+        opts = self.opts
+        st.consecutive_failures += 1
+        if connect:
+            st.consecutive_connect_failures += 1
+        trip = (connect and opts.outlier_consecutive_connect_failures
+                and st.consecutive_connect_failures >= opts.outlier_consecutive_connect_failures) or (
+            opts.outlier_consecutive_failures and st.consecutive_failures >= opts.outlier_consecutive_failures)
+        if trip and not st.ejected and not st.removed:
+            self._eject(st, reason)
+
+    def _eject(self, st: BackendState, reason: str) -> None:
+        opts = self.opts
+        pool = [b for b in self.backends.values() if b.route.admin_state != "maint" and b.route.weight > 0]
+        ejected = sum(1 for b in pool if b.ejected)
+        allowed = max(1, int(len(pool) * opts.outlier_max_ejection_percent + 1e-9))
+        if ejected >= allowed:
+            return
+        now = self.clock()
+        dur = min(opts.outlier_base_ejection_s * (2 ** st.ejection_streak), opts.outlier_max_ejection_s)
+        st.ejected = True
+        st.ejected_until = now + dur
+        st.ejection_streak += 1
+        st.ejections += 1
+        st.close_pool()
+        self.dirty = True
+        log.info("service %s: backend %s ejected for %.1fs (%s)", self.route.name, st.name, dur, reason)
+        self._fire(st, True, f"{reason}; ejected for {dur:.1f}s")
+
+    def _fire(self, st: BackendState, ejected: bool, reason: str) -> None:
+        if self.hook is not None:
+            try:
+                self.hook(self.route.name, st.name, ejected, reason)
+            except Exception:  # a subscriber bug must not break proxying
+                log.exception("ejection hook failed")
+
+    def tick(self, now: float | None = None) -> None:
+        """End expired ejections, advance slow start; called a few times per second."""
+        if now is None:
+            now = self.clock()
+        for st in self.backends.values():
+            if st.ejected and now >= st.ejected_until:
+                st.ejected = False
+                st.consecutive_failures = 0
+                st.consecutive_connect_failures = 0
+                self.dirty = True
+                log.info("service %s: backend %s returns after ejection", self.route.name, st.name)
+                self._fire(st, False, "ejection expired")
+        if self.ramp_until and now <= self.ramp_until + 0.5:
+            self.dirty = True
+        if self.dirty:
+            self._recompute(now)
+
+    def retry_after(self) -> int:
+        """Seconds a client should wait: the next ejection end if sooner than the default."""
+        now = self.clock()
+        ends = [b.ejected_until - now for b in self.backends.values() if b.ejected]
+        base = self.opts.retry_after_s
+        if ends:
+            return max(1, min(base, int(math.ceil(min(ends)))))
+        return max(1, base)
+
+    # ---------------------------------------------------------------- stats
+    def stats(self) -> dict[str, Any]:
+        backends = {}
+        for st in self.backends.values():
+            backends[st.name] = {
+                "address": f"{st.host}:{st.port}", "server": st.server,
+                "admin_state": st.route.admin_state, "healthy": st.route.healthy,
+                "weight": st.route.weight, "effective_weight": round(st.weight, 3),
+                "in_flight": st.in_flight, "requests": st.requests, "errors": st.errors,
+                "retries": st.retries, "ejected": st.ejected, "ejections": st.ejections,
+                "idle_pool": len(st.pool), "ewma_ms": round(st.ewma * 1000, 3),
+            }
+        return {
+            "mode": self.route.mode, "algorithm": self.route.algorithm,
+            "listen": f"{self.route.listen_host}:{self.route.listen_port}",
+            "panic": self.panic, "eligible": self.eligible_count,
+            "in_flight": sum(b.in_flight for b in self.backends.values()),
+            "requests": self.requests, "errors": self.errors, "retries": self.retries,
+            "rejected": self.rejected, "connections": self.connections,
+            "backends": backends,
+        }

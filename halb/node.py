@@ -1,0 +1,426 @@
+"""One balancer process: wires the replicated state, admin API and (later) data plane,
+health checks and announcement together, and owns their lifecycle.
+
+The control loop is deliberately boring (Patroni-style): a handful of asyncio tasks that
+each converge one thing (seed the cluster, register this member, rebuild routing) and
+keep running when the cluster has no quorum.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from halb.api.server import AdminApi
+from halb.config import NodeConfig, service_seed_to_dict
+from halb.control.raft import ReplicatedState, fail_reason_name
+from halb.control.state import Applied
+from halb.control.writer import CommandWriter, WriteError
+from halb.model import parse_hostport, to_primitive
+
+log = logging.getLogger("halb.node")
+
+
+class InsecureConfig(Exception):
+    pass
+
+
+class NodeLogFilter(logging.Filter):
+    """Stamp every record with the node id, so interleaved logs of a cluster stay readable."""
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__()
+        self.node_id = node_id
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node_id = self.node_id
+        return True
+
+
+def setup_logging(node_id: str, level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(NodeLogFilter(node_id))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(node_id)s] %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig, *, insecure_dev: bool = False) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node_id
+        secret = cfg.read_secret()
+        if secret is None and not insecure_dev:
+            raise InsecureConfig(
+                f"{cfg.path}: secret_file is not set. pysyncobj unpickles what peers send, so an "
+                "unauthenticated Raft port is remote code execution for anyone who can reach it. "
+                "Set secret_file (halb cluster init makes one), or pass --insecure-dev on a throwaway machine."
+            )
+        if secret is None:
+            log.warning("RUNNING WITH AN UNAUTHENTICATED RAFT PORT (--insecure-dev): anyone who can reach "
+                        "%s can run code in this process", cfg.raft.bind)
+        self.token = cfg.read_token()
+        self._secret = secret
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.stop_event = asyncio.Event()
+        self.stop_reason = ""
+        self.state_changed = asyncio.Event()
+        self.raft: ReplicatedState | None = None
+        self.writer: CommandWriter | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._listeners: list[Callable[[dict[str, Any], Applied], None]] = []
+        self.started_at = time.time()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
+        await self.start()
+        try:
+            await self.stop_event.wait()
+        finally:
+            await self.shutdown()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        log.info("starting node %s: raft %s (peers %s), api %s, data %s", self.node_id, cfg.raft.bind,
+                 ", ".join(cfg.raft.peers) or "none", cfg.api.bind, cfg.data_dir)
+        self.raft = ReplicatedState(
+            self.node_id, cfg.raft.bind, cfg.raft.peers, cfg.data_dir, self._secret, cfg.raft,
+            on_applied=self._on_applied_thread, on_state_changed=self._on_raft_state_thread,
+        )
+        self.writer = CommandWriter(self.raft, cfg.api.write_timeout)
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        api = AdminApi(self)
+        self._runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, port = parse_hostport(cfg.api.bind)
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        log.info("admin API listening on http://%s", cfg.api.bind)
+        self._tasks.append(asyncio.create_task(self._converge_loop(), name="converge"))
+
+    def request_stop(self, reason: str = "") -> None:
+        if not self.stop_event.is_set():
+            self.stop_reason = reason
+            log.info("stopping: %s", reason or "requested")
+            self.stop_event.set()
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.stop_components()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.close()
+        if self.raft is not None:
+            self.raft.destroy()
+            await asyncio.sleep(0.1)
+        log.info("stopped")
+
+    async def stop_components(self) -> None:
+        """Hook for data plane / health / announcement (stopped before Raft)."""
+
+    def extra_routes(self) -> list[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
+        return []
+
+    # --- events from the tick thread --------------------------------------------------
+
+    def add_listener(self, fn: Callable[[dict[str, Any], Applied], None]) -> None:
+        """fn(cmd, applied) runs in the asyncio loop after each applied command."""
+        self._listeners.append(fn)
+
+    def _on_applied_thread(self, cmd: dict[str, Any], applied: Applied) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._on_applied, cmd, applied)
+
+    def _on_applied(self, cmd: dict[str, Any], applied: Applied) -> None:
+        self.state_changed.set()
+        for event in applied.events:
+            log.info("event %s: %s", event.kind, event.message)
+        for fn in self._listeners:
+            try:
+                fn(cmd, applied)
+            except Exception:
+                log.exception("listener failed")
+
+    def _on_raft_state_thread(self, old: str, new: str) -> None:
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self._on_raft_state, old, new)
+
+    def _on_raft_state(self, old: str, new: str) -> None:
+        log.info("raft state %s -> %s", old, new)
+        if new == "leader":
+            asyncio.ensure_future(self._record_leadership())
+
+    async def _record_leadership(self) -> None:
+        term = self.raft.raft_status().term if self.raft else 0
+        try:
+            await self.writer.write("event.record", {
+                "kind": "leader.elected", "message": f"{self.node_id} became leader (term {term})",
+                "data": {"leader": self.node_id, "term": term}}, by=f"node:{self.node_id}")
+        except WriteError as exc:
+            log.warning("could not record leadership: %s", exc.message)
+
+    # --- convergence ------------------------------------------------------------------
+
+    async def _converge_loop(self) -> None:
+        """Seed an empty cluster from config and keep this member's registration current."""
+        seeded = not self.cfg.services
+        while True:
+            try:
+                st = self.raft.raft_status()
+                if st.leader is not None:
+                    with self.raft.read() as cs:
+                        is_seeded = cs.seeded or bool(cs.services)
+                        me = cs.members.get(self.node_id)
+                    if not seeded and not is_seeded:
+                        await self.writer.write("seed", {"services": [service_seed_to_dict(s) for s in self.cfg.services]},
+                                                by=f"config-seed:{self.node_id}")
+                    seeded = True
+                    wanted = {"id": self.node_id, "raft": self.cfg.raft.bind, "api": self.cfg.api.bind,
+                              "listen_host": self.cfg.dataplane.listen_host}
+                    if me is None or to_primitive(me) != wanted:
+                        await self.writer.write("member.register", wanted, by=f"node:{self.node_id}")
+                        continue
+                await asyncio.sleep(0.5)
+            except WriteError as exc:
+                log.info("converge: %s", exc.message)
+                await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("converge loop")
+                await asyncio.sleep(1.0)
+
+    # --- views for the API (read locally) ---------------------------------------------
+
+    def leader_id(self) -> str | None:
+        leader = self.raft.raft_status().leader
+        if leader is None:
+            return None
+        with self.raft.read() as cs:
+            for m in cs.members.values():
+                if m.raft == leader:
+                    return m.id
+        return leader
+
+    def raft_members(self) -> set[str]:
+        """Raft addresses in this node's current Raft configuration (self included)."""
+        st = self.raft.raft_status()
+        return {st.self_addr, *st.partners}
+
+    def members_view(self) -> list[dict[str, Any]]:
+        st = self.raft.raft_status()
+        leader = st.leader
+        with self.raft.read() as cs:
+            members = [to_primitive(m) for m in cs.members.values()]
+        known = {m["raft"] for m in members}
+        for addr in sorted(self.raft_members() - known):
+            members.append({"id": None, "raft": addr, "api": None, "listen_host": ""})
+        for m in members:
+            m["self"] = m["raft"] == st.self_addr
+            m["leader"] = m["raft"] == leader
+            m["in_raft_config"] = m["raft"] in self.raft_members()
+            m["connected"] = True if m["self"] else st.partners.get(m["raft"])
+            if m["self"]:
+                m["raft_state"] = st.state
+        return sorted(members, key=lambda m: (m["id"] is None, m["id"] or m["raft"]))
+
+    def services_view(self) -> list[dict[str, Any]]:
+        with self.raft.read() as cs:
+            services = [to_primitive(s) for s in cs.services.values()]
+            hosts = [m.listen_host for m in cs.members.values()]
+        out = []
+        for svc in services:
+            host, port = parse_hostport(svc["listen"]) if svc["listen"] else ("", 0)
+            listen = sorted({f"{h or host}:{port}" for h in hosts}) if port else []
+            svc["listen_nodes"] = listen or ([svc["listen"]] if svc["listen"] else [])
+            svc["backends"] = list(svc["backends"].values())
+            out.append(svc)
+        return sorted(out, key=lambda s: s["name"])
+
+    def backends_view(self, service: str | None) -> list[dict[str, Any]]:
+        rows = []
+        for svc in self.services_view():
+            if service is not None and svc["name"] != service:
+                continue
+            for be in svc["backends"]:
+                rows.append({"service": svc["name"], **be})
+        return rows
+
+    def events_view(self, since: int, limit: int) -> list[dict[str, Any]]:
+        with self.raft.read() as cs:
+            events = [to_primitive(e) for e in cs.events if e.seq > since]
+        return events[:limit]
+
+    def status_view(self) -> dict[str, Any]:
+        st = self.raft.raft_status()
+        with self.raft.read() as cs:
+            seeded, last_event = cs.seeded, cs.event_seq
+        return {
+            "node": self.node_id,
+            "leader": self.leader_id(),
+            "leader_raft": st.leader,
+            "raft_state": st.state,
+            "term": st.term,
+            "has_quorum": st.has_quorum,
+            "commit_index": st.commit_index,
+            "last_applied": st.last_applied,
+            "members": self.members_view(),
+            "services": [{"name": s["name"], "mode": s["mode"], "listen": s["listen_nodes"],
+                          "algorithm": s["algorithm"], "backends": len(s["backends"])}
+                         for s in self.services_view()],
+            "seeded": seeded,
+            "last_event": last_event,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "pid": os.getpid(),
+        }
+
+    # --- membership and leadership ----------------------------------------------------
+
+    def _member_by_id(self, node_id: str) -> Any:
+        with self.raft.read() as cs:
+            return cs.members.get(node_id)
+
+    async def _raft_call(self, fn: Callable[..., None], *args: Any, timeout: float = 3.0) -> int:
+        """Run a pysyncobj callback-style call and wait for its fail code (0 = success)."""
+        fut: asyncio.Future[int] = self.loop.create_future()
+
+        def done(_result: Any, err: int) -> None:
+            self.loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(err))
+
+        fn(*args, callback=done)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise WriteError(503, "no_quorum", f"cluster change not committed within {timeout:g}s") from None
+
+    async def member_add(self, node_id: str, raft: str, api: str, *, by: str) -> dict[str, Any]:
+        with self.raft.read() as cs:
+            if node_id in cs.members:
+                raise WriteError(409, "conflict", f"member {node_id!r} already exists")
+            if any(m.raft == raft for m in cs.members.values()):
+                raise WriteError(409, "conflict", f"raft address {raft} is already a member")
+        if raft in self.raft_members():
+            raise WriteError(409, "conflict", f"raft address {raft} is already in the Raft configuration")
+        err = await self._raft_call(self.raft.addNodeToCluster, raft)
+        if err != 0:
+            raise WriteError(503, fail_reason_name(err),
+                             f"Raft refused to add {raft}: {fail_reason_name(err)} (one change at a time; retry)")
+        result = await self.writer.write("member.register", {"id": node_id, "raft": raft, "api": api},
+                                         by=by)
+        peers = sorted(self.raft_members() - {raft})
+        return {**result, "start_with_peers": peers}
+
+    async def member_remove(self, node_id: str, *, by: str) -> dict[str, Any]:
+        member = self._member_by_id(node_id)
+        if member is None:
+            raise WriteError(404, "not_found", f"member {node_id!r} does not exist")
+        if len(self.raft_members()) <= 1:
+            raise WriteError(409, "denied", "cannot remove the last member")
+        transferred = None
+        if self.raft.raft_status().leader == member.raft:
+            others = [m for m in self.members_view() if m["id"] and m["id"] != node_id and m["in_raft_config"]]
+            if not others:
+                raise WriteError(409, "denied", "no other member to hand leadership to")
+            transferred = await self.transfer_leadership(None, by=by, exclude=member.raft)
+        if member.raft in self.raft_members():
+            for attempt in range(20):
+                err = await self._raft_call(self.raft.removeNodeFromCluster, member.raft)
+                if err == 0:
+                    break
+                await asyncio.sleep(0.2)  # e.g. the new leader's no-op is not committed yet
+            else:
+                raise WriteError(503, fail_reason_name(err), f"Raft refused to remove {member.raft}: "
+                                 f"{fail_reason_name(err)}")
+        result = await self.writer.write("member.remove", {"id": node_id}, by=by)
+        told = await self._tell_to_stop(member)
+        return {**result, "leadership_transferred": transferred, "told_to_stop": told}
+
+    async def _tell_to_stop(self, member: Any) -> bool:
+        if member.id == self.node_id:
+            self.loop.call_later(0.5, self.request_stop, "removed from the cluster")
+            return True
+        try:
+            async with self._http.post(f"http://{member.api}/v1/admin/shutdown",
+                                       headers={"Authorization": f"Bearer {self.token}",
+                                                "X-Halb-Operator": f"node:{self.node_id}"},
+                                       timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                return resp.status == 202
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            log.info("removed member %s did not answer the stop request: %s", member.id, exc)
+            return False
+
+    async def transfer_leadership(self, target: str | None, *, by: str, exclude: str | None = None,
+                                  timeout: float = 3.0) -> dict[str, Any]:
+        st = self.raft.raft_status()
+        if st.leader is None:
+            raise WriteError(503, "no_leader", "no leader is known; nothing to transfer")
+        target_raft = None
+        if target is not None:
+            member = self._member_by_id(target)
+            if member is None:
+                raise WriteError(404, "not_found", f"member {target!r} does not exist")
+            target_raft = member.raft
+            if target_raft == st.leader:
+                return {"ok": True, "from": self.leader_id(), "to": target, "changed": False}
+        if st.leader != st.self_addr:
+            return await self._forward_transfer(target, exclude)
+        if target_raft is None:
+            candidates = sorted(a for a, up in st.partners.items() if up and a != exclude)
+            if not candidates:
+                raise WriteError(409, "denied", "no connected follower to hand leadership to")
+        started = time.monotonic()
+        old = self.leader_id()
+        deadline = started + timeout
+        while True:
+            dest = target_raft or candidates[0]
+            err = await self._raft_call(self.raft.transferLeadership, dest)
+            if err == 0:
+                break
+            if time.monotonic() > deadline:
+                raise WriteError(409, fail_reason_name(err),
+                                 f"transfer to {dest} refused ({fail_reason_name(err)}): target not caught up?")
+            await asyncio.sleep(0.05)
+        while time.monotonic() < deadline:
+            leader = self.raft.raft_status().leader
+            if leader is not None and leader != st.self_addr:
+                break
+            await asyncio.sleep(0.01)
+        new = self.leader_id()
+        if new == old:
+            raise WriteError(504, "timeout", f"leadership did not move within {timeout:g}s")
+        log.info("leadership transferred %s -> %s by %s", old, new, by)
+        return {"ok": True, "from": old, "to": new, "changed": True,
+                "took_ms": round((time.monotonic() - started) * 1000, 1)}
+
+    async def _forward_transfer(self, target: str | None, exclude: str | None) -> dict[str, Any]:
+        leader_id = self.leader_id()
+        leader = self._member_by_id(leader_id) if leader_id else None
+        if leader is None:
+            raise WriteError(503, "no_leader", "the leader's admin API is not known yet; retry")
+        body: dict[str, Any] = {"to": target}
+        if exclude is not None and target is None:
+            others = [m for m in self.members_view() if m["id"] and m["raft"] not in (exclude, leader.raft)]
+            body["to"] = others[0]["id"] if others else None
+        async with self._http.post(f"http://{leader.api}/v1/leader/transfer", json=body,
+                                   headers={"Authorization": f"Bearer {self.token}"}) as resp:
+            data = await resp.json()
+            if resp.status >= 400:
+                raise WriteError(resp.status, data.get("error", "error"), data.get("message", "transfer failed"))
+            return {k: v for k, v in data.items() if k not in ("node", "leader", "raft_state")}
