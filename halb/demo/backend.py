@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import signal
+import sqlite3
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -111,7 +112,8 @@ class Shop:
         return self.json(body, status=status)
 
     async def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        # Wait for queued DB work in a thread: joining the pool on the loop would block it.
+        await asyncio.to_thread(self.pool.shutdown, True)
         self.db.close()
 
     # -- middlewares and signals --------------------------------------------------------
@@ -318,4 +320,8 @@ async def serve(cfg: BackendConfig, stop: asyncio.Event | None = None) -> None:
 def run(cfg: BackendConfig) -> None:
     """Blocking entry point used by the CLI."""
     setup_logging(cfg.name)
-    asyncio.run(serve(cfg))
+    try:
+        asyncio.run(serve(cfg))
+    except (OSError, sqlite3.Error) as exc:  # bind failure, unusable database file
+        log.error("cannot run: %s", exc)
+        raise SystemExit(1) from None

@@ -91,7 +91,7 @@ class Prober:
                 raise TypeError(f"target {key}: expected CheckConfig, got {type(cfg).__name__}")
             if not isinstance(port, int) or not 0 < port < 65536:
                 raise ValueError(f"target {key}: invalid port {port!r}")
-        new = dict(targets)
+        new = {key: (t[0], t[1], t[2]) for key, t in targets.items()}  # normalise lists to tuples
         for key in list(self._targets):
             if key not in new:
                 self._cancel(key)
