@@ -87,8 +87,9 @@ class VipAnnouncer:
         self.prefixlen = prefixlen
         self.netns = netns
         self.op_timeout = op_timeout
-        self._nl = ThreadPoolExecutor(1, thread_name_prefix=f"vip-nl-{ifname}",
-                                      initializer=self._init_worker)
+        # one worker thread, so it can stay inside the namespace for its whole life
+        self._nl = ThreadPoolExecutor(1, thread_name_prefix=f"vip-nl-{ifname}")
+        self._worker_state = threading.local()
         self._tx = ThreadPoolExecutor(1, thread_name_prefix=f"vip-garp-{ifname}")
         self._ipr: Any = None
         self._ifindex: int | None = None
@@ -98,9 +99,21 @@ class VipAnnouncer:
         self._lock = threading.Lock()
 
     # ---- worker-thread internals -------------------------------------------------
-    def _init_worker(self) -> None:
-        if self.netns is not None:
-            enter_netns(self.netns)
+    def _in_worker(self, fn: Callable[[], T]) -> Callable[[], T]:
+        """Wrap ``fn`` so it first moves the worker thread into the namespace (once).
+
+        Done lazily rather than as a pool initializer so a namespace that does not exist
+        yet gives a clear VipError now and works on a later call.
+        """
+        def call() -> T:
+            if self.netns is not None and not getattr(self._worker_state, "in_ns", False):
+                try:
+                    enter_netns(self.netns)
+                except OSError as exc:
+                    raise VipError(f"cannot enter netns {self.netns!r}: {exc}") from exc
+                self._worker_state.in_ns = True
+            return fn()
+        return call
 
     def _iproute(self) -> Any:
         if self._ipr is None:
@@ -121,7 +134,7 @@ class VipAnnouncer:
     def _run(self, fn: Callable[[], T]) -> T:
         if self._closed:
             raise VipError("announcer is closed")
-        fut: Future[T] = self._nl.submit(fn)
+        fut: Future[T] = self._nl.submit(self._in_worker(fn))
         return fut.result(timeout=self.op_timeout)
 
     def _do_hold(self, valid_lft: int) -> None:
@@ -189,8 +202,19 @@ class VipAnnouncer:
         Blocks for about ``(count-1)*interval``. Returns the number of frames sent.
         """
         sock, mac = self._run(self._do_open_arp)
+        return self._burst(sock, mac, count, interval)
+
+    def _burst(self, sock: socket.socket, mac: bytes, count: int, interval: float) -> int:
         with self._lock:
-            return _garp.send_garp_burst(sock, mac, self.vip, count, interval)
+            try:
+                return _garp.send_garp_burst(sock, mac, self.vip, count, interval)
+            except OSError as exc:
+                # interface gone or recreated: drop the cached socket so the next
+                # call reopens it on the new interface
+                if self._arp is not None and self._arp[0] is sock:
+                    self._arp = None
+                    sock.close()
+                raise VipError(f"GARP on {self.ifname} failed: {exc}") from exc
 
     def set_arp_sysctls(self) -> None:
         """arp_ignore=1 / arp_announce=2 (all + interface) in the announcer's namespace."""
@@ -217,7 +241,10 @@ class VipAnnouncer:
                     self._arp[0].close()
                     self._arp = None
 
-            self._run(shutdown)
+            try:
+                self._run(shutdown)
+            except Exception:
+                log.debug("closing netlink resources failed", exc_info=True)
         finally:
             self._closed = True
             self._nl.shutdown(wait=False)
@@ -234,7 +261,8 @@ class VipAnnouncer:
         if self._closed:
             raise VipError("announcer is closed")
         loop = asyncio.get_running_loop()
-        return await asyncio.wait_for(loop.run_in_executor(executor or self._nl, fn),
+        call = fn if executor is not None else self._in_worker(fn)
+        return await asyncio.wait_for(loop.run_in_executor(executor or self._nl, call),
                                       self.op_timeout)
 
     async def ahold(self, valid_lft: int = 1) -> None:
@@ -253,12 +281,8 @@ class VipAnnouncer:
     async def asend_garp(self, count: int = 3, interval: float = 0.05) -> int:
         sock, mac = await self._arun(self._do_open_arp)
 
-        def burst() -> int:
-            with self._lock:
-                return _garp.send_garp_burst(sock, mac, self.vip, count, interval)
-
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._tx, burst)
+        return await loop.run_in_executor(self._tx, self._burst, sock, mac, count, interval)
 
     async def acquire(self, valid_lft: int = 1, garp_count: int = 3, garp_interval: float = 0.05,
                       refresh_after: float | None = 2.0, refresh_count: int = 2) -> None:
