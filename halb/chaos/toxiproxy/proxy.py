@@ -166,6 +166,7 @@ class Side(asyncio.Protocol):
         self.writable = asyncio.Event()
         self.writable.set()
         self.conn: Connection | None = None
+        self.early: list[bytes | None] = []
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -181,11 +182,25 @@ class Side(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.reader is not None:
             self.reader.feed(data)
+        else:
+            # uvloop starts reading right after connection_made even if it paused;
+            # hold early bytes until the link exists
+            self.early.append(data)
+            if self.transport is not None:
+                self.transport.pause_reading()
 
     def eof_received(self) -> bool:
         if self.reader is not None:
             self.reader.feed(None)
+        else:
+            self.early.append(None)
         return True  # keep the socket open: the other link may still write to it
+
+    def attach_reader(self, link: "Link") -> None:
+        self.reader = link
+        early, self.early = self.early, []
+        for item in early:
+            link.feed(item)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -243,7 +258,6 @@ class Link:
         self.direction = direction
         self.src = src
         self.dst = dst
-        src.reader = self
         dst.writer = self
         self.stages: list[Stage] = []
         self.queue: collections.deque[tuple[bytes | None, float, int]] = collections.deque()
@@ -257,6 +271,7 @@ class Link:
         self.task: asyncio.Task[None] | None = None
         for config in configs:
             self.stages.append(Stage(config, self))
+        src.attach_reader(self)
 
     # -- StageOwner
     def stage_index(self, stage: Stage) -> int:
