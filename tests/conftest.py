@@ -1,1 +1,178 @@
-"""Shared pytest fixtures: free ports, process reaping, temporary dirs."""
+"""Shared fixtures: free ports, and a harness that runs real halb node processes.
+
+Every process a test starts is registered with the harness and stopped in the fixture's
+finalizer, also when the test fails, so a red test never leaves nodes behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from halb.demo.launcher import Child, ClusterSpec, NodeSpec, api_get, halb_argv, init_cluster_dir
+
+_used_ports: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now on host (and not handed out before in this run)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _used_ports:
+            _used_ports.add(port)
+            return port
+    raise RuntimeError("no free port")
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05, message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    last_exc: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # the thing we wait for may not exist yet
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message} (last error: {last_exc})")
+
+
+@dataclass
+class Cluster:
+    """Real node processes on 127.0.0.1 with free ports, configs from `halb cluster init`'s generator."""
+
+    directory: Path
+    spec: ClusterSpec
+    nodes: dict[str, Child] = field(default_factory=dict)
+    extra: list[Child] = field(default_factory=list)
+
+    @property
+    def token(self) -> str:
+        return (self.directory / "token").read_text().strip()
+
+    @property
+    def token_file(self) -> Path:
+        return self.directory / "token"
+
+    def spec_of(self, node_id: str) -> NodeSpec:
+        return next(n for n in self.spec.nodes if n.id == node_id)
+
+    def api(self, node_id: str) -> str:
+        return self.spec_of(node_id).api
+
+    @property
+    def apis(self) -> list[str]:
+        return [n.api for n in self.spec.nodes]
+
+    def config(self, node_id: str) -> Path:
+        return self.directory / f"{node_id}.toml"
+
+    def start(self, node_id: str, *extra_args: str) -> Child:
+        child = Child(node_id, halb_argv("node", "run", "--config", str(self.config(node_id)), *extra_args),
+                      self.directory / "logs" / f"{node_id}.log")
+        child.start()
+        self.nodes[node_id] = child
+        return child
+
+    def start_all(self) -> None:
+        for n in self.spec.nodes:
+            self.start(n.id)
+
+    def kill(self, node_id: str, sig: int = signal.SIGKILL) -> None:
+        child = self.nodes[node_id]
+        child.signal(sig)
+        if sig == signal.SIGKILL:
+            child.proc.wait(5)
+
+    def stop_all(self) -> None:
+        for child in list(self.nodes.values()) + self.extra:
+            child.stop()
+
+    def get(self, node_id: str, path: str, token: str | None = None) -> tuple[int, Any]:
+        return api_get(self.api(node_id), path, self.token if token is None else token, timeout=3)
+
+    def status(self, node_id: str) -> dict[str, Any]:
+        code, body = self.get(node_id, "/v1/status")
+        assert code == 200, body
+        return body
+
+    def leader(self, among: list[str] | None = None, timeout: float = 15.0) -> str:
+        """The leader every listed live node agrees on."""
+        ids = among or [n for n, c in self.nodes.items() if c.alive()]
+
+        def agreed() -> str | None:
+            leaders = {self.status(n)["leader"] for n in ids}
+            return leaders.pop() if len(leaders) == 1 and None not in leaders else None
+
+        return wait_until(agreed, timeout, 0.1, "an agreed leader")
+
+    def wait_registered(self, timeout: float = 15.0) -> None:
+        want = {n.id for n in self.spec.nodes}
+        wait_until(lambda: {m["id"] for m in self.status(self.spec.nodes[0].id)["members"]} >= want, timeout,
+                   0.1, "all members registered")
+
+    def cli(self, *args: str, node: str | None = None, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, HALB_CLUSTER=self.api(node) if node else ",".join(self.apis),
+                   HALB_TOKEN_FILE=str(self.token_file))
+        env.pop("HALB_TOKEN", None)
+        proc = subprocess.run([sys.executable, "-m", "halb", *args], capture_output=True, text=True, env=env,
+                              timeout=timeout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"halb {' '.join(args)} exited {proc.returncode}: {proc.stderr}{proc.stdout}")
+        return proc
+
+    def cli_json(self, *args: str, node: str | None = None) -> Any:
+        return json.loads(self.cli(*args, "--json", node=node).stdout)
+
+    def logs(self) -> str:
+        out = []
+        for p in sorted((self.directory / "logs").glob("*.log")):
+            out.append(f"==== {p.name}\n" + p.read_text()[-4000:])
+        return "\n".join(out)
+
+
+def make_cluster(directory: Path, n: int = 3, **spec_kw: Any) -> Cluster:
+    nodes = [NodeSpec(f"n{i + 1}", "127.0.0.1", raft_port=free_port(), api_port=free_port()) for i in range(n)]
+    spec = ClusterSpec(nodes=nodes, service_port=spec_kw.pop("service_port", None) or free_port(), **spec_kw)
+    init_cluster_dir(directory, spec)
+    return Cluster(directory, spec)
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    made: list[Cluster] = []
+
+    def factory(n: int = 3, start: bool = True, **kw: Any) -> Cluster:
+        c = make_cluster(tmp_path / f"cluster{len(made)}", n, **kw)
+        made.append(c)
+        if start:
+            c.start_all()
+            c.leader()
+            c.wait_registered()
+        return c
+
+    yield factory
+    failed = getattr(request.node, "rep_call", None)
+    for c in made:
+        c.stop_all()
+        if failed is not None and failed.failed:
+            print(c.logs())
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)

@@ -1,0 +1,112 @@
+"""Invalid node configs produce errors naming the file, the key and the reason."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from halb.config import ConfigError, load_config
+
+GOOD = """
+node_id = "n1"
+secret_file = "secret"
+token_file = "token"
+[raft]
+bind = "127.0.0.11:7100"
+peers = ["127.0.0.12:7100", "127.0.0.13:7100"]
+[api]
+bind = "127.0.0.11:7000"
+[[services]]
+name = "checkout"
+listen = "127.0.0.11:8080"
+[[services.backends]]
+name = "A"
+address = "127.0.0.21:8080"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    (tmp_path / "secret").write_text("s" * 40)
+    (tmp_path / "token").write_text("t" * 40)
+    return p
+
+
+def test_good_config_loads(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    assert cfg.node_id == "n1" and cfg.raft.peers == ["127.0.0.12:7100", "127.0.0.13:7100"]
+    assert cfg.services[0].backends[0].address == "127.0.0.21:8080"
+    assert cfg.data_dir == tmp_path / "data" / "n1"
+    assert cfg.read_secret() == "s" * 40
+
+
+@pytest.mark.parametrize("change, key, reason", [
+    (("[api]", "[api]\ncolour = 1"), "api.colour", "unknown key"),
+    (('bind = "127.0.0.11:7000"', 'bind = "127.0.0.11"'), "api.bind", "must be HOST:PORT"),
+    (('bind = "127.0.0.11:7000"', 'bind = "127.0.0.11:99999"'), "api.bind", "outside 1-65535"),
+    (('peers = ["127.0.0.12:7100", "127.0.0.13:7100"]', 'peers = ["127.0.0.12:7100", "x:y"]'), "raft.peers[1]",
+     "not a number"),
+    (('peers = ["127.0.0.12:7100", "127.0.0.13:7100"]', 'peers = ["127.0.0.11:7100"]'), "raft.peers",
+     "own address"),
+    (('name = "A"', 'name = "A"\nweight = -3'), "services[0].backends[0].weight", "between 0 and 10000"),
+    (('listen = "127.0.0.11:8080"', 'listen = "127.0.0.11:8080"\nmode = "udp"'), "services[0].mode", "must be one of"),
+    (('listen = "127.0.0.11:8080"', 'listen = "127.0.0.11:8080"\nalgorithm = "random"'), "services[0].algorithm",
+     "must be one of"),
+    (('node_id = "n1"', 'node_id = "n 1"'), "node_id", "may only contain"),
+    (('node_id = "n1"', 'node_id = 7'), "node_id", "must be a str"),
+])
+def test_invalid_config_names_file_key_and_reason(tmp_path, change, key, reason):
+    path = write(tmp_path, GOOD.replace(*change))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.key == key
+    assert reason in err.value.reason
+    assert str(err.value).startswith(f"{path}: {key}: ")
+
+
+def test_duplicate_backend_and_service_names(tmp_path):
+    text = GOOD + '[[services.backends]]\nname = "A"\naddress = "127.0.0.22:8080"\n'
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert err.value.key == "services[0].backends[1].name" and "used twice" in err.value.reason
+    text = GOOD + '[[services]]\nname = "checkout"\nlisten = "127.0.0.11:8081"\n'
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert err.value.key == "services" and "used twice" in err.value.reason
+
+
+def test_missing_required_keys_and_files(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, GOOD.replace('token_file = "token"\n', "")))
+    assert err.value.key == "token_file" and err.value.reason == "is required"
+    path = write(tmp_path, GOOD.replace('secret_file = "secret"', 'secret_file = "missing-secret"'))
+    cfg = load_config(path)
+    with pytest.raises(ConfigError) as err:
+        cfg.read_secret()
+    assert err.value.key == "secret_file" and "does not exist" in err.value.reason
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "nope.toml")
+    assert "file does not exist" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "node_id = \n"))
+    assert "not valid TOML" in str(err.value)
+
+
+def test_short_secret_is_refused(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD))
+    (tmp_path / "secret").write_text("short")
+    with pytest.raises(ConfigError) as err:
+        cfg.read_secret()
+    assert "fewer than 16" in err.value.reason
+
+
+def test_cli_reports_config_error_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, GOOD.replace("[api]", "[api]\ncolour = 1"))
+    proc = subprocess.run([sys.executable, "-m", "halb", "node", "run", "--config", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"{path}: api.colour: unknown key" in proc.stderr
