@@ -25,7 +25,7 @@ import logging
 import socket
 from typing import Callable
 
-from dnslib import A, CLASS, DNSError, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, OPCODE, QTYPE, RCODE, RR, SOA
+from dnslib import A, CLASS, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, OPCODE, QTYPE, RCODE, RR, SOA
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class DnsResponder:
             return None
         try:
             req = DNSRecord.parse(data)
-        except (DNSError, Exception):  # dnslib raises assorted errors on garbage
+        except Exception:  # dnslib raises assorted errors (DNSError, struct, Unicode...) on garbage
             return None
         h = req.header
         if h.qr:  # a response: never answer it (no reflection loops)
