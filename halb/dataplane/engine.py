@@ -1,0 +1,234 @@
+"""The data plane as a library: `DataPlane` binds the services of a RoutingSnapshot and
+proxies them, inside the caller's asyncio loop (and, with workers > 1, in extra worker
+processes that share the ports through SO_REUSEPORT).
+
+Static stability: the engine only ever reads the last snapshot it was given; it never
+talks to the control plane, so it keeps serving unchanged when the cluster has no quorum.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import time
+from typing import Any, Callable
+
+from halb.dataplane.http_proxy import HttpClientConn
+from halb.dataplane.listeners import Listener, make_listen_socket
+from halb.dataplane.routing import ServiceRuntime
+from halb.dataplane.snapshot import RoutingSnapshot, ServiceRoute
+from halb.dataplane.stats import merge_stats
+from halb.dataplane.tcp_proxy import TcpClientConn
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 0.25  # timeout granularity (s)
+EjectionHook = Callable[[str, str, bool, str], None]
+
+
+class DataPlane:
+    """HTTP/TCP proxy for every service of a routing snapshot.
+
+    API for the node:
+      - ``await start(snapshot)``: bind every service (SO_REUSEPORT, IP_FREEBIND), serve;
+      - ``update(snapshot)``: atomic swap (new services bound, removed ones closed after a
+        grace; in-flight requests finish with the state they started with);
+      - ``stats()``: per service and backend counters, summed over worker processes;
+      - ``await stop()``: stop accepting, let in-flight work finish (stop_grace), close;
+      - ``on_ejection``: list of callables ``(service, backend, ejected, reason)``.
+    """
+
+    def __init__(self, node_id: str, *, workers: int = 1, loop_uvloop: bool = True) -> None:
+        self.node_id = node_id
+        self.workers = max(1, int(workers))
+        self.loop_uvloop = loop_uvloop  # used for worker processes (the node owns its loop)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.snapshot = RoutingSnapshot()
+        self.listeners: dict[str, Listener] = {}
+        self.conns: set[Any] = set()
+        self.on_ejection: list[EjectionHook] = []
+        self.listen_errors: dict[str, str] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._rid_prefix = (f"{node_id[:16]}-{os.getpid():x}{secrets.token_hex(3)}-").encode()
+        self._rid_counter = 0
+        self._pool_supervisor: Any = None
+        self._started = False
+        self._retired: list[Listener] = []
+
+    # ------------------------------------------------------------------ public API
+    async def start(self, snapshot: RoutingSnapshot) -> None:
+        if self._started:
+            raise RuntimeError("DataPlane already started")
+        self.loop = asyncio.get_running_loop()
+        self._started = True
+        if self.loop_uvloop and "uvloop" not in type(self.loop).__module__:
+            log.info("data plane running on %s (uvloop is faster; the node chooses the loop)", type(self.loop).__name__)
+        self._apply(snapshot, initial=True)
+        # let the servers start before returning, so callers can connect at once
+        for lst in list(self.listeners.values()):
+            if lst.server is None and not lst.closed:
+                await lst.serve(self._factory(lst))
+        self._sweeper = self.loop.create_task(self._sweep())
+        if self.workers > 1:
+            from halb.dataplane.workers import WorkerPool
+
+            self._pool_supervisor = WorkerPool(self, self.workers - 1)
+            await self._pool_supervisor.start(self._worker_snapshot())
+
+    def update(self, snapshot: RoutingSnapshot) -> None:
+        if not self._started:
+            raise RuntimeError("DataPlane.update before start")
+        self._apply(snapshot, initial=False)
+        if self._pool_supervisor is not None:
+            self._pool_supervisor.send_snapshot(self._worker_snapshot())
+
+    def stats(self) -> dict[str, Any]:
+        local = self.local_stats()
+        if self._pool_supervisor is None:
+            return local
+        return merge_stats([local, *self._pool_supervisor.worker_stats()])
+
+    def local_stats(self) -> dict[str, Any]:
+        """This process only (workers report theirs with it)."""
+        return {
+            "node_id": self.node_id,
+            "version": self.snapshot.version,
+            "workers": [{"pid": os.getpid(), "requests": sum(lst.rt.requests for lst in self.listeners.values()),
+                         "connections": len(self.conns)}],
+            "listen_errors": dict(self.listen_errors),
+            "services": {name: lst.rt.stats() for name, lst in self.listeners.items()},
+        }
+
+    def bound_port(self, service: str) -> int:
+        """The port a service actually listens on (useful with listen_port 0 in tests)."""
+        return self.listeners[service].port
+
+    async def stop(self) -> None:
+        if not self._started:
+            return
+        self._started = False
+        grace = max([lst.rt.opts.stop_grace for lst in self.listeners.values()] or [0.0])
+        for lst in list(self.listeners.values()):
+            lst.close()
+        if self._pool_supervisor is not None:
+            await self._pool_supervisor.stop()
+            self._pool_supervisor = None
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(self._busy(c) for c in list(self.conns)):
+            await asyncio.sleep(0.05)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                pass
+        for c in list(self.conns):
+            c.close()
+        for lst in list(self.listeners.values()) + self._retired:
+            for b in lst.rt.backends.values():
+                b.close_pool()
+        self.listeners.clear()
+        await asyncio.sleep(0)
+
+    # ------------------------------------------------------------------ internals
+    def new_request_id(self) -> bytes:
+        self._rid_counter += 1
+        return b"%s%x" % (self._rid_prefix, self._rid_counter)
+
+    def _hook(self, service: str, backend: str, ejected: bool, reason: str) -> None:
+        for cb in list(self.on_ejection):
+            try:
+                cb(service, backend, ejected, reason)
+            except Exception:
+                log.exception("on_ejection subscriber failed")
+
+    def _factory(self, lst: Listener) -> Callable[[], Any]:
+        if lst.key[0] == "tcp":
+            return lambda: TcpClientConn(lst)
+        return lambda: HttpClientConn(lst)
+
+    def _apply(self, snapshot: RoutingSnapshot, initial: bool) -> None:
+        seen: set[str] = set()
+        for svc in snapshot.services:
+            seen.add(svc.name)
+            key = (svc.mode, svc.listen_host, svc.listen_port)
+            lst = self.listeners.get(svc.name)
+            if lst is not None and lst.key == key:
+                lst.rt.apply(svc)
+                continue
+            if lst is not None:
+                self._retire(lst)
+            self._open(svc, key, initial)
+        for name in [n for n in self.listeners if n not in seen]:
+            self._retire(self.listeners.pop(name))
+        self.snapshot = snapshot
+
+    def _open(self, svc: ServiceRoute, key: tuple[str, str, int], initial: bool) -> None:
+        try:
+            sock = make_listen_socket(svc.listen_host, svc.listen_port)
+        except OSError as e:
+            log.error("service %s: cannot listen on %s:%s: %s", svc.name, svc.listen_host, svc.listen_port, e)
+            self.listen_errors[svc.name] = str(e)
+            self.listeners.pop(svc.name, None)
+            return
+        self.listen_errors.pop(svc.name, None)
+        rt = ServiceRuntime(svc, hook=self._hook, initial=initial)
+        lst = Listener(engine=self, rt=rt, key=key, sock=sock, port=sock.getsockname()[1])
+        self.listeners[svc.name] = lst
+        if not initial and self.loop is not None:
+            self.loop.create_task(lst.serve(self._factory(lst)))
+
+    def _retire(self, lst: Listener) -> None:
+        """Stop accepting; connections of the old service finish, then are closed."""
+        lst.close()
+        self._retired.append(lst)
+        if self.loop is not None:
+            self.loop.call_later(lst.rt.opts.stop_grace, self._close_retired, lst)
+
+    def _close_retired(self, lst: Listener) -> None:
+        for c in [c for c in self.conns if c.listener is lst]:
+            c.close()
+        for b in lst.rt.backends.values():
+            b.close_pool()
+        if lst in self._retired:
+            self._retired.remove(lst)
+
+    @staticmethod
+    def _busy(conn: Any) -> bool:
+        return getattr(conn, "cur", None) is not None or getattr(conn, "up", None) is not None
+
+    def _worker_snapshot(self) -> RoutingSnapshot:
+        """The snapshot with port 0 replaced by the bound port, so workers share it."""
+        services = []
+        for svc in self.snapshot.services:
+            lst = self.listeners.get(svc.name)
+            if svc.listen_port == 0 and lst is not None:
+                from dataclasses import replace
+
+                svc = replace(svc, listen_port=lst.port)
+            services.append(svc)
+        return RoutingSnapshot(version=self.snapshot.version, services=tuple(services))
+
+    async def _sweep(self) -> None:
+        """Timeouts, ejection expiry, slow-start ramps and idle pool trimming."""
+        loop = self.loop
+        assert loop is not None
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = loop.time()
+            try:
+                for lst in list(self.listeners.values()):
+                    lst.rt.tick()
+                    keep = lst.rt.opts.upstream_keepalive
+                    for b in lst.rt.backends.values():
+                        if b.pool:
+                            stale = [u for u in b.pool if now - u.idle_since > keep]
+                            for u in stale:
+                                b.pool.remove(u)
+                                u.close()
+                for c in list(self.conns):
+                    if not c.closed:
+                        c.check(now)
+            except Exception:  # the sweeper must survive anything
+                log.exception("data plane sweep failed")

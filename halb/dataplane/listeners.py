@@ -1,0 +1,70 @@
+"""Listening sockets: one per service, shared across worker processes by SO_REUSEPORT.
+
+IP_FREEBIND lets a node bind its service VIP before it holds it, so a VIP takeover only
+has to add the address (no listener restart on the critical path).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from halb.dataplane.routing import ServiceRuntime
+
+log = logging.getLogger(__name__)
+
+IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux value; not exported by Python
+BACKLOG = 4096
+
+
+def make_listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            s.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        except OSError:  # not Linux: binding a foreign address will fail loudly instead
+            pass
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.bind((host, port))
+        s.listen(backlog)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+@dataclass(eq=False)
+class Listener:
+    """A bound service: its socket, its asyncio server and its routing runtime."""
+
+    engine: Any
+    rt: ServiceRuntime
+    key: tuple[str, str, int]  # (mode, host, requested port)
+    sock: socket.socket
+    server: asyncio.AbstractServer | None = None
+    port: int = 0
+    closed: bool = False
+    conns: set[Any] = field(default_factory=set)
+
+    async def serve(self, factory: Any) -> None:
+        if self.closed:
+            return
+        self.server = await self.engine.loop.create_server(factory, sock=self.sock, backlog=BACKLOG)
+        if self.closed:
+            self.server.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self.server is not None:
+            self.server.close()
+        else:
+            try:
+                self.sock.close()
+            except OSError:
+                pass

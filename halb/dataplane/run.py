@@ -1,0 +1,93 @@
+"""Run a DataPlane alone, without a node: for benchmarks, tests that need the proxy in its
+own process (RSS, SIGKILL), and operators trying the data plane.
+
+  python -m halb.dataplane.run --listen 127.0.0.1:8080 --mode http \
+      --backend a=127.0.0.1:9001 --backend b=127.0.0.1:9002 --option retries=2 --workers 1
+
+or ``--snapshot FILE.json`` with ``{"version": 1, "services": [...]}`` in the shape of
+RoutingSnapshot.to_wire. Prints ``READY <port>`` when serving; SIGTERM/SIGINT stop it
+gracefully; ``--stats-interval S`` prints stats JSON lines to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+
+import msgpack
+
+from halb.dataplane.engine import DataPlane
+from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot, ServiceRoute
+
+
+def _parse_value(v: str) -> object:
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def build_snapshot(args: argparse.Namespace) -> RoutingSnapshot:
+    if args.snapshot:
+        with open(args.snapshot, "rb") as f:
+            return RoutingSnapshot.from_wire(msgpack.packb(json.load(f)))
+    host, _, port = args.listen.rpartition(":")
+    backends = []
+    for i, spec in enumerate(args.backend):
+        name, _, addr = spec.rpartition("=")
+        bh, _, bp = addr.rpartition(":")
+        backends.append(BackendRoute(name=name or f"b{i}", host=bh, port=int(bp), weight=1, server=name or f"s{i}"))
+    opts = tuple(sorted((k, _parse_value(v)) for k, _, v in (o.partition("=") for o in args.option)))
+    svc = ServiceRoute(name=args.name, mode=args.mode, listen_host=host, listen_port=int(port),
+                       algorithm=args.algorithm, hash_key=args.hash_key, backends=tuple(backends), options=opts)
+    return RoutingSnapshot(version=1, services=(svc,))
+
+
+async def _main(args: argparse.Namespace) -> None:
+    dp = DataPlane("run", workers=args.workers)
+    snap = build_snapshot(args)
+    await dp.start(snap)
+    print("READY " + " ".join(str(dp.bound_port(s.name)) for s in snap.services if s.name in dp.listeners), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), args.stats_interval or 3600)
+        except asyncio.TimeoutError:
+            if args.stats_interval:
+                print(json.dumps(dp.stats()), file=sys.stderr, flush=True)
+    await dp.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--snapshot")
+    ap.add_argument("--name", default="svc")
+    ap.add_argument("--listen", default="127.0.0.1:0")
+    ap.add_argument("--mode", default="http", choices=["http", "tcp"])
+    ap.add_argument("--algorithm", default="round_robin")
+    ap.add_argument("--hash-key", default="source")
+    ap.add_argument("--backend", action="append", default=[])
+    ap.add_argument("--option", action="append", default=[])
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--no-uvloop", action="store_true")
+    ap.add_argument("--stats-interval", type=float, default=0.0)
+    args = ap.parse_args(argv)
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+        except ImportError:
+            pass
+    asyncio.run(_main(args))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
