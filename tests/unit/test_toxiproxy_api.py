@@ -37,7 +37,7 @@ def api(server: ThreadedServer) -> Iterator["Api"]:
             client.delete(f"/proxies/{name}")
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def echo() -> Iterator[TcpServer]:
     srv = TcpServer(echo_handler)
     try:
