@@ -1,8 +1,12 @@
 """toxiproxy-python 0.1.1 driving `halb toxiproxy serve` started as a real subprocess."""
 from __future__ import annotations
 
+import json
+import signal
 import socket
-from typing import Iterator
+import subprocess
+import sys
+from typing import Any, Iterator
 
 import pytest
 import requests
@@ -156,3 +160,26 @@ def test_server_populate_endpoint(tp_process: ToxiproxyProcess, client: Toxiprox
                       json=[{"name": "pp", "upstream": echo.address, "listen": "127.0.0.1:0"}], timeout=10)
     assert r.status_code == 201
     assert roundtrip(r.json()["proxies"][0]["listen"]) == b"ping"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_serve_stops_cleanly_on_signal(sig: str, tmp_path: Any, echo: TcpServer) -> None:
+    config = tmp_path / "proxies.json"
+    config.write_text(json.dumps([{"name": "cfg", "upstream": echo.address, "listen": "127.0.0.1:0"}]))
+    proc = ToxiproxyProcess(config=str(config))
+    proc.start()
+    try:
+        proxies = requests.get(proc.url + "/proxies", timeout=10).json()
+        assert roundtrip(proxies["cfg"]["listen"]) == b"ping"
+        assert proc.proc is not None
+        proc.proc.send_signal(getattr(signal, sig))
+        assert proc.proc.wait(15) == 0
+    finally:
+        proc.stop()
+
+
+def test_serve_reports_port_in_use(echo: TcpServer) -> None:
+    result = subprocess.run([sys.executable, "-m", "halb", "toxiproxy", "serve", "--port", str(echo.port)],
+                            capture_output=True, timeout=30)
+    assert result.returncode != 0
+    assert b"Traceback" not in result.stderr
