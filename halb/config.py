@@ -37,6 +37,8 @@ class RaftConfig:
     leader_fallback_timeout: float = 3.0
     log_compaction_entries: int = 5000
     log_compaction_seconds: float = 300.0
+    # peer raft address -> address to dial instead (a fault proxy on that link; drills)
+    dial: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -209,6 +211,14 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
     raft.leader_fallback_timeout = raft_t.positive("leader_fallback_timeout", raft.leader_fallback_timeout)
     raft.log_compaction_entries = int(raft_t.positive("log_compaction_entries", raft.log_compaction_entries))
     raft.log_compaction_seconds = raft_t.positive("log_compaction_seconds", raft.log_compaction_seconds)
+    dial = raft_t.take("dial", dict, {})
+    for peer, target in dial.items():
+        for value, what in ((peer, f"dial key {peer!r}"), (target, f"dial target {target!r}")):
+            try:
+                parse_hostport(value, what)
+            except (ModelError, TypeError) as exc:
+                raise raft_t.error(f"dial.{peer}", str(exc)) from None
+    raft.dial = dict(dial)
     raft_t.done()
 
     api_t = _Table(file, "api", top.take("api", dict, required=True))

@@ -80,6 +80,11 @@ class Node:
         self._http: aiohttp.ClientSession | None = None
         self._listeners: list[Callable[[dict[str, Any], Applied], None]] = []
         self.started_at = time.time()
+        self.health: Any = None  # HealthManager
+        self.dataplane: Any = None  # DataPlane
+        self.announcer: Any = None  # announce.manager (VIP lease / DNS), when configured
+        self._routing_dirty = asyncio.Event()
+        self._routing_version = 0
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -111,6 +116,7 @@ class Node:
         await site.start()
         log.info("admin API listening on http://%s", cfg.api.bind)
         self._tasks.append(asyncio.create_task(self._converge_loop(), name="converge"))
+        await self.start_components()
 
     def request_stop(self, reason: str = "") -> None:
         if not self.stop_event.is_set():
@@ -132,8 +138,59 @@ class Node:
             await asyncio.sleep(0.1)
         log.info("stopped")
 
+    async def start_components(self) -> None:
+        """Health checks, data plane and announcement; each keeps working without quorum."""
+        from halb.dataplane.engine import DataPlane
+        from halb.health.manager import HealthManager
+
+        self.health = HealthManager(self.node_id, self.raft, self.writer, on_local_change=self.mark_routing_dirty)
+        self.health.start()
+        self.dataplane = DataPlane(self.node_id, workers=self.cfg.dataplane.workers)
+        self.dataplane.on_ejection.append(self._on_ejection)
+        await self.dataplane.start(self.build_routing())
+        self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
+        self.add_listener(lambda cmd, applied: self._after_apply(cmd))
+
     async def stop_components(self) -> None:
-        """Hook for data plane / health / announcement (stopped before Raft)."""
+        """Stopped before Raft, in reverse order of start."""
+        if self.announcer is not None:
+            await self.announcer.stop()
+        if self.dataplane is not None:
+            await self.dataplane.stop()
+        if self.health is not None:
+            await self.health.stop()
+
+    # --- routing: replicated state + local health -> data plane snapshot -------------
+
+    def mark_routing_dirty(self) -> None:
+        self._routing_dirty.set()
+
+    def _after_apply(self, cmd: dict[str, Any]) -> None:
+        op = cmd.get("op", "")
+        if op.startswith(("service.", "backend.", "seed", "snapshot.")):
+            self.health.sync_targets()
+        if not op.startswith(("lease.", "event.")):
+            self.mark_routing_dirty()
+
+    def build_routing(self) -> Any:
+        from halb.routing_builder import build_snapshot
+
+        self._routing_version += 1
+        with self.raft.read() as cs:
+            return build_snapshot(cs, self._routing_version, self.cfg.dataplane.listen_host, self.health.local_up)
+
+    async def _routing_loop(self) -> None:
+        while True:
+            await self._routing_dirty.wait()
+            self._routing_dirty.clear()
+            try:
+                self.dataplane.update(self.build_routing())
+            except Exception:
+                log.exception("routing update failed; the data plane keeps its last snapshot")
+            await asyncio.sleep(0.02)  # coalesce bursts of applied commands
+
+    def _on_ejection(self, service: str, backend: str, ejected: bool, reason: str) -> None:
+        log.info("outlier %s: %s/%s (%s)", "ejected" if ejected else "restored", service, backend, reason)
 
     def extra_routes(self) -> list[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
         return []
@@ -256,11 +313,36 @@ class Node:
 
     def backends_view(self, service: str | None) -> list[dict[str, Any]]:
         rows = []
+        with self.raft.read() as cs:
+            observations = {k: dict(v) for k, v in cs.observations.items()}
+            verdicts = {k: dict(v) for k, v in cs.verdicts.items()}
+            voters = cs.voters()
+        stats = self.dataplane.stats()["services"] if self.dataplane is not None else {}
         for svc in self.services_view():
             if service is not None and svc["name"] != service:
                 continue
+            svc_stats = stats.get(svc["name"], {}).get("backends", {})
             for be in svc["backends"]:
-                rows.append({"service": svc["name"], **be})
+                key = f"{svc['name']}/{be['name']}"
+                obs = observations.get(key, {})
+                v = verdicts.get(key, {})
+                local = self.health.local_state(svc["name"], be["name"]) if self.health else None
+                bstats = svc_stats.get(be["name"], {})
+                rows.append({
+                    "service": svc["name"], **be,
+                    "verdict": v.get("verdict", "up"),
+                    "verdict_since": v.get("since"),
+                    "hold_until": v.get("hold_until") if v.get("verdict") == "held" else None,
+                    "observations": {m: ("up" if obs.get(m, {}).get("up", True) else "down") for m in voters},
+                    "observed_at": {m: obs[m]["at"] for m in obs},
+                    "observation_detail": {m: obs[m]["detail"] for m in obs if obs[m].get("detail")},
+                    "local": None if local is None else {
+                        "up": local.up, "since": local.since_wall, "last_error": local.last_error or None,
+                        "last_latency_ms": None if local.last_latency is None else round(local.last_latency * 1000, 2)},
+                    "in_flight": bstats.get("in_flight", 0),
+                    "requests": bstats.get("requests", 0),
+                    "ejected": bstats.get("ejected", False),
+                })
         return rows
 
     def events_view(self, since: int, limit: int) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ Why this shape:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -50,6 +51,30 @@ class RaftStatus:
     log_len: int
     partners: dict[str, bool]  # raft address -> connected
     at: float  # monotonic time of this reading
+
+
+class DialNode(TCPNode):
+    """A Raft peer whose identity is its address but which may be *dialled* elsewhere.
+
+    pysyncobj keeps one TCP connection per pair of nodes and identifies the dialler by the
+    address it announces, so a fault proxy can only sit on a link if the identity stays
+    the same. `dial` maps a peer's address to where to connect (a per-link proxy), which
+    lets drills cut or slow exactly the links of one node.
+    """
+
+    def __init__(self, address: str, dial: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(address, **kwargs)
+        target = (dial or {}).get(address, address)
+        host, port = target.rsplit(":", 1)
+        self._dial_host, self._dial_port = host, int(port)
+
+    @property
+    def ip(self) -> str:
+        return self._dial_host
+
+    @property
+    def port(self) -> int:
+        return self._dial_port
 
 
 class ReplicatedState(SyncObj):
@@ -93,7 +118,8 @@ class ReplicatedState(SyncObj):
             logCompactionMinTime=raft.log_compaction_seconds,
             onStateChanged=self._state_changed,
         )
-        super().__init__(self_addr, partners, conf)
+        self._node_factory = functools.partial(DialNode, dial=dict(raft.dial))
+        super().__init__(self_addr, partners, conf, nodeClass=self._node_factory)
         self.addOnTickCallback(self._refresh_status)
 
     # --- the single replicated entry point ------------------------------------------
@@ -193,7 +219,7 @@ class ReplicatedState(SyncObj):
         if self._on_applied is not None:
             self._on_applied({"op": "snapshot.loaded"}, Applied({"ok": True}, []))
         # pysyncobj compares entries as tuples; lists would make it discard the journal
-        return tuple(d["last"]), tuple(d["prev"]), {TCPNode(a) for a in d["cluster"]}
+        return tuple(d["last"]), tuple(d["prev"]), {self._node_factory(a) for a in d["cluster"]}
 
 
 def fail_reason_name(code: int) -> str:

@@ -55,6 +55,7 @@ class ClusterState:
         self.observations: dict[str, dict[str, dict[str, Any]]] = {}
         self.verdicts: dict[str, dict[str, Any]] = {}
         self.lease: dict[str, Any] = {}
+        self.live_members: list[str] | None = None  # None: every registered member counts
         self.extra: dict[str, Any] = {}  # forward-compatible bag for later features
 
     # --- snapshot codec ----------------------------------------------------------------
@@ -72,6 +73,7 @@ class ClusterState:
             "observations": self.observations,
             "verdicts": self.verdicts,
             "lease": self.lease,
+            "live_members": self.live_members,
             "extra": self.extra,
         }
 
@@ -88,6 +90,7 @@ class ClusterState:
         st.observations = d.get("observations", {})
         st.verdicts = d.get("verdicts", {})
         st.lease = d.get("lease", {})
+        st.live_members = d.get("live_members")
         st.extra = d.get("extra", {})
         return st
 
@@ -129,6 +132,11 @@ class ClusterState:
             "member.register": self._member_register,
             "member.remove": self._member_remove,
             "event.record": self._event_record,
+            "health.observe": self._health_observe,
+            "health.liveness": self._health_liveness,
+            "health.release": self._health_release,
+            "lease.renew": self._lease_renew,
+            "lease.release": self._lease_release,
         }
 
     def record(self, cmd: dict[str, Any], kind: str, message: str, **data: Any) -> None:
@@ -274,3 +282,135 @@ class ClusterState:
         kind = check_name(str(args["kind"]), "event kind")
         self.record(cmd, kind, str(args["message"])[:500], **(args.get("data") or {}))
         return ok()
+
+    # --- health: observations -> majority verdicts, flap damping ---------------------------
+
+    def voters(self) -> list[str]:
+        """Members whose observations count: registered and (per the leader) reachable."""
+        members = sorted(self.members)
+        if self.live_members is None:
+            return members
+        live = [m for m in members if m in self.live_members]
+        return live or members
+
+    def _health_observe(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        service, name = args["service"], args["backend"]
+        self.backend(service, name)
+        up = args["up"]
+        if not isinstance(up, bool):
+            raise CommandError("invalid", "up must be true or false")
+        node = str(cmd.get("node") or "")
+        key = f"{service}/{name}"
+        obs = self.observations.setdefault(key, {})
+        previous = obs.get(node)
+        obs[node] = {"up": up, "at": float(cmd.get("at") or 0.0), "detail": str(args.get("detail") or "")[:300]}
+        if previous is None or previous["up"] != up:
+            self.record(cmd, "health.observed", f"{node} observes {key} {'UP' if up else 'DOWN'}"
+                        + (f" ({args.get('detail')})" if args.get("detail") and not up else ""),
+                        service=service, backend=name, observer=node, up=up)
+        return ok(verdict=self._recompute(service, name, cmd))
+
+    def _health_liveness(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        live = sorted(str(m) for m in args["live"])
+        if live == self.live_members:
+            return ok(changed=False)
+        self.live_members = live
+        self.record(cmd, "cluster.liveness", f"live members: {', '.join(live) or 'none'}", live=live)
+        for service, svc in self.services.items():
+            for name in svc.backends:
+                self._recompute(service, name, cmd)
+        return ok(changed=True)
+
+    def _health_release(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        """Leader-submitted when a flap hold may have expired; `at` decides, not apply time."""
+        service, name = args["service"], args["backend"]
+        self.backend(service, name)
+        key = f"{service}/{name}"
+        v = self.verdicts.get(key)
+        at = float(cmd.get("at") or 0.0)
+        if not v or v["verdict"] != "held" or at < v["hold_until"]:
+            return ok(released=False)
+        opts = self._damping(service)
+        changed_during_hold = [t for t in v["changes"] if t >= v["hold_start"]]
+        if len(changed_during_hold) >= 2:
+            # still flapping: hold again, twice as long (capped)
+            v["holds"] += 1
+            hold = min(opts["hold_s"] * 2 ** (v["holds"] - 1), opts["max_hold_s"])
+            v["hold_start"], v["hold_until"] = at, at + hold
+            self.record(cmd, "backend.held", f"{key} still flapping ({len(changed_during_hold)} changes during "
+                        f"the hold): held down for {hold:g}s more", service=service, backend=name, hold_s=hold)
+            return ok(released=False)
+        v["verdict"], v["since"], v["changes"], v["hold_until"] = v["raw"], at, [], 0.0
+        self.record(cmd, "backend.released", f"{key} released from flap hold: verdict {v['raw'].upper()}",
+                    service=service, backend=name, verdict=v["raw"])
+        return ok(released=True)
+
+    def _damping(self, service: str) -> dict[str, float]:
+        o = self.services[service].options
+        return {"window_s": float(o.get("flap_window_s", 30.0)), "changes": int(o.get("flap_changes", 4)),
+                "hold_s": float(o.get("flap_hold_s", 10.0)), "max_hold_s": float(o.get("flap_max_hold_s", 300.0))}
+
+    def _recompute(self, service: str, name: str, cmd: dict[str, Any]) -> str:
+        key = f"{service}/{name}"
+        at = float(cmd.get("at") or 0.0)
+        obs = self.observations.get(key, {})
+        voters = self.voters()
+        # a voter that never reported a transition still holds the prober's initial view: up
+        down = [m for m in voters if obs.get(m, {}).get("up", True) is False]
+        up = [m for m in voters if m not in down]
+        v = self.verdicts.setdefault(key, {"verdict": "up", "raw": "up", "since": at, "changes": [],
+                                           "hold_start": 0.0, "hold_until": 0.0, "holds": 0})
+        half = len(voters) / 2
+        raw = "down" if len(down) > half else "up" if len(up) > half else v["raw"]
+        if raw == v["raw"]:
+            return v["verdict"]
+        v["raw"] = raw
+        opts = self._damping(service)
+        v["changes"] = [t for t in v["changes"] if t > at - opts["window_s"]] + [at]
+        detail = f"down: {', '.join(down) or 'none'}; up: {', '.join(up) or 'none'}"
+        if v["verdict"] == "held":
+            self.record(cmd, "backend.flap", f"{key} would be {raw.upper()} but is held down ({detail})",
+                        service=service, backend=name, raw=raw, down=down, up=up)
+            return "held"
+        if len(v["changes"]) >= opts["changes"]:
+            v["holds"] = v["holds"] + 1 if at - v["hold_until"] < opts["max_hold_s"] else 1
+            hold = min(opts["hold_s"] * 2 ** (v["holds"] - 1), opts["max_hold_s"])
+            v["verdict"], v["since"], v["hold_start"], v["hold_until"] = "held", at, at, at + hold
+            self.record(cmd, "backend.held", f"{key} flapping ({len(v['changes'])} changes in "
+                        f"{opts['window_s']:g}s): held down for {hold:g}s ({detail})",
+                        service=service, backend=name, hold_s=hold, down=down, up=up)
+            return "held"
+        v["verdict"], v["since"] = raw, at
+        self.record(cmd, "backend.verdict", f"{key} is {raw.upper()} by majority ({detail})",
+                    service=service, backend=name, verdict=raw, down=down, up=up)
+        return raw
+
+    # --- VIP quorum lease ---------------------------------------------------------------
+    # The lease is only a log of who renews; *time* never enters apply. Holders measure
+    # their own lease from when they submitted a renewal that committed (halb/announce).
+
+    def _lease_renew(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        holder = check_name(args["holder"], "lease holder")
+        lease = self.lease
+        previous = dict(lease)
+        if lease.get("holder") != holder:
+            lease.clear()
+            lease.update(holder=holder, epoch=int(previous.get("epoch", 0)) + 1, renewals=0)
+            handover = previous.get("last_op") == "release" and previous.get("released_held", False)
+            lease["handover_from"] = previous.get("holder") if handover else None
+            self.record(cmd, "vip.lease", f"VIP lease epoch {lease['epoch']}: {previous.get('holder') or 'nobody'} "
+                        f"-> {holder}" + (" (planned hand-over)" if handover else ""),
+                        holder=holder, previous=previous.get("holder"), epoch=lease["epoch"], handover=handover)
+        lease["last_op"] = "renew"
+        lease["renewals"] = int(lease.get("renewals", 0)) + 1
+        return ok(epoch=lease["epoch"], first=lease["renewals"] == 1, handover_from=lease.get("handover_from"))
+
+    def _lease_release(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        holder = check_name(args["holder"], "lease holder")
+        if self.lease.get("holder") != holder:
+            return ok(released=False)
+        held = bool(args.get("held", False))
+        self.lease.update(last_op="release", released_held=held)
+        self.record(cmd, "vip.released", f"{holder} released the VIP lease (it {'held' if held else 'did not hold'} "
+                    "the VIP)", holder=holder, held=held, epoch=self.lease.get("epoch"))
+        return ok(released=True)

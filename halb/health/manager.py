@@ -1,0 +1,146 @@
+"""Turns this node's active checks into replicated observations, and runs the leader's
+health duties (liveness of voters, releasing expired flap holds).
+
+Why reconcile instead of "send each transition once": a transition report can be lost
+(no quorum at that moment, node restarted). The manager keeps comparing the prober's
+settled view with the observation the cluster holds for this node and re-sends until
+they agree, so the cluster converges on what every node currently sees.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from halb.control.raft import ReplicatedState
+from halb.control.writer import CommandWriter, WriteError
+from halb.health.checks import CheckConfig, CheckConfigError
+from halb.health.prober import BackendHealth, Prober
+from halb.model import parse_hostport
+
+log = logging.getLogger("halb.health")
+
+
+@dataclass
+class HealthManager:
+    node_id: str
+    raft: ReplicatedState
+    writer: CommandWriter
+    on_local_change: Callable[[], None]
+    on_result: Callable[[str, str, Any], None] | None = None
+    prober: Prober = field(init=False)
+    _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
+    _task: asyncio.Task[None] | None = field(init=False, default=None)
+    _check_errors: dict[str, str] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prober = Prober(self._transition, on_result=self.on_result)
+
+    def start(self) -> None:
+        self.sync_targets()
+        self._task = asyncio.create_task(self._loop(), name="health-reconcile")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.prober.stop()
+
+    # --- targets from the replicated state --------------------------------------------
+
+    def sync_targets(self) -> None:
+        targets = {}
+        with self.raft.read() as cs:
+            services = list(cs.services.values())
+        for svc in services:
+            try:
+                check = CheckConfig.from_dict(svc.options.get("health") or {}, where=f"services.{svc.name}.health")
+            except CheckConfigError as exc:
+                if self._check_errors.get(svc.name) != str(exc):
+                    log.error("service %s: bad health check config, using TCP defaults: %s", svc.name, exc)
+                    self._check_errors[svc.name] = str(exc)
+                check = CheckConfig(kind="tcp")
+            for be in svc.backends.values():
+                host, port = parse_hostport(be.address)
+                targets[(svc.name, be.name)] = (host, port, check)
+        self.prober.set_targets(targets)
+
+    # --- local view -------------------------------------------------------------------
+
+    def local_up(self, service: str, backend: str) -> bool:
+        try:
+            return self.prober.state(service, backend).up
+        except KeyError:
+            return True
+
+    def local_state(self, service: str, backend: str) -> BackendHealth | None:
+        try:
+            return self.prober.state(service, backend)
+        except KeyError:
+            return None
+
+    def _transition(self, service: str, backend: str, up: bool, detail: str) -> None:
+        log.info("local check: %s/%s is %s%s", service, backend, "UP" if up else "DOWN",
+                 f" ({detail})" if detail else "")
+        self.on_local_change()  # local fast path: re-route now, do not wait for the cluster
+        self._wake.set()
+
+    # --- reconcile loop ---------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                st = self.raft.raft_status()
+                if st.leader is None:
+                    continue
+                await self._report_observations()
+                if st.state == "leader":
+                    await self._leader_duties(st)
+            except WriteError as exc:
+                log.debug("health write deferred: %s", exc.message)
+                await asyncio.sleep(0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("health reconcile")
+                await asyncio.sleep(1.0)
+
+    async def _report_observations(self) -> None:
+        states = self.prober.states()
+        with self.raft.read() as cs:
+            replicated = {key: obs.get(self.node_id) for key, obs in cs.observations.items()}
+            targets = self.prober.targets()
+        for (service, backend), h in states.items():
+            if (service, backend) not in targets:
+                continue
+            settled = (not h.up) or h.consecutive_successes >= targets[(service, backend)][2].rise
+            if not settled:
+                continue
+            mine = replicated.get(f"{service}/{backend}")
+            cluster_up = True if mine is None else mine["up"]
+            if cluster_up == h.up:
+                continue
+            detail = "" if h.up else h.last_error
+            await self.writer.write("health.observe", {"service": service, "backend": backend, "up": h.up,
+                                                       "detail": detail}, by=f"node:{self.node_id}")
+
+    async def _leader_duties(self, st: Any) -> None:
+        now = time.time()
+        with self.raft.read() as cs:
+            by_raft = {m.raft: m.id for m in cs.members.values()}
+            live = sorted({self.node_id} | {by_raft[a] for a, up in st.partners.items() if up and a in by_raft})
+            current = cs.live_members
+            expired = [key for key, v in cs.verdicts.items() if v["verdict"] == "held" and v["hold_until"] <= now]
+        if live != current and len(by_raft) > 0:
+            await self.writer.write("health.liveness", {"live": live}, by=f"node:{self.node_id}")
+        for key in expired:
+            service, backend = key.split("/", 1)
+            await self.writer.write("health.release", {"service": service, "backend": backend},
+                                    by=f"node:{self.node_id}")

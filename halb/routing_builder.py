@@ -1,0 +1,38 @@
+"""Replicated state + this node's health view -> an immutable RoutingSnapshot.
+
+This is where the two health views meet: a backend is routable from this node only when
+the cluster verdict says UP (not DOWN, not held by flap damping) *and* this node's own
+checks see it up (local fast path: a node never waits for the cluster to stop sending to
+a backend it cannot reach). Passive outlier ejection is applied later, inside the data
+plane, per request.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from halb.control.state import ClusterState
+from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot, ServiceRoute
+from halb.model import parse_hostport
+
+
+def build_snapshot(cs: ClusterState, version: int, listen_host: str,
+                   local_up: Callable[[str, str], bool]) -> RoutingSnapshot:
+    services = []
+    for svc in sorted(cs.services.values(), key=lambda s: s.name):
+        if not svc.listen:
+            continue
+        host, port = parse_hostport(svc.listen)
+        backends = []
+        for be in sorted(svc.backends.values(), key=lambda b: b.name):
+            bhost, bport = parse_hostport(be.address)
+            verdict = cs.verdicts.get(f"{svc.name}/{be.name}", {}).get("verdict", "up")
+            backends.append(BackendRoute(
+                name=be.name, host=bhost, port=bport, weight=be.weight, admin_state=be.admin_state,
+                healthy=verdict == "up" and local_up(svc.name, be.name), server=be.server, zone=be.zone,
+            ))
+        options = tuple(sorted((k, v) for k, v in svc.options.items() if k != "health" and not isinstance(v, dict)))
+        services.append(ServiceRoute(
+            name=svc.name, mode=svc.mode, listen_host=listen_host or host, listen_port=port,
+            algorithm=svc.algorithm, hash_key=svc.hash_key, backends=tuple(backends), options=options,
+        ))
+    return RoutingSnapshot(version=version, services=tuple(services))
