@@ -372,7 +372,11 @@ class HttpClientConn(asyncio.Protocol):
                 self.cur.keep_alive = False
             return
         except httptools.HttpParserError as e:
-            self.reject(400, f"malformed request: {e}")
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, Reject):  # raised by our own callback (a limit)
+                self.reject(cause.status, cause.message)
+            else:
+                self.reject(400, f"malformed request: {e}")
             return
         if self.in_headers:
             self.hfed += len(data)

@@ -162,40 +162,46 @@ async def raw_request(port: int, data: bytes | list[bytes], *, timeout: float = 
     """
     reader, writer = await asyncio.open_connection(host, port)
     rp = _RespParser(head_only)
+
+    async def read_response() -> None:
+        # reads while the request is still being sent: a server that answers early and
+        # closes (408, 413) would otherwise be reset by our later writes
+        while not rp.done:
+            try:
+                chunk = await reader.read(65536)
+            except ConnectionError:
+                return
+            if not chunk:
+                return
+            try:
+                rp.p.feed_data(chunk)
+            except httptools.HttpParserError:
+                return
+
+    reading = asyncio.ensure_future(read_response())
     try:
         pieces = data if isinstance(data, list) else [data]
         for i, piece in enumerate(pieces):
             if i and delay:
                 await asyncio.sleep(delay)
-            if writer.is_closing():
+            if writer.is_closing() or reading.done():
                 break
             writer.write(piece)
             try:
                 await writer.drain()
             except ConnectionError:
                 break
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not rp.done:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise TimeoutError("no complete response")
-            try:
-                chunk = await asyncio.wait_for(reader.read(65536), remaining)
-            except ConnectionError:
-                chunk = b""
-            if not chunk:
-                break
-            try:
-                rp.p.feed_data(chunk)
-            except httptools.HttpParserError:
-                break
+        try:
+            await asyncio.wait_for(asyncio.shield(reading), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError("no complete response") from None
         if rp.r.status == 0:
             return None
         rp.r.body = b"".join(rp.parts)
         rp.r.complete = rp.done
         return rp.r
     finally:
+        reading.cancel()
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
