@@ -174,6 +174,28 @@ def test_reset_peer_gives_econnreset(api: Api, echo: TcpServer) -> None:
         assert time.monotonic() - start >= 0.1 - SLACK
 
 
+def test_reset_peer_added_later_closes_with_fin(api: Api, echo: TcpServer) -> None:
+    addr = api.proxy("rp2", echo.address)
+    with connect(addr) as sock:
+        assert echo_rtt(sock) < 5  # the connection is fully set up before the toxic exists
+        api.toxic("rp2", "reset_peer", timeout=50)
+        sock.sendall(b"hello")
+        data, _, eof = recv_until_closed(sock, 1, 10)
+        assert data == b"" and eof
+
+
+def test_latency_removal_releases_held_data(api: Api, echo: TcpServer) -> None:
+    addr = api.proxy("lat3", echo.address)
+    api.toxic("lat3", "latency", latency=20_000)
+    with connect(addr) as sock:
+        sock.sendall(b"held")
+        data, _, _ = recv_until_closed(sock, 4, 0.3)
+        assert data == b""
+        api.delete_toxic("lat3", "latency_downstream")
+        data, _, _ = recv_until_closed(sock, 4, 10)
+        assert data == b"held"
+
+
 # ---------------------------------------------------------------- bandwidth
 
 def test_bandwidth_caps_throughput(api: Api) -> None:
