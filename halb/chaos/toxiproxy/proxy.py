@@ -75,16 +75,14 @@ def check_listen(listen: str) -> None:
     """Reject a listen string that can never be bound (400 instead of 500)."""
     if listen == "":
         return
-    host, port = split_host_port(listen)
+    _host, port = split_host_port(listen)
     parse_port(listen, port, allow_service=False)
-    del host
 
 
 def check_upstream(upstream: str) -> None:
     """Reject an upstream that can never be dialled. Resolution still happens per dial."""
-    host, port = split_host_port(upstream)
+    _host, port = split_host_port(upstream)
     parse_port(upstream, port, allow_service=True)
-    del host
 
 
 def format_address(host: str, port: int) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from .jsonbody import BodyError, Field, Pairs, check_value, decode_first_value, decode_struct
+from .jsonbody import BodyError, Field, Pairs, decode_first_value, decode_struct
 from .proxy import AddressError, Proxy, ProxyError, check_listen, check_upstream, resolve_listen
 from .toxics import (
     ATTRIBUTES, GO_STRUCT, ToxicConfig, ToxicInputError, float32, parse_stream, validate_attributes,
