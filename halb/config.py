@@ -51,6 +51,9 @@ class ApiConfig:
 class DataplaneConfig:
     listen_host: str = ""  # overrides the host part of every service's listen address
     workers: int = 1
+    # backend address -> address this node dials instead (a fault proxy on this node's path
+    # to that backend); health checks and proxied traffic both use it
+    backend_dial: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -233,6 +236,14 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
     dataplane.workers = dp_t.take("workers", int, 1)
     if not 1 <= dataplane.workers <= 64:
         raise dp_t.error("workers", "must be between 1 and 64")
+    backend_dial = dp_t.take("backend_dial", dict, {})
+    for addr, target in backend_dial.items():
+        for value in (addr, target):
+            try:
+                parse_hostport(value, "backend_dial entry")
+            except (ModelError, TypeError) as exc:
+                raise dp_t.error(f"backend_dial.{addr}", str(exc)) from None
+    dataplane.backend_dial = dict(backend_dial)
     dp_t.done()
 
     announce = top.take("announce", dict, {})

@@ -53,6 +53,18 @@ def setup_logging(node_id: str, level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+def validate_health_checks(cfg: NodeConfig) -> None:
+    """Health check tables are parsed by halb.health; report them like every config error."""
+    from halb.config import ConfigError
+    from halb.health.checks import CheckConfig, CheckConfigError
+
+    for i, svc in enumerate(cfg.services):
+        try:
+            CheckConfig.from_dict(svc.health or {}, where=f"services[{i}].health")
+        except CheckConfigError as exc:
+            raise ConfigError(cfg.path, "", str(exc)) from None
+
+
 class Node:
     def __init__(self, cfg: NodeConfig, *, insecure_dev: bool = False) -> None:
         self.cfg = cfg
@@ -68,6 +80,7 @@ class Node:
             log.warning("RUNNING WITH AN UNAUTHENTICATED RAFT PORT (--insecure-dev): anyone who can reach "
                         "%s can run code in this process", cfg.raft.bind)
         self.token = cfg.read_token()
+        validate_health_checks(cfg)
         self._secret = secret
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_event = asyncio.Event()
@@ -143,7 +156,11 @@ class Node:
         from halb.dataplane.engine import DataPlane
         from halb.health.manager import HealthManager
 
-        self.health = HealthManager(self.node_id, self.raft, self.writer, on_local_change=self.mark_routing_dirty)
+        from halb.metrics import NodeMetrics
+
+        self.metrics = NodeMetrics(self)
+        self.health = HealthManager(self.node_id, self.raft, self.writer, on_local_change=self.mark_routing_dirty,
+                                    on_result=self.metrics.observe_check, dial=self.cfg.dataplane.backend_dial)
         self.health.start()
         self.dataplane = DataPlane(self.node_id, workers=self.cfg.dataplane.workers)
         self.dataplane.on_ejection.append(self._on_ejection)
@@ -177,7 +194,8 @@ class Node:
 
         self._routing_version += 1
         with self.raft.read() as cs:
-            return build_snapshot(cs, self._routing_version, self.cfg.dataplane.listen_host, self.health.local_up)
+            return build_snapshot(cs, self._routing_version, self.cfg.dataplane.listen_host, self.health.local_up,
+                                  self.cfg.dataplane.backend_dial)
 
     async def _routing_loop(self) -> None:
         while True:
@@ -193,7 +211,15 @@ class Node:
         log.info("outlier %s: %s/%s (%s)", "ejected" if ejected else "restored", service, backend, reason)
 
     def extra_routes(self) -> list[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
-        return []
+        async def metrics(request: web.Request) -> web.StreamResponse:
+            body = self.metrics.render()  # in the loop thread: it reads loop-owned health state
+            return web.Response(body=body, content_type="text/plain", charset="utf-8",
+                                headers={"X-Halb-Format": "prometheus-0.0.4"})
+
+        async def dataplane_stats(request: web.Request) -> web.StreamResponse:
+            return web.json_response({"node": self.node_id, **self.dataplane.stats()})
+
+        return [("/metrics", metrics), ("/v1/dataplane", dataplane_stats)]
 
     # --- events from the tick thread --------------------------------------------------
 
@@ -340,6 +366,7 @@ class Node:
                         "up": local.up, "since": local.since_wall, "last_error": local.last_error or None,
                         "last_latency_ms": None if local.last_latency is None else round(local.last_latency * 1000, 2)},
                     "in_flight": bstats.get("in_flight", 0),
+                    "stats": {k: bstats.get(k, 0) for k in ("requests", "errors", "retries", "ejections")},
                     "requests": bstats.get("requests", 0),
                     "ejected": bstats.get("ejected", False),
                 })

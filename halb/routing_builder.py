@@ -16,7 +16,7 @@ from halb.model import parse_hostport
 
 
 def build_snapshot(cs: ClusterState, version: int, listen_host: str,
-                   local_up: Callable[[str, str], bool]) -> RoutingSnapshot:
+                   local_up: Callable[[str, str], bool], dial: dict[str, str] | None = None) -> RoutingSnapshot:
     services = []
     for svc in sorted(cs.services.values(), key=lambda s: s.name):
         if not svc.listen:
@@ -24,7 +24,7 @@ def build_snapshot(cs: ClusterState, version: int, listen_host: str,
         host, port = parse_hostport(svc.listen)
         backends = []
         for be in sorted(svc.backends.values(), key=lambda b: b.name):
-            bhost, bport = parse_hostport(be.address)
+            bhost, bport = parse_hostport((dial or {}).get(be.address, be.address))
             verdict = cs.verdicts.get(f"{svc.name}/{be.name}", {}).get("verdict", "up")
             backends.append(BackendRoute(
                 name=be.name, host=bhost, port=bport, weight=be.weight, admin_state=be.admin_state,

@@ -57,6 +57,7 @@ class Cluster:
     spec: ClusterSpec
     nodes: dict[str, Child] = field(default_factory=dict)
     extra: list[Child] = field(default_factory=list)
+    backends: dict[str, Child] = field(default_factory=dict)
 
     @property
     def token(self) -> str:
@@ -75,6 +76,33 @@ class Cluster:
     @property
     def apis(self) -> list[str]:
         return [n.api for n in self.spec.nodes]
+
+    @property
+    def db(self) -> Path:
+        return self.directory / "shop.db"
+
+    def backend_address(self, name: str) -> str:
+        return dict(self.spec.backends)[name]
+
+    def start_backend(self, name: str, *flags: str) -> Child:
+        child = Child(f"backend-{name}", halb_argv("demo", "backend", "--name", name, "--listen",
+                                                   self.backend_address(name), "--db", str(self.db), *flags),
+                      self.directory / "logs" / f"backend-{name}.log")
+        child.start()
+        self.backends[name] = child
+        wait_until(lambda: _port_open(self.backend_address(name)), 15, 0.05, f"backend {name} listening")
+        return child
+
+    def start_backends(self, *flags: str) -> None:
+        for name, _ in self.spec.backends:
+            self.start_backend(name, *flags)
+
+    def service_address(self, node_id: str) -> str:
+        return f"{self.spec_of(node_id).host}:{self.spec.service_port}"
+
+    def wait_serving(self, timeout: float = 15.0) -> None:
+        for n in self.nodes:
+            wait_until(lambda n=n: _port_open(self.service_address(n)), timeout, 0.05, f"{n} serving")
 
     def config(self, node_id: str) -> Path:
         return self.directory / f"{node_id}.toml"
@@ -97,7 +125,7 @@ class Cluster:
             child.proc.wait(5)
 
     def stop_all(self) -> None:
-        for child in list(self.nodes.values()) + self.extra:
+        for child in list(self.nodes.values()) + self.extra + list(self.backends.values()):
             child.stop()
 
     def get(self, node_id: str, path: str, token: str | None = None) -> tuple[int, Any]:
@@ -143,8 +171,20 @@ class Cluster:
         return "\n".join(out)
 
 
+def _port_open(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def make_cluster(directory: Path, n: int = 3, **spec_kw: Any) -> Cluster:
+    """Nodes on 127.0.0.1 with free ports; backends A, B, C on free ports (not started)."""
     nodes = [NodeSpec(f"n{i + 1}", "127.0.0.1", raft_port=free_port(), api_port=free_port()) for i in range(n)]
+    if "backends" not in spec_kw:
+        spec_kw["backends"] = [(name, f"127.0.0.1:{free_port()}") for name in ("A", "B", "C")]
     spec = ClusterSpec(nodes=nodes, service_port=spec_kw.pop("service_port", None) or free_port(), **spec_kw)
     init_cluster_dir(directory, spec)
     return Cluster(directory, spec)
@@ -154,9 +194,12 @@ def make_cluster(directory: Path, n: int = 3, **spec_kw: Any) -> Cluster:
 def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     made: list[Cluster] = []
 
-    def factory(n: int = 3, start: bool = True, **kw: Any) -> Cluster:
+    def factory(n: int = 3, start: bool = True, backends: bool = False, backend_flags: tuple[str, ...] = (),
+                **kw: Any) -> Cluster:
         c = make_cluster(tmp_path / f"cluster{len(made)}", n, **kw)
         made.append(c)
+        if backends:
+            c.start_backends(*backend_flags)
         if start:
             c.start_all()
             c.leader()

@@ -28,7 +28,7 @@ def run(config_path: str, insecure_dev: bool) -> None:
         cfg = load_config(config_path)
         setup_logging(cfg.node_id, cfg.log_level)
         node_obj = Node(cfg, insecure_dev=insecure_dev)
-    except (ConfigError, InsecureConfig) as exc:
+    except (ConfigError, InsecureConfig) as exc:  # includes health-check tables
         click.echo(f"halb: config error: {exc}", err=True)
         sys.exit(2)
     try:

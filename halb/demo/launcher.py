@@ -46,6 +46,9 @@ class ClusterSpec:
     backends: list[tuple[str, str]] = field(default_factory=lambda: list(DEFAULT_BACKENDS))
     extra_raft: dict[str, Any] = field(default_factory=dict)
     service_options: dict[str, Any] = field(default_factory=dict)
+    health: dict[str, Any] = field(default_factory=lambda: {"kind": "http", "path": "/health", "interval": 1.0,
+                                                            "timeout": 0.5, "rise": 2, "fall": 2})
+    dataplane_extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id -> [dataplane] keys
 
     @classmethod
     def default(cls) -> "ClusterSpec":
@@ -85,6 +88,7 @@ def node_config_text(spec: ClusterSpec, node: NodeSpec) -> str:
         "",
         "[dataplane]",
         f"listen_host = {_toml_value(node.host)}",
+        *(f"{k} = {_toml_value(v)}" for k, v in spec.dataplane_extra.get(node.id, {}).items()),
         "",
         "# Seeds an empty cluster only; afterwards change services with `halb backend ...`.",
         "[[services]]",
@@ -95,6 +99,9 @@ def node_config_text(spec: ClusterSpec, node: NodeSpec) -> str:
     ]
     if spec.service_options:
         lines.append(f"options = {_toml_value(spec.service_options)}")
+    if spec.health:
+        lines += ["", "# Active health check every node runs against every backend (docs/health.md).",
+                  "[services.health]", *(f"{k} = {_toml_value(v)}" for k, v in spec.health.items())]
     for name, addr in spec.backends:
         lines += ["", "[[services.backends]]", f"name = {_toml_value(name)}", f"address = {_toml_value(addr)}",
                   "weight = 100"]

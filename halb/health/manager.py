@@ -30,6 +30,7 @@ class HealthManager:
     writer: CommandWriter
     on_local_change: Callable[[], None]
     on_result: Callable[[str, str, Any], None] | None = None
+    dial: dict[str, str] = field(default_factory=dict)  # backend address -> address to check instead
     prober: Prober = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
@@ -63,7 +64,7 @@ class HealthManager:
                     self._check_errors[svc.name] = str(exc)
                 check = CheckConfig(kind="tcp")
             for be in svc.backends.values():
-                host, port = parse_hostport(be.address)
+                host, port = parse_hostport(self.dial.get(be.address, be.address))
                 targets[(svc.name, be.name)] = (host, port, check)
         self.prober.set_targets(targets)
 

@@ -1,0 +1,82 @@
+"""Prometheus metrics for one node, read at scrape time from the node's live state.
+
+A collector (rather than counters updated on the hot path) keeps the data plane free of
+metrics bookkeeping: the proxy already counts requests per backend, and a scrape just
+reads those counters. Only check latency is observed as it happens (a histogram).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+RAFT_STATE_VALUES = {"follower": 0, "candidate": 1, "leader": 2}
+VERDICT_VALUES = {"down": 0, "up": 1, "held": 2}
+
+
+class NodeCollector:
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def collect(self) -> Iterator[Metric]:
+        node = self.node
+        st = node.raft.raft_status()
+        labels = ["node"]
+        raft_state = GaugeMetricFamily("halb_raft_state", "Raft state: 0 follower, 1 candidate, 2 leader", labels=labels)
+        raft_state.add_metric([node.node_id], RAFT_STATE_VALUES.get(st.state, -1))
+        yield raft_state
+        g = GaugeMetricFamily("halb_raft_term", "Current Raft term", labels=labels)
+        g.add_metric([node.node_id], st.term)
+        yield g
+        g = GaugeMetricFamily("halb_raft_has_quorum", "1 when this node sees a quorum", labels=labels)
+        g.add_metric([node.node_id], 1 if st.has_quorum else 0)
+        yield g
+        g = GaugeMetricFamily("halb_raft_commit_index", "Raft commit index", labels=labels)
+        g.add_metric([node.node_id], st.commit_index)
+        yield g
+
+        bl = ["node", "service", "backend", "server"]
+        up = GaugeMetricFamily("halb_backend_up", "1 when the backend is routable from this node", labels=bl)
+        verdict = GaugeMetricFamily("halb_backend_verdict", "Cluster verdict: 0 down, 1 up, 2 held (flap damping)",
+                                    labels=bl)
+        local = GaugeMetricFamily("halb_backend_local_up", "1 when this node's own checks see the backend up",
+                                  labels=bl)
+        in_flight = GaugeMetricFamily("halb_backend_in_flight", "Requests/connections in flight", labels=bl)
+        ejected = GaugeMetricFamily("halb_backend_ejected", "1 while passively ejected on this node", labels=bl)
+        requests = CounterMetricFamily("halb_backend_requests", "Requests sent to the backend", labels=bl)
+        errors = CounterMetricFamily("halb_backend_errors", "Failed attempts to the backend", labels=bl)
+        retries = CounterMetricFamily("halb_backend_retries", "Retries that went to the backend", labels=bl)
+        ejections = CounterMetricFamily("halb_backend_ejections", "Passive outlier ejections", labels=bl)
+        for row in node.backends_view(None):
+            lv = [node.node_id, row["service"], row["name"], row.get("server") or ""]
+            stats = row.get("stats") or {}
+            local_up = row["local"]["up"] if row.get("local") else True
+            up.add_metric(lv, 1 if row["verdict"] == "up" and local_up and row["admin_state"] != "maint" else 0)
+            verdict.add_metric(lv, VERDICT_VALUES.get(row["verdict"], -1))
+            local.add_metric(lv, 1 if local_up else 0)
+            in_flight.add_metric(lv, row.get("in_flight", 0))
+            ejected.add_metric(lv, 1 if row.get("ejected") else 0)
+            requests.add_metric(lv, stats.get("requests", 0))
+            errors.add_metric(lv, stats.get("errors", 0))
+            retries.add_metric(lv, stats.get("retries", 0))
+            ejections.add_metric(lv, stats.get("ejections", 0))
+        yield from (up, verdict, local, in_flight, ejected, requests, errors, retries, ejections)
+
+
+class NodeMetrics:
+    def __init__(self, node: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(NodeCollector(node))
+        self.check_latency = Histogram(
+            "halb_check_latency_seconds", "Active health check latency", ["node", "service", "backend"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0), registry=self.registry,
+        )
+        self.node_id = node.node_id
+
+    def observe_check(self, service: str, backend: str, result: Any) -> None:
+        if getattr(result, "latency", None) is not None:
+            self.check_latency.labels(self.node_id, service, backend).observe(result.latency)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
