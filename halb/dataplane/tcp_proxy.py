@@ -71,6 +71,7 @@ class TcpClientConn(asyncio.Protocol):
         self.active = True
         self.last_active = 0.0
         self.peer = b""
+        self.early: list[bytes] = []  # bytes that arrived before the backend connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -125,7 +126,14 @@ class TcpClientConn(asyncio.Protocol):
                 return
             self.up = up  # type: ignore[assignment]
             self.backend = b
-            self.transport.resume_reading()  # type: ignore[union-attr]
+            if self.early:
+                up.transport.writelines(self.early)  # type: ignore[union-attr]
+                self.early = []
+            if self.eof:
+                if up.transport.can_write_eof():  # type: ignore[union-attr]
+                    up.transport.write_eof()  # type: ignore[union-attr]
+            else:
+                self.transport.resume_reading()  # type: ignore[union-attr]
             return
         rt.errors += 1
         self.close()
@@ -133,14 +141,17 @@ class TcpClientConn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.active = True
         up = self.up
-        if up is not None and up.transport is not None:
-            up.transport.write(data)
+        if up is not None:
+            up.transport.write(data)  # type: ignore[union-attr]
+        else:  # pause_reading in connection_made may come too late for the first bytes
+            self.early.append(data)
+            self.transport.pause_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         self.eof = True
         up = self.up
         if up is None:
-            return False
+            return True  # forwarded once the backend connection exists
         if up.eof:
             self.close()
             return False

@@ -1,0 +1,138 @@
+"""TCP mode over real sockets: half-close, connect failover, connection limit, bulk."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
+import pytest
+
+from halb.dataplane.engine import DataPlane
+from halb.dataplane.origin import Origin
+from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot
+from halb.dataplane.testing import free_port, run, service, snapshot
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@contextlib.asynccontextmanager
+async def setup(snap_of_port) -> AsyncIterator[tuple[DataPlane, int]]:
+    echo = Origin("echo")
+    dp = DataPlane("t")
+    try:
+        port = await echo.start(tcp=True)
+        await dp.start(snap_of_port(port))
+        yield dp, dp.bound_port("tcp")
+    finally:
+        await dp.stop()
+        echo.close()
+
+
+def tcp_snap(*ports: int, **opts: object) -> RoutingSnapshot:
+    bs = [BackendRoute(name=f"b{i}", host="127.0.0.1", port=p, weight=1, server=f"s{i}") for i, p in enumerate(ports)]
+    return snapshot(service("tcp", bs, mode="tcp", **opts))
+
+
+async def read_all(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    out = b""
+    while True:
+        chunk = await asyncio.wait_for(reader.read(65536), timeout)
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_half_close_keeps_the_other_direction_open() -> None:
+    async def main() -> None:
+        async with setup(lambda p: tcp_snap(p)) as (dp, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello")
+            await writer.drain()
+            assert await asyncio.wait_for(reader.readexactly(5), 10) == b"hello"
+            writer.write_eof()  # client done sending; must still receive the answer
+            rest = await read_all(reader)
+            assert rest == b"EOF after 5 bytes\n"
+            writer.close()
+            s = dp.stats()["services"]["tcp"]
+            assert s["requests"] == 1 and s["errors"] == 0
+
+    run(main())
+
+
+def test_connect_failure_tries_next_backend() -> None:
+    async def main() -> None:
+        dead = free_port()
+        async with setup(lambda p: tcp_snap(dead, p)) as (dp, port):
+            for i in range(6):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"x" * i)
+                writer.write_eof()
+                assert await read_all(reader) == b"x" * i + b"EOF after %d bytes\n" % i
+                writer.close()
+            s = dp.stats()["services"]["tcp"]
+            assert s["backends"]["b0"]["ejected"] and s["backends"]["b0"]["errors"] >= 1
+            assert s["backends"]["b1"]["requests"] == 6 and s["errors"] == 0
+
+    run(main())
+
+
+def test_connection_limit_per_service() -> None:
+    async def main() -> None:
+        async with setup(lambda p: tcp_snap(p, max_connections=2)) as (dp, port):
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+            for r, w in held:
+                w.write(b"a")
+                assert await asyncio.wait_for(r.readexactly(1), 10) == b"a"
+            r3, w3 = await asyncio.open_connection("127.0.0.1", port)
+            with contextlib.suppress(ConnectionError):
+                assert await read_all(r3) == b""  # closed at once
+            w3.close()
+            assert dp.stats()["services"]["tcp"]["rejected"] == 1
+            for _, w in held:
+                w.close()
+            await asyncio.sleep(0.2)
+            r4, w4 = await asyncio.open_connection("127.0.0.1", port)
+            w4.write(b"b")
+            assert await asyncio.wait_for(r4.readexactly(1), 10) == b"b"
+            w4.close()
+
+    run(main())
+
+
+def test_bulk_echo_8mib_with_flow_control() -> None:
+    async def main() -> None:
+        async with setup(lambda p: tcp_snap(p)) as (dp, port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            total = 8 * 1024 * 1024
+            block = bytes(range(256)) * 256
+
+            async def send() -> None:
+                for _ in range(total // len(block)):
+                    writer.write(block)
+                    await writer.drain()
+                writer.write_eof()
+
+            sender = asyncio.create_task(send())
+            data = await read_all(reader, timeout=30)
+            await sender
+            assert len(data) == total + len(b"EOF after %d bytes\n" % total)
+            assert data[:len(block)] == block
+            writer.close()
+
+    run(main())
+
+
+def test_all_backends_down_closes_client() -> None:
+    async def main() -> None:
+        dp = DataPlane("t")
+        await dp.start(tcp_snap(free_port(), free_port()))
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", dp.bound_port("tcp"))
+            with contextlib.suppress(ConnectionError):
+                assert await read_all(reader) == b""
+            writer.close()
+            assert dp.stats()["services"]["tcp"]["errors"] == 1
+        finally:
+            await dp.stop()
+
+    run(main())
