@@ -247,6 +247,11 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
     dp_t.done()
 
     announce = top.take("announce", dict, {})
+    from halb.announce.settings import AnnounceConfigError, parse_announce  # announce: validate [announce]
+    try:
+        parse_announce(announce, base, dataplane.listen_host)
+    except AnnounceConfigError as exc:
+        raise ConfigError(file, f"announce.{exc.key}" if exc.key else "announce", exc.reason) from None
 
     services: list[ServiceSeed] = []
     for i, raw_svc in enumerate(top.take("services", list, [])):

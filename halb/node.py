@@ -167,6 +167,10 @@ class Node:
         await self.dataplane.start(self.build_routing())
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
         self.add_listener(lambda cmd, applied: self._after_apply(cmd))
+        # --- announce (VIP quorum lease / DNS; halb/announce/manager.py) ---
+        from halb.announce.manager import start_announcement
+        self.announcer = await start_announcement(self)
+        # --- end announce ---
 
     async def stop_components(self) -> None:
         """Stopped before Raft, in reverse order of start."""
@@ -398,6 +402,7 @@ class Node:
             "last_event": last_event,
             "uptime_s": round(time.time() - self.started_at, 1),
             "pid": os.getpid(),
+            "announce": self.announcer.status() if self.announcer is not None else {"mode": "none"},
         }
 
     # --- membership and leadership ----------------------------------------------------
@@ -497,6 +502,8 @@ class Node:
         started = time.monotonic()
         old = self.leader_id()
         deadline = started + timeout
+        if self.announcer is not None:  # announce: delete the VIP and release the lease first
+            await self.announcer.before_transfer()
         while True:
             dest = target_raft or candidates[0]
             err = await self._raft_call(self.raft.transferLeadership, dest)

@@ -1,0 +1,364 @@
+"""The node's announcement component: quorum lease -> VIP (or DNS answers), notify hooks.
+
+One asyncio task converges "should this node hold the VIP?" (decided by
+:class:`~halb.announce.lease.LeaseKeeper`) with what the kernel has, every 25 ms and at
+once on every Raft role change or renewal result. All netlink work runs on the
+VipAnnouncer's worker thread; the loop never blocks.
+
+Order of operations that matter for the one-holder guarantee (docs/failover.md):
+
+* acquire: add the VIP (valid_lft 1) only when ``may_refresh``; re-check the clock after
+  netlink returned and delete again at once if the call was too slow; GARP afterwards.
+* lose leadership or lease, stop, SIGTERM: delete the VIP before anything else.
+* planned transfer (:meth:`Announcement.before_transfer`): stop renewing, delete the VIP,
+  and only then commit ``lease.release {held: true}`` (only if we really held it), so the
+  successor may skip its wait.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from halb.announce.lease import LeaseKeeper, RenewToken, boottime
+from halb.announce.settings import AnnounceConfig, parse_announce
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.025
+
+
+@dataclass
+class _Result:
+    token: RenewToken
+    ok: bool
+    result: dict[str, Any] | None
+
+
+class Announcement:
+    """Lease keeper + VIP (mode vip) or DNS responder (mode dns) for one node.
+
+    ``raft`` needs ``submit(op, args, by=, cid=, callback=)``, ``raft_status()`` and
+    ``read()``; the node feeds every applied command to :meth:`on_applied`.
+    """
+
+    def __init__(self, node_id: str, raft: Any, cfg: AnnounceConfig, *,
+                 clock: Callable[[], float] = boottime, vip: Any = None, hooks: Any = None) -> None:
+        self.node_id = node_id
+        self.raft = raft
+        self.cfg = cfg
+        self.clock = clock
+        self.keeper = LeaseKeeper(cfg.lease, created_at=clock())
+        self.vip = vip
+        self.hooks = hooks
+        self.dns: Any = None
+        self.holding = False              # we added the VIP (mode vip) / we hold the lease (dns)
+        self.held_since: float | None = None
+        self.last_refresh = 0.0
+        self.state = "BACKUP"
+        self.last_holder: str | None = None
+        self.last_holder_address: str | None = None
+        self.transitions: list[dict[str, Any]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._garp_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._results: list[_Result] = []
+
+    # ---- lifecycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.cfg.mode == "vip":
+            if self.vip is None:
+                from halb.announce.vip import VipAnnouncer
+
+                self.vip = VipAnnouncer(self.cfg.interface, self.cfg.vip, self.cfg.prefixlen, netns=self.cfg.netns)
+            if self.hooks is None and any((self.cfg.notify_master, self.cfg.notify_backup, self.cfg.notify_fault)):
+                from halb.announce.hooks import NotifyHooks
+
+                self.hooks = NotifyHooks(self.cfg.notify_master, self.cfg.notify_backup, self.cfg.notify_fault,
+                                         timeout_s=self.cfg.notify_timeout_s)
+            if self.cfg.set_arp_sysctls:
+                try:
+                    await asyncio.get_running_loop().run_in_executor(None, self.vip.set_arp_sysctls)
+                except Exception as exc:
+                    log.warning("could not set arp_ignore/arp_announce on %s: %s", self.cfg.interface, exc)
+            try:  # a leftover from a crashed run of this node: we do not hold a lease yet
+                await self.vip.arelease()
+            except Exception as exc:
+                log.warning("initial VIP cleanup failed: %s", exc)
+        elif self.cfg.mode == "dns":
+            from halb.announce.dns import DnsResponder
+
+            host, _, port = self.cfg.bind.rpartition(":")
+            self.dns = DnsResponder(host, int(port), self.resolve, ttl=self.cfg.ttl, zone=self.cfg.zone,
+                                    freebind=True)
+            await self.dns.start()
+        self._notify("BACKUP")
+        self._task = asyncio.create_task(self._run(), name="announce")
+        log.info("announcement %s started (lease %.2fs, renew every %.2fs, wait %.2fs from %s)", self.cfg.mode,
+                 self.cfg.lease.lease_s, self.cfg.lease.renew_interval_s, self.cfg.lease.successor_wait_s,
+                 self.cfg.lease.wait_from)
+
+    async def stop(self) -> None:
+        """Delete the VIP first; then tell the cluster (best effort) so a successor need not wait."""
+        if self._stopping:
+            return
+        self._stopping = True
+        held = self.holding
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._drop("shutdown")
+        if held and self.keeper.leader:
+            await self._release_lease(held=True, timeout=0.5)
+        if self.dns is not None:
+            await self.dns.stop()
+        if self.vip is not None:
+            self.vip.close(release=True)
+        if self.hooks is not None:
+            await self.hooks.aclose()
+
+    async def before_transfer(self) -> None:
+        """Planned leadership transfer: give the VIP up first so the successor can skip its wait."""
+        held = self.holding and self.keeper.may_hold(self.clock())
+        self.keeper.begin_handover(self.clock())
+        await self._drop("leadership transfer")
+        await self._release_lease(held=held, timeout=1.0)
+        self._wake.set()
+
+    async def _release_lease(self, *, held: bool, timeout: float) -> None:
+        fut = asyncio.get_running_loop().create_future()
+
+        def done(result: Any, err: int) -> None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result((result, err)))
+
+        try:
+            self.raft.submit("lease.release", {"holder": self.node_id, "held": held},
+                             by=f"node:{self.node_id}", callback=done)
+            result, err = await asyncio.wait_for(fut, timeout)
+            log.info("lease released (held=%s): %s", held, result if err == 0 else f"failed {err}")
+        except (asyncio.TimeoutError, Exception) as exc:
+            log.info("lease release not committed (held=%s): %s", held, exc or "timeout")
+
+    # ---- inputs from the node -------------------------------------------------------
+    def on_applied(self, cmd: dict[str, Any], applied: Any) -> None:
+        """Node listener (asyncio thread, log order): track renewals we did not submit."""
+        op = cmd.get("op")
+        now = self.clock()
+        if op == "lease.renew":
+            self.keeper.on_renewal_applied(cmd.get("id"), now)
+            args = cmd.get("args") or {}
+            self.last_holder = args.get("holder")
+            self.last_holder_address = args.get("address") or None
+        elif op == "snapshot.loaded":
+            self.keeper.on_snapshot_loaded(now)
+
+    # ---- the loop -------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("announcement step failed")
+                self._notify("FAULT")
+                await asyncio.sleep(0.2)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), TICK_S)
+            except asyncio.TimeoutError:
+                pass
+
+    def _is_leader(self) -> bool:
+        st = self.raft.raft_status()
+        return st.state == "leader" and st.leader == st.self_addr
+
+    async def _step(self) -> None:
+        now = self.clock()
+        if self.keeper.set_leader(self._is_leader(), now):
+            log.info("lease: %s (local epoch %d)", "leader: renewing" if self.keeper.leader else "not leader",
+                     self.keeper.epoch)
+            if not self.keeper.leader:
+                await self._drop("lost Raft leadership")
+            elif self.keeper.paused_until:
+                self.keeper.end_handover()
+        if self.keeper.paused_until and now >= self.keeper.paused_until:
+            self.keeper.end_handover()
+        results, self._results = self._results, []
+        for r in results:
+            self.keeper.on_renewal_result(r.token, r.ok, r.result, self.clock())
+        if self.keeper.renew_due(now):
+            self._submit_renewal(now)
+        await self._converge()
+
+    def _submit_renewal(self, now: float) -> None:
+        cid = uuid.uuid4().hex
+        token = self.keeper.begin_renewal(cid, self.clock())
+        loop = self._loop
+
+        def done(result: Any, err: int) -> None:  # tick thread
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._on_result, _Result(token, err == 0, result))
+
+        args: dict[str, Any] = {"holder": self.node_id}
+        if self.cfg.mode == "dns":
+            args["address"] = self.cfg.address
+        self.raft.submit("lease.renew", args, by=f"node:{self.node_id}", cid=cid, callback=done)
+
+    def _on_result(self, r: _Result) -> None:
+        self._results.append(r)
+        self._wake.set()
+
+    async def _converge(self) -> None:
+        now = self.clock()
+        k = self.keeper
+        if self.holding and not k.may_hold(now):
+            reason = "lease expired" if k.leader else "not leader"
+            await self._drop(reason)
+            return
+        if not k.may_hold(now) or not k.may_refresh(now):
+            return
+        if self.holding and now - self.last_refresh < 0.1:
+            return
+        if self.vip is not None:
+            try:
+                await self.vip.ahold(1)
+            except Exception as exc:
+                log.error("adding/refreshing VIP %s failed: %s", self.cfg.vip, exc)
+                self._notify("FAULT")
+                return
+        after = self.clock()
+        if not k.refresh_was_safe(after):
+            # the netlink call took so long that the kernel might keep the VIP past lease_end
+            log.warning("VIP refresh finished with only %.3fs of lease left: deleting it again", k.remaining(after))
+            await self._drop("refresh too late")
+            return
+        self.last_refresh = after
+        if not self.holding:
+            self.holding = True
+            self.held_since = after
+            log.info("VIP lease acquired (%s): lease epoch %s, %.3fs left%s", self.cfg.vip or self.cfg.mode,
+                     k.lease_epoch, k.remaining(after), " (planned hand-over)" if k.handover else "")
+            self._record("acquired", after)
+            self._notify("MASTER")
+            if self.vip is not None:
+                self._garp_task = asyncio.create_task(self._garp())
+
+    async def _garp(self) -> None:
+        try:
+            await self.vip.asend_garp(self.cfg.garp_count, self.cfg.garp_interval_s)
+            self._record("garp", self.clock())
+            if self.cfg.garp_refresh_after_s > 0:
+                await asyncio.sleep(self.cfg.garp_refresh_after_s)
+                if self.holding:
+                    await self.vip.asend_garp(2, self.cfg.garp_interval_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("GARP for %s failed: %s", self.cfg.vip, exc)
+
+    async def _drop(self, reason: str) -> None:
+        """Delete the VIP now (idempotent)."""
+        if self._garp_task is not None:
+            self._garp_task.cancel()
+            self._garp_task = None
+        was = self.holding
+        self.holding = False
+        self.held_since = None
+        if self.vip is not None and (was or reason in ("shutdown", "refresh too late")):
+            try:
+                await self.vip.arelease()
+            except Exception as exc:
+                log.error("deleting VIP %s failed (%s); the kernel drops it within ~1.15s: %s",
+                          self.cfg.vip, reason, exc)
+                self._notify("FAULT")
+        if was:
+            log.info("VIP lease given up: %s", reason)
+            self._record("released", self.clock(), reason=reason)
+            self._notify("BACKUP")
+
+    # ---- hooks, DNS, status -----------------------------------------------------------
+    def _notify(self, state: str) -> None:
+        if state == self.state and self.transitions:
+            return
+        self.state = state
+        if self.hooks is not None and (self.cfg.vip or self.cfg.mode == "vip"):
+            try:
+                self.hooks.notify(state, self.cfg.vip)
+            except Exception:
+                log.exception("notify %s failed", state)
+
+    def _record(self, what: str, at: float, **extra: Any) -> None:
+        self.transitions.append({"event": what, "at": round(at, 4), **extra})
+        del self.transitions[:-50]
+
+    def _members(self) -> dict[str, str]:
+        """member id -> advertised address (listen_host, else the Raft host)."""
+        out = {}
+        with self.raft.read() as cs:
+            for m in cs.members.values():
+                addr = getattr(m, "listen_host", "") or m.raft.rsplit(":", 1)[0]
+                out[m.id] = addr
+        if self.cfg.address:
+            out[self.node_id] = self.cfg.address
+        return out
+
+    def resolve(self, name: str) -> list[str] | None:
+        """DNS answers for ``name`` (without the zone): holder's address, or all live balancers."""
+        zone = self.cfg.zone
+        short = name[: -len(zone) - 1] if name.endswith("." + zone) else name
+        if short not in self.cfg.names:
+            return None
+        members = self._members()
+        if self.cfg.answer == "all":
+            st = self.raft.raft_status()
+            live_raft = {st.self_addr} | {a for a, up in st.partners.items() if up}
+            with self.raft.read() as cs:
+                ids = [m.id for m in cs.members.values() if m.raft in live_raft]
+            return sorted({members[i] for i in ids if i in members})
+        with self.raft.read() as cs:
+            holder = cs.lease.get("holder")
+        if holder is None:
+            return []
+        if holder == self.last_holder and self.last_holder_address:
+            return [self.last_holder_address]
+        addr = members.get(holder)
+        return [addr] if addr else []
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock()
+        k = self.keeper
+        with self.raft.read() as cs:
+            lease = dict(cs.lease)
+        return {
+            "mode": self.cfg.mode,
+            "vip": self.cfg.vip or None,
+            "holder": lease.get("holder"),
+            "epoch": lease.get("epoch"),
+            "holds_vip": self.holding,
+            "state": self.state,
+            "leader": k.leader,
+            "lease_remaining_s": round(k.remaining(now), 3),
+            "wait_remaining_s": round(max(0.0, k.wait_until() - now), 3) if k.leader and not k.handover else 0.0,
+            "handover": k.handover,
+            "held_for_s": round(now - self.held_since, 3) if self.held_since is not None else None,
+            "lease_s": k.params.lease_s,
+            "dns": self.dns.stats if self.dns is not None else None,
+        }
+
+
+async def start_announcement(node: Any) -> Announcement | None:
+    """Build and start the node's Announcement from ``node.cfg.announce`` (None for mode none)."""
+    cfg = parse_announce(node.cfg.announce, node.cfg.path.parent, node.cfg.dataplane.listen_host)
+    if cfg.mode == "none":
+        return None
+    ann = Announcement(node.node_id, node.raft, cfg)
+    node.add_listener(ann.on_applied)
+    await ann.start()
+    return ann

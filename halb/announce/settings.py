@@ -1,0 +1,185 @@
+"""The node config's ``[announce]`` table -> a validated :class:`AnnounceConfig`.
+
+Kept free of halb.config imports (config.py calls :func:`parse_announce` and wraps
+:class:`AnnounceConfigError` into its own ConfigError with the file name), so there is no
+import cycle. Every error names the key and the reason.
+
+Modes::
+
+    [announce]                      [announce]                    [announce]
+    mode = "none"                   mode = "vip"                  mode = "dns"
+                                    vip = "10.99.0.10"            bind = "10.99.0.11:53"
+                                    interface = "eth0"            zone = "halb"
+                                    lease_s = 1.5                 names = ["checkout"]
+                                    notify_master = "hooks/m.sh"  answer = "leader"  # or "all"
+                                    notify_backup = ...           address = "10.99.0.11"
+                                    notify_fault = ...            lease_s = 1.5
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from halb.announce.lease import LeaseParams
+
+MODES = ("none", "vip", "dns")
+ANSWERS = ("leader", "all")
+
+
+class AnnounceConfigError(ValueError):
+    """``key`` is relative to the [announce] table ("" for the table itself)."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key, self.reason = key, reason
+
+
+@dataclass
+class AnnounceConfig:
+    mode: str = "none"
+    # vip mode
+    vip: str = ""
+    prefixlen: int = 32
+    interface: str = ""
+    netns: str | None = None            # tests/tools only; a real node runs inside its namespace
+    set_arp_sysctls: bool = True
+    garp_count: int = 3
+    garp_interval_s: float = 0.05
+    garp_refresh_after_s: float = 2.0
+    notify_master: str | None = None
+    notify_backup: str | None = None
+    notify_fault: str | None = None
+    notify_timeout_s: float = 5.0
+    # dns mode
+    bind: str = ""
+    zone: str = "halb"
+    names: list[str] = field(default_factory=list)
+    answer: str = "leader"
+    ttl: int = 1
+    address: str = ""                   # this node's advertised address
+    # lease (vip and dns)
+    lease: LeaseParams = field(default_factory=LeaseParams)
+
+
+def _ipv4(key: str, value: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise AnnounceConfigError(key, f"must be an IPv4 address, got {value!r}") from None
+
+
+class _T:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = dict(data)
+
+    def take(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        if name not in self.data:
+            return default
+        value = self.data.pop(name)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise AnnounceConfigError(name, f"must be a {names}, got {type(value).__name__} {value!r}")
+        return value
+
+    def required(self, name: str, kind: type, why: str) -> Any:
+        if name not in self.data:
+            raise AnnounceConfigError(name, f"is required {why}")
+        return self.take(name, kind, None)
+
+    def done(self, mode: str) -> None:
+        for name in self.data:
+            raise AnnounceConfigError(name, f"unknown key for mode {mode!r}")
+
+
+def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
+                   listen_host: str = "") -> AnnounceConfig:
+    """Validate the raw table; relative hook paths are resolved against ``base_dir``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise AnnounceConfigError("", "must be a table")
+    t = _T(raw)
+    cfg = AnnounceConfig()
+    cfg.mode = t.take("mode", str, "none")
+    if cfg.mode not in MODES:
+        raise AnnounceConfigError("mode", f"must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.mode == "none":
+        t.done("none")
+        return cfg
+
+    lease_s = t.take("lease_s", float, LeaseParams.lease_s)
+    renew = t.take("renew_interval_s", float, LeaseParams.renew_interval_s)
+    wait_from = t.take("wait_from", str, LeaseParams.wait_from)
+    params = LeaseParams(lease_s=lease_s, renew_interval_s=renew, wait_from=wait_from)
+    problems = params.check()
+    if problems:
+        key = "wait_from" if "wait_from" in problems[0] else "lease_s"
+        raise AnnounceConfigError(key, "; ".join(problems))
+    cfg.lease = params
+
+    if cfg.mode == "vip":
+        why = "for mode \"vip\""
+        vip = t.required("vip", str, why)
+        if "/" in vip:
+            addr, _, plen = vip.partition("/")
+            if plen != "32":
+                raise AnnounceConfigError("vip", f"must be a single address (/32), got {vip!r}")
+            vip = addr
+        cfg.vip = _ipv4("vip", vip)
+        cfg.interface = t.required("interface", str, why)
+        if not cfg.interface or len(cfg.interface) > 15 or "/" in cfg.interface:
+            raise AnnounceConfigError("interface", f"not a valid interface name: {cfg.interface!r}")
+        cfg.set_arp_sysctls = t.take("set_arp_sysctls", bool, True)
+        cfg.garp_count = t.take("garp_count", int, 3)
+        if not 1 <= cfg.garp_count <= 20:
+            raise AnnounceConfigError("garp_count", "must be between 1 and 20")
+        cfg.garp_refresh_after_s = t.take("garp_refresh_after_s", float, 2.0)
+        for state in ("master", "backup", "fault"):
+            script = t.take(f"notify_{state}", str, "")
+            if script:
+                path = Path(script)
+                if base_dir is not None and not path.is_absolute():
+                    path = base_dir / path
+                setattr(cfg, f"notify_{state}", str(path))
+        cfg.notify_timeout_s = t.take("notify_timeout_s", float, 5.0)
+        if cfg.notify_timeout_s <= 0:
+            raise AnnounceConfigError("notify_timeout_s", "must be > 0")
+        t.done("vip")
+        return cfg
+
+    # dns
+    cfg.bind = t.required("bind", str, "for mode \"dns\" (HOST:PORT to answer on)")
+    host, sep, port = cfg.bind.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise AnnounceConfigError("bind", f"must be HOST:PORT, got {cfg.bind!r}")
+    _ipv4("bind", host)
+    cfg.zone = t.take("zone", str, "halb").rstrip(".").lower()
+    if not cfg.zone:
+        raise AnnounceConfigError("zone", "must not be empty")
+    names = t.take("names", list, [])
+    name = t.take("name", str, "")
+    if name:
+        names = [name, *names]
+    if not names:
+        raise AnnounceConfigError("names", "give at least one service name (name = \"checkout\")")
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n or " " in n:
+            raise AnnounceConfigError(f"names[{i}]", f"not a DNS name: {n!r}")
+    cfg.names = [n.rstrip(".").lower() for n in names]
+    cfg.answer = t.take("answer", str, "leader")
+    if cfg.answer not in ANSWERS:
+        raise AnnounceConfigError("answer", f"must be one of {', '.join(ANSWERS)}, got {cfg.answer!r}")
+    cfg.ttl = t.take("ttl", int, 1)
+    if not 0 <= cfg.ttl <= 300:
+        raise AnnounceConfigError("ttl", "must be between 0 and 300")
+    address = t.take("address", str, "") or listen_host
+    if not address:
+        raise AnnounceConfigError("address", "is required for mode \"dns\" unless [dataplane] listen_host is set")
+    cfg.address = _ipv4("address", address)
+    t.done("dns")
+    return cfg
