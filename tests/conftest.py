@@ -137,12 +137,12 @@ class Cluster:
         return body
 
     def leader(self, among: list[str] | None = None, timeout: float = 15.0) -> str:
-        """The leader every listed live node agrees on."""
+        """The leader every listed live node agrees on (never one that is not among them)."""
         ids = among or [n for n, c in self.nodes.items() if c.alive()]
 
         def agreed() -> str | None:
             leaders = {self.status(n)["leader"] for n in ids}
-            return leaders.pop() if len(leaders) == 1 and None not in leaders else None
+            return leaders.pop() if len(leaders) == 1 and leaders <= set(ids) else None
 
         return wait_until(agreed, timeout, 0.1, "an agreed leader")
 
@@ -181,11 +181,19 @@ def _port_open(address: str) -> bool:
 
 
 def make_cluster(directory: Path, n: int = 3, **spec_kw: Any) -> Cluster:
-    """Nodes on 127.0.0.1 with free ports; backends A, B, C on free ports (not started)."""
-    nodes = [NodeSpec(f"n{i + 1}", "127.0.0.1", raft_port=free_port(), api_port=free_port()) for i in range(n)]
+    """Nodes on their own loopback addresses (127.X.Y.1..n, so each node's service listener
+    is its own: nodes share the service port, and SO_REUSEPORT on one address would mix them)
+    with free ports; backends A, B, C on 127.0.0.1 free ports (not started)."""
+    import random
+
+    net = f"127.{random.randint(1, 254)}.{random.randint(0, 254)}"
+    hosts = [f"{net}.{i + 1}" for i in range(n)]
+    nodes = [NodeSpec(f"n{i + 1}", hosts[i], raft_port=free_port(hosts[i]), api_port=free_port(hosts[i]))
+             for i in range(n)]
+    spec_kw.setdefault("service_port", free_port(hosts[0]))
     if "backends" not in spec_kw:
         spec_kw["backends"] = [(name, f"127.0.0.1:{free_port()}") for name in ("A", "B", "C")]
-    spec = ClusterSpec(nodes=nodes, service_port=spec_kw.pop("service_port", None) or free_port(), **spec_kw)
+    spec = ClusterSpec(nodes=nodes, **spec_kw)
     init_cluster_dir(directory, spec)
     return Cluster(directory, spec)
 
@@ -194,11 +202,11 @@ def make_cluster(directory: Path, n: int = 3, **spec_kw: Any) -> Cluster:
 def cluster_factory(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
     made: list[Cluster] = []
 
-    def factory(n: int = 3, start: bool = True, backends: bool = False, backend_flags: tuple[str, ...] = (),
+    def factory(n: int = 3, start: bool = True, run_backends: bool = False, backend_flags: tuple[str, ...] = (),
                 **kw: Any) -> Cluster:
         c = make_cluster(tmp_path / f"cluster{len(made)}", n, **kw)
         made.append(c)
-        if backends:
+        if run_backends:
             c.start_backends(*backend_flags)
         if start:
             c.start_all()
@@ -219,3 +227,42 @@ def pytest_runtest_makereport(item: pytest.Item, call: Any) -> Iterator[None]:
     outcome = yield
     rep = outcome.get_result()
     setattr(item, "rep_" + rep.when, rep)
+
+
+class FaultProxy:
+    """halb's Toxiproxy-compatible server, in-process, driven over its HTTP API."""
+
+    def __init__(self) -> None:
+        from halb.chaos.toxiproxy.testing import ThreadedServer
+
+        self.server = ThreadedServer()
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.server.url}{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            return json.loads(raw) if raw else None
+
+    def create(self, name: str, upstream: str) -> str:
+        listen = f"127.0.0.1:{free_port()}"
+        self._call("POST", "/proxies", {"name": name, "listen": listen, "upstream": upstream, "enabled": True})
+        return listen
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        self._call("POST", f"/proxies/{name}", {"enabled": enabled})
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[FaultProxy]:
+    fp = FaultProxy()
+    try:
+        yield fp
+    finally:
+        fp.stop()

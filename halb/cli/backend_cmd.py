@@ -1,6 +1,8 @@
 """`halb backend list|add|remove|drain|maint|enable|weight`."""
 from __future__ import annotations
 
+import time
+
 import click
 
 from halb.cli.common import api_command, client_from, emit_json, json_option, resolve_service, table, wants_json
@@ -33,9 +35,24 @@ def list_(ctx: click.Context, service: str | None, as_json: bool) -> None:
         return
     click.echo(table(
         [(r["service"], r["name"], r["address"], r.get("server"), r["weight"], r["admin_state"],
-          r.get("verdict", "-"), r.get("in_flight", "-")) for r in rows],
-        ["SERVICE", "NAME", "ADDRESS", "SERVER", "WEIGHT", "ADMIN", "VERDICT", "IN-FLIGHT"],
+          _verdict(r), ",".join(f"{n}={o}" for n, o in sorted(r.get("observations", {}).items())) or "-",
+          r.get("in_flight", "-"), _local_error(r)) for r in rows],
+        ["SERVICE", "NAME", "ADDRESS", "SERVER", "WEIGHT", "ADMIN", "VERDICT", "OBSERVATIONS", "IN-FLIGHT",
+         "LAST CHECK ERROR (this node)"],
     ))
+
+
+def _verdict(r: dict) -> str:
+    since = r.get("verdict_since")
+    ago = f" {max(0, time.time() - since):.0f}s" if since else ""
+    if r.get("verdict") == "held" and r.get("hold_until"):
+        return f"held (until +{max(0, r['hold_until'] - time.time()):.0f}s)"
+    return f"{r.get('verdict', '-')}{ago}"
+
+
+def _local_error(r: dict) -> str:
+    local = r.get("local") or {}
+    return local.get("last_error") or "-"
 
 
 @backend.command("add")

@@ -106,7 +106,8 @@ def test_acknowledged_changes_survive_kill_9_of_all_nodes(cluster_factory):
 
 def test_member_add_fourth_node_and_remove_one(cluster_factory):
     c = cluster_factory()
-    n4 = NodeSpec("n4", "127.0.0.1", raft_port=free_port(), api_port=free_port())
+    host4 = c.spec.nodes[0].host.rsplit(".", 1)[0] + ".4"
+    n4 = NodeSpec("n4", host4, raft_port=free_port(host4), api_port=free_port(host4))
     out = c.cli_json("member", "add", "n4", "--raft", n4.raft, "--api", n4.api)
     assert out["ok"] and sorted(out["start_with_peers"]) == sorted(n.raft for n in c.spec.nodes)
     c.spec.nodes.append(n4)

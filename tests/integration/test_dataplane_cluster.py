@@ -52,7 +52,7 @@ def backend_requests(c, node: str, backend: str) -> int:
 
 
 def test_kill_backend_under_get_load_zero_errors(cluster_factory):
-    c = cluster_factory(backends=True)
+    c = cluster_factory(run_backends=True)
     c.wait_serving()
     client = Balancers([c.service_address(n) for n in ("n1", "n2", "n3")])
     total, errors, served_by = 3000, [], {}
@@ -89,7 +89,7 @@ def test_kill_backend_under_get_load_zero_errors(cluster_factory):
 
 
 def test_kill_backend_during_idempotent_checkout_exactly_once(cluster_factory):
-    c = cluster_factory(backends=True)
+    c = cluster_factory(run_backends=True)
     c.wait_serving()
     client = Balancers([c.service_address(n) for n in ("n1", "n2", "n3")])
     total = 600
@@ -121,7 +121,7 @@ def test_kill_backend_during_idempotent_checkout_exactly_once(cluster_factory):
 
 
 def test_drain_backend_under_load(cluster_factory):
-    c = cluster_factory(backends=True, backend_flags=("--delay-ms", "400"))
+    c = cluster_factory(run_backends=True, backend_flags=("--delay-ms", "400"))
     c.wait_serving()
     client = Balancers([c.service_address(n) for n in ("n1", "n2", "n3")])
     results: list[tuple[float, float, int, str]] = []
