@@ -141,8 +141,8 @@ class LeaseKeeper:
                 and len(self._own_outstanding(now)) < self.params.max_outstanding)
 
     def _own_outstanding(self, now: float) -> list[str]:
-        # forget very old submissions (never answered: partitioned); they stay "ours" for
-        # the foreign-renewal test through the same dict until the epoch ends
+        # submissions without a result yet; very old ones (never answered: partitioned) stop
+        # counting against the limit but stay "ours" for the foreign-renewal test
         return [c for c, t in self._own.items() if now - t < 5.0]
 
     def begin_renewal(self, cid: str, now: float) -> RenewToken:
@@ -153,7 +153,14 @@ class LeaseKeeper:
 
     def on_renewal_result(self, token: RenewToken, ok: bool, result: dict[str, Any] | None,
                           now: float) -> bool:
-        """A renewal callback arrived; returns True if it extended the lease."""
+        """A renewal callback arrived; returns True if it extended the lease.
+
+        The entry's local apply was already reported (pysyncobj calls back after applying),
+        so the id can be forgotten; a failed result whose entry is applied later anyway then
+        counts as foreign, which only lengthens a wait.
+        """
+        if token.epoch == self.epoch:
+            self._own.pop(token.cid, None)
         if token.epoch != self.epoch or not self.leader:
             return False                 # a stale callback from another leadership
         if not ok or not result or not result.get("ok"):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -37,12 +38,29 @@ def lab(ctx: click.Context, prefix: str, subnet: str, state_dir: str) -> None:
         _fail(exc)
 
 
+def _run_dir(lab_: Lab) -> Path:
+    return lab_.state_dir / f"{lab_.prefix}run"
+
+
 @lab.command()
+@click.option("--start", is_flag=True, help="Also start the checkout backends and three halb balancers inside.")
+@click.option("--mode", type=click.Choice(["vip", "dns"]), default="vip", show_default=True,
+              help="Announcement mode of the started balancers.")
 @click.pass_context
-def up(ctx: click.Context) -> None:
+def up(ctx: click.Context, start: bool, mode: str) -> None:
     """Create the namespaces (removing leftovers of an earlier run first)."""
     try:
         state = _lab(ctx).up()
+        if start:
+            from halb.lab.cluster import LabCluster
+
+            run_dir = _run_dir(_lab(ctx))
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            cluster = LabCluster(_lab(ctx), run_dir, mode=mode)
+            cluster.start()
+            state["cluster"] = {"run_dir": str(run_dir), "pids": {k: p.pid for k, p in cluster.procs.items()},
+                                "apis": {lb: cluster.api_addr(lb) for lb in cluster.lbs}}
     except LabError as exc:
         _fail(exc)
         return
@@ -54,6 +72,13 @@ def up(ctx: click.Context) -> None:
                f"state {lab_.state_file}")
     for h in lab_.hosts.values():
         click.echo(f"  {h.ns:<20} {h.ip:<15} {h.mac}")
+    if "cluster" in state:
+        cl = state["cluster"]
+        click.echo(f"cluster started ({mode}): configs, logs and token in {cl['run_dir']}")
+        for k, pid in cl["pids"].items():
+            click.echo(f"  {k:<4} pid {pid}")
+        click.echo(f"  try: halb lab exec client -- curl -s http://{lab_.vip}:8080/health   "
+                   "(halb lab down stops everything)")
 
 
 @lab.command()
@@ -132,3 +157,52 @@ def heal(ctx: click.Context, host: str, peers: tuple[str, ...]) -> None:
         _lab(ctx).heal(host, list(peers) or None)
     except LabError as exc:
         _fail(exc)
+
+
+@lab.command()
+@click.option("--trials", default=5, show_default=True, type=click.IntRange(1, 1000), help="Trials per fault.")
+@click.option("--fault", "faults", multiple=True, default=["kill"], show_default=True,
+              type=click.Choice(["kill", "freeze", "partition", "transfer"]),
+              help="Fault to inject into the VIP holder (repeat for several).")
+@click.option("--freeze-s", default=5.0, show_default=True, help="How long `freeze` keeps the holder stopped.")
+@click.option("--wait-from", type=click.Choice(["last_renewal_seen", "election"]), default=None,
+              help="Override the successor-wait rule (docs/failover.md).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, wait_from: str | None,
+             as_json: bool) -> None:
+    """Measure VIP failover: build the lab, start the cluster, fault the holder N times, tear down."""
+    from halb.lab.cluster import LabCluster
+    from halb.lab.failover import FailoverRun, summary
+
+    lab_ = _lab(ctx)
+    as_json = as_json or bool(ctx.obj.get("json"))
+    say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    run_dir = _run_dir(lab_)
+    extra = {"wait_from": wait_from} if wait_from else {}
+    try:
+        lab_.up()
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        cluster = LabCluster(lab_, run_dir, announce_extra=extra)
+        try:
+            cluster.start()
+            with FailoverRun(cluster, freeze_s=freeze_s, log=say) as run:
+                for i in range(trials):
+                    for fault in faults:
+                        run.trial(fault)
+                result = summary(run.trials, run.max_holders_overall())
+        finally:
+            cluster.stop()
+    except LabError as exc:
+        _fail(exc)
+        return
+    finally:
+        lab_.down()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for f, s in result["by_fault"].items():
+        click.echo(f"{f:9s} n={s['n']:3d}  gap p50 {s['p50_gap_s']:.3f}s  p99 {s['p99_gap_s']:.3f}s  "
+                   f"max {s['max_gap_s']:.3f}s  VIP moved p50 {s['p50_garp_s']}s")
+    click.echo(f"max simultaneous VIP holders: {result['max_holders']}")

@@ -1,0 +1,325 @@
+"""Failover measurement in the namespace lab: what a client sees when the VIP holder fails.
+
+Three observers run in this process, all on one clock (``time.monotonic``):
+
+* :class:`Client`: a thread inside the client namespace sends ``GET /health`` to
+  ``VIP:8080`` every 10 ms (each on a new connection, 1 s timeout) and records send time,
+  completion time and success.
+* :class:`Sampler`: a thread reads every balancer's addresses over netlink every 10 ms
+  (one pyroute2 socket opened inside each balancer namespace) and records who has the VIP.
+* the trial driver injects one fault on the current holder: ``kill`` (SIGKILL),
+  ``freeze`` (SIGSTOP for 5 s, then SIGCONT), ``partition`` (blackhole routes to the other
+  balancers, both ways; the client can still reach it) or ``transfer`` (``POST
+  /v1/leader/transfer`` on the holder), then restores the node (restart / SIGCONT / heal).
+
+Per trial: ``gap_s`` = the longest client-visible outage (from the send of the first
+failed request of a run of failures to the completion of the first later-sent request that
+succeeded); ``garp_s`` = fault -> the VIP appears on another balancer (its GARP follows
+within milliseconds); ``max_holders`` = most balancers holding the VIP in one sample;
+``old_gone_s`` = fault -> the old holder no longer has it.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from halb.announce.sysctl import enter_netns, run_in_netns
+from halb.lab.cluster import SERVICE_PORT, LabCluster
+from halb.lab.topology import LabError
+
+FAULTS = ("kill", "freeze", "partition", "transfer")
+
+
+@dataclass
+class Req:
+    sent: float
+    done: float
+    ok: bool
+
+
+class Client:
+    """Requests to VIP:port every ``interval`` s from inside the client namespace."""
+
+    def __init__(self, netns: str, host: str, port: int = SERVICE_PORT, interval: float = 0.01,
+                 timeout: float = 1.0) -> None:
+        self.netns, self.host, self.port = netns, host, port
+        self.interval, self.timeout = interval, timeout
+        self.reqs: list[Req] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="failover-client", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _main(self) -> None:
+        enter_netns(self.netns)
+        asyncio.run(self._loop())
+
+    async def _loop(self) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            t = asyncio.create_task(self._one())
+            tasks.add(t)
+            t.add_done_callback(tasks.discard)
+            nxt += self.interval
+            await asyncio.sleep(max(0.0, nxt - time.monotonic()))
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _one(self) -> None:
+        sent = time.monotonic()
+        ok = False
+        writer = None
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
+            writer.write(f"GET /health HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n".encode())
+            left = self.timeout - (time.monotonic() - sent)
+            line = await asyncio.wait_for(reader.readline(), max(0.01, left))
+            ok = line.startswith(b"HTTP/1.1 200") or line.startswith(b"HTTP/1.0 200")
+        except (OSError, asyncio.TimeoutError, ValueError):
+            ok = False
+        finally:
+            if writer is not None:
+                writer.close()
+        self.reqs.append(Req(sent, time.monotonic(), ok))
+
+    def recent_ok(self, n: int = 20) -> bool:
+        done = sorted(self.reqs[-3 * n:], key=lambda r: r.sent)[-n:]
+        return len(done) >= n and all(r.ok for r in done)
+
+
+class Sampler:
+    """Who holds the VIP, every ``interval`` s, read with netlink in each balancer namespace."""
+
+    def __init__(self, cluster: LabCluster, interval: float = 0.01) -> None:
+        from pyroute2 import IPRoute
+
+        self.vip = cluster.lab.vip
+        self.interval = interval
+        self.samples: list[tuple[float, tuple[str, ...]]] = []
+        # netns= makes pyroute2 open the netlink socket inside the namespace itself
+        self._ipr = {lb: IPRoute(netns=cluster.lab.ns(lb)) for lb in cluster.lbs}
+        self._idx = {lb: ipr.link_lookup(ifname="eth0")[0] for lb, ipr in self._ipr.items()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="failover-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        for ipr in self._ipr.values():
+            ipr.close()
+
+    def holders_now(self) -> tuple[str, ...]:
+        out = []
+        for lb, ipr in self._ipr.items():
+            for msg in ipr.addr("dump", index=self._idx[lb]):
+                if msg.get("IFA_ADDRESS") == self.vip:
+                    out.append(lb)
+                    break
+        return tuple(out)
+
+    def _main(self) -> None:
+        nxt = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.samples.append((time.monotonic(), self.holders_now()))
+            except Exception:  # a namespace vanished at teardown
+                pass
+            nxt += self.interval
+            time.sleep(max(0.0, nxt - time.monotonic()))
+
+    def current(self) -> tuple[str, ...]:
+        return self.samples[-1][1] if self.samples else ()
+
+
+@dataclass
+class Trial:
+    fault: str
+    holder: str
+    gap_s: float
+    garp_s: float | None
+    max_holders: int
+    old_gone_s: float | None
+    new_holder: str | None
+    failed_requests: int
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def longest_gap(reqs: list[Req], since: float, until: float) -> tuple[float, int]:
+    """Longest outage among requests sent in [since, until]: (seconds, failed count)."""
+    window = sorted((r for r in reqs if since <= r.sent <= until), key=lambda r: r.sent)
+    gap, start, failed = 0.0, None, 0
+    for r in window:
+        if not r.ok:
+            failed += 1
+            if start is None:
+                start = r.sent
+        elif start is not None:
+            gap = max(gap, r.done - start)
+            start = None
+    if start is not None:  # never recovered inside the window
+        gap = max(gap, until - start)
+    return gap, failed
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in 0..100)."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    k = max(0, math.ceil(p / 100 * len(s)) - 1)
+    return s[k]
+
+
+@dataclass
+class FailoverRun:
+    cluster: LabCluster
+    freeze_s: float = 5.0
+    log: Any = None
+    trials: list[Trial] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.client = Client(self.cluster.lab.ns("client"), self.cluster.lab.vip)
+        self.sampler = Sampler(self.cluster)
+
+    def _say(self, msg: str) -> None:
+        if self.log is not None:
+            self.log(msg)
+
+    def __enter__(self) -> "FailoverRun":
+        self.sampler.start()
+        self.client.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.stop()
+        self.sampler.stop()
+
+    def wait_steady(self, timeout: float = 30.0, settle: float = 0.5) -> str:
+        """One holder, the client served, every balancer alive; returns the holder."""
+        deadline = time.monotonic() + timeout
+        since = None
+        while time.monotonic() < deadline:
+            holders = self.sampler.current()
+            good = (len(holders) == 1 and self.client.recent_ok()
+                    and all(self.cluster.alive(lb) for lb in self.cluster.lbs))
+            if good:
+                since = since or time.monotonic()
+                if time.monotonic() - since >= settle:
+                    return holders[0]
+            else:
+                since = None
+            time.sleep(0.05)
+        raise LabError(f"cluster not steady within {timeout:g}s (holders {self.sampler.current()}, "
+                       f"client ok {self.client.recent_ok()})")
+
+    def trial(self, fault: str, max_wait: float = 15.0) -> Trial:
+        if fault not in FAULTS:
+            raise ValueError(f"fault must be one of {FAULTS}")
+        c = self.cluster
+        holder = self.wait_steady()
+        others = [lb for lb in c.lbs if lb != holder]
+        t_fault = time.monotonic()
+        if fault == "kill":
+            c.kill(holder)
+        elif fault == "freeze":
+            c.signal(holder, signal.SIGSTOP)
+        elif fault == "partition":
+            c.lab.partition(holder, others)
+        else:
+            code, body = c.api(holder, "POST", "/v1/leader/transfer", {"to": None})
+            if code != 200:
+                raise LabError(f"transfer failed: {code} {body}")
+        # wait for: VIP on another node and the client served again for a while
+        moved_at = None
+        deadline = t_fault + max_wait
+        thawed = False
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if fault == "freeze" and not thawed and now - t_fault >= self.freeze_s:
+                c.signal(holder, signal.SIGCONT)
+                thawed = True
+            holders = self.sampler.current()
+            if moved_at is None and any(h != holder for h in holders):
+                moved_at = now
+            if moved_at is not None and now - moved_at > 1.0 and self.client.recent_ok(30) \
+                    and (fault != "freeze" or thawed):
+                break
+            time.sleep(0.02)
+        t_end = time.monotonic()
+        if fault == "freeze" and not thawed:
+            c.signal(holder, signal.SIGCONT)
+        samples = [(t, h) for t, h in self.sampler.samples if t_fault - 0.5 <= t <= t_end]
+        new = next(((t, h) for t, h in samples if t >= t_fault and any(x != holder for x in h)), None)
+        gone = next((t for t, h in samples if t >= t_fault and holder not in h), None)
+        gap, failed = longest_gap(self.client.reqs, t_fault - 0.5, t_end)
+        trial = Trial(
+            fault=fault, holder=holder, gap_s=round(gap, 3),
+            garp_s=None if new is None else round(new[0] - t_fault, 3),
+            max_holders=max((len(h) for _, h in samples), default=0),
+            old_gone_s=None if gone is None else round(gone - t_fault, 3),
+            new_holder=None if new is None else next(x for x in new[1] if x != holder),
+            failed_requests=failed,
+        )
+        self.trials.append(trial)
+        self._say(f"{fault:9s} holder {holder} -> {trial.new_holder}: gap {trial.gap_s:.3f}s, "
+                  f"VIP moved {trial.garp_s}s, old gone {trial.old_gone_s}s, max holders {trial.max_holders}")
+        self.restore(fault, holder)
+        return trial
+
+    def restore(self, fault: str, holder: str) -> None:
+        c = self.cluster
+        if fault == "kill":
+            c.start_node(holder)
+        elif fault == "partition":
+            c.lab.heal(holder)
+        elif fault == "freeze":
+            c.signal(holder, signal.SIGCONT)
+        # the node must answer its API again (restart) before the next trial
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            st = c.status(holder)
+            if st and st.get("leader") and st.get("has_quorum"):
+                return
+            time.sleep(0.1)
+        raise LabError(f"{holder} did not rejoin after {fault}")
+
+    def max_holders_overall(self) -> int:
+        return max((len(h) for _, h in self.sampler.samples), default=0)
+
+
+def summary(trials: list[Trial], overall_max: int | None = None) -> dict[str, Any]:
+    gaps = [t.gap_s for t in trials]
+    out: dict[str, Any] = {
+        "trials": [{"fault": t.fault, "gap_s": t.gap_s, "garp_s": t.garp_s, "max_holders": t.max_holders,
+                    "old_gone_s": t.old_gone_s, "holder": t.holder, "new_holder": t.new_holder}
+                   for t in trials],
+        "p50_gap_s": percentile(gaps, 50),
+        "p99_gap_s": percentile(gaps, 99),
+        "max_holders": max([t.max_holders for t in trials] + ([overall_max] if overall_max is not None else []),
+                           default=0),
+    }
+    by_fault: dict[str, Any] = {}
+    for f in sorted({t.fault for t in trials}):
+        g = [t.gap_s for t in trials if t.fault == f]
+        m = [t.garp_s for t in trials if t.fault == f and t.garp_s is not None]
+        by_fault[f] = {"n": len(g), "p50_gap_s": percentile(g, 50), "p99_gap_s": percentile(g, 99),
+                       "max_gap_s": max(g), "p50_garp_s": percentile(m, 50) if m else None}
+    out["by_fault"] = by_fault
+    return out
