@@ -1,0 +1,217 @@
+"""Polls the cluster's view of itself during a drill, for probes and the timeline.
+
+Every ~150 ms it asks each balancer for /v1/status (short timeout: a frozen or dead node
+shows as unreachable, which is itself information), every ~200 ms one answering node
+(preferably the leader) for backend verdicts, and every ~500 ms for new audit events.
+Changes (leader, VIP holder, verdicts, reachability) are recorded as timeline events; the
+latest readings answer the engine's wait-until conditions and steady-state probes.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+
+
+@dataclass
+class NodeView:
+    reachable: bool
+    leader: str | None = None
+    raft_state: str = "unreachable"
+    term: int = 0
+    has_quorum: bool = False
+    vip_held: bool | None = None  # None: this node reports no VIP (announce mode none)
+    members: list[dict[str, Any]] = field(default_factory=list)
+    at: float = 0.0
+
+
+def _vip_held(status: dict[str, Any]) -> bool | None:
+    """Whether a node says it holds the VIP; None if it runs no VIP (the field shapes VIP mode may use)."""
+    ann = status.get("announce") or status.get("vip")
+    if isinstance(ann, dict):
+        if ann.get("mode") not in (None, "vip"):
+            return None
+        for key in ("holder", "held", "holding", "vip_held"):
+            if key in ann:
+                v = ann[key]
+                return bool(v) if isinstance(v, bool) else v == status.get("node")
+    if "vip_held" in status:
+        return bool(status["vip_held"])
+    return None
+
+
+class Monitor:
+    def __init__(self, apis: dict[str, str], token: str, service: str, clock: Callable[[], float],
+                 status_interval: float = 0.15, backends_interval: float = 0.2, events_interval: float = 0.5) -> None:
+        self.apis = apis  # shared with the target: members added later are polled too
+        self.token = token
+        self.service = service
+        self.clock = clock  # seconds since the drill's t0
+        self.status_interval, self.backends_interval, self.events_interval = (
+            status_interval, backends_interval, events_interval)
+        self.views: dict[str, NodeView] = {}
+        self.verdicts: dict[str, str] = {}
+        self.backends: list[dict[str, Any]] = []
+        self.timeline: list[dict[str, Any]] = []  # {"t", "kind", ...}
+        self.samples: list[dict[str, Any]] = []  # {"t", "leader", "vip", "verdicts", "unreachable"}
+        self.audit: list[dict[str, Any]] = []
+        self._event_seq = 0
+        self._last: dict[str, Any] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        await self.poll_once()
+        await self._poll_events(initial=True)
+        self._tasks = [asyncio.create_task(self._loop(self._poll_status, self.status_interval)),
+                       asyncio.create_task(self._loop(self._poll_backends, self.backends_interval)),
+                       asyncio.create_task(self._loop(self._poll_events, self.events_interval))]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+
+    async def _loop(self, fn: Callable[[], Any], interval: float) -> None:
+        while True:
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                pass
+            await asyncio.sleep(interval)
+
+    async def _get(self, api: str, path: str, timeout: float = 0.5) -> dict[str, Any] | None:
+        assert self._session is not None
+        try:
+            async with self._session.get(f"http://{api}{path}", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+                if r.status != 200:
+                    return None
+                return await r.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
+            return None
+
+    async def poll_once(self) -> None:
+        await self._poll_status()
+        await self._poll_backends()
+
+    async def _poll_status(self) -> None:
+        ids = list(self.apis)
+        results = await asyncio.gather(*(self._get(self.apis[i], "/v1/status", 0.4) for i in ids))
+        now = self.clock()
+        for node_id, st in zip(ids, results):
+            if st is None:
+                self.views[node_id] = NodeView(reachable=False, at=now)
+            else:
+                leader = st.get("leader")
+                if leader and ":" in leader:  # not registered yet: the status names its raft address
+                    leader = next((m["id"] for m in st.get("members", []) if m.get("raft") == leader and m.get("id")),
+                                  leader)
+                self.views[node_id] = NodeView(True, leader, st.get("raft_state", "?"), st.get("term", 0),
+                                               bool(st.get("has_quorum")), _vip_held(st), st.get("members", []), now)
+        self._sample(now)
+
+    def leader_api(self) -> str | None:
+        leader = self.agreed_leader()
+        if leader and leader in self.apis and self.views.get(leader, NodeView(False)).reachable:
+            return self.apis[leader]
+        for node_id, v in self.views.items():
+            if v.reachable:
+                return self.apis.get(node_id)
+        return None
+
+    async def _poll_backends(self) -> None:
+        api = self.leader_api()
+        if api is None:
+            return
+        data = await self._get(api, f"/v1/services/{self.service}/backends", 0.5)
+        if data is None:
+            return
+        self.backends = data.get("backends", [])
+        self.verdicts = {b["name"]: b.get("verdict", "up") for b in self.backends}
+        self._sample(self.clock())
+
+    async def _poll_events(self, initial: bool = False) -> None:
+        for node_id, api in list(self.apis.items()):
+            if not self.views.get(node_id, NodeView(False)).reachable:
+                continue
+            data = await self._get(api, f"/v1/events?since={self._event_seq}&limit=500", 0.5)
+            if data is None:
+                continue
+            for ev in data.get("events", []):
+                self._event_seq = max(self._event_seq, int(ev.get("seq", 0)))
+                if not initial:
+                    rec = {"t": round(self.clock(), 3), "kind": f"audit:{ev.get('kind')}",
+                           "message": ev.get("message", ""), "seq": ev.get("seq"), "at": ev.get("at")}
+                    self.audit.append(rec)
+            return
+
+    # --- derived views ------------------------------------------------------------------
+
+    def agreed_leader(self) -> str | None:
+        """The node that says it leads and that a majority of all balancers name as leader.
+
+        A majority of *all* configured balancers, not of those answering: a partitioned old
+        leader that still believes it leads is named only by itself, and a node that just
+        restarted and knows no leader yet does not veto the others.
+        """
+        votes: dict[str, int] = {}
+        for v in self.views.values():
+            if v.reachable and v.leader:
+                votes[v.leader] = votes.get(v.leader, 0) + 1
+        need = len(self.apis) // 2 + 1
+        for leader, n in votes.items():
+            lv = self.views.get(leader)
+            if n >= need and lv is not None and lv.reachable and lv.raft_state == "leader":
+                return leader
+        return None
+
+    def self_declared_leaders(self) -> list[str]:
+        return sorted(k for k, v in self.views.items() if v.reachable and v.raft_state == "leader")
+
+    def vip_holders(self) -> list[str] | None:
+        """Nodes that say they hold the VIP; None when no node runs a VIP."""
+        known = [(k, v.vip_held) for k, v in self.views.items() if v.reachable and v.vip_held is not None]
+        if not known:
+            return None
+        return sorted(k for k, held in known if held)
+
+    def _sample(self, now: float) -> None:
+        leader = self.agreed_leader()
+        vip = self.vip_holders()
+        unreachable = sorted(k for k, v in self.views.items() if not v.reachable)
+        sample = {"t": round(now, 3), "leader": leader, "leaders": self.self_declared_leaders(),
+                  "vip": None if vip is None else (",".join(vip) or "-"), "verdicts": dict(self.verdicts),
+                  "unreachable": unreachable,
+                  "quorum": any(v.has_quorum for v in self.views.values() if v.reachable)}
+        self.samples.append(sample)
+        last = self._last
+        if last.get("leader", "?") != leader:
+            self._emit({"t": sample["t"], "kind": "leader.change", "from": last.get("leader"), "to": leader})
+        if last.get("vip", "?") != sample["vip"] and sample["vip"] is not None:
+            self._emit({"t": sample["t"], "kind": "vip.move", "from": last.get("vip"), "to": sample["vip"]})
+        for name, v in self.verdicts.items():
+            if last.get("verdicts", {}).get(name) != v:
+                self._emit({"t": sample["t"], "kind": "verdict.change", "backend": name,
+                            "from": last.get("verdicts", {}).get(name), "to": v})
+        if last.get("unreachable") is not None and last["unreachable"] != unreachable:
+            self._emit({"t": sample["t"], "kind": "reachability", "unreachable": unreachable})
+        self._last = {"leader": leader, "vip": sample["vip"], "verdicts": dict(self.verdicts),
+                      "unreachable": unreachable}
+
+    def _emit(self, ev: dict[str, Any]) -> None:
+        self.timeline.append(ev)
+        if self.on_event is not None:
+            self.on_event(ev)
+
+
+def now_wall() -> float:
+    return time.time()
