@@ -1,0 +1,45 @@
+"""`halb cluster init` and the committed local config set."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from halb.config import load_config
+from halb.demo.launcher import ClusterSpec, node_config_text
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_init_writes_configs_secrets_0600_and_env(tmp_path):
+    d = tmp_path / "c"
+    proc = subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d)], capture_output=True, text=True,
+                          timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("secret", "token"):
+        mode = stat.S_IMODE(os.stat(d / name).st_mode)
+        assert mode == 0o600, oct(mode)
+        assert len((d / name).read_text().strip()) >= 32
+    assert (d / "secret").read_text() != (d / "token").read_text()
+    cfgs = [load_config(d / f"n{i}.toml") for i in (1, 2, 3)]
+    assert [c.api.bind for c in cfgs] == ["127.0.0.11:7000", "127.0.0.12:7000", "127.0.0.13:7000"]
+    assert cfgs[0].read_secret() == (d / "secret").read_text().strip()
+    env = (d / "cluster.env").read_text()
+    assert "HALB_CLUSTER=127.0.0.11:7000,127.0.0.12:7000,127.0.0.13:7000" in env
+    assert f"HALB_TOKEN_FILE={(d / 'token').resolve()}" in env
+    # a second init refuses to overwrite, exit 2
+    again = subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d)], capture_output=True,
+                           text=True, timeout=30)
+    assert again.returncode == 2 and "already holds node configs" in again.stderr
+
+
+def test_committed_local_3node_configs_match_the_generator():
+    spec = ClusterSpec.default()
+    for node in spec.nodes:
+        path = REPO / "cluster_configs" / "local-3node" / f"{node.id}.toml"
+        assert path.read_text() == node_config_text(spec, node)
+        cfg = load_config(path)
+        assert [b.address for b in cfg.services[0].backends] == ["127.0.0.21:8080", "127.0.0.22:8080",
+                                                                  "127.0.0.23:8080"]
