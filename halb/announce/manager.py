@@ -58,6 +58,7 @@ class Announcement:
         self.held_since: float | None = None
         self.last_refresh = 0.0
         self.state = "BACKUP"
+        self._notified = False
         self.last_holder: str | None = None
         self.last_holder_address: str | None = None
         self.transitions: list[dict[str, Any]] = []
@@ -112,8 +113,8 @@ class Announcement:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._drop("shutdown")
-        if held and self.keeper.leader:
+        gone = await self._drop("shutdown")
+        if held and gone and self.keeper.leader:  # only a surely deleted VIP lets a successor skip its wait
             await self._release_lease(held=True, timeout=0.5)
         if self.dns is not None:
             await self.dns.stop()
@@ -126,8 +127,8 @@ class Announcement:
         """Planned leadership transfer: give the VIP up first so the successor can skip its wait."""
         held = self.holding and self.keeper.may_hold(self.clock())
         self.keeper.begin_handover(self.clock())
-        await self._drop("leadership transfer")
-        await self._release_lease(held=held, timeout=1.0)
+        gone = await self._drop("leadership transfer")
+        await self._release_lease(held=held and gone, timeout=1.0)
         self._wake.set()
 
     async def _release_lease(self, *, held: bool, timeout: float) -> None:
@@ -263,18 +264,20 @@ class Announcement:
         except Exception as exc:
             log.warning("GARP for %s failed: %s", self.cfg.vip, exc)
 
-    async def _drop(self, reason: str) -> None:
-        """Delete the VIP now (idempotent)."""
+    async def _drop(self, reason: str) -> bool:
+        """Delete the VIP now (idempotent); False if deleting it failed (the kernel still will)."""
         if self._garp_task is not None:
             self._garp_task.cancel()
             self._garp_task = None
         was = self.holding
         self.holding = False
         self.held_since = None
-        if self.vip is not None and (was or reason in ("shutdown", "refresh too late")):
+        gone = True
+        if self.vip is not None and (was or reason in ("shutdown", "refresh too late", "leadership transfer")):
             try:
                 await self.vip.arelease()
             except Exception as exc:
+                gone = False
                 log.error("deleting VIP %s failed (%s); the kernel drops it within ~1.15s: %s",
                           self.cfg.vip, reason, exc)
                 self._notify("FAULT")
@@ -282,11 +285,13 @@ class Announcement:
             log.info("VIP lease given up: %s", reason)
             self._record("released", self.clock(), reason=reason)
             self._notify("BACKUP")
+        return gone
 
     # ---- hooks, DNS, status -----------------------------------------------------------
     def _notify(self, state: str) -> None:
-        if state == self.state and self.transitions:
+        if state == self.state and self._notified:
             return
+        self._notified = True
         self.state = state
         if self.hooks is not None and (self.cfg.vip or self.cfg.mode == "vip"):
             try:
