@@ -22,6 +22,7 @@ class RetryBudget:
     _sec: int = -1
     _req_sum: int = 0
     _ret_sum: int = 0
+    live: int = 0  # requests counted by the proxy since the last fold (a bare += on the hot path)
 
     def __post_init__(self) -> None:
         self._req = [0] * self.window_s
@@ -41,13 +42,16 @@ class RetryBudget:
                     self._ret_sum -= self._ret[i]
                     self._req[i] = self._ret[i] = 0
             self._sec = now
-        return now % self.window_s
+        i = now % self.window_s
+        if self.live:
+            self._req[i] += self.live
+            self._req_sum += self.live
+            self.live = 0
+        return i
 
     def deposit(self) -> None:
         """Count one live request (called once per client request, not per attempt)."""
-        i = self._advance()
-        self._req[i] += 1
-        self._req_sum += 1
+        self.live += 1
 
     def try_withdraw(self) -> bool:
         """Take one retry token if the budget allows; False means: do not retry."""

@@ -69,61 +69,59 @@ class Reject(Exception):
 
 
 class Exchange:
-    """One client request across its attempts; plain slots for speed."""
+    """One client request across its attempts.
 
-    __slots__ = (
-        "url", "method", "version", "keep_alive", "lines", "conn_tokens", "host", "xff", "rid",
-        "idem", "hash_value", "cookie", "content_length", "chunked_in", "body_done", "body_received",
-        "head", "pending", "pending_size", "copy", "copy_size", "body_sent", "rt", "opts", "backend",
-        "upstream", "attempts", "tried", "failed_servers", "deadline", "t_attempt", "response_started",
-        "out_mode", "close_after", "finished", "retryable", "key",
-    )
+    Defaults live on the class so creating one per request costs two assignments; an
+    attribute only gets an instance value when a request actually changes it.
+    """
+
+    url = b""
+    method = b""
+    version = "1.1"
+    keep_alive = True
+    conn_tokens: list[bytes] | None = None
+    host: bytes | None = None
+    xff: bytes | None = None
+    rid: bytes | None = None
+    idem = False
+    hash_value: bytes | None = None
+    cookie: bytes | None = None
+    content_length: int | None = None
+    chunked_in = False
+    body_done = False
+    body_received = 0
+    head = b""
+    pending: list[bytes] | None = None
+    pending_size = 0
+    copy: list[bytes] | None = None
+    copy_size = 0
+    body_sent = 0
+    rt: ServiceRuntime | None = None
+    opts: ServiceOptions | None = None
+    backend: BackendState | None = None
+    upstream: "UpstreamConn | None" = None
+    attempts = 0
+    tried: set[BackendState] | None = None
+    failed_servers: set[str] | None = None
+    deadline = float("inf")
+    t_attempt = 0.0
+    response_started = False
+    out_mode = 0
+    close_after = False
+    finished = False
+    retryable = False
+    key: bytes | None = None
 
     def __init__(self) -> None:
-        self.url = b""
-        self.method = b""
-        self.version = "1.1"
-        self.keep_alive = True
         self.lines: list[bytes] = []
-        self.conn_tokens: list[bytes] | None = None
-        self.host: bytes | None = None
-        self.xff: bytes | None = None
-        self.rid: bytes | None = None
-        self.idem = False
-        self.hash_value: bytes | None = None
-        self.cookie: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked_in = False
-        self.body_done = False
-        self.body_received = 0
-        self.head = b""
-        self.pending: list[bytes] = []
-        self.pending_size = 0
-        self.copy: list[bytes] | None = None
-        self.copy_size = 0
-        self.body_sent = 0
-        self.rt: ServiceRuntime | None = None
-        self.opts: ServiceOptions | None = None
-        self.backend: BackendState | None = None
-        self.upstream: UpstreamConn | None = None
-        self.attempts = 0
-        self.tried: set[BackendState] | None = None
-        self.failed_servers: set[str] | None = None
-        self.deadline = 0.0
-        self.t_attempt = 0.0
-        self.response_started = False
-        self.out_mode = OUT_RAW
-        self.close_after = False
-        self.finished = False
-        self.retryable = False
-        self.key: bytes | None = None
 
 
 class UpstreamConn(asyncio.Protocol):
     """One keep-alive connection to a backend; parses responses for the bound exchange."""
 
-    __slots__ = ("backend", "loop", "transport", "parser", "ex", "client", "headers", "reason", "hsize",
-                 "final", "closed", "idle_since", "read_paused", "write_paused", "max_hdr", "_close_delimited")
+    __slots__ = ("backend", "loop", "transport", "parser", "ex", "client", "lines", "reason", "hsize",
+                 "final", "closed", "idle_since", "read_paused", "write_paused", "max_hdr", "_close_delimited",
+                 "cl", "chunked", "tokens")
 
     def __init__(self, backend: BackendState, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
@@ -132,7 +130,10 @@ class UpstreamConn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.ex: Exchange | None = None
         self.client: HttpClientConn | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.lines: list[bytes] = []
+        self.cl: bytes | None = None
+        self.chunked = False
+        self.tokens: bytes | None = None
         self.reason = b""
         self.hsize = 0
         self.final = False
@@ -206,25 +207,31 @@ class UpstreamConn(asyncio.Protocol):
         if ex is None:  # bytes on an idle pooled connection: protocol violation, drop it
             self.close()
             return
-        self.client.active = True  # type: ignore[union-attr]
+        client = self.client
+        client.active = True  # type: ignore[union-attr]
+        client.wbuf = []  # type: ignore[union-attr]
         try:
             self.parser.feed_data(data)
         except Exception as e:  # HttpParserError or a limit: the response is unusable
             ex = self.ex
-            if ex is None:
-                return
-            self.ex = None
-            self.close()
-            if ex.response_started:
-                self.client.upstream_broke(ex, f"bad response: {e}")  # type: ignore[union-attr]
-            else:
-                self.client.attempt_failed(ex, False, f"bad response: {e}")  # type: ignore[union-attr]
+            if ex is not None:
+                self.ex = None
+                self.close()
+                if ex.response_started:
+                    client.upstream_broke(ex, f"bad response: {e}")  # type: ignore[union-attr]
+                else:
+                    client.attempt_failed(ex, False, f"bad response: {e}")  # type: ignore[union-attr]
+        finally:
+            client.flush()  # type: ignore[union-attr]
 
     # --- httptools callbacks -----------------------------------------------------
     def on_message_begin(self) -> None:
-        self.headers = []
+        self.lines = []
         self.reason = b""
         self.hsize = 0
+        self.cl = None
+        self.chunked = False
+        self.tokens = None
         self._close_delimited = False
 
     def on_status(self, status: bytes) -> None:
@@ -234,7 +241,16 @@ class UpstreamConn(asyncio.Protocol):
         self.hsize += len(name) + len(value) + 4
         if self.hsize > self.max_hdr:
             raise Reject(502, "upstream response headers too large")
-        self.headers.append((name, value))
+        ln = name.lower()
+        if ln in RESP_SPECIAL:  # hop-by-hop or re-framed by the proxy
+            if ln == b"content-length":
+                self.cl = value
+            elif ln == b"transfer-encoding":
+                self.chunked = True
+            elif ln == b"connection":
+                self.tokens = value if self.tokens is None else self.tokens + b"," + value
+            return
+        self.lines.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.ex
@@ -251,8 +267,15 @@ class UpstreamConn(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
-        if ex is not None:
-            self.client.response_body(ex, body)  # type: ignore[union-attr]
+        if ex is None:
+            return
+        if ex.out_mode == OUT_CHUNKED:
+            body = b"%x\r\n%b\r\n" % (len(body), body)
+        buf = self.client.wbuf  # type: ignore[union-attr]
+        if buf is not None:
+            buf.append(body)
+        else:
+            self.client._w(body)  # type: ignore[union-attr]
 
     def on_message_complete(self) -> None:
         ex = self.ex
@@ -288,6 +311,9 @@ class HttpClientConn(asyncio.Protocol):
         self.upgraded = False
         self.deferred: Reject | None = None
         self.peer = b""
+        self.wbuf: list[bytes] | None = None
+        self.ubuf: list[bytes] | None = None  # upstream writes coalesced per client chunk
+        self.ubuf_up: UpstreamConn | None = None
 
     # --- connection lifecycle ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -325,7 +351,38 @@ class HttpClientConn(asyncio.Protocol):
         self.cur = None
         self.queue = None
 
+    def _w(self, data: bytes) -> None:
+        """Write to the client; coalesced into one send while an upstream chunk is parsed."""
+        buf = self.wbuf
+        if buf is not None:
+            buf.append(data)
+        elif not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def uwrite(self, up: UpstreamConn, data: bytes) -> None:
+        buf = self.ubuf
+        if buf is not None and (self.ubuf_up is None or self.ubuf_up is up):
+            self.ubuf_up = up
+            buf.append(data)
+        else:
+            up.transport.write(data)  # type: ignore[union-attr]
+
+    def uflush(self) -> None:
+        buf, up = self.ubuf, self.ubuf_up
+        self.ubuf = None
+        self.ubuf_up = None
+        if buf and up is not None and not up.closed:
+            up.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        buf = self.wbuf
+        self.wbuf = None
+        if buf and not self.closed:
+            self.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))  # type: ignore[union-attr]
+
     def close(self) -> None:
+        if self.wbuf:
+            self.flush()
         if not self.closed:
             self.closed = True
             self.transport.close()  # type: ignore[union-attr]
@@ -357,12 +414,15 @@ class HttpClientConn(asyncio.Protocol):
         self.active = True
         if self.upgraded:
             return
+        self.ubuf = []
         try:
             self.parser.feed_data(data)
         except Reject as r:
+            self.uflush()
             self.reject(r.status, r.message)
             return
         except httptools.HttpParserUpgrade:
+            self.uflush()
             # Upgrade/CONNECT is not proxied: the request was forwarded without Upgrade,
             # so it is answered as a plain request; the connection closes after it.
             self.upgraded = True
@@ -372,12 +432,14 @@ class HttpClientConn(asyncio.Protocol):
                 self.cur.keep_alive = False
             return
         except httptools.HttpParserError as e:
+            self.uflush()
             cause = e.__cause__ or e.__context__
             if isinstance(cause, Reject):  # raised by our own callback (a limit)
                 self.reject(cause.status, cause.message)
             else:
                 self.reject(400, f"malformed request: {e}")
             return
+        self.uflush()
         if self.in_headers:
             self.hfed += len(data)
             if self.hfed > self.max_hdr + 1024:
@@ -411,7 +473,7 @@ class HttpClientConn(asyncio.Protocol):
             self.close()
             return
         rid = self.parsing.rid if self.parsing is not None and self.parsing.rid else self.engine.new_request_id()
-        self.transport.write(error_response(status, message, rid, close=True))  # type: ignore[union-attr]
+        self._w(error_response(status, message, rid, close=True))
         self.close()
 
     # --- request parsing callbacks -------------------------------------------------
@@ -513,7 +575,7 @@ class HttpClientConn(asyncio.Protocol):
     def send_body(self, ex: Exchange, data: bytes) -> None:
         up = ex.upstream
         if up is not None:
-            up.transport.write(data)  # type: ignore[union-attr]
+            self.uwrite(up, data)
             n = len(data)
             ex.body_sent += n
             if ex.copy is not None:
@@ -523,6 +585,8 @@ class HttpClientConn(asyncio.Protocol):
                 else:
                     ex.copy = None
         else:
+            if ex.pending is None:
+                ex.pending = []
             ex.pending.append(data)
             ex.pending_size += len(data)
             if ex.pending_size > PENDING_HIGH:
@@ -535,35 +599,37 @@ class HttpClientConn(asyncio.Protocol):
         ex.opts = opts
         self.cur = ex
         rt.requests += 1
-        rt.budget.deposit()
-        ex.deadline = self.loop.time() + opts.request_timeout if ex.body_done else float("inf")
-        if opts.max_body_bytes and ex.content_length is not None and ex.content_length > opts.max_body_bytes:
+        rt.budget.live += 1
+        if ex.body_done:
+            ex.deadline = self.loop.time() + opts.request_timeout
+        cl = ex.content_length
+        if cl is not None and opts.max_body_bytes and cl > opts.max_body_bytes:
             rt.rejected += 1
             self.send_error(ex, 413, "request body too large", close=True)
             return
-        ex.retryable = ex.method in IDEMPOTENT or ex.idem
-        if ex.retryable:
+        if ex.method in IDEMPOTENT or ex.idem:
+            ex.retryable = True
             ex.copy = []
         # upstream request head, built once for every attempt
         lines = ex.lines
         if ex.conn_tokens:
-            drop = set(ex.conn_tokens)
-            lines = [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in drop]
-        rid = ex.rid or self.engine.new_request_id()
-        ex.rid = rid
+            drop = set(ex.conn_tokens) - {b"close", b"keep-alive", b""}
+            if drop:
+                lines = [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in drop]
+        rid = ex.rid
+        if rid is None:
+            rid = ex.rid = self.engine.new_request_id()
         xff = ex.xff + b", " + self.peer if ex.xff else self.peer
-        parts = [ex.method, b" ", ex.url, b" HTTP/1.1\r\n"]
-        parts.extend(lines)
-        parts.append(b"X-Forwarded-For: " + xff + b"\r\nX-Forwarded-Proto: http\r\nX-Request-Id: " + rid + b"\r\n")
-        if ex.host is not None:
-            parts.append(b"X-Forwarded-Host: " + ex.host + b"\r\n")
         if ex.chunked_in:
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif ex.content_length is not None:
-            parts.append(b"Content-Length: %d\r\n\r\n" % ex.content_length)
+            framing = b"Transfer-Encoding: chunked\r\n"
+        elif cl is not None:
+            framing = b"Content-Length: %d\r\n" % cl
         else:
-            parts.append(b"\r\n")
-        ex.head = b"".join(parts)
+            framing = b""
+        if ex.host is not None:
+            framing = b"X-Forwarded-Host: " + ex.host + b"\r\n" + framing
+        ex.head = b"%b %b HTTP/1.1\r\n%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %b\r\n%b\r\n" % (
+            ex.method, ex.url, b"".join(lines), xff, rid, framing)
         if rt.uses_key:
             ex.key = self._hash_key(ex, rt)
         b = rt.pick(ex.key)
@@ -588,7 +654,8 @@ class HttpClientConn(asyncio.Protocol):
         ex.backend = b
         b.in_flight += 1
         b.requests += 1
-        ex.t_attempt = self.loop.time()
+        if ex.rt.track_latency:  # type: ignore[union-attr]
+            ex.t_attempt = self.loop.time()
         pool = b.pool
         while pool:
             up = pool.pop()
@@ -623,9 +690,9 @@ class HttpClientConn(asyncio.Protocol):
         ex.upstream = up
         if ex.pending:
             data = ex.pending
-            ex.pending = []
+            ex.pending = None
             ex.pending_size = 0
-            up.transport.writelines([ex.head, *data])  # type: ignore[union-attr]
+            self.uwrite(up, b"".join([ex.head, *data]))
             for d in data:
                 n = len(d)
                 ex.body_sent += n
@@ -637,7 +704,7 @@ class HttpClientConn(asyncio.Protocol):
                         ex.copy = None
             self.unpause(R_PENDING)
         else:
-            up.transport.write(ex.head)  # type: ignore[union-attr]
+            self.uwrite(up, ex.head)
         if up.write_paused:
             self.pause(R_UPSTREAM)
 
@@ -674,7 +741,7 @@ class HttpClientConn(asyncio.Protocol):
         ex.rt.retries += 1  # type: ignore[union-attr]
         nb.retries += 1
         if ex.body_sent:
-            ex.pending = ex.copy + ex.pending  # type: ignore[operator]
+            ex.pending = ex.copy + (ex.pending or [])  # type: ignore[operator]
             ex.pending_size = sum(len(d) for d in ex.pending)
             ex.copy = []
             ex.copy_size = 0
@@ -719,7 +786,7 @@ class HttpClientConn(asyncio.Protocol):
         ex.response_started = True
         ex.close_after = close
         if not self.closed:
-            self.transport.write(error_response(status, message, ex.rid or self.engine.new_request_id(),  # type: ignore[union-attr]
+            self._w(error_response(status, message, ex.rid or self.engine.new_request_id(),
                                                 retry_after=retry_after, close=close))
         self.finish(ex)
 
@@ -728,12 +795,7 @@ class HttpClientConn(asyncio.Protocol):
         """Forward a 1xx (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
         if ex.version != "1.1" or self.closed:
             return
-        out = [b"HTTP/1.1 %d %b\r\n" % (status, up.reason)]
-        for n, v in up.headers:
-            if n.lower() not in RESP_SPECIAL:
-                out.append(n + b": " + v + b"\r\n")
-        out.append(b"\r\n")
-        self.transport.write(b"".join(out))  # type: ignore[union-attr]
+        self._w(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, up.reason, b"".join(up.lines)))
 
     def response_head(self, up: UpstreamConn, ex: Exchange, status: int) -> None:
         rt = ex.rt
@@ -746,67 +808,55 @@ class HttpClientConn(asyncio.Protocol):
                     self.attempt_failed(ex, False, f"upstream answered {status}", target=nb)
                     return
             rt.record_failure(b, False, f"status {status}")  # type: ignore[union-attr]
-        else:
+        elif b.consecutive_failures or b.ejection_streak or rt.track_latency:  # type: ignore[union-attr]
             rt.record_success(b, self.loop.time() - ex.t_attempt)  # type: ignore[union-attr]
-        cl = None
-        chunked = False
-        tokens = None
-        out = [b"HTTP/1.1 %d %b\r\n" % (status, up.reason)]
-        for n, v in up.headers:
-            ln = n.lower()
-            if ln in RESP_SPECIAL:
-                if ln == b"content-length":
-                    cl = v
-                elif ln == b"transfer-encoding":
-                    chunked = True
-                elif ln == b"connection":
-                    tokens = [t.strip().lower() for t in v.split(b",")]
-                continue
-            out.append(n + b": " + v + b"\r\n")
-        if tokens:
-            drop = set(tokens)
-            out = [out[0]] + [x for x in out[1:] if x.split(b":", 1)[0].lower() not in drop]
-        head_only = ex.method == b"HEAD" or status == 204 or status == 304
-        if head_only:
-            if cl is not None and ex.method == b"HEAD":
-                out.append(b"Content-Length: " + cl + b"\r\n")
-        elif cl is not None and not chunked:
-            out.append(b"Content-Length: " + cl + b"\r\n")
-            ex.out_mode = OUT_RAW
-        elif ex.version == "1.1":
-            out.append(b"Transfer-Encoding: chunked\r\n")
-            ex.out_mode = OUT_CHUNKED
+        cl = up.cl
+        lines = up.lines
+        if up.tokens is not None:
+            drop = {t.strip().lower() for t in up.tokens.split(b",")} - {b"close", b"keep-alive", b""}
+            if drop:
+                lines = [x for x in lines if x.split(b":", 1)[0].lower() not in drop]
+        method = ex.method
+        if method == b"HEAD" or status == 204 or status == 304:
+            framing = b"Content-Length: " + cl + b"\r\n" if cl is not None and method == b"HEAD" else b""
+        elif cl is not None and not up.chunked:
+            framing = b"Content-Length: " + cl + b"\r\n"
         else:
-            ex.out_mode = OUT_RAW
-            ex.close_after = True
-        if not chunked and cl is None and not head_only:
-            up._close_delimited = True
+            up._close_delimited = not up.chunked
+            if ex.version == "1.1":
+                framing = b"Transfer-Encoding: chunked\r\n"
+                ex.out_mode = OUT_CHUNKED
+            else:
+                framing = b""
+                ex.close_after = True
         if not ex.keep_alive or ex.close_after or self.upgraded:
-            out.append(b"Connection: close\r\n\r\n")
+            framing += b"Connection: close\r\n"
             ex.close_after = True
         elif ex.version == "1.0":
-            out.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            out.append(b"\r\n")
+            framing += b"Connection: keep-alive\r\n"
         ex.response_started = True
-        if not self.closed:
-            self.transport.write(b"".join(out))  # type: ignore[union-attr]
-        if ex.method == b"HEAD":
+        head = b"HTTP/1.1 %d %b\r\n%b%b\r\n" % (status, up.reason, b"".join(lines), framing)
+        buf = self.wbuf
+        if buf is not None:
+            buf.append(head)
+        else:
+            self._w(head)
+        if method == b"HEAD":
             # llhttp cannot be told the request was HEAD: finish now, fresh parser next time
             up.parser = httptools.HttpResponseParser(up)
-            self.response_done(up, ex, reusable=cl is not None or chunked)
+            self.response_done(up, ex, reusable=cl is not None or up.chunked)
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
         if self.closed:
             return
         if ex.out_mode == OUT_CHUNKED:
-            self.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))  # type: ignore[union-attr]
+            self._w(b"%x\r\n%b\r\n" % (len(body), body))
         else:
-            self.transport.write(body)  # type: ignore[union-attr]
+            self._w(body)
 
     def response_done(self, up: UpstreamConn, ex: Exchange, reusable: bool) -> None:
         if ex.out_mode == OUT_CHUNKED and not self.closed:
-            self.transport.write(b"0\r\n\r\n")  # type: ignore[union-attr]
+            self._w(b"0\r\n\r\n")
         up.ex = None
         ex.upstream = None
         if not ex.body_done:
@@ -853,10 +903,10 @@ class HttpClientConn(asyncio.Protocol):
         if ex.close_after or not ex.keep_alive:
             self.close()
             return
-        self.last_active = self.loop.time()
+        self.active = True
         if self.deferred is not None:
             d, self.deferred = self.deferred, None
-            self.transport.write(error_response(d.status, d.message, self.engine.new_request_id(), close=True))  # type: ignore[union-attr]
+            self._w(error_response(d.status, d.message, self.engine.new_request_id(), close=True))
             self.close()
             return
         q = self.queue

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from halb.dataplane.balancers import Maglev, ewma_update, make_balancer
+from halb.dataplane.balancers import Maglev, PeakEwma, ewma_update, make_balancer
 from halb.dataplane.budget import RetryBudget
 from halb.dataplane.options import ServiceOptions
 from halb.dataplane.snapshot import BackendRoute, ServiceRoute
@@ -89,6 +89,7 @@ class ServiceRuntime:
         self.hash_header: bytes | None = None
         self.hash_cookie: bytes | None = None
         self.uses_key = False
+        self.track_latency = False
         # service totals (per worker)
         self.requests = 0
         self.errors = 0
@@ -132,6 +133,7 @@ class ServiceRuntime:
         ):
             self.balancer = make_balancer(algo, members)
         self.uses_key = isinstance(self.balancer, Maglev)
+        self.track_latency = isinstance(self.balancer, PeakEwma)
         hk = (route.hash_key or "source").strip()
         self.hash_header = self.hash_cookie = None
         if hk.lower().startswith("header:"):
@@ -198,14 +200,15 @@ class ServiceRuntime:
 
     # ---------------------------------------------------------------- outcomes
     def record_success(self, st: BackendState, latency: float | None = None) -> None:
-        st.consecutive_failures = 0
-        st.consecutive_connect_failures = 0
+        if st.consecutive_failures:
+            st.consecutive_failures = 0
+            st.consecutive_connect_failures = 0
         if st.ejection_streak and not st.ejected:
             now = self.clock()
             quiet = min(self.opts.outlier_base_ejection_s * (2 ** st.ejection_streak), self.opts.outlier_max_ejection_s)
             if now - st.ejected_until > quiet:
                 st.ejection_streak = 0
-        if latency is not None:
+        if latency is not None and self.track_latency:
             now = self.clock()
             st.ewma = ewma_update(st.ewma, st.ewma_stamp, latency, now, self.opts.ewma_decay_s)
             st.ewma_stamp = now

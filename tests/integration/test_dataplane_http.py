@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from typing import Any, AsyncIterator
 
 import pytest
@@ -322,5 +323,42 @@ def test_retry_on_503_status_and_idempotency_rules() -> None:
             r = await raw_request(port, b"POST /status/503 HTTP/1.1\r\nHost: x\r\nIdempotency-Key: k1\r\n"
                                         b"Content-Length: 2\r\n\r\nhi")
             assert sum(o.counts.get("POST /status/503", 0) for o, _ in os_) == 3
+
+    run(main())
+
+
+def test_pipelining_head_reuse_http10_and_expect_continue() -> None:
+    async def main() -> None:
+        async with origins("A") as os_, dataplane(snapshot(service("web", backends_of(os_)))) as dp:
+            port = dp.bound_port("web")
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                # three pipelined requests in one segment, incl. HEAD: answered in order
+                writer.write(b"GET /status/201 HTTP/1.1\r\nHost: x\r\n\r\nHEAD / HTTP/1.1\r\nHost: x\r\n\r\n"
+                             b"GET /status/202 HTTP/1.1\r\nHost: x\r\n\r\n")
+                data = b""
+                while data.count(b"HTTP/1.1 ") < 3 or not data.endswith(b"from A\n"):
+                    chunk = await asyncio.wait_for(reader.read(65536), 10)
+                    assert chunk
+                    data += chunk
+                statuses = [int(m) for m in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+                assert statuses == [201, 200, 202]
+            finally:
+                writer.close()
+            # HTTP/1.0 client without keep-alive: close-delimited is fine, connection closes
+            r = await raw_request(port, b"GET /bytes/1000 HTTP/1.0\r\n\r\n")
+            assert r.status == 200 and len(r.body) == 1000
+            # Expect: 100-continue is passed through: the client sees the interim 100 first
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+                await asyncio.sleep(0.1)
+                writer.write(b"abcd")
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                if head.startswith(b"HTTP/1.1 100"):
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert head.startswith(b"HTTP/1.1 200")
+            finally:
+                writer.close()
 
     run(main())
