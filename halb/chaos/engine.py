@@ -271,8 +271,7 @@ class DrillRun:
             res = await asyncio.to_thread(check_ledger, outcomes, self.target.db_path, self.load.key_prefix)
             if final:
                 self.ledger = res
-            out.append(ProbeResult("ledger", None if not res.checked else res.intact, res.to_dict() if final else
-                                   res.summary(), "every acknowledged order exactly once", res.summary()))
+            out.append(ProbeResult("ledger", None if not res.checked else res.intact, res.to_dict(), "every acknowledged order exactly once", res.summary()))
         self.events.append({"t": round(self.now(), 3), "kind": f"hypothesis.{when}",
                             "ok": all(p.ok is not False for p in out)})
         return out

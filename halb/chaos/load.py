@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 import uuid
@@ -95,6 +96,7 @@ class Outcome:
     served_by: str = ""
     order_id: str = ""
     replayed: bool = False
+    wrong_answer: str = ""
 
     @property
     def ok(self) -> bool:
@@ -103,7 +105,8 @@ class Outcome:
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "kind": self.kind, "t": round(self.scheduled, 4), "latency_ms": round(self.latency_ms, 2),
                 "status": self.status, "error": self.error, "attempts": self.attempts, "retried": self.retried,
-                "balancer": self.balancer, "served_by": self.served_by, "key": self.key, "order_id": self.order_id}
+                "balancer": self.balancer, "served_by": self.served_by, "key": self.key, "order_id": self.order_id,
+                **({"wrong_answer": self.wrong_answer} if self.wrong_answer else {})}
 
 
 class _Retry(Exception):
@@ -234,8 +237,14 @@ class LoadGenerator:
                     data = json.loads(raw)
                     out.order_id = data["order"]["id"]
                     out.replayed = bool(data.get("replayed"))
-                except (ValueError, KeyError, TypeError):
+                    got_key = data["order"].get("idempotency_key")
+                except (ValueError, KeyError, TypeError, AttributeError):
                     self._finish(out, status, "bad checkout answer (no order id)")
+                    return
+                if got_key is not None and got_key != out.key:
+                    # the customer was shown somebody else's order: a desynchronised response
+                    out.wrong_answer = f"order {out.order_id} belongs to key {got_key}"
+                    self._finish(out, status, "wrong answer (order of another request)")
                     return
             self._finish(out, status, "")
         else:
@@ -249,7 +258,7 @@ def percentile(values: list[float], p: float) -> float:
     if not values:
         return 0.0
     s = sorted(values)
-    k = max(0, min(len(s) - 1, int(round(p / 100 * len(s) + 0.5)) - 1))
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
     return s[k]
 
 
