@@ -58,6 +58,52 @@ R_PIPELINE = 4  # a pipelined request waits for the current one
 
 OUT_RAW, OUT_CHUNKED = 0, 1
 
+# response header lines the proxy removes (hop-by-hop, or re-framed) and Content-Length
+RESP_SCAN = re.compile(rb"\r\n(connection|keep-alive|proxy-connection|proxy-authenticate|trailer|"
+                       rb"transfer-encoding|upgrade|content-length)[ \t]*:", re.IGNORECASE)
+
+
+def scan_response_head(block: bytes) -> tuple[bytes, bool, bool, bytes | None]:
+    """Raw response head (status line + header lines, CRLF each) -> what the client gets.
+
+    Returns (block without "HTTP/1.x" and without hop-by-hop lines, has Content-Length,
+    is chunked, Connection header value). One regex scan instead of a Python callback per
+    header; llhttp has already validated the syntax.
+    """
+    cl = chunked = False
+    tokens = None
+    cuts = None
+    for m in RESP_SCAN.finditer(block):
+        name = m.group(1).lower()
+        if name == b"content-length":
+            cl = True
+            continue
+        i = m.start()
+        j = block.find(b"\r\n", m.end())
+        if name == b"transfer-encoding":
+            chunked = True
+        elif name == b"connection":
+            v = block[m.end():j].strip()
+            tokens = v if tokens is None else tokens + b"," + v
+        if cuts is None:
+            cuts = []
+        cuts.append((i, j))
+    if cuts is None:
+        return block[8:], cl, chunked, None
+    pieces = []
+    pos = 8
+    for i, j in cuts:
+        pieces.append(block[pos:i])
+        pos = j
+    pieces.append(block[pos:])
+    out = b"".join(pieces)
+    if tokens is not None:
+        drop = {t.strip().lower() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
+        if drop:  # headers named in Connection are hop-by-hop too
+            lines = out.split(b"\r\n")
+            out = b"\r\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in drop])
+    return out, cl, chunked, tokens
+
 
 class Reject(Exception):
     """Raised from parser callbacks to answer with an error and close."""
@@ -119,9 +165,8 @@ class Exchange:
 class UpstreamConn(asyncio.Protocol):
     """One keep-alive connection to a backend; parses responses for the bound exchange."""
 
-    __slots__ = ("backend", "loop", "transport", "parser", "ex", "client", "lines", "reason", "hsize",
-                 "final", "closed", "idle_since", "read_paused", "write_paused", "max_hdr", "_close_delimited",
-                 "cl", "chunked", "tokens")
+    __slots__ = ("backend", "loop", "transport", "parser", "ex", "client", "final", "closed", "idle_since",
+                 "read_paused", "write_paused", "max_hdr", "_close_delimited", "want_head", "hacc", "hpos")
 
     def __init__(self, backend: BackendState, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
@@ -130,12 +175,9 @@ class UpstreamConn(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.ex: Exchange | None = None
         self.client: HttpClientConn | None = None
-        self.lines: list[bytes] = []
-        self.cl: bytes | None = None
-        self.chunked = False
-        self.tokens: bytes | None = None
-        self.reason = b""
-        self.hsize = 0
+        self.want_head = True  # collecting the raw response head
+        self.hacc = b""
+        self.hpos = 0
         self.final = False
         self.closed = False
         self.idle_since = 0.0
@@ -176,6 +218,10 @@ class UpstreamConn(asyncio.Protocol):
         self.ex = ex
         self.client = client
         self.final = False
+        self.want_head = True
+        self.hacc = b""
+        self.hpos = 0
+        self._close_delimited = False
         self.max_hdr = ex.opts.max_header_bytes if ex.opts else 65536
         if client.write_paused:
             self.pause_reading()
@@ -211,6 +257,10 @@ class UpstreamConn(asyncio.Protocol):
         client.active = True  # type: ignore[union-attr]
         client.wbuf = []  # type: ignore[union-attr]
         try:
+            if self.want_head:
+                acc = self.hacc = self.hacc + data if self.hacc else data
+                if len(acc) - self.hpos > self.max_hdr and acc.find(b"\r\n\r\n", self.hpos) < 0:
+                    raise Reject(502, "upstream response head too large")
             self.parser.feed_data(data)
         except Exception as e:  # HttpParserError or a limit: the response is unusable
             ex = self.ex
@@ -225,45 +275,29 @@ class UpstreamConn(asyncio.Protocol):
             client.flush()  # type: ignore[union-attr]
 
     # --- httptools callbacks -----------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.lines = []
-        self.reason = b""
-        self.hsize = 0
-        self.cl = None
-        self.chunked = False
-        self.tokens = None
-        self._close_delimited = False
-
-    def on_status(self, status: bytes) -> None:
-        self.reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.hsize += len(name) + len(value) + 4
-        if self.hsize > self.max_hdr:
-            raise Reject(502, "upstream response headers too large")
-        ln = name.lower()
-        if ln in RESP_SPECIAL:  # hop-by-hop or re-framed by the proxy
-            if ln == b"content-length":
-                self.cl = value
-            elif ln == b"transfer-encoding":
-                self.chunked = True
-            elif ln == b"connection":
-                self.tokens = value if self.tokens is None else self.tokens + b"," + value
-            return
-        self.lines.append(name + b": " + value + b"\r\n")
-
+    # No on_header/on_status: a per-header callback cost ~0.8 us; the response head is
+    # taken from the raw bytes instead (llhttp still validates it and does the framing).
     def on_headers_complete(self) -> None:
         ex = self.ex
         if ex is None:
             return
+        acc = self.hacc
+        end = acc.find(b"\r\n\r\n", self.hpos)
+        if end < 0:  # llhttp accepted something that is not CRLF-delimited
+            raise Reject(502, "malformed upstream response head")
+        block = acc[self.hpos:end + 2]
+        self.hpos = end + 4
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
                 raise Reject(502, "unexpected protocol switch from upstream")
-            self.client.interim(ex, self, status)  # type: ignore[union-attr]
+            self.client.interim(ex, self, block)  # type: ignore[union-attr]
             return
+        self.want_head = False
+        self.hacc = b""
+        self.hpos = 0
         self.final = True
-        self.client.response_head(self, ex, status)  # type: ignore[union-attr]
+        self.client.response_head(self, ex, status, block)  # type: ignore[union-attr]
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
@@ -791,13 +825,14 @@ class HttpClientConn(asyncio.Protocol):
         self.finish(ex)
 
     # --- response side -----------------------------------------------------------
-    def interim(self, ex: Exchange, up: UpstreamConn, status: int) -> None:
+    def interim(self, ex: Exchange, up: UpstreamConn, block: bytes) -> None:
         """Forward a 1xx (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
         if ex.version != "1.1" or self.closed:
             return
-        self._w(b"HTTP/1.1 %d %b\r\n%b\r\n" % (status, up.reason, b"".join(up.lines)))
+        out, _, _, _ = scan_response_head(block)
+        self._w(b"HTTP/1.1" + out + b"\r\n")
 
-    def response_head(self, up: UpstreamConn, ex: Exchange, status: int) -> None:
+    def response_head(self, up: UpstreamConn, ex: Exchange, status: int, block: bytes) -> None:
         rt = ex.rt
         b = ex.backend
         if status >= 500:
@@ -810,19 +845,14 @@ class HttpClientConn(asyncio.Protocol):
             rt.record_failure(b, False, f"status {status}")  # type: ignore[union-attr]
         elif b.consecutive_failures or b.ejection_streak or rt.track_latency:  # type: ignore[union-attr]
             rt.record_success(b, self.loop.time() - ex.t_attempt)  # type: ignore[union-attr]
-        cl = up.cl
-        lines = up.lines
-        if up.tokens is not None:
-            drop = {t.strip().lower() for t in up.tokens.split(b",")} - {b"close", b"keep-alive", b""}
-            if drop:
-                lines = [x for x in lines if x.split(b":", 1)[0].lower() not in drop]
+        out, cl, chunked, _ = scan_response_head(block)
         method = ex.method
         if method == b"HEAD" or status == 204 or status == 304:
-            framing = b"Content-Length: " + cl + b"\r\n" if cl is not None and method == b"HEAD" else b""
-        elif cl is not None and not up.chunked:
-            framing = b"Content-Length: " + cl + b"\r\n"
+            framing = b""  # a HEAD response keeps its Content-Length line
+        elif cl and not chunked:
+            framing = b""  # Content-Length line passed through
         else:
-            up._close_delimited = not up.chunked
+            up._close_delimited = not chunked
             if ex.version == "1.1":
                 framing = b"Transfer-Encoding: chunked\r\n"
                 ex.out_mode = OUT_CHUNKED
@@ -835,7 +865,7 @@ class HttpClientConn(asyncio.Protocol):
         elif ex.version == "1.0":
             framing += b"Connection: keep-alive\r\n"
         ex.response_started = True
-        head = b"HTTP/1.1 %d %b\r\n%b%b\r\n" % (status, up.reason, b"".join(lines), framing)
+        head = b"HTTP/1.1%b%b\r\n" % (out, framing)
         buf = self.wbuf
         if buf is not None:
             buf.append(head)
@@ -844,7 +874,7 @@ class HttpClientConn(asyncio.Protocol):
         if method == b"HEAD":
             # llhttp cannot be told the request was HEAD: finish now, fresh parser next time
             up.parser = httptools.HttpResponseParser(up)
-            self.response_done(up, ex, reusable=cl is not None or up.chunked)
+            self.response_done(up, ex, reusable=cl or chunked)
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
         if self.closed:
@@ -862,8 +892,19 @@ class HttpClientConn(asyncio.Protocol):
         if not ex.body_done:
             reusable = False  # the backend answered before the whole body was sent
             ex.close_after = True
-        self._release(up, reusable)
-        self.unpause(R_UPSTREAM)
+        # hot path: _release inlined
+        b = up.backend
+        up.client = None
+        if (reusable and not up.closed and not b.removed and b.route.admin_state == "active"
+                and not b.ejected and len(b.pool) < ex.opts.pool_max_idle):  # type: ignore[union-attr]
+            if up.read_paused:
+                up.resume_reading()
+            up.idle_since = self.loop.time()
+            b.pool.append(up)
+        else:
+            up.close()
+        if self.read_pause:
+            self.unpause(R_UPSTREAM)
         self.finish(ex)
 
     def upstream_broke(self, ex: Exchange, reason: str) -> None:
@@ -895,7 +936,10 @@ class HttpClientConn(asyncio.Protocol):
 
     def finish(self, ex: Exchange) -> None:
         ex.finished = True
-        self._detach_backend(ex)
+        b = ex.backend
+        if b is not None:
+            ex.backend = None
+            b.in_flight -= 1
         if self.cur is ex:
             self.cur = None
         if self.closed:

@@ -22,6 +22,19 @@ from halb.dataplane.engine import DataPlane
 from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot, ServiceRoute
 
 
+def tune_gc() -> None:
+    """Long-lived startup objects leave the collector's view; young collections get rarer.
+
+    The proxy's per-request objects form no reference cycles, but every allocation still
+    counts towards collections that scan all tracked objects: ~10 % of request CPU.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20000, 20, 50)
+
+
 def _parse_value(v: str) -> object:
     for conv in (int, float):
         try:
@@ -51,6 +64,7 @@ async def _main(args: argparse.Namespace) -> None:
     dp = DataPlane("run", workers=args.workers)
     snap = build_snapshot(args)
     await dp.start(snap)
+    tune_gc()
     print("READY " + " ".join(str(dp.bound_port(s.name)) for s in snap.services if s.name in dp.listeners), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -166,6 +166,9 @@ async def _child(fd: int, node_id: str) -> None:
                 if not started:
                     await dp.start(snap)
                     started = True
+                    from halb.dataplane.run import tune_gc
+
+                    tune_gc()
                     loop.create_task(report())
                 else:
                     dp.update(snap)
