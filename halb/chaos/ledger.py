@@ -66,7 +66,8 @@ def check_ledger(outcomes: Iterable[Outcome], db_path: str | None, key_prefix: s
         stored = orders_by_idempotency_key(db_path)
     except FileNotFoundError as exc:
         return LedgerResult(checked=False, reason=str(exc))
-    acked = {o.key: o.order_id for o in outcomes if o.kind == "checkout" and o.ok and o.key}
+    # only finished 2xx answers: a request still in flight has acknowledged nothing yet
+    acked = {o.key: o.order_id for o in outcomes if o.kind == "checkout" and o.ok and o.key and o.order_id}
     return compare(acked, stored, key_prefix)
 
 

@@ -100,7 +100,8 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return not self.error
+        """Finished with a 2xx answer (a request still in flight is not ok yet)."""
+        return bool(self.finished) and not self.error
 
     def to_dict(self) -> dict[str, Any]:
         return {"seq": self.seq, "kind": self.kind, "t": round(self.scheduled, 4), "latency_ms": round(self.latency_ms, 2),

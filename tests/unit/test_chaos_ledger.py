@@ -64,3 +64,12 @@ def test_no_database_is_reported_not_passed(tmp_path: Path) -> None:
     assert not check_ledger([], None, "run-").checked
     res = check_ledger([], str(tmp_path / "missing.db"), "run-")
     assert not res.checked and "does not exist" in res.reason and not res.intact
+
+
+def test_in_flight_checkout_is_not_acknowledged(tmp_path: Path) -> None:
+    """A check while the load runs must not count a request still in flight (no answer yet)."""
+    db = crafted_db(tmp_path / "shop.db", [("o1", "run-1"), ("o2", "run-2")])
+    in_flight = Outcome(seq=2, kind="checkout", scheduled=0.5, key="run-2")  # stored, answer not read yet
+    pending = Outcome(seq=3, kind="checkout", scheduled=0.6, key="run-3")  # not stored yet
+    res = check_ledger([acked("run-1", "o1"), in_flight, pending], db, "run-")
+    assert res.intact and res.acknowledged == 1 and res.unacknowledged_stored == ["run-2"]
