@@ -63,6 +63,8 @@ class BackendSeed:
     weight: int = 100
     server: str = ""
     zone: str = ""
+    max_rps: float = 0.0
+    max_conns: int = 0
 
 
 @dataclass
@@ -299,6 +301,12 @@ def _parse_service(file: Path, prefix: str, raw: Any) -> ServiceSeed:
             raise bt.error("weight", f"must be between 0 and 10000, got {be.weight}")
         be.server = bt.take("server", str, "")
         be.zone = bt.take("zone", str, "")
+        be.max_rps = bt.take("max_rps", float, 0.0)
+        if be.max_rps < 0:
+            raise bt.error("max_rps", f"must be >= 0 (0: not declared), got {be.max_rps:g}")
+        be.max_conns = bt.take("max_conns", int, 0)
+        if be.max_conns < 0:
+            raise bt.error("max_conns", f"must be >= 0 (0: not declared), got {be.max_conns}")
         bt.done()
         if any(b.name == be.name for b in svc.backends):
             raise bt.error("name", f"backend name {be.name!r} is used twice in service {name!r}")
@@ -314,7 +322,7 @@ def service_seed_to_dict(seed: ServiceSeed) -> dict[str, Any]:
         "hash_key": seed.hash_key, "options": dict(seed.options, health=seed.health) if seed.health else dict(seed.options),
         "backends": {
             b.name: {"name": b.name, "address": b.address, "weight": b.weight, "server": b.server, "zone": b.zone,
-                     "admin_state": "active"}
+                     "max_rps": b.max_rps, "max_conns": b.max_conns, "admin_state": "active"}
             for b in seed.backends
         },
     }

@@ -61,6 +61,9 @@ class Backend:
     admin_state: str = "active"
     server: str = ""  # failure domain; defaults to the host part of address
     zone: str = ""
+    # declared capacity of this instance (0 = not declared); used by the N+1 resilience check
+    max_rps: float = 0.0
+    max_conns: int = 0
 
     def __post_init__(self) -> None:
         check_name(self.name, "backend name")
@@ -71,6 +74,15 @@ class Backend:
             raise ModelError(f"admin state {self.admin_state!r} must be one of {', '.join(ADMIN_STATES)}")
         if not self.server:
             self.server = host
+        if not isinstance(self.server, str) or len(self.server) > 128:
+            raise ModelError(f"backend server {self.server!r} must be a string of at most 128 characters")
+        if not isinstance(self.zone, str) or len(self.zone) > 128:
+            raise ModelError(f"backend zone {self.zone!r} must be a string of at most 128 characters")
+        if isinstance(self.max_rps, bool) or not isinstance(self.max_rps, (int, float)) or self.max_rps < 0:
+            raise ModelError(f"backend max_rps {self.max_rps!r} must be a number >= 0 (0: not declared)")
+        self.max_rps = float(self.max_rps)
+        if isinstance(self.max_conns, bool) or not isinstance(self.max_conns, int) or self.max_conns < 0:
+            raise ModelError(f"backend max_conns {self.max_conns!r} must be an integer >= 0 (0: not declared)")
 
 
 @dataclass

@@ -196,7 +196,7 @@ class AdminApi:
 
     async def backend_add(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        unknown = set(body) - {"name", "address", "weight", "server", "zone", "admin_state"}
+        unknown = set(body) - {"name", "address", "weight", "server", "zone", "admin_state", "max_rps", "max_conns"}
         if unknown:
             return json_error(400, "invalid", f"unknown field(s): {', '.join(sorted(unknown))}")
         try:

@@ -1,0 +1,97 @@
+"""The resilience report (halb/resilience.py): servers, zones and N+1 capacity."""
+from __future__ import annotations
+
+from halb.resilience import Instance, assess, instances_from_rows
+
+
+def I(name: str, server: str, **kw) -> Instance:  # noqa: E743 - short name for tables
+    return Instance(name=name, server=server, **kw)
+
+
+def test_one_server_two_instances_does_not_survive():
+    r = assess("checkout", [I("A", "A"), I("A2", "A")])
+    assert r.servers_healthy == ["A"] and r.instances_per_server == {"A": 2}
+    assert not r.survives_server_loss and r.status == "at_risk"
+    assert "all 2 healthy instances of checkout run on server A: one crash takes checkout down" in r.warnings
+    assert r.n_plus_one is None and r.survives_zone_loss is None
+
+
+def test_single_instance():
+    r = assess("web", [I("A", "A")])
+    assert r.warnings == ["the only healthy instance of web runs on server A: one crash takes web down"]
+
+
+def test_two_servers_survive_and_crowding_is_noted():
+    r = assess("checkout", [I("A", "A"), I("A2", "A"), I("B", "B")])
+    assert r.survives_server_loss and r.status == "ok"
+    assert r.warnings == ["server A runs 2 of the 3 healthy instances of checkout: they fail together"]
+
+
+def test_three_servers_one_down():
+    r = assess("checkout", [I("A", "A", healthy=False), I("A2", "A", healthy=False), I("B", "B"), I("C", "C")])
+    assert r.servers_down == ["A"] and r.servers_healthy == ["B", "C"]
+    assert r.survives_server_loss and r.status == "ok"
+    assert r.warnings[0] == "server A is down (2 instances of checkout not healthy)"
+
+
+def test_two_servers_one_down_does_not_survive_another():
+    r = assess("checkout", [I("A", "A", healthy=False), I("B", "B")])
+    assert r.status == "at_risk" and not r.survives_another_server_loss
+    assert any(w.startswith("checkout does not survive another server loss: the only healthy instance")
+               for w in r.warnings)
+
+
+def test_all_down():
+    r = assess("checkout", [I("A", "A", healthy=False)])
+    assert r.status == "down" and r.healthy_instances == 0
+    assert "checkout has no healthy instance: it is down" in r.warnings
+
+
+def test_capacity_n_plus_one_holds_and_fails():
+    # 3 servers, 40 rps each, 50 rps load: losing any one leaves 80 >= 50
+    insts = [I(n, n, max_rps=40, rps=50 / 3) for n in ("A", "B", "C")]
+    r = assess("checkout", insts)
+    assert r.n_plus_one is True and r.capacity[0].remaining == 80 and r.status == "ok"
+    # after A is lost: B + C carry 80, but losing B leaves 40 < 50
+    insts = [I("A", "A", max_rps=40, healthy=False), I("B", "B", max_rps=40, rps=25), I("C", "C", max_rps=40, rps=25)]
+    r = assess("checkout", insts)
+    assert r.survives_server_loss and r.n_plus_one is False and r.status == "at_risk"
+    assert not r.survives_another_server_loss
+    assert ("checkout does not survive another server loss (capacity): if server B dies, server C can carry "
+            "40 rps but checkout takes 50 rps now") in r.warnings
+
+
+def test_capacity_worst_server_is_the_biggest():
+    insts = [I("A", "A", max_rps=40, rps=30), I("A2", "A", max_rps=40, rps=30), I("B", "B", max_rps=40, rps=30)]
+    r = assess("checkout", insts)
+    c = r.capacity[0]
+    assert c.worst_server == "A" and c.remaining == 40 and c.load == 90 and not c.ok
+
+
+def test_capacity_conns_and_unknown_when_partial():
+    r = assess("db", [I("A", "A", max_conns=10, conns=4), I("B", "B", max_conns=10, conns=4)])
+    assert r.n_plus_one is True and r.capacity[0].dimension == "conns"
+    r = assess("db", [I("A", "A", max_conns=10, conns=8), I("B", "B", max_conns=10, conns=8)])
+    assert r.n_plus_one is False
+    r = assess("db", [I("A", "A", max_conns=10), I("B", "B")])
+    assert r.n_plus_one is None and r.capacity == []
+
+
+def test_zones():
+    r = assess("checkout", [I("A", "A", zone="z1"), I("B", "B", zone="z1")])
+    assert r.survives_server_loss and r.survives_zone_loss is False and r.status == "at_risk"
+    assert "all healthy instances of checkout are in zone z1: one zone outage takes checkout down" in r.warnings
+    r = assess("checkout", [I("A", "A", zone="z1"), I("B", "B", zone="z2")])
+    assert r.survives_zone_loss is True and r.zones_healthy == ["z1", "z2"] and r.status == "ok"
+
+
+def test_rows_conversion_counts_drain_and_weight_zero_as_unhealthy():
+    rows = [{"name": "A", "address": "10.0.0.1:80", "server": "", "verdict": "up", "admin_state": "drain", "weight": 100},
+            {"name": "B", "address": "10.0.0.2:80", "server": "B", "verdict": "up", "admin_state": "active", "weight": 0},
+            {"name": "C", "address": "10.0.0.3:80", "server": "C", "verdict": "up", "admin_state": "active",
+             "weight": 100, "max_rps": 5}]
+    insts = instances_from_rows(rows, {"C": {"rps": 3, "conns": 1}})
+    assert [i.healthy for i in insts] == [False, False, True]
+    assert insts[0].server == "10.0.0.1" and insts[2].rps == 3
+    d = assess("x", insts).to_dict()
+    assert d["survives_another_server_loss"] is False and d["status"] == "at_risk"
