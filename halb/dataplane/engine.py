@@ -55,12 +55,14 @@ class DataPlane:
         self._pool_supervisor: Any = None
         self._started = False
         self._retired: list[Listener] = []
+        self.now = 0.0  # coarse loop time, refreshed by the sweeper (for idle bookkeeping)
 
     # ------------------------------------------------------------------ public API
     async def start(self, snapshot: RoutingSnapshot) -> None:
         if self._started:
             raise RuntimeError("DataPlane already started")
         self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
         self._started = True
         if self.loop_uvloop and "uvloop" not in type(self.loop).__module__:
             log.info("data plane running on %s (uvloop is faster; the node chooses the loop)", type(self.loop).__name__)
@@ -216,7 +218,7 @@ class DataPlane:
         assert loop is not None
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
-            now = loop.time()
+            now = self.now = loop.time()
             try:
                 for lst in list(self.listeners.values()):
                     lst.rt.tick()

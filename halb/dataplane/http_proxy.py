@@ -517,7 +517,7 @@ class HttpClientConn(asyncio.Protocol):
         self.in_headers = True
         self.hfed = 0
         self.hsize = 0
-        self.header_start = self.loop.time()
+        self.header_start = 0.0  # stamped by the sweeper (0.25 s granularity, no clock call here)
         opts = self.listener.rt.opts
         self.max_hdr = opts.max_header_bytes
         self.max_body = opts.max_body_bytes
@@ -717,6 +717,12 @@ class HttpClientConn(asyncio.Protocol):
         if ex.backend is not b or ex.finished or self.closed:
             self._release(up, True)  # the request went away meanwhile: keep the connection
             return
+        if up.closed:
+            # Accepted and closed before we could send (e.g. a proxy in front of a dead
+            # backend): nothing was sent, so this is a connect failure. Writing to the closed
+            # transport would raise under uvloop and leave the request hanging.
+            self.attempt_failed(ex, True, "upstream closed right after connect")
+            return
         up.bind(ex, self)
         self._send_head(ex, up)
 
@@ -899,7 +905,7 @@ class HttpClientConn(asyncio.Protocol):
                 and not b.ejected and len(b.pool) < ex.opts.pool_max_idle):  # type: ignore[union-attr]
             if up.read_paused:
                 up.resume_reading()
-            up.idle_since = self.loop.time()
+            up.idle_since = self.engine.now
             b.pool.append(up)
         else:
             up.close()
@@ -984,7 +990,9 @@ class HttpClientConn(asyncio.Protocol):
             return
         opts = self.listener.rt.opts
         if self.in_headers:
-            if now - self.header_start > opts.header_timeout:
+            if not self.header_start:
+                self.header_start = now
+            elif now - self.header_start > opts.header_timeout:
                 self.reject(408, "request headers not received in time")
         elif now - self.last_active > opts.idle_timeout:
             self.close()
