@@ -133,6 +133,7 @@ class ClusterState:
             "member.remove": self._member_remove,
             "event.record": self._event_record,
             "health.observe": self._health_observe,
+            "health.observe_many": self._health_observe_many,
             "health.liveness": self._health_liveness,
             "health.release": self._health_release,
             "lease.renew": self._lease_renew,
@@ -296,9 +297,37 @@ class ClusterState:
     def _health_observe(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         service, name = args["service"], args["backend"]
         self.backend(service, name)
-        up = args["up"]
-        if not isinstance(up, bool):
+        if not isinstance(args["up"], bool):
             raise CommandError("invalid", "up must be true or false")
+        self._store_observation(args, cmd)
+        batch: list[dict[str, Any]] = []
+        verdict = self._recompute(service, name, cmd, batch)
+        self._flush_verdicts(batch, cmd)
+        return ok(verdict=verdict)
+
+    def _health_observe_many(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        """Several observations of one node in one command (typically every instance of a
+        server that failed together), so the verdicts they cause flip together and a whole
+        server going down is one `server.down` event, not N `backend.verdict` events."""
+        items = args["observations"]
+        if not isinstance(items, list) or not items or len(items) > 1000:
+            raise CommandError("invalid", "observations must be a list of 1-1000 items")
+        for item in items:  # validate everything before changing anything
+            if not isinstance(item, dict):
+                raise CommandError("invalid", "each observation must be an object")
+            self.backend(item["service"], item["backend"])
+            if not isinstance(item["up"], bool):
+                raise CommandError("invalid", "up must be true or false")
+        for item in items:
+            self._store_observation(item, cmd)
+        batch: list[dict[str, Any]] = []
+        verdicts = {f"{i['service']}/{i['backend']}": self._recompute(i["service"], i["backend"], cmd, batch)
+                    for i in items}
+        self._flush_verdicts(batch, cmd)
+        return ok(verdicts=verdicts)
+
+    def _store_observation(self, args: dict[str, Any], cmd: dict[str, Any]) -> None:
+        service, name, up = args["service"], args["backend"], args["up"]
         node = str(cmd.get("node") or "")
         key = f"{service}/{name}"
         obs = self.observations.setdefault(key, {})
@@ -308,7 +337,45 @@ class ClusterState:
             self.record(cmd, "health.observed", f"{node} observes {key} {'UP' if up else 'DOWN'}"
                         + (f" ({args.get('detail')})" if args.get("detail") and not up else ""),
                         service=service, backend=name, observer=node, up=up)
-        return ok(verdict=self._recompute(service, name, cmd))
+
+    def server_instances(self, server: str) -> list[tuple[str, str]]:
+        """(service, backend) of every instance on `server`, across services."""
+        return sorted((svc.name, be.name) for svc in self.services.values() for be in svc.backends.values()
+                      if be.server == server)
+
+    def _flush_verdicts(self, batch: list[dict[str, Any]], cmd: dict[str, Any]) -> None:
+        """Record the verdict changes one command caused.
+
+        When at least two instances of one server flip the same way in this command and
+        afterwards *every* instance of that server has that verdict, the server went down
+        (or came back) as a whole: one `server.down` / `server.up` event says so, with
+        each instance's detail in its data. Otherwise (including a server with a single
+        instance) each change is its own `backend.verdict` event, as before.
+        """
+        by_server: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for ch in batch:
+            by_server.setdefault((ch["server"], ch["verdict"]), []).append(ch)
+        grouped: set[int] = set()
+        for (server, verdict), changes in sorted(by_server.items()):
+            if len(changes) < 2:
+                continue
+            instances = self.server_instances(server)
+            same = ("down", "held") if verdict == "down" else ("up",)
+            if not all(self.verdicts.get(f"{s}/{b}", {}).get("verdict", "up") in same for s, b in instances):
+                continue
+            grouped.update(id(ch) for ch in changes)
+            names = [f"{ch['service']}/{ch['backend']}" for ch in changes]
+            services = sorted({ch["service"] for ch in changes})
+            self.record(cmd, f"server.{verdict}",
+                        f"server {server} {verdict.upper()} ({len(instances)} instance{'s' if len(instances) != 1 else ''}: "
+                        f"{', '.join(names)}) by majority ({changes[0]['detail']})",
+                        server=server, verdict=verdict, instances=len(instances), backends=names, services=services,
+                        changes=[{k: ch[k] for k in ("service", "backend", "verdict", "down", "up")} for ch in changes])
+        for ch in batch:
+            if id(ch) not in grouped:
+                self.record(cmd, "backend.verdict", f"{ch['service']}/{ch['backend']} is {ch['verdict'].upper()} "
+                            f"by majority ({ch['detail']})", service=ch["service"], backend=ch["backend"],
+                            verdict=ch["verdict"], down=ch["down"], up=ch["up"], server=ch["server"])
 
     def _health_liveness(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         live = sorted(str(m) for m in args["live"])
@@ -316,9 +383,11 @@ class ClusterState:
             return ok(changed=False)
         self.live_members = live
         self.record(cmd, "cluster.liveness", f"live members: {', '.join(live) or 'none'}", live=live)
+        batch: list[dict[str, Any]] = []
         for service, svc in self.services.items():
             for name in svc.backends:
-                self._recompute(service, name, cmd)
+                self._recompute(service, name, cmd, batch)
+        self._flush_verdicts(batch, cmd)
         return ok(changed=True)
 
     def _health_release(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
@@ -350,7 +419,9 @@ class ClusterState:
         return {"window_s": float(o.get("flap_window_s", 30.0)), "changes": int(o.get("flap_changes", 4)),
                 "hold_s": float(o.get("flap_hold_s", 10.0)), "max_hold_s": float(o.get("flap_max_hold_s", 300.0))}
 
-    def _recompute(self, service: str, name: str, cmd: dict[str, Any]) -> str:
+    def _recompute(self, service: str, name: str, cmd: dict[str, Any], batch: list[dict[str, Any]]) -> str:
+        """Majority verdict of one backend; a plain UP/DOWN change is appended to `batch`
+        (recorded by `_flush_verdicts`, which may fold a whole server into one event)."""
         key = f"{service}/{name}"
         at = float(cmd.get("at") or 0.0)
         obs = self.observations.get(key, {})
@@ -381,8 +452,8 @@ class ClusterState:
                         service=service, backend=name, hold_s=hold, down=down, up=up)
             return "held"
         v["verdict"], v["since"] = raw, at
-        self.record(cmd, "backend.verdict", f"{key} is {raw.upper()} by majority ({detail})",
-                    service=service, backend=name, verdict=raw, down=down, up=up)
+        batch.append({"service": service, "backend": name, "server": self.services[service].backends[name].server,
+                      "verdict": raw, "down": down, "up": up, "detail": detail})
         return raw
 
     # --- VIP quorum lease ---------------------------------------------------------------
