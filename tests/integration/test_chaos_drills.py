@@ -115,8 +115,8 @@ def test_partition_leader_passes(tmp_path: Path) -> None:
 @pytest.mark.timeout(150)
 def test_kill_backend_fails_on_a_cluster_without_retries_and_health_checks(tmp_path: Path) -> None:
     broken = tmp_path / "kill-backend-broken.toml"
-    broken.write_text("[cluster]\nservice_options = { retries = 0 }\nhealth = { interval = 3600 }\n\n"
-                      + (DRILLS / "kill-backend.toml").read_text())
+    broken.write_text((DRILLS / "kill-backend.toml").read_text()
+                      + "\n[cluster]\nservice_options = { retries = 0 }\nhealth = { interval = 3600 }\n")
     out = tmp_path / "report"
     proc = run_chaos(str(broken), "--cluster", "local", "--report", str(out))
     assert proc.returncode == 1, proc.stdout + proc.stderr
