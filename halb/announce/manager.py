@@ -152,6 +152,8 @@ class Announcement:
         op = cmd.get("op")
         now = self.clock()
         if op == "lease.renew":
+            if not (getattr(applied, "result", None) or {}).get("ok"):
+                return  # a rejected (stale-term) renewal changed nothing and grants nothing
             self.keeper.on_renewal_applied(cmd.get("id"), now)
             args = cmd.get("args") or {}
             self.last_holder = args.get("holder")
@@ -207,7 +209,7 @@ class Announcement:
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._on_result, _Result(token, err == 0, result))
 
-        args: dict[str, Any] = {"holder": self.node_id}
+        args: dict[str, Any] = {"holder": self.node_id, "term": self.raft.raft_status().term}
         if self.cfg.mode == "dns":
             args["address"] = self.cfg.address
         self.raft.submit("lease.renew", args, by=f"node:{self.node_id}", cid=cid, callback=done)

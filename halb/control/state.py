@@ -463,6 +463,12 @@ class ClusterState:
     def _lease_renew(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         holder = check_name(args["holder"], "lease holder")
         lease = self.lease
+        # pysyncobj forwards commands still queued on a deposed leader to the new leader, so
+        # a renewal submitted in an old Raft term can commit later: it must change nothing
+        term = int(args.get("term", 0))
+        if term and term < int(lease.get("term", 0)):
+            raise CommandError("conflict", f"stale lease renewal by {holder} from term {term} "
+                                           f"(lease is at term {lease['term']})")
         previous = dict(lease)
         if lease.get("holder") != holder:
             lease.clear()
@@ -474,6 +480,7 @@ class ClusterState:
                         holder=holder, previous=previous.get("holder"), epoch=lease["epoch"], handover=handover)
         lease["last_op"] = "renew"
         lease["renewals"] = int(lease.get("renewals", 0)) + 1
+        lease["term"] = max(term, int(previous.get("term", 0)))
         return ok(epoch=lease["epoch"], first=lease["renewals"] == 1, handover_from=lease.get("handover_from"))
 
     def _lease_release(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:

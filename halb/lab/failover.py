@@ -156,26 +156,33 @@ class Trial:
     old_gone_s: float | None
     new_holder: str | None
     failed_requests: int
+    outages_s: list[float] = field(default_factory=list)   # every outage in the window
 
     def row(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def longest_gap(reqs: list[Req], since: float, until: float) -> tuple[float, int]:
-    """Longest outage among requests sent in [since, until]: (seconds, failed count)."""
+def outages(reqs: list[Req], since: float, until: float) -> list[float]:
+    """Every client-visible outage among requests sent in [since, until], in seconds."""
     window = sorted((r for r in reqs if since <= r.sent <= until), key=lambda r: r.sent)
-    gap, start, failed = 0.0, None, 0
+    out: list[float] = []
+    start = None
     for r in window:
         if not r.ok:
-            failed += 1
             if start is None:
                 start = r.sent
         elif start is not None:
-            gap = max(gap, r.done - start)
+            out.append(r.done - start)
             start = None
     if start is not None:  # never recovered inside the window
-        gap = max(gap, until - start)
-    return gap, failed
+        out.append(until - start)
+    return out
+
+
+def longest_gap(reqs: list[Req], since: float, until: float) -> tuple[float, int]:
+    """Longest outage among requests sent in [since, until]: (seconds, failed count)."""
+    failed = sum(1 for r in reqs if since <= r.sent <= until and not r.ok)
+    return max(outages(reqs, since, until), default=0.0), failed
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -249,19 +256,21 @@ class FailoverRun:
         # wait for: VIP on another node and the client served again for a while
         moved_at = None
         deadline = t_fault + max_wait
-        thawed = False
+        thawed_at: float | None = None
         while time.monotonic() < deadline:
             now = time.monotonic()
-            if fault == "freeze" and not thawed and now - t_fault >= self.freeze_s:
+            if fault == "freeze" and thawed_at is None and now - t_fault >= self.freeze_s:
                 c.signal(holder, signal.SIGCONT)
-                thawed = True
+                thawed_at = now
             holders = self.sampler.current()
             if moved_at is None and any(h != holder for h in holders):
                 moved_at = now
+            # a resumed node may disturb the cluster (it runs for election): watch 2 s more
             if moved_at is not None and now - moved_at > 1.0 and self.client.recent_ok(30) \
-                    and (fault != "freeze" or thawed):
+                    and (fault != "freeze" or (thawed_at is not None and now - thawed_at > 2.0)):
                 break
             time.sleep(0.02)
+        thawed = thawed_at is not None
         t_end = time.monotonic()
         if fault == "freeze" and not thawed:
             c.signal(holder, signal.SIGCONT)
@@ -276,10 +285,12 @@ class FailoverRun:
             old_gone_s=None if gone is None else round(gone - t_fault, 3),
             new_holder=None if new is None else next(x for x in new[1] if x != holder),
             failed_requests=failed,
+            outages_s=[round(x, 3) for x in outages(self.client.reqs, t_fault - 0.5, t_end)],
         )
         self.trials.append(trial)
         self._say(f"{fault:9s} holder {holder} -> {trial.new_holder}: gap {trial.gap_s:.3f}s, "
-                  f"VIP moved {trial.garp_s}s, old gone {trial.old_gone_s}s, max holders {trial.max_holders}")
+                  f"VIP moved {trial.garp_s}s, old gone {trial.old_gone_s}s, max holders {trial.max_holders}, "
+                  f"outages {trial.outages_s}")
         self.restore(fault, holder)
         return trial
 
@@ -308,7 +319,8 @@ def summary(trials: list[Trial], overall_max: int | None = None) -> dict[str, An
     gaps = [t.gap_s for t in trials]
     out: dict[str, Any] = {
         "trials": [{"fault": t.fault, "gap_s": t.gap_s, "garp_s": t.garp_s, "max_holders": t.max_holders,
-                    "old_gone_s": t.old_gone_s, "holder": t.holder, "new_holder": t.new_holder}
+                    "old_gone_s": t.old_gone_s, "holder": t.holder, "new_holder": t.new_holder,
+                    "outages_s": t.outages_s}
                    for t in trials],
         "p50_gap_s": percentile(gaps, 50),
         "p99_gap_s": percentile(gaps, 99),

@@ -69,9 +69,9 @@ def test_frozen_holder_loses_the_vip_by_itself_first(run: FailoverRun) -> None:
     assert t.max_holders == 1
     # the kernel removed the frozen node's VIP (valid_lft) before the new holder added it
     assert t.old_gone_s is not None and t.garp_s is not None and t.old_gone_s < t.garp_s < 5.0
-    # resumed (SIGCONT) it steps down and never re-adds the VIP
-    seen = holders_during(run, 1.5)
-    assert all(len(h) == 1 and t.holder not in h for h in seen), set(seen)
+    # resumed (SIGCONT; the trial watched 2 s after it) it steps down and never re-adds the VIP
+    after = [h for ts, h in run.sampler.samples if ts >= time.monotonic() - 2.5]
+    assert after and all(len(h) <= 1 and t.holder not in h for h in after), set(after)
 
 
 def test_partitioned_holder_drops_the_vip(run: FailoverRun) -> None:

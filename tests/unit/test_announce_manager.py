@@ -15,6 +15,7 @@ class FakeStatus:
     state: str
     leader: str | None
     self_addr: str = "me:1"
+    term: int = 1
     partners: dict[str, bool] = field(default_factory=dict)
 
 

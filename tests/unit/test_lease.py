@@ -212,3 +212,21 @@ def test_parse_announce_modes_and_errors(tmp_path) -> None:
         with pytest.raises(AnnounceConfigError) as ei:
             parse_announce(raw)
         assert ei.value.key == key, (raw, str(ei.value))
+
+
+def test_state_machine_rejects_renewals_from_an_older_term() -> None:
+    """pysyncobj forwards a deposed leader's queued commands to the new leader: they must not
+    move the lease back."""
+    from halb.control.state import ClusterState
+
+    cs = ClusterState()
+
+    def renew_cmd(holder: str, term: int, cid: str) -> dict:
+        return cs.apply({"op": "lease.renew", "args": {"holder": holder, "term": term}, "id": cid,
+                         "by": "t", "node": holder, "at": 0}).result
+
+    assert renew_cmd("n2", 5, "a")["first"] is True
+    stale = renew_cmd("n3", 4, "b")
+    assert stale["ok"] is False and cs.lease["holder"] == "n2"
+    assert renew_cmd("n2", 5, "c")["first"] is False
+    assert renew_cmd("n3", 6, "d")["epoch"] == 2 and cs.lease["term"] == 6
