@@ -62,6 +62,38 @@ class NodeCollector:
             retries.add_metric(lv, stats.get("retries", 0))
             ejections.add_metric(lv, stats.get("ejections", 0))
         yield from (up, verdict, local, in_flight, ejected, requests, errors, retries, ejections)
+        yield from self.resilience()
+
+    def resilience(self) -> Iterator[Metric]:
+        """Per service: failure domains of its healthy instances (halb/resilience.py).
+        Gauges that are unknown (no zones or capacities declared) are left out, not 0."""
+        node = self.node
+        sl = ["node", "service"]
+        fams = {
+            "servers": GaugeMetricFamily("halb_service_servers_healthy",
+                                         "Servers (failure domains) with at least one healthy instance", labels=sl),
+            "zones": GaugeMetricFamily("halb_service_zones_healthy", "Zones with at least one healthy instance",
+                                       labels=sl),
+            "instances": GaugeMetricFamily("halb_service_instances_healthy", "Healthy instances", labels=sl),
+            "server_loss": GaugeMetricFamily("halb_service_survives_server_loss",
+                                             "1 when the healthy instances span at least two servers", labels=sl),
+            "zone_loss": GaugeMetricFamily("halb_service_survives_zone_loss",
+                                           "1 when the healthy instances span at least two zones", labels=sl),
+            "n_plus_one": GaugeMetricFamily("halb_service_n_plus_one",
+                                            "1 when the other servers can carry the current load (cluster-wide) "
+                                            "if the biggest server dies", labels=sl),
+        }
+        for r in node.resilience_view(None):
+            lv = [node.node_id, r["service"]]
+            fams["servers"].add_metric(lv, len(r["servers_healthy"]))
+            fams["instances"].add_metric(lv, r["healthy_instances"])
+            fams["server_loss"].add_metric(lv, 1 if r["survives_server_loss"] else 0)
+            if r["zones_healthy"] is not None:
+                fams["zones"].add_metric(lv, len(r["zones_healthy"]))
+                fams["zone_loss"].add_metric(lv, 1 if r["survives_zone_loss"] else 0)
+            if r["n_plus_one"] is not None:
+                fams["n_plus_one"].add_metric(lv, 1 if r["n_plus_one"] else 0)
+        yield from fams.values()
 
 
 class NodeMetrics:

@@ -166,6 +166,9 @@ class Node:
         self.dataplane.on_ejection.append(self._on_ejection)
         await self.dataplane.start(self.build_routing())
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
+        from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
+        self.load_meter = LoadMeter(self.node_id, self.dataplane.stats, self._peer_apis, self.token)
+        self.load_meter.start(self._http)
         self.add_listener(lambda cmd, applied: self._after_apply(cmd))
         # --- announce (VIP quorum lease / DNS; halb/announce/manager.py) ---
         from halb.announce.manager import start_announcement
@@ -176,6 +179,8 @@ class Node:
         """Stopped before Raft, in reverse order of start."""
         if self.announcer is not None:
             await self.announcer.stop()
+        if getattr(self, "load_meter", None) is not None:
+            await self.load_meter.stop()
         if self.dataplane is not None:
             await self.dataplane.stop()
         if self.health is not None:
@@ -223,7 +228,10 @@ class Node:
         async def dataplane_stats(request: web.Request) -> web.StreamResponse:
             return web.json_response({"node": self.node_id, **self.dataplane.stats()})
 
-        return [("/metrics", metrics), ("/v1/dataplane", dataplane_stats)]
+        async def load(request: web.Request) -> web.StreamResponse:
+            return web.json_response({"node": self.node_id, "load": self.load_meter.local()})
+
+        return [("/metrics", metrics), ("/v1/dataplane", dataplane_stats), ("/v1/load", load)]
 
     # --- events from the tick thread --------------------------------------------------
 
@@ -376,6 +384,32 @@ class Node:
                 })
         return rows
 
+    def _peer_apis(self) -> list[tuple[str, str]]:
+        with self.raft.read() as cs:
+            return [(m.id, m.api) for m in cs.members.values() if m.id != self.node_id and m.api]
+
+    def resilience_view(self, service: str | None = None) -> list[dict[str, Any]]:
+        """Per service: servers/zones its healthy instances span, server/zone loss, N+1
+        (halb/resilience.py), with the load summed over the members that answered."""
+        from halb.resilience import assess, instances_from_rows
+
+        meter = getattr(self, "load_meter", None)
+        cluster = meter.cluster() if meter is not None else {"load": {}, "nodes": [], "unreachable": []}
+        source = {"scope": "cluster", "nodes": cluster.get("nodes", []), "unreachable": cluster.get("unreachable", []),
+                  "window_s": cluster.get("window_s"), "age_s": round(max(0.0, time.time() - cluster.get("at", time.time())), 1)}
+        rows_by_service: dict[str, list[dict[str, Any]]] = {}
+        names = [s["name"] for s in self.services_view()]
+        for row in self.backends_view(service):
+            rows_by_service.setdefault(row["service"], []).append(row)
+        out = []
+        for name in names:
+            if service is not None and name != service:
+                continue
+            rows = rows_by_service.get(name, [])
+            report = assess(name, instances_from_rows(rows, cluster["load"].get(name, {})), source)
+            out.append(report.to_dict())
+        return out
+
     def events_view(self, since: int, limit: int) -> list[dict[str, Any]]:
         with self.raft.read() as cs:
             events = [to_primitive(e) for e in cs.events if e.seq > since]
@@ -395,15 +429,30 @@ class Node:
             "commit_index": st.commit_index,
             "last_applied": st.last_applied,
             "members": self.members_view(),
-            "services": [{"name": s["name"], "mode": s["mode"], "listen": s["listen_nodes"],
-                          "algorithm": s["algorithm"], "backends": len(s["backends"])}
-                         for s in self.services_view()],
+            "services": self._status_services(),
             "seeded": seeded,
             "last_event": last_event,
             "uptime_s": round(time.time() - self.started_at, 1),
             "pid": os.getpid(),
             "announce": self.announcer.status() if self.announcer is not None else {"mode": "none"},
         }
+
+    def _status_services(self) -> list[dict[str, Any]]:
+        """Services for the status view; at-risk ones (resilience) first, with their warnings."""
+        try:
+            reports = {r["service"]: r for r in self.resilience_view()}
+        except Exception:  # the status view must answer even if the report cannot be built
+            log.exception("resilience report")
+            reports = {}
+        out = []
+        for s in self.services_view():
+            r = reports.get(s["name"], {})
+            out.append({"name": s["name"], "mode": s["mode"], "listen": s["listen_nodes"],
+                        "algorithm": s["algorithm"], "backends": len(s["backends"]),
+                        "resilience": r.get("status", "unknown"), "servers_healthy": len(r.get("servers_healthy", [])),
+                        "warnings": r.get("warnings", [])})
+        rank = {"down": 0, "at_risk": 1}
+        return sorted(out, key=lambda s: (rank.get(s["resilience"], 2), s["name"]))
 
     # --- membership and leadership ----------------------------------------------------
 

@@ -97,6 +97,8 @@ class AdminApi:
         r.add_get("/v1/services", self.services)
         r.add_post("/v1/services", self.service_add)
         r.add_get("/v1/services/{svc}", self.service_get)
+        r.add_get("/v1/services/{svc}/resilience", self.service_resilience)
+        r.add_get("/v1/resilience", self.resilience_all)
         r.add_delete("/v1/services/{svc}", self.service_remove)
         r.add_get("/v1/backends", self.backends_all)
         r.add_get("/v1/services/{svc}/backends", self.backends)
@@ -149,8 +151,19 @@ class AdminApi:
         name = request.match_info["svc"]
         for svc in self.node.services_view():
             if svc["name"] == name:
-                return web.json_response(self.envelope(service=svc))
+                reports = self.node.resilience_view(name)
+                return web.json_response(self.envelope(service=dict(svc, resilience=reports[0] if reports else None)))
         return json_error(404, "not_found", f"service {name!r} does not exist")
+
+    async def service_resilience(self, request: web.Request) -> web.Response:
+        name = request.match_info["svc"]
+        reports = self.node.resilience_view(name)
+        if not reports:
+            return json_error(404, "not_found", f"service {name!r} does not exist")
+        return web.json_response(self.envelope(resilience=reports[0]))
+
+    async def resilience_all(self, request: web.Request) -> web.Response:
+        return web.json_response(self.envelope(resilience=self.node.resilience_view(None)))
 
     async def service_add(self, request: web.Request) -> web.Response:
         body = await read_json(request)

@@ -34,10 +34,10 @@ def list_(ctx: click.Context, service: str | None, as_json: bool) -> None:
         emit_json(rows)
         return
     click.echo(table(
-        [(r["service"], r["name"], r["address"], r.get("server"), r["weight"], r["admin_state"],
+        [(r["service"], r["name"], r["address"], r.get("server"), r.get("zone") or "-", r["weight"], r["admin_state"],
           _verdict(r), ",".join(f"{n}={o}" for n, o in sorted(r.get("observations", {}).items())) or "-",
           r.get("in_flight", "-"), _local_error(r)) for r in rows],
-        ["SERVICE", "NAME", "ADDRESS", "SERVER", "WEIGHT", "ADMIN", "VERDICT", "OBSERVATIONS", "IN-FLIGHT",
+        ["SERVICE", "NAME", "ADDRESS", "SERVER", "ZONE", "WEIGHT", "ADMIN", "VERDICT", "OBSERVATIONS", "IN-FLIGHT",
          "LAST CHECK ERROR (this node)"],
     ))
 
@@ -61,12 +61,16 @@ def _local_error(r: dict) -> str:
 @click.argument("address")
 @click.option("--weight", default=100, show_default=True, type=click.IntRange(0, 10000))
 @click.option("--server", default="", help="Failure domain (host) the instance runs on; default: its address.")
-@click.option("--zone", default="")
+@click.option("--zone", default="", help="Zone (larger failure domain) the server is in; optional.")
+@click.option("--max-rps", type=click.FloatRange(min=0), default=0.0,
+              help="Requests per second this instance can take (0: not declared); for the N+1 check.")
+@click.option("--max-conns", type=click.IntRange(min=0), default=0,
+              help="Concurrent requests/connections this instance can take (0: not declared).")
 @json_option
 @click.pass_context
 @api_command
 def add(ctx: click.Context, service: str | None, name: str, address: str, weight: int, server: str,
-        zone: str, as_json: bool) -> None:
+        zone: str, max_rps: float, max_conns: int, as_json: bool) -> None:
     """Add backend NAME at HOST:PORT."""
     try:
         parse_hostport(address)
@@ -74,12 +78,17 @@ def add(ctx: click.Context, service: str | None, name: str, address: str, weight
         raise click.BadParameter(str(exc), param_hint="ADDRESS") from None
     client = client_from(ctx)
     svc = resolve_service(client, service)
-    res = client.post(_path(svc), {"name": name, "address": address, "weight": weight, "server": server,
-                                   "zone": zone})
+    body = {"name": name, "address": address, "weight": weight, "server": server, "zone": zone}
+    if max_rps:
+        body["max_rps"] = max_rps
+    if max_conns:
+        body["max_conns"] = max_conns
+    res = client.post(_path(svc), body)
     if wants_json(ctx, as_json):
         emit_json(res)
     else:
-        click.echo(f"added backend {svc}/{name} at {address} (weight {weight})")
+        be = res.get("backend", {})
+        click.echo(f"added backend {svc}/{name} at {address} (weight {weight}, server {be.get('server', server)})")
 
 
 @backend.command("remove")

@@ -43,9 +43,15 @@ def print_status(status: dict[str, Any]) -> None:
     click.echo(table(rows, ["MEMBER", "RAFT STATE", "RAFT", "API", "VOTER"]))
     if status.get("services"):
         click.echo("")
-        rows = [(s["name"], s["mode"], s.get("algorithm"), s.get("backends"), ", ".join(s.get("listen", [])))
-                for s in status["services"]]
-        click.echo(table(rows, ["SERVICE", "MODE", "ALGORITHM", "BACKENDS", "LISTEN"]))
+        risk = {"ok": "ok", "at_risk": "AT RISK", "down": "DOWN"}
+        rows = [(s["name"], s["mode"], s.get("algorithm"), s.get("backends"), s.get("servers_healthy", "-"),
+                 risk.get(s.get("resilience", ""), s.get("resilience", "-")), ", ".join(s.get("listen", [])))
+                for s in status["services"]]  # the node sorts services at risk first
+        click.echo(table(rows, ["SERVICE", "MODE", "ALGORITHM", "BACKENDS", "SERVERS", "RESILIENCE", "LISTEN"]))
+        for s in status["services"]:
+            if s.get("resilience") in ("at_risk", "down"):
+                for w in s.get("warnings", []):
+                    click.echo(f"WARNING: {w}")
 
 
 @cluster.command("status")

@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_NODES = [("n1", "127.0.0.11"), ("n2", "127.0.0.12"), ("n3", "127.0.0.13")]
-DEFAULT_BACKENDS = [("A", "127.0.0.21:8080"), ("B", "127.0.0.22:8080"), ("C", "127.0.0.23:8080")]
+# The demo shop: checkout on servers A, B and C, with a second instance (A2) on server A so
+# the resilience report has something to say (docs/resilience.md).
+DEFAULT_BACKENDS = [("A", "127.0.0.21:8080"), ("A2", "127.0.0.21:8081"), ("B", "127.0.0.22:8080"),
+                    ("C", "127.0.0.23:8080")]
+DEFAULT_BACKEND_OPTIONS = {"A": {"server": "A"}, "A2": {"server": "A"}, "B": {"server": "B"}, "C": {"server": "C"}}
 
 
 @dataclass
@@ -49,10 +53,13 @@ class ClusterSpec:
     health: dict[str, Any] = field(default_factory=lambda: {"kind": "http", "path": "/health", "interval": 1.0,
                                                             "timeout": 0.5, "rise": 2, "fall": 2})
     dataplane_extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id -> [dataplane] keys
+    # backend name -> extra [[services.backends]] keys: server, zone, max_rps, max_conns, weight
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @classmethod
     def default(cls) -> "ClusterSpec":
-        return cls(nodes=[NodeSpec(i, h) for i, h in DEFAULT_NODES])
+        return cls(nodes=[NodeSpec(i, h) for i, h in DEFAULT_NODES],
+                   backend_options={k: dict(v) for k, v in DEFAULT_BACKEND_OPTIONS.items()})
 
 
 def _toml_key(k: str) -> str:
@@ -107,8 +114,10 @@ def node_config_text(spec: ClusterSpec, node: NodeSpec) -> str:
         lines += ["", "# Active health check every node runs against every backend (docs/health.md).",
                   "[services.health]", *(f"{k} = {_toml_value(v)}" for k, v in spec.health.items())]
     for name, addr in spec.backends:
+        extra = dict(spec.backend_options.get(name, {}))
+        weight = extra.pop("weight", 100)
         lines += ["", "[[services.backends]]", f"name = {_toml_value(name)}", f"address = {_toml_value(addr)}",
-                  "weight = 100"]
+                  f"weight = {_toml_value(weight)}", *(f"{k} = {_toml_value(v)}" for k, v in extra.items())]
     return "\n".join(lines) + "\n"
 
 

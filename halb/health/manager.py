@@ -31,10 +31,14 @@ class HealthManager:
     on_local_change: Callable[[], None]
     on_result: Callable[[str, str, Any], None] | None = None
     dial: dict[str, str] = field(default_factory=dict)  # backend address -> address to check instead
+    # max seconds to hold a report while other instances of its server fail too;
+    # None: one check interval of the service (interval x (1 + jitter))
+    server_hold: float | None = None
     prober: Prober = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
     _check_errors: dict[str, str] = field(init=False, default_factory=dict)
+    _held_since: dict[tuple[str, bool], float] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.prober = Prober(self._transition, on_result=self.on_result)
@@ -114,23 +118,68 @@ class HealthManager:
                 await asyncio.sleep(1.0)
 
     async def _report_observations(self) -> None:
+        """Send the settled local view where it differs from what the cluster holds.
+
+        Correlated failure: when an instance's change is pending while *other* instances
+        of the same server are moving the same way (failing but not yet DOWN, or passing
+        but not yet settled UP), the report is held for at most `server_hold` seconds (about
+        one check interval) so that the whole server's instances go out in one
+        `health.observe_many` command: their verdicts then flip together and the cluster
+        records one `server.down` event instead of N verdicts trickling in.
+        """
         states = self.prober.states()
         with self.raft.read() as cs:
             replicated = {key: obs.get(self.node_id) for key, obs in cs.observations.items()}
             targets = self.prober.targets()
+            server_of = {(svc.name, be.name): be.server for svc in cs.services.values()
+                         for be in svc.backends.values()}
+        pending: list[dict[str, Any]] = []
+        moving: dict[tuple[str, bool], int] = {}  # (server, up) -> instances still on their way there
         for (service, backend), h in states.items():
             if (service, backend) not in targets:
                 continue
-            settled = (not h.up) or h.consecutive_successes >= targets[(service, backend)][2].rise
+            rise = targets[(service, backend)][2].rise
+            settled = (not h.up) or h.consecutive_successes >= rise
+            server = server_of.get((service, backend), "")
+            if h.up and h.consecutive_failures > 0:
+                moving[(server, False)] = moving.get((server, False), 0) + 1
+            elif not h.up and h.consecutive_successes > 0:
+                moving[(server, True)] = moving.get((server, True), 0) + 1
             if not settled:
                 continue
             mine = replicated.get(f"{service}/{backend}")
             cluster_up = True if mine is None else mine["up"]
             if cluster_up == h.up:
                 continue
-            detail = "" if h.up else h.last_error
-            await self.writer.write("health.observe", {"service": service, "backend": backend, "up": h.up,
-                                                       "detail": detail}, by=f"node:{self.node_id}")
+            check = targets[(service, backend)][2]
+            hold = self.server_hold if self.server_hold is not None else check.interval * (1 + check.jitter)
+            pending.append({"service": service, "backend": backend, "up": h.up,
+                            "detail": "" if h.up else h.last_error, "server": server, "hold": hold})
+        now = time.monotonic()
+        ready: list[dict[str, Any]] = []
+        for item in pending:
+            group = (item["server"], item["up"])
+            if moving.get(group) and item["hold"] > 0:
+                since = self._held_since.setdefault(group, now)
+                if now - since < item["hold"]:
+                    continue  # other instances of this server are on their way: wait for them
+            ready.append(item)
+        for group in [g for g in self._held_since if not moving.get(g)
+                      and not any((i["server"], i["up"]) == g for i in pending)]:
+            del self._held_since[group]
+        if not ready:
+            return
+        for item in ready:
+            self._held_since.pop((item["server"], item["up"]), None)
+        by = f"node:{self.node_id}"
+        items = [{k: v for k, v in i.items() if k not in ("server", "hold")} for i in ready]
+        if len(items) == 1:
+            await self.writer.write("health.observe", items[0], by=by)
+        else:
+            if len(ready) > 1:
+                log.info("reporting %d observations in one command (%s)", len(items),
+                         ", ".join(f"{i['service']}/{i['backend']} {'UP' if i['up'] else 'DOWN'}" for i in items))
+            await self.writer.write("health.observe_many", {"observations": items}, by=by)
 
     async def _leader_duties(self, st: Any) -> None:
         now = time.time()

@@ -41,5 +41,6 @@ def test_committed_local_3node_configs_match_the_generator():
         path = REPO / "cluster_configs" / "local-3node" / f"{node.id}.toml"
         assert path.read_text() == node_config_text(spec, node)
         cfg = load_config(path)
-        assert [b.address for b in cfg.services[0].backends] == ["127.0.0.21:8080", "127.0.0.22:8080",
-                                                                  "127.0.0.23:8080"]
+        assert [b.address for b in cfg.services[0].backends] == ["127.0.0.21:8080", "127.0.0.21:8081",
+                                                                  "127.0.0.22:8080", "127.0.0.23:8080"]
+        assert [b.server for b in cfg.services[0].backends] == ["A", "A", "B", "C"]

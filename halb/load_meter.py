@@ -1,0 +1,144 @@
+"""Current load per backend, for the N+1 part of the resilience report.
+
+The data plane counts requests per backend (cumulative) and knows what is in flight; it
+does not keep rates, and it should not (the hot path stays free of bookkeeping). The
+meter samples those counters once a second and turns them into a request rate over a
+sliding window (`window_s`, 10 s).
+
+Whether a service survives losing a server depends on the load of the whole cluster,
+not of one balancer: clients spread over every node. So each node serves its own local
+load at `GET /v1/load`, and the meter sums the local loads of every registered member
+(polled every `cluster_every_s`, 2 s, with a short timeout; a node that does not answer
+is listed in `unreachable` and contributes nothing). The summed figure is what the
+resilience report uses; it lags the truth by up to a window.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+
+log = logging.getLogger("halb.load")
+
+Load = dict[str, dict[str, dict[str, float]]]  # service -> backend -> {"rps", "conns"}
+
+
+@dataclass
+class RateWindow:
+    """Samples of one cumulative counter -> its rate over the last `window_s` seconds."""
+
+    window_s: float = 10.0
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, t: float, count: int) -> None:
+        if self.samples and count < self.samples[-1][1]:
+            self.samples.clear()  # counter reset (backend re-created): start over
+        self.samples.append((t, count))
+        while len(self.samples) > 2 and t - self.samples[1][0] >= self.window_s:
+            self.samples.popleft()
+
+    def rate(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]
+        return (c1 - c0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+@dataclass
+class LoadMeter:
+    node_id: str
+    stats: Callable[[], dict[str, Any]]  # the data plane's stats()
+    peers: Callable[[], list[tuple[str, str]]]  # (member id, api address) of the other members
+    token: str
+    window_s: float = 10.0
+    sample_every_s: float = 1.0
+    cluster_every_s: float = 2.0
+    _windows: dict[tuple[str, str], RateWindow] = field(init=False, default_factory=dict)
+    _local: Load = field(init=False, default_factory=dict)
+    _cluster: dict[str, Any] = field(init=False, default_factory=dict)
+    _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
+
+    def start(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+        self.sample()
+        self._tasks = [asyncio.create_task(self._every(self.sample_every_s, self._sample_async), name="load-sample"),
+                       asyncio.create_task(self._every(self.cluster_every_s, self.refresh_cluster), name="load-cluster")]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _every(self, seconds: float, fn: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await fn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("load meter")
+
+    async def _sample_async(self) -> None:
+        self.sample()
+
+    def sample(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        services = self.stats().get("services", {})
+        local: Load = {}
+        seen = set()
+        for svc, s in services.items():
+            for be, b in s.get("backends", {}).items():
+                key = (svc, be)
+                seen.add(key)
+                w = self._windows.setdefault(key, RateWindow(self.window_s))
+                w.add(now, int(b.get("requests", 0)))
+                local.setdefault(svc, {})[be] = {"rps": round(w.rate(), 3), "conns": int(b.get("in_flight", 0))}
+        for key in [k for k in self._windows if k not in seen]:
+            del self._windows[key]
+        self._local = local
+
+    def local(self) -> Load:
+        return self._local
+
+    async def refresh_cluster(self) -> None:
+        peers = self.peers()
+
+        async def one(member: str, api: str) -> tuple[str, Load | None]:
+            try:
+                async with self._session.get(f"http://{api}/v1/load", headers={"Authorization": f"Bearer {self.token}"},
+                                             timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+                    if resp.status != 200:
+                        return member, None
+                    return member, (await resp.json()).get("load", {})
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                return member, None
+
+        results = await asyncio.gather(*(one(m, a) for m, a in peers))
+        total: Load = {}
+        nodes, unreachable = [self.node_id], []
+        for member, load in [(self.node_id, self._local), *results]:
+            if load is None:
+                unreachable.append(member)
+                continue
+            if member != self.node_id:
+                nodes.append(member)
+            for svc, backends in load.items():
+                for be, v in backends.items():
+                    cur = total.setdefault(svc, {}).setdefault(be, {"rps": 0.0, "conns": 0})
+                    cur["rps"] = round(cur["rps"] + float(v.get("rps", 0.0)), 3)
+                    cur["conns"] += int(v.get("conns", 0))
+        self._cluster = {"load": total, "nodes": sorted(nodes), "unreachable": sorted(unreachable),
+                         "at": time.time(), "window_s": self.window_s}
+
+    def cluster(self) -> dict[str, Any]:
+        """Summed load of every member that answered (this node's own until the first poll)."""
+        if not self._cluster:
+            return {"load": self._local, "nodes": [self.node_id], "unreachable": [], "at": time.time(),
+                    "window_s": self.window_s}
+        return self._cluster
