@@ -175,6 +175,12 @@ def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s:
     from halb.lab.cluster import LabCluster
     from halb.lab.failover import FailoverRun, summary
 
+    import signal
+
+    def _term(*_: object) -> None:
+        raise SystemExit(143)  # run the finally blocks: stop the nodes, remove the namespaces
+
+    signal.signal(signal.SIGTERM, _term)
     lab_ = _lab(ctx)
     as_json = as_json or bool(ctx.obj.get("json"))
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo

@@ -111,6 +111,7 @@ class ReplicatedState(SyncObj):
             raftMinTimeout=raft.election_timeout_min,
             raftMaxTimeout=raft.election_timeout_max,
             appendEntriesPeriod=raft.heartbeat_interval,
+            appendEntriesUseBatch=raft.append_entries_batch,
             connectionRetryTime=raft.connection_retry,
             connectionTimeout=raft.connection_timeout,
             leaderFallbackTimeout=raft.leader_fallback_timeout,
