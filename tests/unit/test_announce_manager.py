@@ -191,3 +191,27 @@ def test_stop_deletes_the_vip() -> None:
     asyncio.run(go())
     assert not vip.present
     assert log.index("release") < log.index("submit lease.release True")
+
+
+class FakeHooks:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def notify(self, state: str, vip: str) -> bool:
+        self.calls.append((state, vip))
+        return True
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_notify_hooks_fire_on_transitions() -> None:
+    ann, raft, vip, clock, log = make()
+    hooks = FakeHooks()
+    ann.hooks = hooks
+    ann._notify("BACKUP")                      # what start() does
+    drive(ann, clock, 2.0)
+    raft.leader = False
+    drive(ann, clock, 0.05)
+    assert [s for s, _ in hooks.calls] == ["BACKUP", "MASTER", "BACKUP"]
+    assert all(v == "10.0.0.1" for _, v in hooks.calls)
