@@ -89,8 +89,8 @@ def run(ctx: click.Context, drills: tuple[str, ...], cluster: str, report_dir: s
     try:
         results = asyncio.run(_run_all(loaded, cluster, out_dir, duration, rate, pid_map, db_path, token_file, keep,
                                        progress))
-    except KeyboardInterrupt:
-        click.echo("halb: interrupted; every process started by this run was stopped", err=True)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        click.echo("\nhalb: interrupted; every process started by this run was stopped", err=True)
         sys.exit(130)
     except _UsageError as exc:
         click.echo(f"halb: {exc}", err=True)
@@ -119,8 +119,9 @@ async def _run_all(drills: list[Any], cluster: str, out_dir: Path, duration: flo
 
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
-    if main is not None:
+    if main is not None:  # Ctrl-C and SIGTERM cancel the run; clean-up runs in finally blocks
         loop.add_signal_handler(signal.SIGTERM, main.cancel)
+        loop.add_signal_handler(signal.SIGINT, main.cancel)
     results: list[dict[str, Any]] = []
     try:
         for drill in drills:
@@ -131,6 +132,7 @@ async def _run_all(drills: list[Any], cluster: str, out_dir: Path, duration: flo
             click.echo(f"{data['result'].upper()}: {drill.slug} -> {paths['html']}", err=True)
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGINT)
     return results
 
 
