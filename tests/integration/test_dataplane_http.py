@@ -362,3 +362,54 @@ def test_pipelining_head_reuse_http10_and_expect_continue() -> None:
                 writer.close()
 
     run(main())
+
+
+def test_garbage_and_truncated_requests_never_break_the_proxy() -> None:
+    import random
+
+    rng = random.Random(42)
+    valid = (b"POST /sink HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nX-Request-Id: a b\r\n"
+             b"Connection: close, x\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+
+    async def main() -> None:
+        async with origins("A") as os_, dataplane(snapshot(service("web", backends_of(os_), header_timeout=0.5,
+                                                                    request_timeout=1.0, idle_timeout=1.0))) as dp:
+            port = dp.bound_port("web")
+
+            async def poke(data: bytes) -> None:
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                except OSError:
+                    return
+                try:
+                    writer.write(data)
+                    if rng.random() < 0.5:
+                        writer.write_eof()
+                    await asyncio.wait_for(reader.read(65536), 4)
+                except (OSError, asyncio.TimeoutError):
+                    pass
+                finally:
+                    writer.close()
+
+            cases = []
+            for _ in range(150):
+                kind = rng.random()
+                if kind < 0.3:
+                    cases.append(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))))
+                elif kind < 0.7:  # valid request cut or mutated at a random place
+                    data = bytearray(valid[:rng.randrange(1, len(valid))])
+                    if data and rng.random() < 0.5:
+                        data[rng.randrange(len(data))] = rng.randrange(256)
+                    cases.append(bytes(data))
+                else:
+                    cases.append(valid.replace(b"5\r\n", b"%x\r\n" % rng.randrange(1 << 20), 1))
+            for i in range(0, len(cases), 75):
+                await asyncio.gather(*(poke(c) for c in cases[i:i + 75]))
+            r = await fetch(port)
+            assert r.status == 200
+            await asyncio.sleep(2.5)  # let timeouts fire on the half-open ones
+            assert (await fetch(port)).status == 200
+            s = dp.stats()["services"]["web"]
+            assert s["in_flight"] == 0 and s["connections"] <= 1
+
+    run(main(), timeout=50)
