@@ -41,6 +41,7 @@ class ServiceOptions:
     retry_buffer_bytes: int = 65536  # request bodies up to this size are kept for replay
     retry_on_status: tuple[int, ...] = (502, 503, 504)  # upstream statuses retried (if replayable)
     server_aware: bool = True  # a retry prefers a backend on a different `server`
+    server_balance: bool = False  # pick a server first, then an instance on it (server_spread.py)
     # --- passive outlier detection ---------------------------------------------------
     outlier_consecutive_failures: int = 5  # consecutive 5xx / resets / timeouts -> eject
     outlier_consecutive_connect_failures: int = 1  # consecutive connect failures -> eject

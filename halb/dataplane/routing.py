@@ -18,6 +18,7 @@ from typing import Any, Callable
 from halb.dataplane.balancers import Maglev, PeakEwma, ewma_update, make_balancer
 from halb.dataplane.budget import RetryBudget
 from halb.dataplane.options import ServiceOptions
+from halb.dataplane.server_spread import ServerSpread, wants_server_spread
 from halb.dataplane.snapshot import BackendRoute, ServiceRoute
 
 log = logging.getLogger(__name__)
@@ -128,12 +129,13 @@ class ServiceRuntime:
             st.close_pool()
         members = tuple((b.name, b.weight) for b in route.backends if b.admin_state != "maint" and b.weight > 0)
         algo = route.algorithm
+        spread = wants_server_spread(self.opts.server_balance, algo)
         if self.balancer is None or old_algo != algo or (
             isinstance(self.balancer, Maglev) and self.balancer.members != members
-        ):
-            self.balancer = make_balancer(algo, members)
+        ) or spread != isinstance(self.balancer, ServerSpread):
+            self.balancer = ServerSpread(algo) if spread else make_balancer(algo, members)
         self.uses_key = isinstance(self.balancer, Maglev)
-        self.track_latency = isinstance(self.balancer, PeakEwma)
+        self.track_latency = isinstance(getattr(self.balancer, "outer", self.balancer), PeakEwma)
         hk = (route.hash_key or "source").strip()
         self.hash_header = self.hash_cookie = None
         if hk.lower().startswith("header:"):
