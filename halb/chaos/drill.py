@@ -38,6 +38,9 @@ ACTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "kill-backend": (("target",), {}),
     "start-backend": (("target",), {}),
     "restart-backend": (("target",), {}),
+    # servers (every backend on a failure domain at once; [cluster.backends] server labels)
+    "kill-server": (("target",), {}),
+    "start-server": (("target",), {}),
     # network (fault proxy links)
     "partition-balancer": (("target",), {}),
     "heal-balancer": (("target",), {}),
@@ -51,17 +54,19 @@ ACTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "transfer-leader": ((), {"to": "", "expect_error": 0}),
     # flow
     "pause": (("seconds",), {}),
-    "wait-until": (("condition",), {"timeout": 15.0, "backend": "", "is": "", "target": "", "count": 0}),
+    "wait-until": (("condition",), {"timeout": 15.0, "backend": "", "is": "", "target": "", "count": 0, "kind": "",
+                                    "service": ""}),
 }
 
 ARG_TYPES: dict[str, type | tuple[type, ...]] = {
     "target": str, "link": str, "type": str, "name": str, "stream": str, "toxicity": float, "attributes": dict,
     "expect_error": int, "id": str, "to": str, "seconds": float, "condition": str, "timeout": float,
-    "backend": str, "is": str, "count": int, "graceful": bool,
+    "backend": str, "is": str, "count": int, "graceful": bool, "kind": str, "service": str,
 }
 
 CONDITIONS = ("leader-elected", "leader-changed", "no-quorum", "verdict", "balancer-ready", "all-ready", "members",
-              "drained")
+              "drained", "event", "resilience")
+RESILIENCE = ("survives", "does-not-survive")  # survives_another_server_loss of the resilience report
 VERDICTS = ("up", "down", "held")
 TOXIC_TYPES = ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "noop")
 STREAMS = ("upstream", "downstream", "both")
@@ -69,7 +74,7 @@ CLIENT_RETRY = ("connect", "idempotent")
 
 # actions whose effect stays until a matching action (used for the shaded fault windows)
 FAULT_OPENERS = {"kill-balancer", "freeze-balancer", "stop-balancer", "kill-backend", "partition-balancer",
-                 "add-toxic", "drain-backend"}
+                 "add-toxic", "drain-backend", "kill-server"}
 
 
 @dataclass
@@ -126,6 +131,8 @@ class ClusterOverrides:
 
     service_options: dict[str, Any] = field(default_factory=dict)
     health: dict[str, Any] = field(default_factory=dict)
+    # backend name -> {server, zone, max_rps, max_conns}; empty: A, B, C on servers A, B, C
+    backends: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -290,6 +297,13 @@ def _parse_load(file: Path, raw: dict[str, Any]) -> LoadSpec:
 def _parse_cluster(file: Path, raw: dict[str, Any]) -> ClusterOverrides:
     t = _Table(file, "cluster", raw)
     co = ClusterOverrides(service_options=t.take("service_options", dict, {}), health=t.take("health", dict, {}))
+    backends = t.take("backends", dict, {})
+    for name, raw_be in backends.items():
+        bt = _Table(file, f"cluster.backends.{name}", raw_be)
+        be = {"server": bt.take("server", str, name), "zone": bt.take("zone", str, ""),
+              "max_rps": bt.number("max_rps", 0.0), "max_conns": int(bt.number("max_conns", 0.0))}
+        bt.done()
+        co.backends[name] = {k: v for k, v in be.items() if v not in ("", 0, 0.0)}
     t.done()
     return co
 
@@ -338,6 +352,10 @@ def _check_step(t: _Table, step: Step) -> None:
             raise t.error("target", "is required for condition 'balancer-ready'")
         if cond == "members" and a["count"] < 1:
             raise t.error("count", "condition 'members' needs count >= 1")
+        if cond == "event" and not a["kind"]:
+            raise t.error("kind", "condition 'event' needs kind = an audit event kind, e.g. \"server.down\"")
+        if cond == "resilience" and a["is"] not in RESILIENCE:
+            raise t.error("is", f"condition 'resilience' needs is = one of {', '.join(RESILIENCE)}, got {a['is']!r}")
     if step.action in ("add-toxic", "remove-toxic"):
         _check_link(t, a["link"])
     if step.action == "add-toxic":

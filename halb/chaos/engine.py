@@ -389,6 +389,14 @@ class DrillRun:
                 else:
                     self._close_fault(f"backend:{n}")
             return "; ".join(msgs)
+        if act in ("kill-server", "start-server"):  # every backend of a failure domain at once
+            what = act.split("-")[0]
+            msg = await self._call(tg.server, a["target"], what)
+            if what == "kill":
+                self._open_fault(f"server:{a['target']}", f"kill server {a['target']}")
+            else:
+                self._close_fault("server:*" if a["target"] == "all" else f"server:{a['target']}")
+            return msg
         if act in ("partition-balancer", "heal-balancer"):
             cut = act == "partition-balancer"
             if not cut and a["target"] == "all":
@@ -519,6 +527,19 @@ class DrillRun:
                 be = next((b for b in m.backends if b.get("name") == a["backend"]), None)
                 ok = be is not None and be.get("admin_state") == "drain" and be.get("in_flight", 0) == 0
                 last = f"backend {a['backend']}: {None if be is None else (be.get('admin_state'), be.get('in_flight'))}"
+            elif cond == "event":  # an audit event of that kind since the method started
+                seen = [e for e in m.audit if e["kind"] == f"audit:{a['kind']}" and e["t"] >= (self.method_start or 0)]
+                ok = bool(seen)
+                last = seen[-1]["message"] if seen else f"no {a['kind']} event yet"
+            elif cond == "resilience":
+                svc = a["service"] or self.target.service
+                try:
+                    r = (await self._call(self.target.api_call, "GET", f"/v1/services/{svc}/resilience"))["resilience"]
+                    survives = bool(r.get("survives_another_server_loss"))
+                    ok = survives == (a["is"] == "survives")
+                    last = f"{svc}: {r.get('status')}; " + ("; ".join(r.get("warnings", [])) or "no warnings")
+                except ApiError as exc:
+                    ok, last = False, f"resilience report: {exc.code}: {exc.message}"
             else:  # validated at parse time
                 raise StepFailed(f"unknown condition {cond}")
             if ok:

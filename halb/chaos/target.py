@@ -107,6 +107,9 @@ class Target:
     def backend(self, name: str, what: str) -> str:
         raise Unsupported(f"{what}-backend needs a process this run started: only with --cluster local")
 
+    def server(self, server: str, what: str) -> str:
+        raise Unsupported(f"{what}-server needs the backend processes this run started: only with --cluster local")
+
     def partition(self, node_id: str, cut: bool) -> str:
         raise Unsupported("partitions need the fault proxy on the Raft links: only with --cluster local")
 
@@ -178,6 +181,16 @@ class LocalOptions:
     nodes: int = 3
     backends: tuple[str, ...] = ("A", "B", "C")
     keep_dir: bool = False
+    # backend name -> {server, zone, max_rps, max_conns} (a drill's [cluster.backends]); when
+    # given it also decides which backends run. Backends of one server share its address.
+    backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend_options:
+            self.backends = tuple(self.backend_options)
+
+    def server_of(self, backend: str) -> str:
+        return str(self.backend_options.get(backend, {}).get("server") or backend)
 
 
 class LocalTarget(Target):
@@ -219,15 +232,22 @@ class LocalTarget(Target):
                  for i, h in enumerate(hosts)]
         service_port = free_port(hosts, self._taken)
         backends: list[tuple[str, str]] = []
-        for i, name in enumerate(self.opts.backends):
-            host = f"{p}{21 + i}"
+        servers: list[str] = []
+        for name in self.opts.backends:
+            server = self.opts.server_of(name)
+            if server not in servers:
+                servers.append(server)
+            host = f"{p}{21 + servers.index(server)}"  # one loopback address per server
             real = f"{host}:{free_port([host], self._taken)}"
             self.backend_real[name] = real
             backends.append((name, self.faults.create(f"backend-{name}", "127.0.0.1:0", real)))
         options = dict(self.opts.service_options)
         if self.opts.health:
             options["health"] = dict(self.opts.health)
-        self.spec = ClusterSpec(nodes=nodes, service_port=service_port, backends=backends, service_options=options)
+        # the seeded addresses are fault-proxy ports on 127.0.0.1: label each backend's server
+        labels = {n: dict(self.opts.backend_options.get(n, {}), server=self.opts.server_of(n)) for n in self.opts.backends}
+        self.spec = ClusterSpec(nodes=nodes, service_port=service_port, backends=backends, service_options=options,
+                                backend_options=labels)
         init_cluster_dir(self.directory, self.spec)
         dial: dict[str, dict[str, str]] = {n.id: {} for n in nodes}
         for x in nodes:
@@ -382,6 +402,27 @@ class LocalTarget(Target):
                 child.stop(timeout=5.0)
             return f"restarted backend {name} (pid {old} -> {self._start_backend(name).pid})"
         raise TargetError(f"unknown backend action {what}")
+
+    def server(self, server: str, what: str) -> str:
+        """kill: SIGKILL every backend on `server` at once; start: start them all again."""
+        names = [n for n in self.opts.backends if self.opts.server_of(n) == server]
+        if server == "all" and what == "start":
+            names = list(self.opts.backends)
+        if not names:
+            known = sorted({self.opts.server_of(n) for n in self.opts.backends})
+            raise TargetError(f"no backend on server {server!r} (servers: {', '.join(known)})")
+        if what == "kill":
+            running = [(n, self.backend_procs[n]) for n in names if n in self.backend_procs and self.backend_procs[n].alive()]
+            if not running:
+                raise TargetError(f"no backend of server {server} is running")
+            for _, child in running:  # signal all first: the server dies at once, not one by one
+                child.signal(signal.SIGKILL)
+            for _, child in running:
+                child.proc.wait(5)
+            return f"SIGKILL server {server}: " + ", ".join(f"{n} (pid {c.pid})" for n, c in running)
+        if what == "start":
+            return "; ".join(self.backend(n, "start") for n in names)
+        raise TargetError(f"unknown server action {what}")
 
     def _links_of(self, node_id: str) -> list[str]:
         self._node_spec(node_id)
