@@ -63,20 +63,21 @@ RESP_SCAN = re.compile(rb"\r\n(connection|keep-alive|proxy-connection|proxy-auth
                        rb"transfer-encoding|upgrade|content-length)[ \t]*:", re.IGNORECASE)
 
 
-def scan_response_head(block: bytes) -> tuple[bytes, bool, bool, bytes | None]:
+def scan_response_head(block: bytes) -> tuple[bytes, int, bool, bytes | None]:
     """Raw response head (status line + header lines, CRLF each) -> what the client gets.
 
-    Returns (block without "HTTP/1.x" and without hop-by-hop lines, has Content-Length,
+    Returns (block without "HTTP/1.x" and without hop-by-hop lines, Content-Length or -1,
     is chunked, Connection header value). One regex scan instead of a Python callback per
     header; llhttp has already validated the syntax.
     """
-    cl = chunked = False
+    cl = -1
+    chunked = False
     tokens = None
     cuts = None
     for m in RESP_SCAN.finditer(block):
         name = m.group(1).lower()
         if name == b"content-length":
-            cl = True
+            cl = int(block[m.end():block.find(b"\r\n", m.end())])  # llhttp validated it
             continue
         i = m.start()
         j = block.find(b"\r\n", m.end())
@@ -166,7 +167,8 @@ class UpstreamConn(asyncio.Protocol):
     """One keep-alive connection to a backend; parses responses for the bound exchange."""
 
     __slots__ = ("backend", "loop", "transport", "parser", "ex", "client", "final", "closed", "idle_since",
-                 "read_paused", "write_paused", "max_hdr", "_close_delimited", "want_head", "hacc", "hpos")
+                 "read_paused", "write_paused", "max_hdr", "_close_delimited", "want_head", "hacc", "hpos",
+                 "remaining", "bypass", "ka")
 
     def __init__(self, backend: BackendState, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
@@ -178,6 +180,9 @@ class UpstreamConn(asyncio.Protocol):
         self.want_head = True  # collecting the raw response head
         self.hacc = b""
         self.hpos = 0
+        self.remaining = -1  # Content-Length body bytes still to come (-1: not counted)
+        self.bypass = False  # relaying the rest of a known-length body without the parser
+        self.ka = True
         self.final = False
         self.closed = False
         self.idle_since = 0.0
@@ -221,6 +226,8 @@ class UpstreamConn(asyncio.Protocol):
         self.want_head = True
         self.hacc = b""
         self.hpos = 0
+        self.remaining = -1
+        self.bypass = False
         self._close_delimited = False
         self.max_hdr = ex.opts.max_header_bytes if ex.opts else 65536
         if client.write_paused:
@@ -255,6 +262,9 @@ class UpstreamConn(asyncio.Protocol):
             return
         client = self.client
         client.active = True  # type: ignore[union-attr]
+        if self.bypass:
+            self._relay(ex, client, data)  # type: ignore[arg-type]
+            return
         client.wbuf = []  # type: ignore[union-attr]
         try:
             if self.want_head:
@@ -273,6 +283,27 @@ class UpstreamConn(asyncio.Protocol):
                     client.attempt_failed(ex, False, f"bad response: {e}")  # type: ignore[union-attr]
         finally:
             client.flush()  # type: ignore[union-attr]
+        if self.remaining > 0 and self.ex is ex:
+            # the rest of a Content-Length body bypasses llhttp: no per-chunk callback and
+            # no copy of the slice (bulk transfers); a fresh parser serves the next response
+            self.bypass = True
+            self.ka = self.parser.should_keep_alive()
+
+    def _relay(self, ex: Exchange, client: "HttpClientConn", data: bytes) -> None:
+        n = len(data)
+        rem = self.remaining
+        if n < rem:
+            self.remaining = rem - n
+            if not client.closed:
+                client.transport.write(data)  # type: ignore[union-attr]
+            return
+        self.bypass = False
+        self.remaining = -1
+        self.parser = httptools.HttpResponseParser(self)
+        if not client.closed:
+            client.transport.write(data if n == rem else data[:rem])  # type: ignore[union-attr]
+        # bytes beyond the announced length: the backend broke framing, do not reuse
+        client.response_done(self, ex, reusable=self.ka and n == rem)
 
     # --- httptools callbacks -----------------------------------------------------
     # No on_header/on_status: a per-header callback cost ~0.8 us; the response head is
@@ -303,6 +334,8 @@ class UpstreamConn(asyncio.Protocol):
         ex = self.ex
         if ex is None:
             return
+        if self.remaining >= 0:
+            self.remaining -= len(body)
         if ex.out_mode == OUT_CHUNKED:
             body = b"%x\r\n%b\r\n" % (len(body), body)
         buf = self.client.wbuf  # type: ignore[union-attr]
@@ -314,6 +347,7 @@ class UpstreamConn(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.ex
         if ex is not None and self.final:
+            self.remaining = -1
             self.client.response_done(self, ex, reusable=self.parser.should_keep_alive())  # type: ignore[union-attr]
 
 
@@ -855,8 +889,9 @@ class HttpClientConn(asyncio.Protocol):
         method = ex.method
         if method == b"HEAD" or status == 204 or status == 304:
             framing = b""  # a HEAD response keeps its Content-Length line
-        elif cl and not chunked:
+        elif cl >= 0 and not chunked:
             framing = b""  # Content-Length line passed through
+            up.remaining = cl
         else:
             up._close_delimited = not chunked
             if ex.version == "1.1":
@@ -880,7 +915,7 @@ class HttpClientConn(asyncio.Protocol):
         if method == b"HEAD":
             # llhttp cannot be told the request was HEAD: finish now, fresh parser next time
             up.parser = httptools.HttpResponseParser(up)
-            self.response_done(up, ex, reusable=cl or chunked)
+            self.response_done(up, ex, reusable=cl >= 0 or chunked)
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
         if self.closed:
