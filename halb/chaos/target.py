@@ -420,8 +420,11 @@ class LocalTarget(Target):
             for _, child in running:
                 child.proc.wait(5)
             return f"SIGKILL server {server}: " + ", ".join(f"{n} (pid {c.pid})" for n, c in running)
-        if what == "start":
-            return "; ".join(self.backend(n, "start") for n in names)
+        if what == "start":  # all at once, as when the server boots: start every process, then wait
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(names)) as pool:
+                return "; ".join(pool.map(lambda n: self.backend(n, "start"), names))
         raise TargetError(f"unknown server action {what}")
 
     def _links_of(self, node_id: str) -> list[str]:
