@@ -220,16 +220,12 @@ class UpstreamConn(asyncio.Protocol):
                 self.transport.close()
 
     def bind(self, ex: Exchange, client: "HttpClientConn") -> None:
+        # hacc/hpos/remaining/bypass are back at rest whenever a connection is reusable
         self.ex = ex
         self.client = client
         self.final = False
         self.want_head = True
-        self.hacc = b""
-        self.hpos = 0
-        self.remaining = -1
-        self.bypass = False
-        self._close_delimited = False
-        self.max_hdr = ex.opts.max_header_bytes if ex.opts else 65536
+        self.max_hdr = ex.opts.max_header_bytes  # type: ignore[union-attr]
         if client.write_paused:
             self.pause_reading()
         elif self.read_paused:
