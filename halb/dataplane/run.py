@@ -22,7 +22,7 @@ from halb.dataplane.engine import DataPlane
 from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot, ServiceRoute
 
 
-def tune_gc() -> None:
+def tune_process() -> None:
     """Long-lived startup objects leave the collector's view; young collections get rarer.
 
     The proxy's per-request objects form no reference cycles, but every allocation still
@@ -33,6 +33,25 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20000, 20, 50)
+    tune_malloc()
+
+
+def tune_malloc() -> None:
+    """Keep freed read buffers in the heap instead of returning them to the kernel.
+
+    uvloop hands each read (up to 256 KiB) over as a new bytes object; with glibc's
+    defaults every other one grew and trimmed the heap (brk) and touched fresh, zeroed
+    pages: measurable on bulk transfers. A 4 MiB mmap threshold and 64 MiB trim threshold
+    keep those pages in use; peak RSS is unchanged, it is just not given back at once.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-1, 64 * 1024 * 1024)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 4 * 1024 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _parse_value(v: str) -> object:
@@ -64,7 +83,7 @@ async def _main(args: argparse.Namespace) -> None:
     dp = DataPlane("run", workers=args.workers)
     snap = build_snapshot(args)
     await dp.start(snap)
-    tune_gc()
+    tune_process()
     print("READY " + " ".join(str(dp.bound_port(s.name)) for s in snap.services if s.name in dp.listeners), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

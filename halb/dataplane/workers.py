@@ -166,9 +166,9 @@ async def _child(fd: int, node_id: str) -> None:
                 if not started:
                     await dp.start(snap)
                     started = True
-                    from halb.dataplane.run import tune_gc
+                    from halb.dataplane.run import tune_process
 
-                    tune_gc()
+                    tune_process()
                     loop.create_task(report())
                 else:
                     dp.update(snap)
