@@ -420,7 +420,10 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
               "granularity is enough;",
               "* `gc.freeze()` after start-up and a higher gen-0 threshold (no reference cycles per request): ~10 %;",
               "* the rest of a Content-Length response body bypasses the parser (no per-chunk callback or "
-              "slice copy).",
+              "slice copy);",
+              "* glibc `mallopt` (4 MiB mmap threshold, 64 MiB trim threshold): uvloop's 256 KiB read buffers "
+              "had made every other read grow and trim the heap (`brk`, fresh zeroed pages); about -40 % CPU "
+              "per MiB on bulk transfers.",
               "",
               "Bulk: both proxies are kernel-bound; HAProxy splices (no copy through user space) and so "
               "needs about half of halb's CPU per MiB; halb copies each chunk once into a Python bytes "
