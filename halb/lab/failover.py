@@ -302,14 +302,21 @@ class FailoverRun:
             c.lab.heal(holder)
         elif fault == "freeze":
             c.signal(holder, signal.SIGCONT)
-        # the node must answer its API again (restart) before the next trial
+        # Restored means: every node answers, all agree on one leader, and the faulted node
+        # has caught up (a healed ex-leader's divergent log is repaired one entry per
+        # heartbeat by pysyncobj; killing the leader before that finishes would measure a
+        # double fault: the survivors cannot commit until the repair is done).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            st = c.status(holder)
-            if st and st.get("leader") and st.get("has_quorum"):
-                return
+            sts = [c.status(lb) for lb in c.lbs]
+            if all(sts):
+                leaders = {st.get("leader") for st in sts}
+                applied = [int(st.get("last_applied") or 0) for st in sts]
+                if len(leaders) == 1 and None not in leaders and all(st.get("has_quorum") for st in sts) \
+                        and max(applied) - min(applied) <= 3:
+                    return
             time.sleep(0.1)
-        raise LabError(f"{holder} did not rejoin after {fault}")
+        raise LabError(f"{holder} did not rejoin and catch up after {fault}")
 
     def max_holders_overall(self) -> int:
         return max((len(h) for _, h in self.sampler.samples), default=0)
