@@ -176,7 +176,9 @@ class ServiceRuntime:
         share = len(eligible) / active if active else 0.0
         self.eligible_count = len(eligible)
         self.panic = False
-        if active and share < opts.panic_threshold and opts.fail_policy == "panic":
+        # fail open (panic) below the threshold, and always when nothing is eligible: with
+        # fail_policy "panic" a backend the checks doubt beats a certain 503
+        if active and opts.fail_policy == "panic" and (share < opts.panic_threshold or not eligible):
             self.panic = True
             for st in fallback:
                 st.weight = max(float(st.route.weight), 1e-6)

@@ -107,6 +107,16 @@ def test_panic_routes_to_all_non_maint_backends() -> None:
     assert rt.panic and set(picks(rt)) == {"b0", "b1", "b3"}
 
 
+def test_default_panics_only_when_no_backend_is_eligible() -> None:
+    clock = Clock()
+    # two of three down (the kill-two-backends drill): the healthy one takes everything
+    rt = ServiceRuntime(route(3, unhealthy={"b0", "b1"}), clock=clock)
+    assert not rt.panic and set(picks(rt)) == {"b2"}
+    # all three marked down (a broken check): fail open to all rather than 503 everything
+    rt.apply(route(3, unhealthy={"b0", "b1", "b2"}))
+    assert rt.panic and set(picks(rt)) == {"b0", "b1", "b2"}
+
+
 def test_fail_closed_uses_only_healthy_and_returns_none_when_empty() -> None:
     clock = Clock()
     rt = ServiceRuntime(route(4, unhealthy={"b0", "b1", "b2"}, fail_policy="closed"), clock=clock)
