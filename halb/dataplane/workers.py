@@ -61,33 +61,60 @@ class WorkerPool:
         self.engine = engine
         self.count = count
         self.workers: list[Worker] = []
+        self.stopping = False
+        self.respawns = 0
+
+    async def _spawn(self, snapshot: RoutingSnapshot) -> Worker:
+        parent, child = socket.socketpair()
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "halb.dataplane.workers", str(child.fileno()), self.engine.node_id,
+                 "1" if self.engine.loop_uvloop else "0"],
+                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        reader, writer = await asyncio.open_connection(sock=parent)
+        w = Worker(proc=proc, writer=writer, reader=reader)
+        w.task = asyncio.get_running_loop().create_task(self._read(w))
+        self.workers.append(w)
+        writer.write(frame({"t": "snap", "d": snapshot.to_wire()}))
+        return w
 
     async def start(self, snapshot: RoutingSnapshot) -> None:
         for _ in range(self.count):
-            parent, child = socket.socketpair()
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "halb.dataplane.workers", str(child.fileno()), self.engine.node_id,
-                     "1" if self.engine.loop_uvloop else "0"],
-                    pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
-            finally:
-                child.close()
-            reader, writer = await asyncio.open_connection(sock=parent)
-            w = Worker(proc=proc, writer=writer, reader=reader)
-            w.task = asyncio.get_running_loop().create_task(self._read(w))
-            self.workers.append(w)
-            writer.write(frame({"t": "snap", "d": snapshot.to_wire()}))
+            await self._spawn(snapshot)
         for w in self.workers:
             try:
                 await asyncio.wait_for(w.ready.wait(), 15)
             except asyncio.TimeoutError:
                 log.error("data plane worker %s did not start", w.proc.pid)
 
+    async def _respawn(self, dead: Worker) -> None:
+        """A worker died (crash, OOM kill): its socket left the SO_REUSEPORT group, so the
+        others already take its new connections; restore the capacity after a short pause."""
+        await asyncio.sleep(min(0.5 * (2 ** min(self.respawns, 5)), 10.0))
+        for _ in range(100):  # reap without blocking the loop
+            if dead.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            dead.proc.kill()
+            dead.proc.wait()
+        if self.stopping:
+            return
+        self.respawns += 1
+        if dead in self.workers:
+            self.workers.remove(dead)
+        w = await self._spawn(self.engine._worker_snapshot())
+        log.warning("data plane worker %s died (exit %s); started %s", dead.proc.pid, dead.proc.returncode, w.proc.pid)
+
     async def _read(self, w: Worker) -> None:
         while True:
             msg = await read_frame(w.reader)
             if msg is None:
                 w.ready.set()
+                if not self.stopping:
+                    asyncio.get_running_loop().create_task(self._respawn(w))
                 return
             t = msg.get("t")
             if t == "stats":
@@ -106,6 +133,7 @@ class WorkerPool:
         return [w.stats for w in self.workers if w.stats is not None and w.proc.poll() is None]
 
     async def stop(self, timeout: float = 8.0) -> None:
+        self.stopping = True
         for w in self.workers:
             try:
                 if not w.writer.is_closing():

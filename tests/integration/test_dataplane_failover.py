@@ -213,3 +213,40 @@ def test_two_workers_both_serve() -> None:
                 if getattr(dp, "_pool_supervisor", None) else True
 
         run(main(), timeout=50)
+
+
+@pytest.mark.timeout(60)
+def test_killed_worker_is_replaced() -> None:
+    import os
+    import signal as sig
+
+    with processes() as procs:
+        procs.append(spawn_origin("A"))
+
+        async def main() -> None:
+            dp = DataPlane("t", workers=2)
+            await dp.start(snapshot(service("shop", _routes(procs))))
+            try:
+                pool = dp._pool_supervisor
+                old = pool.workers[0].proc.pid
+                os.kill(old, sig.SIGKILL)
+                # (connections already queued on the dying worker's socket are lost: kernel SO_REUSEPORT)
+                for _ in range(100):
+                    if pool.workers[0].proc.poll() is not None or pool.workers[0].proc.pid != old:
+                        break
+                    await asyncio.sleep(0.05)
+                port = dp.bound_port("shop")
+                for _ in range(20):  # the survivors keep serving meanwhile
+                    r = await raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    assert r.status == 200
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    pids = [w["pid"] for w in dp.stats()["workers"]]
+                    if len(pids) == 2 and old not in pids:
+                        break
+                    await asyncio.sleep(0.2)
+                assert len(pids) == 2 and old not in pids, pids
+            finally:
+                await dp.stop()
+
+        run(main(), timeout=50)
