@@ -35,10 +35,11 @@ class RaftConfig:
     connection_retry: float = 0.5
     connection_timeout: float = 1.5
     leader_fallback_timeout: float = 3.0
-    # False: send append-entries at once for each command and right after each commit, so
-    # followers learn commits within a round trip instead of the next heartbeat. Writes
-    # commit faster and a VIP successor's wait starts earlier (docs/failover.md).
-    append_entries_batch: bool = False
+    # pysyncobj's appendEntriesUseBatch. False would send append-entries per command and
+    # right after each commit (faster commits, a VIP successor's wait starts earlier), but in
+    # the namespace lab a healed ex-leader then sometimes never caught up (docs/failover.md),
+    # so the default stays True.
+    append_entries_batch: bool = True
     log_compaction_entries: int = 5000
     log_compaction_seconds: float = 300.0
     # peer raft address -> address to dial instead (a fault proxy on that link; drills)
