@@ -58,48 +58,47 @@ R_PIPELINE = 4  # a pipelined request waits for the current one
 
 OUT_RAW, OUT_CHUNKED = 0, 1
 
-# response header lines the proxy removes (hop-by-hop, or re-framed) and Content-Length
-RESP_SCAN = re.compile(rb"\r\n(connection|keep-alive|proxy-connection|proxy-authenticate|trailer|"
-                       rb"transfer-encoding|upgrade|content-length)[ \t]*:", re.IGNORECASE)
+# response header lines the proxy removes (hop-by-hop, or re-framed) and Content-Length.
+# Matched on a lowercased copy of the head: case-sensitive literals let the regex engine
+# reject a branch on its first byte (an IGNORECASE alternation cost ~4x more per head).
+RESP_SCAN = re.compile(rb"\r\n(c(?:onnection|ontent-length)|keep-alive|proxy-(?:connection|authenticate)|"
+                       rb"t(?:railer|ransfer-encoding)|upgrade)[ \t]*:[ \t]*([^\r\n]*)")
 
 
 def scan_response_head(block: bytes) -> tuple[bytes, int, bool, bytes | None]:
     """Raw response head (status line + header lines, CRLF each) -> what the client gets.
 
-    Returns (block without "HTTP/1.x" and without hop-by-hop lines, Content-Length or -1,
-    is chunked, Connection header value). One regex scan instead of a Python callback per
-    header; llhttp has already validated the syntax.
+    Returns (block with the status line's version set to "HTTP/1.1" and without hop-by-hop
+    lines, Content-Length or -1, is chunked, Connection header value, lowercased). One regex
+    scan instead of a Python callback per header; llhttp has already validated the syntax.
     """
     cl = -1
     chunked = False
     tokens = None
-    cuts = None
-    for m in RESP_SCAN.finditer(block):
-        name = m.group(1).lower()
+    pieces = None
+    pos = 0 if block.startswith(b"HTTP/1.1") else 8
+    for m in RESP_SCAN.finditer(block.lower()):
+        name = m.group(1)
         if name == b"content-length":
-            cl = int(block[m.end():block.find(b"\r\n", m.end())])  # llhttp validated it
+            cl = int(m.group(2))  # llhttp validated it
             continue
-        i = m.start()
-        j = block.find(b"\r\n", m.end())
-        if name == b"transfer-encoding":
-            chunked = True
-        elif name == b"connection":
-            v = block[m.end():j].strip()
+        if name == b"connection":
+            v = m.group(2)
             tokens = v if tokens is None else tokens + b"," + v
-        if cuts is None:
-            cuts = []
-        cuts.append((i, j))
-    if cuts is None:
-        return block[8:], cl, chunked, None
-    pieces = []
-    pos = 8
-    for i, j in cuts:
-        pieces.append(block[pos:i])
+        elif name == b"transfer-encoding":
+            chunked = True
+        i, j = m.span()
+        if pieces is None:
+            pieces = [block[pos:i]] if pos == 0 else [b"HTTP/1.1", block[pos:i]]
+        else:
+            pieces.append(block[pos:i])
         pos = j
+    if pieces is None:
+        return (block if pos == 0 else b"HTTP/1.1" + block[8:]), cl, chunked, None
     pieces.append(block[pos:])
     out = b"".join(pieces)
-    if tokens is not None:
-        drop = {t.strip().lower() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
+    if tokens is not None and tokens != b"keep-alive" and tokens != b"close":
+        drop = {t.strip() for t in tokens.split(b",")} - {b"close", b"keep-alive", b""}
         if drop:  # headers named in Connection are hop-by-hop too
             lines = out.split(b"\r\n")
             out = b"\r\n".join([lines[0]] + [ln for ln in lines[1:] if ln.split(b":", 1)[0].strip().lower() not in drop])
@@ -866,7 +865,7 @@ class HttpClientConn(asyncio.Protocol):
         if ex.version != "1.1" or self.closed:
             return
         out, _, _, _ = scan_response_head(block)
-        self._w(b"HTTP/1.1" + out + b"\r\n")
+        self._w(out + b"\r\n")
 
     def response_head(self, up: UpstreamConn, ex: Exchange, status: int, block: bytes) -> None:
         rt = ex.rt
@@ -902,7 +901,7 @@ class HttpClientConn(asyncio.Protocol):
         elif ex.version == "1.0":
             framing += b"Connection: keep-alive\r\n"
         ex.response_started = True
-        head = b"HTTP/1.1%b%b\r\n" % (out, framing)
+        head = out + framing + b"\r\n" if framing else out + b"\r\n"
         buf = self.wbuf
         if buf is not None:
             buf.append(head)
