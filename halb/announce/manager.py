@@ -253,14 +253,41 @@ class Announcement:
             if self.vip is not None:
                 self._garp_task = asyncio.create_task(self._garp())
 
+    def _may_announce(self) -> bool:
+        """Checked right before every GARP round: never announce a VIP we may not hold.
+
+        Why per round: a holder frozen during a burst or its refresh sleep resumes with its
+        timers already expired; a GARP sent then (after the kernel dropped its VIP and a
+        successor took over) would pull clients back to a MAC that no longer answers, for
+        as long as their neighbour entry lives (8 s measured before this check).
+        """
+        return self.holding and self.keeper.may_hold(self.clock())
+
     async def _garp(self) -> None:
+        """Burst on acquiring, a second burst after ``garp_refresh_after_s``, then one
+        round every ``garp_repeat_s`` while holding (heals any client a stray ARP misled)."""
         try:
-            await self.vip.asend_garp(self.cfg.garp_count, self.cfg.garp_interval_s)
-            self._record("garp", self.clock())
+            sent = 0
+            for i in range(self.cfg.garp_count):
+                if not self._may_announce():
+                    return
+                await self.vip.asend_garp(1, 0)
+                sent += 1
+                if i + 1 < self.cfg.garp_count:
+                    await asyncio.sleep(self.cfg.garp_interval_s)
+            self._record("garp", self.clock(), rounds=sent)
             if self.cfg.garp_refresh_after_s > 0:
                 await asyncio.sleep(self.cfg.garp_refresh_after_s)
-                if self.holding:
-                    await self.vip.asend_garp(2, self.cfg.garp_interval_s)
+                for _ in range(2):
+                    if not self._may_announce():
+                        return
+                    await self.vip.asend_garp(1, 0)
+                    await asyncio.sleep(self.cfg.garp_interval_s)
+            while self.cfg.garp_repeat_s > 0:
+                await asyncio.sleep(self.cfg.garp_repeat_s)
+                if not self._may_announce():
+                    return
+                await self.vip.asend_garp(1, 0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

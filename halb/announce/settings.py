@@ -48,6 +48,7 @@ class AnnounceConfig:
     garp_count: int = 3
     garp_interval_s: float = 0.05
     garp_refresh_after_s: float = 2.0
+    garp_repeat_s: float = 1.0          # one GARP round this often while holding (0: off)
     notify_master: str | None = None
     notify_backup: str | None = None
     notify_fault: str | None = None
@@ -139,6 +140,9 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
         if not 1 <= cfg.garp_count <= 20:
             raise AnnounceConfigError("garp_count", "must be between 1 and 20")
         cfg.garp_refresh_after_s = t.take("garp_refresh_after_s", float, 2.0)
+        cfg.garp_repeat_s = t.take("garp_repeat_s", float, 1.0)
+        if cfg.garp_refresh_after_s < 0 or cfg.garp_repeat_s < 0:
+            raise AnnounceConfigError("garp_repeat_s", "GARP intervals must be >= 0")
         for state in ("master", "backup", "fault"):
             script = t.take(f"notify_{state}", str, "")
             if script:

@@ -110,9 +110,18 @@ class Sampler:
         self.samples: list[tuple[float, tuple[str, ...]]] = []
         # netns= makes pyroute2 open the netlink socket inside the namespace itself
         self._ipr = {lb: IPRoute(netns=cluster.lab.ns(lb)) for lb in cluster.lbs}
-        self._idx = {lb: ipr.link_lookup(ifname="eth0")[0] for lb, ipr in self._ipr.items()}
+        self._idx = {lb: self._ifindex(ipr, lb) for lb, ipr in self._ipr.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="failover-sampler", daemon=True)
+
+    @staticmethod
+    def _ifindex(ipr: Any, lb: str) -> int:
+        for _ in range(40):  # pyroute2's netns socket sometimes answers empty right after start
+            found = ipr.link_lookup(ifname="eth0")
+            if found:
+                return int(found[0])
+            time.sleep(0.05)
+        raise LabError(f"eth0 not found in {lb}'s namespace")
 
     def start(self) -> None:
         self._thread.start()

@@ -95,7 +95,7 @@ def make(hold_cost: float = 0.001) -> tuple[Announcement, FakeRaft, FakeVip, Fak
     raft = FakeRaft(log)
     vip = FakeVip(log, clock, hold_cost)
     cfg = parse_announce({"mode": "vip", "vip": "10.0.0.1", "interface": "eth0", "set_arp_sysctls": False,
-                          "garp_refresh_after_s": 0})
+                          "garp_refresh_after_s": 0, "garp_repeat_s": 0})
     ann = Announcement("n1", raft, cfg, clock=clock, vip=vip)
     ann._loop = None  # callbacks are called synchronously by the fake
     return ann, raft, vip, clock, log
@@ -215,3 +215,23 @@ def test_notify_hooks_fire_on_transitions() -> None:
     drive(ann, clock, 0.05)
     assert [s for s, _ in hooks.calls] == ["BACKUP", "MASTER", "BACKUP"]
     assert all(v == "10.0.0.1" for _, v in hooks.calls)
+
+
+def test_no_garp_after_the_lease_is_gone() -> None:
+    """A holder frozen in its GARP refresh sleep must not announce after it resumes."""
+    ann, raft, vip, clock, log = make()
+    ann.cfg.garp_repeat_s = 0.5
+    drive(ann, clock, 2.0)
+    assert ann.holding
+
+    async def go() -> None:
+        ann._loop = asyncio.get_running_loop()
+        task = asyncio.create_task(ann._garp())
+        await asyncio.sleep(0)
+        clock.t += 10.0                         # "frozen": the lease is long over
+        await asyncio.sleep(0.6)                # the repeat timer fires on resume
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    log.clear()
+    asyncio.run(go())
+    assert log.count("garp") <= 1               # at most the round already under way
