@@ -58,6 +58,9 @@ R_PIPELINE = 4  # a pipelined request waits for the current one
 
 OUT_RAW, OUT_CHUNKED = 0, 1
 
+XFF = b"X-Forwarded-For: "
+XFF_TAIL = b"\r\nX-Forwarded-Proto: http\r\nX-Request-Id: "
+
 # response header lines the proxy removes (hop-by-hop, or re-framed) and Content-Length.
 # Matched on a lowercased copy of the head: case-sensitive literals let the regex engine
 # reject a branch on its first byte (an IGNORECASE alternation cost ~4x more per head).
@@ -157,9 +160,7 @@ class Exchange:
     finished = False
     retryable = False
     key: bytes | None = None
-
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
+    hdrs = b""  # forwarded request header lines ("Name: value\r\n" each), concatenated
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -277,7 +278,10 @@ class UpstreamConn(asyncio.Protocol):
                 else:
                     client.attempt_failed(ex, False, f"bad response: {e}")  # type: ignore[union-attr]
         finally:
-            client.flush()  # type: ignore[union-attr]
+            buf = client.wbuf  # client.flush(), inlined
+            client.wbuf = None
+            if buf and not client.closed:
+                client.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
         if self.remaining > 0 and self.ex is ex:
             # the rest of a Content-Length body bypasses llhttp: no per-chunk callback and
             # no copy of the slice (bulk transfers); a fresh parser serves the next response
@@ -374,9 +378,11 @@ class HttpClientConn(asyncio.Protocol):
         self.upgraded = False
         self.deferred: Reject | None = None
         self.peer = b""
+        self.xff_head = XFF + XFF_TAIL  # added to every upstream request head, per connection
         self.wbuf: list[bytes] | None = None
         self.ubuf: list[bytes] | None = None  # upstream writes coalesced per client chunk
         self.ubuf_up: UpstreamConn | None = None
+        self.first: bytes | None = None  # the chunk that began the request being parsed
 
     # --- connection lifecycle ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -385,6 +391,7 @@ class HttpClientConn(asyncio.Protocol):
         self.rt_conn = rt
         peer = transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b"unknown"
+        self.xff_head = XFF + self.peer + XFF_TAIL
         self.last_active = self.loop.time()
         mc = rt.opts.max_connections
         if mc and rt.connections >= mc:
@@ -478,6 +485,9 @@ class HttpClientConn(asyncio.Protocol):
         if self.upgraded:
             return
         self.ubuf = []
+        # a chunk read between requests starts with the next request line: its version is
+        # read from the raw bytes (llhttp's get_http_version formats a str, ~2 % of a request)
+        self.first = data if self.parsing is None else None
         try:
             self.parser.feed_data(data)
         except Reject as r:
@@ -502,7 +512,12 @@ class HttpClientConn(asyncio.Protocol):
             else:
                 self.reject(400, f"malformed request: {e}")
             return
-        self.uflush()
+        buf, up = self.ubuf, self.ubuf_up  # uflush, inlined
+        self.ubuf = None
+        if buf:
+            self.ubuf_up = None
+            if not up.closed:  # type: ignore[union-attr]
+                up.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))  # type: ignore[union-attr]
         if self.in_headers:
             self.hfed += len(data)
             if self.hfed > self.max_hdr + 1024:
@@ -568,7 +583,7 @@ class HttpClientConn(asyncio.Protocol):
         if ln in REQ_SPECIAL:
             if ln == b"host":
                 ex.host = value  # type: ignore[union-attr]
-                ex.lines.append(b"Host: " + value + b"\r\n")  # type: ignore[union-attr]
+                ex.hdrs += b"Host: " + value + b"\r\n"  # type: ignore[union-attr]
             elif ln == b"content-length":
                 ex.content_length = int(value)  # type: ignore[union-attr]  # llhttp validated it
             elif ln == b"transfer-encoding":
@@ -579,10 +594,10 @@ class HttpClientConn(asyncio.Protocol):
                 ex.rid = value if VALID_RID.fullmatch(value) else None  # type: ignore[union-attr]
             elif ln == b"idempotency-key":
                 ex.idem = True  # type: ignore[union-attr]
-                ex.lines.append(name + b": " + value + b"\r\n")  # type: ignore[union-attr]
+                ex.hdrs += name + b": " + value + b"\r\n"  # type: ignore[union-attr]
             elif ln == b"cookie":
                 ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value  # type: ignore[union-attr]
-                ex.lines.append(name + b": " + value + b"\r\n")  # type: ignore[union-attr]
+                ex.hdrs += name + b": " + value + b"\r\n"  # type: ignore[union-attr]
             elif ln == b"connection":
                 toks = [t.strip().lower() for t in value.split(b",")]
                 ex.conn_tokens = (ex.conn_tokens or []) + toks  # type: ignore[union-attr]
@@ -590,16 +605,29 @@ class HttpClientConn(asyncio.Protocol):
             return
         if ln == self.hash_header:
             ex.hash_value = value  # type: ignore[union-attr]
-        ex.lines.append(name + b": " + value + b"\r\n")  # type: ignore[union-attr]
+        ex.hdrs += name + b": " + value + b"\r\n"  # type: ignore[union-attr]
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
         p = self.parser
         self.in_headers = False
-        ex.method = p.get_method()  # type: ignore[union-attr]
-        ex.version = p.get_http_version()  # type: ignore[union-attr]
-        ex.keep_alive = p.should_keep_alive()  # type: ignore[union-attr]
-        if ex.method == b"CONNECT":  # type: ignore[union-attr]
+        method = ex.method = p.get_method()  # type: ignore[union-attr]
+        d = self.first
+        if d is not None:
+            self.first = None
+            i = d.find(b"\r\n")
+            v = d[i - 9:i] if i >= 9 else b""
+            if v == b" HTTP/1.1":
+                pass  # the class default
+            elif v == b" HTTP/1.0":
+                ex.version = "1.0"  # type: ignore[union-attr]
+            else:
+                ex.version = p.get_http_version()  # type: ignore[union-attr]
+        else:
+            ex.version = p.get_http_version()  # type: ignore[union-attr]
+        if not p.should_keep_alive():
+            ex.keep_alive = False  # type: ignore[union-attr]
+        if method == b"CONNECT":
             raise Reject(405, "CONNECT is not supported")
         if self.cur is None:
             self.start(ex)  # type: ignore[arg-type]
@@ -656,6 +684,7 @@ class HttpClientConn(asyncio.Protocol):
                 self.pause(R_PENDING)
 
     def start(self, ex: Exchange) -> None:
+        """Route a request whose head is complete and send it (hot path: one call, no helpers)."""
         rt = self.listener.rt
         opts = rt.opts
         ex.rt = rt
@@ -672,35 +701,84 @@ class HttpClientConn(asyncio.Protocol):
             return
         if ex.method in IDEMPOTENT or ex.idem:
             ex.retryable = True
-            ex.copy = []
+            if cl or ex.chunked_in:
+                ex.copy = []  # replay buffer for the body (a request without one needs none)
         # upstream request head, built once for every attempt
-        lines = ex.lines
+        hdrs = ex.hdrs
         if ex.conn_tokens:
             drop = set(ex.conn_tokens) - {b"close", b"keep-alive", b""}
             if drop:
-                lines = [ln for ln in lines if ln.split(b":", 1)[0].strip().lower() not in drop]
+                hdrs = b"".join([ln + b"\r\n" for ln in hdrs.split(b"\r\n")[:-1]
+                                 if ln.split(b":", 1)[0].strip().lower() not in drop])
         rid = ex.rid
         if rid is None:
-            rid = ex.rid = self.engine.new_request_id()
-        xff = ex.xff + b", " + self.peer if ex.xff else self.peer
+            eng = self.engine  # engine.new_request_id, inlined: a counter, no uuid
+            eng._rid_counter += 1
+            rid = ex.rid = b"%s%x" % (eng._rid_prefix, eng._rid_counter)
         if ex.chunked_in:
-            framing = b"Transfer-Encoding: chunked\r\n"
+            framing = b"Transfer-Encoding: chunked\r\n\r\n"
         elif cl is not None:
-            framing = b"Content-Length: %d\r\n" % cl
+            framing = b"Content-Length: %d\r\n\r\n" % cl
         else:
-            framing = b""
-        if ex.host is not None:
-            framing = b"X-Forwarded-Host: " + ex.host + b"\r\n" + framing
-        ex.head = b"%b %b HTTP/1.1\r\n%bX-Forwarded-For: %b\r\nX-Forwarded-Proto: http\r\nX-Request-Id: %b\r\n%b\r\n" % (
-            ex.method, ex.url, b"".join(lines), xff, rid, framing)
+            framing = b"\r\n"
+        xff = ex.xff
+        host = ex.host
+        if host is not None:
+            ex.head = b"".join((ex.method, b" ", ex.url, b" HTTP/1.1\r\n", hdrs,
+                                self.xff_head if xff is None else b"X-Forwarded-For: " + xff + b", " + self.xff_head[len(XFF):],
+                                rid, b"\r\nX-Forwarded-Host: ", host, b"\r\n", framing))
+        else:
+            ex.head = b"".join((ex.method, b" ", ex.url, b" HTTP/1.1\r\n", hdrs,
+                                self.xff_head if xff is None else b"X-Forwarded-For: " + xff + b", " + self.xff_head[len(XFF):],
+                                rid, b"\r\n", framing))
+        # pick, inlined for the common case (no hash key, candidates up to date)
         if rt.uses_key:
             ex.key = self._hash_key(ex, rt)
-        b = rt.pick(ex.key)
+            b = rt.pick(ex.key)
+        elif rt.dirty:
+            b = rt.pick(None)
+        else:
+            cands = rt.candidates
+            b = cands[0] if len(cands) == 1 else rt.balancer.pick(cands, None)
         if b is None:
             rt.rejected += 1
             self.send_error(ex, 503, f"no backend available for service {rt.route.name}", retry_after=rt.retry_after())
             return
-        self.attach(ex, b)
+        # attach + bind + _send_head, inlined for a pooled connection and no buffered body
+        ex.attempts = 1
+        ex.backend = b
+        b.in_flight += 1
+        b.requests += 1
+        if rt.track_latency:
+            ex.t_attempt = self.loop.time()
+        pool = b.pool
+        while pool:
+            up = pool.pop()
+            if up.closed:
+                continue
+            up.ex = ex
+            up.client = self
+            up.final = False
+            up.want_head = True
+            up.max_hdr = opts.max_header_bytes
+            if self.write_paused:
+                up.pause_reading()
+            elif up.read_paused:
+                up.resume_reading()
+            if ex.pending:
+                self._send_head(ex, up)
+                return
+            ex.upstream = up
+            buf = self.ubuf
+            if buf is not None and (self.ubuf_up is None or self.ubuf_up is up):
+                self.ubuf_up = up
+                buf.append(ex.head)
+            else:
+                up.transport.write(ex.head)  # type: ignore[union-attr]
+            if up.write_paused:
+                self.pause(R_UPSTREAM)
+            return
+        self.loop.create_task(self._connect(ex, b))
 
     def _hash_key(self, ex: Exchange, rt: ServiceRuntime) -> bytes:
         if rt.hash_header is not None and ex.hash_value is not None:
@@ -928,7 +1006,7 @@ class HttpClientConn(asyncio.Protocol):
         if not ex.body_done:
             reusable = False  # the backend answered before the whole body was sent
             ex.close_after = True
-        # hot path: _release inlined
+        # hot path: _release and finish inlined
         b = up.backend
         up.client = None
         if (reusable and not up.closed and not b.removed and b.route.admin_state == "active"
@@ -941,7 +1019,25 @@ class HttpClientConn(asyncio.Protocol):
             up.close()
         if self.read_pause:
             self.unpause(R_UPSTREAM)
-        self.finish(ex)
+        ex.finished = True
+        b = ex.backend
+        if b is not None:
+            ex.backend = None
+            b.in_flight -= 1
+        if self.cur is ex:
+            self.cur = None
+        if self.closed:
+            return
+        if ex.close_after or not ex.keep_alive or self.deferred is not None:
+            self.finish(ex)
+            return
+        self.active = True
+        q = self.queue
+        if q:
+            nxt = q.popleft()
+            if not q:
+                self.unpause(R_PIPELINE)
+            self.start(nxt)
 
     def upstream_broke(self, ex: Exchange, reason: str) -> None:
         """Upstream failed after the response head was sent: only closing is honest."""
