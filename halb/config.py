@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from halb.tomltable import Table
 from halb.model import ALGORITHMS, SERVICE_MODES, ModelError, check_name, parse_hostport
 
 
@@ -117,35 +118,11 @@ def _read_secret_file(cfg: Path, key: str, path: Path) -> str:
     return value
 
 
-# --- schema helpers ---------------------------------------------------------------
-
-class _Table:
-    """A TOML table being consumed key by key, so leftovers are reported as unknown."""
+class _Table(Table):
+    """Node-config table: adds HOST:PORT and positive-number checks."""
 
     def __init__(self, file: Path, prefix: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(file, prefix, "must be a table")
-        self.file, self.prefix, self.data = file, prefix, dict(data)
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, reason: str) -> ConfigError:
-        return ConfigError(self.file, self.key(name), reason)
-
-    def take(self, name: str, kind: type | tuple[type, ...], default: Any = ..., *, required: bool = False) -> Any:
-        if name not in self.data:
-            if required or default is ...:
-                raise self.error(name, "is required")
-            return default
-        value = self.data.pop(name)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            raise self.error(name, f"must be a {names}, got {type(value).__name__} {value!r}")
-        return value
+        super().__init__(file, prefix, data, ConfigError)
 
     def address(self, name: str, default: Any = ..., *, required: bool = False) -> str:
         value = self.take(name, str, default, required=required)
@@ -157,14 +134,7 @@ class _Table:
         return value
 
     def positive(self, name: str, default: float) -> float:
-        value = self.take(name, float, default)
-        if value <= 0:
-            raise self.error(name, f"must be > 0, got {value}")
-        return value
-
-    def done(self) -> None:
-        for name in self.data:
-            raise self.error(name, "unknown key")
+        return self.number(name, default, low=0.0, low_open=True)
 
 
 def load_config(path: str | os.PathLike[str]) -> NodeConfig:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from halb.tomltable import Table
+
 
 class DrillError(Exception):
     """Invalid drill: str() is '<file>: <key>: <reason>'."""
@@ -153,48 +155,13 @@ class Drill:
         return self.path.stem
 
 
-class _Table:
-    """A table consumed key by key so leftovers are reported as unknown keys."""
-
+class _Table(Table):
     def __init__(self, file: Path, prefix: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise DrillError(file, prefix, f"must be a table, got {type(data).__name__}")
-        self.file, self.prefix, self.data = file, prefix, dict(data)
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, reason: str) -> DrillError:
-        return DrillError(self.file, self.key(name), reason)
-
-    def take(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-        if name not in self.data:
-            if default is ...:
-                raise self.error(name, "is required")
-            return default
-        return _check_type(self, name, self.data.pop(name), kind)
-
-    def number(self, name: str, default: float, low: float = 0.0, high: float | None = None,
-               low_open: bool = False) -> float:
-        v = self.take(name, float, default)
-        if v < low or (low_open and v == low) or (high is not None and v > high):
-            rng = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
-            raise self.error(name, f"must be within {rng}, got {v:g}")
-        return v
-
-    def done(self) -> None:
-        for name in self.data:
-            raise self.error(name, "unknown key")
+        super().__init__(file, prefix, data, DrillError)
 
 
-def _check_type(t: _Table, name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-        names = " or ".join("number" if k is float else k.__name__ for k in kinds)
-        raise t.error(name, f"must be a {names}, got {type(value).__name__} {value!r}")
-    return value
+def _check_type(t: Table, name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    return t.check(name, value, kind)
 
 
 def load_drill(path: str | os.PathLike[str]) -> Drill:
