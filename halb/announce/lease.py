@@ -11,8 +11,8 @@ before which no other node can have completed its own wait (see docs/failover.md
 The successor's wait. A node that wins leadership may add the VIP only once
 ``L * (1 + drift) + margin`` has passed since ``seen_at``: the latest time at which this
 process applied a ``lease.renew`` entry that it did not submit in its current leadership
-(its own earlier leaderships count as "foreign"), or at which it loaded a snapshot, or at
-which the keeper was created. Why that is safe: every renewal the old holder believes
+(its own earlier leaderships count as "foreign"), or its Raft log changed while it was not
+leader, or it loaded a snapshot, or the keeper was created. Why that is safe: every renewal the old holder believes
 committed is, by Raft's leader completeness, in the new leader's log and applied by it
 before its own first renewal commits; applying an entry happens after the old holder
 submitted it, so ``seen_at >= old lease_start`` in real time. ``seen_at`` is usually the
@@ -111,6 +111,7 @@ class LeaseKeeper:
     seen_at: float = 0.0                 # latest apply of a renewal not ours (see module doc)
     paused_until: float = 0.0            # no renewals/holding while a hand-over is in progress
     last_submit: float = -math.inf
+    track_log: bool = False              # on_log_changed is fed (the node's tick callback)
     _own: dict[str, float] = field(default_factory=dict)  # cid -> submit time (this epoch)
 
     def __post_init__(self) -> None:
@@ -177,9 +178,29 @@ class LeaseKeeper:
         return True
 
     def on_renewal_applied(self, cid: str | None, now: float) -> None:
-        """Any ``lease.renew`` entry was applied locally (call for every one, in log order)."""
+        """Any accepted ``lease.renew`` entry was applied locally (every one, in log order).
+
+        While we lead, foreign renewals applied now are either entries that were already in
+        our log when we won (their arrival is bounded by :meth:`on_log_changed`) or stale
+        renewals a deposed leader's pysyncobj queue forwarded to us; the latter extend no
+        lease, because the deposed node processes their callback only after its own Raft
+        status says follower (a new local epoch). So they do not restart our wait.
+        """
+        if self.leader and self.track_log:
+            return
         if cid is None or cid not in self._own:
             self.seen_at = max(self.seen_at, now)
+
+    def on_log_changed(self, at: float) -> None:
+        """Our Raft log changed at ``at`` while we were not leader (from a tick callback).
+
+        Every entry in our log arrived at or before the last such change, and a new leader's
+        log holds every committed renewal of its predecessors, so this too bounds the
+        previous holder's last ``lease_start`` from above. It matters when that renewal
+        reached us but its commit did not before the holder died: we apply it only after
+        winning, which would otherwise start our wait after the election.
+        """
+        self.seen_at = max(self.seen_at, at)
 
     def on_snapshot_loaded(self, now: float) -> None:
         """A snapshot replaced the state: renewals folded into it were submitted before now."""

@@ -68,6 +68,8 @@ class Announcement:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._results: list[_Result] = []
+        self._last_log: tuple[int, int] | None = None
+        self._log_changed_at = 0.0          # written by the tick thread (a float: atomic)
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,6 +101,9 @@ class Announcement:
                                     freebind=True)
             await self.dns.start()
         self._notify("BACKUP")
+        if hasattr(self.raft, "addOnTickCallback"):
+            self.raft.addOnTickCallback(self._on_tick)
+            self.keeper.track_log = True
         self._task = asyncio.create_task(self._run(), name="announce")
         log.info("announcement %s started (lease %.2fs, renew every %.2fs, wait %.2fs from %s)", self.cfg.mode,
                  self.cfg.lease.lease_s, self.cfg.lease.renew_interval_s, self.cfg.lease.successor_wait_s,
@@ -110,6 +115,8 @@ class Announcement:
             return
         self._stopping = True
         held = self.holding
+        if hasattr(self.raft, "removeOnTickCallback"):
+            self.raft.removeOnTickCallback(self._on_tick)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -161,6 +168,30 @@ class Announcement:
         elif op == "snapshot.loaded":
             self.keeper.on_snapshot_loaded(now)
 
+    def _on_tick(self) -> None:
+        """pysyncobj tick thread, after message processing: note when our log last changed
+        while we were not leader (see LeaseKeeper.on_log_changed).
+
+        Reads pysyncobj's private log (pinned 0.3.x); if that ever fails we note every
+        non-leader tick instead, which degrades to waiting from the election: safe, slower.
+        """
+        try:
+            st = self.raft.raft_status()
+            try:
+                entry = self.raft._SyncObj__raftLog[-1]
+                last = (int(entry[1]), int(entry[2]))
+            except Exception:
+                last = None
+            # our own appends as leader carry the current term; anything else is foreign
+            if st.state == "leader" and (last is None or last[1] == st.term):
+                self._last_log = last
+                return
+            if last is None or last != self._last_log:
+                self._last_log = last
+                self._log_changed_at = self.clock()
+        except Exception:  # never break the tick thread
+            log.debug("tick callback failed", exc_info=True)
+
     # ---- the loop -------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
@@ -183,6 +214,7 @@ class Announcement:
         return st.state == "leader" and st.leader == st.self_addr
 
     async def _step(self) -> None:
+        self.keeper.on_log_changed(self._log_changed_at)
         now = self.clock()
         if self.keeper.set_leader(self._is_leader(), now):
             log.info("lease: %s (local epoch %d)", "leader: renewing" if self.keeper.leader else "not leader",

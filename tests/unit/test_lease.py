@@ -230,3 +230,26 @@ def test_state_machine_rejects_renewals_from_an_older_term() -> None:
     assert stale["ok"] is False and cs.lease["holder"] == "n2"
     assert renew_cmd("n2", 5, "c")["first"] is False
     assert renew_cmd("n3", 6, "d")["epoch"] == 2 and cs.lease["term"] == 6
+
+
+def test_log_change_as_follower_bounds_the_wait() -> None:
+    """The old holder's last renewal reached our log at 5.3 but its commit did not: we apply
+    it only after winning at 6.0; the log-change time still starts our clock at 5.3."""
+    k = LeaseKeeper(P, created_at=0.0, track_log=True)
+    k.on_renewal_applied("old", 5.15)
+    k.on_log_changed(5.3)
+    k.set_leader(True, 6.0)
+    k.on_renewal_applied("old-last", 6.03)   # in our log since 5.3, applied after winning
+    renew(k, 6.0, 6.04, OK_FIRST)
+    assert k.wait_until() == pytest.approx(5.3 + 1.58)
+    # without log tracking the apply time after winning counts (the safe fallback)
+    k2 = LeaseKeeper(P, created_at=0.0)
+    k2.on_renewal_applied("old", 5.15)
+    k2.set_leader(True, 6.0)
+    k2.on_renewal_applied("old-last", 6.03)
+    renew(k2, 6.0, 6.04, OK_FIRST)
+    assert k2.wait_until() == pytest.approx(6.03 + 1.58)
+    # as a follower, applies count either way
+    k3 = LeaseKeeper(P, created_at=0.0, track_log=True)
+    k3.on_renewal_applied("x", 7.0)
+    assert k3.seen_at == 7.0
