@@ -49,6 +49,7 @@ RESP_SPECIAL = frozenset({
     b"transfer-encoding", b"upgrade", b"content-length",
 })
 VALID_RID = re.compile(rb"[\x21-\x7e]{1,128}")
+INF = float("inf")
 PENDING_HIGH = 256 * 1024  # body bytes buffered while no upstream is writable yet
 
 # read-pause reasons of a client connection (bit mask)
@@ -72,7 +73,7 @@ RESP_CUT = re.compile(rb"\r\n(?:connection|keep-alive|proxy-(?:connection|authen
 
 
 def scan_response_head(block: bytes) -> tuple[bytes, int, bool, bytes | None]:
-    """Raw response head (status line + header lines, CRLF each) -> what the client gets.
+    """Raw response head (status line + header lines, CRLF each, blank line) -> what the client gets.
 
     Returns (block with the status line's version set to "HTTP/1.1" and without hop-by-hop
     lines, Content-Length or -1, is chunked, Connection header value, lowercased). One regex
@@ -92,9 +93,7 @@ def scan_response_head(block: bytes) -> tuple[bytes, int, bool, bytes | None]:
             tokens = value if tokens is None else tokens + b"," + value
         elif name == b"transfer-encoding":
             chunked = True
-    if block.startswith(b"HTTP/1.1"):
-        pos = 0
-    else:  # the client gets HTTP/1.1 whatever the backend speaks
+    if not block.startswith(b"HTTP/1.1"):  # the client gets HTTP/1.1 whatever the backend speaks
         block = b"HTTP/1.1" + block[8:]
         low = block.lower()
     if not cuts:
@@ -130,47 +129,56 @@ class Reject(Exception):
 class Exchange:
     """One client request across its attempts.
 
-    Defaults live on the class so creating one per request costs two assignments; an
-    attribute only gets an instance value when a request actually changes it.
+    Slots, all set in __init__: a read of a class-level default cost a generic attribute
+    lookup (~20 of them per request); slot reads are specialised by the interpreter.
     """
 
-    url = b""
-    method = b""
-    version = "1.1"
-    keep_alive = True
-    conn_tokens: list[bytes] | None = None
-    host: bytes | None = None
-    xff: bytes | None = None
-    rid: bytes | None = None
-    idem = False
-    hash_value: bytes | None = None
-    cookie: bytes | None = None
-    content_length: int | None = None
-    chunked_in = False
-    body_done = False
-    body_received = 0
-    head = b""
-    pending: list[bytes] | None = None
-    pending_size = 0
-    copy: list[bytes] | None = None
-    copy_size = 0
-    body_sent = 0
-    rt: ServiceRuntime | None = None
-    opts: ServiceOptions | None = None
-    backend: BackendState | None = None
-    upstream: "UpstreamConn | None" = None
-    attempts = 0
-    tried: set[BackendState] | None = None
-    failed_servers: set[str] | None = None
-    deadline = float("inf")
-    t_attempt = 0.0
-    response_started = False
-    out_mode = 0
-    close_after = False
-    finished = False
-    retryable = False
-    key: bytes | None = None
-    hdrs = b""  # forwarded request header lines ("Name: value\r\n" each), concatenated
+    __slots__ = (
+        "url", "method", "version", "keep_alive", "conn_tokens", "host", "xff", "rid", "idem",
+        "hash_value", "cookie", "content_length", "chunked_in", "body_done", "body_received",
+        "head", "pending", "pending_size", "copy", "copy_size", "body_sent", "rt", "opts",
+        "backend", "upstream", "attempts", "tried", "failed_servers", "deadline", "t_attempt",
+        "response_started", "out_mode", "close_after", "finished", "retryable", "key", "hdrs",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.conn_tokens: list[bytes] | None = None
+        self.host: bytes | None = None
+        self.xff: bytes | None = None
+        self.rid: bytes | None = None
+        self.idem = False
+        self.hash_value: bytes | None = None
+        self.cookie: bytes | None = None
+        self.content_length: int | None = None
+        self.chunked_in = False
+        self.body_done = False
+        self.body_received = 0
+        self.head = b""
+        self.pending: list[bytes] | None = None
+        self.pending_size = 0
+        self.copy: list[bytes] | None = None
+        self.copy_size = 0
+        self.body_sent = 0
+        self.rt: ServiceRuntime | None = None
+        self.opts: ServiceOptions | None = None
+        self.backend: BackendState | None = None
+        self.upstream: "UpstreamConn | None" = None
+        self.attempts = 0
+        self.tried: set[BackendState] | None = None
+        self.failed_servers: set[str] | None = None
+        self.deadline = INF
+        self.t_attempt = 0.0
+        self.response_started = False
+        self.out_mode = 0
+        self.close_after = False
+        self.finished = False
+        self.retryable = False
+        self.key: bytes | None = None
+        self.hdrs = b""  # forwarded request header lines ("Name: value\r\n" each), concatenated
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -325,7 +333,7 @@ class UpstreamConn(asyncio.Protocol):
         end = acc.find(b"\r\n\r\n", self.hpos)
         if end < 0:  # llhttp accepted something that is not CRLF-delimited
             raise Reject(502, "malformed upstream response head")
-        block = acc[self.hpos:end + 2]
+        block = acc[self.hpos:end + 4]  # with the blank line
         self.hpos = end + 4
         status = self.parser.get_status_code()
         if status < 200:
@@ -953,7 +961,7 @@ class HttpClientConn(asyncio.Protocol):
         if ex.version != "1.1" or self.closed:
             return
         out, _, _, _ = scan_response_head(block)
-        self._w(out + b"\r\n")
+        self._w(out)
 
     def response_head(self, up: UpstreamConn, ex: Exchange, status: int, block: bytes) -> None:
         rt = ex.rt
@@ -989,7 +997,7 @@ class HttpClientConn(asyncio.Protocol):
         elif ex.version == "1.0":
             framing += b"Connection: keep-alive\r\n"
         ex.response_started = True
-        head = out + framing + b"\r\n" if framing else out + b"\r\n"
+        head = out[:-2] + framing + b"\r\n" if framing else out
         buf = self.wbuf
         if buf is not None:
             buf.append(head)
