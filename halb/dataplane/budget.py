@@ -23,6 +23,7 @@ class RetryBudget:
     _req_sum: int = 0
     _ret_sum: int = 0
     live: int = 0  # requests counted by the proxy since the last fold (a bare += on the hot path)
+    seen: int = 0  # last total passed to count_to
 
     def __post_init__(self) -> None:
         self._req = [0] * self.window_s
@@ -48,6 +49,13 @@ class RetryBudget:
             self._req_sum += self.live
             self.live = 0
         return i
+
+    def count_to(self, total: int) -> None:
+        """Count live requests from a monotonic total kept elsewhere (the service's request
+        counter), so the hot path needs no increment of its own; call before try_withdraw."""
+        if total > self.seen:
+            self.live += total - self.seen
+            self.seen = total
 
     def deposit(self) -> None:
         """Count one live request (called once per client request, not per attempt)."""

@@ -141,44 +141,62 @@ class Exchange:
         "response_started", "out_mode", "close_after", "finished", "retryable", "key", "hdrs",
     )
 
+    url: bytes
+    method: bytes
+    version: str
+    keep_alive: bool
+    conn_tokens: list[bytes] | None
+    host: bytes | None
+    xff: bytes | None
+    rid: bytes | None
+    idem: bool
+    hash_value: bytes | None
+    cookie: bytes | None
+    content_length: int | None
+    chunked_in: bool
+    body_done: bool
+    body_received: int
+    head: bytes
+    pending: list[bytes] | None
+    pending_size: int
+    copy: list[bytes] | None
+    copy_size: int
+    body_sent: int
+    rt: ServiceRuntime | None
+    opts: ServiceOptions | None
+    backend: BackendState | None
+    upstream: "UpstreamConn | None"
+    attempts: int
+    tried: set[BackendState] | None
+    failed_servers: set[str] | None
+    deadline: float
+    t_attempt: float
+    response_started: bool
+    out_mode: int
+    close_after: bool
+    finished: bool
+    retryable: bool
+    key: bytes | None
+    hdrs: bytes  # forwarded request header lines ("Name: value\r\n" each), concatenated
+
     def __init__(self) -> None:
-        self.url = b""
-        self.method = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.conn_tokens: list[bytes] | None = None
-        self.host: bytes | None = None
-        self.xff: bytes | None = None
-        self.rid: bytes | None = None
-        self.idem = False
-        self.hash_value: bytes | None = None
-        self.cookie: bytes | None = None
-        self.content_length: int | None = None
-        self.chunked_in = False
-        self.body_done = False
-        self.body_received = 0
-        self.head = b""
-        self.pending: list[bytes] | None = None
-        self.pending_size = 0
-        self.copy: list[bytes] | None = None
-        self.copy_size = 0
-        self.body_sent = 0
-        self.rt: ServiceRuntime | None = None
-        self.opts: ServiceOptions | None = None
-        self.backend: BackendState | None = None
-        self.upstream: "UpstreamConn | None" = None
-        self.attempts = 0
-        self.tried: set[BackendState] | None = None
-        self.failed_servers: set[str] | None = None
-        self.deadline = INF
-        self.t_attempt = 0.0
-        self.response_started = False
-        self.out_mode = 0
-        self.close_after = False
-        self.finished = False
-        self.retryable = False
-        self.key: bytes | None = None
-        self.hdrs = b""  # forwarded request header lines ("Name: value\r\n" each), concatenated
+        # one tuple unpack: two opcodes per field instead of three
+        (
+            self.url, self.method, self.version, self.keep_alive, self.conn_tokens, self.host,
+            self.xff, self.rid, self.idem, self.hash_value, self.cookie, self.content_length,
+            self.chunked_in, self.body_done, self.body_received, self.head, self.pending,
+            self.pending_size, self.copy, self.copy_size, self.body_sent, self.rt, self.opts,
+            self.backend, self.upstream, self.attempts, self.tried, self.failed_servers,
+            self.deadline, self.t_attempt, self.response_started, self.out_mode, self.close_after,
+            self.finished, self.retryable, self.key, self.hdrs,
+        ) = EX_DEFAULTS
+
+
+EX_DEFAULTS = (  # in __slots__ order
+    b"", b"", "1.1", True, None, None, None, None, False, None, None, None, False, False, 0, b"",
+    None, 0, None, 0, 0, None, None, None, None, 0, None, None, INF, 0.0, False, 0, False, False,
+    False, None, b"",
+)
 
 
 class UpstreamConn(asyncio.Protocol):
@@ -345,7 +363,38 @@ class UpstreamConn(asyncio.Protocol):
         self.hacc = b""
         self.hpos = 0
         self.final = True
-        self.client.response_head(self, ex, status, block)  # type: ignore[union-attr]
+        # the final response head (HttpClientConn.response_head's work, inlined: hot path)
+        client: HttpClientConn = self.client  # type: ignore[assignment]
+        b = ex.backend
+        if status >= 500:
+            client.response_head_5xx(self, ex, status, b)  # type: ignore[arg-type]
+            if self.ex is not ex:
+                return  # retried elsewhere
+        elif b.consecutive_failures or b.ejection_streak or ex.rt.track_latency:  # type: ignore[union-attr]
+            ex.rt.record_success(b, self.loop.time() - ex.t_attempt)  # type: ignore[union-attr]
+        out, cl, chunked, _ = scan_response_head(block)
+        method = ex.method
+        if method == b"HEAD" or status == 204 or status == 304:
+            pass  # a HEAD response keeps its Content-Length line
+        elif cl >= 0 and not chunked:
+            self.remaining = cl  # the Content-Length line is passed through
+        else:
+            out = client.reframe(self, ex, out, chunked)
+        if not ex.keep_alive or ex.close_after or client.upgraded:
+            out = out[:-2] + b"Connection: close\r\n\r\n"
+            ex.close_after = True
+        elif ex.version == "1.0":
+            out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
+        ex.response_started = True
+        buf = client.wbuf
+        if buf is not None:
+            buf.append(out)
+        else:
+            client._w(out)
+        if method == b"HEAD":
+            # llhttp cannot be told the request was HEAD: finish now, fresh parser next time
+            self.parser = httptools.HttpResponseParser(self)
+            client.response_done(self, ex, reusable=cl >= 0 or chunked)
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
@@ -708,19 +757,27 @@ class HttpClientConn(asyncio.Protocol):
         ex.rt = rt
         ex.opts = opts
         self.cur = ex
-        rt.requests += 1
-        rt.budget.live += 1
+        rt.requests += 1  # also the retry budget's count of live requests
         if ex.body_done:
             ex.deadline = self.loop.time() + opts.request_timeout
         cl = ex.content_length
-        if cl is not None and opts.max_body_bytes and cl > opts.max_body_bytes:
-            rt.rejected += 1
-            self.send_error(ex, 413, "request body too large", close=True)
-            return
-        if ex.method in IDEMPOTENT or ex.idem:
-            ex.retryable = True
-            if cl or ex.chunked_in:
-                ex.copy = []  # replay buffer for the body (a request without one needs none)
+        method = ex.method
+        if cl is None and not ex.chunked_in:  # no body: the usual case
+            framing = b"\r\n"
+            if method in IDEMPOTENT or ex.idem:
+                ex.retryable = True
+        else:
+            if cl is not None and opts.max_body_bytes and cl > opts.max_body_bytes:
+                rt.rejected += 1
+                self.send_error(ex, 413, "request body too large", close=True)
+                return
+            if method in IDEMPOTENT or ex.idem:
+                ex.retryable = True
+                ex.copy = []  # replay buffer for the body
+            if ex.chunked_in:
+                framing = b"Transfer-Encoding: chunked\r\n\r\n"
+            else:
+                framing = b"Content-Length: %d\r\n\r\n" % cl
         # upstream request head, built once for every attempt
         hdrs = ex.hdrs
         if ex.conn_tokens:
@@ -731,24 +788,15 @@ class HttpClientConn(asyncio.Protocol):
         rid = ex.rid
         if rid is None:
             eng = self.engine  # engine.new_request_id, inlined: a counter, no uuid
-            eng._rid_counter += 1
-            rid = ex.rid = b"%s%x" % (eng._rid_prefix, eng._rid_counter)
-        if ex.chunked_in:
-            framing = b"Transfer-Encoding: chunked\r\n\r\n"
-        elif cl is not None:
-            framing = b"Content-Length: %d\r\n\r\n" % cl
-        else:
-            framing = b"\r\n"
-        xff = ex.xff
+            n = eng._rid_counter = eng._rid_counter + 1
+            rid = ex.rid = b"%s%x" % (eng._rid_prefix, n)
+        xff = self.xff_head if ex.xff is None else XFF + ex.xff + b", " + self.xff_head[len(XFF):]
         host = ex.host
         if host is not None:
-            ex.head = b"".join((ex.method, b" ", ex.url, b" HTTP/1.1\r\n", hdrs,
-                                self.xff_head if xff is None else b"X-Forwarded-For: " + xff + b", " + self.xff_head[len(XFF):],
-                                rid, b"\r\nX-Forwarded-Host: ", host, b"\r\n", framing))
+            ex.head = b"".join((method, b" ", ex.url, b" HTTP/1.1\r\n", hdrs, xff, rid,
+                                b"\r\nX-Forwarded-Host: ", host, b"\r\n", framing))
         else:
-            ex.head = b"".join((ex.method, b" ", ex.url, b" HTTP/1.1\r\n", hdrs,
-                                self.xff_head if xff is None else b"X-Forwarded-For: " + xff + b", " + self.xff_head[len(XFF):],
-                                rid, b"\r\n", framing))
+            ex.head = b"".join((method, b" ", ex.url, b" HTTP/1.1\r\n", hdrs, xff, rid, b"\r\n", framing))
         # pick, inlined for the common case (no hash key, candidates up to date)
         if rt.uses_key:
             ex.key = self._hash_key(ex, rt)
@@ -898,7 +946,11 @@ class HttpClientConn(asyncio.Protocol):
             if failed.server:
                 ex.failed_servers.add(failed.server)  # type: ignore[union-attr]
         nb = ex.rt.pick(ex.key, exclude=ex.tried, avoid_servers=ex.failed_servers)  # type: ignore[union-attr]
-        if nb is None or not ex.rt.budget.try_withdraw():  # type: ignore[union-attr]
+        if nb is None:
+            return None
+        budget = ex.rt.budget  # type: ignore[union-attr]
+        budget.count_to(ex.rt.requests)  # type: ignore[union-attr]
+        if not budget.try_withdraw():
             return None
         return nb
 
@@ -963,50 +1015,26 @@ class HttpClientConn(asyncio.Protocol):
         out, _, _, _ = scan_response_head(block)
         self._w(out)
 
-    def response_head(self, up: UpstreamConn, ex: Exchange, status: int, block: bytes) -> None:
-        rt = ex.rt
-        b = ex.backend
-        if status >= 500:
-            if status in ex.opts.retry_on_status:  # type: ignore[union-attr]
-                nb = self._retry_target(ex, False, b)
-                if nb is not None:
-                    up.ex = None
-                    self.attempt_failed(ex, False, f"upstream answered {status}", target=nb)
-                    return
-            rt.record_failure(b, False, f"status {status}")  # type: ignore[union-attr]
-        elif b.consecutive_failures or b.ejection_streak or rt.track_latency:  # type: ignore[union-attr]
-            rt.record_success(b, self.loop.time() - ex.t_attempt)  # type: ignore[union-attr]
-        out, cl, chunked, _ = scan_response_head(block)
-        method = ex.method
-        if method == b"HEAD" or status == 204 or status == 304:
-            framing = b""  # a HEAD response keeps its Content-Length line
-        elif cl >= 0 and not chunked:
-            framing = b""  # Content-Length line passed through
-            up.remaining = cl
-        else:
-            up._close_delimited = not chunked
-            if ex.version == "1.1":
-                framing = b"Transfer-Encoding: chunked\r\n"
-                ex.out_mode = OUT_CHUNKED
-            else:
-                framing = b""
-                ex.close_after = True
-        if not ex.keep_alive or ex.close_after or self.upgraded:
-            framing += b"Connection: close\r\n"
-            ex.close_after = True
-        elif ex.version == "1.0":
-            framing += b"Connection: keep-alive\r\n"
-        ex.response_started = True
-        head = out[:-2] + framing + b"\r\n" if framing else out
-        buf = self.wbuf
-        if buf is not None:
-            buf.append(head)
-        else:
-            self._w(head)
-        if method == b"HEAD":
-            # llhttp cannot be told the request was HEAD: finish now, fresh parser next time
-            up.parser = httptools.HttpResponseParser(up)
-            self.response_done(up, ex, reusable=cl >= 0 or chunked)
+    def response_head_5xx(self, up: UpstreamConn, ex: Exchange, status: int, b: BackendState) -> None:
+        """A 5xx final response: retry it on another backend if allowed (up.ex is then
+        cleared), else count the failure; the caller relays it."""
+        if status in ex.opts.retry_on_status:  # type: ignore[union-attr]
+            nb = self._retry_target(ex, False, b)
+            if nb is not None:
+                up.ex = None
+                self.attempt_failed(ex, False, f"upstream answered {status}", target=nb)
+                return
+        ex.rt.record_failure(b, False, f"status {status}")  # type: ignore[union-attr]
+
+    def reframe(self, up: UpstreamConn, ex: Exchange, out: bytes, chunked: bool) -> bytes:
+        """A response without Content-Length (chunked or close-delimited): chunked for an
+        HTTP/1.1 client, close-delimited for HTTP/1.0."""
+        up._close_delimited = not chunked
+        if ex.version == "1.1":
+            ex.out_mode = OUT_CHUNKED
+            return out[:-2] + b"Transfer-Encoding: chunked\r\n\r\n"
+        ex.close_after = True
+        return out
 
     def response_body(self, ex: Exchange, body: bytes) -> None:
         if self.closed:
