@@ -801,7 +801,7 @@ class HttpClientConn(asyncio.Protocol):
         if rt.uses_key:
             ex.key = self._hash_key(ex, rt)
             b = rt.pick(ex.key)
-        elif rt.dirty:
+        elif rt.dirty or rt.rotate:
             b = rt.pick(None)
         else:
             cands = rt.candidates

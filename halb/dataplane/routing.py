@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from halb.dataplane.balancers import Maglev, PeakEwma, ewma_update, make_balancer
+from halb.dataplane.balancers import Maglev, PeakEwma, SmoothWeightedRoundRobin, ewma_update, make_balancer
 from halb.dataplane.budget import RetryBudget
 from halb.dataplane.options import ServiceOptions
 from halb.dataplane.server_spread import ServerSpread, wants_server_spread
@@ -91,6 +91,13 @@ class ServiceRuntime:
         self.hash_cookie: bytes | None = None
         self.uses_key = False
         self.track_latency = False
+        # O(1) round robin: with the smooth WRR balancer and all candidate weights equal, the
+        # smooth order is plain rotation, so `pick` rotates an index instead (decided once
+        # per candidate recompute, not per request); retries (excluded backends) still go
+        # through the balancer
+        self.rotate = False
+        self.rot_next = 0
+        self.is_swrr = False
         # service totals (per worker)
         self.requests = 0
         self.errors = 0
@@ -135,6 +142,7 @@ class ServiceRuntime:
         ) or spread != isinstance(self.balancer, ServerSpread):
             self.balancer = ServerSpread(algo) if spread else make_balancer(algo, members)
         self.uses_key = isinstance(self.balancer, Maglev)
+        self.is_swrr = isinstance(self.balancer, SmoothWeightedRoundRobin)
         self.track_latency = isinstance(getattr(self.balancer, "outer", self.balancer), PeakEwma)
         hk = (route.hash_key or "source").strip()
         self.hash_header = self.hash_cookie = None
@@ -186,6 +194,9 @@ class ServiceRuntime:
         else:
             self.candidates = eligible
         self.ramp_until = ramp_until
+        cands = self.candidates
+        self.rotate = (self.is_swrr and len(cands) > 1
+                       and all(c.weight == cands[0].weight for c in cands))
         self.dirty = False
 
     def pick(self, key: bytes | None = None, exclude: set[BackendState] | None = None,
@@ -194,6 +205,12 @@ class ServiceRuntime:
         if self.dirty:
             self._recompute(self.clock())
         cands = self.candidates
+        if self.rotate and not exclude:
+            i = self.rot_next
+            if i >= len(cands):
+                i = 0
+            self.rot_next = i + 1
+            return cands[i]
         if exclude:
             cands = [c for c in cands if c not in exclude]
             if avoid_servers and self.opts.server_aware:

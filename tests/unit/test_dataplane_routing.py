@@ -215,3 +215,22 @@ def test_merge_stats_sums_workers() -> None:
     assert m["services"]["web"]["requests"] == 7 and m["services"]["web"]["panic"] is True
     assert m["services"]["web"]["backends"]["b0"] == {"requests": 7, "ejected": True}
     assert len(m["workers"]) == 2
+
+
+def test_round_robin_equal_weights_rotates_in_o1_and_retries_still_exclude() -> None:
+    # equal weights: ServiceRuntime.pick rotates an index (the smooth WRR order for equal
+    # weights) instead of scanning; unequal weights and retries use the balancer
+    rt = ServiceRuntime(route(3), clock=Clock())
+    assert rt.rotate
+    assert [rt.pick().name for _ in range(6)] == ["b0", "b1", "b2", "b0", "b1", "b2"]
+    b0 = rt.backends["b0"]
+    assert all(rt.pick(exclude={b0}).name != "b0" for _ in range(10))
+    counts: dict[str, int] = {}
+    for _ in range(300):
+        n = rt.pick().name
+        counts[n] = counts.get(n, 0) + 1
+    assert counts == {"b0": 100, "b1": 100, "b2": 100}
+    bs = (BackendRoute("a", "127.0.0.1", 1, 5), BackendRoute("b", "127.0.0.1", 2, 1), BackendRoute("c", "127.0.0.1", 3, 1))
+    rt2 = ServiceRuntime(ServiceRoute("web", "http", "127.0.0.1", 0, backends=bs), clock=Clock())
+    assert not rt2.rotate
+    assert [rt2.pick().name for _ in range(7)] == ["a", "a", "b", "a", "c", "a", "a"]
