@@ -1048,28 +1048,29 @@ class HttpClientConn(asyncio.Protocol):
         if ex.out_mode == OUT_CHUNKED and not self.closed:
             self._w(b"0\r\n\r\n")
         up.ex = None
+        up.client = None
         ex.upstream = None
+        ex.finished = True
         if not ex.body_done:
             reusable = False  # the backend answered before the whole body was sent
             ex.close_after = True
         # hot path: _release and finish inlined
-        b = up.backend
-        up.client = None
-        if (reusable and not up.closed and not b.removed and b.route.admin_state == "active"
-                and not b.ejected and len(b.pool) < ex.opts.pool_max_idle):  # type: ignore[union-attr]
-            if up.read_paused:
-                up.resume_reading()
-            up.idle_since = self.engine.now
-            b.pool.append(up)
-        else:
-            up.close()
-        if self.read_pause:
-            self.unpause(R_UPSTREAM)
-        ex.finished = True
         b = ex.backend
         if b is not None:
             ex.backend = None
             b.in_flight -= 1
+        b = up.backend
+        pool = b.pool
+        if (reusable and not up.closed and not b.removed and not b.ejected and len(pool) < ex.opts.pool_max_idle  # type: ignore[union-attr]
+                and b.route.admin_state == "active"):
+            if up.read_paused:
+                up.resume_reading()
+            up.idle_since = self.engine.now
+            pool.append(up)
+        else:
+            up.close()
+        if self.read_pause:
+            self.unpause(R_UPSTREAM)
         if self.cur is ex:
             self.cur = None
         if self.closed:
