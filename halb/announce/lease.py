@@ -177,7 +177,7 @@ class LeaseKeeper:
         self.lease_start = token.submitted_at
         return True
 
-    def on_renewal_applied(self, cid: str | None, now: float) -> None:
+    def on_renewal_applied(self, cid: str | None, now: float, raft_leader: bool | None = None) -> None:
         """Any accepted ``lease.renew`` entry was applied locally (every one, in log order).
 
         While we lead, foreign renewals applied now are either entries that were already in
@@ -185,8 +185,11 @@ class LeaseKeeper:
         renewals a deposed leader's pysyncobj queue forwarded to us; the latter extend no
         lease, because the deposed node processes their callback only after its own Raft
         status says follower (a new local epoch). So they do not restart our wait.
+        ``raft_leader`` is Raft's own view at apply time: the keeper's flag is updated a few
+        milliseconds after a win, while the predecessor's last entries are applied at once.
         """
-        if self.leader and self.track_log:
+        leading = self.leader if raft_leader is None else raft_leader
+        if leading and self.track_log:
             return
         if cid is None or cid not in self._own:
             self.seen_at = max(self.seen_at, now)

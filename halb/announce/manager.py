@@ -161,7 +161,7 @@ class Announcement:
         if op == "lease.renew":
             if not (getattr(applied, "result", None) or {}).get("ok"):
                 return  # a rejected (stale-term) renewal changed nothing and grants nothing
-            self.keeper.on_renewal_applied(cmd.get("id"), now)
+            self.keeper.on_renewal_applied(cmd.get("id"), now, self._is_leader())
             args = cmd.get("args") or {}
             self.last_holder = args.get("holder")
             self.last_holder_address = args.get("address") or None

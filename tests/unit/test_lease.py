@@ -253,3 +253,14 @@ def test_log_change_as_follower_bounds_the_wait() -> None:
     k3 = LeaseKeeper(P, created_at=0.0, track_log=True)
     k3.on_renewal_applied("x", 7.0)
     assert k3.seen_at == 7.0
+
+
+def test_applies_right_after_a_win_use_rafts_view() -> None:
+    """Raft won at 6.0; the keeper hears of it at 6.02; the predecessor's last entry is
+    applied at 6.01 (no-op commit). With log tracking it must not restart the wait."""
+    k = LeaseKeeper(P, created_at=0.0, track_log=True)
+    k.on_log_changed(5.3)
+    k.on_renewal_applied("old-last", 6.01, raft_leader=True)
+    k.set_leader(True, 6.02)
+    renew(k, 6.02, 6.05, OK_FIRST)
+    assert k.wait_until() == pytest.approx(5.3 + 1.58)
