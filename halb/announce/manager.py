@@ -262,11 +262,25 @@ class Announcement:
         if self.holding and now - self.last_refresh < 0.1:
             return
         if self.vip is not None:
+            end = k.lease_end
+            assert end is not None
+            not_after = end - k.params.refresh_min_remaining_s
+            undo_after = end - k.params.kernel_expiry_max_s
             try:
-                await self.vip.ahold(1)
+                if hasattr(self.vip, "ahold_fenced"):
+                    kept = await self.vip.ahold_fenced(self.clock, not_after, undo_after, 1)
+                else:
+                    await self.vip.ahold(1)
+                    kept = True
             except Exception as exc:
-                log.error("adding/refreshing VIP %s failed: %s", self.cfg.vip, exc)
+                # timed out or failed: whether the kernel got it is unknown -> make sure
+                log.error("adding/refreshing VIP %s failed: %r", self.cfg.vip, exc)
                 self._notify("FAULT")
+                await self._drop("refresh too late")
+                return
+            if not kept:
+                log.warning("VIP refresh refused or undone on the netlink thread (lease too short)")
+                await self._drop("refresh too late")
                 return
         after = self.clock()
         if not k.refresh_was_safe(after):
@@ -285,6 +299,18 @@ class Announcement:
             if self.vip is not None:
                 self._garp_task = asyncio.create_task(self._garp())
 
+    async def _garp_round(self) -> bool:
+        """One GARP round, fenced on the sending thread by the lease end."""
+        if not self._may_announce():
+            return False
+        end = self.keeper.lease_end
+        if end is None:
+            return False
+        if hasattr(self.vip, "asend_garp_fenced"):
+            return await self.vip.asend_garp_fenced(self.clock, end, 1) > 0
+        await self.vip.asend_garp(1, 0)
+        return True
+
     def _may_announce(self) -> bool:
         """Checked right before every GARP round: never announce a VIP we may not hold.
 
@@ -301,9 +327,8 @@ class Announcement:
         try:
             sent = 0
             for i in range(self.cfg.garp_count):
-                if not self._may_announce():
+                if not await self._garp_round():
                     return
-                await self.vip.asend_garp(1, 0)
                 sent += 1
                 if i + 1 < self.cfg.garp_count:
                     await asyncio.sleep(self.cfg.garp_interval_s)
@@ -311,15 +336,13 @@ class Announcement:
             if self.cfg.garp_refresh_after_s > 0:
                 await asyncio.sleep(self.cfg.garp_refresh_after_s)
                 for _ in range(2):
-                    if not self._may_announce():
+                    if not await self._garp_round():
                         return
-                    await self.vip.asend_garp(1, 0)
                     await asyncio.sleep(self.cfg.garp_interval_s)
             while self.cfg.garp_repeat_s > 0:
                 await asyncio.sleep(self.cfg.garp_repeat_s)
-                if not self._may_announce():
+                if not await self._garp_round():
                     return
-                await self.vip.asend_garp(1, 0)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -31,6 +31,7 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
@@ -274,6 +275,45 @@ class VipAnnouncer:
             self._refresh_task.cancel()
             self._refresh_task = None
         return await self._arun(self._do_release)
+
+    async def ahold_fenced(self, clock: Callable[[], float], not_after: float, undo_after: float,
+                           valid_lft: int = 1) -> bool:
+        """Add/renew only if ``clock() <= not_after`` on the worker thread right before the
+        netlink call, and delete again at once if ``clock() > undo_after`` right after it.
+
+        Why on the worker: a process frozen (SIGSTOP, VM pause) between the caller's lease
+        check and the queued netlink call would otherwise apply a stale refresh when it
+        resumes, long after its lease ended. Checking next to the syscall shrinks that window
+        to microseconds, and the check after it bounds what a freeze inside it can cause.
+        Returns True if the VIP was added and kept.
+        """
+        def op() -> bool:
+            if clock() > not_after:
+                return False
+            self._do_hold(valid_lft)
+            if clock() > undo_after:
+                self._do_release()
+                return False
+            return True
+        return await self._arun(op)
+
+    async def asend_garp_fenced(self, clock: Callable[[], float], not_after: float, count: int = 1,
+                                interval: float = 0.0) -> int:
+        """Like :meth:`asend_garp`, but sends nothing once ``clock() > not_after`` (checked
+        on the sending thread, before every round): a frozen ex-holder must not announce."""
+        sock, mac = await self._arun(self._do_open_arp)
+
+        def op() -> int:
+            sent = 0
+            for i in range(count):
+                if clock() > not_after:
+                    break
+                sent += self._burst(sock, mac, 1, 0.0)
+                if i + 1 < count and interval > 0:
+                    time.sleep(interval)
+            return sent
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._tx, op)
 
     async def ais_held(self) -> bool:
         return (await self._arun(self._do_lifetime)) is not None
