@@ -24,6 +24,8 @@ from typing import Any
 
 from halb.announce.lease import LeaseParams
 
+from halb.tomltable import Table
+
 MODES = ("none", "vip", "dns")
 ANSWERS = ("leader", "all")
 
@@ -71,28 +73,18 @@ def _ipv4(key: str, value: str) -> str:
         raise AnnounceConfigError(key, f"must be an IPv4 address, got {value!r}") from None
 
 
-class _T:
-    def __init__(self, data: dict[str, Any]) -> None:
-        self.data = dict(data)
+class _T(Table):
+    """The shared TOML table reader, with this section's error type and messages."""
 
-    def take(self, name: str, kind: type | tuple[type, ...], default: Any) -> Any:
-        if name not in self.data:
-            return default
-        value = self.data.pop(name)
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            raise AnnounceConfigError(name, f"must be a {names}, got {type(value).__name__} {value!r}")
-        return value
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(Path("."), "", data, lambda _file, key, reason: AnnounceConfigError(key, reason))
 
     def required(self, name: str, kind: type, why: str) -> Any:
         if name not in self.data:
             raise AnnounceConfigError(name, f"is required {why}")
-        return self.take(name, kind, None)
+        return self.take(name, kind)
 
-    def done(self, mode: str) -> None:
+    def done(self, mode: str) -> None:  # type: ignore[override]
         for name in self.data:
             raise AnnounceConfigError(name, f"unknown key for mode {mode!r}")
 
