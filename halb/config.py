@@ -7,12 +7,11 @@ operator reading it is usually in the middle of an incident. The static config o
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from halb.tomltable import Table
+from halb.tomltable import Table, read_toml
 from halb.model import ALGORITHMS, SERVICE_MODES, ModelError, check_name, parse_hostport
 
 
@@ -140,12 +139,7 @@ class _Table(Table):
 def load_config(path: str | os.PathLike[str]) -> NodeConfig:
     """Read and validate a node config; relative paths are relative to the file."""
     file = Path(path)
-    try:
-        raw = tomllib.loads(file.read_text())
-    except FileNotFoundError:
-        raise ConfigError(file, "", "file does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(file, "", f"not valid TOML: {exc}") from None
+    raw = read_toml(file, ConfigError)
     return parse_config(file, raw)
 
 

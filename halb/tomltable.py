@@ -52,3 +52,15 @@ class Table:
     def done(self) -> None:
         for name in self.data:
             raise self.error(name, "unknown key")
+
+
+def read_toml(file: Path, error: ErrorFactory) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or a syntax error is reported like any other key error."""
+    import tomllib
+
+    try:
+        return tomllib.loads(file.read_text())
+    except FileNotFoundError:
+        raise error(file, "", "file does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(file, "", f"not valid TOML: {exc}") from None

@@ -9,12 +9,11 @@ run in CI, and "invalid drill" without a location wastes a morning.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from halb.tomltable import Table
+from halb.tomltable import Table, read_toml
 
 
 class DrillError(Exception):
@@ -166,12 +165,7 @@ def _check_type(t: Table, name: str, value: Any, kind: type | tuple[type, ...]) 
 
 def load_drill(path: str | os.PathLike[str]) -> Drill:
     file = Path(path)
-    try:
-        raw = tomllib.loads(file.read_text())
-    except FileNotFoundError:
-        raise DrillError(file, "", "file does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise DrillError(file, "", f"not valid TOML: {exc}") from None
+    raw = read_toml(file, DrillError)
     return parse_drill(file, raw)
 
 
