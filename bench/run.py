@@ -434,8 +434,10 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
               "* nginx origin: 1 worker, `return 200` for the small case, `sendfile` for the 1 MiB file.", ""]
     lines += ["## Where halb's time goes", "",
               "Small requests: per request both proxies make the same system calls (one read and one write "
-              "per direction, epoll amortised over ~20 events; checked with `strace -c`), and spend similar "
-              "kernel time (see the user + sys split above). The gap is user time. halb's user time is "
+              "per direction, epoll amortised over ~20 events; checked with `strace -c`). halb's kernel time "
+              "per request is still 1-3 µs higher (see the user + sys split above; cause not established, "
+              "likely the larger user-space working set evicting the kernel's cache lines), but most of the "
+              "gap is user time. halb's user time is "
               "Python running on top of uvloop and httptools; `bench/instr.py` counts it with callgrind "
               "(user-space instructions per request, repeatable to ~1 % where wall-clock figures move by "
               "10-20 % on this shared machine):",
