@@ -117,6 +117,19 @@ def scan_response_head(block: bytes) -> tuple[bytes, int, bool, bytes | None]:
     return out, cl, chunked, tokens
 
 
+
+def _record_sent(ex: "Exchange", data: bytes) -> None:
+    """Count body bytes sent upstream and keep a replay copy while it fits the retry buffer
+    (a body larger than retry_buffer_bytes cannot be replayed, so its copy is dropped)."""
+    n = len(data)
+    ex.body_sent += n
+    if ex.copy is not None:
+        if ex.copy_size + n <= ex.opts.retry_buffer_bytes:  # type: ignore[union-attr]
+            ex.copy.append(data)
+            ex.copy_size += n
+        else:
+            ex.copy = None
+
 class Reject(Exception):
     """Raised from parser callbacks to answer with an error and close."""
 
@@ -734,14 +747,7 @@ class HttpClientConn(asyncio.Protocol):
         up = ex.upstream
         if up is not None:
             self.uwrite(up, data)
-            n = len(data)
-            ex.body_sent += n
-            if ex.copy is not None:
-                if ex.copy_size + n <= ex.opts.retry_buffer_bytes:  # type: ignore[union-attr]
-                    ex.copy.append(data)
-                    ex.copy_size += n
-                else:
-                    ex.copy = None
+            _record_sent(ex, data)
         else:
             if ex.pending is None:
                 ex.pending = []
@@ -907,14 +913,7 @@ class HttpClientConn(asyncio.Protocol):
             ex.pending_size = 0
             self.uwrite(up, b"".join([ex.head, *data]))
             for d in data:
-                n = len(d)
-                ex.body_sent += n
-                if ex.copy is not None:
-                    if ex.copy_size + n <= ex.opts.retry_buffer_bytes:  # type: ignore[union-attr]
-                        ex.copy.append(d)
-                        ex.copy_size += n
-                    else:
-                        ex.copy = None
+                _record_sent(ex, d)
             self.unpause(R_PENDING)
         else:
             self.uwrite(up, ex.head)
