@@ -266,3 +266,15 @@ def fault_proxy() -> Iterator[FaultProxy]:
         yield fp
     finally:
         fp.stop()
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[Any]:
+    """A threaded TCP echo server on 127.0.0.1 (fault-proxy tests relay through it)."""
+    from halb.chaos.toxiproxy.testing import TcpServer, echo_handler
+
+    srv = TcpServer(echo_handler)
+    try:
+        yield srv
+    finally:
+        srv.close()

@@ -14,7 +14,7 @@ from toxiproxy import Toxiproxy
 from toxiproxy.exceptions import InvalidToxic, NotFound, ProxyExists
 
 from halb.chaos.toxiproxy import ToxiproxyProcess
-from halb.chaos.toxiproxy.testing import TcpServer, echo_handler
+from halb.chaos.toxiproxy.testing import TcpServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,15 +38,6 @@ def client(tp_process: ToxiproxyProcess) -> Iterator[Toxiproxy]:
         yield tp
     finally:
         tp.destroy_all()
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[TcpServer]:
-    srv = TcpServer(echo_handler)
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 def roundtrip(listen: str, payload: bytes = b"ping") -> bytes:

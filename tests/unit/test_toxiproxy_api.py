@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from halb.chaos.toxiproxy.testing import TcpServer, ThreadedServer, echo_handler
+from halb.chaos.toxiproxy.testing import TcpServer, ThreadedServer
 from halb.chaos.toxiproxy.toxics import Slicer, float32_json, float32
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,15 +35,6 @@ def api(server: ThreadedServer) -> Iterator["Api"]:
     finally:
         for name in list(client.get("/proxies").json()):
             client.delete(f"/proxies/{name}")
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[TcpServer]:
-    srv = TcpServer(echo_handler)
-    try:
-        yield srv
-    finally:
-        srv.close()
 
 
 class Api:
