@@ -37,5 +37,10 @@ bench: $(STAMP)
 chaos: $(STAMP)
 	$(BIN)/halb chaos run chaos/drills/*.toml --cluster local
 
+## Cheap static checks: every module byte-compiles, every drill file validates.
+lint: $(STAMP)
+	$(BIN)/python -m compileall -q halb tests bench
+	$(BIN)/halb chaos validate chaos/drills/*.toml
+
 clean:
 	rm -rf $(VENV) .halb build *.egg-info .pytest_cache
