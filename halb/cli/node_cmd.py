@@ -1,7 +1,6 @@
 """`halb node run`: one balancer node in the foreground."""
 from __future__ import annotations
 
-import asyncio
 import sys
 
 import click
@@ -31,14 +30,10 @@ def run(config_path: str, insecure_dev: bool) -> None:
     except (ConfigError, InsecureConfig) as exc:  # includes health-check tables
         click.echo(f"halb: config error: {exc}", err=True)
         sys.exit(2)
-    try:
-        import uvloop
+    from halb.aio import run as run_loop
 
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
     try:
-        runner(node_obj.run())
+        run_loop(node_obj.run())
     except OSError as exc:
         click.echo(f"halb: node {cfg.node_id} failed to start: {exc}", err=True)
         sys.exit(1)

@@ -34,12 +34,9 @@ def serve(host: str, port: int, config: str | None, port_file: str | None, log_l
     level = "warning" if log_level.lower() == "warn" else log_level.lower()
     logging.basicConfig(stream=sys.stderr, level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import uvloop
-        loop_factory = uvloop.new_event_loop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
+    from halb.aio import loop_factory
+
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
         try:
             runner.run(_serve(host, port, config, port_file))
         except (OSError, ValueError) as exc:

@@ -30,6 +30,8 @@ from typing import Any
 
 import httptools
 
+from halb.aio import run
+
 CHUNK = 256 * 1024
 
 
@@ -216,15 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tcp", action="store_true")
     ap.add_argument("--no-uvloop", action="store_true")
     args = ap.parse_args(argv)
-    if not args.no_uvloop:
-        try:
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        except ImportError:
-            pass
     try:
-        asyncio.run(_main(args))
+        run(_main(args), use_uvloop=not args.no_uvloop)
     except KeyboardInterrupt:
         pass
 

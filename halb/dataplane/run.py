@@ -18,6 +18,7 @@ import sys
 
 import msgpack
 
+from halb.aio import run
 from halb.dataplane.engine import DataPlane
 from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot, ServiceRoute
 
@@ -112,14 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument("--stats-interval", type=float, default=0.0)
     args = ap.parse_args(argv)
-    if not args.no_uvloop:
-        try:
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        except ImportError:
-            pass
-    asyncio.run(_main(args))
+    run(_main(args), use_uvloop=not args.no_uvloop)
 
 
 if __name__ == "__main__":

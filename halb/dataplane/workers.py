@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 
+from halb.aio import run
 from halb.dataplane.snapshot import RoutingSnapshot
 
 log = logging.getLogger(__name__)
@@ -212,14 +213,7 @@ def main(argv: list[str]) -> None:
     fd, node_id, use_uvloop = int(argv[0]), argv[1], argv[2] == "1"
     _die_with_parent()
     logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"))
-    if use_uvloop:
-        try:
-            import uvloop
-
-            asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-        except ImportError:
-            pass
-    asyncio.run(_child(fd, node_id))
+    run(_child(fd, node_id), use_uvloop=use_uvloop)
 
 
 if __name__ == "__main__":
