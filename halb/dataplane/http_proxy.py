@@ -24,6 +24,7 @@ one timer per request: cheaper on the hot path, at the cost of ~0.25 s granulari
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,21 @@ from halb.dataplane.routing import BackendState, ServiceRuntime
 
 if TYPE_CHECKING:  # pragma: no cover
     from halb.dataplane.listeners import Listener
+
+# Optional C fast path (halb/dataplane/_fasthttp.c) for complete, simple heads; llhttp stays
+# the authority for everything else. HALB_HTTP_ACCEL=0 turns it off (tests compare both).
+fast_request: Any = None
+fast_response: Any = None
+if os.environ.get("HALB_HTTP_ACCEL", "1") != "0":
+    try:
+        from halb.dataplane._fasthttp import parse_request as fast_request, parse_response as fast_response
+    except ImportError:  # built without a C compiler: the pure-Python path serves everything
+        pass
+
+
+def accelerated() -> bool:
+    """Whether the C head fast path is in use (reported by `halb` at start-up and in bench)."""
+    return fast_request is not None
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 # request headers the proxy drops or rewrites itself
@@ -310,6 +326,12 @@ class UpstreamConn(asyncio.Protocol):
         if self.bypass:
             self._relay(ex, client, data)  # type: ignore[arg-type]
             return
+        if self.want_head and not self.hacc and fast_response is not None:
+            r = fast_response(data, self.max_hdr)
+            # 1xx, 5xx (may be retried), 204/304 and HEAD answers take the llhttp path
+            if r is not None and 200 <= r[0] < 500 and r[0] != 204 and r[0] != 304 and ex.method != b"HEAD":
+                self._fast_response(ex, client, data, r)  # type: ignore[arg-type]
+                return
         client.wbuf = []  # type: ignore[union-attr]
         try:
             if self.want_head:
@@ -336,6 +358,31 @@ class UpstreamConn(asyncio.Protocol):
             # no copy of the slice (bulk transfers); a fresh parser serves the next response
             self.bypass = True
             self.ka = self.parser.should_keep_alive()
+
+    def _fast_response(self, ex: Exchange, client: "HttpClientConn", data: bytes,
+                       r: tuple[int, bytes, int, bool, int]) -> None:
+        """A response head the C parser took whole (Content-Length framed, 2xx-4xx): send
+        head and body to the client in one write; the rest of the body, if any, takes the
+        bypass relay. The llhttp parser is never fed, so it stays fresh for the next one."""
+        status, out, cl, ka, hl = r
+        b = ex.backend
+        if b.consecutive_failures or b.ejection_streak or ex.rt.track_latency:  # type: ignore[union-attr]
+            ex.rt.record_success(b, self.loop.time() - ex.t_attempt)  # type: ignore[union-attr]
+        out = client.client_head(ex, out)
+        body = len(data) - hl
+        if body < cl:
+            self.want_head = False
+            self.final = True
+            self.remaining = cl - body
+            self.bypass = True
+            self.ka = ka
+            if not client.closed:
+                client.transport.write(out + data[hl:] if body else out)  # type: ignore[union-attr]
+            return
+        if not client.closed:
+            client.transport.write(out + data[hl:hl + cl] if cl else out)  # type: ignore[union-attr]
+        # bytes beyond the announced length: the backend broke framing, do not reuse
+        client.response_done(self, ex, reusable=ka and body == cl)
 
     def _relay(self, ex: Exchange, client: "HttpClientConn", data: bytes) -> None:
         n = len(data)
@@ -393,12 +440,7 @@ class UpstreamConn(asyncio.Protocol):
             self.remaining = cl  # the Content-Length line is passed through
         else:
             out = client.reframe(self, ex, out, chunked)
-        if not ex.keep_alive or ex.close_after or client.upgraded:
-            out = out[:-2] + b"Connection: close\r\n\r\n"
-            ex.close_after = True
-        elif ex.version == "1.0":
-            out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
-        ex.response_started = True
+        out = client.client_head(ex, out)
         buf = client.wbuf
         if buf is not None:
             buf.append(out)
@@ -564,6 +606,19 @@ class HttpClientConn(asyncio.Protocol):
         self.active = True
         if self.upgraded:
             return
+        if self.parsing is None and self.cur is None and fast_request is not None:
+            # a whole bodyless request head in one read, in the C parser's strict subset
+            rt = self.listener.rt
+            r = fast_request(data, rt.opts.max_header_bytes, rt.hash_header)
+            if r is not None:
+                ex = Exchange()
+                (ex.method, ex.url, http10, ex.keep_alive, ex.hdrs, ex.host, ex.xff, ex.rid, ex.idem,
+                 ex.cookie, ex.hash_value) = r
+                if http10:
+                    ex.version = "1.0"
+                ex.body_done = True
+                self.start(ex)
+                return
         self.ubuf = []
         # a chunk read between requests starts with the next request line: its version is
         # read from the raw bytes (llhttp's get_http_version formats a str, ~2 % of a request)
@@ -1024,6 +1079,17 @@ class HttpClientConn(asyncio.Protocol):
                 self.attempt_failed(ex, False, f"upstream answered {status}", target=nb)
                 return
         ex.rt.record_failure(b, False, f"status {status}")  # type: ignore[union-attr]
+
+    def client_head(self, ex: Exchange, out: bytes) -> bytes:
+        """The final response head as this client gets it: Connection set from the request's
+        persistence; marks the response as started (no retry after this)."""
+        if not ex.keep_alive or ex.close_after or self.upgraded:
+            out = out[:-2] + b"Connection: close\r\n\r\n"
+            ex.close_after = True
+        elif ex.version == "1.0":
+            out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
+        ex.response_started = True
+        return out
 
     def reframe(self, up: UpstreamConn, ex: Exchange, out: bytes, chunked: bool) -> bytes:
         """A response without Content-Length (chunked or close-delimited): chunked for an
