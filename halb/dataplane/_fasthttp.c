@@ -327,8 +327,8 @@ done:
 
 PyDoc_STRVAR(parse_response_doc,
 "parse_response(data, max_head) -> tuple | None\n\n"
-"data must start with a complete response head in the strict subset, framed by exactly one\n"
-"Content-Length; otherwise None (use llhttp). Returns (status, head, content_length,\n"
+"data must start with a complete final response head (not 1xx, 204 or 304) in the strict\n"
+"subset, framed by exactly one Content-Length; otherwise None (use llhttp). Returns (status, head, content_length,\n"
 "keep_alive, head_len): head is what the client gets, as scan_response_head builds it\n"
 "(status line as HTTP/1.1, hop-by-hop lines removed, Content-Length kept); head_len is\n"
 "where the body starts in data.");
@@ -355,6 +355,8 @@ static PyObject *parse_response(PyObject *self, PyObject *const *args, Py_ssize_
         status = status * 10 + (data[i] - '0');
     }
     if (data[9] == '0' || data[12] != ' ') Py_RETURN_NONE;
+    /* 1xx, 204 and 304 carry no body whatever their headers say: llhttp frames them */
+    if (status < 200 || status == 204 || status == 304) Py_RETURN_NONE;
     const char *p = data + 13;
     while (p < end && VCHAR[(unsigned char)*p]) p++;
     if (p + 1 >= end || p[0] != '\r' || p[1] != '\n') Py_RETURN_NONE;

@@ -14,6 +14,7 @@ import secrets
 import time
 from typing import Any, Callable
 
+from halb.dataplane import http_proxy
 from halb.dataplane.http_proxy import HttpClientConn
 from halb.dataplane.listeners import Listener, make_listen_socket
 from halb.dataplane.routing import ServiceRuntime
@@ -66,6 +67,8 @@ class DataPlane:
         self._started = True
         if self.loop_uvloop and "uvloop" not in type(self.loop).__module__:
             log.info("data plane running on %s (uvloop is faster; the node chooses the loop)", type(self.loop).__name__)
+        log.info("HTTP head fast path: %s", "C (halb.dataplane._fasthttp)" if http_proxy.accelerated()
+                 else "off, llhttp only (extension not built, or HALB_HTTP_ACCEL=0)")
         self._apply(snapshot, initial=True)
         # let the servers start before returning, so callers can connect at once
         for lst in list(self.listeners.values()):

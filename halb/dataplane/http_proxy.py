@@ -328,8 +328,8 @@ class UpstreamConn(asyncio.Protocol):
             return
         if self.want_head and not self.hacc and fast_response is not None:
             r = fast_response(data, self.max_hdr)
-            # 1xx, 5xx (may be retried), 204/304 and HEAD answers take the llhttp path
-            if r is not None and 200 <= r[0] < 500 and r[0] != 204 and r[0] != 304 and ex.method != b"HEAD":
+            # 5xx (may be retried) and answers to HEAD take the llhttp path (C declines 1xx/204/304)
+            if r is not None and r[0] < 500 and ex.method != b"HEAD":
                 self._fast_response(ex, client, data, r)  # type: ignore[arg-type]
                 return
         client.wbuf = []  # type: ignore[union-attr]
