@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 BIG = 1024 * 1024
+LLHTTP_ONLY = "halb, llhttp only"  # HALB_HTTP_ACCEL=0: the pure-Python head path
+NOTES = ROOT / "bench" / "NOTES.md"  # the hand-written analysis appended to the report
 
 
 def free_port() -> int:
@@ -233,6 +235,9 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(), "uvloop": uvloop.__version__, "httptools": httptools.__version__,
         "haproxy": first([tool("haproxy"), "-v"]), "nginx": first([tool("nginx"), "-v"]),
         "wrk": first([tool("wrk"), "--version"]),
+        "halb HTTP head fast path": first([PY, "-c", "from halb.dataplane.http_proxy import accelerated as a; "
+                                           "print('C extension (halb.dataplane._fasthttp)' if a() else "
+                                           "'not built: llhttp only')"]),
     }
 
 
@@ -329,12 +334,22 @@ def main() -> int:
             halb = procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{halb_port}",
                                 "--mode", case.mode, "--backend", f"origin=127.0.0.1:{origin_port}"], proxy_core,
                                stdout=subprocess.DEVNULL, cwd=str(ROOT))
-            wait_port(hap_port)
-            wait_port(halb_port)
-            for name, port, p in (("haproxy", hap_port, hap), ("halb", halb_port, halb)):
+            proxies = [("haproxy", hap_port, hap), ("halb", halb_port, halb)]
+            if case.mode == "http" and not bulk:
+                # the same halb without the C head fast path: what a machine without a C
+                # compiler gets (reported, not judged against the target)
+                slow_port = free_port()
+                slow = procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{slow_port}",
+                                    "--backend", f"origin=127.0.0.1:{origin_port}"], proxy_core,
+                                   stdout=subprocess.DEVNULL, cwd=str(ROOT),
+                                   env=dict(os.environ, HALB_HTTP_ACCEL="0"))
+                proxies.append((LLHTTP_ONLY, slow_port, slow))
+            for _, port, _ in proxies:
+                wait_port(port)
+            for name, port, p in proxies:
                 run_wrk(port, case, 2, load_core, [p.pid])  # warm-up
             for i in range(args.runs):
-                for name, port, p in (("haproxy", hap_port, hap), ("halb", halb_port, halb)):
+                for name, port, p in proxies:
                     r = run_wrk(port, case, args.duration, load_core, [p.pid])
                     case.results.setdefault(name, []).append(r)
                     print(f"  run {i + 1} {name:8s} {r.rps:9.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
@@ -342,8 +357,8 @@ def main() -> int:
                           f" (user {r.user_us_per_req:.1f} sys {r.sys_us_per_req:.1f})", flush=True)
             if args.profile and case.mode == "http" and not bulk:
                 profile_md = profile_halb(halb.pid, halb_port, 5, load_core)
-            procs.stop(hap)
-            procs.stop(halb)
+            for _, _, p in proxies:
+                procs.stop(p)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -399,13 +414,17 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
         h, b = c.results.get("haproxy", []), c.results.get("halb", [])
         if not h or not b:
             continue
-        for name, rs in (("HAProxy", h), ("halb", b)):
+        rows = [("HAProxy", h), ("halb", b)]
+        if c.results.get(LLHTTP_ONLY):
+            rows.append((f"{LLHTTP_ONLY} (not judged)", c.results[LLHTTP_ONLY]))
+        for name, rs in rows:
             ratio = ""
-            if name == "halb":
-                per_run = [x.rps / y.rps for x, y in zip(b, h)]  # interleaved runs, paired
-                ratio = (f"**{med(b, 'rps') / med(h, 'rps'):.2f}x** ({min(per_run):.2f}-{max(per_run):.2f}) | "
-                         f"{med(b, 'p99_ms') / med(h, 'p99_ms'):.2f}x | "
-                         f"{med(b, 'cpu_us_per_req') / med(h, 'cpu_us_per_req'):.2f}x")
+            if name != "HAProxy":
+                per_run = [x.rps / y.rps for x, y in zip(rs, h)]  # interleaved runs, paired
+                bold = "**" if name == "halb" else ""
+                ratio = (f"{bold}{med(rs, 'rps') / med(h, 'rps'):.2f}x{bold} ({min(per_run):.2f}-{max(per_run):.2f}) | "
+                         f"{med(rs, 'p99_ms') / med(h, 'p99_ms'):.2f}x | "
+                         f"{med(rs, 'cpu_us_per_req') / med(h, 'cpu_us_per_req'):.2f}x")
             else:
                 ratio = " | | "
             lines.append(f"| {c.name} | {name} | {med(rs, 'rps'):,.0f} | {med(rs, 'p50_ms'):.2f} | "
@@ -430,61 +449,11 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
               "and `option splice-auto` (what an operator sets for bulk transfer).",
               "* halb: `python -m halb.dataplane.run` (uvloop, one process, every feature on with default "
               "options: retries + budget, passive outlier detection, request ids, X-Forwarded-*, limits and "
-              "timeouts, smooth weighted round robin).",
+              "timeouts, smooth weighted round robin), with the C head fast path as `pip install` builds it; "
+              f"\"{LLHTTP_ONLY}\" is the same with `HALB_HTTP_ACCEL=0`.",
               "* nginx origin: 1 worker, `return 200` for the small case, `sendfile` for the 1 MiB file.", ""]
-    lines += ["## Where halb's time goes", "",
-              "Small requests: per request both proxies make the same system calls (one read and one write "
-              "per direction, epoll amortised over ~20 events; checked with `strace -c`). halb's kernel time "
-              "per request is still 1-3 µs higher (see the user + sys split above; cause not established, "
-              "likely the larger user-space working set evicting the kernel's cache lines), but most of the "
-              "gap is user time. halb's user time is "
-              "Python running on top of uvloop and httptools; `bench/instr.py` counts it with callgrind "
-              "(user-space instructions per request, repeatable to ~1 % where wall-clock figures move by "
-              "10-20 % on this shared machine):",
-              "",
-              "| instructions per request (callgrind, small HTTP, 10 conns) | before | after |",
-              "|---|---:|---:|",
-              "| total, user space | 95,500 | 72,100 |",
-              "| Python bytecode (ceval; ~1,100 opcodes per request after) | ~30,000 | ~27,000 |",
-              "| response-head regex scan (`sre_*`) | ~8,800 | ~4,200 |",
-              "| llhttp (both directions) | ~3,000 | ~3,000 |",
-              "| `get_http_version` (str formatting) | ~2,300 | 0 |",
-              "| generic attribute lookups (class-level defaults of `Exchange`) | ~3,300 | 0 |",
-              "| `bytes % args` formatting | ~3,300 | ~400 |",
-              "",
-              "The rest is the fixed cost of the stack: uvloop's read/write path and its GIL/context "
-              "handling per callback, httptools' Cython glue, object allocation and frames for the 14 "
-              "Python functions a request runs through (2 `data_received`, 7 parser callbacks, the routing "
-              "and relay code). Removing more Python callbacks was tried and did not pay here: a raw-bytes "
-              "request-head scan instead of `on_url` + `on_header` cost ~9,000 more instructions for "
-              "wrk's one-header requests (Python bytecode of the scan > the two callbacks it replaced); "
-              "it would win only for requests with many headers.",
-              "",
-              "Steps that paid off (git history of `halb/dataplane/http_proxy.py`), on the same harness:",
-              "",
-              "* response heads taken from the raw bytes with one regex scan instead of an `on_header` "
-              "callback per header; the scan runs case-sensitively on a lowercased copy (an IGNORECASE "
-              "alternation cannot reject a branch on its first byte) with `findall` (finditer looks up a "
-              "method per call): -14 % instructions in two steps;",
-              "* the request path in one function (`start`: route, pick, attach, bind, build and queue the "
-              "upstream head), flush/finish inlined, the upstream head built with one `bytes.join` from a "
-              "per-connection X-Forwarded-For/Proto prefix, request ids from a counter, the HTTP version "
-              "read from the raw request line instead of `get_http_version()`: -8 %;",
-              "* `Exchange` with `__slots__`, initialised by one tuple unpack; the retry budget counts live "
-              "requests from the service's request counter (no second increment); response head handled "
-              "inside `UpstreamConn.on_headers_complete`: -3 %;",
-              "* earlier: writes coalesced (one send per direction per request), one sweeper for all "
-              "timeouts instead of a timer per request, `gc.freeze()` after start-up and a higher gen-0 "
-              "threshold, the rest of a Content-Length body bypassing the parser, glibc `mallopt` for bulk "
-              "transfers;",
-              "* round robin with equal weights is O(1) (index rotation, the smooth WRR order for equal "
-              "weights; decided when the candidate list is rebuilt, not per request).",
-              "",
-              "Bulk: both proxies are kernel-bound; HAProxy splices (no copy through user space); halb "
-              "copies each chunk once into a Python bytes object and hands it to the kernel. Throughput is "
-              "close when the load side is the limit.",
-              "",
-              "TCP mode: a raw Protocol relay costs about what HAProxy costs per request.", ""]
+    if NOTES.exists():
+        lines += [NOTES.read_text().rstrip(), ""]
     if profile_md:
         lines += ["### py-spy profile of halb (small HTTP, top self frames)", "", profile_md, ""]
     path.write_text("\n".join(lines) + "\n")

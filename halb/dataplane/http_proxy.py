@@ -67,6 +67,7 @@ RESP_SPECIAL = frozenset({
 VALID_RID = re.compile(rb"[\x21-\x7e]{1,128}")
 INF = float("inf")
 PENDING_HIGH = 256 * 1024  # body bytes buffered while no upstream is writable yet
+BIG_CHUNK = 16 * 1024  # above this, a body chunk is handed to the transport without a copy
 
 # read-pause reasons of a client connection (bit mask)
 R_UPSTREAM = 1  # upstream write buffer full
@@ -376,11 +377,18 @@ class UpstreamConn(asyncio.Protocol):
             self.remaining = cl - body
             self.bypass = True
             self.ka = ka
-            if not client.closed:
+            if client.closed:
+                return
+            if body > BIG_CHUNK:  # one writev, no copy of the first body chunk
+                client.transport.writelines((out, memoryview(data)[hl:]))  # type: ignore[union-attr]
+            else:
                 client.transport.write(out + data[hl:] if body else out)  # type: ignore[union-attr]
             return
         if not client.closed:
-            client.transport.write(out + data[hl:hl + cl] if cl else out)  # type: ignore[union-attr]
+            if cl > BIG_CHUNK:
+                client.transport.writelines((out, memoryview(data)[hl:hl + cl]))  # type: ignore[union-attr]
+            else:
+                client.transport.write(out + data[hl:hl + cl] if cl else out)  # type: ignore[union-attr]
         # bytes beyond the announced length: the backend broke framing, do not reuse
         client.response_done(self, ex, reusable=ka and body == cl)
 
