@@ -78,7 +78,7 @@ class Procs:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, args: list[str], core: int | None, **kw: object) -> subprocess.Popen[bytes]:
+    def start(self, args: list[str], core: int | str | None, **kw: object) -> subprocess.Popen[bytes]:
         if core is not None and shutil.which("taskset"):
             args = ["taskset", "-c", str(core), *args]
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, **kw)  # type: ignore[call-overload]
@@ -144,9 +144,10 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
     return int(parts[11]), int(parts[12])  # utime, stime (fields 14, 15)
 
 
-def run_wrk(port: int, case: Case, duration: int, core: int | None, pids: list[int]) -> Result:
+def run_wrk(port: int, case: Case, duration: int, core: int | str | None, pids: list[int],
+            threads: int = 1) -> Result:
     url = f"http://127.0.0.1:{port}{case.path}"
-    args = [tool("wrk"), "-t1", f"-c{case.conns}", f"-d{duration}s", "--latency", url]
+    args = [tool("wrk"), f"-t{threads}", f"-c{case.conns}", f"-d{duration}s", "--latency", url]
     if core is not None and shutil.which("taskset"):
         args = ["taskset", "-c", str(core), *args]
     c0 = [cpu_ticks(p) for p in pids]
@@ -279,6 +280,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="py-spy profile of halb under small-HTTP load")
     ap.add_argument("--no-install", action="store_true")
+    ap.add_argument("--scaling", choices=["auto", "force", "off"], default="auto",
+                    help="workers=2 vs workers=1: auto runs it on 4+ cores")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = ap.parse_args()
 
@@ -359,13 +362,79 @@ def main() -> int:
                 profile_md = profile_halb(halb.pid, halb_port, 5, load_core)
             for _, _, p in proxies:
                 procs.stop(p)
+        scaling = Scaling(note="not measured (--scaling off).")
+        if args.scaling != "off":
+            print("== worker scaling", flush=True)
+            scaling = worker_scaling(procs, origin_port, args, ncpu)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
-    write_report(Path(args.out), cases, direct, origin_name, versions(), args, load_before, load_after, profile_md)
+    write_report(Path(args.out), cases, direct, origin_name, versions(), args, load_before, load_after, profile_md,
+                 scaling)
     print(f"wrote {args.out}")
     return 0
+
+
+@dataclass
+class Scaling:
+    """`workers = 1` vs `workers = 2` on small HTTP responses (req/s per run)."""
+
+    one: list[Result] = field(default_factory=list)
+    two: list[Result] = field(default_factory=list)
+    note: str = ""
+
+
+def worker_scaling(procs: Procs, origin_port: int, args: argparse.Namespace, ncpu: int) -> Scaling:
+    """halb with 1 and 2 data-plane workers, pinned to two cores, load on the others.
+
+    Needs 4 cores (2 for the proxy, 2 for wrk and the origin) to mean anything; with
+    --scaling force it runs on fewer (the code path is exercised, the ratio is not a result).
+    """
+    sc = Scaling()
+    if ncpu < 4 and args.scaling != "force":
+        sc.note = (f"not measured: this machine has {ncpu} cores; the comparison needs 2 for the proxy and "
+                   "2 for wrk and the origin (run on a 4-core machine, or `--scaling force` to exercise it).")
+        return sc
+    proxy_cores = "0,1" if ncpu >= 2 else None
+    load_cores = f"2-{ncpu - 1}" if ncpu >= 4 else None
+    if ncpu < 4:
+        sc.note = (f"**forced on {ncpu} cores: proxy, wrk and origin share them, so the ratio below says "
+                   "nothing about scaling** (it only shows the measurement runs).")
+    case = Case("small HTTP, 100 conns", "/", 100, "http")
+    for workers, bucket in ((1, sc.one), (2, sc.two)):
+        port = free_port()
+        p = procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
+                         "--backend", f"origin=127.0.0.1:{origin_port}"], proxy_cores,
+                        stdout=subprocess.DEVNULL, cwd=str(ROOT))
+        try:
+            wait_port(port)
+            time.sleep(1.0)  # workers > 1: let every worker bind its listener
+            # req/s and latency only: the workers' CPU is not in the parent's /proc counters
+            run_wrk(port, case, 2, load_cores, [], threads=2)  # warm-up
+            for i in range(args.runs):
+                r = run_wrk(port, case, args.duration, load_cores, [], threads=2)
+                bucket.append(r)
+                print(f"  workers={workers} run {i + 1} {r.rps:9.0f} req/s  p99 {r.p99_ms:6.2f} ms", flush=True)
+        finally:
+            procs.stop(p)
+    return sc
+
+
+def scaling_lines(sc: Scaling) -> list[str]:
+    lines = ["## Worker scaling (`workers = 2` vs `workers = 1`)", ""]
+    if sc.note:
+        lines += [sc.note, ""]
+    if sc.one and sc.two:
+        r = med(sc.two, "rps") / med(sc.one, "rps")
+        lines += ["| workers | req/s (median) | p99 ms | runs |", "|---:|---:|---:|---|",
+                  f"| 1 | {med(sc.one, 'rps'):,.0f} | {med(sc.one, 'p99_ms'):.2f} | "
+                  + ", ".join(f"{x.rps:,.0f}" for x in sc.one) + " |",
+                  f"| 2 | {med(sc.two, 'rps'):,.0f} | {med(sc.two, 'p99_ms'):.2f} | "
+                  + ", ".join(f"{x.rps:,.0f}" for x in sc.two) + " |", "",
+                  f"2 workers / 1 worker: **{r:.2f}x** (target ≥ 1.8x where cores allow"
+                  + (")." if not sc.note else "; not judged here).")]
+    return lines + [""]
 
 
 def med(rs: list[Result], attr: str) -> float:
@@ -395,7 +464,8 @@ def target_lines(cases: list[Case]) -> list[str]:
 
 
 def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver: dict[str, str],
-                 args: argparse.Namespace, lb: tuple[float, ...], la: tuple[float, ...], profile_md: str) -> None:
+                 args: argparse.Namespace, lb: tuple[float, ...], la: tuple[float, ...], profile_md: str,
+                 scaling: Scaling) -> None:
     lines = ["# Benchmarks: halb data plane vs HAProxy", "",
              f"Generated by `make bench` (`bench/run.py`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
              "Each proxy pinned to core 0; wrk (1 thread) and the origin "
@@ -437,6 +507,7 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
     lines += ["", "Targets (measured, not asserted): ≥ 0.8x HAProxy req/s in HTTP mode with p99 ≤ 1.5x, "
               "≥ 0.9x in TCP mode, ≥ 1.0x MiB/s on 1 MiB bodies.", ""]
     lines += target_lines(cases)
+    lines += [""] + scaling_lines(scaling)
     lines += ["", "## All runs", "", "| case | proxy | run | req/s | p50 ms | p99 ms | MiB/s | CPU µs/req | user µs | sys µs |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
