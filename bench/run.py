@@ -9,7 +9,7 @@ Runs are interleaved (HAProxy, halb, HAProxy, ...) so background load hits both 
 CPU time per request (utime+stime of the proxy process) is reported because on a shared
 2-core machine req/s is partly bound by the load side.
 
-    .venv/bin/python bench/run.py [--duration 8] [--runs 3] [--profile] [--no-install]
+    .venv/bin/python bench/run.py [--duration 8] [--runs 5] [--profile] [--no-install]
 """
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ def profile_halb(pid: int, port: int, duration: int, core: int | None) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=int, default=8)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="py-spy profile of halb under small-HTTP load")
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--scaling", choices=["auto", "force", "off"], default="auto",
