@@ -366,29 +366,21 @@ class UpstreamConn(asyncio.Protocol):
         head and body to the client in one write; the rest of the body, if any, takes the
         bypass relay. The llhttp parser is never fed, so it stays fresh for the next one."""
         status, out, cl, ka, hl = r
-        b = ex.backend
-        if b.consecutive_failures or b.ejection_streak or ex.rt.track_latency:  # type: ignore[union-attr]
-            ex.rt.record_success(b, self.loop.time() - ex.t_attempt)  # type: ignore[union-attr]
-        out = client.client_head(ex, out)
+        out = client.final_head(ex, status, out)
         body = len(data) - hl
+        n = body if body < cl else cl  # body bytes of this response in this read
+        if not client.closed:
+            if n > BIG_CHUNK:  # one writev, no copy of the body chunk
+                client.transport.writelines((out, memoryview(data)[hl:hl + n]))  # type: ignore[union-attr]
+            else:
+                client.transport.write(out + data[hl:hl + n] if n else out)  # type: ignore[union-attr]
         if body < cl:
             self.want_head = False
             self.final = True
             self.remaining = cl - body
             self.bypass = True
             self.ka = ka
-            if client.closed:
-                return
-            if body > BIG_CHUNK:  # one writev, no copy of the first body chunk
-                client.transport.writelines((out, memoryview(data)[hl:]))  # type: ignore[union-attr]
-            else:
-                client.transport.write(out + data[hl:] if body else out)  # type: ignore[union-attr]
             return
-        if not client.closed:
-            if cl > BIG_CHUNK:
-                client.transport.writelines((out, memoryview(data)[hl:hl + cl]))  # type: ignore[union-attr]
-            else:
-                client.transport.write(out + data[hl:hl + cl] if cl else out)  # type: ignore[union-attr]
         # bytes beyond the announced length: the backend broke framing, do not reuse
         client.response_done(self, ex, reusable=ka and body == cl)
 
@@ -433,13 +425,10 @@ class UpstreamConn(asyncio.Protocol):
         self.final = True
         # the final response head (HttpClientConn.response_head's work, inlined: hot path)
         client: HttpClientConn = self.client  # type: ignore[assignment]
-        b = ex.backend
         if status >= 500:
-            client.response_head_5xx(self, ex, status, b)  # type: ignore[arg-type]
+            client.response_head_5xx(self, ex, status, ex.backend)  # type: ignore[arg-type]
             if self.ex is not ex:
                 return  # retried elsewhere
-        elif b.consecutive_failures or b.ejection_streak or ex.rt.track_latency:  # type: ignore[union-attr]
-            ex.rt.record_success(b, self.loop.time() - ex.t_attempt)  # type: ignore[union-attr]
         out, cl, chunked, _ = scan_response_head(block)
         method = ex.method
         if method == b"HEAD" or status == 204 or status == 304:
@@ -448,7 +437,7 @@ class UpstreamConn(asyncio.Protocol):
             self.remaining = cl  # the Content-Length line is passed through
         else:
             out = client.reframe(self, ex, out, chunked)
-        out = client.client_head(ex, out)
+        out = client.final_head(ex, status, out)
         buf = client.wbuf
         if buf is not None:
             buf.append(out)
@@ -1088,9 +1077,15 @@ class HttpClientConn(asyncio.Protocol):
                 return
         ex.rt.record_failure(b, False, f"status {status}")  # type: ignore[union-attr]
 
-    def client_head(self, ex: Exchange, out: bytes) -> bytes:
-        """The final response head as this client gets it: Connection set from the request's
-        persistence; marks the response as started (no retry after this)."""
+    def final_head(self, ex: Exchange, status: int, out: bytes) -> bytes:
+        """A final response is going to this client (both head paths end here): a non-5xx
+        answer counts as a success for outlier detection and latency (a 5xx was counted by
+        response_head_5xx); returns the head with Connection set from the request's
+        persistence and marks the response as started (no retry after this)."""
+        if status < 500:
+            b = ex.backend
+            if b.consecutive_failures or b.ejection_streak or ex.rt.track_latency:  # type: ignore[union-attr]
+                ex.rt.record_success(b, self.loop.time() - ex.t_attempt)  # type: ignore[union-attr]
         if not ex.keep_alive or ex.close_after or self.upgraded:
             out = out[:-2] + b"Connection: close\r\n\r\n"
             ex.close_after = True
@@ -1152,12 +1147,16 @@ class HttpClientConn(asyncio.Protocol):
             self.finish(ex)
             return
         self.active = True
+        if self.queue:
+            self._start_next()
+
+    def _start_next(self) -> None:
+        """Start the oldest pipelined request (its head was parsed while another ran)."""
         q = self.queue
-        if q:
-            nxt = q.popleft()
-            if not q:
-                self.unpause(R_PIPELINE)
-            self.start(nxt)
+        nxt = q.popleft()  # type: ignore[union-attr]
+        if not q:
+            self.unpause(R_PIPELINE)
+        self.start(nxt)
 
     def upstream_broke(self, ex: Exchange, reason: str) -> None:
         """Upstream failed after the response head was sent: only closing is honest."""
@@ -1205,12 +1204,8 @@ class HttpClientConn(asyncio.Protocol):
             self._w(error_response(d.status, d.message, self.engine.new_request_id(), close=True))
             self.close()
             return
-        q = self.queue
-        if q:
-            nxt = q.popleft()
-            if not q:
-                self.unpause(R_PIPELINE)
-            self.start(nxt)
+        if self.queue:
+            self._start_next()
 
     # --- timeouts (called by the engine's sweeper) -----------------------------------
     def check(self, now: float) -> None:
