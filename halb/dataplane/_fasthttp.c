@@ -180,6 +180,12 @@ static int method_known(const char *m, Py_ssize_t n) {
 
 #define STACK_OUT 8192
 
+/* Where to build an output head: the caller's stack buffer (STACK_OUT bytes) when it fits,
+ * else the heap (the caller frees it when it is not stackbuf). NULL when out of memory. */
+static char *scratch(char *stackbuf, Py_ssize_t need) {
+    return need <= STACK_OUT ? stackbuf : PyMem_Malloc((size_t)need);
+}
+
 PyDoc_STRVAR(parse_request_doc,
 "parse_request(data, max_head, hash_header) -> tuple | None\n\n"
 "data must be exactly one complete request head with no body (no Content-Length or\n"
@@ -234,12 +240,8 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
     p = q + 11;
 
     char stackbuf[STACK_OUT];
-    char *out = stackbuf;
-    Py_ssize_t cap = (end - p) * 2 + 16;  /* a line grows by at most one byte; generous */
-    if (cap > STACK_OUT) {
-        out = PyMem_Malloc((size_t)cap);
-        if (out == NULL) return PyErr_NoMemory();
-    }
+    char *out = scratch(stackbuf, (end - p) * 2 + 16);  /* a line grows by at most one byte; generous */
+    if (out == NULL) return PyErr_NoMemory();
     Py_ssize_t olen = 0;
     const char *host = NULL, *xff = NULL, *rid = NULL, *cookie = NULL, *hval = NULL;
     Py_ssize_t host_n = 0, xff_n = 0, rid_n = 0, cookie_n = 0, hval_n = 0;
@@ -363,60 +365,53 @@ static PyObject *parse_response(PyObject *self, PyObject *const *args, Py_ssize_
     p += 2;
     const char *status_end = p;
 
-    /* first pass: validate, find framing; remember whether any line is dropped */
+    /* one pass: validate, find framing, copy the lines the client gets into `out` */
+    Py_ssize_t head_len = (he + 4) - data;
+    char stackbuf[STACK_OUT];
+    char *out = scratch(stackbuf, head_len);
+    if (out == NULL) return PyErr_NoMemory();
+    Py_ssize_t olen = status_end - data;
+    memcpy(out, data, (size_t)olen);
+    out[7] = '1';  /* the client gets HTTP/1.1 */
     long long cl = -1;
-    int flags = 0, drops = 0;
+    int flags = 0;
+    PyObject *head = NULL;
     const char *q = p;
     while (q < end) {
-        const char *name, *val;
+        const char *name, *val, *line = q;
         Py_ssize_t nlen, vlen;
         q = header_line(q, end, &name, &nlen, &val, &vlen);
-        if (q == NULL) Py_RETURN_NONE;
+        if (q == NULL) goto fallback;
         switch (resp_kind(name, nlen)) {
-        case H_FALLBACK: Py_RETURN_NONE;
-        case H_DROP: drops++; break;
+        case H_FALLBACK: goto fallback;
+        case H_DROP: continue;
         case H_CONNECTION: {
             int f = connection_flags(val, vlen);
-            if (f < 0) Py_RETURN_NONE;
+            if (f < 0) goto fallback;
             flags |= f;
-            drops++;
-            break;
+            continue;  /* hop-by-hop: dropped */
         }
         case H_CONTENT_LENGTH:
-            if (cl >= 0 || vlen > 15) Py_RETURN_NONE;
+            if (cl >= 0 || vlen > 15) goto fallback;
             cl = 0;
             for (Py_ssize_t i = 0; i < vlen; i++) {
-                if (val[i] < '0' || val[i] > '9') Py_RETURN_NONE;
+                if (val[i] < '0' || val[i] > '9') goto fallback;
                 cl = cl * 10 + (val[i] - '0');
             }
-            break;
+            break;  /* kept */
         }
+        memcpy(out + olen, line, (size_t)(q - line));
+        olen += q - line;
     }
-    if (cl < 0) Py_RETURN_NONE;
-    Py_ssize_t head_len = (he + 4) - data;
-    PyObject *head;
-    if (!drops && !http10) {
-        head = PyBytes_FromStringAndSize(data, head_len);
-    } else {
-        head = PyBytes_FromStringAndSize(NULL, head_len);
-        if (head == NULL) return NULL;
-        char *o = PyBytes_AS_STRING(head);
-        memcpy(o, data, (size_t)(status_end - data));
-        o[7] = '1';  /* the client gets HTTP/1.1 */
-        Py_ssize_t olen = status_end - data;
-        q = p;
-        while (q < end) {
-            const char *name, *val, *line = q;
-            Py_ssize_t nlen, vlen;
-            q = header_line(q, end, &name, &nlen, &val, &vlen);
-            int kind = resp_kind(name, nlen);
-            if (kind == H_DROP || kind == H_CONNECTION) continue;
-            memcpy(o + olen, line, (size_t)(q - line));
-            olen += q - line;
-        }
-        o[olen++] = '\r';
-        o[olen++] = '\n';
-        if (_PyBytes_Resize(&head, olen) < 0) return NULL;
+    if (cl < 0) goto fallback;
+    out[olen++] = '\r';
+    out[olen++] = '\n';
+    head = PyBytes_FromStringAndSize(out, olen);
+fallback:  /* also the success path: head is NULL only when declined or out of memory */
+    if (out != stackbuf) PyMem_Free(out);
+    if (head == NULL) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
     }
     PyObject *t = PyTuple_New(5);
     if (t == NULL) { Py_DECREF(head); return NULL; }
