@@ -102,6 +102,14 @@ class Procs:
                 pass
 
 
+def start_halb(procs: Procs, port: int, origin_port: int, core: int | str | None, *, mode: str = "http",
+               workers: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """halb's standalone data plane in front of the origin, every feature on as shipped."""
+    return procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{port}", "--mode", mode,
+                        "--workers", str(workers), "--backend", f"origin=127.0.0.1:{origin_port}"], core,
+                       stdout=subprocess.DEVNULL, cwd=str(ROOT), env=dict(os.environ, **(env or {})))
+
+
 @dataclass
 class Result:
     rps: float
@@ -334,18 +342,13 @@ def main() -> int:
             conf.write_text(haproxy_conf(case.mode, bulk, hap_port, origin_port))
             hap = procs.start([tool("haproxy"), "-f", str(conf), "-db"], proxy_core,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            halb = procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{halb_port}",
-                                "--mode", case.mode, "--backend", f"origin=127.0.0.1:{origin_port}"], proxy_core,
-                               stdout=subprocess.DEVNULL, cwd=str(ROOT))
+            halb = start_halb(procs, halb_port, origin_port, proxy_core, mode=case.mode)
             proxies = [("haproxy", hap_port, hap), ("halb", halb_port, halb)]
             if case.mode == "http" and not bulk:
                 # the same halb without the C head fast path: what a machine without a C
                 # compiler gets (reported, not judged against the target)
                 slow_port = free_port()
-                slow = procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{slow_port}",
-                                    "--backend", f"origin=127.0.0.1:{origin_port}"], proxy_core,
-                                   stdout=subprocess.DEVNULL, cwd=str(ROOT),
-                                   env=dict(os.environ, HALB_HTTP_ACCEL="0"))
+                slow = start_halb(procs, slow_port, origin_port, proxy_core, env={"HALB_HTTP_ACCEL": "0"})
                 proxies.append((LLHTTP_ONLY, slow_port, slow))
             for _, port, _ in proxies:
                 wait_port(port)
@@ -404,9 +407,7 @@ def worker_scaling(procs: Procs, origin_port: int, args: argparse.Namespace, ncp
     case = Case("small HTTP, 100 conns", "/", 100, "http")
     for workers, bucket in ((1, sc.one), (2, sc.two)):
         port = free_port()
-        p = procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{port}", "--workers", str(workers),
-                         "--backend", f"origin=127.0.0.1:{origin_port}"], proxy_cores,
-                        stdout=subprocess.DEVNULL, cwd=str(ROOT))
+        p = start_halb(procs, port, origin_port, proxy_cores, workers=workers)
         try:
             wait_port(port)
             time.sleep(1.0)  # workers > 1: let every worker bind its listener
