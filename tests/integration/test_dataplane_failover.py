@@ -3,9 +3,11 @@ memory on large streams (proxy in its own process), and multi-worker serving."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
+from typing import AsyncIterator
 
 import aiohttp
 import pytest
@@ -175,15 +177,25 @@ def test_64mib_streams_both_ways_with_bounded_proxy_rss() -> None:
         run(main(), timeout=80)
 
 
+@contextlib.asynccontextmanager
+async def two_workers(procs) -> AsyncIterator[DataPlane]:
+    """A DataPlane with one forked worker besides the parent, serving "shop" on procs."""
+    dp = DataPlane("t", workers=2)
+    await dp.start(snapshot(service("shop", _routes(procs))))
+    try:
+        yield dp
+    finally:
+        await dp.stop()
+
+
 @pytest.mark.timeout(60)
 def test_two_workers_both_serve() -> None:
     with processes() as procs:
         procs.append(spawn_origin("A"))
 
         async def main() -> None:
-            dp = DataPlane("t", workers=2)
-            await dp.start(snapshot(service("shop", _routes(procs))))
-            try:
+            async with two_workers(procs) as dp:
+                worker_procs = [w.proc for w in dp._pool_supervisor.workers]
                 port = dp.bound_port("shop")
                 for _ in range(80):  # new connection each time: SO_REUSEPORT spreads them
                     r = await raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -207,10 +219,7 @@ def test_two_workers_both_serve() -> None:
                     r = await raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                     codes.add(r.status)
                 assert codes == {503}
-            finally:
-                await dp.stop()
-            assert all(w.proc.poll() is not None for w in getattr(dp, "_pool_supervisor", None).workers) \
-                if getattr(dp, "_pool_supervisor", None) else True
+            assert worker_procs and all(p.poll() is not None for p in worker_procs)  # stop() ends the workers
 
         run(main(), timeout=50)
 
@@ -224,9 +233,7 @@ def test_killed_worker_is_replaced() -> None:
         procs.append(spawn_origin("A"))
 
         async def main() -> None:
-            dp = DataPlane("t", workers=2)
-            await dp.start(snapshot(service("shop", _routes(procs))))
-            try:
+            async with two_workers(procs) as dp:
                 pool = dp._pool_supervisor
                 old = pool.workers[0].proc.pid
                 os.kill(old, sig.SIGKILL)
@@ -246,7 +253,5 @@ def test_killed_worker_is_replaced() -> None:
                         break
                     await asyncio.sleep(0.2)
                 assert len(pids) == 2 and old not in pids, pids
-            finally:
-                await dp.stop()
 
         run(main(), timeout=50)
