@@ -59,6 +59,10 @@ class DataplaneConfig:
     # backend address -> address this node dials instead (a fault proxy on this node's path
     # to that backend); health checks and proxied traffic both use it
     backend_dial: dict[str, str] = field(default_factory=dict)
+    # Addresses every node *also* serves each service on (same port, SO_REUSEPORT): on one
+    # host the kernel spreads connections over the nodes' listeners and stops handing them
+    # to a dead node at once, the local analogue of anycast/ECMP (docs/config.md).
+    shared_hosts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -134,6 +138,23 @@ class _Table(Table):
 
     def positive(self, name: str, default: float) -> float:
         return self.number(name, default, low=0.0, low_open=True)
+
+
+def _shared_hosts(table: _Table, raw: list[Any]) -> list[str]:
+    """[dataplane] shared_hosts: distinct literal IP addresses (no names: every node must
+    bind exactly the same address for the kernel to treat the listeners as one group)."""
+    import ipaddress
+
+    hosts: list[str] = []
+    for value in raw:
+        try:
+            host = str(ipaddress.ip_address(value))
+        except (ValueError, TypeError):
+            raise table.error("shared_hosts", f"{value!r} is not an IP address") from None
+        if host in hosts:
+            raise table.error("shared_hosts", f"{host} is listed twice")
+        hosts.append(host)
+    return hosts
 
 
 def load_config(path: str | os.PathLike[str]) -> NodeConfig:
@@ -216,6 +237,7 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
             except (ModelError, TypeError) as exc:
                 raise dp_t.error(f"backend_dial.{addr}", str(exc)) from None
     dataplane.backend_dial = dict(backend_dial)
+    dataplane.shared_hosts = _shared_hosts(dp_t, dp_t.take("shared_hosts", list, []))
     dp_t.done()
 
     announce = top.take("announce", dict, {})

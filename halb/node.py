@@ -162,7 +162,8 @@ class Node:
         self.health = HealthManager(self.node_id, self.raft, self.writer, on_local_change=self.mark_routing_dirty,
                                     on_result=self.metrics.observe_check, dial=self.cfg.dataplane.backend_dial)
         self.health.start()
-        self.dataplane = DataPlane(self.node_id, workers=self.cfg.dataplane.workers)
+        self.dataplane = DataPlane(self.node_id, workers=self.cfg.dataplane.workers,
+                                   shared_hosts=self.cfg.dataplane.shared_hosts)
         self.dataplane.on_ejection.append(self._on_ejection)
         await self.dataplane.start(self.build_routing())
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
@@ -416,19 +417,26 @@ class Node:
         return events[:limit]
 
     def status_view(self) -> dict[str, Any]:
+        from halb.cluster_health import assess, visible_leader
+
         st = self.raft.raft_status()
         with self.raft.read() as cs:
             seeded, last_event = cs.seeded, cs.event_seq
+        members = self.members_view()
+        leader_raft = visible_leader(st.leader, st.self_addr, st.partners)
+        health = assess(members, st.has_quorum)
         return {
             "node": self.node_id,
-            "leader": self.leader_id(),
-            "leader_raft": st.leader,
+            "leader": self.leader_id() if leader_raft else None,
+            "leader_raft": leader_raft,
             "raft_state": st.state,
             "term": st.term,
             "has_quorum": st.has_quorum,
+            "health": health.pop("health"),
+            "health_detail": health,
             "commit_index": st.commit_index,
             "last_applied": st.last_applied,
-            "members": self.members_view(),
+            "members": members,
             "services": self._status_services(),
             "seeded": seeded,
             "last_event": last_event,
@@ -438,7 +446,10 @@ class Node:
         }
 
     def _status_services(self) -> list[dict[str, Any]]:
-        """Services for the status view; at-risk ones (resilience) first, with their warnings."""
+        """Services for the status view; at-risk ones (resilience) first, with their warnings.
+        `address` is the one service address that survives any one balancer (the shared host)."""
+        from halb.cluster_health import shared_addresses
+
         try:
             reports = {r["service"]: r for r in self.resilience_view()}
         except Exception:  # the status view must answer even if the report cannot be built
@@ -447,7 +458,9 @@ class Node:
         out = []
         for s in self.services_view():
             r = reports.get(s["name"], {})
+            shared = shared_addresses(s["listen"], self.cfg.dataplane.shared_hosts)
             out.append({"name": s["name"], "mode": s["mode"], "listen": s["listen_nodes"],
+                        "address": shared[0] if shared else None, "shared_addresses": shared,
                         "algorithm": s["algorithm"], "backends": len(s["backends"]),
                         "resilience": r.get("status", "unknown"), "servers_healthy": len(r.get("servers_healthy", [])),
                         "warnings": r.get("warnings", [])})

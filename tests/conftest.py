@@ -191,6 +191,8 @@ def make_cluster(directory: Path, n: int = 3, **spec_kw: Any) -> Cluster:
     nodes = [NodeSpec(f"n{i + 1}", hosts[i], raft_port=free_port(hosts[i]), api_port=free_port(hosts[i]))
              for i in range(n)]
     spec_kw.setdefault("service_port", free_port(hosts[0]))
+    if spec_kw.pop("shared", False):  # every node also serves on NET.10 ([dataplane] shared_hosts)
+        spec_kw["shared_host"] = f"{net}.10"
     if "backends" not in spec_kw:
         spec_kw["backends"] = [(name, f"127.0.0.1:{free_port()}") for name in ("A", "B", "C")]
     spec = ClusterSpec(nodes=nodes, **spec_kw)

@@ -35,9 +35,30 @@ def init(directory: str, force: bool) -> None:
     click.echo(f"next: halb cluster up --config-dir {d}   and in another shell:  . {d}/cluster.env")
 
 
+def health_line(status: dict[str, Any]) -> str:
+    """`health: degraded (n1 down; tolerates no further balancer loss)`."""
+    health = status.get("health", "unknown")
+    d = status.get("health_detail") or {}
+    if health == "ok":
+        n = d.get("tolerates", 0)
+        why = f"all {d.get('voters', '?')} voters connected; tolerates {n} balancer loss{'es' if n != 1 else ''}"
+    elif health == "degraded":
+        n = d.get("tolerates", 0)
+        why = (f"{', '.join(d.get('down', [])) or '?'} down; "
+               + ("tolerates no further balancer loss" if n == 0 else f"tolerates {n} more balancer loss(es)"))
+    elif health == "no_quorum":
+        why = (f"{status.get('node')} sees {d.get('voters_connected', '?')} of {d.get('voters', '?')} voters, "
+               f"needs {d.get('quorum', '?')}: no changes can be committed")
+    else:
+        why = "the answering node did not report health"
+    label = {"ok": "ok", "degraded": "DEGRADED", "no_quorum": "NO QUORUM"}.get(health, health)
+    return f"health: {label} ({why})"
+
+
 def print_status(status: dict[str, Any]) -> None:
     click.echo(f"leader: {status.get('leader') or '(none)'}   term: {status.get('term')}   "
                f"answered by: {status.get('node')} ({status.get('raft_state')})")
+    click.echo(health_line(status))
     rows = [(m.get("id"), m.get("raft_state"), m.get("raft"), m.get("api"),
              "yes" if m.get("in_raft_config") else "no") for m in status["members"]]
     click.echo(table(rows, ["MEMBER", "RAFT STATE", "RAFT", "API", "VOTER"]))
@@ -45,9 +66,11 @@ def print_status(status: dict[str, Any]) -> None:
         click.echo("")
         risk = {"ok": "ok", "at_risk": "AT RISK", "down": "DOWN"}
         rows = [(s["name"], s["mode"], s.get("algorithm"), s.get("backends"), s.get("servers_healthy", "-"),
-                 risk.get(s.get("resilience", ""), s.get("resilience", "-")), ", ".join(s.get("listen", [])))
+                 risk.get(s.get("resilience", ""), s.get("resilience", "-")), s.get("address") or "-",
+                 ", ".join(s.get("listen", [])))
                 for s in status["services"]]  # the node sorts services at risk first
-        click.echo(table(rows, ["SERVICE", "MODE", "ALGORITHM", "BACKENDS", "SERVERS", "RESILIENCE", "LISTEN"]))
+        click.echo(table(rows, ["SERVICE", "MODE", "ALGORITHM", "BACKENDS", "SERVERS", "RESILIENCE", "ADDRESS",
+                                "PER-NODE LISTEN"]))
         for s in status["services"]:
             if s.get("resilience") in ("at_risk", "down"):
                 for w in s.get("warnings", []):

@@ -40,7 +40,8 @@ class DataPlane:
       - ``on_ejection``: list of callables ``(service, backend, ejected, reason)``.
     """
 
-    def __init__(self, node_id: str, *, workers: int = 1, loop_uvloop: bool = True) -> None:
+    def __init__(self, node_id: str, *, workers: int = 1, loop_uvloop: bool = True,
+                 shared_hosts: list[str] | tuple[str, ...] = ()) -> None:
         self.node_id = node_id
         self.workers = max(1, int(workers))
         self.loop_uvloop = loop_uvloop  # used for worker processes (the node owns its loop)
@@ -57,6 +58,9 @@ class DataPlane:
         self._started = False
         self._retired: list[Listener] = []
         self.now = 0.0  # coarse loop time, refreshed by the sweeper (for idle bookkeeping)
+        from halb.dataplane.shared import SharedListeners  # every service also on shared_hosts
+
+        self.shared = SharedListeners(self, shared_hosts)
 
     # ------------------------------------------------------------------ public API
     async def start(self, snapshot: RoutingSnapshot) -> None:
@@ -74,6 +78,7 @@ class DataPlane:
         for lst in list(self.listeners.values()):
             if lst.server is None and not lst.closed:
                 await lst.serve(self._factory(lst))
+        await self.shared.serve_pending()
         self._sweeper = self.loop.create_task(self._sweep())
         if self.workers > 1:
             from halb.dataplane.workers import WorkerPool
@@ -107,7 +112,7 @@ class DataPlane:
             "version": self.snapshot.version,
             "workers": [{"pid": os.getpid(), "requests": sum(lst.rt.requests for lst in self.listeners.values()),
                          "connections": len(self.conns)}],
-            "listen_errors": dict(self.listen_errors),
+            "listen_errors": {**self.listen_errors, **self.shared.errors},
             "services": {name: lst.rt.stats() for name, lst in self.listeners.items()},
         }
 
@@ -122,6 +127,7 @@ class DataPlane:
         grace = max([lst.rt.opts.stop_grace for lst in self.listeners.values()] or [0.0])
         for lst in list(self.listeners.values()):
             lst.close()
+        self.shared.close()
         if self._pool_supervisor is not None:
             await self._pool_supervisor.stop()
             self._pool_supervisor = None
@@ -173,6 +179,7 @@ class DataPlane:
             self._open(svc, key, initial)
         for name in [n for n in self.listeners if n not in seen]:
             self._retire(self.listeners.pop(name))
+        self.shared.sync(initial)
         self.snapshot = snapshot
 
     def _open(self, svc: ServiceRoute, key: tuple[str, str, int], initial: bool) -> None:

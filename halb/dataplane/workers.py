@@ -70,7 +70,7 @@ class WorkerPool:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "halb.dataplane.workers", str(child.fileno()), self.engine.node_id,
-                 "1" if self.engine.loop_uvloop else "0"],
+                 "1" if self.engine.loop_uvloop else "0", ",".join(self.engine.shared.hosts)],
                 pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         finally:
             child.close()
@@ -166,12 +166,12 @@ def _die_with_parent() -> None:
         pass
 
 
-async def _child(fd: int, node_id: str) -> None:
+async def _child(fd: int, node_id: str, shared_hosts: list[str]) -> None:
     from halb.dataplane.engine import DataPlane
 
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_connection(sock=sock)
-    dp = DataPlane(node_id, workers=1)
+    dp = DataPlane(node_id, workers=1, shared_hosts=shared_hosts)
     dp.on_ejection.append(lambda s, b, e, r: writer.write(frame({"t": "ej", "s": s, "b": b, "e": e, "r": r})))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -211,9 +211,10 @@ async def _child(fd: int, node_id: str) -> None:
 
 def main(argv: list[str]) -> None:
     fd, node_id, use_uvloop = int(argv[0]), argv[1], argv[2] == "1"
+    shared_hosts = [h for h in (argv[3] if len(argv) > 3 else "").split(",") if h]
     _die_with_parent()
     logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"))
-    run(_child(fd, node_id), use_uvloop=use_uvloop)
+    run(_child(fd, node_id, shared_hosts), use_uvloop=use_uvloop)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ DEFAULT_NODES = [("n1", "127.0.0.11"), ("n2", "127.0.0.12"), ("n3", "127.0.0.13"
 # the resilience report has something to say (docs/resilience.md).
 DEFAULT_BACKENDS = [("A", "127.0.0.21:8080"), ("A2", "127.0.0.21:8081"), ("B", "127.0.0.22:8080"),
                     ("C", "127.0.0.23:8080")]
+# Every node also serves the service here (SO_REUSEPORT): the one address that survives
+# the loss of any one balancer without root (docs/config.md, [dataplane] shared_hosts).
+DEFAULT_SHARED_HOST = "127.0.0.10"
 DEFAULT_BACKEND_OPTIONS = {"A": {"server": "A"}, "A2": {"server": "A"}, "B": {"server": "B"}, "C": {"server": "C"}}
 
 
@@ -55,10 +58,15 @@ class ClusterSpec:
     dataplane_extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # node id -> [dataplane] keys
     # backend name -> extra [[services.backends]] keys: server, zone, max_rps, max_conns, weight
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    shared_host: str = ""  # [dataplane] shared_hosts of every node; "" = none
+
+    @property
+    def shared_address(self) -> str | None:
+        return f"{self.shared_host}:{self.service_port}" if self.shared_host else None
 
     @classmethod
     def default(cls) -> "ClusterSpec":
-        return cls(nodes=[NodeSpec(i, h) for i, h in DEFAULT_NODES],
+        return cls(nodes=[NodeSpec(i, h) for i, h in DEFAULT_NODES], shared_host=DEFAULT_SHARED_HOST,
                    backend_options={k: dict(v) for k, v in DEFAULT_BACKEND_OPTIONS.items()})
 
 
@@ -99,6 +107,8 @@ def node_config_text(spec: ClusterSpec, node: NodeSpec) -> str:
         "",
         "[dataplane]",
         f"listen_host = {_toml_value(node.host)}",
+        *([f"# every node also serves each service on {spec.shared_host} (SO_REUSEPORT): survives any one node",
+           f"shared_hosts = {_toml_value([spec.shared_host])}"] if spec.shared_host else []),
         *(f"{k} = {_toml_value(v)}" for k, v in spec.dataplane_extra.get(node.id, {}).items()),
         "",
         "# Seeds an empty cluster only; afterwards change services with `halb backend ...`.",
