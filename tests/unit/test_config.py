@@ -110,3 +110,15 @@ def test_cli_reports_config_error_and_exits_2(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert f"{path}: api.colour: unknown key" in proc.stderr
+
+
+def test_shared_hosts_parse_and_validate(tmp_path):
+    cfg = load_config(write(tmp_path, GOOD.replace("[[services]]", '[dataplane]\nshared_hosts = ["127.0.0.10"]\n[[services]]', 1)))
+    assert cfg.dataplane.shared_hosts == ["127.0.0.10"]
+    assert load_config(write(tmp_path, GOOD)).dataplane.shared_hosts == []
+    for bad, reason in (('["localhost"]', "not an IP address"), ('["127.0.0.10", "127.0.0.10"]', "listed twice"),
+                        ('"127.0.0.10"', "must be a list")):
+        path = write(tmp_path, GOOD.replace("[[services]]", f"[dataplane]\nshared_hosts = {bad}\n[[services]]", 1))
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert err.value.key == "dataplane.shared_hosts" and reason in err.value.reason, str(err.value)

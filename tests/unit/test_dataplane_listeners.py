@@ -30,3 +30,42 @@ def test_reuseport_lets_two_sockets_share_a_port() -> None:
             b.close()
     finally:
         a.close()
+
+
+def test_engine_serves_every_service_on_the_shared_host_and_follows_updates() -> None:
+    """[dataplane] shared_hosts: one extra listener per (service, shared host) on the
+    service's port, sharing its runtime; re-opened when the port changes, closed with it."""
+    import asyncio
+
+    from halb.dataplane.engine import DataPlane
+    from halb.dataplane.testing import run, service, snapshot
+
+    def accepts(host: str, port: int) -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return True
+        except OSError:
+            return False
+
+    async def main() -> None:
+        dp = DataPlane("t", shared_hosts=["127.0.0.10"])
+        await dp.start(snapshot(service("shop", [("127.0.0.1", 9)])))
+        try:
+            port = dp.bound_port("shop")
+            assert accepts("127.0.0.10", port)
+            lst = dp.shared.listeners[("shop", "127.0.0.10")]
+            assert lst.rt is dp.listeners["shop"].rt and lst.port == port
+            from tests.conftest import free_port
+
+            new_port = free_port()
+            dp.update(snapshot(service("shop", [("127.0.0.1", 9)], port=new_port), version=2))
+            await asyncio.sleep(0.05)
+            assert dp.shared.listeners[("shop", "127.0.0.10")].port == new_port
+            assert accepts("127.0.0.10", new_port) and not accepts("127.0.0.10", port)
+            dp.update(snapshot(version=3))
+            await asyncio.sleep(0.05)
+            assert dp.shared.listeners == {} and not accepts("127.0.0.10", new_port)
+        finally:
+            await dp.stop()
+
+    run(main(), timeout=20)
