@@ -95,9 +95,15 @@ def status(ctx: click.Context, as_json: bool) -> None:
               help="Directory with node configs; `cluster init` runs first when it has none.")
 @click.option("--backends/--no-backends", default=True, show_default=True,
               help="Also start the checkout demo backends the config seeds.")
+@click.option("--restart/--no-restart", default=True, show_default=True,
+              help="Restart a node or backend that dies (back-off 1 s doubling to 30 s).")
 @click.option("--insecure-dev", is_flag=True, help="Pass --insecure-dev to every node.")
-def up(config_dir: str, backends: bool, insecure_dev: bool) -> None:
-    """Run the local cluster in the foreground; Ctrl-C stops every process it started."""
+def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> None:
+    """Run the local cluster in the foreground; Ctrl-C stops every process it started.
+
+    Refuses to start (exit 2) when any of its addresses is already in use, naming the PIDs."""
+    from halb.demo.supervise import Supervisor, cmdline, taken_addresses
+
     d = Path(config_dir)
     if not config_paths(d):
         init_cluster_dir(d)
@@ -108,9 +114,21 @@ def up(config_dir: str, backends: bool, insecure_dev: bool) -> None:
     except ConfigError as exc:
         click.echo(f"halb: config error: {exc}", err=True)
         sys.exit(2)
+    taken = taken_addresses(wanted_addresses(cfgs, backends))
+    if taken:
+        click.echo(f"halb: cannot start the cluster in {d}: {len(taken)} of its addresses are already in use "
+                   "(is a cluster already running, e.g. another `make demo`?)", err=True)
+        pids: set[int] = set()
+        for t in taken:
+            who = ", ".join(f"pid {p} ({cmdline(p)})" for p in t.pids) or "a process of another user"
+            click.echo(f"  {t.what} {t.address}: {who}", err=True)
+            pids.update(t.pids)
+        if pids:
+            click.echo(f"stop it with Ctrl-C where it runs, or: kill {' '.join(map(str, sorted(pids)))}", err=True)
+        sys.exit(2)
     write_env(d, [c.api.bind for c in cfgs])
     logs = d / "logs"
-    children: list[Child] = []
+    sup = Supervisor(say=click.echo, pid_dir=d / "run", restart=restart)
     stopping = False
 
     def stop(*_: Any) -> None:
@@ -121,12 +139,13 @@ def up(config_dir: str, backends: bool, insecure_dev: bool) -> None:
     signal.signal(signal.SIGINT, stop)
     try:
         if backends:
-            children += start_demo_backends(cfgs, d, logs)
+            for child in demo_backend_children(cfgs, d, logs):
+                sup.start(child)
+                click.echo(f"started backend {child.name.removeprefix('backend-')} (pid {child.pid}) on "
+                           f"{child.argv[child.argv.index('--listen') + 1]}")
         for cfg in cfgs:
             argv = halb_argv("node", "run", "--config", str(cfg.path)) + (["--insecure-dev"] if insecure_dev else [])
-            child = Child(cfg.node_id, argv, logs / f"{cfg.node_id}.log")
-            child.start()
-            children.append(child)
+            child = sup.start(Child(cfg.node_id, argv, logs / f"{cfg.node_id}.log"))
             click.echo(f"started node {cfg.node_id} (pid {child.pid}): api http://{cfg.api.bind}, "
                        f"log {child.log_path}")
         token = cfgs[0].read_token()
@@ -144,32 +163,57 @@ def up(config_dir: str, backends: bool, insecure_dev: bool) -> None:
         click.echo("")
         print_status(st)
         click.echo("")
-        click.echo(f"control the cluster from another shell:  . {d}/cluster.env && halb cluster status")
-        for svc in st.get("services", []):
-            if svc.get("listen") and svc["mode"] == "http":
-                click.echo(f"send traffic through a balancer:  curl -s http://{svc['listen'][0]}/products")
-                click.echo(f"  place an order:  curl -s -X POST -H 'Idempotency-Key: order-1' "
-                           f"-H 'Content-Type: application/json' -d '{{\"items\":[{{\"sku\":\"sku-1\",\"qty\":1}}]}}' "
-                           f"http://{svc['listen'][0]}/checkout")
-        click.echo("press Ctrl-C to stop every process started here")
-        reported: set[str] = set()
+        print_next_steps(d, st)
+        click.echo("press Ctrl-C to stop every process started here"
+                   + (" (a process that dies is restarted)" if restart else ""))
         while not stopping:
-            for child in children:
-                if not child.alive() and child.name not in reported:
-                    reported.add(child.name)
-                    click.echo(f"{child.name} (pid {child.pid}) exited with {child.proc.returncode}; "
-                               f"see {child.log_path}")
+            sup.poll()
             time.sleep(0.2)
     finally:
         click.echo("stopping every process started here ...")
-        for child in reversed(children):
-            child.stop()
+        sup.stop_all()
         click.echo("stopped")
 
 
-def start_demo_backends(cfgs: list[Any], d: Path, logs: Path) -> list[Child]:
-    """Start one checkout backend per distinct seeded backend address (the shop's servers)."""
-    started: list[Child] = []
+def wanted_addresses(cfgs: list[Any], backends: bool) -> list[tuple[str, str]]:
+    """Every address `cluster up` will listen on: each node's API, Raft and services (own
+    and shared host), and the demo backends."""
+    from halb.model import parse_hostport
+
+    out: list[tuple[str, str]] = []
+    for cfg in cfgs:
+        out += [(f"{cfg.node_id} api", cfg.api.bind), (f"{cfg.node_id} raft", cfg.raft.bind)]
+        for svc in cfg.services:
+            host, port = parse_hostport(svc.listen)
+            out.append((f"{cfg.node_id} service {svc.name}", f"{cfg.dataplane.listen_host or host}:{port}"))
+            out += [(f"shared address of {svc.name}", f"{h}:{port}") for h in cfg.dataplane.shared_hosts]
+    if backends and cfgs:
+        out += [(f"backend {be.name}", be.address) for svc in cfgs[0].services for be in svc.backends]
+    seen: set[str] = set()
+    return [(w, a) for w, a in out if not (a in seen or seen.add(a))]
+
+
+def print_next_steps(d: Path, st: dict[str, Any]) -> None:
+    """Commands that work as printed: cluster.env also puts this halb on PATH."""
+    click.echo(f"control the cluster from another shell:  . {d}/cluster.env && halb cluster status")
+    for svc in st.get("services", []):
+        if svc["mode"] != "http" or not svc.get("listen"):
+            continue
+        addr = svc.get("address") or svc["listen"][0]
+        if svc.get("address"):
+            click.echo(f"the service address every balancer serves (survives any one of them): http://{addr}")
+            click.echo(f"  curl loop:  for i in $(seq 600); do curl -s -o /dev/null -w '%{{http_code}}\\n' "
+                       f"--max-time 2 http://{addr}/products; sleep 0.02; done | sort | uniq -c")
+            click.echo(f"  and meanwhile kill a balancer:  kill -9 $(cat {d}/run/n1.pid)")
+        click.echo(f"through one balancer only:  curl -s http://{svc['listen'][0]}/products")
+        click.echo(f"place an order:  curl -s -X POST -H 'Idempotency-Key: order-1' "
+                   f"-H 'Content-Type: application/json' -d '{{\"items\":[{{\"sku\":\"sku-1\",\"qty\":1}}]}}' "
+                   f"http://{addr}/checkout")
+
+
+def demo_backend_children(cfgs: list[Any], d: Path, logs: Path) -> list[Child]:
+    """One checkout backend per distinct seeded backend address (the shop's servers)."""
+    children: list[Child] = []
     seen: set[str] = set()
     db = (d / "shop.db").resolve()
     for svc in cfgs[0].services:
@@ -180,8 +224,5 @@ def start_demo_backends(cfgs: list[Any], d: Path, logs: Path) -> list[Child]:
             argv = halb_argv("demo", "backend", "--name", be.name, "--listen", be.address, "--db", str(db))
             if be.server:
                 argv += ["--server", be.server]
-            child = Child(f"backend-{be.name}", argv, logs / f"backend-{be.name}.log")
-            child.start()
-            started.append(child)
-            click.echo(f"started backend {be.name} (pid {child.pid}) on {be.address}")
-    return started
+            children.append(Child(f"backend-{be.name}", argv, logs / f"backend-{be.name}.log"))
+    return children

@@ -160,11 +160,17 @@ def init_cluster_dir(directory: Path, spec: ClusterSpec | None = None) -> list[P
 
 
 def write_env(directory: Path, apis: list[str]) -> None:
+    """cluster.env: the cluster's API addresses and token file, and the directory of the
+    `halb` that wrote it on PATH (so `. cluster.env && halb ...` works from a venv)."""
     env = directory / "cluster.env"
+    bin_dir = Path(sys.executable).parent
+    path_line = (f'case ":$PATH:" in *":{bin_dir}:"*) ;; *) export PATH="{bin_dir}:$PATH" ;; esac\n'
+                 if (bin_dir / "halb").exists() else "")
     env.write_text(
         "# Source me: `. cluster.env`, then every halb CLI command talks to this cluster.\n"
         f"export HALB_CLUSTER={','.join(apis)}\n"
         f"export HALB_TOKEN_FILE={(directory / 'token').resolve()}\n"
+        + path_line
     )
 
 

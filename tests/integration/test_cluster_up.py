@@ -75,3 +75,78 @@ def test_cluster_up_serves_and_stops_everything(tmp_path):
                 os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 0
     assert not [pid for pid in kids if alive(pid)], "cluster up left children running"
+
+
+class Output:
+    """Lines of a child's stdout, read by a thread, waited on with a timeout."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        import threading
+
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self._t.start()
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 60) -> str:
+        wait_until(lambda: needle in self.text, timeout, 0.05, f"{needle!r} in the output:\n{self.text}")
+        return self.text
+
+
+def test_cluster_up_supervises_refuses_duplicates_and_prints_working_commands(tmp_path):
+    """Items 1-3 of issue 12: a second `cluster up` exits 2 naming the PIDs that hold its
+    addresses; the printed status command works as printed (no venv on PATH); a node
+    killed with SIGKILL is restarted with back-off, and SIGTERM then stops the restarted
+    process too. The shared service address is printed."""
+    c = make_cluster(tmp_path / "demo", shared=True)
+    argv = [sys.executable, "-m", "halb", "cluster", "up", "--config-dir", str(c.directory)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = Output(proc)
+    seen: set[int] = set()
+    try:
+        text = out.wait_for("press Ctrl-C")
+        seen |= children_of(proc.pid)
+        assert f"survives any one of them): http://{c.spec.shared_address}" in text, text
+        assert "health: ok" in text, text
+
+        # 1. a second cluster up over the same addresses refuses, naming the pids
+        second = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "already in use" in second.stderr
+        n1_pid = int((c.directory / "run" / "n1.pid").read_text())
+        assert f"n1 api {c.api('n1')}: pid {n1_pid}" in second.stderr, second.stderr
+        assert "started node" not in second.stdout  # nothing was started
+        assert children_of(proc.pid) == seen
+
+        # 2. the printed hint works as printed, with a PATH that has no venv on it
+        hint = next(line for line in text.splitlines() if "cluster.env && halb" in line)
+        command = hint.split("shell:", 1)[1].strip()
+        env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
+        res = subprocess.run(["sh", "-c", command + " --json"], capture_output=True, text=True, env=env, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout)["services"][0]["address"] == c.spec.shared_address
+
+        # 3. kill -9 a node: it is restarted with back-off, said on stdout
+        os.kill(n1_pid, signal.SIGKILL)
+        text = out.wait_for("restarted n1 (pid", 30)
+        assert f"n1 (pid {n1_pid}) exited with -9; restarting in 1s" in text, text
+        new_pid = int((c.directory / "run" / "n1.pid").read_text())
+        assert new_pid != n1_pid and alive(new_pid) and new_pid in children_of(proc.pid)
+        seen |= children_of(proc.pid)
+        wait_until(lambda: c.status("n1")["leader"] is not None, 30, 0.2, "restarted n1 back in the cluster")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        for pid in seen:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0, out.text
+    assert not [pid for pid in seen if alive(pid)], "cluster up left children running"
+    assert not list((c.directory / "run").glob("*.pid"))
