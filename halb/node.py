@@ -93,6 +93,9 @@ class Node:
         self._http: aiohttp.ClientSession | None = None
         self._listeners: list[Callable[[dict[str, Any], Applied], None]] = []
         self.started_at = time.time()
+        from halb.event_log import EventLog
+
+        self._event_log = EventLog(log, self.started_at)
         self.health: Any = None  # HealthManager
         self.dataplane: Any = None  # DataPlane
         self.announcer: Any = None  # announce.manager (VIP lease / DNS), when configured
@@ -246,8 +249,7 @@ class Node:
 
     def _on_applied(self, cmd: dict[str, Any], applied: Applied) -> None:
         self.state_changed.set()
-        for event in applied.events:
-            log.info("event %s: %s", event.kind, event.message)
+        self._event_log.applied(applied.events)  # new events only, not the journal replay
         for fn in self._listeners:
             try:
                 fn(cmd, applied)
