@@ -38,6 +38,10 @@ class Instance:
     max_conns: int = 0  # 0: not declared
     rps: float = 0.0  # current request rate (what the load source measured)
     conns: int = 0  # current in-flight requests / open connections
+    # why a not-healthy instance takes no traffic when it is not its health: "drained",
+    # "in maintenance", "weight 0" ("" = its health verdict); warnings must not call an
+    # operator's drain "down"
+    out_of_rotation: str = ""
 
 
 @dataclass
@@ -69,6 +73,8 @@ class ResilienceReport:
     status: str = "ok"  # ok | at_risk | down
     warnings: list[str] = field(default_factory=list)
     load: dict[str, Any] = field(default_factory=dict)  # where the load numbers came from
+    rps: float = 0.0  # current request rate of the service (all instances, all load sources)
+    conns: int = 0  # current in-flight requests / connections of the service
 
     @property
     def survives_another_server_loss(self) -> bool:
@@ -132,7 +138,8 @@ def assess(service: str, instances: Iterable[Instance], load_source: dict[str, A
         servers_healthy=servers_healthy, servers_down=servers_down, instances_per_server=per_server,
         zones_healthy=zones, survives_server_loss=len(servers_healthy) >= 2,
         survives_zone_loss=None if zones is None else len(zones) >= 2, n_plus_one=n_plus_one, capacity=checks,
-        load=dict(load_source or {}),
+        load=dict(load_source or {}), rps=round(sum(i.rps for i in insts), 2),
+        conns=sum(i.conns for i in insts),
     )
     report.warnings = _warnings(report, insts)
     if not healthy:
@@ -149,8 +156,17 @@ def _warnings(r: ResilienceReport, insts: list[Instance]) -> list[str]:
         return [f"{svc} has no instances"]
     if r.servers_down:
         for s in r.servers_down:
-            n = sum(1 for i in insts if i.server == s)
-            out.append(f"server {s} is down ({n} instance{'s' if n != 1 else ''} of {svc} not healthy)")
+            on = [i for i in insts if i.server == s]
+            n = len(on)
+            parked = [i for i in on if i.out_of_rotation]
+            if len(parked) == n:
+                why = ", ".join(f"{i.name} {i.out_of_rotation}" for i in parked)
+                out.append(f"server {s} takes no new requests ({why})")
+            elif parked:
+                why = ", ".join(f"{i.name} {i.out_of_rotation or 'not healthy'}" for i in on)
+                out.append(f"server {s} is down or out of rotation ({why})")
+            else:
+                out.append(f"server {s} is down ({n} instance{'s' if n != 1 else ''} of {svc} not healthy)")
     if not r.healthy_instances:
         out.append(f"{svc} has no healthy instance: it is down")
         return out
@@ -185,8 +201,10 @@ def instances_from_rows(rows: Iterable[dict[str, Any]], load: dict[str, dict[str
     out = []
     for r in rows:
         ld = (load or {}).get(r["name"], {})
+        admin, weight = r.get("admin_state", "active"), int(r.get("weight", 1))
+        parked = {"drain": "drained", "maint": "in maintenance"}.get(admin, "") or ("weight 0" if weight <= 0 else "")
         out.append(Instance(
-            name=r["name"], server=r.get("server") or r["address"].rsplit(":", 1)[0], zone=r.get("zone") or "",
+            out_of_rotation=parked, name=r["name"], server=r.get("server") or r["address"].rsplit(":", 1)[0], zone=r.get("zone") or "",
             healthy=r.get("verdict", "up") == "up" and r.get("admin_state", "active") == "active"
             and int(r.get("weight", 1)) > 0,
             max_rps=float(r.get("max_rps") or 0.0), max_conns=int(r.get("max_conns") or 0),

@@ -59,7 +59,7 @@ def print_report(r: dict[str, Any], backends: list[dict[str, Any]]) -> None:
     spans = ", ".join(f"{s} ({per[s]})" for s in r["servers_healthy"]) or "none"
     click.echo(f"  servers with healthy instances: {len(r['servers_healthy'])} of {len(r['servers'])}: {spans}")
     if r["servers_down"]:
-        click.echo(f"  servers down: {', '.join(r['servers_down'])}")
+        click.echo(f"  servers taking no new requests (down, drained or in maintenance): {', '.join(r['servers_down'])}")
     if r["zones_healthy"] is not None:
         click.echo(f"  zones with healthy instances: {len(r['zones_healthy'])}: {', '.join(r['zones_healthy'])}")
     click.echo(f"  survives losing any one server: {_yes_no(r['survives_server_loss'])}")
@@ -75,8 +75,9 @@ def print_report(r: dict[str, Any], backends: list[dict[str, Any]]) -> None:
     src = r.get("load") or {}
     if src:
         extra = f"; unreachable: {', '.join(src['unreachable'])}" if src.get("unreachable") else ""
-        click.echo(f"  load: summed over {', '.join(src.get('nodes', []))} ({src.get('window_s'):g} s window, "
-                   f"{src.get('age_s')} s old{extra})")
+        window = f"{src['window_s']:g} s window, " if src.get("window_s") is not None else ""
+        click.echo(f"  load: {r.get('rps', 0):g} rps, {r.get('conns', 0)} in flight; summed over "
+                   f"{', '.join(src.get('nodes', [])) or 'no node'} ({window}{src.get('age_s')} s old{extra})")
     if backends:
         click.echo("")
         click.echo(table(

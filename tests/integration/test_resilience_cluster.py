@@ -107,6 +107,12 @@ def test_report_for_one_two_three_servers_with_and_without_capacities(cluster_fa
     # ~15 rps summed over the three balancers > the 4 rps left if S1 dies
     with Load(c, rate_per_thread=5) as load:
         wait_until(lambda: report(c)["n_plus_one"] is False, 25, 0.5, "N+1 fails under load")
+        loaded = c.cli("service", "status", "checkout", check=False).stdout
+    import re
+
+    # the load line carries the numbers (it used to name only where they came from)
+    m = re.search(r"load: ([0-9.]+) rps, (\d+) in flight; summed over n1, n2, n3", loaded)
+    assert m and float(m.group(1)) > 0, loaded
     r = report(c)
     assert r["status"] == "at_risk" and r["load"]["nodes"] == ["n1", "n2", "n3"]
     assert any("(capacity): if server S1 dies" in w for w in r["warnings"]), r["warnings"]

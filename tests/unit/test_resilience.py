@@ -95,3 +95,25 @@ def test_rows_conversion_counts_drain_and_weight_zero_as_unhealthy():
     assert insts[0].server == "10.0.0.1" and insts[2].rps == 3
     d = assess("x", insts).to_dict()
     assert d["survives_another_server_loss"] is False and d["status"] == "at_risk"
+
+
+def test_drained_server_is_not_reported_as_down():
+    """Issue 12: `halb backend drain B` made the report say "server B is down"."""
+    rows = [{"name": "A", "server": "A", "address": "a:1", "verdict": "up", "admin_state": "active", "weight": 100},
+            {"name": "B", "server": "B", "address": "b:1", "verdict": "up", "admin_state": "drain", "weight": 100},
+            {"name": "C", "server": "C", "address": "c:1", "verdict": "up", "admin_state": "maint", "weight": 100},
+            {"name": "D", "server": "D", "address": "d:1", "verdict": "up", "admin_state": "active", "weight": 0},
+            {"name": "E", "server": "E", "address": "e:1", "verdict": "down", "admin_state": "active", "weight": 100},
+            {"name": "E2", "server": "E", "address": "e:2", "verdict": "up", "admin_state": "drain", "weight": 100}]
+    r = assess("checkout", instances_from_rows(rows))
+    assert "server B takes no new requests (B drained)" in r.warnings
+    assert "server C takes no new requests (C in maintenance)" in r.warnings
+    assert "server D takes no new requests (D weight 0)" in r.warnings
+    assert "server E is down or out of rotation (E not healthy, E2 drained)" in r.warnings
+    assert not any(w.startswith(("server B is down", "server C is down", "server D is down")) for w in r.warnings)
+
+
+def test_report_carries_the_load_numbers():
+    r = assess("checkout", [I("A", "A", rps=10.5, conns=2), I("B", "B", rps=4.25, conns=1)])
+    assert r.rps == 14.75 and r.conns == 3
+    assert r.to_dict()["rps"] == 14.75
