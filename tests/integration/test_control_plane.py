@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from halb.demo.launcher import Child, NodeSpec, api_get, halb_argv, node_config_text
+from halb.demo.launcher import Child, NodeSpec, api_get, halb_argv
 from tests.conftest import free_port, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -108,10 +108,12 @@ def test_member_add_fourth_node_and_remove_one(cluster_factory):
     c = cluster_factory()
     host4 = c.spec.nodes[0].host.rsplit(".", 1)[0] + ".4"
     n4 = NodeSpec("n4", host4, raft_port=free_port(host4), api_port=free_port(host4))
-    out = c.cli_json("member", "add", "n4", "--raft", n4.raft, "--api", n4.api)
+    # the command writes the new node's config (issue 12: the docs did not say how)
+    out = c.cli_json("member", "add", "n4", "--raft", n4.raft, "--api", n4.api,
+                     "--write-config", str(c.config("n4")), "--like", str(c.config("n1")))
     assert out["ok"] and sorted(out["start_with_peers"]) == sorted(n.raft for n in c.spec.nodes)
+    assert out["config_written"] == str(c.config("n4"))
     c.spec.nodes.append(n4)
-    c.config("n4").write_text(node_config_text(c.spec, n4))
     c.start("n4")
     wait_until(lambda: c.status("n4")["leader"] is not None, 15, 0.1, "n4 sees a leader")
     wait_until(lambda: {m["id"]: m for m in c.cli_json("cluster", "status")["members"]}
