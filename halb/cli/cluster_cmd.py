@@ -118,11 +118,15 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
     if taken:
         click.echo(f"halb: cannot start the cluster in {d}: {len(taken)} of its addresses are already in use "
                    "(is a cluster already running, e.g. another `make demo`?)", err=True)
-        pids: set[int] = set()
+        held: dict[int, list[str]] = {}
         for t in taken:
-            who = ", ".join(f"pid {p} ({cmdline(p)})" for p in t.pids) or "a process of another user"
-            click.echo(f"  {t.what} {t.address}: {who}", err=True)
-            pids.update(t.pids)
+            for pid in t.pids:
+                held.setdefault(pid, []).append(f"{t.what} {t.address}")
+            if not t.pids:
+                click.echo(f"  {t.what} {t.address}: held by a process of another user", err=True)
+        for pid, what in sorted(held.items()):
+            click.echo(f"  pid {pid} holds {', '.join(what)}: {cmdline(pid)}", err=True)
+        pids = set(held)
         if pids:
             click.echo(f"stop it with Ctrl-C where it runs, or: kill {' '.join(map(str, sorted(pids)))}", err=True)
         sys.exit(2)

@@ -121,7 +121,8 @@ def test_cluster_up_supervises_refuses_duplicates_and_prints_working_commands(tm
         assert second.returncode == 2, second.stdout + second.stderr
         assert "already in use" in second.stderr
         n1_pid = int((c.directory / "run" / "n1.pid").read_text())
-        assert f"n1 api {c.api('n1')}: pid {n1_pid}" in second.stderr, second.stderr
+        assert f"  pid {n1_pid} holds n1 api {c.api('n1')}, n1 raft" in second.stderr, second.stderr
+        assert f"shared address of checkout {c.spec.shared_address}" in second.stderr, second.stderr
         assert "started node" not in second.stdout  # nothing was started
         assert children_of(proc.pid) == seen
 
