@@ -2,7 +2,8 @@
 
 Exit codes scripts can rely on:
   0 success; 1 the cluster refused the request (4xx: invalid, not found, conflict);
-  2 usage or local configuration error; 3 no node reachable; 4 no quorum / timeout (5xx);
+  2 usage or local configuration error (also `halb cluster up` when its addresses are
+  taken); 3 no node reachable; 4 no quorum / timeout (5xx);
   5 (`halb service status` only) the service is at risk or down.
 """
 from __future__ import annotations
