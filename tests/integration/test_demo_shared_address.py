@@ -129,3 +129,26 @@ def test_shared_address_survives_kill_of_leader_and_of_a_follower(cluster_factor
     print("\n".join(report))
     assert other == [], [o.detail for o in other]
     assert len(in_flight) <= CLIENTS
+
+
+def test_worker_processes_also_serve_the_shared_address() -> None:
+    """With [dataplane] workers > 1 each worker process joins the shared address's group too."""
+    import asyncio
+    import os
+
+    from halb.dataplane.engine import DataPlane
+    from halb.dataplane.testing import run, service, snapshot
+    from halb.demo.supervise import listening_pids
+
+    async def main() -> None:
+        dp = DataPlane("t", workers=2, shared_hosts=["127.0.0.10"])
+        await dp.start(snapshot(service("shop", [("127.0.0.1", 9)])))
+        try:
+            port = dp.bound_port("shop")
+            pids = await asyncio.get_running_loop().run_in_executor(None, listening_pids, f"127.0.0.10:{port}")
+            workers = [w.proc.pid for w in dp._pool_supervisor.workers]
+            assert os.getpid() in pids and set(workers) <= set(pids) and len(pids) == 2, (pids, workers)
+        finally:
+            await dp.stop()
+
+    run(main(), timeout=60)
