@@ -426,6 +426,8 @@ class Node:
             seeded, last_event = cs.seeded, cs.event_seq
         members = self.members_view()
         leader_raft = visible_leader(st.leader, st.self_addr, st.partners)
+        for m in members:  # the same rule for the per-member flag
+            m["leader"] = m["raft"] == leader_raft
         health = assess(members, st.has_quorum)
         return {
             "node": self.node_id,
