@@ -29,6 +29,8 @@ def test_init_writes_configs_secrets_0600_and_env(tmp_path):
     env = (d / "cluster.env").read_text()
     assert "HALB_CLUSTER=127.0.0.11:7000,127.0.0.12:7000,127.0.0.13:7000" in env
     assert f"HALB_TOKEN_FILE={(d / 'token').resolve()}" in env
+    # the halb that wrote it goes on PATH, so `. cluster.env && halb ...` works as printed
+    assert f'export PATH="{Path(sys.executable).parent}:$PATH"' in env
     # a second init refuses to overwrite, exit 2
     again = subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d)], capture_output=True,
                            text=True, timeout=30)
@@ -44,3 +46,31 @@ def test_committed_local_3node_configs_match_the_generator():
         assert [b.address for b in cfg.services[0].backends] == ["127.0.0.21:8080", "127.0.0.21:8081",
                                                                   "127.0.0.22:8080", "127.0.0.23:8080"]
         assert [b.server for b in cfg.services[0].backends] == ["A", "A", "B", "C"]
+
+
+def test_member_config_text_takes_secret_token_and_dataplane_from_like(tmp_path):
+    from halb.demo.launcher import init_cluster_dir, member_config_text
+
+    d = tmp_path / "c"
+    init_cluster_dir(d, ClusterSpec.default())
+    like = load_config(d / "n1.toml")
+    out = d / "n4.toml"
+    out.write_text(member_config_text("n4", "127.0.0.14:7100", "127.0.0.14:7000",
+                                      ["127.0.0.12:7100", "127.0.0.11:7100"], out, like))
+    cfg = load_config(out)
+    assert cfg.node_id == "n4" and cfg.raft.bind == "127.0.0.14:7100" and cfg.api.bind == "127.0.0.14:7000"
+    assert cfg.raft.peers == ["127.0.0.11:7100", "127.0.0.12:7100"]
+    assert cfg.read_secret() == like.read_secret() and cfg.read_token() == like.read_token()
+    assert cfg.dataplane.listen_host == "127.0.0.14" and cfg.dataplane.shared_hosts == ["127.0.0.10"]
+    assert cfg.services == []
+
+
+def test_member_add_refuses_to_overwrite_a_config_before_asking_the_cluster(tmp_path):
+    existing = tmp_path / "n4.toml"
+    existing.write_text("# mine\n")
+    env = dict(os.environ, HALB_CLUSTER="127.0.0.1:9", HALB_TOKEN="t" * 40)
+    res = subprocess.run([sys.executable, "-m", "halb", "member", "add", "n4", "--raft", "127.0.0.14:7100",
+                          "--api", "127.0.0.14:7000", "--write-config", str(existing)],
+                         capture_output=True, text=True, timeout=30, env=env)
+    assert res.returncode == 2 and "not overwriting" in res.stderr, res.stderr
+    assert existing.read_text() == "# mine\n"
