@@ -305,6 +305,9 @@ class AdminApi:
 
     async def member_add(self, request: web.Request) -> web.Response:
         body = await read_json(request)
+        unknown = sorted(set(body) - {"id", "raft", "api"})
+        if unknown:
+            return json_error(400, "invalid", f"unknown field(s): {', '.join(unknown)}")
         try:
             node_id = check_name(body.get("id"), "member id")
             raft = body.get("raft")
