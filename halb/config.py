@@ -272,8 +272,6 @@ def _parse_service(file: Path, prefix: str, raw: Any) -> ServiceSeed:
         raise t.error("hash_key", str(exc)) from None
     svc.options = t.take("options", dict, {})
     svc.health = t.take("health", dict, {})
-    if "health" in svc.options:
-        raise t.error("options.health", "give the health check as the service's `health` table")
     for j, raw_be in enumerate(t.take("backends", list, [])):
         bt = _Table(file, f"{prefix}.backends[{j}]", raw_be)
         be = BackendSeed(name=bt.take("name", str, required=True), address=bt.address("address", required=True))
