@@ -118,15 +118,21 @@ def _depth(value: Any) -> int:
 def _header_text(request: web.Request, name: str) -> str | None:
     """A free-text header that ends up in the replicated state: printable ASCII, bounded."""
     value = request.headers.get(name)
-    if value is None:
+    if not value:  # absent or empty: not given (the client library sends an empty operator)
         return None
-    if not value or len(value) > MAX_HEADER_TEXT or not value.isascii() or not value.isprintable():
-        raise WriteError(400, "invalid", f"{name} must be 1-{MAX_HEADER_TEXT} printable ASCII characters")
+    if len(value) > MAX_HEADER_TEXT or not value.isascii() or not value.isprintable():
+        raise WriteError(400, "invalid", f"{name} must be at most {MAX_HEADER_TEXT} printable ASCII characters")
     return value
 
 
 def who(request: web.Request) -> str:
-    return _header_text(request, "X-Halb-Operator") or f"api@{request.remote}"
+    """The audit label. Tolerant on purpose (an operator name with non-ASCII letters must not
+    block writes): escaped to printable ASCII and cut to 128 characters; never raw bytes,
+    which could not be encoded into the Raft log."""
+    value = request.headers.get("X-Halb-Operator") or ""
+    text = value.encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if c.isprintable() else "?" for c in text)[:MAX_HEADER_TEXT]
+    return text or f"api@{request.remote}"
 
 
 class AdminApi:
