@@ -9,6 +9,7 @@ first result.
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,6 +36,18 @@ def ok(**data: Any) -> dict[str, Any]:
 class Applied:
     result: dict[str, Any]
     events: list[Event]
+
+
+def _repair_legacy_service(d: dict[str, Any]) -> dict[str, Any]:
+    """State written before strict validation may hold a backend capacity of inf/NaN (the
+    API accepted `max_rps: 1e999`); the model now refuses it, so restoring would fail and the
+    node could not start. Such a capacity meant nothing usable: restore it as 0 (not declared)."""
+    backends = d.get("backends")
+    if isinstance(backends, dict):
+        for b in backends.values():
+            if isinstance(b, dict) and isinstance(b.get("max_rps"), float) and not math.isfinite(b["max_rps"]):
+                b["max_rps"] = 0.0
+    return d
 
 
 class ClusterState:
@@ -77,7 +90,7 @@ class ClusterState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ClusterState":
         st = cls()
-        st.services = {k: service_from(v) for k, v in d.get("services", {}).items()}
+        st.services = {k: service_from(_repair_legacy_service(v)) for k, v in d.get("services", {}).items()}
         st.members = {k: Member(**v) for k, v in d.get("members", {}).items()}
         st.events = [Event(**e) for e in d.get("events", [])]
         st.event_seq = d.get("event_seq", 0)
@@ -421,6 +434,7 @@ class ClusterState:
         bad value restored from an older snapshot falls back to the default instead of raising
         half-way through a health command."""
         o = self.services[service].options
+        o = o if isinstance(o, dict) else {}
         out = {}
         for key, option, default in (("window_s", "flap_window_s", 30.0), ("changes", "flap_changes", 4),
                                      ("hold_s", "flap_hold_s", 10.0), ("max_hold_s", "flap_max_hold_s", 300.0)):

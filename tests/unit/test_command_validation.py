@@ -314,3 +314,18 @@ def test_flap_damping_survives_bad_legacy_options_and_endless_flapping() -> None
         r = s.apply(cmd("health.observe", {"service": "web", "backend": "b", "up": i % 2 == 1}, at=at)).result
         assert r["ok"], r
         assert math.isfinite(s.verdicts["web/b"]["hold_until"])
+
+
+def test_legacy_state_with_values_the_model_now_refuses_still_loads() -> None:
+    """Snapshots written before strict validation: an infinite capacity is restored as 0
+    (not declared) instead of stopping the node; bad options do not break health commands."""
+    s = base_state()
+    d = s.to_dict()
+    d["services"]["web"]["backends"]["a"]["max_rps"] = float("inf")
+    d["services"]["web"]["options"] = "abc"
+    d["services"]["web"]["algorithm"] = "ewma"
+    restored = ClusterState.from_dict(d)
+    assert restored.services["web"].backends["a"].max_rps == 0.0
+    assert restored.services["web"].algorithm == "peak_ewma"
+    r = restored.apply(cmd("health.observe", {"service": "web", "backend": "b", "up": False})).result
+    assert r["ok"], r
