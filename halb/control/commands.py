@@ -16,10 +16,10 @@ Only the *shape* of a command is checked here; checks that need the current stat
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from halb.model import (
-    ADMIN_STATES, Backend, ModelError, backend_from, check_json_value, check_name, parse_hostport, service_from,
+    ADMIN_STATES, ModelError, backend_from, check_json_value, check_name, parse_hostport, service_from,
     to_primitive,
 )
 from halb.service_options import HealthCheck, finite_number
@@ -218,11 +218,15 @@ def _validate(op: str, a: Any, health: HealthCheck | None) -> dict[str, Any]:
     if op == "health.release":
         return _ref(a, op, name_key="backend")
     if op == "lease.renew":
-        a = _obj(a, op, frozenset({"holder", "term"}), ("holder",))
+        # "address": the DNS-mode announcer names the address it publishes (informational)
+        a = _obj(a, op, frozenset({"holder", "term", "address"}), ("holder",))
         term = a.get("term", 0)
         if isinstance(term, bool) or not isinstance(term, int) or not 0 <= term < 1 << 63:
             raise invalid(f"term {term!r} must be a non-negative integer")
-        return {"holder": _name(a["holder"], "lease holder"), "term": term}
+        out = {"holder": _name(a["holder"], "lease holder"), "term": term}
+        if "address" in a:
+            out["address"] = _text(a["address"], "lease address", 255)
+        return out
     if op == "lease.release":
         a = _obj(a, op, frozenset({"holder", "held"}), ("holder",))
         return {"holder": _name(a["holder"], "lease holder"), "held": _bool(a.get("held", False), "held")}
@@ -265,5 +269,4 @@ def check_envelope(cmd: Any) -> tuple[str, Any, str | None]:
     return op, cmd.get("args"), cid or None
 
 
-Validator = Callable[[str, Any], dict[str, Any]]
-__all__ = ["CommandError", "OPS", "check_envelope", "validate_command", "service_args", "backend_args", "Backend"]
+__all__ = ["CommandError", "OPS", "check_envelope", "validate_command", "service_args", "backend_args"]

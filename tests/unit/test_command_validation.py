@@ -231,6 +231,7 @@ VALID = [
     cmd("member.register", {"id": "n2", "raft": "127.0.0.1:7002", "api": "127.0.0.1:8002"}),
     cmd("event.record", {"kind": "note", "message": "hello", "data": {"k": [1, 2.5, None]}}),
     cmd("lease.renew", {"holder": "n1", "term": 3}),
+    cmd("lease.renew", {"holder": "n1", "term": 4, "address": "192.0.2.10"}),  # DNS-mode announcer
     cmd("lease.release", {"holder": "n1", "held": True}),
     cmd("service.remove", {"name": "web"}),
 ]
