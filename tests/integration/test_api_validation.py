@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import uuid
 from typing import Any, Iterator
 
 import pytest
@@ -90,10 +91,16 @@ def log_text(c: Cluster) -> str:
 ])
 def test_invalid_service_is_400_json_and_changes_nothing(node: Cluster, body: bytes, why: str) -> None:
     before = services(node)
-    status, err, _ = call(node, "POST", "/v1/services", body, extra=b"Content-Type: application/json\r\n")
+    key = f"Idempotency-Key: k-{uuid.uuid4().hex}\r\n".encode()
+    status, err, _ = call(node, "POST", "/v1/services", body, extra=b"Content-Type: application/json\r\n" + key)
     assert status == 400, err
     assert err["error"] in ("invalid", "malformed_json") and why in err["message"], err
     assert services(node) == before
+    # it never reached Raft: had it been applied (and refused there), the cluster would
+    # remember the key and answer this valid write with that first result
+    status, res, _ = call(node, "POST", "/v1/services", b'{"name": "probe-key"}', extra=key)
+    assert status == 201 and "duplicate" not in res, res
+    assert call(node, "DELETE", "/v1/services/probe-key")[0] == 200
 
 
 def test_listen_on_a_taken_port_is_409_whatever_the_host(node: Cluster) -> None:
@@ -214,3 +221,15 @@ def test_a_valid_write_after_the_noise_still_works(node: Cluster) -> None:
     assert res["service"]["options"] == {"retries": 1, "health": {"path": "/h"}}
     assert "after" in {s["name"] for s in services(node)}
 
+
+
+def test_the_idempotency_probe_does_see_a_refusal_that_reached_raft(node: Cluster) -> None:
+    """Control for the 'never reached Raft' check above: a write refused *inside* apply
+    (the service does not exist: only the state knows) is remembered under its key."""
+    key = f"Idempotency-Key: k-{uuid.uuid4().hex}\r\n".encode()
+    status, err, _ = call(node, "POST", "/v1/services/nope/backends", b'{"name": "x", "address": "127.0.0.1:9"}',
+                          extra=key)
+    assert status == 404, err
+    status, res, _ = call(node, "POST", "/v1/services", b'{"name": "probe-key2"}', extra=key)
+    assert status == 404 and res["error"] == "not_found", res
+    assert "probe-key2" not in {s["name"] for s in services(node)}
