@@ -229,6 +229,8 @@ class ClusterState:
             if key in args:
                 setattr(candidate, key, args[key])
         if "options" in args:
+            if not isinstance(candidate.options, dict):  # garbage restored from pre-validation state
+                candidate.options = {}
             candidate.options.update(args["options"])
         candidate.__post_init__()
         candidate.validate()
