@@ -28,7 +28,8 @@ log = logging.getLogger("halb.api.server")
 
 REDACTED = "<redacted>"
 _SECRET = re.compile(r"(?i)\b(bearer|basic|token|authorization)(\s*[:=]?\s*)[^\s'\",]+")
-_REDACT_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.internal")
+# a logger's filters apply to records created on that very logger (not its children): name each
+_REDACT_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.internal", "halb.api.server")
 
 
 def redact(text: str) -> str:
