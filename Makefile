@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration bench chaos fuzz lint clean
+.PHONY: venv demo test test-unit test-integration bench chaos fuzz fuzz-api lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,9 +34,14 @@ test-integration: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-## Memory-safety fuzz of the C HTTP head fast path under ASan + UBSan (60 s; not part of `test`).
+## Fuzz (not part of `test`): the C HTTP head fast path under ASan + UBSan (60 s), then the admin API (60 s).
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz_fasthttp.py
+	$(BIN)/python tests/fuzz_api.py
+
+## Random/mutated methods, paths, headers and bodies at a real node's admin API (60 s; --seconds to change).
+fuzz-api: $(STAMP)
+	$(BIN)/python tests/fuzz_api.py $(FUZZ_ARGS)
 
 chaos: $(STAMP)
 	$(BIN)/halb chaos run chaos/drills/*.toml --cluster local

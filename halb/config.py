@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from halb.tomltable import Table, read_toml
-from halb.model import ALGORITHMS, SERVICE_MODES, ModelError, check_name, parse_hostport
+from halb.model import (
+    SERVICE_MODES, ModelError, check_hash_key, check_name, listen_conflict, normalise_algorithm, parse_hostport,
+    service_from,
+)
 
 
 class ConfigError(Exception):
@@ -254,6 +257,13 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
     for s in services:
         if names.count(s.name) > 1:
             raise ConfigError(file, "services", f"service name {s.name!r} is used twice")
+    seen = []
+    for i, s in enumerate(services):  # the same listen rule the state machine applies to `seed`
+        svc = service_from(service_seed_to_dict(s))
+        clash = listen_conflict(seen, svc.listen, svc.mode)
+        if clash:
+            raise ConfigError(file, f"services[{i}].listen", clash)
+        seen.append(svc)
     top.done()
     return NodeConfig(
         path=file, node_id=node_id, data_dir=data_dir, secret_file=secret_file, token_file=token_file,
@@ -273,12 +283,15 @@ def _parse_service(file: Path, prefix: str, raw: Any) -> ServiceSeed:
     if svc.mode not in SERVICE_MODES:
         raise t.error("mode", f"must be one of {', '.join(SERVICE_MODES)}, got {svc.mode!r}")
     svc.listen = t.address("listen", required=True)
-    svc.algorithm = t.take("algorithm", str, "round_robin")
-    if svc.algorithm not in ALGORITHMS:
-        raise t.error("algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {svc.algorithm!r}")
+    try:
+        svc.algorithm = normalise_algorithm(t.take("algorithm", str, "round_robin"))
+    except ModelError as exc:
+        raise t.error("algorithm", str(exc)) from None
     svc.hash_key = t.take("hash_key", str, "source")
-    if not (svc.hash_key == "source" or svc.hash_key.startswith(("header:", "cookie:"))):
-        raise t.error("hash_key", "must be 'source', 'header:NAME' or 'cookie:NAME'")
+    try:
+        check_hash_key(svc.hash_key)
+    except ModelError as exc:
+        raise t.error("hash_key", str(exc)) from None
     svc.options = t.take("options", dict, {})
     svc.health = t.take("health", dict, {})
     for j, raw_be in enumerate(t.take("backends", list, [])):
@@ -304,7 +317,24 @@ def _parse_service(file: Path, prefix: str, raw: Any) -> ServiceSeed:
             raise bt.error("name", f"backend name {be.name!r} is used twice in service {name!r}")
         svc.backends.append(be)
     t.done()
+    _validate_seed(file, prefix, svc)
     return svc
+
+
+def _validate_seed(file: Path, prefix: str, seed: ServiceSeed) -> None:
+    """Seeds pass the same strict checks as an API write (options, health check, backends)."""
+    from halb.health.checks import CheckConfig  # above config in the layering: import on use
+
+    def check_health(table: Any) -> None:
+        CheckConfig.from_dict(table, where="health")
+
+    try:
+        service_from(service_seed_to_dict(seed)).validate(health=check_health)
+    except ModelError as exc:
+        reason = str(exc)
+        key = "health" if reason.startswith("option health") else "options" if "option" in reason else ""
+        raise ConfigError(file, f"{prefix}.{key}" if key else prefix,
+                          reason.removeprefix("option ") if key == "health" else reason) from None
 
 
 def service_seed_to_dict(seed: ServiceSeed) -> dict[str, Any]:

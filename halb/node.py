@@ -125,7 +125,7 @@ class Node:
         self.writer = CommandWriter(self.raft, cfg.api.write_timeout)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         api = AdminApi(self)
-        self._runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+        self._runner = api.runner(access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = parse_hostport(cfg.api.bind)
         site = web.TCPSite(self._runner, host, port, reuse_address=True)

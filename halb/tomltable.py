@@ -2,6 +2,7 @@
 and every leftover key is reported as unknown. Shared by node configs and drill files."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,6 +40,8 @@ class Table:
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             names = " or ".join("number" if k is float else k.__name__ for k in kinds)
             raise self.error(name, f"must be a {names}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has inf and nan
+            raise self.error(name, f"must be a finite number, got {value!r}")
         return value
 
     def number(self, name: str, default: float, low: float = 0.0, high: float | None = None,

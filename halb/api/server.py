@@ -10,17 +10,23 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from halb.control.writer import WriteError
-from halb.model import ADMIN_STATES, Backend, ModelError, Service, check_name, parse_hostport, to_primitive
+from halb.api.protocol import AdminRunner, install_log_redaction
+from halb.api.validation import validate_full
+from halb.control.commands import CommandError
+from halb.control.writer import ERROR_STATUS, WriteError
+from halb.model import ADMIN_STATES, ModelError, check_name, listen_conflict, parse_hostport
 
 log = logging.getLogger(__name__)
 
 UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_BODY = 1 << 20
+MAX_JSON_DEPTH = 64
+MAX_HEADER_TEXT = 128  # X-Halb-Operator / Idempotency-Key
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,7 +57,9 @@ def auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[we
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in UNAUTHENTICATED_PATHS:
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
+        # aiohttp decodes header bytes that are not UTF-8 as surrogates: encode them back the
+        # same way, so such a header is simply a wrong token (401), not an encoding crash
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not given:
             return json_error(401, "unauthorized", "missing bearer token (Authorization: Bearer TOKEN)")
         if not hmac.compare_digest(given, expected):
@@ -68,16 +76,63 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise WriteError(400, "malformed_json", "request body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise WriteError(400, "malformed_json", f"request body is not valid JSON: {exc}") from None
+        raise WriteError(400, "malformed_json", f"request body is not valid JSON: {exc}"[:300]) from None
     if not isinstance(body, dict):
         raise WriteError(400, "malformed_json", "request body must be a JSON object")
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise WriteError(400, "malformed_json", f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
     return body
 
 
+def _no_constant(name: str) -> Any:
+    # Python's json accepts NaN/Infinity; they are not JSON and would come back out as invalid JSON
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to inf
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth without recursion (a deep body must not exhaust the stack here either)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > MAX_JSON_DEPTH:
+            break
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def _header_text(request: web.Request, name: str) -> str | None:
+    """A free-text header that ends up in the replicated state: printable ASCII, bounded."""
+    value = request.headers.get(name)
+    if not value:  # absent or empty: not given (the client library sends an empty operator)
+        return None
+    if len(value) > MAX_HEADER_TEXT or not value.isascii() or not value.isprintable():
+        raise WriteError(400, "invalid", f"{name} must be at most {MAX_HEADER_TEXT} printable ASCII characters")
+    return value
+
+
 def who(request: web.Request) -> str:
-    return request.headers.get("X-Halb-Operator") or f"api@{request.remote}"
+    """The audit label. Tolerant on purpose (an operator name with non-ASCII letters must not
+    block writes): escaped to printable ASCII and cut to 128 characters; never raw bytes,
+    which could not be encoded into the Raft log."""
+    value = request.headers.get("X-Halb-Operator") or ""
+    text = value.encode("ascii", "backslashreplace").decode("ascii")
+    text = "".join(c if c.isprintable() else "?" for c in text)[:MAX_HEADER_TEXT]
+    return text or f"api@{request.remote}"
 
 
 class AdminApi:
@@ -86,7 +141,13 @@ class AdminApi:
     def __init__(self, node: Any) -> None:
         self.node = node
 
+    def runner(self, **kwargs: Any) -> web.AppRunner:
+        """The runner to serve `app()` with: errors aiohttp raises before any handler runs
+        (oversized or malformed heads) answer JSON too, and never echo header values."""
+        return AdminRunner(self.app(), **kwargs)
+
     def app(self) -> web.Application:
+        install_log_redaction()
         app = web.Application(
             middlewares=[errors_middleware, auth_middleware(self.node.token)], client_max_size=MAX_BODY
         )
@@ -125,8 +186,29 @@ class AdminApi:
         return {"node": self.node.node_id, "leader": self.node.leader_id(), "raft_state": st.state, **data}
 
     async def write(self, request: web.Request, op: str, args: dict[str, Any]) -> dict[str, Any]:
-        cid = request.headers.get("Idempotency-Key") or None
-        return await self.node.writer.write(op, args, by=who(request), cid=cid)
+        """Validate in full (400 with the reason, nothing proposed), pre-check what needs
+        the state (listen clash: 409), then propose. Apply re-checks both: it is the authority."""
+        cid = _header_text(request, "Idempotency-Key")
+        by = who(request)
+        try:
+            args = validate_full(op, args)
+        except CommandError as exc:
+            raise WriteError(ERROR_STATUS.get(exc.code, 400), exc.code, exc.message) from None
+        clash = self.listen_clash(op, args)
+        if clash:
+            raise WriteError(409, "conflict", clash)
+        return await self.node.writer.write(op, args, by=by, cid=cid)
+
+    def listen_clash(self, op: str, args: dict[str, Any]) -> str | None:
+        if op not in ("service.add", "service.update") or not args.get("listen"):
+            return None
+        with self.node.raft.read() as cs:
+            services = list(cs.services.values())
+        if op == "service.add":
+            return listen_conflict(services, args["listen"], args["mode"])
+        mine = next((s for s in services if s.name == args["name"]), None)
+        mode = mine.mode if mine is not None else "http"
+        return listen_conflict(services, args["listen"], mode, exclude=args["name"])
 
     # --- probes -----------------------------------------------------------------------
 
@@ -167,24 +249,9 @@ class AdminApi:
 
     async def service_add(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        try:
-            svc = Service(**{k: body[k] for k in ("name", "mode", "listen", "algorithm", "hash_key", "options")
-                             if k in body})
-        except (ModelError, TypeError) as exc:
-            return json_error(400, "invalid", str(exc))
-        unknown = set(body) - {"name", "mode", "listen", "algorithm", "hash_key", "options", "backends"}
-        if unknown:
-            return json_error(400, "invalid", f"unknown field(s): {', '.join(sorted(unknown))}")
-        args = to_primitive(svc)
-        try:
-            for b in body.get("backends", []) or []:
-                be = Backend(**b)
-                if be.name in args["backends"]:
-                    return json_error(400, "invalid", f"backend {be.name!r} listed twice")
-                args["backends"][be.name] = to_primitive(be)
-        except (ModelError, TypeError) as exc:
-            return json_error(400, "invalid", str(exc))
-        result = await self.write(request, "service.add", args)
+        if "name" not in body:
+            return json_error(400, "invalid", "service needs at least 'name' (and 'listen' to be served)")
+        result = await self.write(request, "service.add", body)
         return web.json_response(self.envelope(**result), status=201)
 
     async def service_remove(self, request: web.Request) -> web.Response:
@@ -209,17 +276,9 @@ class AdminApi:
 
     async def backend_add(self, request: web.Request) -> web.Response:
         body = await read_json(request)
-        unknown = set(body) - {"name", "address", "weight", "server", "zone", "admin_state", "max_rps", "max_conns"}
-        if unknown:
-            return json_error(400, "invalid", f"unknown field(s): {', '.join(sorted(unknown))}")
-        try:
-            be = Backend(**body)
-        except TypeError:
+        if "name" not in body or "address" not in body:
             return json_error(400, "invalid", "backend needs at least 'name' and 'address'")
-        except ModelError as exc:
-            return json_error(400, "invalid", str(exc))
-        result = await self.write(request, "backend.add", {"service": request.match_info["svc"],
-                                                           "backend": to_primitive(be)})
+        result = await self.write(request, "backend.add", {"service": request.match_info["svc"], "backend": body})
         return web.json_response(self.envelope(**result), status=201)
 
     async def backend_remove(self, request: web.Request) -> web.Response:
@@ -252,6 +311,9 @@ class AdminApi:
 
     async def member_add(self, request: web.Request) -> web.Response:
         body = await read_json(request)
+        unknown = sorted(set(body) - {"id", "raft", "api"})
+        if unknown:
+            return json_error(400, "invalid", f"unknown field(s): {', '.join(unknown)}")
         try:
             node_id = check_name(body.get("id"), "member id")
             raft = body.get("raft")
@@ -260,6 +322,10 @@ class AdminApi:
             parse_hostport(api, "api address")
         except ModelError as exc:
             return json_error(400, "invalid", str(exc))
+        try:
+            validate_full("member.register", {"id": node_id, "raft": raft, "api": api})
+        except CommandError as exc:
+            return json_error(400, exc.code, exc.message)
         result = await self.node.member_add(node_id, raft, api, by=who(request))
         return web.json_response(self.envelope(**result), status=201)
 

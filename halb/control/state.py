@@ -9,25 +9,23 @@ first result.
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from halb.control.commands import CommandError, check_envelope, validate_command
+from halb.service_options import CONTROL_OPTIONS, OptionError, check_option
 from halb.model import (
-    ADMIN_STATES, Backend, Event, Member, ModelError, Service, backend_from, check_name, parse_hostport,
-    service_from, to_primitive,
+    Backend, Event, Member, ModelError, Service, backend_from, listen_conflict, service_from, to_primitive,
 )
 
 MAX_EVENTS = 2000
 MAX_REMEMBERED_IDS = 20000
 
 
-class CommandError(Exception):
-    """A command the state machine refuses; `code` maps to an HTTP status in the API."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code, self.message = code, message
+MAX_MESSAGE = 1000
+MAX_HOLD_DOUBLINGS = 30  # 2**30 * any hold is far past flap_max_hold_s; keeps the float finite
 
 
 def ok(**data: Any) -> dict[str, Any]:
@@ -38,6 +36,18 @@ def ok(**data: Any) -> dict[str, Any]:
 class Applied:
     result: dict[str, Any]
     events: list[Event]
+
+
+def _repair_legacy_service(d: dict[str, Any]) -> dict[str, Any]:
+    """State written before strict validation may hold a backend capacity of inf/NaN (the
+    API accepted `max_rps: 1e999`); the model now refuses it, so restoring would fail and the
+    node could not start. Such a capacity meant nothing usable: restore it as 0 (not declared)."""
+    backends = d.get("backends")
+    if isinstance(backends, dict):
+        for b in backends.values():
+            if isinstance(b, dict) and isinstance(b.get("max_rps"), float) and not math.isfinite(b["max_rps"]):
+                b["max_rps"] = 0.0
+    return d
 
 
 class ClusterState:
@@ -80,7 +90,7 @@ class ClusterState:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ClusterState":
         st = cls()
-        st.services = {k: service_from(v) for k, v in d.get("services", {}).items()}
+        st.services = {k: service_from(_repair_legacy_service(v)) for k, v in d.get("services", {}).items()}
         st.members = {k: Member(**v) for k, v in d.get("members", {}).items()}
         st.events = [Event(**e) for e in d.get("events", [])]
         st.event_seq = d.get("event_seq", 0)
@@ -97,22 +107,33 @@ class ClusterState:
     # --- applying ----------------------------------------------------------------------
 
     def apply(self, cmd: dict[str, Any]) -> Applied:
-        """Apply one command; returns its result and the events it recorded."""
+        """Apply one command; returns its result and the events it recorded.
+
+        Never raises, whatever the command: every handler's args are validated in full
+        (halb/control/commands.py) before the handler changes anything, so a refused
+        command leaves the state as it was and answers ok=False with the reason.
+        """
         self.index += 1
-        cid = cmd.get("id")
+        try:
+            op, args, cid = check_envelope(cmd)
+        except CommandError as exc:
+            return Applied({"ok": False, "error": exc.code, "message": exc.message}, [])
         if cid and cid in self.applied_ids:
             return Applied(dict(self.applied_ids[cid], duplicate=True), [])
-        handler = self._handlers().get(cmd.get("op", ""))
+        handler = self._handlers().get(op)
         before = len(self.events)
         if handler is None:
-            result = {"ok": False, "error": "invalid", "message": f"unknown operation {cmd.get('op')!r}"}
+            result = {"ok": False, "error": "invalid", "message": f"unknown operation {op!r}"[:MAX_MESSAGE]}
         else:
             try:
-                result = handler(cmd.get("args") or {}, cmd)
+                result = handler(validate_command(op, args), cmd)
             except CommandError as exc:
-                result = {"ok": False, "error": exc.code, "message": exc.message}
+                result = {"ok": False, "error": exc.code, "message": exc.message[:MAX_MESSAGE]}
             except (ModelError, KeyError, TypeError, ValueError) as exc:
-                result = {"ok": False, "error": "invalid", "message": str(exc)}
+                result = {"ok": False, "error": "invalid", "message": str(exc)[:MAX_MESSAGE]}
+            except Exception as exc:  # a bug in a handler must not stop this replica's apply loop
+                result = {"ok": False, "error": "internal",
+                          "message": f"{op} failed inside the state machine: {type(exc).__name__}: {exc}"[:MAX_MESSAGE]}
         if cid:
             self.applied_ids[cid] = result
             while len(self.applied_ids) > MAX_REMEMBERED_IDS:
@@ -168,10 +189,14 @@ class ClusterState:
         """Config seeds only an empty cluster, once; afterwards the replicated state rules."""
         if self.seeded or self.services:
             return ok(seeded=False)
-        services = [service_from(s) for s in args.get("services", [])]
+        services = [service_from(s) for s in args["services"]]
         names = [s.name for s in services]
         if len(set(names)) != len(names):
             raise CommandError("invalid", "seed lists a service twice")
+        for i, svc in enumerate(services):
+            clash = listen_conflict(services[:i], svc.listen, svc.mode)
+            if clash:
+                raise CommandError("conflict", f"seed service {svc.name!r}: {clash}")
         for svc in services:
             self.services[svc.name] = svc
         self.seeded = True
@@ -183,6 +208,9 @@ class ClusterState:
         svc = service_from(args)
         if svc.name in self.services:
             raise CommandError("conflict", f"service {svc.name!r} already exists")
+        clash = listen_conflict(self.services.values(), svc.listen, svc.mode)
+        if clash:
+            raise CommandError("conflict", clash)
         self.services[svc.name] = svc
         self.seeded = True
         self.record(cmd, "service.added", f"service {svc.name} added ({svc.mode} on {svc.listen})", service=svc.name)
@@ -201,10 +229,15 @@ class ClusterState:
             if key in args:
                 setattr(candidate, key, args[key])
         if "options" in args:
-            if not isinstance(args["options"], dict):
-                raise CommandError("invalid", "options must be an object")
+            if not isinstance(candidate.options, dict):  # garbage restored from pre-validation state
+                candidate.options = {}
             candidate.options.update(args["options"])
         candidate.__post_init__()
+        candidate.validate()
+        if "listen" in args:
+            clash = listen_conflict(self.services.values(), candidate.listen, candidate.mode, exclude=svc.name)
+            if clash:
+                raise CommandError("conflict", clash)
         self.services[svc.name] = candidate
         self.record(cmd, "service.updated", f"service {svc.name} updated", service=svc.name,
                     changes={k: args[k] for k in args if k != "name"})
@@ -234,8 +267,6 @@ class ClusterState:
 
     def _backend_state(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         state = args["state"]
-        if state not in ADMIN_STATES:
-            raise CommandError("invalid", f"admin state {state!r} must be one of {', '.join(ADMIN_STATES)}")
         be = self.backend(args["service"], args["name"])
         previous, be.admin_state = be.admin_state, state
         self.record(cmd, f"backend.{state}", f"backend {args['service']}/{be.name}: {previous} -> {state}",
@@ -244,8 +275,6 @@ class ClusterState:
 
     def _backend_weight(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         weight = args["weight"]
-        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 10000:
-            raise CommandError("invalid", f"weight {weight!r} must be an integer 0-10000")
         be = self.backend(args["service"], args["name"])
         previous, be.weight = be.weight, weight
         self.record(cmd, "backend.weight", f"backend {args['service']}/{be.name}: weight {previous} -> {weight}",
@@ -253,10 +282,7 @@ class ClusterState:
         return ok(backend=to_primitive(be))
 
     def _member_register(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
-        member = Member(id=check_name(args["id"], "member id"), raft=args["raft"], api=args["api"],
-                        listen_host=str(args.get("listen_host") or ""))
-        parse_hostport(member.raft, "raft address")
-        parse_hostport(member.api, "api address")
+        member = Member(id=args["id"], raft=args["raft"], api=args["api"], listen_host=args["listen_host"])
         for other in self.members.values():
             if other.id != member.id and other.raft == member.raft:
                 raise CommandError("conflict", f"raft address {member.raft} already belongs to member {other.id!r}")
@@ -280,8 +306,7 @@ class ClusterState:
 
     def _event_record(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         """Operational events that are facts rather than changes (leader elected, node started)."""
-        kind = check_name(str(args["kind"]), "event kind")
-        self.record(cmd, kind, str(args["message"])[:500], **(args.get("data") or {}))
+        self.record(cmd, args["kind"], args["message"], **args["data"])
         return ok()
 
     # --- health: observations -> majority verdicts, flap damping ---------------------------
@@ -297,8 +322,6 @@ class ClusterState:
     def _health_observe(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         service, name = args["service"], args["backend"]
         self.backend(service, name)
-        if not isinstance(args["up"], bool):
-            raise CommandError("invalid", "up must be true or false")
         self._store_observation(args, cmd)
         batch: list[dict[str, Any]] = []
         verdict = self._recompute(service, name, cmd, batch)
@@ -310,14 +333,8 @@ class ClusterState:
         server that failed together), so the verdicts they cause flip together and a whole
         server going down is one `server.down` event, not N `backend.verdict` events."""
         items = args["observations"]
-        if not isinstance(items, list) or not items or len(items) > 1000:
-            raise CommandError("invalid", "observations must be a list of 1-1000 items")
-        for item in items:  # validate everything before changing anything
-            if not isinstance(item, dict):
-                raise CommandError("invalid", "each observation must be an object")
+        for item in items:  # every referenced backend must exist before anything changes
             self.backend(item["service"], item["backend"])
-            if not isinstance(item["up"], bool):
-                raise CommandError("invalid", "up must be true or false")
         for item in items:
             self._store_observation(item, cmd)
         batch: list[dict[str, Any]] = []
@@ -378,7 +395,7 @@ class ClusterState:
                             verdict=ch["verdict"], down=ch["down"], up=ch["up"], server=ch["server"])
 
     def _health_liveness(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
-        live = sorted(str(m) for m in args["live"])
+        live = args["live"]
         if live == self.live_members:
             return ok(changed=False)
         self.live_members = live
@@ -404,7 +421,7 @@ class ClusterState:
         if len(changed_during_hold) >= 2:
             # still flapping: hold again, twice as long (capped)
             v["holds"] += 1
-            hold = min(opts["hold_s"] * 2 ** (v["holds"] - 1), opts["max_hold_s"])
+            hold = min(opts["hold_s"] * 2 ** min(v["holds"] - 1, MAX_HOLD_DOUBLINGS), opts["max_hold_s"])
             v["hold_start"], v["hold_until"] = at, at + hold
             self.record(cmd, "backend.held", f"{key} still flapping ({len(changed_during_hold)} changes during "
                         f"the hold): held down for {hold:g}s more", service=service, backend=name, hold_s=hold)
@@ -415,9 +432,19 @@ class ClusterState:
         return ok(released=True)
 
     def _damping(self, service: str) -> dict[str, float]:
+        """Flap-damping settings; writes validate them (service_options.CONTROL_OPTIONS), and a
+        bad value restored from an older snapshot falls back to the default instead of raising
+        half-way through a health command."""
         o = self.services[service].options
-        return {"window_s": float(o.get("flap_window_s", 30.0)), "changes": int(o.get("flap_changes", 4)),
-                "hold_s": float(o.get("flap_hold_s", 10.0)), "max_hold_s": float(o.get("flap_max_hold_s", 300.0))}
+        o = o if isinstance(o, dict) else {}
+        out = {}
+        for key, option, default in (("window_s", "flap_window_s", 30.0), ("changes", "flap_changes", 4),
+                                     ("hold_s", "flap_hold_s", 10.0), ("max_hold_s", "flap_max_hold_s", 300.0)):
+            try:
+                out[key] = check_option(option, o.get(option, default), CONTROL_OPTIONS[option])
+            except OptionError:
+                out[key] = default
+        return out
 
     def _recompute(self, service: str, name: str, cmd: dict[str, Any], batch: list[dict[str, Any]]) -> str:
         """Majority verdict of one backend; a plain UP/DOWN change is appended to `batch`
@@ -445,7 +472,7 @@ class ClusterState:
             return "held"
         if len(v["changes"]) >= opts["changes"]:
             v["holds"] = v["holds"] + 1 if at - v["hold_until"] < opts["max_hold_s"] else 1
-            hold = min(opts["hold_s"] * 2 ** (v["holds"] - 1), opts["max_hold_s"])
+            hold = min(opts["hold_s"] * 2 ** min(v["holds"] - 1, MAX_HOLD_DOUBLINGS), opts["max_hold_s"])
             v["verdict"], v["since"], v["hold_start"], v["hold_until"] = "held", at, at, at + hold
             self.record(cmd, "backend.held", f"{key} flapping ({len(v['changes'])} changes in "
                         f"{opts['window_s']:g}s): held down for {hold:g}s ({detail})",
@@ -461,11 +488,11 @@ class ClusterState:
     # their own lease from when they submitted a renewal that committed (halb/announce).
 
     def _lease_renew(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
-        holder = check_name(args["holder"], "lease holder")
+        holder = args["holder"]
         lease = self.lease
         # pysyncobj forwards commands still queued on a deposed leader to the new leader, so
         # a renewal submitted in an old Raft term can commit later: it must change nothing
-        term = int(args.get("term", 0))
+        term = args["term"]
         if term and term < int(lease.get("term", 0)):
             raise CommandError("conflict", f"stale lease renewal by {holder} from term {term} "
                                            f"(lease is at term {lease['term']})")
@@ -484,10 +511,10 @@ class ClusterState:
         return ok(epoch=lease["epoch"], first=lease["renewals"] == 1, handover_from=lease.get("handover_from"))
 
     def _lease_release(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
-        holder = check_name(args["holder"], "lease holder")
+        holder = args["holder"]
         if self.lease.get("holder") != holder:
             return ok(released=False)
-        held = bool(args.get("held", False))
+        held = args["held"]
         self.lease.update(last_op="release", released_held=held)
         self.record(cmd, "vip.released", f"{holder} released the VIP lease (it {'held' if held else 'did not hold'} "
                     "the VIP)", holder=holder, held=held, epoch=self.lease.get("epoch"))

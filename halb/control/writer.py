@@ -10,10 +10,11 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from halb.control.commands import CommandError, validate_command
 from halb.control.raft import ReplicatedState, fail_reason_name
 
 # state-machine error codes -> HTTP status (the API layer uses this table)
-ERROR_STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "denied": 403}
+ERROR_STATUS = {"invalid": 400, "not_found": 404, "conflict": 409, "denied": 403, "internal": 500}
 
 
 class WriteError(Exception):
@@ -29,6 +30,10 @@ class CommandWriter:
 
     async def write(self, op: str, args: dict[str, Any], *, by: str, cid: str | None = None,
                     timeout: float | None = None) -> dict[str, Any]:
+        try:  # nothing invalid reaches the log: refuse here with the reason (apply re-checks)
+            args = validate_command(op, args)
+        except CommandError as exc:
+            raise WriteError(ERROR_STATUS.get(exc.code, 400), exc.code, exc.message) from None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[tuple[Any, int]] = loop.create_future()
 
