@@ -211,7 +211,3 @@ class Monitor:
         self.timeline.append(ev)
         if self.on_event is not None:
             self.on_event(ev)
-
-
-def now_wall() -> float:
-    return time.time()
