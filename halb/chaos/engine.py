@@ -606,6 +606,7 @@ class DrillRun:
             "phases": self.phases,
             "events": sorted(self.events + self.monitor.audit, key=lambda e: e["t"]),
             "timeline": {"buckets": bks, "samples": self.monitor.samples},
+            "monitor": {"poll_failures": self.monitor.failures_report()},
             "ledger": self.ledger.to_dict() if self.ledger else None,
             "requests": shifted,
         }
