@@ -19,6 +19,12 @@ def routable(c, node: str, backend: str) -> bool:
     return body["services"]["checkout"]["backends"][backend]["healthy"]
 
 
+def local_state(c, node: str, backend: str) -> str:
+    """What `node`'s own checks say about `backend` (pending/up/down)."""
+    code, body = c.get(node, "/v1/services/checkout/backends")
+    return next(r for r in body["backends"] if r["name"] == backend)["local"]["state"]
+
+
 def backend_row(c, name: str, node: str | None = None) -> dict:
     return next(r for r in c.cli_json("backend", "list", node=node) if r["name"] == name)
 
@@ -71,11 +77,12 @@ def test_one_balancer_losing_its_path_does_not_take_backend_out(cluster_factory,
     wait_until(lambda: routable(c, "n1", "B"), 10)
     fault_proxy.set_enabled("n1-to-B", False)
     wait_until(lambda: not routable(c, "n1", "B"), 5, 0.05, "n1 routes around B")
-    wait_until(lambda: backend_row(c, "B")["observations"]["n1"] == "down", 5, 0.1, "n1's observation reported")
-    time.sleep(1.5)
+    # every node has reported (n2 and n3 their first settled UP); the verdict is computed in
+    # the same apply as each observation, so it is final for these reports
+    wait_until(lambda: backend_row(c, "B")["observations"] == {"n1": "down", "n2": "up", "n3": "up"}, 8, 0.1,
+               "n1 reported B down, n2 and n3 reported it up")
     row = backend_row(c, "B")
     assert row["verdict"] == "up"
-    assert row["observations"] == {"n1": "down", "n2": "up", "n3": "up"}
     assert routable(c, "n2", "B") and routable(c, "n3", "B")
     # n1's own traffic avoids B, and no request through n1 fails
     import urllib.request
@@ -130,8 +137,10 @@ def test_flapping_backend_is_held_down(cluster_factory, fault_proxy):
     row = backend_row(c, "B")
     assert row["verdict"] == "held" and row["hold_until"] > time.time()
     assert "held" in c.cli("backend", "list").stdout
-    # while held, no node routes to B even though it answers again
-    time.sleep(1.0)
+    # while held, no node routes to B even though every node's own checks see it up again
+    for n in NODES:
+        wait_until(lambda n=n: local_state(c, n, "B") == "up", 5, 0.05, f"{n}'s checks see B up")
+    assert backend_row(c, "B")["verdict"] == "held"
     assert not any(routable(c, n, "B") for n in NODES)
 
 
@@ -148,7 +157,10 @@ def test_verdict_survives_leader_failover(cluster_factory):
     assert new_leader != leader
     code, body = c.get(new_leader, "/v1/services/checkout/backends/C")
     assert body["backend"]["verdict"] == "down"
-    time.sleep(1.0)  # the new leader recomputes liveness: still DOWN (2 of 2 live observe it down)
+    # the new leader recomputes liveness: the dead node stops voting, and C stays DOWN
+    # (2 of 2 live voters observe it down)
+    wait_until(lambda: set(backend_row(c, "C", new_leader)["observations"]) == set(survivors), 10, 0.1,
+               "voters are the survivors")
     assert c.get(new_leader, "/v1/services/checkout/backends/C")[1]["backend"]["verdict"] == "down"
 
 
