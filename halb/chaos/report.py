@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-VERDICT_COLORS = {"up": "#3a9d23", "down": "#d62728", "held": "#ff9f1c", None: "#cccccc"}
+VERDICT_COLORS = {"up": "#3a9d23", "down": "#d62728", "held": "#ff9f1c", "pending": "#9ecae1", None: "#cccccc"}
 FAULT_COLORS = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 
@@ -141,7 +141,7 @@ def render_timeline(data: dict[str, Any], dpi: int = 80) -> bytes:
             ax_verd.barh(i, nxt[0] - t, left=t, height=0.6, color=VERDICT_COLORS.get(v, "#cccccc"))
     ax_verd.set_yticks(range(len(backends)))
     ax_verd.set_yticklabels(backends)
-    ax_verd.set_ylabel("verdict\n(green up, red down)")
+    ax_verd.set_ylabel("verdict\n(green up, red down,\nblue pending)")
     ax_verd.set_xlabel("seconds since the drill started")
 
     for j, f in enumerate(data.get("faults") or []):
