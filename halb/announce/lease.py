@@ -210,13 +210,13 @@ class LeaseKeeper:
 
     def set_log_tracking_failed(self, failed: bool) -> None:
         """The tick callback that feeds :meth:`on_log_changed` failed (True) or has since
-        looked at the log again successfully while not leader (False).
+        compared the log with the last entry it saw again (False).
 
         While it is failed, ``seen_at`` may be older than the last log change, so the
         shortened wait is not known to be safe: :meth:`wait_until` falls back to the full
         wait (from winning the election, the textbook rule) and foreign renewals applied
-        while leading count again. A successful follower tick after a failure notes any
-        change it missed (it compares with the last entry it saw), so clearing is safe then.
+        while leading count again. A successful comparison after a failure notes any change
+        it missed (at a time no earlier than the change), so clearing is safe then.
         """
         self.log_tracking_failed = failed
 

@@ -182,8 +182,10 @@ class Announcement:
         :func:`~halb.control.pysyncobj_compat.last_log_entry`), a log change may go
         unnoted, and the successor's shortened wait would rest on a stale time: so a
         failure switches the keeper to the full wait and is logged as an error. Only a
-        later successful tick while not leader, which notes any change it missed, ends that.
-        The order of the two writes matters (see :meth:`_step`): time first, then the flag.
+        later successful tick that compares the log with the last entry it saw (any tick
+        but a leader's return on its own-term entry) ends that: it notes any change it
+        missed, at a time no earlier than the change. The order of the two writes matters
+        (see :meth:`_step`): time first, then the flag.
         """
         try:
             st = self.raft.raft_status()
