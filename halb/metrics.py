@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 RAFT_STATE_VALUES = {"follower": 0, "candidate": 1, "leader": 2}
-VERDICT_VALUES = {"down": 0, "up": 1, "held": 2}
+VERDICT_VALUES = {"down": 0, "up": 1, "held": 2, "pending": 3}  # pending: no majority reported yet (routed)
 
 
 class NodeCollector:
@@ -38,7 +38,7 @@ class NodeCollector:
 
         bl = ["node", "service", "backend", "server"]
         up = GaugeMetricFamily("halb_backend_up", "1 when the backend is routable from this node", labels=bl)
-        verdict = GaugeMetricFamily("halb_backend_verdict", "Cluster verdict: 0 down, 1 up, 2 held (flap damping)",
+        verdict = GaugeMetricFamily("halb_backend_verdict", "Cluster verdict: 0 down, 1 up, 2 held (flap damping), 3 pending",
                                     labels=bl)
         local = GaugeMetricFamily("halb_backend_local_up", "1 when this node's own checks see the backend up",
                                   labels=bl)
@@ -52,7 +52,8 @@ class NodeCollector:
             lv = [node.node_id, row["service"], row["name"], row.get("server") or ""]
             stats = row.get("stats") or {}
             local_up = row["local"]["up"] if row.get("local") else True
-            up.add_metric(lv, 1 if row["verdict"] == "up" and local_up and row["admin_state"] != "maint" else 0)
+            routed = row["verdict"] in ("up", "pending")  # pending is routed like up (halb/health/view.py)
+            up.add_metric(lv, 1 if routed and local_up and row["admin_state"] != "maint" else 0)
             verdict.add_metric(lv, VERDICT_VALUES.get(row["verdict"], -1))
             local.add_metric(lv, 1 if local_up else 0)
             in_flight.add_metric(lv, row.get("in_flight", 0))

@@ -353,6 +353,8 @@ class Node:
         return sorted(out, key=lambda s: s["name"])
 
     def backends_view(self, service: str | None) -> list[dict[str, Any]]:
+        from halb.health import view as health_view  # "pending" until checked: see there
+
         rows = []
         with self.raft.read() as cs:
             observations = {k: dict(v) for k, v in cs.observations.items()}
@@ -371,15 +373,13 @@ class Node:
                 bstats = svc_stats.get(be["name"], {})
                 rows.append({
                     "service": svc["name"], **be,
-                    "verdict": v.get("verdict", "up"),
+                    "verdict": health_view.verdict_of(v, obs, voters),
                     "verdict_since": v.get("since"),
                     "hold_until": v.get("hold_until") if v.get("verdict") == "held" else None,
-                    "observations": {m: ("up" if obs.get(m, {}).get("up", True) else "down") for m in voters},
+                    "observations": health_view.observation_states(obs, voters),
                     "observed_at": {m: obs[m]["at"] for m in obs},
                     "observation_detail": {m: obs[m]["detail"] for m in obs if obs[m].get("detail")},
-                    "local": None if local is None else {
-                        "up": local.up, "since": local.since_wall, "last_error": local.last_error or None,
-                        "last_latency_ms": None if local.last_latency is None else round(local.last_latency * 1000, 2)},
+                    "local": health_view.local_view(local),
                     "in_flight": bstats.get("in_flight", 0),
                     "stats": {k: bstats.get(k, 0) for k in ("requests", "errors", "retries", "ejections")},
                     "requests": bstats.get("requests", 0),

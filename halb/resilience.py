@@ -10,9 +10,9 @@ cluster.
 
 Definitions (docs/resilience.md):
 
-* an instance is *healthy* when its cluster verdict is UP, its admin state is active and
-  its weight is > 0 (drained or maintenance instances take no new load, so they protect
-  nothing);
+* an instance is *healthy* when its cluster verdict is UP (or still pending: routed as UP),
+  its admin state is active and its weight is > 0 (drained or maintenance instances take
+  no new load, so they protect nothing);
 * `survives_server_loss`: the healthy instances span at least two servers;
 * `survives_zone_loss`: they span at least two zones (None when any healthy instance has
   no zone: unknown);
@@ -205,7 +205,9 @@ def instances_from_rows(rows: Iterable[dict[str, Any]], load: dict[str, dict[str
         parked = {"drain": "drained", "maint": "in maintenance"}.get(admin, "") or ("weight 0" if weight <= 0 else "")
         out.append(Instance(
             out_of_rotation=parked, name=r["name"], server=r.get("server") or r["address"].rsplit(":", 1)[0], zone=r.get("zone") or "",
-            healthy=r.get("verdict", "up") == "up" and r.get("admin_state", "active") == "active"
+            # "pending" (no majority has reported a check yet) is routed like UP, so it
+            # carries load like UP (halb/health/view.py)
+            healthy=r.get("verdict", "up") in ("up", "pending") and r.get("admin_state", "active") == "active"
             and int(r.get("weight", 1)) > 0,
             max_rps=float(r.get("max_rps") or 0.0), max_conns=int(r.get("max_conns") or 0),
             rps=float(ld.get("rps", 0.0)), conns=int(ld.get("conns", 0)),

@@ -31,13 +31,6 @@ def mac_to_str(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
-def mac_from_str(text: str) -> bytes:
-    raw = bytes(int(part, 16) for part in text.split(":"))
-    if len(raw) != 6:
-        raise ValueError(f"not a MAC address: {text!r}")
-    return raw
-
-
 def arp_frame(op: int, src_mac: bytes, sender_ip: str, target_mac: bytes, target_ip: str,
               dst_mac: bytes = BROADCAST_MAC) -> bytes:
     """An Ethernet + ARP frame (IPv4 over Ethernet), padded to the 60-byte minimum."""

@@ -18,7 +18,9 @@ before its own first renewal commits; applying an entry happens after the old ho
 submitted it, so ``seen_at >= old lease_start`` in real time. ``seen_at`` is usually the
 moment the old leader died (not the later moment this node won the election), which takes
 the election time off the failover gap. ``wait_from="election"`` keeps the textbook rule
-(wait from winning) for comparison; it is never earlier than the default.
+(wait from winning) for comparison; it is never earlier than the default. The same
+textbook rule is the fallback whenever the tick callback that reports log changes has
+failed (``set_log_tracking_failed``): without it ``seen_at`` may be too early.
 
 Planned hand-over: the releasing leader deletes the VIP first and then commits
 ``lease.release {held: true}`` only if it really held it. The state machine reports
@@ -112,6 +114,7 @@ class LeaseKeeper:
     paused_until: float = 0.0            # no renewals/holding while a hand-over is in progress
     last_submit: float = -math.inf
     track_log: bool = False              # on_log_changed is fed (the node's tick callback)
+    log_tracking_failed: bool = False    # that feed may have missed a change: full wait (below)
     _own: dict[str, float] = field(default_factory=dict)  # cid -> submit time (this epoch)
 
     def __post_init__(self) -> None:
@@ -189,7 +192,7 @@ class LeaseKeeper:
         milliseconds after a win, while the predecessor's last entries are applied at once.
         """
         leading = self.leader if raft_leader is None else raft_leader
-        if leading and self.track_log:
+        if leading and self._log_tracked():
             return
         if cid is None or cid not in self._own:
             self.seen_at = max(self.seen_at, now)
@@ -204,6 +207,21 @@ class LeaseKeeper:
         winning, which would otherwise start our wait after the election.
         """
         self.seen_at = max(self.seen_at, at)
+
+    def set_log_tracking_failed(self, failed: bool) -> None:
+        """The tick callback that feeds :meth:`on_log_changed` failed (True) or has since
+        compared the log with the last entry it saw again (False).
+
+        While it is failed, ``seen_at`` may be older than the last log change, so the
+        shortened wait is not known to be safe: :meth:`wait_until` falls back to the full
+        wait (from winning the election, the textbook rule) and foreign renewals applied
+        while leading count again. A successful comparison after a failure notes any change
+        it missed (at a time no earlier than the change), so clearing is safe then.
+        """
+        self.log_tracking_failed = failed
+
+    def _log_tracked(self) -> bool:
+        return self.track_log and not self.log_tracking_failed
 
     def on_snapshot_loaded(self, now: float) -> None:
         """A snapshot replaced the state: renewals folded into it were submitted before now."""
@@ -232,7 +250,8 @@ class LeaseKeeper:
     def wait_until(self) -> float:
         """Earliest time this leadership may add the VIP without a hand-over."""
         start = self.seen_at
-        if self.params.wait_from == "election" and self.leader_since is not None:
+        full = self.params.wait_from == "election" or (self.track_log and self.log_tracking_failed)
+        if full and self.leader_since is not None:
             start = max(start, self.leader_since)
         return start + self.params.successor_wait_s
 

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from halb.announce.lease import LeaseKeeper, RenewToken, boottime
 from halb.announce.settings import AnnounceConfig, parse_announce
+from halb.control.pysyncobj_compat import last_log_entry
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.025
+TICK_ERROR_LOG_EVERY_S = 30.0  # a persistently failing tick callback logs an error this often
 
 
 @dataclass
@@ -70,6 +73,9 @@ class Announcement:
         self._results: list[_Result] = []
         self._last_log: tuple[int, int] | None = None
         self._log_changed_at = 0.0          # written by the tick thread (a float: atomic)
+        self._log_tracking_failed = False   # written by the tick thread (a bool: atomic)
+        self._tick_failures = 0             # tick thread only
+        self._tick_error_logged_at = -TICK_ERROR_LOG_EVERY_S
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -172,25 +178,38 @@ class Announcement:
         """pysyncobj tick thread, after message processing: note when our log last changed
         while we were not leader (see LeaseKeeper.on_log_changed).
 
-        Reads pysyncobj's private log (pinned 0.3.x); if that ever fails we note every
-        non-leader tick instead, which degrades to waiting from the election: safe, slower.
+        If this fails (including pysyncobj internals changing under
+        :func:`~halb.control.pysyncobj_compat.last_log_entry`), a log change may go
+        unnoted, and the successor's shortened wait would rest on a stale time: so a
+        failure switches the keeper to the full wait and is logged as an error. Only a
+        later successful tick that compares the log with the last entry it saw (any tick
+        but a leader's return on its own-term entry) ends that: it notes any change it
+        missed, at a time no earlier than the change. The order of the two writes matters
+        (see :meth:`_step`): time first, then the flag.
         """
         try:
             st = self.raft.raft_status()
-            try:
-                entry = self.raft._SyncObj__raftLog[-1]
-                last = (int(entry[1]), int(entry[2]))
-            except Exception:
-                last = None
+            last = last_log_entry(self.raft)
             # our own appends as leader carry the current term; anything else is foreign
-            if st.state == "leader" and (last is None or last[1] == st.term):
+            if st.state == "leader" and last[1] == st.term:
                 self._last_log = last
                 return
-            if last is None or last != self._last_log:
+            if last != self._last_log:
                 self._last_log = last
                 self._log_changed_at = self.clock()
+            if self._log_tracking_failed:
+                self._log_tracking_failed = False
+                log.warning("lease: Raft log tracking works again after %d failed ticks; "
+                            "the shortened successor wait applies again", self._tick_failures)
+                self._tick_failures = 0
         except Exception:  # never break the tick thread
-            log.debug("tick callback failed", exc_info=True)
+            self._log_tracking_failed = True
+            self._tick_failures += 1
+            now = time.monotonic()
+            if self._tick_failures == 1 or now - self._tick_error_logged_at >= TICK_ERROR_LOG_EVERY_S:
+                self._tick_error_logged_at = now
+                log.error("lease: Raft log tracking failed (%d ticks so far); a successor falls back "
+                          "to the full wait from its election", self._tick_failures, exc_info=True)
 
     # ---- the loop -------------------------------------------------------------------
     async def _run(self) -> None:
@@ -214,7 +233,11 @@ class Announcement:
         return st.state == "leader" and st.leader == st.self_addr
 
     async def _step(self) -> None:
+        # the flag before the time: the tick thread writes the time before it clears the
+        # flag, so "not failed" here guarantees the time read next is the noted one
+        tracking_failed = self._log_tracking_failed
         self.keeper.on_log_changed(self._log_changed_at)
+        self.keeper.set_log_tracking_failed(tracking_failed)
         now = self.clock()
         if self.keeper.set_leader(self._is_leader(), now):
             log.info("lease: %s (local epoch %d)", "leader: renewing" if self.keeper.leader else "not leader",
@@ -438,6 +461,7 @@ class Announcement:
             "handover": k.handover,
             "held_for_s": round(now - self.held_since, 3) if self.held_since is not None else None,
             "lease_s": k.params.lease_s,
+            "log_tracking": ("failed: full successor wait" if k.log_tracking_failed else "ok") if k.track_log else None,
             "dns": self.dns.stats if self.dns is not None else None,
         }
 

@@ -159,10 +159,6 @@ class _Table(Table):
         super().__init__(file, prefix, data, DrillError)
 
 
-def _check_type(t: Table, name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
-    return t.check(name, value, kind)
-
-
 def load_drill(path: str | os.PathLike[str]) -> Drill:
     file = Path(path)
     raw = read_toml(file, DrillError)

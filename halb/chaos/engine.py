@@ -400,8 +400,9 @@ class DrillRun:
         if act in ("partition-balancer", "heal-balancer"):
             cut = act == "partition-balancer"
             if not cut and a["target"] == "all":
-                msgs = [await self._call(tg.partition, n, False) for n in list(tg.apis)
-                        if n in self._partitioned or True]
+                # every node, not just those in self._partitioned: a cut from an earlier,
+                # aborted run must be healed too
+                msgs = [await self._call(tg.partition, n, False) for n in list(tg.apis)]
                 self._partitioned.clear()
                 self._close_fault("partition:*")
                 return "; ".join(msgs)
@@ -605,6 +606,7 @@ class DrillRun:
             "phases": self.phases,
             "events": sorted(self.events + self.monitor.audit, key=lambda e: e["t"]),
             "timeline": {"buckets": bks, "samples": self.monitor.samples},
+            "monitor": {"poll_failures": self.monitor.failures_report()},
             "ledger": self.ledger.to_dict() if self.ledger else None,
             "requests": shifted,
         }

@@ -5,11 +5,17 @@ shows as unreachable, which is itself information), every ~200 ms one answering 
 (preferably the leader) for backend verdicts, and every ~500 ms for new audit events.
 Changes (leader, VIP holder, verdicts, reachability) are recorded as timeline events; the
 latest readings answer the engine's wait-until conditions and steady-state probes.
+
+Field names are the real ones of ``GET /v1/status`` (halb/node.py ``status_view``, its
+``announce`` part from halb/announce/manager.py ``Announcement.status``) and of the
+backends view; a reply without them is a polling failure, not a guess. Every polling
+failure (no answer, HTTP error, unexpected reply, a bug in a poll) is counted in
+:attr:`Monitor.poll_failures` and goes into the drill report: a drill whose monitor could
+not see the cluster must say so rather than show a quiet timeline.
 """
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -29,18 +35,46 @@ class NodeView:
 
 
 def _vip_held(status: dict[str, Any]) -> bool | None:
-    """Whether a node says it holds the VIP; None if it runs no VIP (the field shapes VIP mode may use)."""
-    ann = status.get("announce") or status.get("vip")
-    if isinstance(ann, dict):
-        if ann.get("mode") not in (None, "vip"):
-            return None
-        for key in ("holder", "held", "holding", "vip_held"):
-            if key in ann:
-                v = ann[key]
-                return bool(v) if isinstance(v, bool) else v == status.get("node")
-    if "vip_held" in status:
-        return bool(status["vip_held"])
-    return None
+    """Whether a node says it holds the VIP; None if it runs no VIP (announce mode none/dns).
+
+    ``announce.holds_vip`` is the node's own "I added the VIP" (``Announcement.holding``),
+    not the replicated lease holder: a partitioned old holder still shows the lease in its
+    stale state, but it drops the VIP itself, and that is what clients see.
+    Raises KeyError/TypeError on a reply without these fields (a polling failure).
+    """
+    ann = status["announce"]
+    if ann["mode"] != "vip":
+        return None
+    held = ann["holds_vip"]
+    if not isinstance(held, bool):
+        raise TypeError(f"announce.holds_vip is {held!r}, not a bool")
+    return held
+
+
+class PollError(Exception):
+    """One poll got no usable reply (what, for the report)."""
+
+
+@dataclass
+class PollFailure:
+    """Failures of one kind (poll, node, error) in a drill, counted rather than listed."""
+
+    poll: str        # status | backends | events
+    node: str | None
+    error: str
+    count: int
+    first_t: float
+    last_t: float
+
+
+def _node_view(st: dict[str, Any], now: float) -> NodeView:
+    """A node's /v1/status reply as a NodeView (KeyError/TypeError if fields are missing)."""
+    leader = st["leader"]
+    members = st["members"]
+    if leader and ":" in leader:  # not registered yet: leader_id() names its raft address
+        leader = next((m["id"] for m in members if m["raft"] == leader and m["id"]), leader)
+    return NodeView(True, leader, st["raft_state"], int(st["term"]), bool(st["has_quorum"]), _vip_held(st),
+                    members, now)
 
 
 class Monitor:
@@ -59,6 +93,7 @@ class Monitor:
         self.samples: list[dict[str, Any]] = []  # {"t", "leader", "vip", "verdicts", "unreachable"}
         self.audit: list[dict[str, Any]] = []
         self._event_seq = 0
+        self.poll_failures: dict[tuple[str, str | None, str], PollFailure] = {}
         self._last: dict[str, Any] = {}
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -80,23 +115,55 @@ class Monitor:
             await self._session.close()
 
     async def _loop(self, fn: Callable[[], Any], interval: float) -> None:
+        poll = fn.__name__.removeprefix("_poll_")
         while True:
             try:
                 await fn()
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                pass
+            except Exception as exc:  # keep polling, but the report must show it
+                self.record_failure(poll, None, f"poll raised {exc!r}")
             await asyncio.sleep(interval)
 
-    async def _get(self, api: str, path: str, timeout: float = 0.5) -> dict[str, Any] | None:
+    def record_failure(self, poll: str, node: str | None, error: str) -> None:
+        now = round(self.clock(), 3)
+        key = (poll, node, error)
+        f = self.poll_failures.get(key)
+        if f is None:
+            self.poll_failures[key] = PollFailure(poll, node, error, 1, now, now)
+            self._emit({"t": now, "kind": "monitor.poll_failed", "poll": poll, "node": node, "error": error})
+        else:
+            f.count += 1
+            f.last_t = now
+
+    def failures_report(self) -> list[dict[str, Any]]:
+        """Polling failures for the drill report, most frequent first."""
+        return [vars(f).copy() for f in sorted(self.poll_failures.values(), key=lambda f: (-f.count, f.first_t))]
+
+    async def _get(self, api: str, path: str, timeout: float = 0.5) -> dict[str, Any]:
+        """The JSON object at ``path``; PollError (with a short reason) for anything else."""
         assert self._session is not None
         try:
             async with self._session.get(f"http://{api}{path}", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 if r.status != 200:
-                    return None
-                return await r.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError):
+                    raise PollError(f"HTTP {r.status}")
+                data = await r.json()
+        except asyncio.TimeoutError:
+            raise PollError(f"no reply within {timeout:g}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise PollError(f"unreachable ({type(exc).__name__})") from None
+        except ValueError:
+            raise PollError("reply is not JSON") from None
+        if not isinstance(data, dict):
+            raise PollError("reply is not a JSON object")
+        return data
+
+    async def _try_get(self, poll: str, node: str | None, api: str, path: str,
+                       timeout: float = 0.5) -> dict[str, Any] | None:
+        try:
+            return await self._get(api, path, timeout)
+        except PollError as exc:
+            self.record_failure(poll, node, str(exc))
             return None
 
     async def poll_once(self) -> None:
@@ -105,18 +172,16 @@ class Monitor:
 
     async def _poll_status(self) -> None:
         ids = list(self.apis)
-        results = await asyncio.gather(*(self._get(self.apis[i], "/v1/status", 0.4) for i in ids))
+        results = await asyncio.gather(*(self._try_get("status", i, self.apis[i], "/v1/status", 0.4) for i in ids))
         now = self.clock()
         for node_id, st in zip(ids, results):
-            if st is None:
-                self.views[node_id] = NodeView(reachable=False, at=now)
-            else:
-                leader = st.get("leader")
-                if leader and ":" in leader:  # not registered yet: the status names its raft address
-                    leader = next((m["id"] for m in st.get("members", []) if m.get("raft") == leader and m.get("id")),
-                                  leader)
-                self.views[node_id] = NodeView(True, leader, st.get("raft_state", "?"), st.get("term", 0),
-                                               bool(st.get("has_quorum")), _vip_held(st), st.get("members", []), now)
+            view = None
+            if st is not None:
+                try:
+                    view = _node_view(st, now)
+                except (KeyError, TypeError, ValueError) as exc:
+                    self.record_failure("status", node_id, f"unexpected /v1/status reply: {exc!r}")
+            self.views[node_id] = view or NodeView(reachable=False, at=now)
         self._sample(now)
 
     def leader_api(self) -> str | None:
@@ -132,26 +197,35 @@ class Monitor:
         api = self.leader_api()
         if api is None:
             return
-        data = await self._get(api, f"/v1/services/{self.service}/backends", 0.5)
+        node = next((k for k, a in self.apis.items() if a == api), None)
+        data = await self._try_get("backends", node, api, f"/v1/services/{self.service}/backends", 0.5)
         if data is None:
             return
-        self.backends = data.get("backends", [])
-        self.verdicts = {b["name"]: b.get("verdict", "up") for b in self.backends}
+        try:
+            backends = data["backends"]
+            verdicts = {b["name"]: b["verdict"] for b in backends}
+        except (KeyError, TypeError) as exc:
+            self.record_failure("backends", node, f"unexpected backends reply: {exc!r}")
+            return
+        self.backends, self.verdicts = backends, verdicts
         self._sample(self.clock())
 
     async def _poll_events(self, initial: bool = False) -> None:
         for node_id, api in list(self.apis.items()):
             if not self.views.get(node_id, NodeView(False)).reachable:
                 continue
-            data = await self._get(api, f"/v1/events?since={self._event_seq}&limit=500", 0.5)
+            data = await self._try_get("events", node_id, api, f"/v1/events?since={self._event_seq}&limit=500", 0.5)
             if data is None:
                 continue
-            for ev in data.get("events", []):
-                self._event_seq = max(self._event_seq, int(ev.get("seq", 0)))
-                if not initial:
-                    rec = {"t": round(self.clock(), 3), "kind": f"audit:{ev.get('kind')}",
-                           "message": ev.get("message", ""), "seq": ev.get("seq"), "at": ev.get("at")}
-                    self.audit.append(rec)
+            try:
+                for ev in data["events"]:
+                    seq = int(ev["seq"])
+                    if not initial:
+                        self.audit.append({"t": round(self.clock(), 3), "kind": f"audit:{ev['kind']}",
+                                           "message": ev["message"], "seq": seq, "at": ev["at"]})
+                    self._event_seq = max(self._event_seq, seq)
+            except (KeyError, TypeError, ValueError) as exc:
+                self.record_failure("events", node_id, f"unexpected events reply: {exc!r}")
             return
 
     # --- derived views ------------------------------------------------------------------
@@ -211,7 +285,3 @@ class Monitor:
         self.timeline.append(ev)
         if self.on_event is not None:
             self.on_event(ev)
-
-
-def now_wall() -> float:
-    return time.time()

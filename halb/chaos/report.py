@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-VERDICT_COLORS = {"up": "#3a9d23", "down": "#d62728", "held": "#ff9f1c", None: "#cccccc"}
+VERDICT_COLORS = {"up": "#3a9d23", "down": "#d62728", "held": "#ff9f1c", "pending": "#9ecae1", None: "#cccccc"}
 FAULT_COLORS = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
 
 
@@ -38,7 +38,9 @@ def write_index(results: list[dict[str, Any]], directory: Path) -> Path:
                 "requests": r["load"]["total"]["requests"] if r.get("load") else 0,
                 "client_retries": r["load"]["total"]["client_retries"] if r.get("load") else 0,
                 "p99_ms": r["load"]["total"]["p99_ms"] if r.get("load") else None,
-                "ledger": (r.get("ledger") or {}).get("intact"), "failures": r["failures"]} for r in results]
+                "ledger": (r.get("ledger") or {}).get("intact"), "failures": r["failures"],
+                "monitor_poll_failures": sum(f["count"] for f in (r.get("monitor") or {}).get("poll_failures", []))}
+               for r in results]
     (directory / "summary.json").write_text(json.dumps(summary, indent=1))
     rows = "".join(
         f"<tr class='{s['result']}'><td><a href='{html.escape(s['drill'])}.html'>{html.escape(s['drill'])}</a></td>"
@@ -139,7 +141,7 @@ def render_timeline(data: dict[str, Any], dpi: int = 80) -> bytes:
             ax_verd.barh(i, nxt[0] - t, left=t, height=0.6, color=VERDICT_COLORS.get(v, "#cccccc"))
     ax_verd.set_yticks(range(len(backends)))
     ax_verd.set_yticklabels(backends)
-    ax_verd.set_ylabel("verdict\n(green up, red down)")
+    ax_verd.set_ylabel("verdict\n(green up, red down,\nblue pending)")
     ax_verd.set_xlabel("seconds since the drill started")
 
     for j, f in enumerate(data.get("faults") or []):
@@ -201,6 +203,13 @@ def render_html(data: dict[str, Any], png: bytes) -> str:
         f"{ledger['lost_count']} lost, {ledger['duplicated_count']} duplicated, {ledger['mismatched_count']} mismatched; "
         f"{ledger['unacknowledged_stored_count']} stored without an acknowledgement (allowed)")
     failures = "".join(f"<li>{esc(f)}</li>" for f in d["failures"]) or "<li>none</li>"
+    poll_failures = (d.get("monitor") or {}).get("poll_failures") or []
+    polls = "".join(f"<tr><td>{esc(f['poll'])}</td><td>{esc(f['node'] or '-')}</td><td>{esc(f['error'])}</td>"
+                    f"<td>{f['count']}</td><td>{f['first_t']:.2f} - {f['last_t']:.2f}</td></tr>" for f in poll_failures)
+    polls_html = ("<h2>Monitor polling failures</h2><p>The monitor could not read the cluster's own view at these "
+                  "times (a dead or partitioned node shows here too); the leader/VIP/verdict panels have gaps "
+                  "there.</p><table><tr><th>poll</th><th>node</th><th>error</th><th>count</th><th>t (s)</th></tr>"
+                  f"{polls}</table>") if poll_failures else "<p>Monitor: every poll answered.</p>"
     img = base64.b64encode(png).decode()
     return f"""<!doctype html><meta charset=utf-8><title>{esc(d['drill']['title'])}</title>{_STYLE}
 <h1>{esc(d['drill']['title'])} <span class={'ok' if d['result'] == 'passed' else 'bad'}>{d['result'].upper()}</span></h1>
@@ -212,6 +221,7 @@ clients: {esc(d['load']['client_mode'])} {esc(', '.join(d['load']['client_addres
 {total['client_retries']} needed a client retry (next balancer), p50 {total['p50_ms']:.1f} ms, p99 {total['p99_ms']:.1f} ms,
 max {total['max_ms']:.0f} ms. Served by {esc(json.dumps(total['served_by']))}. Errors: {esc(json.dumps(total['error_kinds']))}.</p>
 <p>Ledger: <b>{esc(ledger_text)}</b></p>
+{polls_html}
 <img alt="timeline" style="max-width:100%" src="data:image/png;base64,{img}">
 {hyp}
 <h2>Method and rollbacks</h2><table><tr><th>t (s)</th><th>step</th><th>action</th><th>status</th><th>detail</th></tr>{steps}</table>

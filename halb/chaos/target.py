@@ -511,9 +511,3 @@ def _peers_toml(peers: list[str]) -> str:
 
 def _peers_line(spec: ClusterSpec, node: NodeSpec) -> str:
     return _peers_toml([n.raft for n in spec.nodes if n.id != node.id])
-
-
-def token_from(token_file: str | None) -> str:
-    from halb.api.client import read_token
-
-    return read_token(token_file)

@@ -43,6 +43,8 @@ def list_(ctx: click.Context, service: str | None, as_json: bool) -> None:
 
 
 def _verdict(r: dict) -> str:
+    if r.get("verdict") == "pending":  # no majority has reported a check yet: no age to show
+        return "pending"
     since = r.get("verdict_since")
     ago = f" {max(0, time.time() - since):.0f}s" if since else ""
     if r.get("verdict") == "held" and r.get("hold_until"):

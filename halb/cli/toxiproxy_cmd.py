@@ -6,6 +6,7 @@ next to the balancers and drive it through the Toxiproxy HTTP API.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
@@ -14,13 +15,36 @@ import sys
 import click
 
 
+def exposure_warning(host: str) -> str | None:
+    """The warning for an API address other hosts may reach, None for a loopback one.
+
+    The API has no authentication (neither has Toxiproxy's): whoever reaches it can create
+    a proxy from any port of this machine to any address, i.e. an open relay. Names other
+    than "localhost" are not resolved here, so they are warned about too.
+    """
+    h = host.strip().strip("[]")
+    if h.lower() == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(h).is_loopback:
+            return None
+    except ValueError:
+        pass
+    where = "every interface" if h in ("", "0.0.0.0", "::") else host
+    return (f"WARNING: the fault proxy API listens on {where}. It has no authentication: anyone who "
+            f"reaches {host or '*'}:PORT can create proxies from this machine to any address (an open "
+            f"relay) and cut or slow every link it proxies. Use --host 127.0.0.1 unless this network "
+            f"is isolated.")
+
+
 @click.group()
 def toxiproxy() -> None:
     """Toxiproxy-compatible fault proxy (HTTP API on port 8474 by default)."""
 
 
 @toxiproxy.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address for the HTTP API.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address for the HTTP API. It has no authentication: keep it on loopback.")
 @click.option("--port", default=8474, show_default=True, type=click.IntRange(0, 65535),
               help="Port for the HTTP API (0 = any free port).")
 @click.option("--config", "config", default=None, type=click.Path(dir_okay=False, exists=True),
@@ -34,6 +58,9 @@ def serve(host: str, port: int, config: str | None, port_file: str | None, log_l
     level = "warning" if log_level.lower() == "warn" else log_level.lower()
     logging.basicConfig(stream=sys.stderr, level=level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warning = exposure_warning(host)
+    if warning:  # loudly, before binding, and whatever the log level
+        click.secho(warning, err=True, fg="red", bold=True)
     from halb.aio import loop_factory
 
     with asyncio.Runner(loop_factory=loop_factory()) as runner:

@@ -69,8 +69,3 @@ class RetryBudget:
         self._ret[i] += 1
         self._ret_sum += 1
         return True
-
-    @property
-    def retries_in_window(self) -> int:
-        self._advance()
-        return self._ret_sum

@@ -93,12 +93,6 @@ class DataPlane:
         if self._pool_supervisor is not None:
             self._pool_supervisor.send_snapshot(self._worker_snapshot())
 
-    def update_threadsafe(self, snapshot: RoutingSnapshot) -> None:
-        """`update` from another thread (e.g. a Raft apply callback): runs on the loop."""
-        if self.loop is None:
-            raise RuntimeError("DataPlane.update before start")
-        self.loop.call_soon_threadsafe(self.update, snapshot)
-
     def stats(self) -> dict[str, Any]:
         local = self.local_stats()
         if self._pool_supervisor is None:

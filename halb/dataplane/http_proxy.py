@@ -1104,14 +1104,6 @@ class HttpClientConn(asyncio.Protocol):
         ex.close_after = True
         return out
 
-    def response_body(self, ex: Exchange, body: bytes) -> None:
-        if self.closed:
-            return
-        if ex.out_mode == OUT_CHUNKED:
-            self._w(b"%x\r\n%b\r\n" % (len(body), body))
-        else:
-            self._w(body)
-
     def response_done(self, up: UpstreamConn, ex: Exchange, reusable: bool) -> None:
         if ex.out_mode == OUT_CHUNKED and not self.closed:
             self._w(b"0\r\n\r\n")

@@ -148,13 +148,12 @@ class HealthManager:
             if not settled:
                 continue
             mine = replicated.get(f"{service}/{backend}")
-            cluster_up = True if mine is None else mine["up"]
-            if cluster_up == h.up:
-                continue
+            if mine is not None and mine["up"] == h.up:
+                continue  # no report yet: send the first settled result, UP too (views: "pending" until then)
             check = targets[(service, backend)][2]
             hold = self.server_hold if self.server_hold is not None else check.interval * (1 + check.jitter)
             pending.append({"service": service, "backend": backend, "up": h.up,
-                            "detail": "" if h.up else h.last_error, "server": server, "hold": hold})
+                            "detail": "" if h.up else h.last_failure, "server": server, "hold": hold})
         now = time.monotonic()
         ready: list[dict[str, Any]] = []
         for item in pending:

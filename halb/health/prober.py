@@ -9,7 +9,9 @@ Initial state: a new target is assumed UP and goes DOWN only after ``fall`` cons
 failures, the way HAProxy starts servers. Starting DOWN would make every node restart or
 config reload take all backends out of rotation for ``rise * interval``; a dead backend
 assumed up is covered by passive outlier detection in the data plane until the checks
-catch up. The assumed initial UP is not reported; the first report is the first change.
+catch up. The assumed initial UP is never a transition (``on_transition`` is not called
+for it). Until the first ``rise`` good or ``fall`` failed checks, ``confirmed`` is False:
+views show such a backend as *pending* (it is routed, but no check has vouched for it yet).
 
 Scheduling: checks of one target never overlap (the next one starts after the previous
 finished), the first check starts within ``jitter * interval`` of the target being
@@ -43,11 +45,14 @@ class BackendHealth:
     """The node's current view of one backend. ``state()`` hands out copies."""
 
     up: bool = True
+    confirmed: bool = False  # `up` rests on rise good / fall failed checks, not the initial assumption
     since_monotonic: float = field(default_factory=time.monotonic)  # when `up` last changed (or target added)
     since_wall: float = field(default_factory=time.time)
     consecutive_successes: int = 0
     consecutive_failures: int = 0
-    last_error: str = ""  # detail of the most recent failed check (kept after recovery)
+    last_error: str = ""  # detail of the most recent check if it failed; cleared by a good check
+    last_failure: str = ""  # detail of the most recent failed check (kept after recovery)
+    last_failure_wall: float | None = None  # when that check finished
     last_detail: str = ""  # detail of the most recent check, failed or not
     last_ok: bool | None = None  # None until the first check finished
     last_latency: float | None = None  # seconds, most recent check
@@ -181,11 +186,13 @@ class Prober:
         if result.ok:
             h.consecutive_successes += 1
             h.consecutive_failures = 0
+            h.last_error = ""
         else:
             h.failures_total += 1
             h.consecutive_failures += 1
             h.consecutive_successes = 0
-            h.last_error = result.detail
+            h.last_error = h.last_failure = result.detail
+            h.last_failure_wall = h.last_check_wall
         if self._on_result is not None:
             try:
                 self._on_result(key[0], key[1], result)
@@ -198,9 +205,12 @@ class Prober:
             self._transition(key, h, True,
                              f"{h.consecutive_successes} consecutive good checks, last: {result.detail}"
                              f" in {result.latency * 1000:.1f} ms")
+        elif h.up and not h.confirmed and h.consecutive_successes >= cfg.rise:
+            h.confirmed = True  # the assumed initial UP is now checked (not a transition)
 
     def _transition(self, key: TargetKey, h: BackendHealth, up: bool, detail: str) -> None:
         h.up = up
+        h.confirmed = True
         h.since_monotonic = time.monotonic()
         h.since_wall = time.time()
         h.transitions += 1

@@ -213,7 +213,13 @@ def test_two_workers_both_serve() -> None:
                 # snapshots reach the worker too: put A in maint -> both answer 503
                 dp.update(snapshot(service("shop", [BackendRoute("A", "127.0.0.1", procs[0].port, 1,
                                                                  admin_state="maint")]), version=2))
-                await asyncio.sleep(0.5)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # every worker reports running snapshot 2
+                    versions = [w["version"] for w in dp._pool_supervisor.worker_stats()]
+                    if versions and all(v == 2 for v in versions):
+                        break
+                    await asyncio.sleep(0.05)
+                assert versions and all(v == 2 for v in versions), versions
                 codes = set()
                 for _ in range(30):
                     r = await raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

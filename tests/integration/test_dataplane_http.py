@@ -64,6 +64,34 @@ async def fetch(port: int, path: str = "/", *headers: str, method: str = "GET", 
                              head_only=method == "HEAD")
 
 
+async def until(pred: Any, what: str, timeout: float = 10.0) -> None:
+    """Wait for a condition (never a fixed sleep as synchronisation)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def connects(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
+
+
+async def until_async(pred: Any, what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 def backends_of(ports: list[tuple[Origin, int]], **states: str) -> list[BackendRoute]:
     return [BackendRoute(name=o.name.decode(), host="127.0.0.1", port=p, weight=1,
                          admin_state=states.get(o.name.decode(), "active"), server=f"srv-{o.name.decode()}")
@@ -185,14 +213,21 @@ def test_slow_client_headers_timeout_and_proxy_stays_up() -> None:
         async with origins("A") as os_, dataplane(snapshot(service("web", backends_of(os_), header_timeout=0.5))) as dp:
             port = dp.bound_port("web")
             loop = asyncio.get_running_loop()
-            t0 = loop.time()
             pieces = [b"GET / HTTP/1.1\r\n"] + [b"X-Slow-%d: 1\r\n" % i for i in range(40)]
-            slow = asyncio.create_task(raw_request(port, pieces, delay=0.1, timeout=20))
-            await asyncio.sleep(0.2)
+
+            async def slow_client() -> tuple[Any, float]:
+                t0 = loop.time()
+                r = await raw_request(port, pieces, delay=0.1, timeout=20)
+                return r, loop.time() - t0
+
+            slow = asyncio.create_task(slow_client())
+            await until(lambda: dp.stats()["services"]["web"]["connections"] >= 1, "the slow client connected")
             assert (await fetch(port)).status == 200  # others are served meanwhile
-            r = await slow
+            r, took = await slow
             assert r is not None and r.status == 408
-            assert loop.time() - t0 < 4.0 + 10  # well before the client finished (4 s of dribbling)
+            # cut off by header_timeout, not by the end of the headers: sending all 40 pieces
+            # takes the client at least 39 x 0.1 s (raw_request stops sending once answered)
+            assert 0.5 <= took < 3.9, took
             assert (await fetch(port)).status == 200
 
     run(main())
@@ -251,9 +286,8 @@ def test_drain_inflight_completes_new_requests_elsewhere() -> None:
                 first = await fetch(port)
                 slow_backend = "B" if first.headers["x-backend"] == "A" else "A"
                 slow = asyncio.create_task(fetch(port, "/sleep/1.5"))
-                await asyncio.sleep(0.3)
-                st = dp.stats()["services"]["web"]["backends"][slow_backend]
-                assert st["in_flight"] == 1
+                await until(lambda: dp.stats()["services"]["web"]["backends"][slow_backend]["in_flight"] == 1,
+                            f"the slow request in flight on {slow_backend}", 1.2)  # it lasts 1.5 s
                 dp.update(snapshot(service("web", backends_of(os_, **{slow_backend: "drain"})), version=2))
                 for _ in range(10):
                     r = await fetch(port)
@@ -303,13 +337,17 @@ def test_update_adds_and_removes_listeners_and_maglev_by_header() -> None:
                 dp.update(snapshot(service("web", backends_of(os_)),
                                    service("sticky", backends_of(os_), port=p2, algorithm="maglev",
                                            hash_key="header:X-User"), version=2))
-                await asyncio.sleep(0.2)
+                await until_async(lambda: connects(p2), "the new listener accepts")
                 for user in ("alice", "bob", "carol", "dave"):
                     got = {(await fetch(p2, "/", f"X-User: {user}")).headers["x-backend"] for _ in range(5)}
                     assert len(got) == 1, (user, got)
                 dp.update(snapshot(service("sticky", backends_of(os_), port=p2, algorithm="maglev",
                                            hash_key="header:X-User"), version=3))
-                await asyncio.sleep(0.2)
+
+                async def web_closed() -> bool:
+                    return not await connects(web)
+
+                await until_async(web_closed, "the removed listener refuses connections")
                 with pytest.raises(OSError):
                     await fetch(web)
                 assert (await fetch(p2)).status == 200
@@ -364,7 +402,7 @@ def test_pipelining_head_reuse_http10_and_expect_continue() -> None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             try:
                 writer.write(b"POST /sink HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # client behaviour (a pause before the body), not a synchronisation
                 writer.write(b"abcd")
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
                 if head.startswith(b"HTTP/1.1 100"):
@@ -419,9 +457,12 @@ def test_garbage_and_truncated_requests_never_break_the_proxy() -> None:
                 await asyncio.gather(*(poke(c) for c in cases[i:i + 75]))
             r = await fetch(port)
             assert r.status == 200
-            await asyncio.sleep(2.5)  # let timeouts fire on the half-open ones
+
+            def settled() -> bool:  # the timeouts (0.5 s head, 1 s request/idle) closed the half-open ones
+                s = dp.stats()["services"]["web"]
+                return s["in_flight"] == 0 and s["connections"] == 0
+
+            await until(settled, "every poked connection closed", 10)
             assert (await fetch(port)).status == 200
-            s = dp.stats()["services"]["web"]
-            assert s["in_flight"] == 0 and s["connections"] <= 1
 
     run(main(), timeout=50)

@@ -90,7 +90,10 @@ def test_connection_limit_per_service() -> None:
             assert dp.stats()["services"]["tcp"]["rejected"] == 1
             for _, w in held:
                 w.close()
-            await asyncio.sleep(0.2)
+            deadline = asyncio.get_running_loop().time() + 10
+            while dp.stats()["services"]["tcp"]["connections"] > 0:  # the proxy saw them close
+                assert asyncio.get_running_loop().time() < deadline, dp.stats()["services"]["tcp"]
+                await asyncio.sleep(0.01)
             r4, w4 = await asyncio.open_connection("127.0.0.1", port)
             w4.write(b"b")
             assert await asyncio.wait_for(r4.readexactly(1), 10) == b"b"

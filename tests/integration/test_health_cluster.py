@@ -19,6 +19,12 @@ def routable(c, node: str, backend: str) -> bool:
     return body["services"]["checkout"]["backends"][backend]["healthy"]
 
 
+def local_state(c, node: str, backend: str) -> str:
+    """What `node`'s own checks say about `backend` (pending/up/down)."""
+    code, body = c.get(node, "/v1/services/checkout/backends")
+    return next(r for r in body["backends"] if r["name"] == backend)["local"]["state"]
+
+
 def backend_row(c, name: str, node: str | None = None) -> dict:
     return next(r for r in c.cli_json("backend", "list", node=node) if r["name"] == name)
 
@@ -71,11 +77,12 @@ def test_one_balancer_losing_its_path_does_not_take_backend_out(cluster_factory,
     wait_until(lambda: routable(c, "n1", "B"), 10)
     fault_proxy.set_enabled("n1-to-B", False)
     wait_until(lambda: not routable(c, "n1", "B"), 5, 0.05, "n1 routes around B")
-    wait_until(lambda: backend_row(c, "B")["observations"]["n1"] == "down", 5, 0.1, "n1's observation reported")
-    time.sleep(1.5)
+    # every node has reported (n2 and n3 their first settled UP); the verdict is computed in
+    # the same apply as each observation, so it is final for these reports
+    wait_until(lambda: backend_row(c, "B")["observations"] == {"n1": "down", "n2": "up", "n3": "up"}, 8, 0.1,
+               "n1 reported B down, n2 and n3 reported it up")
     row = backend_row(c, "B")
     assert row["verdict"] == "up"
-    assert row["observations"] == {"n1": "down", "n2": "up", "n3": "up"}
     assert routable(c, "n2", "B") and routable(c, "n3", "B")
     # n1's own traffic avoids B, and no request through n1 fails
     import urllib.request
@@ -130,8 +137,10 @@ def test_flapping_backend_is_held_down(cluster_factory, fault_proxy):
     row = backend_row(c, "B")
     assert row["verdict"] == "held" and row["hold_until"] > time.time()
     assert "held" in c.cli("backend", "list").stdout
-    # while held, no node routes to B even though it answers again
-    time.sleep(1.0)
+    # while held, no node routes to B even though every node's own checks see it up again
+    for n in NODES:
+        wait_until(lambda n=n: local_state(c, n, "B") == "up", 5, 0.05, f"{n}'s checks see B up")
+    assert backend_row(c, "B")["verdict"] == "held"
     assert not any(routable(c, n, "B") for n in NODES)
 
 
@@ -148,5 +157,59 @@ def test_verdict_survives_leader_failover(cluster_factory):
     assert new_leader != leader
     code, body = c.get(new_leader, "/v1/services/checkout/backends/C")
     assert body["backend"]["verdict"] == "down"
-    time.sleep(1.0)  # the new leader recomputes liveness: still DOWN (2 of 2 live observe it down)
+    # the new leader recomputes liveness: the dead node stops voting, and C stays DOWN
+    # (2 of 2 live voters observe it down)
+    wait_until(lambda: set(backend_row(c, "C", new_leader)["observations"]) == set(survivors), 10, 0.1,
+               "voters are the survivors")
     assert c.get(new_leader, "/v1/services/checkout/backends/C")[1]["backend"]["verdict"] == "down"
+
+
+def test_new_backend_is_pending_until_checked_and_a_recovered_one_shows_no_stale_error(cluster_factory):
+    """A new backend on a closed port read "up" from all three nodes beside "connect failed"
+    until `fall` checks completed; a recovered backend kept showing its old error."""
+    from halb.api.client import Client
+    from tests.conftest import free_port
+
+    c = cluster_factory(run_backends=True)
+    host = c.spec_of("n1").host
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens here
+    # jitter 0: the first check runs at once, the second only 30 s later; in between each
+    # node has exactly one failed check (fall 2): deterministic, no race with the checks
+    Client(c.apis, c.token).post("/v1/services", {
+        "name": "slow", "listen": f"{host}:{free_port(host)}", "backends": [{"name": "X", "address": closed}],
+        "options": {"health": {"kind": "tcp", "interval": 30, "jitter": 0, "timeout": 0.5, "rise": 2, "fall": 2}}})
+
+    def row(node: str, svc: str, name: str) -> dict:
+        code, body = c.get(node, f"/v1/services/{svc}/backends")
+        assert code == 200, body
+        return next(r for r in body["backends"] if r["name"] == name)
+
+    for n in NODES:
+        wait_until(lambda n=n: (row(n, "slow", "X")["local"] or {}).get("last_error"), 10, 0.05,
+                   f"{n} checked X once")
+        # every node a voter (the leader's liveness view can lag a moment after start-up)
+        wait_until(lambda n=n: set(row(n, "slow", "X")["observations"]) == set(NODES), 10, 0.05, "3 voters")
+    for n in NODES:
+        r = row(n, "slow", "X")
+        assert r["verdict"] == "pending", r
+        assert r["observations"] == {"n1": "pending", "n2": "pending", "n3": "pending"}
+        assert r["local"]["state"] == "pending" and r["local"]["checks"] == 1
+        assert r["local"]["last_error"].startswith("connect failed")
+        # routing is unchanged: like HAProxy, an unchecked backend is routed until checks fail
+        assert c.get(n, "/v1/dataplane")[1]["services"]["slow"]["backends"]["X"]["healthy"] is True
+    table = c.cli("backend", "list", "--service", "slow").stdout
+    assert "pending" in table and "n1=pending,n2=pending,n3=pending" in table
+
+    # recovery: the error of the last failed check moves to last_failure
+    wait_until(lambda: row("n1", "checkout", "C")["observations"] == {"n1": "up", "n2": "up", "n3": "up"}, 15, 0.1,
+               "every node reported C up")
+    assert row("n1", "checkout", "C")["verdict"] == "up"
+    killed = time.time()
+    c.backends["C"].signal(signal.SIGKILL)
+    wait_until(lambda: row("n1", "checkout", "C")["local"]["state"] == "down", 10, 0.05, "n1 sees C down")
+    assert row("n1", "checkout", "C")["local"]["last_error"].startswith("connect failed")
+    c.start_backend("C")
+    wait_until(lambda: row("n1", "checkout", "C")["local"]["state"] == "up", 10, 0.05, "n1 sees C up again")
+    local = row("n1", "checkout", "C")["local"]
+    assert local["last_error"] is None and local["last_check_ok"] is True
+    assert local["last_failure"].startswith("connect failed") and local["last_failure_at"] >= killed

@@ -135,7 +135,8 @@ def test_http_backend_goes_down_after_fall_and_comes_back_after_rise() -> None:
             took = await rec.wait_for(lambda: len(rec.events) >= 2, 10)
             assert took <= cfg.interval * (1 + cfg.jitter) * cfg.rise + SLACK
             assert rec.events[1][2] is True and prober.state("shop", "A").up
-            await asyncio.sleep(cfg.interval * 3)
+            checks = prober.state("shop", "A").checks_total
+            await wait_until(lambda: prober.state("shop", "A").checks_total >= checks + 3, 10)  # 3 more good checks
             assert [e[2] for e in rec.events] == [False, True]  # transitions only, once each
             assert len(latencies) == prober.state("shop", "A").checks_total
         finally:
@@ -290,7 +291,6 @@ def test_removing_a_target_stops_its_loop() -> None:
         be = FakeBackend()
         port = await be.start()
         prober = Prober(lambda *a: None)
-        cfg = CheckConfig(**FAST)  # type: ignore[arg-type]
         keep = CheckConfig(**{**FAST, "path": "/keep"})  # type: ignore[arg-type]
         gone = CheckConfig(**{**FAST, "path": "/gone"})  # type: ignore[arg-type]
         try:
@@ -300,12 +300,13 @@ def test_removing_a_target_stops_its_loop() -> None:
             with pytest.raises(KeyError):
                 prober.state("shop", "gone")
             assert set(prober.targets()) == {("shop", "keep")}
-            await asyncio.sleep(0.1)  # let an in-flight request (if any) land
+            # a /gone request in flight at removal lands within a check or two of /keep's
+            keep_hits = len(be.paths_hit("/keep"))
+            await wait_until(lambda: len(be.paths_hit("/keep")) >= keep_hits + 2, 10)
             gone_hits = len(be.paths_hit("/gone"))
             keep_hits = len(be.paths_hit("/keep"))
-            await asyncio.sleep(cfg.interval * 4)
+            await wait_until(lambda: len(be.paths_hit("/keep")) >= keep_hits + 4, 10)  # 4 more intervals
             assert len(be.paths_hit("/gone")) == gone_hits
-            assert len(be.paths_hit("/keep")) > keep_hits
             # unchanged set_targets does not restart loops
             tasks_before = dict(prober._tasks)
             prober.set_targets({("shop", "keep"): ("127.0.0.1", port, keep)})

@@ -134,12 +134,13 @@ def test_killing_every_instance_of_a_server_is_one_event_and_no_client_errors(cl
     wait_until(lambda: set(verdicts(c).values()) == {"up"}, 15, 0.2, "all up")
     since = c.status("n1")["last_event"]
     with Load(c, rate_per_thread=30) as load:
-        time.sleep(1.0)
+        wait_until(lambda: load.ok >= 30, 10, 0.05, "load flowing before the kill")
         for name in ("A", "A2"):
             c.backends[name].signal(signal.SIGKILL)
         wait_until(lambda: verdicts(c)["A"] == "down" and verdicts(c)["A2"] == "down", 15, 0.2, "S1 down")
         wait_until(lambda: report(c)["servers_down"] == ["S1"], 10, 0.2, "report shows S1 down")
-        time.sleep(1.0)
+        after = load.ok
+        wait_until(lambda: load.ok >= after + 30, 10, 0.05, "load served after S1 is down")
     assert load.ok > 50 and load.errors == [], load.errors[:5]
     events = [e for e in c.cli_json("events", "--limit", "500") if e["seq"] > since]
     server_events = [e for e in events if e["kind"] == "server.down"]

@@ -174,3 +174,24 @@ def test_serve_reports_port_in_use(echo: TcpServer) -> None:
                             capture_output=True, timeout=30)
     assert result.returncode != 0
     assert b"Traceback" not in result.stderr
+
+
+def test_serve_warns_loudly_when_the_api_is_not_on_loopback() -> None:
+    """192.0.2.1 (TEST-NET-1) is not an address of this machine: the bind fails, so nothing is
+    exposed, but the warning comes first."""
+    result = subprocess.run([sys.executable, "-m", "halb", "toxiproxy", "serve", "--host", "192.0.2.1",
+                             "--port", "0"], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "WARNING" in result.stderr and "no authentication" in result.stderr and "open relay" in result.stderr
+    assert result.stderr.index("WARNING") < result.stderr.index("Error")
+
+
+def test_exposure_warning_only_for_non_loopback_hosts() -> None:
+    from halb.cli.toxiproxy_cmd import exposure_warning
+
+    for host in ("127.0.0.1", "127.3.2.1", "::1", "[::1]", "localhost"):
+        assert exposure_warning(host) is None, host
+    for host in ("0.0.0.0", "::", "", "10.1.2.3", "192.0.2.1", "proxy.example"):
+        w = exposure_warning(host)
+        assert w is not None and "open relay" in w, host
+    assert "every interface" in exposure_warning("0.0.0.0")  # type: ignore[operator]

@@ -229,9 +229,105 @@ def test_no_garp_after_the_lease_is_gone() -> None:
         task = asyncio.create_task(ann._garp())
         await asyncio.sleep(0)
         clock.t += 10.0                         # "frozen": the lease is long over
-        await asyncio.sleep(0.6)                # the repeat timer fires on resume
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        # the repeat timer fires on resume (0.5 s), finds the lease gone and ends the loop
+        await asyncio.wait_for(task, 5)
     log.clear()
     asyncio.run(go())
     assert log.count("garp") <= 1               # at most the round already under way
+
+
+class TickRaft(FakeRaft):
+    """FakeRaft with a Raft log (pysyncobj's private journal, read via pysyncobj_compat) and
+    a status read that can fail in the tick callback only."""
+
+    def __init__(self, log: list[str]) -> None:
+        super().__init__(log)
+        setattr(self, "_SyncObj__raftLog", [(b"", 1, 1)])
+        self.tick_status_broken = False
+
+    def append(self, index: int, term: int) -> None:
+        getattr(self, "_SyncObj__raftLog").append((b"x", index, term))
+
+
+def make_tracking() -> tuple[Announcement, TickRaft, FakeVip, FakeClock]:
+    log: list[str] = []
+    clock = FakeClock()
+    raft = TickRaft(log)
+    raft.leader = False
+    vip = FakeVip(log, clock)
+    cfg = parse_announce({"mode": "vip", "vip": "10.0.0.1", "interface": "eth0", "set_arp_sysctls": False,
+                          "garp_refresh_after_s": 0, "garp_repeat_s": 0})
+    ann = Announcement("n1", raft, cfg, clock=clock, vip=vip)
+    ann.keeper.track_log = True  # what start() does when the raft has addOnTickCallback
+    return ann, raft, vip, clock
+
+
+def tick(ann: Announcement, raft: TickRaft) -> None:
+    if raft.tick_status_broken:
+        orig = raft.raft_status
+        raft.raft_status = lambda: (_ for _ in ()).throw(RuntimeError("status unavailable"))  # type: ignore[method-assign]
+        try:
+            ann._on_tick()
+        finally:
+            raft.raft_status = orig  # type: ignore[method-assign]
+    else:
+        ann._on_tick()
+
+
+def test_log_change_noted_by_the_tick_shortens_the_wait() -> None:
+    ann, raft, vip, clock = make_tracking()
+    drive(ann, clock, 5.0)                     # follower; keeper created at 100.0
+    raft.append(2, 1)
+    tick(ann, raft)                            # noted at 105.0
+    clock.t = 110.0
+    raft.leader = True                         # won at 110.0: 105 + 1.58 is long past
+    drive(ann, clock, 0.1)
+    assert vip.present and ann.status()["log_tracking"] == "ok"
+
+
+def test_failed_tick_falls_back_to_the_full_wait_and_logs_an_error(caplog) -> None:
+    """The tick that should have noted the old leader's last entry failed: the wait must
+    run from the election (the safe rule), and the failure is an ERROR, not a DEBUG line."""
+    ann, raft, vip, clock = make_tracking()
+    tick(ann, raft)                            # log (1, 1) noted at 100.0
+    drive(ann, clock, 5.0)
+    raft.append(2, 1)                          # the old holder's last renewal reaches us at 105.0 ...
+    raft.tick_status_broken = True
+    with caplog.at_level("ERROR", logger="halb.announce.manager"):
+        tick(ann, raft)                        # ... but the tick callback fails
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert "full wait" in caplog.records[0].getMessage() and caplog.records[0].exc_info
+    raft.tick_status_broken = False
+    clock.t = 110.0
+    raft.leader = True                         # won at 110.0
+    tick(ann, raft)                            # a leader tick proves nothing about what was missed
+    drive(ann, clock, 1.5)
+    assert not vip.present                     # 110.0 + 1.58 not reached (old code: held at once)
+    assert ann.status()["log_tracking"].startswith("failed")
+    drive(ann, clock, 0.2)
+    assert vip.present
+
+
+def test_a_successful_follower_tick_ends_the_fallback(caplog) -> None:
+    ann, raft, vip, clock = make_tracking()
+    tick(ann, raft)
+    raft.tick_status_broken = True
+    for _ in range(3):
+        tick(ann, raft)
+    raft.tick_status_broken = False
+    raft.append(2, 1)
+    clock.t = 105.0
+    with caplog.at_level("WARNING", logger="halb.announce.manager"):
+        tick(ann, raft)                        # follower tick: notes the change at 105.0
+    assert "after 3 failed ticks" in caplog.text
+    drive(ann, clock, 0.025)
+    assert not ann.keeper.log_tracking_failed and ann.keeper.seen_at == 105.0
+
+
+def test_repeated_tick_failures_log_one_error_not_one_per_tick(caplog) -> None:
+    ann, raft, vip, clock = make_tracking()
+    raft.tick_status_broken = True
+    with caplog.at_level("ERROR", logger="halb.announce.manager"):
+        for _ in range(100):
+            tick(ann, raft)
+    assert len(caplog.records) == 1

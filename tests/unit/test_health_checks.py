@@ -132,7 +132,7 @@ def test_hysteresis_reports_transitions_only() -> None:
         await _run_until_calls(prober, len(script) + 3)
         await prober.stop()
         st = prober.state("shop", "A")
-        assert st.up and st.transitions == 2 and st.last_error == "bad #10"
+        assert st.up and st.transitions == 2 and st.last_error == "" and st.last_failure == "bad #10"
 
     asyncio.run(main())
     assert [(s, b, up) for s, b, up, _ in events] == [("shop", "A", False), ("shop", "A", True)]
@@ -177,3 +177,68 @@ def test_config_change_keeps_verdict_and_bad_targets_rejected() -> None:
 
     asyncio.run(main())
     assert len(events) == 1  # no spurious UP from the restart
+
+
+class FedProber(Prober):
+    """A Prober whose checks return results the test hands in one by one."""
+
+    def __init__(self, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.results: asyncio.Queue[CheckResult] = asyncio.Queue()
+
+    async def _check_once(self, host: str, port: int, cfg: CheckConfig) -> CheckResult:
+        return await self.results.get()
+
+    async def feed(self, ok: bool, detail: str) -> None:
+        before = self.state("shop", "A").checks_total
+        await self.results.put(CheckResult(ok=ok, latency=0.001, detail=detail, at=1000.0 + before))
+        for _ in range(1000):
+            if self.state("shop", "A").checks_total > before:
+                return
+            await asyncio.sleep(0.002)
+        raise AssertionError("the check result was not recorded")
+
+
+@pytest.mark.timeout(30)
+def test_unconfirmed_until_rise_or_fall_and_errors_clear_on_a_good_check() -> None:
+    transitions: list[bool] = []
+
+    async def main() -> None:
+        p = FedProber(on_transition=lambda s, b, up, d: transitions.append(up))
+        p.set_targets({("shop", "A"): ("127.0.0.1", 9, CheckConfig(interval=0.01, rise=2, fall=2, jitter=0.0))})
+        st = p.state("shop", "A")
+        assert st.up and not st.confirmed and st.last_ok is None      # assumed, not checked
+        await p.feed(False, "connect failed: refused")
+        st = p.state("shop", "A")
+        assert st.up and not st.confirmed and st.last_error == "connect failed: refused"
+        await p.feed(False, "connect failed: refused #2")
+        st = p.state("shop", "A")
+        assert not st.up and st.confirmed
+        await p.feed(True, "200")
+        st = p.state("shop", "A")
+        assert not st.up                                               # rise 2: not yet
+        assert st.last_error == ""                                     # the latest check passed
+        assert st.last_failure == "connect failed: refused #2" and st.last_failure_wall == 1001.0
+        await p.feed(True, "200")
+        assert p.state("shop", "A").up and p.state("shop", "A").last_failure == "connect failed: refused #2"
+        await p.stop()
+
+    asyncio.run(main())
+    assert transitions == [False, True]
+
+
+@pytest.mark.timeout(30)
+def test_a_new_target_is_confirmed_up_after_rise_good_checks_without_a_transition() -> None:
+    transitions: list[bool] = []
+
+    async def main() -> None:
+        p = FedProber(on_transition=lambda s, b, up, d: transitions.append(up))
+        p.set_targets({("shop", "A"): ("127.0.0.1", 9, CheckConfig(interval=0.01, rise=2, fall=2, jitter=0.0))})
+        await p.feed(True, "200")
+        assert not p.state("shop", "A").confirmed
+        await p.feed(True, "200")
+        assert p.state("shop", "A").confirmed and p.state("shop", "A").up
+        await p.stop()
+
+    asyncio.run(main())
+    assert transitions == []

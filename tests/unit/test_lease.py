@@ -264,3 +264,27 @@ def test_applies_right_after_a_win_use_rafts_view() -> None:
     k.set_leader(True, 6.02)
     renew(k, 6.02, 6.05, OK_FIRST)
     assert k.wait_until() == pytest.approx(5.3 + 1.58)
+
+
+def test_failed_log_tracking_falls_back_to_the_full_wait() -> None:
+    """The tick callback that notes log changes failed: a change may be unnoted, so the
+    shortened wait (from 5.3) is not known to be safe. Wait from the election (6.0) and
+    count foreign renewals applied while leading; a successful follower tick ends it."""
+    k = LeaseKeeper(P, created_at=0.0, track_log=True)
+    k.on_log_changed(5.3)
+    k.set_log_tracking_failed(True)
+    k.set_leader(True, 6.0)
+    renew(k, 6.0, 6.04, OK_FIRST)
+    assert k.wait_until() == pytest.approx(6.0 + 1.58)
+    renew(k, 7.0, 7.03)
+    assert not k.may_hold(7.05)                # 5.3 + 1.58 has passed, 6.0 + 1.58 has not
+    k.on_renewal_applied("foreign", 6.2)       # counts again while leading
+    assert k.wait_until() == pytest.approx(6.2 + 1.58)
+    # the same history with tracking intact keeps the shortened wait
+    k2 = LeaseKeeper(P, created_at=0.0, track_log=True)
+    k2.on_log_changed(5.3)
+    k2.set_leader(True, 6.0)
+    k2.on_renewal_applied("foreign", 6.2)
+    assert k2.wait_until() == pytest.approx(5.3 + 1.58)
+    k.set_log_tracking_failed(False)
+    assert not k.log_tracking_failed and k._log_tracked()

@@ -1,0 +1,42 @@
+"""The one place that reads pysyncobj internals (pinned to 0.3.x in pyproject.toml).
+
+pysyncobj's public ``getStatus()`` reports the log length and the commit index but not the
+index and term of the *last* log entry, which the VIP lease needs: a follower notes when its
+log last changed (halb/announce/manager.py, LeaseKeeper.on_log_changed) to bound the previous
+holder's last renewal. So we read the name-mangled ``SyncObj.__raftLog``: a journal whose
+entries are ``(command, index, term)`` tuples.
+
+Every access goes through :func:`last_log_entry`, which checks the shape and raises
+:class:`PysyncobjCompatError` instead of returning something that merely looks plausible.
+tests/unit/test_pysyncobj_compat.py runs it against a real SyncObj and fails loudly if a
+pysyncobj upgrade renames the attribute or changes what the entries mean.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+_RAFT_LOG_ATTR = "_SyncObj__raftLog"
+
+
+class PysyncobjCompatError(RuntimeError):
+    """pysyncobj's internals no longer look like the 0.3.x ones this code was written for."""
+
+
+def last_log_entry(syncobj: Any) -> tuple[int, int]:
+    """``(index, term)`` of the last entry in ``syncobj``'s Raft log (never empty: pysyncobj
+    seeds it with a no-op). Raises PysyncobjCompatError if the internals changed."""
+    try:
+        journal = getattr(syncobj, _RAFT_LOG_ATTR)
+    except AttributeError:
+        raise PysyncobjCompatError(
+            f"{type(syncobj).__name__} has no {_RAFT_LOG_ATTR}: pysyncobj internals changed") from None
+    try:
+        entry = journal[-1]
+    except Exception as exc:
+        raise PysyncobjCompatError(f"cannot read the last Raft log entry: {exc!r}") from exc
+    if not (isinstance(entry, tuple) and len(entry) == 3):
+        raise PysyncobjCompatError(f"Raft log entry is not (command, index, term): {entry!r:.200}")
+    _command, index, term = entry
+    if type(index) is not int or type(term) is not int or index < 0 or term < 0:
+        raise PysyncobjCompatError(f"Raft log entry index/term are not non-negative ints: {index!r}, {term!r}")
+    return index, term
