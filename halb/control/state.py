@@ -350,7 +350,9 @@ class ClusterState:
         obs = self.observations.setdefault(key, {})
         previous = obs.get(node)
         obs[node] = {"up": up, "at": float(cmd.get("at") or 0.0), "detail": str(args.get("detail") or "")[:300]}
-        if previous is None or previous["up"] != up:
+        # a node's first report of UP confirms the initial state (the view leaves "pending"):
+        # not worth an audit event each, which at thousands of backends would flush the log
+        if (previous is None and not up) or (previous is not None and previous["up"] != up):
             self.record(cmd, "health.observed", f"{node} observes {key} {'UP' if up else 'DOWN'}"
                         + (f" ({args.get('detail')})" if args.get("detail") and not up else ""),
                         service=service, backend=name, observer=node, up=up)
