@@ -9,6 +9,7 @@ reports what the server did with its connections as one JSON line on stdout:
 - random: random bytes of random length, then wait for the server to close.
 - half:   up to `half` connections that send a length prefix and part of a frame, then stall.
 - idle:   up to `idle` connections that send nothing at all.
+- frames: framed garbage: honest and edge-case length prefixes, several frames, split sends.
 - replay: (needs --secret-file) a valid first handshake frame, then mutated/garbage frames:
           "garbage after a valid-looking handshake".
 
@@ -240,7 +241,46 @@ def attack_replay(addr: tuple[str, int], until: float, st: Stats, secret: str) -
         time.sleep(0.01)
 
 
-ATTACKS = ("huge", "random", "half", "idle", "replay")
+_EDGE_LENGTHS = (0, 1, 3, 4095, 4096, 4097, 65536, 1 << 24, (1 << 31) - 1, -1, -(1 << 31))
+
+
+def attack_frames(addr: tuple[str, int], until: float, st: Stats) -> None:
+    """Framed garbage: honest or edge-case length prefixes, several frames per connection,
+    sent whole or in small random pieces (partial frames across reads)."""
+    while time.monotonic() < until:
+        s = _connect(addr)
+        if s is None:
+            st.refused += 1
+            time.sleep(0.05)
+            continue
+        st.opened += 1
+        t0 = time.monotonic()
+        try:
+            s.settimeout(1.0)
+            stream = bytearray()
+            for _ in range(random.randint(1, 4)):
+                body = _rand(random.choice((0, 1, 31, 150, 4000, 5000, 70000)))
+                n = len(body) if random.random() < 0.5 else random.choice(_EDGE_LENGTHS)
+                stream += _PREFIX.pack(n) + body
+            i = 0
+            while i < len(stream):
+                step = len(stream) if random.random() < 0.5 else random.randint(1, 64)
+                s.sendall(stream[i:i + step])
+                st.bytes_sent += len(stream[i:i + step])
+                i += step
+            if s.recv(65536) == b"":
+                st.closed_by_server += 1
+        except socket.timeout:
+            pass  # e.g. a frame that announced more than was sent: the deadline closes it
+        except OSError:
+            st.closed_by_server += 1
+        finally:
+            st.max_open_s = max(st.max_open_s, time.monotonic() - t0)
+            s.close()
+        time.sleep(0.01)
+
+
+ATTACKS = ("huge", "random", "half", "idle", "replay", "frames")
 
 
 def run(target: str, duration: float, attacks: list[str], idle: int = 2000, half: int = 50,
@@ -253,7 +293,8 @@ def run(target: str, duration: float, attacks: list[str], idle: int = 2000, half
     stats = {name: Stats() for name in attacks}
     fns = {"huge": lambda st: attack_huge(addr, until, st), "random": lambda st: attack_random(addr, until, st),
            "half": lambda st: attack_half(addr, until, st, half), "idle": lambda st: attack_idle(addr, until, st, idle),
-           "replay": lambda st: attack_replay(addr, until, st, secret or "")}
+           "replay": lambda st: attack_replay(addr, until, st, secret or ""),
+           "frames": lambda st: attack_frames(addr, until, st)}
     threads = [threading.Thread(target=fns[name], args=(stats[name],), daemon=True) for name in attacks]
     for t in threads:
         t.start()
