@@ -289,8 +289,11 @@ class GuardedTransport(TCPTransport):
         """Count why connections were dropped; warn at most every _WARN_EVERY seconds (an
         attack must not flood the log)."""
         self._rejects[reason] = self._rejects.get(reason, 0) + 1
+        self._maybe_warn()
+
+    def _maybe_warn(self) -> None:
         now = time.monotonic()
-        if now - self._last_warn >= _WARN_EVERY:
+        if self._rejects and now - self._last_warn >= _WARN_EVERY:
             self._last_warn = now
             summary = "; ".join(f"{n} x {r}" for r, n in sorted(self._rejects.items()))
             self._rejects.clear()
@@ -330,6 +333,7 @@ class GuardedTransport(TCPTransport):
 
     def _onTick(self) -> None:
         super()._onTick()
+        self._maybe_warn()  # also report the tail of an attack that has stopped
         if not self._pending:
             return
         deadline = time.monotonic() - self._limits.auth_timeout

@@ -123,6 +123,10 @@ def test_raft_port_attacks_do_not_move_raft(cluster_factory, victim: str) -> Non
         assert held["oldest_open_at_end_s"] < AUTH_TIMEOUT + 2.0, held
     assert idle["max_concurrent"] < 2000, idle  # over the unauthenticated limit they are refused
     assert c.nodes[target].alive()
+    # the operator sees a summary, not one line per attacker connection
+    log = (c.directory / "logs" / f"{target}.log").read_text()
+    assert "raft port: dropped connections" in log
+    assert log.count("raft port: dropped connections") <= ATTACK_S / 10 + 2
 
 
 def _mode(p: Path) -> int:
