@@ -170,13 +170,12 @@ class GuardedConnection(TcpConnection):
 class GuardedServer:
     """The listening socket: a real backlog, batched accepts, and admission control."""
 
-    def __init__(self, poller: Any, host: str, port: int, *, conf: Any, limits: TransportLimits,
+    def __init__(self, poller: Any, host: str, port: int, *, conf: Any,
                  admit: Callable[[str], bool], on_new_connection: Callable[[GuardedConnection], None],
                  on_reject: Callable[[str], None]) -> None:
         self._poller = poller
         self._host, self._port = host, int(port)
         self._conf = conf
-        self._limits = limits
         self._admit = admit
         self._on_new_connection = on_new_connection
         self._on_reject = on_reject
@@ -271,7 +270,7 @@ class GuardedTransport(TCPTransport):
             host = "::" if ":" in host else "0.0.0.0"
         if host not in ("0.0.0.0", "::"):
             host = globalDnsResolver().resolve(host)
-        self._server = GuardedServer(self._syncObj._poller, host, int(port), conf=conf, limits=self._limits,
+        self._server = GuardedServer(self._syncObj._poller, host, int(port), conf=conf,
                                      admit=self._admit, on_new_connection=self._onNewIncomingConnection,
                                      on_reject=self._count_reject)
 
