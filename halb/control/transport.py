@@ -51,6 +51,8 @@ HANDSHAKE_FRAME_MAX = 4096
 LISTEN_BACKLOG = 128
 READ_BUDGET = 1 << 20  # bytes one connection may read per poll event before others get a turn
 ACCEPT_BATCH = 64  # connections accepted per poll event on the listening socket
+ACCEPT_PAUSE = 0.1  # seconds without accepting after the process ran out of descriptors/memory
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 _LENGTH = struct.Struct("i")  # pysyncobj's prefix: native signed 32-bit length
 _WARN_EVERY = 10.0  # seconds between summary warnings about rejected connections
 
@@ -181,6 +183,7 @@ class GuardedServer:
         self._on_reject = on_reject
         self._socket: socket.socket | None = None
         self._fileno: int | None = None
+        self._paused_until = 0.0
 
     def bind(self) -> None:
         sock = socket.socket(_getAddrType(self._host), socket.SOCK_STREAM)
@@ -198,7 +201,14 @@ class GuardedServer:
         self._socket, self._fileno = sock, sock.fileno()
         self._poller.subscribe(self._fileno, self._on_event, POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR)
 
+    def resume_if_due(self) -> None:
+        """Poll the listening socket again after an out-of-resources pause (tick thread)."""
+        if self._paused_until and time.monotonic() >= self._paused_until and self._fileno is not None:
+            self._paused_until = 0.0
+            self._poller.subscribe(self._fileno, self._on_event, POLL_EVENT_TYPE.READ | POLL_EVENT_TYPE.ERROR)
+
     def unbind(self) -> None:
+        self._paused_until = 0.0
         if self._fileno is not None:
             self._poller.unsubscribe(self._fileno)
             self._fileno = None
@@ -214,8 +224,13 @@ class GuardedServer:
             try:
                 sock, addr = self._socket.accept()
             except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED, errno.EMFILE,
-                                   errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EPROTO):
+                if e.errno in _OUT_OF_RESOURCES:
+                    # the socket stays readable: stop polling it for a moment instead of spinning
+                    # (pysyncobj's server unbinds for good here, leaving the node deaf to peers)
+                    self._poller.unsubscribe(descr)
+                    self._paused_until = time.monotonic() + ACCEPT_PAUSE
+                    self._on_reject(f"accept paused {ACCEPT_PAUSE:g} s: {e.strerror}")
+                elif e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED, errno.EPROTO):
                     self.unbind()
                 return
             host = str(addr[0])
@@ -332,6 +347,8 @@ class GuardedTransport(TCPTransport):
 
     def _onTick(self) -> None:
         super()._onTick()
+        if isinstance(self._server, GuardedServer):
+            self._server.resume_if_due()
         self._maybe_warn()  # also report the tail of an attack that has stopped
         if not self._pending:
             return

@@ -157,3 +157,58 @@ def test_raft_port_limit_config_defaults_and_values(tmp_path: Path):
     text = GOOD.replace("[api]", "max_frame_bytes = 8388608\nauth_timeout = 2.5\nmax_unauthenticated = 8\n[api]", 1)
     r = load_config(write(tmp_path, text)).raft
     assert (r.max_frame_bytes, r.auth_timeout, r.max_unauthenticated) == (8 << 20, 2.5, 8)
+
+
+_EMFILE_CHILD = r"""
+import resource, socket, sys, time
+from types import SimpleNamespace
+from pysyncobj.poller import createPoller
+from halb.control.transport import GuardedServer
+
+conf = SimpleNamespace(sendBufferSize=1 << 16, recvBufferSize=1 << 16, connectionTimeout=30, tcp_keepalive=None)
+poller = createPoller("auto")
+accepted, rejects = [], []
+server = GuardedServer(poller, "127.0.0.1", 0, conf=conf, admit=lambda host: True,
+                       on_new_connection=accepted.append, on_reject=rejects.append)
+server.bind()
+port = server._socket.getsockname()[1]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+hog = []
+try:
+    while True:
+        hog.append(socket.socket())  # use up every descriptor
+except OSError:
+    pass
+for s in hog[-2:]:  # room for exactly one client socket (and nothing for accept)
+    s.close()
+hog = hog[:-2]
+client = socket.create_connection(("127.0.0.1", port))
+spins = 0
+end = time.monotonic() + 0.5
+while time.monotonic() < end:
+    poller.poll(0.05)
+    spins += 1
+    server.resume_if_due()
+assert server._socket is not None, "the server unbound on EMFILE"
+assert rejects and "accept paused" in rejects[0], rejects
+assert spins < 100, f"the poll loop spun {spins} times in 0.5 s"
+for s in hog:
+    s.close()
+end = time.monotonic() + 3
+while not accepted and time.monotonic() < end:
+    server.resume_if_due()
+    poller.poll(0.05)
+assert accepted, "no accept after descriptors were freed"
+print("ok", spins)
+"""
+
+
+def test_out_of_descriptors_pauses_accepts_instead_of_unbinding_or_spinning():
+    """pysyncobj's server unbinds for good on EMFILE (the node goes deaf to reconnecting
+    peers); ours pauses accepting and resumes. A child process, so RLIMIT_NOFILE is its own."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _EMFILE_CHILD], capture_output=True, text=True, timeout=30,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stdout + proc.stderr
