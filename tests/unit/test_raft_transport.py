@@ -19,7 +19,25 @@ from pysyncobj.tcp_connection import CONNECTION_STATE, TcpConnection
 
 from halb.config import ConfigError, load_config
 from halb.control.transport import HANDSHAKE_FRAME_MAX, GuardedConnection
-from tests.unit.test_config import GOOD, write
+
+GOOD = """
+node_id = "n1"
+secret_file = "secret"
+token_file = "token"
+[raft]
+bind = "127.0.0.11:7100"
+peers = ["127.0.0.12:7100", "127.0.0.13:7100"]
+[api]
+bind = "127.0.0.11:7000"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "node.toml"
+    p.write_text(text)
+    (tmp_path / "secret").write_text("s" * 40)
+    (tmp_path / "token").write_text("t" * 40)
+    return p
 
 SECRET = "s" * 40
 
