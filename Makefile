@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration bench chaos fuzz fuzz-api lint clean
+.PHONY: venv demo test test-unit test-integration bench chaos fuzz fuzz-http fuzz-api fuzz-raft lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,14 +34,21 @@ test-integration: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
-## Fuzz (not part of `test`): the C HTTP head fast path under ASan + UBSan (60 s), then the admin API (60 s).
-fuzz: $(STAMP)
+## Fuzz targets (not part of `test`): the C HTTP head parser, the admin API and the Raft port.
+fuzz: fuzz-http fuzz-api fuzz-raft
+
+## Memory-safety fuzz of the C HTTP head fast path under ASan + UBSan (60 s).
+fuzz-http: $(STAMP)
 	$(BIN)/python tests/fuzz_fasthttp.py
-	$(BIN)/python tests/fuzz_api.py
 
 ## Random/mutated methods, paths, headers and bodies at a real node's admin API (60 s; --seconds to change).
 fuzz-api: $(STAMP)
 	$(BIN)/python tests/fuzz_api.py $(FUZZ_ARGS)
+
+## Hostile frames, prefixes, partial frames, idle floods and post-handshake garbage against one
+## node of a real 3-node cluster (60 s): no election, writes keep committing, RSS bounded.
+fuzz-raft: $(STAMP)
+	$(BIN)/python tests/fuzz_raft.py
 
 chaos: $(STAMP)
 	$(BIN)/halb chaos run chaos/drills/*.toml --cluster local

@@ -47,6 +47,12 @@ class RaftConfig:
     log_compaction_seconds: float = 300.0
     # peer raft address -> address to dial instead (a fault proxy on that link; drills)
     dial: dict[str, str] = field(default_factory=dict)
+    # Raft-port limits (halb/control/transport.py, docs/architecture.md "threat model").
+    # The largest legitimate frame is one append-entries batch (64 KiB of entries plus one
+    # entry of at most an API body, 1 MiB, before compression) or a 64 KiB snapshot chunk.
+    max_frame_bytes: int = 16 << 20
+    auth_timeout: float = 5.0  # an incoming connection must complete the handshake this fast
+    max_unauthenticated: int = 64  # handshaking connections at once (a quarter per source host)
 
 
 @dataclass
@@ -210,6 +216,14 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
     raft.append_entries_batch = raft_t.take("append_entries_batch", bool, raft.append_entries_batch)
     raft.log_compaction_entries = int(raft_t.positive("log_compaction_entries", raft.log_compaction_entries))
     raft.log_compaction_seconds = raft_t.positive("log_compaction_seconds", raft.log_compaction_seconds)
+    raft.max_frame_bytes = raft_t.take("max_frame_bytes", int, raft.max_frame_bytes)
+    if not 4 << 20 <= raft.max_frame_bytes <= (1 << 31) - 1:
+        raise raft_t.error("max_frame_bytes", "must be within [4194304, 2147483647]: a legitimate batch can reach "
+                           "~2 MiB and the length prefix is a signed 32-bit number")
+    raft.auth_timeout = raft_t.positive("auth_timeout", raft.auth_timeout)
+    raft.max_unauthenticated = raft_t.take("max_unauthenticated", int, raft.max_unauthenticated)
+    if raft.max_unauthenticated < 4:
+        raise raft_t.error("max_unauthenticated", "must be at least 4 (peers reconnect through it)")
     dial = raft_t.take("dial", dict, {})
     for peer, target in dial.items():
         for value, what in ((peer, f"dial key {peer!r}"), (target, f"dial target {target!r}")):

@@ -29,10 +29,15 @@ from pysyncobj.node import TCPNode
 
 from halb.config import RaftConfig
 from halb.control.state import Applied, ClusterState
+from halb.control.transport import GuardedTransport, TransportLimits
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT = "halb-snapshot-1"
+# The journal holds every command (audit log included): owner-only, also when an older
+# version left the directory world-readable.
+DATA_DIR_MODE = 0o700
+DATA_FILE_MODE = 0o600
 RAFT_STATES = {0: "follower", 1: "candidate", 2: "leader"}
 FAIL_NAMES = {v: k.lower() for k, v in vars(FAIL_REASON).items() if isinstance(v, int)}
 
@@ -96,9 +101,10 @@ class ReplicatedState(SyncObj):
         self._on_state_changed = on_state_changed
         self._status: RaftStatus | None = None
         self._status_lock = threading.Lock()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir = data_dir
         self.journal_path = data_dir / "raft.journal"
         self.snapshot_path = data_dir / "raft.snapshot"
+        self._tighten_modes()
         conf = SyncObjConf(
             password=password,
             bindAddress=self_addr,  # pysyncobj binds 0.0.0.0 by default: bind only what the operator named
@@ -120,8 +126,23 @@ class ReplicatedState(SyncObj):
             onStateChanged=self._state_changed,
         )
         self._node_factory = functools.partial(DialNode, dial=dict(raft.dial))
-        super().__init__(self_addr, partners, conf, nodeClass=self._node_factory)
+        limits = TransportLimits(max_frame=raft.max_frame_bytes, auth_timeout=raft.auth_timeout,
+                                 max_unauthenticated=raft.max_unauthenticated)
+        super().__init__(self_addr, partners, conf, nodeClass=self._node_factory,
+                         transportClass=GuardedTransport.with_limits(limits))
+        self._tighten_modes()  # pysyncobj has just created the journal with the umask's mode
         self.addOnTickCallback(self._refresh_status)
+
+    def _tighten_modes(self) -> None:
+        """Data dir 0700, journal/meta/snapshot 0600, whether new or left by an older version."""
+        self.data_dir.mkdir(mode=DATA_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(self.data_dir, DATA_DIR_MODE)
+        for path in (self.journal_path, self.journal_path.with_name(self.journal_path.name + ".meta"),
+                     self.snapshot_path):
+            try:
+                os.chmod(path, DATA_FILE_MODE)
+            except FileNotFoundError:
+                pass
 
     # --- the single replicated entry point ------------------------------------------
 
@@ -205,7 +226,10 @@ class ReplicatedState(SyncObj):
             },
             use_bin_type=True,
         )
-        with open(filename, "wb") as f:
+        # created 0600: pysyncobj renames this temporary file over raft.snapshot
+        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, DATA_FILE_MODE)
+        os.fchmod(fd, DATA_FILE_MODE)  # an existing temporary file keeps its old mode otherwise
+        with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
