@@ -131,6 +131,14 @@ def node_config_text(spec: ClusterSpec, node: NodeSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+def open_private_log(path: Path) -> Any:
+    """Append to a node log readable by its owner only: node logs hold the audit trail.
+    Also tightens a log that an older version created 0644."""
+    log = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+    os.fchmod(log.fileno(), 0o600)
+    return log
+
+
 def write_secret(path: Path) -> None:
     """A fresh random secret, created with mode 0600 from the start (never world-readable)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -187,8 +195,7 @@ class Child:
 
     def start(self, env: dict[str, str] | None = None) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")  # node logs hold the audit trail
-        os.fchmod(log.fileno(), 0o600)  # also a log an older version created 0644
+        log = open_private_log(self.log_path)
         self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
         log.close()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from halb.announce.sysctl import run_in_netns
+from halb.demo.launcher import open_private_log
 from halb.lab.topology import Lab, LabError
 
 RAFT_PORT = 7100
@@ -131,7 +132,7 @@ class LabCluster:
         return paths
 
     def _spawn(self, key: str, host: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        log = open(self.run_dir / "logs" / f"{key}.log", "ab")
+        log = open_private_log(self.run_dir / "logs" / f"{key}.log")
         try:
             proc = self.lab.spawn(host, argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                   start_new_session=True)
