@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from halb.dataplane import request_target
+from halb.dataplane.body_deadline import BodyClock
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.options import ServiceOptions
 from halb.dataplane.routing import BackendState, ServiceRuntime
@@ -234,7 +236,7 @@ class UpstreamConn(asyncio.Protocol):
 
     __slots__ = ("backend", "loop", "transport", "parser", "ex", "client", "final", "closed", "idle_since",
                  "read_paused", "write_paused", "max_hdr", "_close_delimited", "want_head", "hacc", "hpos",
-                 "remaining", "bypass", "ka")
+                 "remaining", "bypass", "ka", "interims")
 
     def __init__(self, backend: BackendState, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
@@ -256,6 +258,7 @@ class UpstreamConn(asyncio.Protocol):
         self.write_paused = False
         self.max_hdr = 65536
         self._close_delimited = False
+        self.interims = 0  # 1xx responses seen for the bound exchange (capped: max_interim_responses)
 
     # --- lifecycle ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -345,10 +348,12 @@ class UpstreamConn(asyncio.Protocol):
             if ex is not None:
                 self.ex = None
                 self.close()
+                cause = e if isinstance(e, Reject) else e.__context__
+                why = f"bad response: {cause.message if isinstance(cause, Reject) else e}"
                 if ex.response_started:
-                    client.upstream_broke(ex, f"bad response: {e}")  # type: ignore[union-attr]
+                    client.upstream_broke(ex, why)  # type: ignore[union-attr]
                 else:
-                    client.attempt_failed(ex, False, f"bad response: {e}")  # type: ignore[union-attr]
+                    client.attempt_failed(ex, False, why)  # type: ignore[union-attr]
         finally:
             buf = client.wbuf  # client.flush(), inlined
             client.wbuf = None
@@ -411,17 +416,23 @@ class UpstreamConn(asyncio.Protocol):
         end = acc.find(b"\r\n\r\n", self.hpos)
         if end < 0:  # llhttp accepted something that is not CRLF-delimited
             raise Reject(502, "malformed upstream response head")
+        if end + 4 - self.hpos > self.max_hdr:  # also when the whole head came in one read
+            raise Reject(502, "upstream response head too large")
         block = acc[self.hpos:end + 4]  # with the blank line
         self.hpos = end + 4
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
                 raise Reject(502, "unexpected protocol switch from upstream")
+            self.interims += 1
+            if self.interims > ex.opts.max_interim_responses:  # type: ignore[union-attr]
+                raise Reject(502, "too many interim (1xx) responses from upstream")
             self.client.interim(ex, self, block)  # type: ignore[union-attr]
             return
         self.want_head = False
         self.hacc = b""
         self.hpos = 0
+        self.interims = 0
         self.final = True
         # the final response head (HttpClientConn.response_head's work, inlined: hot path)
         client: HttpClientConn = self.client  # type: ignore[assignment]
@@ -502,6 +513,11 @@ class HttpClientConn(asyncio.Protocol):
         self.ubuf: list[bytes] | None = None  # upstream writes coalesced per client chunk
         self.ubuf_up: UpstreamConn | None = None
         self.first: bytes | None = None  # the chunk that began the request being parsed
+        self.hlist: list[bytes] = []  # forwarded header lines of the head being parsed (joined once)
+        self.hcount = 0  # header lines of the head being parsed
+        self.max_headers = 100
+        self.host_at = -1  # index of the Host line in hlist
+        self.body_clock: BodyClock | None = None  # slow-body bounds, created by the sweeper when needed
 
     # --- connection lifecycle ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -606,7 +622,8 @@ class HttpClientConn(asyncio.Protocol):
         if self.parsing is None and self.cur is None and fast_request is not None:
             # a whole bodyless request head in one read, in the C parser's strict subset
             rt = self.listener.rt
-            r = fast_request(data, rt.opts.max_header_bytes, rt.hash_header)
+            opts = rt.opts
+            r = fast_request(data, opts.max_header_bytes, rt.hash_header, opts.max_headers)
             if r is not None:
                 ex = Exchange()
                 (ex.method, ex.url, http10, ex.keep_alive, ex.hdrs, ex.host, ex.xff, ex.rid, ex.idem,
@@ -693,9 +710,13 @@ class HttpClientConn(asyncio.Protocol):
         self.in_headers = True
         self.hfed = 0
         self.hsize = 0
+        self.hcount = 0
+        self.hlist = []
+        self.host_at = -1
         self.header_start = 0.0  # stamped by the sweeper (0.25 s granularity, no clock call here)
         opts = self.listener.rt.opts
         self.max_hdr = opts.max_header_bytes
+        self.max_headers = opts.max_headers
         self.max_body = opts.max_body_bytes
         self.hash_header = self.listener.rt.hash_header
 
@@ -707,15 +728,23 @@ class HttpClientConn(asyncio.Protocol):
             raise Reject(431, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # header lines are collected in a list and joined once: `hdrs += line` copied the
+        # whole head per line (6,400 empty headers cost 68x a normal request)
         self.hsize += len(name) + len(value) + 4
+        self.hcount += 1
         if self.hsize > self.max_hdr:
             raise Reject(431, "request headers too large")
+        if self.hcount > self.max_headers:
+            raise Reject(431, "too many request headers")
         ex = self.parsing
         ln = name.lower()
         if ln in REQ_SPECIAL:
             if ln == b"host":
+                if ex.host is not None:  # type: ignore[union-attr]
+                    raise Reject(400, "more than one Host header")  # RFC 9112 3.2
                 ex.host = value  # type: ignore[union-attr]
-                ex.hdrs += b"Host: " + value + b"\r\n"  # type: ignore[union-attr]
+                self.host_at = len(self.hlist)
+                self.hlist.append(b"Host: " + value + b"\r\n")
             elif ln == b"content-length":
                 ex.content_length = int(value)  # type: ignore[union-attr]  # llhttp validated it
             elif ln == b"transfer-encoding":
@@ -726,10 +755,10 @@ class HttpClientConn(asyncio.Protocol):
                 ex.rid = value if VALID_RID.fullmatch(value) else None  # type: ignore[union-attr]
             elif ln == b"idempotency-key":
                 ex.idem = True  # type: ignore[union-attr]
-                ex.hdrs += name + b": " + value + b"\r\n"  # type: ignore[union-attr]
+                self.hlist.append(name + b": " + value + b"\r\n")
             elif ln == b"cookie":
                 ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value  # type: ignore[union-attr]
-                ex.hdrs += name + b": " + value + b"\r\n"  # type: ignore[union-attr]
+                self.hlist.append(name + b": " + value + b"\r\n")
             elif ln == b"connection":
                 toks = [t.strip().lower() for t in value.split(b",")]
                 ex.conn_tokens = (ex.conn_tokens or []) + toks  # type: ignore[union-attr]
@@ -737,7 +766,7 @@ class HttpClientConn(asyncio.Protocol):
             return
         if ln == self.hash_header:
             ex.hash_value = value  # type: ignore[union-attr]
-        ex.hdrs += name + b": " + value + b"\r\n"  # type: ignore[union-attr]
+        self.hlist.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -761,6 +790,10 @@ class HttpClientConn(asyncio.Protocol):
             ex.keep_alive = False  # type: ignore[union-attr]
         if method == b"CONNECT":
             raise Reject(405, "CONNECT is not supported")
+        hlist = self.hlist
+        if ex.host is None or ex.url[:1] != b"/":  # type: ignore[union-attr]
+            self._resolve_target(ex, hlist)  # type: ignore[arg-type]
+        ex.hdrs = b"".join(hlist)  # type: ignore[union-attr]
         if self.cur is None:
             self.start(ex)  # type: ignore[arg-type]
         else:
@@ -768,6 +801,21 @@ class HttpClientConn(asyncio.Protocol):
                 self.queue = deque()
             self.queue.append(ex)  # type: ignore[arg-type]
             self.pause(R_PIPELINE)
+
+    def _resolve_target(self, ex: Exchange, hlist: list[bytes]) -> None:
+        """No Host, or not origin-form: RFC 9112 3.2 (request_target.py); raises Reject(400)."""
+        try:
+            url, host = request_target.resolve(ex.url, ex.host, ex.version)
+        except request_target.BadTarget as e:
+            raise Reject(400, str(e)) from None
+        if host is not ex.host:  # absolute-form: its authority replaces the Host line
+            line = b"Host: " + host + b"\r\n"  # type: ignore[operator]
+            if self.host_at >= 0:
+                hlist[self.host_at] = line
+            else:
+                hlist.insert(0, line)
+        ex.url = url
+        ex.host = host
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
@@ -1063,6 +1111,9 @@ class HttpClientConn(asyncio.Protocol):
         """Forward a 1xx (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
         if ex.version != "1.1" or self.closed:
             return
+        # bytes reach the client now: from here on a failure of this attempt is answered,
+        # never retried (the client would otherwise see the interim responses of two backends)
+        ex.retryable = False
         out, _, _, _ = scan_response_head(block)
         self._w(out)
 
@@ -1217,13 +1268,19 @@ class HttpClientConn(asyncio.Protocol):
             opts: Any = ex.opts
             if not ex.response_started:
                 if not ex.body_done:
-                    if now - self.last_active > opts.idle_timeout:
+                    clock = self.body_clock
+                    if clock is None:
+                        clock = self.body_clock = BodyClock()
+                    why = clock.check(ex, now, self.read_pause != 0)
+                    if why is None and now - self.last_active > opts.idle_timeout:
+                        why = "request body not received in time"
+                    if why is not None:
                         up = ex.upstream
                         ex.upstream = None
                         if up is not None:
                             up.close()
                         self._detach_backend(ex)
-                        self.send_error(ex, 408, "request body not received in time", close=True)
+                        self.send_error(ex, 408, why, close=True)
                 elif now >= ex.deadline:
                     self.attempt_failed(ex, False, f"no response within {opts.request_timeout}s", timeout=True)
             elif now - self.last_active > opts.idle_timeout:
