@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from halb.dataplane.options import ServiceOptions
+    from halb.dataplane.request_head import HeadState
 
 
 def overdue(opts: "ServiceOptions", elapsed: float, received: int) -> str | None:
@@ -39,22 +40,13 @@ def overdue(opts: "ServiceOptions", elapsed: float, received: int) -> str | None
     return None
 
 
-class BodyClock:
-    """When the body of the connection's current request started arriving (sweeper time)."""
-
-    __slots__ = ("ex", "t0", "b0")
-
-    def __init__(self) -> None:
-        self.ex: Any = None
-        self.t0 = 0.0
-        self.b0 = 0
-
-    def check(self, ex: Any, now: float, paused: bool) -> str | None:
-        """Called by the sweeper while `ex` (an Exchange) is still receiving its body."""
-        if self.ex is not ex or paused:
-            # a new body, or the client is not being read: (re)start the measurement
-            self.b0 = 0 if self.ex is not ex else ex.body_received
-            self.ex = ex
-            self.t0 = now
-            return None
-        return overdue(ex.opts, now - self.t0, ex.body_received - self.b0)
+def check(state: "HeadState", ex: Any, now: float, paused: bool) -> str | None:
+    """Called by the sweeper while `ex` (an Exchange, `state` its connection's HeadState)
+    is still receiving its body: why to refuse it now, or None."""
+    if state.body_ex is not ex or paused:
+        # the first look at this body, or the client is not being read: (re)start measuring
+        state.body_b0 = ex.body_received if state.body_ex is ex else 0
+        state.body_ex = ex
+        state.body_t0 = now
+        return None
+    return overdue(ex.opts, now - state.body_t0, ex.body_received - state.body_b0)

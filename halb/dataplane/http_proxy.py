@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from halb.dataplane import request_target
-from halb.dataplane.body_deadline import BodyClock
+from halb.dataplane import body_deadline, request_target
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.options import ServiceOptions
+from halb.dataplane.request_head import HeadState
 from halb.dataplane.routing import BackendState, ServiceRuntime
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -495,10 +495,6 @@ class HttpClientConn(asyncio.Protocol):
         self.queue: deque[Exchange] | None = None
         self.in_headers = False
         self.hfed = 0
-        self.hsize = 0
-        self.max_hdr = 32768
-        self.max_body = 0
-        self.hash_header: bytes | None = None
         self.read_pause = 0
         self.write_paused = False
         self.active = True
@@ -513,11 +509,9 @@ class HttpClientConn(asyncio.Protocol):
         self.ubuf: list[bytes] | None = None  # upstream writes coalesced per client chunk
         self.ubuf_up: UpstreamConn | None = None
         self.first: bytes | None = None  # the chunk that began the request being parsed
-        self.hlist: list[bytes] = []  # forwarded header lines of the head being parsed (joined once)
-        self.hcount = 0  # header lines of the head being parsed
-        self.max_headers = 100
-        self.host_at = -1  # index of the Host line in hlist
-        self.body_clock: BodyClock | None = None  # slow-body bounds, created by the sweeper when needed
+        # llhttp path: the request being parsed (limits, header lines, body clock). Keep this
+        # class below 30 attributes: at 30 every attribute read got slower (request_head.py)
+        self.head: HeadState | None = None
 
     # --- connection lifecycle ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -669,7 +663,7 @@ class HttpClientConn(asyncio.Protocol):
                 up.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))  # type: ignore[union-attr]
         if self.in_headers:
             self.hfed += len(data)
-            if self.hfed > self.max_hdr + 1024:
+            if self.hfed > self.head.max_hdr + 1024:  # type: ignore[union-attr]
                 self.reject(431, "request headers too large")
 
     def reject(self, status: int, message: str) -> None:
@@ -709,43 +703,56 @@ class HttpClientConn(asyncio.Protocol):
         self.parsing = ex
         self.in_headers = True
         self.hfed = 0
-        self.hsize = 0
-        self.hcount = 0
-        self.hlist = []
-        self.host_at = -1
         self.header_start = 0.0  # stamped by the sweeper (0.25 s granularity, no clock call here)
-        opts = self.listener.rt.opts
-        self.max_hdr = opts.max_header_bytes
-        self.max_headers = opts.max_headers
-        self.max_body = opts.max_body_bytes
-        self.hash_header = self.listener.rt.hash_header
+        # one HeadState per connection, reset per request (a constructor call per request
+        # cost more than these stores); its limits are re-read only when the options change
+        h = self.head
+        rt = self.listener.rt
+        opts = rt.opts
+        if h is None or h.opts is not opts:
+            h = self.head = HeadState(opts)
+        h.lines = []
+        h.size = 0
+        h.hash_header = rt.hash_header
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
         ex.url += url  # type: ignore[union-attr]
-        self.hsize += len(url)
-        if self.hsize > self.max_hdr:
+        h = self.head
+        h.size += len(url)  # type: ignore[union-attr]
+        if h.size > h.max_hdr:  # type: ignore[union-attr]
             raise Reject(431, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # header lines are collected in a list and joined once: `hdrs += line` copied the
-        # whole head per line (6,400 empty headers cost 68x a normal request)
-        self.hsize += len(name) + len(value) + 4
-        self.hcount += 1
-        if self.hsize > self.max_hdr:
+        # Every header line takes one entry of h.lines (b"" for lines the proxy drops), joined
+        # once when the head is complete (`hdrs += line` copied the whole head per line:
+        # quadratic) and counted there for max_headers; the special headers below, whose
+        # values accumulate, are counted here already.
+        h = self.head
+        h.size += len(name) + len(value) + 4  # type: ignore[union-attr]
+        if h.size > h.max_hdr:  # type: ignore[union-attr]
             raise Reject(431, "request headers too large")
-        if self.hcount > self.max_headers:
-            raise Reject(431, "too many request headers")
         ex = self.parsing
         ln = name.lower()
+        lines = h.lines  # type: ignore[union-attr]
         if ln in REQ_SPECIAL:
             if ln == b"host":
                 if ex.host is not None:  # type: ignore[union-attr]
                     raise Reject(400, "more than one Host header")  # RFC 9112 3.2
                 ex.host = value  # type: ignore[union-attr]
-                self.host_at = len(self.hlist)
-                self.hlist.append(b"Host: " + value + b"\r\n")
-            elif ln == b"content-length":
+                lines.append(b"Host: " + value + b"\r\n")
+                return
+            if len(lines) >= h.max_headers:  # type: ignore[union-attr]
+                raise Reject(431, "too many request headers")
+            if ln == b"idempotency-key":
+                ex.idem = True  # type: ignore[union-attr]
+                lines.append(name + b": " + value + b"\r\n")
+                return
+            if ln == b"cookie":
+                ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value  # type: ignore[union-attr]
+                lines.append(name + b": " + value + b"\r\n")
+                return
+            if ln == b"content-length":
                 ex.content_length = int(value)  # type: ignore[union-attr]  # llhttp validated it
             elif ln == b"transfer-encoding":
                 ex.chunked_in = True  # type: ignore[union-attr]  # llhttp requires chunked last
@@ -753,20 +760,18 @@ class HttpClientConn(asyncio.Protocol):
                 ex.xff = value if ex.xff is None else ex.xff + b", " + value  # type: ignore[union-attr]
             elif ln == b"x-request-id":
                 ex.rid = value if VALID_RID.fullmatch(value) else None  # type: ignore[union-attr]
-            elif ln == b"idempotency-key":
-                ex.idem = True  # type: ignore[union-attr]
-                self.hlist.append(name + b": " + value + b"\r\n")
-            elif ln == b"cookie":
-                ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value  # type: ignore[union-attr]
-                self.hlist.append(name + b": " + value + b"\r\n")
             elif ln == b"connection":
                 toks = [t.strip().lower() for t in value.split(b",")]
-                ex.conn_tokens = (ex.conn_tokens or []) + toks  # type: ignore[union-attr]
+                if ex.conn_tokens is None:  # type: ignore[union-attr]
+                    ex.conn_tokens = toks  # type: ignore[union-attr]
+                else:
+                    ex.conn_tokens.extend(toks)  # type: ignore[union-attr]
             # everything else in REQ_SPECIAL is hop-by-hop or re-set by the proxy
+            lines.append(b"")
             return
-        if ln == self.hash_header:
+        if ln == h.hash_header:  # type: ignore[union-attr]
             ex.hash_value = value  # type: ignore[union-attr]
-        self.hlist.append(name + b": " + value + b"\r\n")
+        lines.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -790,10 +795,13 @@ class HttpClientConn(asyncio.Protocol):
             ex.keep_alive = False  # type: ignore[union-attr]
         if method == b"CONNECT":
             raise Reject(405, "CONNECT is not supported")
-        hlist = self.hlist
-        if ex.host is None or ex.url[:1] != b"/":  # type: ignore[union-attr]
-            self._resolve_target(ex, hlist)  # type: ignore[arg-type]
-        ex.hdrs = b"".join(hlist)  # type: ignore[union-attr]
+        h = self.head
+        lines = h.lines  # type: ignore[union-attr]
+        if len(lines) > h.max_headers:  # type: ignore[union-attr]
+            raise Reject(431, "too many request headers")
+        if ex.host is None or ex.url[0] != 47:  # type: ignore[union-attr]  # 47: "/"
+            self._resolve_target(ex, lines)  # type: ignore[arg-type]
+        ex.hdrs = b"".join(lines)  # type: ignore[union-attr]
         if self.cur is None:
             self.start(ex)  # type: ignore[arg-type]
         else:
@@ -802,25 +810,23 @@ class HttpClientConn(asyncio.Protocol):
             self.queue.append(ex)  # type: ignore[arg-type]
             self.pause(R_PIPELINE)
 
-    def _resolve_target(self, ex: Exchange, hlist: list[bytes]) -> None:
+    @staticmethod
+    def _resolve_target(ex: Exchange, lines: list[bytes]) -> None:
         """No Host, or not origin-form: RFC 9112 3.2 (request_target.py); raises Reject(400)."""
         try:
             url, host = request_target.resolve(ex.url, ex.host, ex.version)
         except request_target.BadTarget as e:
             raise Reject(400, str(e)) from None
         if host is not ex.host:  # absolute-form: its authority replaces the Host line
-            line = b"Host: " + host + b"\r\n"  # type: ignore[operator]
-            if self.host_at >= 0:
-                hlist[self.host_at] = line
-            else:
-                hlist.insert(0, line)
+            request_target.replace_host_line(lines, host)  # type: ignore[arg-type]
         ex.url = url
         ex.host = host
 
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         ex.body_received += len(body)  # type: ignore[union-attr]
-        if self.max_body and ex.body_received > self.max_body:  # type: ignore[union-attr]
+        max_body = self.head.max_body  # type: ignore[union-attr]
+        if max_body and ex.body_received > max_body:  # type: ignore[union-attr]
             raise Reject(413, "request body too large")
         if ex.finished:  # type: ignore[union-attr]
             return
@@ -1268,10 +1274,9 @@ class HttpClientConn(asyncio.Protocol):
             opts: Any = ex.opts
             if not ex.response_started:
                 if not ex.body_done:
-                    clock = self.body_clock
-                    if clock is None:
-                        clock = self.body_clock = BodyClock()
-                    why = clock.check(ex, now, self.read_pause != 0)
+                    why = None
+                    if self.parsing is ex and self.head is not None:
+                        why = body_deadline.check(self.head, ex, now, self.read_pause != 0)
                     if why is None and now - self.last_active > opts.idle_timeout:
                         why = "request body not received in time"
                     if why is not None:
@@ -1286,6 +1291,9 @@ class HttpClientConn(asyncio.Protocol):
             elif now - self.last_active > opts.idle_timeout:
                 self.upstream_broke(ex, "idle timeout during response")
             return
+        h = self.head
+        if h is not None and h.body_ex is not None:
+            h.body_ex = None  # do not keep a finished request (and its replay copy) alive
         opts = self.listener.rt.opts
         if self.in_headers:
             if not self.header_start:

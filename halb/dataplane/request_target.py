@@ -44,3 +44,15 @@ def resolve(url: bytes, host: bytes | None, version: str) -> tuple[bytes, bytes 
     if not path[:1] == b"/":
         path = b"/" + path  # "http://h" and "http://h?q" have the path "/"
     return path, authority
+
+
+def replace_host_line(lines: list[bytes], host: bytes) -> None:
+    """Put "Host: <host>" where the client's Host line was (forwarded header lines as the
+    llhttp path builds them: the proxy writes that line as "Host: ", no other line starts
+    so), or first when there was none (HTTP/1.0)."""
+    line = b"Host: " + host + b"\r\n"
+    for i, old in enumerate(lines):
+        if old.startswith(b"Host: "):
+            lines[i] = line
+            return
+    lines.insert(0, line)
