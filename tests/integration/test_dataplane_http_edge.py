@@ -160,6 +160,58 @@ def test_body_deadline_bounds_a_body_that_keeps_the_rate() -> None:
     run(main())
 
 
+class StallingSink(asyncio.Protocol):
+    """A backend that reads nothing for `stall` seconds, then takes a Content-Length body
+    and answers with its size: slow to take the body, not the client's fault."""
+
+    stall = 3.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t: Any = transport
+        self.buf = b""
+        self.need = -1
+        self.got = 0
+        self.stalled = False
+
+    def data_received(self, data: bytes) -> None:
+        if not self.stalled:  # (uvloop ignores pause_reading() in connection_made)
+            self.stalled = True
+            self.t.pause_reading()
+            asyncio.get_running_loop().call_later(self.stall, self.t.resume_reading)
+        if self.need < 0:
+            self.buf += data
+            if b"\r\n\r\n" not in self.buf:
+                return
+            head, data = self.buf.split(b"\r\n\r\n", 1)
+            self.need = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        self.got += len(data)
+        if self.got >= self.need:
+            body = b'{"received": %d}' % self.got
+            self.t.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def test_a_backend_slow_to_take_the_body_does_not_get_the_client_a_408() -> None:
+    """The client sends 16 MiB as fast as it can; the backend reads nothing for 3 s, so the
+    proxy stops reading the client (flow control). That time is not the client's: with a
+    minimum rate of 16 MB/s after 0.5 s the body is still accepted."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(StallingSink, "127.0.0.1", 0)
+        try:
+            sport = server.sockets[0].getsockname()[1]
+            async with dataplane(snapshot(service("web", [backend(sport)], idle_timeout=30.0, body_timeout_s=0,
+                                                  body_min_rate_bps=16_000_000, body_rate_grace_s=0.5))) as dp:
+                size = 16 * 1024 * 1024
+                r = await raw_request(dp.bound_port("web"), b"PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                                      % size + b"u" * size, timeout=30)
+                assert r is not None and r.status == 200, r
+                assert json.loads(r.body)["received"] == size
+        finally:
+            server.close()
+
+    run(main())
+
+
 # ------------------------------------------------------------------ item 10: Host and request target
 
 
@@ -208,6 +260,10 @@ def test_header_count_limit_431_for_thousands_of_empty_headers() -> None:
             assert (await raw_request(port, hundred)).status == 200  # 100 lines: the default limit
             over = hundred.replace(b"\r\n\r\n", b"\r\nX-Last: v\r\n\r\n")
             assert (await raw_request(port, over)).status == 431
+            # lines the proxy drops or merges into one count too (all within max_header_bytes)
+            for name in (b"X-Forwarded-For: 1.2.3.4", b"Cookie: a=b", b"Connection: keep-alive", b"TE: x"):
+                r = await raw_request(port, b"GET / HTTP/1.1\r\nHost: x\r\n" + (name + b"\r\n") * 1000 + b"\r\n")
+                assert r.status == 431 and "too many" in json.loads(r.body)["message"], name
             assert o.counts["GET /"] == 1
 
     run(main())
