@@ -843,7 +843,7 @@ class HttpClientConn(asyncio.Protocol):
         ex.body_done = True
         if ex.opts is not None:
             # like Envoy, the response deadline runs from the end of the request body;
-            # a slow upload is bounded by the idle timeout instead
+            # a slow upload is bounded by body_deadline.py and the idle timeout instead
             ex.deadline = self.loop.time() + ex.opts.request_timeout
         if ex.chunked_in and not ex.finished:
             self.send_body(ex, b"0\r\n\r\n")
