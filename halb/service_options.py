@@ -37,12 +37,17 @@ class ServiceOptions:
     # --- timeouts -------------------------------------------------------------------
     connect_timeout: float = 3.0  # TCP connect to a backend; a timeout counts as connect failure
     header_timeout: float = 10.0  # client must finish sending request headers (408 after)
+    body_timeout_s: float = 300.0  # whole request body within this after its head; 0 = off (408 after)
+    body_min_rate_bps: int = 1024  # average body bytes/s owed after the grace; 0 = off (408 below)
+    body_rate_grace_s: float = 10.0  # the minimum rate is not enforced during this first part of a body
     idle_timeout: float = 60.0  # no byte in either direction on a connection -> close
     request_timeout: float = 30.0  # request start -> upstream response headers (504 after)
     upstream_keepalive: float = 15.0  # idle pooled upstream connection is closed after this
     stop_grace: float = 5.0  # on stop()/service removal, in-flight work may finish this long
     # --- limits ---------------------------------------------------------------------
     max_header_bytes: int = 32768  # request line + headers; 431 beyond (502 for a response)
+    max_headers: int = 100  # request header lines; 431 beyond (HAProxy: 101, Envoy: 100)
+    max_interim_responses: int = 10  # 1xx responses forwarded before the final one; 502 beyond
     max_body_bytes: int = 0  # request body; 0 = unlimited; 413 beyond
     max_connections: int = 0  # concurrent client connections per service per worker; 0 = unlimited
     pool_max_idle: int = 256  # idle keep-alive upstream connections kept per backend
@@ -163,6 +168,11 @@ DATAPLANE_OPTIONS: dict[str, Spec] = {
     "request_timeout": _SECONDS, "upstream_keepalive": _SECONDS,
     "stop_grace": Spec("float", 0.0, 3600.0),
     "max_header_bytes": Spec("int", 256, 1 << 20),
+    "body_timeout_s": Spec("float", 0.0, DAY, help="0: off"),
+    "body_min_rate_bps": Spec("int", 0, 1 << 30, help="0: off"),
+    "body_rate_grace_s": Spec("float", 0.0, DAY),
+    "max_headers": Spec("int", 1, 10_000),
+    "max_interim_responses": Spec("int", 0, 1000),
     "max_body_bytes": Spec("int", 0, 1 << 40, help="0: unlimited"),
     "max_connections": Spec("int", 0, 10_000_000, help="0: unlimited"),
     "pool_max_idle": Spec("int", 0, 100_000),

@@ -74,7 +74,7 @@ def fuzz(moddir: str, seconds: int) -> int:
             fast.parse_response(s[:i], max(i - 3, 0))
             calls += 2
     # heads larger than the 8 KiB stack buffer take the heap path
-    big = b"GET / HTTP/1.1\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 50) for i in range(400)) + b"\r\n"
+    big = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 50) for i in range(400)) + b"\r\n"
     assert fast.parse_request(big, 1 << 20, None) is not None
     bigr = (b"HTTP/1.0 200 OK\r\n" + b"".join(b"X-H%d: v\r\nConnection: close\r\n" % i for i in range(400))
             + b"Content-Length: 0\r\n\r\n")
@@ -82,7 +82,8 @@ def fuzz(moddir: str, seconds: int) -> int:
     t_end = time.monotonic() + seconds
     while time.monotonic() < t_end:
         s = gen.mutate(rng.choice(reqs), rng)
-        fast.parse_request(s, rng.choice([65536, len(s), 10]), rng.choice([None, b"x-hash", b""]))
+        fast.parse_request(s, rng.choice([65536, len(s), 10]), rng.choice([None, b"x-hash", b""]),
+                           rng.choice([100, 3, 0, -1]))
         r = gen.mutate(rng.choice(resps), rng)
         fast.parse_response(r, rng.choice([65536, len(r), 5]))
         b = rng.randbytes(rng.randint(0, 64))

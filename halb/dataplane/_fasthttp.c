@@ -187,20 +187,27 @@ static char *scratch(char *stackbuf, Py_ssize_t need) {
 }
 
 PyDoc_STRVAR(parse_request_doc,
-"parse_request(data, max_head, hash_header) -> tuple | None\n\n"
+"parse_request(data, max_head, hash_header[, max_headers]) -> tuple | None\n\n"
 "data must be exactly one complete request head with no body (no Content-Length or\n"
-"Transfer-Encoding) in the strict subset; otherwise None (use llhttp). hash_header is a\n"
-"lowercase header name or None. Returns (method, url, http10, keep_alive, hdrs, host, xff,\n"
+"Transfer-Encoding) in the strict subset, origin-form, with exactly one Host line when\n"
+"HTTP/1.1 and at most max_headers header lines; otherwise None (use llhttp, which\n"
+"answers what RFC 9112 refuses). hash_header is a lowercase header name or None. Returns (method, url, http10, keep_alive, hdrs, host, xff,\n"
 "rid, idem, cookie, hash_value): hdrs are the forwarded header lines as the llhttp path\n"
 "builds them (\"Name: value\\r\\n\" each, hop-by-hop and proxy-set headers removed).");
 
 static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyBytes_CheckExact(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "parse_request(data: bytes, max_head: int, hash_header: bytes | None)");
+    if ((nargs != 3 && nargs != 4) || !PyBytes_CheckExact(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "parse_request(data: bytes, max_head: int, hash_header: bytes | None, max_headers: int = -1)");
         return NULL;
     }
     Py_ssize_t max_head = PyLong_AsSsize_t(args[1]);
     if (max_head == -1 && PyErr_Occurred()) return NULL;
+    Py_ssize_t max_headers = -1;  /* -1: no count limit */
+    if (nargs == 4) {
+        max_headers = PyLong_AsSsize_t(args[3]);
+        if (max_headers == -1 && PyErr_Occurred()) return NULL;
+    }
     const char *hh = NULL;
     Py_ssize_t hhlen = 0;
     if (args[2] != Py_None) {
@@ -246,6 +253,7 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
     const char *host = NULL, *xff = NULL, *rid = NULL, *cookie = NULL, *hval = NULL;
     Py_ssize_t host_n = 0, xff_n = 0, rid_n = 0, cookie_n = 0, hval_n = 0;
     int idem = 0, flags = 0;
+    Py_ssize_t count = 0;
     PyObject *result = NULL;
 
     while (p < end) {
@@ -253,6 +261,7 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
         Py_ssize_t nlen, vlen;
         p = header_line(p, end, &name, &nlen, &val, &vlen);
         if (p == NULL) goto fallback;
+        if (++count > max_headers && max_headers >= 0) goto fallback;  /* llhttp path answers 431 */
         int kind = req_kind(name, nlen);
         switch (kind) {
         case H_FALLBACK: goto fallback;
@@ -294,6 +303,7 @@ static PyObject *parse_request(PyObject *self, PyObject *const *args, Py_ssize_t
         memcpy(out + olen, val, (size_t)vlen); olen += vlen;
         out[olen++] = '\r'; out[olen++] = '\n';
     }
+    if (host == NULL && !http10) goto fallback;  /* RFC 9112 3.2: 400, answered by the llhttp path */
     result = PyTuple_New(11);
     if (result == NULL) goto done;
     PyObject *m = NULL;

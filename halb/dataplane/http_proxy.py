@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from halb.dataplane import body_deadline, request_target
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.options import ServiceOptions
+from halb.dataplane.request_head import HeadState
 from halb.dataplane.routing import BackendState, ServiceRuntime
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,7 +236,7 @@ class UpstreamConn(asyncio.Protocol):
 
     __slots__ = ("backend", "loop", "transport", "parser", "ex", "client", "final", "closed", "idle_since",
                  "read_paused", "write_paused", "max_hdr", "_close_delimited", "want_head", "hacc", "hpos",
-                 "remaining", "bypass", "ka")
+                 "remaining", "bypass", "ka", "interims")
 
     def __init__(self, backend: BackendState, loop: asyncio.AbstractEventLoop) -> None:
         self.backend = backend
@@ -256,6 +258,7 @@ class UpstreamConn(asyncio.Protocol):
         self.write_paused = False
         self.max_hdr = 65536
         self._close_delimited = False
+        self.interims = 0  # 1xx responses seen for the bound exchange (capped: max_interim_responses)
 
     # --- lifecycle ---------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -345,10 +348,12 @@ class UpstreamConn(asyncio.Protocol):
             if ex is not None:
                 self.ex = None
                 self.close()
+                cause = e if isinstance(e, Reject) else e.__context__
+                why = f"bad response: {cause.message if isinstance(cause, Reject) else e}"
                 if ex.response_started:
-                    client.upstream_broke(ex, f"bad response: {e}")  # type: ignore[union-attr]
+                    client.upstream_broke(ex, why)  # type: ignore[union-attr]
                 else:
-                    client.attempt_failed(ex, False, f"bad response: {e}")  # type: ignore[union-attr]
+                    client.attempt_failed(ex, False, why)  # type: ignore[union-attr]
         finally:
             buf = client.wbuf  # client.flush(), inlined
             client.wbuf = None
@@ -411,17 +416,23 @@ class UpstreamConn(asyncio.Protocol):
         end = acc.find(b"\r\n\r\n", self.hpos)
         if end < 0:  # llhttp accepted something that is not CRLF-delimited
             raise Reject(502, "malformed upstream response head")
+        if end + 4 - self.hpos > self.max_hdr:  # also when the whole head came in one read
+            raise Reject(502, "upstream response head too large")
         block = acc[self.hpos:end + 4]  # with the blank line
         self.hpos = end + 4
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
                 raise Reject(502, "unexpected protocol switch from upstream")
+            self.interims += 1
+            if self.interims > ex.opts.max_interim_responses:  # type: ignore[union-attr]
+                raise Reject(502, "too many interim (1xx) responses from upstream")
             self.client.interim(ex, self, block)  # type: ignore[union-attr]
             return
         self.want_head = False
         self.hacc = b""
         self.hpos = 0
+        self.interims = 0
         self.final = True
         # the final response head (HttpClientConn.response_head's work, inlined: hot path)
         client: HttpClientConn = self.client  # type: ignore[assignment]
@@ -484,10 +495,6 @@ class HttpClientConn(asyncio.Protocol):
         self.queue: deque[Exchange] | None = None
         self.in_headers = False
         self.hfed = 0
-        self.hsize = 0
-        self.max_hdr = 32768
-        self.max_body = 0
-        self.hash_header: bytes | None = None
         self.read_pause = 0
         self.write_paused = False
         self.active = True
@@ -502,6 +509,9 @@ class HttpClientConn(asyncio.Protocol):
         self.ubuf: list[bytes] | None = None  # upstream writes coalesced per client chunk
         self.ubuf_up: UpstreamConn | None = None
         self.first: bytes | None = None  # the chunk that began the request being parsed
+        # llhttp path: the request being parsed (limits, header lines, body clock). Keep this
+        # class below 30 attributes: at 30 every attribute read got slower (request_head.py)
+        self.head: HeadState | None = None
 
     # --- connection lifecycle ----------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -606,7 +616,8 @@ class HttpClientConn(asyncio.Protocol):
         if self.parsing is None and self.cur is None and fast_request is not None:
             # a whole bodyless request head in one read, in the C parser's strict subset
             rt = self.listener.rt
-            r = fast_request(data, rt.opts.max_header_bytes, rt.hash_header)
+            opts = rt.opts
+            r = fast_request(data, opts.max_header_bytes, rt.hash_header, opts.max_headers)
             if r is not None:
                 ex = Exchange()
                 (ex.method, ex.url, http10, ex.keep_alive, ex.hdrs, ex.host, ex.xff, ex.rid, ex.idem,
@@ -652,7 +663,7 @@ class HttpClientConn(asyncio.Protocol):
                 up.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))  # type: ignore[union-attr]
         if self.in_headers:
             self.hfed += len(data)
-            if self.hfed > self.max_hdr + 1024:
+            if self.hfed > self.head.max_hdr + 1024:  # type: ignore[union-attr]
                 self.reject(431, "request headers too large")
 
     def reject(self, status: int, message: str) -> None:
@@ -692,31 +703,56 @@ class HttpClientConn(asyncio.Protocol):
         self.parsing = ex
         self.in_headers = True
         self.hfed = 0
-        self.hsize = 0
         self.header_start = 0.0  # stamped by the sweeper (0.25 s granularity, no clock call here)
-        opts = self.listener.rt.opts
-        self.max_hdr = opts.max_header_bytes
-        self.max_body = opts.max_body_bytes
-        self.hash_header = self.listener.rt.hash_header
+        # one HeadState per connection, reset per request (a constructor call per request
+        # cost more than these stores); its limits are re-read only when the options change
+        h = self.head
+        rt = self.listener.rt
+        opts = rt.opts
+        if h is None or h.opts is not opts:
+            h = self.head = HeadState(opts)
+        h.lines = []
+        h.size = 0
+        h.hash_header = rt.hash_header
 
     def on_url(self, url: bytes) -> None:
         ex = self.parsing
         ex.url += url  # type: ignore[union-attr]
-        self.hsize += len(url)
-        if self.hsize > self.max_hdr:
+        h = self.head
+        h.size += len(url)  # type: ignore[union-attr]
+        if h.size > h.max_hdr:  # type: ignore[union-attr]
             raise Reject(431, "request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.hsize += len(name) + len(value) + 4
-        if self.hsize > self.max_hdr:
+        # Every header line takes one entry of h.lines (b"" for lines the proxy drops), joined
+        # once when the head is complete (`hdrs += line` copied the whole head per line:
+        # quadratic) and counted there for max_headers; the special headers below, whose
+        # values accumulate, are counted here already.
+        h = self.head
+        h.size += len(name) + len(value) + 4  # type: ignore[union-attr]
+        if h.size > h.max_hdr:  # type: ignore[union-attr]
             raise Reject(431, "request headers too large")
         ex = self.parsing
         ln = name.lower()
+        lines = h.lines  # type: ignore[union-attr]
         if ln in REQ_SPECIAL:
             if ln == b"host":
+                if ex.host is not None:  # type: ignore[union-attr]
+                    raise Reject(400, "more than one Host header")  # RFC 9112 3.2
                 ex.host = value  # type: ignore[union-attr]
-                ex.hdrs += b"Host: " + value + b"\r\n"  # type: ignore[union-attr]
-            elif ln == b"content-length":
+                lines.append(b"Host: " + value + b"\r\n")
+                return
+            if len(lines) >= h.max_headers:  # type: ignore[union-attr]
+                raise Reject(431, "too many request headers")
+            if ln == b"idempotency-key":
+                ex.idem = True  # type: ignore[union-attr]
+                lines.append(name + b": " + value + b"\r\n")
+                return
+            if ln == b"cookie":
+                ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value  # type: ignore[union-attr]
+                lines.append(name + b": " + value + b"\r\n")
+                return
+            if ln == b"content-length":
                 ex.content_length = int(value)  # type: ignore[union-attr]  # llhttp validated it
             elif ln == b"transfer-encoding":
                 ex.chunked_in = True  # type: ignore[union-attr]  # llhttp requires chunked last
@@ -724,20 +760,18 @@ class HttpClientConn(asyncio.Protocol):
                 ex.xff = value if ex.xff is None else ex.xff + b", " + value  # type: ignore[union-attr]
             elif ln == b"x-request-id":
                 ex.rid = value if VALID_RID.fullmatch(value) else None  # type: ignore[union-attr]
-            elif ln == b"idempotency-key":
-                ex.idem = True  # type: ignore[union-attr]
-                ex.hdrs += name + b": " + value + b"\r\n"  # type: ignore[union-attr]
-            elif ln == b"cookie":
-                ex.cookie = value if ex.cookie is None else ex.cookie + b"; " + value  # type: ignore[union-attr]
-                ex.hdrs += name + b": " + value + b"\r\n"  # type: ignore[union-attr]
             elif ln == b"connection":
                 toks = [t.strip().lower() for t in value.split(b",")]
-                ex.conn_tokens = (ex.conn_tokens or []) + toks  # type: ignore[union-attr]
+                if ex.conn_tokens is None:  # type: ignore[union-attr]
+                    ex.conn_tokens = toks  # type: ignore[union-attr]
+                else:
+                    ex.conn_tokens.extend(toks)  # type: ignore[union-attr]
             # everything else in REQ_SPECIAL is hop-by-hop or re-set by the proxy
+            lines.append(b"")
             return
-        if ln == self.hash_header:
+        if ln == h.hash_header:  # type: ignore[union-attr]
             ex.hash_value = value  # type: ignore[union-attr]
-        ex.hdrs += name + b": " + value + b"\r\n"  # type: ignore[union-attr]
+        lines.append(name + b": " + value + b"\r\n")
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
@@ -761,6 +795,13 @@ class HttpClientConn(asyncio.Protocol):
             ex.keep_alive = False  # type: ignore[union-attr]
         if method == b"CONNECT":
             raise Reject(405, "CONNECT is not supported")
+        h = self.head
+        lines = h.lines  # type: ignore[union-attr]
+        if len(lines) > h.max_headers:  # type: ignore[union-attr]
+            raise Reject(431, "too many request headers")
+        if ex.host is None or ex.url[0] != 47:  # type: ignore[union-attr]  # 47: "/"
+            self._resolve_target(ex, lines)  # type: ignore[arg-type]
+        ex.hdrs = b"".join(lines)  # type: ignore[union-attr]
         if self.cur is None:
             self.start(ex)  # type: ignore[arg-type]
         else:
@@ -769,10 +810,23 @@ class HttpClientConn(asyncio.Protocol):
             self.queue.append(ex)  # type: ignore[arg-type]
             self.pause(R_PIPELINE)
 
+    @staticmethod
+    def _resolve_target(ex: Exchange, lines: list[bytes]) -> None:
+        """No Host, or not origin-form: RFC 9112 3.2 (request_target.py); raises Reject(400)."""
+        try:
+            url, host = request_target.resolve(ex.url, ex.host, ex.version)
+        except request_target.BadTarget as e:
+            raise Reject(400, str(e)) from None
+        if host is not ex.host:  # absolute-form: its authority replaces the Host line
+            request_target.replace_host_line(lines, host)  # type: ignore[arg-type]
+        ex.url = url
+        ex.host = host
+
     def on_body(self, body: bytes) -> None:
         ex = self.parsing
         ex.body_received += len(body)  # type: ignore[union-attr]
-        if self.max_body and ex.body_received > self.max_body:  # type: ignore[union-attr]
+        max_body = self.head.max_body  # type: ignore[union-attr]
+        if max_body and ex.body_received > max_body:  # type: ignore[union-attr]
             raise Reject(413, "request body too large")
         if ex.finished:  # type: ignore[union-attr]
             return
@@ -789,7 +843,7 @@ class HttpClientConn(asyncio.Protocol):
         ex.body_done = True
         if ex.opts is not None:
             # like Envoy, the response deadline runs from the end of the request body;
-            # a slow upload is bounded by the idle timeout instead
+            # a slow upload is bounded by body_deadline.py and the idle timeout instead
             ex.deadline = self.loop.time() + ex.opts.request_timeout
         if ex.chunked_in and not ex.finished:
             self.send_body(ex, b"0\r\n\r\n")
@@ -1063,6 +1117,9 @@ class HttpClientConn(asyncio.Protocol):
         """Forward a 1xx (100 Continue, 103 Early Hints) to an HTTP/1.1 client."""
         if ex.version != "1.1" or self.closed:
             return
+        # bytes reach the client now: from here on a failure of this attempt is answered,
+        # never retried (the client would otherwise see the interim responses of two backends)
+        ex.retryable = False
         out, _, _, _ = scan_response_head(block)
         self._w(out)
 
@@ -1209,18 +1266,26 @@ class HttpClientConn(asyncio.Protocol):
             opts: Any = ex.opts
             if not ex.response_started:
                 if not ex.body_done:
-                    if now - self.last_active > opts.idle_timeout:
+                    why = None
+                    if self.parsing is ex and self.head is not None:
+                        why = body_deadline.check(self.head, ex, now, self.read_pause != 0)
+                    if why is None and now - self.last_active > opts.idle_timeout:
+                        why = "request body not received in time"
+                    if why is not None:
                         up = ex.upstream
                         ex.upstream = None
                         if up is not None:
                             up.close()
                         self._detach_backend(ex)
-                        self.send_error(ex, 408, "request body not received in time", close=True)
+                        self.send_error(ex, 408, why, close=True)
                 elif now >= ex.deadline:
                     self.attempt_failed(ex, False, f"no response within {opts.request_timeout}s", timeout=True)
             elif now - self.last_active > opts.idle_timeout:
                 self.upstream_broke(ex, "idle timeout during response")
             return
+        h = self.head
+        if h is not None and h.body_ex is not None:
+            h.body_ex = None  # do not keep a finished request (and its replay copy) alive
         opts = self.listener.rt.opts
         if self.in_headers:
             if not self.header_start:

@@ -76,7 +76,7 @@ def fast_fields(r: tuple[Any, ...]) -> dict[str, Any]:
 
 def check_request(data: bytes, monkeypatch: pytest.MonkeyPatch) -> bool:
     """Asserts the safety property for one head; returns whether the fast path took it."""
-    fast = parse_request(data, MAX, HASH)
+    fast = parse_request(data, MAX, HASH, ServiceOptions().max_headers)
     if fast is None:
         return False
     ex, conn = llhttp_request(data, monkeypatch)
@@ -125,6 +125,8 @@ def gen_request(rng: random.Random) -> bytes:
         lines.append(name + rng.choice(SEPS) + rng.choice(VALUES))
         if rng.random() < 0.03:
             lines.append(b" folded")
+    if rng.random() < 0.85:  # HTTP/1.1 without Host is refused (RFC 9112 3.2); mostly present
+        lines.insert(rng.randint(1, len(lines)), b"Host: shop")
     head = eol.join(lines) + eol + eol
     if rng.random() < 0.1:
         head += rng.choice([b"x", b"GET / HTTP/1.1\r\n\r\n", b"hello"])
@@ -194,9 +196,30 @@ def test_fast_path_declines_what_it_does_not_model() -> None:
         b"GET / HTTP/1.1\r\nHost: a\r\n",  # incomplete
         b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 70000 + b"\r\n\r\n",  # over max_head
+        b"GET / HTTP/1.1\r\nUser-Agent: x\r\n\r\n",  # HTTP/1.1 without Host: the llhttp path answers 400
+        b"GET http://a/x HTTP/1.1\r\nHost: b\r\n\r\n",  # absolute-form: the URI's authority wins
+        b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
     ]
     for data in declined:
         assert parse_request(data, MAX, HASH) is None, data[:80]
+        assert parse_request(data, MAX, HASH, 100) is None, data[:80]
+    # HTTP/1.0 needs no Host; the header-count limit counts every line, dropped ones too
+    assert parse_request(b"GET / HTTP/1.0\r\n\r\n", MAX, HASH) is not None
+    three = b"GET / HTTP/1.1\r\nHost: a\r\nTE: x\r\nAccept: */*\r\n\r\n"
+    assert parse_request(three, MAX, HASH, 3) is not None
+    assert parse_request(three, MAX, HASH, 2) is None
+
+
+def test_header_count_limit_same_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the limit both paths accept; one line over, C declines and llhttp answers 431."""
+    limit = ServiceOptions().max_headers
+    for n, ok in ((limit, True), (limit + 1, False)):
+        data = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(n - 1)) + b"\r\n"
+        assert (parse_request(data, MAX, HASH, limit) is not None) is ok
+        ex, conn = llhttp_request(data, monkeypatch)
+        assert (ex is not None) is ok
+        if not ok:
+            assert conn.rejected and conn.rejected[0][0] == 431
 
 
 # ------------------------------------------------------------------ responses
