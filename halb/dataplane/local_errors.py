@@ -37,9 +37,13 @@ class RateLimitedLog:
         self.last, self.suppressed = now, 0
         log.log(self.level, msg + "%s", *args, more)
 
+    def reset(self) -> None:
+        """Forget the last line (tests, which may each expect one)."""
+        self.last, self.suppressed = -LOG_INTERVAL, 0
 
-_local_log = RateLimitedLog(logging.ERROR)
-_rejected_log = RateLimitedLog(logging.WARNING)
+
+local_log = RateLimitedLog(logging.ERROR)
+rejected_log = RateLimitedLog(logging.WARNING)
 
 
 def is_local_resource_error(exc: BaseException) -> bool:
@@ -59,11 +63,11 @@ def report_local_error(service: str, backend: str, exc: BaseException) -> None:
     """ERROR, rate-limited: under the load that causes it, it would otherwise log per connection."""
     hint = (" raise the process's RLIMIT_NOFILE (ulimit -n) or lower max_connections;"
             if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE) else "")
-    _local_log("service %s: cannot open a connection to backend %s: %s; a local resource limit, "
+    local_log("service %s: cannot open a connection to backend %s: %s; a local resource limit, "
                "not counted against the backend;%s", service, backend, exc, hint)
 
 
 def report_rejected(service: str, limit: int) -> None:
     """WARNING, rate-limited: a client connection was refused at max_connections."""
-    _rejected_log("service %s: %d client connections open (max_connections); new ones are refused "
+    rejected_log("service %s: %d client connections open (max_connections); new ones are refused "
                   "until some close", service, limit)

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
+from halb.dataplane.fdlimit import default_max_connections
 from halb.dataplane.snapshot import ServiceRoute
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ class ServiceOptions:
     # --- limits ---------------------------------------------------------------------
     max_header_bytes: int = 32768  # request line + headers; 431 beyond (502 for a response)
     max_body_bytes: int = 0  # request body; 0 = unlimited; 413 beyond
-    max_connections: int = 0  # concurrent client connections per service per worker; 0 = unlimited
+    max_connections: int = 0  # concurrent client connections per service per worker; 0 = unlimited;
+    # unset in the route: derived from RLIMIT_NOFILE (fdlimit.default_max_connections)
     pool_max_idle: int = 256  # idle keep-alive upstream connections kept per backend
     # --- retries --------------------------------------------------------------------
     retries: int = 2  # extra attempts after the first, each on a different backend
@@ -75,6 +77,8 @@ class ServiceOptions:
                 values[key] = _coerce(raw, default)
             except (TypeError, ValueError):
                 log.warning("service %s: bad value %r for %s, using %r", route.name, raw, key, default)
+        if "max_connections" not in values:  # never more clients than descriptors for them
+            values["max_connections"] = default_max_connections()
         if values.get("fail_policy", "panic") not in FAIL_POLICIES:
             log.warning("service %s: fail_policy must be one of %s", route.name, FAIL_POLICIES)
             values.pop("fail_policy")

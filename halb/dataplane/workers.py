@@ -213,6 +213,9 @@ def main(argv: list[str]) -> None:
     fd, node_id, use_uvloop = int(argv[0]), argv[1], argv[2] == "1"
     _die_with_parent()
     logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"))
+    from halb.dataplane.fdlimit import raise_nofile
+
+    raise_nofile(f"data plane worker {os.getpid()}")
     run(_child(fd, node_id), use_uvloop=use_uvloop)
 
 
