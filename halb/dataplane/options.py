@@ -35,7 +35,8 @@ class ServiceOptions:
     max_body_bytes: int = 0  # request body; 0 = unlimited; 413 beyond
     max_connections: int = 0  # concurrent client connections per service per worker; 0 = unlimited;
     # unset in the route: derived from RLIMIT_NOFILE (fdlimit.default_max_connections)
-    pool_max_idle: int = 256  # idle keep-alive upstream connections kept per backend
+    pool_max_idle: int = 256  # idle keep-alive upstream connections kept per backend;
+    # unset in the route: max(256, max_connections / 2), see from_route
     # --- retries --------------------------------------------------------------------
     retries: int = 2  # extra attempts after the first, each on a different backend
     retry_budget: float = 0.2  # token bucket: each request deposits this many retry tokens
@@ -79,6 +80,12 @@ class ServiceOptions:
                 log.warning("service %s: bad value %r for %s, using %r", route.name, raw, key, default)
         if "max_connections" not in values:  # never more clients than descriptors for them
             values["max_connections"] = default_max_connections()
+        if "pool_max_idle" not in values:
+            # A pool smaller than the number of busy clients closes a connection after one
+            # request and opens another for the next (at 1,000 keep-alive clients a third of
+            # all requests paid a connect and left a TIME_WAIT). Idle connections only exist
+            # because that many were in use at once and are closed after upstream_keepalive.
+            values["pool_max_idle"] = max(cls.pool_max_idle, (values["max_connections"] or default_max_connections()) // 2)
         if values.get("fail_policy", "panic") not in FAIL_POLICIES:
             log.warning("service %s: fail_policy must be one of %s", route.name, FAIL_POLICIES)
             values.pop("fail_policy")

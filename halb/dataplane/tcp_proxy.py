@@ -51,6 +51,7 @@ class TcpUpstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.upstream_lost(self)
+        self.transport = None  # no protocol <-> transport cycle: freed by refcount, not the GC
 
     def pause_writing(self) -> None:
         if not self.client.closed:
@@ -168,9 +169,11 @@ class TcpClientConn(asyncio.Protocol):
             self._attempt(rt)
             return
         rt.record_success(b, self.loop.time() - self.t0 if rt.track_latency else None)
-        if self.closed:
+        if self.closed or up.transport is None:  # client gone, or backend closed at once
             b.in_flight -= 1
-            up.transport.close()  # type: ignore[union-attr]
+            if up.transport is not None:
+                up.transport.close()
+            self.close()
             return
         self.up = up
         self.backend = b
@@ -244,6 +247,10 @@ class TcpClientConn(asyncio.Protocol):
         up = self.up
         if up is not None and up.transport is not None and not up.transport.is_closing():
             up.transport.close()
+        # Break the reference cycles (client <-> upstream, protocol <-> transport) so a
+        # finished connection is freed at once by refcounting rather than by the cyclic GC.
+        self.up = None
+        self.transport = None
 
     def check(self, now: float) -> None:
         if self.active:
