@@ -118,7 +118,9 @@ class TcpClientConn(asyncio.Protocol):
 
     def _attempt(self, rt: ServiceRuntime) -> None:
         """Connect to the next backend, or give up (close the client)."""
-        if self.attempts_left <= 0 or self.closed:
+        if self.closed:
+            return
+        if self.attempts_left <= 0:
             self._give_up(rt)
             return
         self.attempts_left -= 1
@@ -143,24 +145,27 @@ class TcpClientConn(asyncio.Protocol):
         self.close()
 
     def _connected(self, up: "TcpUpstream | None", exc: BaseException | None) -> None:
+        """The attempt ended. It is accounted even when the client left meanwhile (a backend
+        that hangs on connect must still be detected), and then goes no further."""
         self.pending = None
         b = self.attempt
         self.attempt = None
-        rt = self.rt
-        if b is None or rt is None:  # pragma: no cover - defensive
+        if b is None:  # pragma: no cover - defensive
             return
+        rt = self.listener.rt
         if up is None:
             b.in_flight -= 1
-            if self.closed:
-                return  # the client went away: the attempt was cancelled, nothing to blame
             if is_local_resource_error(exc):  # type: ignore[arg-type]
                 # out of fds/memory here: every backend would fail alike, none is to blame
                 report_local_error(rt.route.name, b.name, exc)  # type: ignore[arg-type]
-                rt.errors += 1
-                self.close()
+                if not self.closed:
+                    rt.errors += 1
+                    self.close()
                 return
             rt.record_failure(b, True, "connect timeout" if isinstance(exc, asyncio.TimeoutError)
                               else f"connect failed: {getattr(exc, 'strerror', None) or exc}")
+            if self.closed:
+                return
             if self.tried is None:
                 self.tried, self.servers = set(), set()
             self.tried.add(b)
@@ -227,16 +232,12 @@ class TcpClientConn(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.close()  # type: ignore[union-attr]
-        if self.pending is not None:
-            self.pending.cancel()
         up = self.up
         if up is not None and up.transport is not None and not up.transport.is_closing():
             up.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.pending is not None:
-            self.pending.cancel()
         self.engine.conns.discard(self)
         if self.rt is not None:
             self.rt.connections -= 1

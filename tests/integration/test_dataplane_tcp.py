@@ -224,3 +224,53 @@ def test_out_of_fds_on_backend_connect_is_not_the_backends_fault(caplog: pytest.
         run(main())
     assert any("Too many open files" in r.getMessage() and "not counted against the backend" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_client_leaving_during_connect_leaves_no_backend_in_flight() -> None:
+    """The client closes while the backend connect hangs: the attempt still ends by its
+    timeout (and is charged to that backend), in_flight returns to 0, nothing is forwarded."""
+    import socket
+
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(stuck.getsockname())
+            fillers.append(f)
+
+        async def main() -> None:
+            dp = DataPlane("t")
+            await dp.start(tcp_snap(stuck.getsockname()[1], connect_timeout=0.5))
+            try:
+                port = dp.bound_port("tcp")
+                loop = asyncio.get_running_loop()
+
+                async def until(cond: object) -> None:
+                    deadline = loop.time() + 5
+                    while loop.time() < deadline and not cond():  # type: ignore[operator]
+                        await asyncio.sleep(0.02)
+
+                def b0() -> dict:  # type: ignore[type-arg]
+                    return dp.stats()["services"]["tcp"]["backends"]["b0"]
+
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"abc")
+                await until(lambda: b0()["in_flight"] == 1)
+                assert b0()["in_flight"] == 1 and b0()["errors"] == 0  # connecting
+                writer.close()
+                await until(lambda: b0()["errors"] == 1)
+                b = b0()
+                assert b["errors"] == 1 and b["in_flight"] == 0, b
+                assert len(dp.conns) == 0
+            finally:
+                await dp.stop()
+
+        run(main())
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()
