@@ -123,6 +123,7 @@ class Result:
     user_us_per_req: float = 0.0
     sys_us_per_req: float = 0.0
     errors: int = 0  # wrk socket errors (connect, read, write, timeout) + non-2xx/3xx answers
+    load: float = float("nan")  # 1-minute load average when the run started (the machine is shared)
 
 
 @dataclass
@@ -168,6 +169,7 @@ def run_wrk(port: int, case: Case, duration: int, core: int | str | None, pids: 
     args.append(url)
     if core is not None and shutil.which("taskset"):
         args = ["taskset", "-c", str(core), *args]
+    load = os.getloadavg()[0]
     c0 = [cpu_ticks(p) for p in pids]
     out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
     c1 = [cpu_ticks(p) for p in pids]
@@ -180,7 +182,7 @@ def run_wrk(port: int, case: Case, duration: int, core: int | str | None, pids: 
     mib = _mib(re.search(r"Transfer/sec:\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     hz = os.sysconf("SC_CLK_TCK")
     per = 1e6 / hz / max(n, 1)
-    return Result(rps, p50, p99, mib, (u + st) * per, n, u * per, st * per, wrk_errors(out))
+    return Result(rps, p50, p99, mib, (u + st) * per, n, u * per, st * per, wrk_errors(out), load)
 
 
 def wrk_errors(out: str) -> int:
@@ -604,13 +606,13 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
     lines += [""] + scaling_lines(scaling)
     lines += per_request_lines(cases)
     lines += ["", "## All runs", "", "| case | proxy | run | req/s | p50 ms | p99 ms | MiB/s | CPU µs/req | user µs | sys µs "
-              "| errors |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| errors | load avg |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
         for name, rs in c.results.items():
             for i, r in enumerate(rs):
                 lines.append(f"| {c.name} | {name} | {i + 1} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
                              f"{r.mib_s:,.1f} | {r.cpu_us_per_req:.1f} | {r.user_us_per_req:.1f} | {r.sys_us_per_req:.1f} "
-                             f"| {r.errors} |")
+                             f"| {r.errors} | {r.load:.1f} |")
     lines += ["", "## Configuration", "",
               "* HAProxy: `nbthread 1`, keep-alive both sides; TCP and bulk cases add `tune.bufsize 65536` "
               "and `option splice-auto` (what an operator sets for bulk transfer).",
