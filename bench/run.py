@@ -344,7 +344,7 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="py-spy profile of halb under small-HTTP load")
     ap.add_argument("--no-install", action="store_true")
     ap.add_argument("--no-strace", action="store_true", help="skip the syscalls-per-request counts")
-    ap.add_argument("--only", default="", help="run only the cases whose name contains this text")
+    ap.add_argument("--only", default="", help="run only the cases whose name contains one of these texts (separated by |)")
     ap.add_argument("--scaling", choices=["auto", "force", "off"], default="auto",
                     help="workers=2 vs workers=1: auto runs it on 4+ cores")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -370,7 +370,8 @@ def main() -> int:
              Case("HTTP, 1,000 keep-alive connections", "/", 1000, "http", target="errors"),
              Case("1 MiB response bodies, 8 conns", "/big", 8, "http", target="mib_s")]
     if args.only:
-        cases = [c for c in cases if args.only.lower() in c.name.lower()]
+        wanted = [w.strip().lower() for w in args.only.split("|") if w.strip()]
+        cases = [c for c in cases if any(w in c.name.lower() for w in wanted)]
     big_path = "/big"
     load_before = os.getloadavg()
     profile_md = ""
