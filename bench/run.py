@@ -547,8 +547,11 @@ def per_request_lines(cases: list[Case]) -> list[str]:
         if not h or not b:
             continue
         sh, sb = c.syscalls.get("haproxy", float("nan")), c.syscalls.get("halb", float("nan"))
+        def n(v: float) -> str:
+            return "–" if v != v else f"{v:.1f}"  # NaN: not counted (bulk case, or no strace)
+
         rows.append(f"| {c.name} | {med(h, 'cpu_us_per_req'):.1f} | {med(b, 'cpu_us_per_req'):.1f} | "
-                    f"{med(b, 'cpu_us_per_req') / med(h, 'cpu_us_per_req'):.2f}x | {sh:.1f} | {sb:.1f} |")
+                    f"{med(b, 'cpu_us_per_req') / med(h, 'cpu_us_per_req'):.2f}x | {n(sh)} | {n(sb)} |")
     if not rows:
         return []
     return ["", "## Per request: CPU time and system calls", "",
