@@ -5,6 +5,11 @@ user-space instructions per request move by ~1-2 %, so this is the number to com
 changing the hot path (kernel time is not counted: both proxies make the same syscalls).
 
     .venv/bin/python bench/instr.py [--requests-seconds 10] [--path /] [--origin-port P]
+        [--mode tcp] [--close] [--tree DIR]
+
+`--close` sends `Connection: close` (a new connection per request: with `--mode tcp` this
+counts what TCP mode spends per proxied connection); `--tree` runs the halb found in DIR
+(e.g. a `git archive` of an older commit) for before/after comparisons.
 
 Starts an nginx origin (or uses --origin-port), runs `python -m halb.dataplane.run` under
 callgrind with instrumentation off during start-up, warms up, zeroes the counters, drives
@@ -37,6 +42,9 @@ def main() -> int:
     ap.add_argument("--path", default="/")
     ap.add_argument("--origin-port", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the callgrind output file")
+    ap.add_argument("--mode", choices=["http", "tcp"], default="http")
+    ap.add_argument("--close", action="store_true", help="wrk -H 'Connection: close'")
+    ap.add_argument("--tree", default=str(ROOT), help="directory whose halb package runs")
     args = ap.parse_args()
     for b in ("valgrind", "callgrind_control", "wrk"):
         if shutil.which(b) is None:
@@ -59,8 +67,8 @@ def main() -> int:
         out = str(tmp / "cg.%p")
         p = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                               sys.executable, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{port}",
-                              "--backend", f"origin=127.0.0.1:{origin}"],
-                             cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                              "--mode", args.mode, "--backend", f"origin=127.0.0.1:{origin}"],
+                             cwd=args.tree, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         procs.append(p)
         assert p.stdout is not None
         p.stdout.readline()  # READY
@@ -69,10 +77,11 @@ def main() -> int:
             subprocess.run(["callgrind_control", *a, str(p.pid)], capture_output=True)
 
         url = f"http://127.0.0.1:{port}{args.path}"
+        hdr = ["-H", "Connection: close"] if args.close else []
         ctl("-i", "on")
-        subprocess.run([tool("wrk"), "-t1", "-c10", "-d3s", url], capture_output=True)
+        subprocess.run([tool("wrk"), "-t1", "-c10", "-d3s", *hdr, url], capture_output=True)
         ctl("-z")
-        res = subprocess.run([tool("wrk"), "-t1", "-c10", f"-d{args.requests_seconds}s", url],
+        res = subprocess.run([tool("wrk"), "-t1", "-c10", f"-d{args.requests_seconds}s", *hdr, url],
                              capture_output=True, text=True).stdout
         n = int(re.search(r"(\d+) requests in", res).group(1))  # type: ignore[union-attr]
         ctl("-d")

@@ -2,7 +2,8 @@
 
 Setup (loopback only): each proxy is pinned to one core (taskset), wrk and the origin
 (nginx from apt, or halb's built-in origin) share the other. Cases: small HTTP responses,
-TCP mode, and 1 MiB response bodies. HAProxy is tuned as an operator would for each case
+TCP mode (keep-alive, and a new connection per request), 1,000 keep-alive HTTP connections
+(judged on errors) and 1 MiB response bodies. HAProxy is tuned as an operator would for each case
 (keep-alive; for bulk: 64 KiB buffers and splice). halb runs `python -m halb.dataplane.run`
 with every feature on as shipped (retries, outlier detection, budgets, request ids, ...).
 Runs are interleaved (HAProxy, halb, HAProxy, ...) so background load hits both alike;
@@ -10,6 +11,7 @@ CPU time per request (utime+stime of the proxy process) is reported because on a
 2-core machine req/s is partly bound by the load side.
 
     .venv/bin/python bench/run.py [--duration 8] [--runs 5] [--profile] [--no-install]
+        [--only TEXT] [--no-strace] [--out FILE]
 """
 from __future__ import annotations
 
@@ -120,6 +122,8 @@ class Result:
     requests: int
     user_us_per_req: float = 0.0
     sys_us_per_req: float = 0.0
+    errors: int = 0  # wrk socket errors (connect, read, write, timeout) + non-2xx/3xx answers
+    load: float = float("nan")  # 1-minute load average when the run started (the machine is shared)
 
 
 @dataclass
@@ -128,7 +132,11 @@ class Case:
     path: str
     conns: int
     mode: str  # http | tcp
+    headers: tuple[str, ...] = ()  # extra wrk -H headers ("Connection: close": a connection per request)
+    target: str = "rps"  # rps | mib_s | errors: what the case is judged on
+    llhttp: bool = False  # also run halb without the C head fast path
     results: dict[str, list[Result]] = field(default_factory=dict)
+    syscalls: dict[str, float] = field(default_factory=dict)  # per request, strace -c
 
 
 def _ms(v: str) -> float:
@@ -155,9 +163,13 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
 def run_wrk(port: int, case: Case, duration: int, core: int | str | None, pids: list[int],
             threads: int = 1) -> Result:
     url = f"http://127.0.0.1:{port}{case.path}"
-    args = [tool("wrk"), f"-t{threads}", f"-c{case.conns}", f"-d{duration}s", "--latency", url]
+    args = [tool("wrk"), f"-t{threads}", f"-c{case.conns}", f"-d{duration}s", "--latency"]
+    for h in case.headers:
+        args += ["-H", h]
+    args.append(url)
     if core is not None and shutil.which("taskset"):
         args = ["taskset", "-c", str(core), *args]
+    load = os.getloadavg()[0]
     c0 = [cpu_ticks(p) for p in pids]
     out = subprocess.run(args, capture_output=True, text=True, timeout=duration + 60).stdout
     c1 = [cpu_ticks(p) for p in pids]
@@ -170,7 +182,50 @@ def run_wrk(port: int, case: Case, duration: int, core: int | str | None, pids: 
     mib = _mib(re.search(r"Transfer/sec:\s+(\S+)", out).group(1))  # type: ignore[union-attr]
     hz = os.sysconf("SC_CLK_TCK")
     per = 1e6 / hz / max(n, 1)
-    return Result(rps, p50, p99, mib, (u + st) * per, n, u * per, st * per)
+    return Result(rps, p50, p99, mib, (u + st) * per, n, u * per, st * per, wrk_errors(out), load)
+
+
+def wrk_errors(out: str) -> int:
+    """Socket errors (connect, read, write, timeout) plus non-2xx/3xx responses."""
+    n = 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        n += sum(int(x) for x in m.groups())
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m:
+        n += int(m.group(1))
+    return n
+
+
+def syscalls_per_request(pid: int, port: int, case: Case, core: int | str | None, seconds: int = 3) -> float:
+    """System calls of the proxy process per request, counted by `strace -c` under load.
+
+    strace slows the proxy, so only the count is used (it does not depend on speed, unlike
+    req/s or CPU time on a shared machine). NaN when strace is missing or not permitted."""
+    if shutil.which("strace") is None:
+        return float("nan")
+    with tempfile.NamedTemporaryFile(suffix=".strace", delete=False) as f:
+        out = f.name
+    st = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", out],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # attached
+        r = run_wrk(port, case, seconds, core, [])
+    finally:
+        st.send_signal(signal.SIGINT)
+        try:
+            st.wait(20)
+        except subprocess.TimeoutExpired:
+            st.kill()
+            st.wait()
+    try:
+        total = [ln for ln in open(out) if ln.rstrip().endswith("total")]
+        calls = int(total[-1].split()[3]) if total else 0
+    except (OSError, ValueError, IndexError):
+        calls = 0
+    finally:
+        os.unlink(out)
+    return calls / r.requests if calls and r.requests else float("nan")
 
 
 NGINX_CONF = """worker_processes 1;
@@ -288,6 +343,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="py-spy profile of halb under small-HTTP load")
     ap.add_argument("--no-install", action="store_true")
+    ap.add_argument("--no-strace", action="store_true", help="skip the syscalls-per-request counts")
+    ap.add_argument("--only", default="", help="run only the cases whose name contains one of these texts (separated by |)")
     ap.add_argument("--scaling", choices=["auto", "force", "off"], default="auto",
                     help="workers=2 vs workers=1: auto runs it on 4+ cores")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -306,9 +363,16 @@ def main() -> int:
     procs = Procs()
     tmp = Path(tempfile.mkdtemp(prefix="halb-bench-"))
     tmp.chmod(0o755)  # nginx workers run as another user
-    cases = [Case("small HTTP responses (12 B), 50 conns", "/", 50, "http"),
+    cases = [Case("small HTTP responses (12 B), 50 conns", "/", 50, "http", llhttp=True),
              Case("TCP mode, small HTTP responses, 50 conns", "/", 50, "tcp"),
-             Case("1 MiB response bodies, 8 conns", "/big", 8, "http")]
+             Case("TCP mode, new connection per request (Connection: close), 50 conns", "/", 50, "tcp",
+                  headers=("Connection: close",)),
+             Case("HTTP, 1,000 keep-alive connections", "/", 1000, "http", target="errors"),
+             Case("1 MiB response bodies, 8 conns", "/big", 8, "http", target="mib_s")]
+    if args.only:
+        wanted = [w.strip().lower() for w in args.only.split("|") if w.strip()]
+        cases = [c for c in cases if any(w in c.name.lower() for w in wanted)]
+    big_path = "/big"
     load_before = os.getloadavg()
     profile_md = ""
     try:
@@ -323,17 +387,18 @@ def main() -> int:
         else:
             procs.start([PY, "-m", "halb.dataplane.origin", "--port", str(origin_port)], load_core,
                         stdout=subprocess.DEVNULL)
+            big_path = f"/bytes/{BIG}"
             for c in cases:
                 if c.path == "/big":
-                    c.path = f"/bytes/{BIG}"
+                    c.path = big_path
             origin_name = "halb built-in origin"
         wait_port(origin_port)
         check = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}",
-                                f"http://127.0.0.1:{origin_port}{cases[2].path}"], capture_output=True, text=True)
+                                f"http://127.0.0.1:{origin_port}{big_path}"], capture_output=True, text=True)
         if check.stdout.strip() != f"200 {BIG}":
             raise RuntimeError(f"origin does not serve the 1 MiB body: {check.stdout!r}")
 
-        direct = run_wrk(origin_port, cases[0], args.duration, load_core, [])
+        direct = run_wrk(origin_port, Case("direct", "/", 50, "http"), args.duration, load_core, [])
         for case in cases:
             print(f"== {case.name}", flush=True)
             bulk = case.path != "/"
@@ -344,7 +409,7 @@ def main() -> int:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             halb = start_halb(procs, halb_port, origin_port, proxy_core, mode=case.mode)
             proxies = [("haproxy", hap_port, hap), ("halb", halb_port, halb)]
-            if case.mode == "http" and not bulk:
+            if case.llhttp:
                 # the same halb without the C head fast path: what a machine without a C
                 # compiler gets (reported, not judged against the target)
                 slow_port = free_port()
@@ -360,8 +425,12 @@ def main() -> int:
                     case.results.setdefault(name, []).append(r)
                     print(f"  run {i + 1} {name:8s} {r.rps:9.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
                           f"  {r.mib_s:8.1f} MiB/s  {r.cpu_us_per_req:6.1f} us CPU/req"
-                          f" (user {r.user_us_per_req:.1f} sys {r.sys_us_per_req:.1f})", flush=True)
-            if args.profile and case.mode == "http" and not bulk:
+                          f" (user {r.user_us_per_req:.1f} sys {r.sys_us_per_req:.1f})  errors {r.errors}", flush=True)
+            if not bulk and not args.no_strace:
+                for name, port, p in proxies[:2]:
+                    case.syscalls[name] = syscalls_per_request(p.pid, port, case, load_core)
+                    print(f"  {name:8s} {case.syscalls[name]:.1f} syscalls/request", flush=True)
+            if args.profile and case.llhttp:
                 profile_md = profile_halb(halb.pid, halb_port, 5, load_core)
             for _, _, p in proxies:
                 procs.stop(p)
@@ -449,9 +518,15 @@ def target_lines(cases: list[Case]) -> list[str]:
         h, b = c.results.get("haproxy", []), c.results.get("halb", [])
         if not h or not b:
             continue
-        if c.path != "/":
+        if c.target == "mib_s":
             r = med(b, "mib_s") / med(h, "mib_s")
             out.append(f"* {c.name}: MiB/s {r:.2f}x (target ≥ 1.0x): **{'met' if r >= 1.0 else 'missed'}**")
+        elif c.target == "errors":
+            e, eh = sum(x.errors for x in b), sum(x.errors for x in h)
+            r = med(b, "rps") / med(h, "rps")
+            p = med(b, "p99_ms") / med(h, "p99_ms")
+            out.append(f"* {c.name}: halb errors {e} over {len(b)} runs (target 0; HAProxy {eh}): "
+                       f"**{'met' if e == 0 else 'missed'}**; req/s {r:.2f}x, p99 {p:.2f}x (reported, not judged)")
         elif c.mode == "tcp":
             r = med(b, "rps") / med(h, "rps")
             out.append(f"* {c.name}: req/s {r:.2f}x (target ≥ 0.9x): **{'met' if r >= 0.9 else 'missed'}**")
@@ -462,6 +537,29 @@ def target_lines(cases: list[Case]) -> list[str]:
             out.append(f"* {c.name}: req/s {r:.2f}x (target ≥ 0.8x), p99 {p:.2f}x (target ≤ 1.5x): "
                        f"**{'met' if ok else 'missed'}**")
     return out
+
+
+def per_request_lines(cases: list[Case]) -> list[str]:
+    """CPU time and system calls per request: steadier than req/s on a busy machine."""
+    rows = []
+    for c in cases:
+        h, b = c.results.get("haproxy", []), c.results.get("halb", [])
+        if not h or not b:
+            continue
+        sh, sb = c.syscalls.get("haproxy", float("nan")), c.syscalls.get("halb", float("nan"))
+        def n(v: float) -> str:
+            return "–" if v != v else f"{v:.1f}"  # NaN: not counted (bulk case, or no strace)
+
+        rows.append(f"| {c.name} | {med(h, 'cpu_us_per_req'):.1f} | {med(b, 'cpu_us_per_req'):.1f} | "
+                    f"{med(b, 'cpu_us_per_req') / med(h, 'cpu_us_per_req'):.2f}x | {n(sh)} | {n(sb)} |")
+    if not rows:
+        return []
+    return ["", "## Per request: CPU time and system calls", "",
+            "With `Connection: close` a request is a connection, so these are per connection there. "
+            "System calls are counted with `strace -c -f` on the proxy process over a separate 3 s load "
+            "(strace slows the process; only the count is used).", "",
+            "| case | HAProxy CPU µs | halb CPU µs | halb/HAProxy CPU | HAProxy syscalls | halb syscalls |",
+            "|---|---:|---:|---:|---:|---:|", *rows]
 
 
 def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver: dict[str, str],
@@ -506,16 +604,19 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
         c = bulk[0]
         lines += ["", f"1 MiB bodies: halb/HAProxy MiB/s = **{med(c.results['halb'], 'mib_s') / med(c.results['haproxy'], 'mib_s'):.2f}x**."]
     lines += ["", "Targets (measured, not asserted): ≥ 0.8x HAProxy req/s in HTTP mode with p99 ≤ 1.5x, "
-              "≥ 0.9x in TCP mode, ≥ 1.0x MiB/s on 1 MiB bodies.", ""]
+              "≥ 0.9x in TCP mode (also with a new connection per request), ≥ 1.0x MiB/s on 1 MiB bodies, "
+              "0 errors with 1,000 keep-alive connections.", ""]
     lines += target_lines(cases)
     lines += [""] + scaling_lines(scaling)
-    lines += ["", "## All runs", "", "| case | proxy | run | req/s | p50 ms | p99 ms | MiB/s | CPU µs/req | user µs | sys µs |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += per_request_lines(cases)
+    lines += ["", "## All runs", "", "| case | proxy | run | req/s | p50 ms | p99 ms | MiB/s | CPU µs/req | user µs | sys µs "
+              "| errors | load avg |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cases:
         for name, rs in c.results.items():
             for i, r in enumerate(rs):
                 lines.append(f"| {c.name} | {name} | {i + 1} | {r.rps:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
-                             f"{r.mib_s:,.1f} | {r.cpu_us_per_req:.1f} | {r.user_us_per_req:.1f} | {r.sys_us_per_req:.1f} |")
+                             f"{r.mib_s:,.1f} | {r.cpu_us_per_req:.1f} | {r.user_us_per_req:.1f} | {r.sys_us_per_req:.1f} "
+                             f"| {r.errors} | {r.load:.1f} |")
     lines += ["", "## Configuration", "",
               "* HAProxy: `nbthread 1`, keep-alive both sides; TCP and bulk cases add `tune.bufsize 65536` "
               "and `option splice-auto` (what an operator sets for bulk transfer).",

@@ -49,8 +49,10 @@ class ServiceOptions:
     max_headers: int = 100  # request header lines; 431 beyond (HAProxy: 101, Envoy: 100)
     max_interim_responses: int = 10  # 1xx responses forwarded before the final one; 502 beyond
     max_body_bytes: int = 0  # request body; 0 = unlimited; 413 beyond
-    max_connections: int = 0  # concurrent client connections per service per worker; 0 = unlimited
-    pool_max_idle: int = 256  # idle keep-alive upstream connections kept per backend
+    max_connections: int = 0  # concurrent client connections per service per worker; 0 = unlimited;
+    # unset in the route: derived from RLIMIT_NOFILE (halb/dataplane/options.py, fdlimit.py)
+    pool_max_idle: int = 256  # idle keep-alive upstream connections kept per backend;
+    # unset in the route: max(256, max_connections / 2) (halb/dataplane/options.py)
     # --- retries --------------------------------------------------------------------
     retries: int = 2  # extra attempts after the first, each on a different backend
     retry_budget: float = 0.2  # token bucket: each request deposits this many retry tokens
@@ -100,7 +102,13 @@ class ServiceOptions:
         if values.get("fail_policy", "panic") not in FAIL_POLICIES:
             log.warning("service %s: fail_policy must be one of %s", route.name, FAIL_POLICIES)
             values.pop("fail_policy")
+        cls.derive_unset(values)
         return cls(**values)
+
+    @classmethod
+    def derive_unset(cls, values: dict[str, Any]) -> None:
+        """Fill options the route left unset from local facts; the data plane's subclass
+        derives connection limits from the process's descriptor limit. Nothing here."""
 
 
 def _coerce(raw: Any, default: Any) -> Any:

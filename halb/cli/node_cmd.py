@@ -26,6 +26,9 @@ def run(config_path: str, insecure_dev: bool) -> None:
     try:
         cfg = load_config(config_path)
         setup_logging(cfg.node_id, cfg.log_level)
+        from halb.dataplane.fdlimit import raise_nofile
+
+        raise_nofile(f"node {cfg.node_id}")  # before any socket: every proxied connection needs two fds
         node_obj = Node(cfg, insecure_dev=insecure_dev)
     except (ConfigError, InsecureConfig) as exc:  # includes health-check tables
         click.echo(f"halb: config error: {exc}", err=True)

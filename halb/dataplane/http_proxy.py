@@ -33,6 +33,7 @@ import httptools
 
 from halb.dataplane import body_deadline, request_target
 from halb.dataplane.http_errors import error_response
+from halb.dataplane.local_errors import is_local_resource_error, local_reason, report_local_error, report_rejected
 from halb.dataplane.options import ServiceOptions
 from halb.dataplane.request_head import HeadState
 from halb.dataplane.routing import BackendState, ServiceRuntime
@@ -529,6 +530,7 @@ class HttpClientConn(asyncio.Protocol):
             transport.write(error_response(503, "too many connections", b"", retry_after=rt.opts.retry_after_s, close=True))  # type: ignore[attr-defined]
             transport.close()
             self.closed = True
+            report_rejected(rt.route.name, mc)
             return
         rt.connections += 1
         self.engine.conns.add(self)
@@ -992,6 +994,10 @@ class HttpClientConn(asyncio.Protocol):
                 ex.opts.connect_timeout)  # type: ignore[union-attr]
         except (OSError, asyncio.TimeoutError) as e:
             if ex.backend is b and not ex.finished and ex.upstream is None:
+                if is_local_resource_error(e):  # out of fds/memory here: no backend is to blame
+                    report_local_error(ex.rt.route.name, b.name, e)  # type: ignore[union-attr]
+                    self.attempt_failed(ex, True, local_reason(e), local=True)
+                    return
                 what = "connect timeout" if isinstance(e, asyncio.TimeoutError) else f"connect failed: {e.strerror or e}"
                 self.attempt_failed(ex, True, what)
             return
@@ -1071,8 +1077,11 @@ class HttpClientConn(asyncio.Protocol):
         self.attach(ex, nb)
 
     def attempt_failed(self, ex: Exchange, connect: bool, reason: str, *, timeout: bool = False,
-                       target: BackendState | None = None) -> None:
-        """An attempt failed before a response reached the client: retry or answer."""
+                       target: BackendState | None = None, local: bool = False) -> None:
+        """An attempt failed before a response reached the client: retry or answer.
+
+        ``local``: this process ran out of a resource (local_errors): not the backend's
+        fault, so no outlier accounting and no retry (another backend would fail alike)."""
         if ex.finished:
             return
         up = ex.upstream
@@ -1083,10 +1092,13 @@ class HttpClientConn(asyncio.Protocol):
         b = ex.backend
         self._detach_backend(ex)
         rt = ex.rt
-        if b is not None:
+        if b is not None and not local:
             rt.record_failure(b, connect, reason)  # type: ignore[union-attr]
         if ex.response_started:
             self.close()
+            return
+        if local:
+            self.send_error(ex, 503, reason, retry_after=rt.retry_after())  # type: ignore[union-attr]
             return
         if target is None and not timeout:
             target = self._retry_target(ex, connect, b)

@@ -11,6 +11,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from halb.dataplane.accept_burst import BurstAcceptor
+from halb.dataplane.accept_burst import attach as attach_burst
 from halb.dataplane.routing import ServiceRuntime
 
 log = logging.getLogger(__name__)
@@ -51,16 +53,27 @@ class Listener:
     port: int = 0
     closed: bool = False
     conns: set[Any] = field(default_factory=set)
+    burst: BurstAcceptor | None = None  # drains deep accept queues (see accept_burst.py)
 
     async def serve(self, factory: Any) -> None:
         if self.closed:
             return
-        self.server = await self.engine.loop.create_server(factory, sock=self.sock, backlog=BACKLOG)
+        loop = self.engine.loop
+        self.server = await loop.create_server(factory, sock=self.sock, backlog=BACKLOG)
         if self.closed:
             self.server.close()
+            return
+        self.burst = attach_burst(loop, self.sock, factory, self._room)
+
+    def _room(self) -> int:
+        mc = self.rt.opts.max_connections
+        return mc - self.rt.connections if mc else 1 << 30
 
     def close(self) -> None:
         self.closed = True
+        if self.burst is not None:
+            self.burst.close()
+            self.burst = None
         if self.server is not None:
             self.server.close()
         else:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import signal
 import sys
 
@@ -20,6 +22,7 @@ import msgpack
 
 from halb.aio import run
 from halb.dataplane.engine import DataPlane
+from halb.dataplane.fdlimit import raise_nofile
 from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot, ServiceRoute
 
 
@@ -81,6 +84,7 @@ def build_snapshot(args: argparse.Namespace) -> RoutingSnapshot:
 
 
 async def _main(args: argparse.Namespace) -> None:
+    raise_nofile("data plane")
     dp = DataPlane("run", workers=args.workers)
     snap = build_snapshot(args)
     await dp.start(snap)
@@ -113,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument("--stats-interval", type=float, default=0.0)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(_main(args), use_uvloop=not args.no_uvloop)
 
 

@@ -12,10 +12,14 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from halb.dataplane.connect import PendingConnect, open_connection
+from halb.dataplane.local_errors import is_local_resource_error, report_local_error, report_rejected
 from halb.dataplane.routing import BackendState, ServiceRuntime
 
 if TYPE_CHECKING:  # pragma: no cover
     from halb.dataplane.listeners import Listener
+
+EARLY_MAX = 65536  # client bytes held while the backend connection is being opened
 
 
 class TcpUpstream(asyncio.Protocol):
@@ -47,6 +51,7 @@ class TcpUpstream(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.upstream_lost(self)
+        self.transport = None  # no protocol <-> transport cycle: freed by refcount, not the GC
 
     def pause_writing(self) -> None:
         if not self.client.closed:
@@ -58,6 +63,12 @@ class TcpUpstream(asyncio.Protocol):
 
 
 class TcpClientConn(asyncio.Protocol):
+    """One client connection and its backend connection.
+
+    The backend connect runs on callbacks (halb.dataplane.connect), not in a Task: with a
+    new connection per request it is the per-connection fixed cost that decides the rate.
+    """
+
     def __init__(self, listener: "Listener") -> None:
         self.listener = listener
         self.engine = listener.engine
@@ -72,6 +83,14 @@ class TcpClientConn(asyncio.Protocol):
         self.last_active = 0.0
         self.peer = b""
         self.early: list[bytes] = []  # bytes that arrived before the backend connection
+        self.early_size = 0
+        self.early_paused = False
+        self.pending: PendingConnect | None = None
+        self.attempt: BackendState | None = None  # backend being connected to
+        self.attempts_left = 0
+        self.tried: set[BackendState] | None = None  # only after a failed attempt
+        self.servers: set[str] | None = None
+        self.t0 = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -81,71 +100,110 @@ class TcpClientConn(asyncio.Protocol):
             rt.rejected += 1
             self.closed = True
             transport.close()
+            report_rejected(rt.route.name, mc)
             return
         self.rt = rt
         rt.connections += 1
         rt.requests += 1
-        peer = transport.get_extra_info("peername")
-        self.peer = peer[0].encode() if peer else b""
-        self.last_active = self.loop.time()
+        if rt.uses_key:
+            peer = transport.get_extra_info("peername")
+            self.peer = peer[0].encode() if peer else b""
+        self.last_active = self.engine.now
         self.engine.conns.add(self)
-        transport.pause_reading()  # type: ignore[attr-defined]
-        self.loop.create_task(self._connect(rt))
+        self.attempts_left = max(1, rt.opts.tcp_connect_attempts)
+        # Reading is not paused here: bytes that arrive before the backend connection are
+        # kept up to EARLY_MAX (then reading pauses), which spares a pause/resume pair per
+        # connection for the usual small first request.
+        self._attempt(rt)
 
-    async def _connect(self, rt: ServiceRuntime) -> None:
-        tried: set[BackendState] = set()
-        servers: set[str] = set()
-        opts = rt.opts
-        key = self.peer if rt.uses_key else None
-        for _ in range(max(1, opts.tcp_connect_attempts)):
-            if self.closed:
-                return
-            b = rt.pick(key, exclude=tried, avoid_servers=servers)
-            if b is None:
-                break
-            if tried:
-                b.retries += 1
-                rt.retries += 1
-            tried.add(b)
-            if b.server:
-                servers.add(b.server)
-            b.in_flight += 1
-            b.requests += 1
-            t0 = self.loop.time()
-            try:
-                _, up = await asyncio.wait_for(
-                    self.loop.create_connection(lambda: TcpUpstream(self), b.host, b.port), opts.connect_timeout)
-            except (OSError, asyncio.TimeoutError) as e:
-                b.in_flight -= 1
-                rt.record_failure(b, True, "connect timeout" if isinstance(e, asyncio.TimeoutError) else f"connect failed: {e}")
-                continue
-            rt.record_success(b, self.loop.time() - t0)
-            if self.closed:
-                b.in_flight -= 1
-                up.transport.close()  # type: ignore[union-attr]
-                return
-            self.up = up  # type: ignore[assignment]
-            self.backend = b
-            if self.early:
-                up.transport.writelines(self.early)  # type: ignore[union-attr]
-                self.early = []
-            if self.eof:
-                if up.transport.can_write_eof():  # type: ignore[union-attr]
-                    up.transport.write_eof()  # type: ignore[union-attr]
-            else:
-                self.transport.resume_reading()  # type: ignore[union-attr]
+    def _attempt(self, rt: ServiceRuntime) -> None:
+        """Connect to the next backend, or give up (close the client)."""
+        if self.closed:
             return
+        if self.attempts_left <= 0:
+            self._give_up(rt)
+            return
+        self.attempts_left -= 1
+        tried = self.tried
+        b = rt.pick(self.peer if rt.uses_key else None, exclude=tried, avoid_servers=self.servers)
+        if b is None:
+            self._give_up(rt)
+            return
+        if tried is not None:
+            b.retries += 1
+            rt.retries += 1
+        self.attempt = b
+        b.in_flight += 1
+        b.requests += 1
+        if rt.track_latency:
+            self.t0 = self.loop.time()
+        self.pending = open_connection(self.loop, lambda: TcpUpstream(self), b.host, b.port,
+                                       rt.opts.connect_timeout, self._connected)
+
+    def _give_up(self, rt: ServiceRuntime) -> None:
         rt.errors += 1
         self.close()
+
+    def _connected(self, up: "TcpUpstream | None", exc: BaseException | None) -> None:
+        """The attempt ended. It is accounted even when the client left meanwhile (a backend
+        that hangs on connect must still be detected), and then goes no further."""
+        self.pending = None
+        b = self.attempt
+        self.attempt = None
+        if b is None:  # pragma: no cover - defensive
+            return
+        rt = self.listener.rt
+        if up is None:
+            b.in_flight -= 1
+            if is_local_resource_error(exc):  # type: ignore[arg-type]
+                # out of fds/memory here: every backend would fail alike, none is to blame
+                report_local_error(rt.route.name, b.name, exc)  # type: ignore[arg-type]
+                if not self.closed:
+                    rt.errors += 1
+                    self.close()
+                return
+            rt.record_failure(b, True, "connect timeout" if isinstance(exc, asyncio.TimeoutError)
+                              else f"connect failed: {getattr(exc, 'strerror', None) or exc}")
+            if self.closed:
+                return
+            if self.tried is None:
+                self.tried, self.servers = set(), set()
+            self.tried.add(b)
+            if b.server:
+                self.servers.add(b.server)  # type: ignore[union-attr]
+            self._attempt(rt)
+            return
+        rt.record_success(b, self.loop.time() - self.t0 if rt.track_latency else None)
+        if self.closed or up.transport is None:  # client gone, or backend closed at once
+            b.in_flight -= 1
+            if up.transport is not None:
+                up.transport.close()
+            self.close()
+            return
+        self.up = up
+        self.backend = b
+        if self.early:
+            up.transport.writelines(self.early)  # type: ignore[union-attr]
+            self.early = []
+            self.early_size = 0
+        if self.eof:
+            if up.transport.can_write_eof():  # type: ignore[union-attr]
+                up.transport.write_eof()  # type: ignore[union-attr]
+        elif self.early_paused:
+            self.early_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         self.active = True
         up = self.up
         if up is not None:
             up.transport.write(data)  # type: ignore[union-attr]
-        else:  # pause_reading in connection_made may come too late for the first bytes
+        else:  # the backend connection is not there yet
             self.early.append(data)
-            self.transport.pause_reading()  # type: ignore[union-attr]
+            self.early_size += len(data)
+            if self.early_size >= EARLY_MAX and not self.early_paused:
+                self.early_paused = True
+                self.transport.pause_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -190,6 +248,10 @@ class TcpClientConn(asyncio.Protocol):
         up = self.up
         if up is not None and up.transport is not None and not up.transport.is_closing():
             up.transport.close()
+        # Break the reference cycles (client <-> upstream, protocol <-> transport) so a
+        # finished connection is freed at once by refcounting rather than by the cyclic GC.
+        self.up = None
+        self.transport = None
 
     def check(self, now: float) -> None:
         if self.active:

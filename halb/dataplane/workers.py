@@ -214,6 +214,9 @@ def main(argv: list[str]) -> None:
     shared_hosts = [h for h in (argv[3] if len(argv) > 3 else "").split(",") if h]
     _die_with_parent()
     logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"))
+    from halb.dataplane.fdlimit import raise_nofile
+
+    raise_nofile(f"data plane worker {os.getpid()}")
     run(_child(fd, node_id, shared_hosts), use_uvloop=use_uvloop)
 
 

@@ -139,3 +139,141 @@ def test_all_backends_down_closes_client() -> None:
             await dp.stop()
 
     run(main())
+
+
+def test_connect_timeout_tries_next_backend() -> None:
+    """A backend whose accept queue is full drops SYNs: connect_timeout fires, the next one serves."""
+    import socket
+
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)  # never accepted: the queue fills, further SYNs are dropped
+    fillers = []
+    try:
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(stuck.getsockname())
+            fillers.append(f)
+
+        async def main() -> None:
+            async with setup(lambda p: tcp_snap(stuck.getsockname()[1], p, connect_timeout=0.3)) as (dp, port):
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"abc")
+                writer.write_eof()
+                assert await read_all(reader) == b"abcEOF after 3 bytes\n"
+                assert loop.time() - t0 >= 0.25  # the first attempt waited for its timeout
+                writer.close()
+                s = dp.stats()["services"]["tcp"]
+                assert s["backends"]["b0"]["errors"] == 1 and s["backends"]["b0"]["ejected"]
+                assert s["backends"]["b1"]["requests"] == 1 and s["errors"] == 0 and s["retries"] == 1
+
+        run(main())
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()
+
+
+def test_out_of_fds_on_backend_connect_is_not_the_backends_fault(caplog: pytest.LogCaptureFixture) -> None:
+    """EMFILE on the backend socket(): the client is closed, the backend keeps a clean record
+    (not ejected, no error), an ERROR names the local limit, and it serves once fds are back."""
+    import logging
+    import os
+    import resource
+    import socket
+
+    from halb.dataplane import local_errors
+
+    local_errors.local_log.reset()
+
+    async def main() -> None:
+        async with setup(lambda p: tcp_snap(p)) as (dp, port):
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            fillers: list[int] = []
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+                while True:
+                    try:
+                        fillers.append(os.open(os.devnull, os.O_RDONLY))
+                    except OSError:
+                        break
+                os.close(fillers.pop())
+                client = socket.socket()  # the one free fd
+                client.setblocking(False)
+                os.close(fillers.pop())  # one left for the proxy's accept, none for its connect
+                client.connect_ex(("127.0.0.1", port))
+                loop = asyncio.get_running_loop()
+                data = await asyncio.wait_for(loop.sock_recv(client, 100), 10)
+                assert data == b""  # closed by the proxy without a backend
+                client.close()
+            finally:
+                for fd in fillers:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            s = dp.stats()["services"]["tcp"]
+            b = s["backends"]["b0"]
+            assert not b["ejected"] and b["errors"] == 0 and b["ejections"] == 0, b
+            assert s["errors"] == 1
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"ok")
+            writer.write_eof()
+            assert await read_all(reader) == b"okEOF after 2 bytes\n"
+            writer.close()
+
+    with caplog.at_level(logging.ERROR, logger="halb.dataplane.local_errors"):
+        run(main())
+    assert any("Too many open files" in r.getMessage() and "not counted against the backend" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_client_leaving_during_connect_leaves_no_backend_in_flight() -> None:
+    """The client closes while the backend connect hangs: the attempt still ends by its
+    timeout (and is charged to that backend), in_flight returns to 0, nothing is forwarded."""
+    import socket
+
+    stuck = socket.socket()
+    stuck.bind(("127.0.0.1", 0))
+    stuck.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            f = socket.socket()
+            f.setblocking(False)
+            f.connect_ex(stuck.getsockname())
+            fillers.append(f)
+
+        async def main() -> None:
+            dp = DataPlane("t")
+            await dp.start(tcp_snap(stuck.getsockname()[1], connect_timeout=0.5))
+            try:
+                port = dp.bound_port("tcp")
+                loop = asyncio.get_running_loop()
+
+                async def until(cond: object) -> None:
+                    deadline = loop.time() + 5
+                    while loop.time() < deadline and not cond():  # type: ignore[operator]
+                        await asyncio.sleep(0.02)
+
+                def b0() -> dict:  # type: ignore[type-arg]
+                    return dp.stats()["services"]["tcp"]["backends"]["b0"]
+
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"abc")
+                await until(lambda: b0()["in_flight"] == 1)
+                assert b0()["in_flight"] == 1 and b0()["errors"] == 0  # connecting
+                writer.close()
+                await until(lambda: b0()["errors"] == 1)
+                b = b0()
+                assert b["errors"] == 1 and b["in_flight"] == 0, b
+                assert len(dp.conns) == 0
+            finally:
+                await dp.stop()
+
+        run(main())
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()

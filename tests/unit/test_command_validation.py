@@ -194,8 +194,10 @@ def test_every_dataplane_option_has_a_schema_and_its_default_passes() -> None:
 
 
 def test_dataplane_import_path_still_works() -> None:
-    from halb.dataplane.options import ServiceOptions as Reexported
-    assert Reexported is ServiceOptions
+    from halb.dataplane.options import ServiceOptions as DataPlaneOptions
+    # the data plane's class only adds limits derived from the local descriptor limit
+    assert issubclass(DataPlaneOptions, ServiceOptions)
+    assert {f.name for f in fields(DataPlaneOptions)} == {f.name for f in fields(ServiceOptions)}
 
 
 # --- property tests: random and mutated payloads at apply ---------------------------------
