@@ -194,6 +194,8 @@ def test_every_dataplane_option_has_a_schema_and_its_default_passes() -> None:
 
 
 def test_dataplane_import_path_still_works() -> None:
+    from dataclasses import fields
+
     from halb.dataplane.options import ServiceOptions as DataPlaneOptions
     # the data plane's class only adds limits derived from the local descriptor limit
     assert issubclass(DataPlaneOptions, ServiceOptions)
