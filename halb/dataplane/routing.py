@@ -160,14 +160,17 @@ class ServiceRuntime:
         eligible: list[BackendState] = []
         fallback: list[BackendState] = []
         ramp_until = 0.0
+        last_resort: list[BackendState] = []
         for st in self.backends.values():
             r = st.route
             if r.weight <= 0 or r.admin_state == "maint":
                 st.was_eligible = False
                 continue
-            fallback.append(st)
             if r.admin_state == "active":
                 active += 1
+                # panic never picks a draining backend (drain = no new requests, panic or
+                # not); an ejected one only when every active backend is ejected
+                (last_resort if st.ejected else fallback).append(st)
             ok = r.eligible and not st.ejected
             if ok and not st.was_eligible and not initial and st.eligible_since < now - 1e-9:
                 st.eligible_since = now
@@ -188,6 +191,7 @@ class ServiceRuntime:
         # fail_policy "panic" a backend the checks doubt beats a certain 503
         if active and opts.fail_policy == "panic" and (share < opts.panic_threshold or not eligible):
             self.panic = True
+            fallback = fallback or last_resort
             for st in fallback:
                 st.weight = max(float(st.route.weight), 1e-6)
             self.candidates = fallback
