@@ -49,7 +49,7 @@ def print_status(status: dict[str, Any]) -> None:
                 for s in status["services"]]  # the node sorts services at risk first
         click.echo(table(rows, ["SERVICE", "MODE", "ALGORITHM", "BACKENDS", "SERVERS", "RESILIENCE", "LISTEN"]))
         for s in status["services"]:
-            if s.get("resilience") in ("at_risk", "down"):
+            if s.get("resilience") in ("at_risk", "down") or s.get("routing") == "error":
                 for w in s.get("warnings", []):
                     click.echo(f"WARNING: {w}")
 

@@ -50,6 +50,7 @@ class DataPlane:
         self.conns: set[Any] = set()
         self.on_ejection: list[EjectionHook] = []
         self.listen_errors: dict[str, str] = {}
+        self.apply_errors: dict[str, str] = {}  # service -> why its last route could not be applied
         self._sweeper: asyncio.Task[None] | None = None
         self._rid_prefix = (f"{node_id[:16]}-{os.getpid():x}{secrets.token_hex(3)}-").encode()
         self._rid_counter = 0
@@ -160,22 +161,36 @@ class DataPlane:
         return lambda: HttpClientConn(lst)
 
     def _apply(self, snapshot: RoutingSnapshot, initial: bool) -> None:
+        """Per service: unchanged (the same ServiceRoute object) costs nothing, so an update
+        of one service among 100 is O(that service); one that cannot be applied is skipped
+        and named in `apply_errors`, the others are still applied."""
         seen: set[str] = set()
         for svc in snapshot.services:
             seen.add(svc.name)
-            key = (svc.mode, svc.listen_host, svc.listen_port)
             lst = self.listeners.get(svc.name)
-            if lst is not None and lst.key == key:
-                lst.rt.apply(svc)
+            if lst is not None and lst.rt.route is svc:
                 continue
-            if lst is not None:
-                self._retire(lst)
-            self._open(svc, key, initial)
+            try:
+                key = (svc.mode, svc.listen_host, svc.listen_port)
+                if lst is not None and lst.key == key:
+                    lst.rt.apply(svc)
+                else:
+                    if lst is not None:
+                        self._retire(lst)
+                    self._open(svc, key, initial)
+            except Exception as exc:  # isolate: one service must not stop the others' updates
+                log.exception("service %s: cannot apply its routing; the others are applied", svc.name)
+                self.apply_errors[svc.name] = f"cannot apply routing: {type(exc).__name__}: {exc}"
+            else:
+                self.apply_errors.pop(svc.name, None)
+        for name in [n for n in self.apply_errors if n not in seen]:
+            del self.apply_errors[name]
         for name in [n for n in self.listeners if n not in seen]:
             self._retire(self.listeners.pop(name))
         self.snapshot = snapshot
 
     def _open(self, svc: ServiceRoute, key: tuple[str, str, int], initial: bool) -> None:
+        rt = ServiceRuntime(svc, hook=self._hook, initial=initial)  # before the socket: may raise
         try:
             sock = make_listen_socket(svc.listen_host, svc.listen_port)
         except OSError as e:
@@ -184,7 +199,6 @@ class DataPlane:
             self.listeners.pop(svc.name, None)
             return
         self.listen_errors.pop(svc.name, None)
-        rt = ServiceRuntime(svc, hook=self._hook, initial=initial)
         lst = Listener(engine=self, rt=rt, key=key, sock=sock, port=sock.getsockname()[1])
         self.listeners[svc.name] = lst
         if not initial and self.loop is not None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from halb.control.raft import ReplicatedState
 from halb.control.writer import CommandWriter, WriteError
@@ -28,12 +28,13 @@ class HealthManager:
     node_id: str
     raft: ReplicatedState
     writer: CommandWriter
-    on_local_change: Callable[[], None]
+    on_local_change: Callable[[str], None]  # (service): this node's view of one of its backends changed
     on_result: Callable[[str, str, Any], None] | None = None
     dial: dict[str, str] = field(default_factory=dict)  # backend address -> address to check instead
     # max seconds to hold a report while other instances of its server fail too;
     # None: one check interval of the service (interval x (1 + jitter))
     server_hold: float | None = None
+    issues: Any = None  # halb.local_issues.LocalIssues: where per-service failures are reported
     prober: Prober = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
@@ -55,22 +56,64 @@ class HealthManager:
 
     # --- targets from the replicated state --------------------------------------------
 
-    def sync_targets(self) -> None:
-        targets = {}
+    def sync_targets(self, services: Iterable[str] | None = None) -> None:
+        """Bring the prober's targets in line with the replicated state, for `services`
+        (None: all of them).
+
+        Everything is read inside one hold of the state lock (a consistent snapshot: the
+        tick thread mutates `svc.backends` while it applies commands, so iterating them
+        outside the lock raised "dictionary changed size during iteration" under bulk
+        writes), and each service is handled on its own: one whose targets cannot be
+        built is reported (LocalIssues) and keeps its previous targets, the others go on.
+        """
+        wanted: dict[str, dict[str, Any] | None] = {}  # service -> backend -> target; None: gone
+        failed: dict[str, str] = {}
         with self.raft.read() as cs:
-            services = list(cs.services.values())
-        for svc in services:
+            names = set(cs.services) | set(self.prober.services()) if services is None else set(services)
+            for name in names:
+                svc = cs.services.get(name)
+                if svc is None:
+                    wanted[name] = None
+                    continue
+                try:
+                    wanted[name] = self._service_targets(svc)
+                except Exception as exc:  # isolate: a bad service must not stop the others
+                    failed[name] = f"cannot build health check targets: {type(exc).__name__}: {exc}"
+        for name, message in failed.items():
+            self._issue(name, message)
+        for name, targets in sorted(wanted.items()):
             try:
-                check = CheckConfig.from_dict(svc.options.get("health") or {}, where=f"services.{svc.name}.health")
-            except CheckConfigError as exc:
-                if self._check_errors.get(svc.name) != str(exc):
-                    log.error("service %s: bad health check config, using TCP defaults: %s", svc.name, exc)
-                    self._check_errors[svc.name] = str(exc)
-                check = CheckConfig(kind="tcp")
-            for be in svc.backends.values():
-                host, port = parse_hostport(self.dial.get(be.address, be.address))
-                targets[(svc.name, be.name)] = (host, port, check)
-        self.prober.set_targets(targets)
+                self.prober.set_service_targets(name, targets or {})
+            except Exception as exc:
+                self._issue(name, f"cannot set health check targets: {type(exc).__name__}: {exc}")
+                continue
+            if targets is None:
+                self._check_errors.pop(name, None)
+                if self.issues is not None:
+                    self.issues.forget_service("health", [name])
+            elif self.issues is not None:
+                self.issues.clear("health", name)
+
+    def _service_targets(self, svc: Any) -> dict[str, Any]:
+        """backend name -> (host, port, check) of one service; runs under the state lock."""
+        try:
+            check = CheckConfig.from_dict(svc.options.get("health") or {}, where=f"services.{svc.name}.health")
+        except CheckConfigError as exc:
+            if self._check_errors.get(svc.name) != str(exc):
+                log.error("service %s: bad health check config, using TCP defaults: %s", svc.name, exc)
+                self._check_errors[svc.name] = str(exc)
+            check = CheckConfig(kind="tcp")
+        out = {}
+        for be in svc.backends.values():
+            host, port = parse_hostport(self.dial.get(be.address, be.address))
+            out[be.name] = (host, port, check)
+        return out
+
+    def _issue(self, service: str, message: str) -> None:
+        if self.issues is not None:
+            self.issues.report("health", service, message)
+        else:
+            log.error("health: service %s skipped: %s", service, message)
 
     # --- local view -------------------------------------------------------------------
 
@@ -89,7 +132,7 @@ class HealthManager:
     def _transition(self, service: str, backend: str, up: bool, detail: str) -> None:
         log.info("local check: %s/%s is %s%s", service, backend, "UP" if up else "DOWN",
                  f" ({detail})" if detail else "")
-        self.on_local_change()  # local fast path: re-route now, do not wait for the cluster
+        self.on_local_change(service)  # local fast path: re-route now, do not wait for the cluster
         self._wake.set()
 
     # --- reconcile loop ---------------------------------------------------------------
