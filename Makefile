@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration bench chaos fuzz lint clean
+.PHONY: venv demo test test-unit test-integration bench bench-control chaos fuzz lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+## Control plane at scale: 10,000 backends over 100 services on a real 3-node cluster (docs/benchmarks.md).
+bench-control: $(STAMP)
+	$(BIN)/python bench/control.py
 
 ## Memory-safety fuzz of the C HTTP head fast path under ASan + UBSan (60 s; not part of `test`).
 fuzz: $(STAMP)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.node import TCPNode
+from pysyncobj.pipe_notifier import PipeNotifier
 
 from halb.config import RaftConfig
 from halb.control.state import Applied, ClusterState
@@ -111,6 +112,7 @@ class ReplicatedState(SyncObj):
             raftMinTimeout=raft.election_timeout_min,
             raftMaxTimeout=raft.election_timeout_max,
             appendEntriesPeriod=raft.heartbeat_interval,
+            autoTickPeriod=raft.tick_interval,
             appendEntriesUseBatch=raft.append_entries_batch,
             connectionRetryTime=raft.connection_retry,
             connectionTimeout=raft.connection_timeout,
@@ -120,8 +122,10 @@ class ReplicatedState(SyncObj):
             onStateChanged=self._state_changed,
         )
         self._node_factory = functools.partial(DialNode, dial=dict(raft.dial))
+        self._wake: PipeNotifier | None = None
         super().__init__(self_addr, partners, conf, nodeClass=self._node_factory)
         self.addOnTickCallback(self._refresh_status)
+        self.addOnTickCallback(self._ensure_wake)
 
     # --- the single replicated entry point ------------------------------------------
 
@@ -149,7 +153,24 @@ class ReplicatedState(SyncObj):
         cid = cid or uuid.uuid4().hex
         cmd = {"op": op, "args": args, "id": cid, "by": by, "node": self.node_id, "at": time.time()}
         self._apply(msgpack.packb(cmd, use_bin_type=True), callback=callback)
+        self._notify()
         return cid
+
+    def _ensure_wake(self) -> None:
+        """Subscribe the wake-up pipe from the tick thread (the poller is that thread's)."""
+        if self._wake is None:
+            self._wake = PipeNotifier(self._poller)
+
+    def _notify(self) -> None:
+        """Wake the tick thread so it queues the command now, not after its poll timeout.
+        pysyncobj only does this itself with appendEntriesUseBatch=False (config.py says
+        why that stays off); entries still go out batched, with the next heartbeat."""
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake.notify()
+            except OSError:  # pipe full: the tick thread is busy and will look anyway
+                pass
 
     # --- reads ------------------------------------------------------------------------
 

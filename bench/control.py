@@ -1,0 +1,371 @@
+"""Control plane at scale (`make bench-control`): a real 3-node cluster on loopback takes
+10,000 backends over 100 services through the admin API from 8 concurrent clients.
+
+Measured (nothing here is asserted; the targets are printed next to the numbers):
+  - write throughput (overall and per 1,000 backends), p50/p99 write latency, failed writes;
+  - leader changes (Raft state changes logged by the nodes, and the terms seen);
+  - routing propagation at full size: time until every node's data plane shows a change;
+  - idle CPU per node with every health check running (TCP checks against real sockets).
+
+Backends: 100 loopback addresses 127.77.0.1-100 on one port, each accepting and closing
+(an acceptor process). Addresses only need to be unique within a service, so the same
+100 addresses back every service: 100 "servers" with one instance per service each.
+
+Writes a raw JSON file (.halb/bench-control.json) and the "Control plane at scale"
+section of docs/benchmarks.md (between markers, the rest of the file is kept).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from halb.demo.launcher import Child, ClusterSpec, NodeSpec, halb_argv, init_cluster_dir, wait_for_leader  # noqa: E402
+
+BEGIN, END = "<!-- control-plane:begin -->", "<!-- control-plane:end -->"
+TARGETS = {"writes_per_s": 200, "p99_ms": 200, "failed": 0, "leader_changes": 0, "idle_cpu_pct": 5.0,
+           "propagation_s": 1.0}
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# --- backends: accept and close --------------------------------------------------------
+
+def _acceptor_main(hosts: list[str], port: int, ready: Any) -> None:
+    async def main() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        servers = [await asyncio.start_server(handle, h, port, backlog=1024, reuse_address=True) for h in hosts]
+        ready.set()
+        await asyncio.gather(*(s.serve_forever() for s in servers))
+
+    asyncio.run(main())
+
+
+# --- process CPU -----------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of pid and its children that were reaped (clock ticks -> s)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+# --- the run ---------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.dir = Path(args.dir)
+        net = f"127.{random.randint(100, 250)}.{random.randint(0, 254)}"
+        hosts = [f"{net}.{i + 1}" for i in range(3)]
+        nodes = [NodeSpec(f"n{i + 1}", hosts[i], raft_port=free_port(hosts[i]), api_port=free_port(hosts[i]))
+                 for i in range(3)]
+        self.spec = ClusterSpec(nodes=nodes, service_name="seeded", service_port=free_port(hosts[0]), backends=[],
+                                health={"kind": "tcp", "interval": args.check_interval, "timeout": 1.0,
+                                        "rise": 2, "fall": 2})
+        self.children: dict[str, Child] = {}
+        self.backend_hosts = [f"127.77.0.{i + 1}" for i in range(args.backends_per_service)]
+        self.backend_port = free_port("127.77.0.1")
+        self.token = ""
+        self.results: dict[str, Any] = {}
+
+    def api(self, i: int) -> str:
+        return self.spec.nodes[i % 3].api
+
+    def start(self) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        init_cluster_dir(self.dir, self.spec)
+        self.token = (self.dir / "token").read_text().strip()
+        for n in self.spec.nodes:
+            child = Child(n.id, halb_argv("node", "run", "--config", str(self.dir / f"{n.id}.toml")),
+                          self.dir / "logs" / f"{n.id}.log")
+            child.start(env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            self.children[n.id] = child
+        wait_for_leader([n.api for n in self.spec.nodes], self.token, timeout=30)
+
+    def stop(self) -> None:
+        for child in self.children.values():
+            child.stop()
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}", "X-Halb-Operator": "bench-control"}
+
+    async def run(self) -> None:
+        a = self.args
+        async with aiohttp.ClientSession(headers=self.headers(), timeout=aiohttp.ClientTimeout(total=30)) as http:
+            self.http = http
+            services = [f"s{i:03d}" for i in range(a.services)]
+            for i, name in enumerate(services):
+                body = {"name": name, "mode": "http", "listen": f"{self.spec.nodes[0].host}:{free_port(self.spec.nodes[0].host)}",
+                        "options": {"health": {"kind": "tcp", "interval": a.check_interval, "timeout": 1.0,
+                                               "rise": 2, "fall": 2}}}
+                async with http.post(f"http://{self.api(i)}/v1/services", json=body) as r:
+                    if r.status != 201:
+                        raise RuntimeError(f"service {name}: {r.status} {await r.text()}")
+            terms_before = await self.terms()
+            states_before = self.raft_state_changes()
+            await self.bulk_add(services)
+            await self.wait_routed(a.services * a.backends_per_service, timeout=120)
+            self.results["routing_propagation"] = await self.propagation(services)
+            terms_after = await self.terms()
+            self.results["terms"] = {"before": terms_before, "after": terms_after}
+            self.results["raft_state_changes_during_writes"] = self.raft_state_changes() - states_before
+            self.results["idle"] = await self.idle_cpu()
+            self.results["journal_bytes"] = {n: sum(p.stat().st_size for p in (self.dir / "data" / n).glob("raft.*"))
+                                             for n in self.children}
+
+    async def terms(self) -> dict[str, int]:
+        out = {}
+        for n in self.spec.nodes:
+            async with self.http.get(f"http://{n.api}/v1/status") as r:
+                out[n.id] = (await r.json())["term"]
+        return out
+
+    def raft_state_changes(self) -> int:
+        return sum(len(re.findall(r"raft state \w+ -> ", (self.dir / "logs" / f"{n}.log").read_text()))
+                   for n in self.children)
+
+    async def bulk_add(self, services: list[str]) -> None:
+        a = self.args
+        queue: asyncio.Queue[tuple[int, str, int]] = asyncio.Queue()
+        k = 0
+        for j in range(a.backends_per_service):  # interleave services, like many operators at once
+            for svc in services:
+                queue.put_nowait((k, svc, j))
+                k += 1
+        lat: list[tuple[float, float]] = []  # (finished at, seconds)
+        failures: list[str] = []
+        started = time.monotonic()
+        deadline = started + a.max_seconds
+
+        async def client(c: int) -> None:
+            while not queue.empty() and time.monotonic() < deadline:
+                i, svc, j = queue.get_nowait()
+                body = {"name": f"b{j:03d}", "address": f"{self.backend_hosts[j]}:{self.backend_port}"}
+                t0 = time.monotonic()
+                try:
+                    async with self.http.post(f"http://{self.api(c)}/v1/services/{svc}/backends", json=body) as r:
+                        text = await r.text()
+                        if r.status != 201:
+                            failures.append(f"{r.status} {text[:200]}")
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                t1 = time.monotonic()
+                lat.append((t1 - started, t1 - t0))
+
+        await asyncio.gather(*(client(c) for c in range(a.clients)))
+        elapsed = time.monotonic() - started
+        ms = sorted(x[1] * 1000 for x in lat)
+        windows = []
+        per = 1000
+        done = sorted(lat)
+        for w in range(0, len(done), per):
+            chunk = done[w:w + per]
+            t_start = done[w - 1][0] if w else 0.0
+            span = chunk[-1][0] - t_start
+            cms = sorted(x[1] * 1000 for x in chunk)
+            windows.append({"backends": f"{w + 1}-{w + len(chunk)}", "writes_per_s": round(len(chunk) / span, 1),
+                            "p50_ms": round(pct(cms, 50), 1), "p99_ms": round(pct(cms, 99), 1)})
+        self.results["writes"] = {
+            "count": len(lat), "wanted": a.services * a.backends_per_service, "failed": len(failures),
+            "failure_samples": failures[:5], "seconds": round(elapsed, 1),
+            "writes_per_s": round(len(lat) / elapsed, 1), "p50_ms": round(pct(ms, 50), 1),
+            "p99_ms": round(pct(ms, 99), 1), "max_ms": round(ms[-1], 1) if ms else None, "windows": windows,
+        }
+        print(json.dumps(self.results["writes"], indent=1), flush=True)
+
+    async def routed_counts(self) -> dict[str, int]:
+        out = {}
+        for n in self.spec.nodes:
+            async with self.http.get(f"http://{n.api}/v1/dataplane") as r:
+                body = await r.json()
+            out[n.id] = sum(len(s["backends"]) for s in body["services"].values())
+        return out
+
+    async def wait_routed(self, want: int, timeout: float) -> None:
+        t0 = time.monotonic()
+        counts: dict[str, int] = {}
+        while time.monotonic() - t0 < timeout:
+            counts = await self.routed_counts()
+            if all(v >= want for v in counts.values()):
+                break
+            await asyncio.sleep(0.5)
+        self.results["routed_after_writes"] = {"counts": counts, "waited_s": round(time.monotonic() - t0, 2)}
+
+    async def propagation(self, services: list[str]) -> dict[str, Any]:
+        """Drain (then enable) random backends; time until every node's data plane shows it."""
+        rng = random.Random(7)
+        times: list[float] = []
+        for i in range(self.args.changes):
+            svc = rng.choice(services)
+            be = f"b{rng.randrange(self.args.backends_per_service):03d}"
+            for action, state in (("drain", "drain"), ("enable", "active")):
+                t0 = time.monotonic()
+                async with self.http.post(f"http://{self.api(i)}/v1/services/{svc}/backends/{be}/{action}") as r:
+                    assert r.status == 200, await r.text()
+                pending = {n.id: n.api for n in self.spec.nodes}
+                while pending and time.monotonic() - t0 < 10:
+                    for nid, api in list(pending.items()):
+                        async with self.http.get(f"http://{api}/v1/dataplane", params={"service": svc}) as r:
+                            body = await r.json()
+                        row = body["services"].get(svc, {}).get("backends", {}).get(be, {})
+                        if row.get("admin_state") == state:
+                            del pending[nid]
+                    await asyncio.sleep(0.02)
+                times.append(time.monotonic() - t0 if not pending else float("inf"))
+        ms = sorted(t * 1000 for t in times)
+        return {"changes": len(times), "p50_ms": round(pct(ms, 50), 1), "max_ms": round(ms[-1], 1),
+                "all_ms": [round(x, 1) for x in ms]}
+
+    async def idle_cpu(self) -> dict[str, Any]:
+        await asyncio.sleep(self.args.settle)
+        pids = {n: c.pid for n, c in self.children.items()}
+        before = {n: cpu_seconds(p) for n, p in pids.items()}
+        t0 = time.monotonic()
+        await asyncio.sleep(self.args.idle_seconds)
+        span = time.monotonic() - t0
+        after = {n: cpu_seconds(p) for n, p in pids.items()}
+        pct_ = {n: round(100 * (after[n] - before[n]) / span, 1) for n in pids}
+        return {"cpu_pct": pct_, "seconds": round(span, 1), "settle_s": self.args.settle,
+                "checks_per_s_per_node": round(self.args.services * self.args.backends_per_service
+                                               / self.args.check_interval, 1)}
+
+
+def pct(sorted_values: list[float], p: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = min(len(sorted_values) - 1, max(0, int(round(p / 100 * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[k]
+
+
+def machine() -> dict[str, str]:
+    cpu = "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import aiohttp as _a
+    import pysyncobj  # noqa: F401
+    from importlib.metadata import version
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return {"cpu": f"{cpu} ({os.cpu_count()} cores)", "kernel": platform.release(), "python": platform.python_version(),
+            "pysyncobj": version("pysyncobj"), "aiohttp": _a.__version__, "halb commit": git.stdout.strip()}
+
+
+def report(res: dict[str, Any], args: argparse.Namespace) -> str:
+    w, p, idle = res["writes"], res["routing_propagation"], res["idle"]
+    leader_changes = sum(1 for n in res["terms"]["after"] if res["terms"]["after"][n] != res["terms"]["before"][n])
+    lines = [BEGIN, "## Control plane at scale", "",
+             f"Generated by `make bench-control` (`bench/control.py`) on {res['at']}. A real 3-node cluster on "
+             f"loopback; {args.services} services × {args.backends_per_service} backends = "
+             f"{args.services * args.backends_per_service:,} backends added through the admin API by "
+             f"{args.clients} concurrent clients (spread over the three nodes' APIs). TCP health checks every "
+             f"{args.check_interval:g} s against real listening sockets (an acceptor process on 127.77.0.1-"
+             f"{args.backends_per_service}). **The machine was shared with other work while this ran** "
+             f"(load average before / after: {res['load_before']} / {res['load_after']}), so these are the numbers "
+             "of a loaded 2-core box, not of an idle one.", "",
+             "| machine | |", "|---|---|", *(f"| {k} | {v} |" for k, v in res["machine"].items()), "",
+             "| measure | result | target |", "|---|---:|---:|",
+             f"| writes/s over the whole run | {w['writes_per_s']} | ≥ {TARGETS['writes_per_s']} |",
+             f"| write p50 / p99 / max (ms) | {w['p50_ms']} / {w['p99_ms']} / {w['max_ms']} | p99 ≤ {TARGETS['p99_ms']} |",
+             f"| failed writes | {w['failed']} of {w['count']} | {TARGETS['failed']} |",
+             f"| Raft state changes logged during writes (all nodes) | {res['raft_state_changes_during_writes']} | 0 |",
+             f"| nodes whose term changed (leader changes) | {leader_changes} | 0 |",
+             f"| routing propagation to all 3 data planes, p50 / max (ms, {p['changes']} changes) | "
+             f"{p['p50_ms']} / {p['max_ms']} | ≤ {TARGETS['propagation_s'] * 1000:g} |",
+             f"| idle CPU per node over {idle['seconds']} s, checks running ({idle['checks_per_s_per_node']} checks/s "
+             f"per node) | {', '.join(f'{n} {v} %' for n, v in idle['cpu_pct'].items())} | ≤ {TARGETS['idle_cpu_pct']:g} % |",
+             f"| Raft data on disk per node (journal + snapshot) | "
+             f"{', '.join(f'{n} {v / 1e6:.1f} MB' for n, v in res['journal_bytes'].items())} | |",
+             "", "Write throughput per 1,000 backends added (does it stay flat as the state grows?):", "",
+             "| backends | writes/s | p50 ms | p99 ms |", "|---|---:|---:|---:|",
+             *(f"| {x['backends']} | {x['writes_per_s']} | {x['p50_ms']} | {x['p99_ms']} |" for x in w["windows"]),
+             "", f"Raw numbers: `{args.out_json}` (written by the same run).", END]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--services", type=int, default=100)
+    ap.add_argument("--backends-per-service", type=int, default=100)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--check-interval", type=float, default=30.0)
+    ap.add_argument("--changes", type=int, default=10, help="routing propagation samples (drain + enable each)")
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds after the writes before measuring idle CPU")
+    ap.add_argument("--idle-seconds", type=float, default=30.0)
+    ap.add_argument("--max-seconds", type=float, default=600.0, help="stop adding after this long")
+    ap.add_argument("--dir", default=str(ROOT / ".halb" / "bench-control"))
+    ap.add_argument("--out-json", default=str(ROOT / ".halb" / "bench-control.json"))
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    args = ap.parse_args()
+    if args.backends_per_service > 254:
+        ap.error("at most 254 backends per service (one loopback address each)")
+    bench = Bench(args)
+    ready = multiprocessing.Event()
+    acceptor = multiprocessing.Process(target=_acceptor_main, args=(bench.backend_hosts, bench.backend_port, ready),
+                                       daemon=True)
+    acceptor.start()
+    ready.wait(10)
+    load_before = loadavg()
+    try:
+        bench.start()
+        asyncio.run(bench.run())
+    finally:
+        bench.stop()
+        acceptor.terminate()
+        acceptor.join(5)
+    res = {"at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+           "load_before": load_before, "load_after": loadavg(), "args": vars(args), **bench.results}
+    Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out_json).write_text(json.dumps(res, indent=1, default=str))
+    section = report(res, args)
+    print(section)
+    if not args.no_doc:
+        write_section(Path(args.doc), section)
+
+
+if __name__ == "__main__":
+    main()
