@@ -171,7 +171,7 @@ class Node:
         await self.dataplane.start(self.build_routing())
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
         from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
-        self.load_meter = LoadMeter(self.node_id, self.dataplane.stats, self._peer_apis, self.token)
+        self.load_meter = LoadMeter(self.node_id, self.dataplane.load_counters, self._peer_apis, self.token)
         self.load_meter.start(self._http)
         self.add_listener(lambda cmd, applied: self._after_apply(cmd))
         # --- announce (VIP quorum lease / DNS; halb/announce/manager.py) ---

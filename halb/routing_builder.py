@@ -8,6 +8,7 @@ plane, per request.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from halb.control.state import ClusterState
@@ -40,7 +41,7 @@ def build_service(cs: ClusterState, svc: Service, listen_host: str, local_up: Ca
         raise TypeError(f"hash_key must be a string, not {type(svc.hash_key).__name__}")
     backends = []
     for be in sorted(svc.backends.values(), key=lambda b: b.name):
-        bhost, bport = parse_hostport((dial or {}).get(be.address, be.address))
+        bhost, bport = _split((dial or {}).get(be.address, be.address))
         verdict = cs.verdicts.get(f"{svc.name}/{be.name}", {}).get("verdict", "up")
         backends.append(BackendRoute(
             name=be.name, host=bhost, port=bport, weight=be.weight, admin_state=be.admin_state,
@@ -51,3 +52,9 @@ def build_service(cs: ClusterState, svc: Service, listen_host: str, local_up: Ca
         name=svc.name, mode=svc.mode, listen_host=listen_host or host, listen_port=port,
         algorithm=svc.algorithm, hash_key=svc.hash_key, backends=tuple(backends), options=options,
     )
+
+
+@functools.lru_cache(maxsize=65536)
+def _split(address: str) -> tuple[str, int]:
+    """parse_hostport, memoised: a rebuild of one service re-parses all its addresses."""
+    return parse_hostport(address)

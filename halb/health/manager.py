@@ -35,6 +35,7 @@ class HealthManager:
     # None: one check interval of the service (interval x (1 + jitter))
     server_hold: float | None = None
     issues: Any = None  # halb.local_issues.LocalIssues: where per-service failures are reported
+    full_scan_s: float = 5.0  # reconcile at least this often without a local transition
     prober: Prober = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
@@ -118,10 +119,8 @@ class HealthManager:
     # --- local view -------------------------------------------------------------------
 
     def local_up(self, service: str, backend: str) -> bool:
-        try:
-            return self.prober.state(service, backend).up
-        except KeyError:
-            return True
+        up = self.prober.is_up(service, backend)
+        return True if up is None else up
 
     def local_state(self, service: str, backend: str) -> BackendHealth | None:
         try:
@@ -138,17 +137,29 @@ class HealthManager:
     # --- reconcile loop ---------------------------------------------------------------
 
     async def _loop(self) -> None:
+        """Reconcile when a local verdict changed, while reports are held or failed, and
+        otherwise every `full_scan_s` (a report that settled without a transition, e.g.
+        after a restart, waits at most that long). A scan walks every target: at 10,000
+        backends scanning twice a second was most of an idle node's CPU."""
+        loop = asyncio.get_running_loop()
+        last_scan = -1e9
+        again = True
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), 0.5)
             except asyncio.TimeoutError:
                 pass
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
                 st = self.raft.raft_status()
                 if st.leader is None:
                     continue
-                await self._report_observations()
+                if woken or again or self._held_since or loop.time() - last_scan >= self.full_scan_s:
+                    again = True  # stays set if the report fails: try again next round
+                    last_scan = loop.time()
+                    await self._report_observations()
+                    again = False
                 if st.state == "leader":
                     await self._leader_duties(st)
             except WriteError as exc:
@@ -170,10 +181,10 @@ class HealthManager:
         `health.observe_many` command: their verdicts then flip together and the cluster
         records one `server.down` event instead of N verdicts trickling in.
         """
-        states = self.prober.states()
+        states = self.prober.live_states()  # read only, and only before the first await
+        targets = self.prober.live_targets()
         with self.raft.read() as cs:
             replicated = {key: obs.get(self.node_id) for key, obs in cs.observations.items()}
-            targets = self.prober.targets()
             server_of = {(svc.name, be.name): be.server for svc in cs.services.values()
                          for be in svc.backends.values()}
         pending: list[dict[str, Any]] = []

@@ -141,11 +141,27 @@ class Prober:
         """A copy of the current health of one target; KeyError if it is not a target."""
         return dataclasses.replace(self._health[(service, backend)])
 
+    def is_up(self, service: str, backend: str) -> bool | None:
+        """Current verdict without a copy (None: not a target); routing asks this for
+        every backend of every service it rebuilds."""
+        h = self._health.get((service, backend))
+        return None if h is None else h.up
+
+    def live_states(self) -> dict[TargetKey, BackendHealth]:
+        """The prober's own state objects, not copies: for a scan in the loop thread that
+        only reads them (at 10,000 targets, copying all of them twice a second was the
+        node's largest idle cost)."""
+        return self._health
+
     def states(self) -> dict[TargetKey, BackendHealth]:
         return {k: dataclasses.replace(v) for k, v in self._health.items()}
 
     def targets(self) -> dict[TargetKey, Target]:
         return dict(self._targets)
+
+    def live_targets(self) -> dict[TargetKey, Target]:
+        """The target map itself (no copy), for read-only scans in the loop thread."""
+        return self._targets
 
     async def stop(self) -> None:
         """Stop every check loop and close the probe session. Idempotent."""
