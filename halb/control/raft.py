@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
 
@@ -106,6 +107,7 @@ class ReplicatedState(SyncObj):
             journalFile=str(self.journal_path),
             fullDumpFile=str(self.snapshot_path),
             serializer=self._write_snapshot,
+            serializeChecker=self._snapshot_status,
             deserializer=self._read_snapshot,
             dynamicMembershipChange=True,
             commandsWaitLeader=True,
@@ -123,6 +125,8 @@ class ReplicatedState(SyncObj):
         )
         self._node_factory = functools.partial(DialNode, dial=dict(raft.dial))
         self._wake: PipeNotifier | None = None
+        self._snapshot_child: int | None = None
+        self._snapshot_started = 0.0
         super().__init__(self_addr, partners, conf, nodeClass=self._node_factory)
         self.addOnTickCallback(self._refresh_status)
         self.addOnTickCallback(self._ensure_wake)
@@ -213,23 +217,71 @@ class ReplicatedState(SyncObj):
     # --- snapshots (msgpack, written in the tick thread) ------------------------------
 
     def _write_snapshot(self, filename: str, data: tuple[Any, Any, Any]) -> None:
+        """Start writing a snapshot in a forked child and return at once.
+
+        Why a fork: pysyncobj calls this in the tick thread, and building and packing the
+        whole state took ~1 s at 10,000 backends. Meanwhile no heartbeat went out and the
+        state lock was held, so followers started elections (dozens of leader changes
+        while backends were being added). The child gets a copy-on-write image of the
+        state as of this moment (taken under the lock, so consistent with the log index
+        pysyncobj is compacting to), writes it next to the snapshot and renames it over
+        the old one, so the old snapshot stays valid until the new one is complete.
+        `_snapshot_status` (pysyncobj's serializeChecker) reports when the child is done;
+        only then does pysyncobj drop the log entries the snapshot covers.
+
+        pysyncobj itself then tries to rename `filename` (its temp name, which we never
+        create) and treats the failure as "in progress" until the checker answers.
+        """
         last, prev, cluster = data
+        members = sorted(n.id if hasattr(n, "id") else str(n) for n in cluster)
+        if self._snapshot_child is not None:  # pysyncobj never asks while one runs; be safe anyway
+            os.waitpid(self._snapshot_child, 0)
+            self._snapshot_child = None
         with self._lock:
-            state = self._cluster.to_dict()
-        blob = msgpack.packb(
-            {
-                "format": SNAPSHOT_FORMAT,
-                "state": state,
-                "last": list(last),
-                "prev": list(prev),
-                "cluster": sorted(n.id if hasattr(n, "id") else str(n) for n in cluster),
-            },
-            use_bin_type=True,
-        )
-        with open(filename, "wb") as f:
+            pid = os.fork()
+            if pid == 0:  # the child: only this thread exists; never log or take other locks
+                code = 1
+                try:
+                    self._dump_snapshot(str(self.snapshot_path), self._cluster.to_dict(), last, prev, members)
+                    code = 0
+                finally:
+                    os._exit(code)
+        self._snapshot_child = pid
+        self._snapshot_started = time.monotonic()
+
+    @staticmethod
+    def _dump_snapshot(path: str, state: dict[str, Any], last: Any, prev: Any, members: list[str]) -> None:
+        blob = msgpack.packb({"format": SNAPSHOT_FORMAT, "state": state, "last": list(last), "prev": list(prev),
+                              "cluster": members}, use_bin_type=True)
+        tmp = path + ".writing"
+        with open(tmp, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _snapshot_status(self) -> int:
+        pid = self._snapshot_child
+        if pid is None:
+            return SERIALIZER_STATE.NOT_SERIALIZING
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, -1
+        if done == 0:
+            return SERIALIZER_STATE.SERIALIZING
+        self._snapshot_child = None
+        took = time.monotonic() - self._snapshot_started
+        if status == 0:
+            log.info("raft snapshot written in %.2fs (background)", took)
+            return SERIALIZER_STATE.SUCCESS
+        log.warning("raft snapshot writer failed (wait status %s); the log is kept until the next try", status)
+        return SERIALIZER_STATE.FAILED
 
     def _read_snapshot(self, filename: str) -> tuple[Any, Any, Any]:
         with open(filename, "rb") as f:
