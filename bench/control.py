@@ -135,7 +135,10 @@ class Bench:
             terms_before = await self.terms()
             states_before = self.raft_state_changes()
             await self.bulk_add(services)
-            await self.wait_routed(a.services * a.backends_per_service, timeout=120)
+            async with http.get(f"http://{self.api(0)}/v1/services") as r:  # what the cluster holds
+                held = sum(len(s["backends"]) for s in (await r.json())["services"])
+            self.results["backends_in_state"] = held
+            await self.wait_routed(held, timeout=120)
             self.results["routing_propagation"] = await self.propagation(services)
             terms_after = await self.terms()
             self.results["terms"] = {"before": terms_before, "after": terms_after}

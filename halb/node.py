@@ -173,7 +173,7 @@ class Node:
         from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
         self.load_meter = LoadMeter(self.node_id, self.dataplane.load_counters, self._peer_apis, self.token)
         self.load_meter.start(self._http)
-        self.add_listener(lambda cmd, applied: self._after_apply(cmd))
+        self.add_listener(self._after_apply)
         # --- announce (VIP quorum lease / DNS; halb/announce/manager.py) ---
         from halb.announce.manager import start_announcement
         self.announcer = await start_announcement(self)
@@ -197,10 +197,10 @@ class Node:
         self.routing.mark(services)
         self._routing_dirty.set()
 
-    def _after_apply(self, cmd: dict[str, Any]) -> None:
+    def _after_apply(self, cmd: dict[str, Any], applied: Applied) -> None:
         from halb.routing_cache import touched_services
 
-        touched = touched_services(cmd)  # only what this command can have changed
+        touched = touched_services(cmd, applied.events)  # only what this command can have changed
         if touched is not None and not touched:
             return
         if touched is None or str(cmd.get("op", "")).startswith(("service.", "backend.")):
@@ -232,10 +232,7 @@ class Node:
                                 headers={"X-Halb-Format": "prometheus-0.0.4"})
 
         async def dataplane_stats(request: web.Request) -> web.StreamResponse:
-            stats = self.dataplane.stats()
-            if "service" in request.query:  # one service: a small answer at 10,000 backends
-                name = request.query["service"]
-                stats["services"] = {k: v for k, v in stats["services"].items() if k == name}
+            stats = self.dataplane.stats(request.query.get("service"))  # one service: cheap at 10k backends
             return web.json_response({"node": self.node_id, **stats})
 
         async def load(request: web.Request) -> web.StreamResponse:

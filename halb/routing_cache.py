@@ -30,11 +30,15 @@ log = logging.getLogger("halb.routing")
 NO_ROUTING_OPS = ("lease.", "event.", "member.")
 
 
-def touched_services(cmd: dict[str, Any]) -> set[str] | None:
+def touched_services(cmd: dict[str, Any], events: Iterable[Any] | None = None) -> set[str] | None:
     """Services an applied command may have changed; None means "any of them".
 
-    Derived from the command itself (op + args), so it works for commands the state
-    machine rejected too (they changed nothing; rebuilding one service is harmless).
+    Derived from the command (op + args), so it works for commands the state machine
+    rejected too (they changed nothing; rebuilding one service is harmless). For
+    `health.*` commands routing depends only on verdicts, and every verdict change is
+    recorded as an event naming its service(s), so the command's `events` say exactly
+    which services changed (usually none: most observations change no verdict, and a
+    liveness change after a leader election must not rebuild 10,000 backends).
     Anything unexpected answers None: rebuilding everything is always correct.
     """
     op = str(cmd.get("op", ""))
@@ -44,13 +48,23 @@ def touched_services(cmd: dict[str, Any]) -> set[str] | None:
             return set()
         if op.startswith("service."):
             return {str(args["name"])}
-        if op.startswith("backend.") or op in ("health.observe", "health.release"):
+        if op.startswith("backend."):
+            return {str(args["service"])}
+        if op.startswith("health.") and events is not None:
+            out: set[str] = set()
+            for ev in events:
+                data = ev.data if hasattr(ev, "data") else ev.get("data", {})
+                if "service" in data:
+                    out.add(str(data["service"]))
+                out.update(str(s) for s in data.get("services", ()))
+            return out
+        if op in ("health.observe", "health.release"):
             return {str(args["service"])}
         if op == "health.observe_many":
             return {str(item["service"]) for item in args["observations"]}
     except (KeyError, TypeError, AttributeError):
         return None
-    return None  # seed, snapshot.loaded, health.liveness, unknown: everything
+    return None  # seed, snapshot.loaded, health.liveness without events, unknown: everything
 
 
 @dataclass

@@ -95,11 +95,16 @@ class DataPlane:
             raise RuntimeError("DataPlane.update before start")
         self.loop.call_soon_threadsafe(self.update, snapshot)
 
-    def stats(self) -> dict[str, Any]:
-        local = self.local_stats()
+    def stats(self, service: str | None = None) -> dict[str, Any]:
+        """Counters summed over worker processes; `service`: only that one (cheap to ask
+        for often when the node has thousands of backends)."""
+        local = self.local_stats(service)
         if self._pool_supervisor is None:
             return local
-        return merge_stats([local, *self._pool_supervisor.worker_stats()])
+        merged = merge_stats([local, *self._pool_supervisor.worker_stats()])
+        if service is not None:
+            merged["services"] = {k: v for k, v in merged["services"].items() if k == service}
+        return merged
 
     def load_counters(self) -> dict[str, Any]:
         """`stats()` cut down to requests / in_flight of backends that have had traffic:
@@ -114,7 +119,7 @@ class DataPlane:
                 out[name] = {"backends": backends}
         return {"services": out}
 
-    def local_stats(self) -> dict[str, Any]:
+    def local_stats(self, service: str | None = None) -> dict[str, Any]:
         """This process only (workers report theirs with it)."""
         return {
             "node_id": self.node_id,
@@ -122,7 +127,8 @@ class DataPlane:
             "workers": [{"pid": os.getpid(), "requests": sum(lst.rt.requests for lst in self.listeners.values()),
                          "connections": len(self.conns)}],
             "listen_errors": dict(self.listen_errors),
-            "services": {name: lst.rt.stats() for name, lst in self.listeners.items()},
+            "services": {name: lst.rt.stats() for name, lst in self.listeners.items()
+                         if service is None or name == service},
         }
 
     def bound_port(self, service: str) -> int:

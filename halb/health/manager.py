@@ -9,6 +9,7 @@ they agree, so the cluster converges on what every node currently sees.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,9 @@ from halb.health.prober import BackendHealth, Prober
 from halb.model import parse_hostport
 
 log = logging.getLogger("halb.health")
+
+# a change of one backend re-syncs its whole service: don't re-parse 100 addresses each time
+_split = functools.lru_cache(maxsize=65536)(parse_hostport)
 
 
 @dataclass
@@ -106,7 +110,7 @@ class HealthManager:
             check = CheckConfig(kind="tcp")
         out = {}
         for be in svc.backends.values():
-            host, port = parse_hostport(self.dial.get(be.address, be.address))
+            host, port = _split(self.dial.get(be.address, be.address))
             out[be.name] = (host, port, check)
         return out
 
@@ -183,10 +187,11 @@ class HealthManager:
         """
         states = self.prober.live_states()  # read only, and only before the first await
         targets = self.prober.live_targets()
-        with self.raft.read() as cs:
-            replicated = {key: obs.get(self.node_id) for key, obs in cs.observations.items()}
-            server_of = {(svc.name, be.name): be.server for svc in cs.services.values()
-                         for be in svc.backends.values()}
+        with self.raft.read() as cs:  # C-level shallow copies only: the tick thread waits on this lock
+            observations = dict(cs.observations)
+            backends = {name: dict(svc.backends) for name, svc in cs.services.items()}
+        replicated = {key: obs.get(self.node_id) for key, obs in observations.items()}
+        server_of = {(name, b): be.server for name, bs in backends.items() for b, be in bs.items()}
         pending: list[dict[str, Any]] = []
         moving: dict[tuple[str, bool], int] = {}  # (server, up) -> instances still on their way there
         for (service, backend), h in states.items():

@@ -64,8 +64,8 @@ def test_incremental_equals_full_rebuild_for_random_command_sequences() -> None:
         cache.build(cs, local_up)
         for n in range(400):
             cmd = command(rng, cs, n)
-            cs.apply(cmd)
-            cache.mark(touched_services(cmd))
+            applied = cs.apply(cmd)
+            cache.mark(touched_services(cmd, applied.events))
             if rng.random() < 0.1:  # a local health transition marks just its service
                 key = (rng.choice(SERVICES), f"b{rng.randrange(12)}")
                 down.symmetric_difference_update({key})
@@ -124,3 +124,40 @@ def test_unbuildable_service_is_skipped_reported_and_keeps_last_good_route() -> 
     cache.mark({"aaa"})
     assert cache.build(cs, lambda s, b: True).service("aaa").backends[0].weight == 3
     assert not issues.current and issues.events[-1]["kind"] == "local.routing_ok"
+
+
+def test_applied_events_are_reported_also_when_the_event_log_is_full() -> None:
+    """touched_services relies on Applied.events for health commands; once the log held
+    MAX_EVENTS, apply used to hand back no events at all."""
+    from halb.control.state import MAX_EVENTS
+
+    cs = ClusterState()
+    for i in range(MAX_EVENTS + 5):
+        cs.apply({"op": "event.record", "args": {"kind": "note", "message": str(i)}, "id": f"e{i}"})
+    assert len(cs.events) == MAX_EVENTS
+    applied = cs.apply({"op": "service.add", "args": {"name": "web", "listen": "127.0.0.1:9000"}, "id": "s"})
+    assert [e.kind for e in applied.events] == ["service.added"]
+    applied = cs.apply({"op": "health.liveness", "args": {"live": ["n1"]}, "id": "l"})
+    assert [e.kind for e in applied.events] == ["cluster.liveness"]
+
+
+def test_server_wide_verdict_change_names_every_service_it_touched() -> None:
+    cs = ClusterState()
+    for m in MEMBERS:
+        cs.apply({"op": "member.register", "args": {"id": m, "raft": f"127.0.0.1:{7000 + int(m[1])}",
+                                                      "api": f"127.0.0.1:{8000 + int(m[1])}"}, "id": m})
+    for svc in ("a", "b", "c"):
+        cs.apply({"op": "service.add", "args": {"name": svc, "listen": "127.0.0.1:9000"}, "id": svc})
+    for svc in ("a", "b"):  # server S runs one instance of a and one of b; c is elsewhere
+        cs.apply({"op": "backend.add", "args": {"service": svc, "backend": {"name": "x", "address": "127.0.0.5:80",
+                                                                            "server": "S"}}, "id": svc + "x"})
+    cs.apply({"op": "backend.add", "args": {"service": "c", "backend": {"name": "x", "address": "127.0.0.6:80"}},
+              "id": "cx"})
+    down = [{"service": s, "backend": "x", "up": False} for s in ("a", "b")]
+    cmd = {"op": "health.observe_many", "args": {"observations": down}, "id": "o1", "node": "n1"}
+    cs.apply(cmd)  # one observer of three: no verdict changes
+    # n2 and n3 drop out: n1 alone decides, both instances of S flip in this one command
+    cmd = {"op": "health.liveness", "args": {"live": ["n1"]}, "id": "l"}
+    applied = cs.apply(cmd)
+    assert [e.kind for e in applied.events] == ["cluster.liveness", "server.down"]
+    assert touched_services(cmd, applied.events) == {"a", "b"}
