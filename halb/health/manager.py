@@ -187,33 +187,55 @@ class HealthManager:
         """
         states = self.prober.live_states()  # read only, and only before the first await
         targets = self.prober.live_targets()
-        with self.raft.read() as cs:  # C-level shallow copies only: the tick thread waits on this lock
+        me = self.node_id
+        # Only two kinds of target can differ from what the cluster holds for this node:
+        # one this node sees DOWN, and one the cluster holds DOWN from this node. Both are
+        # rare, so this pass is one cheap walk over the local states plus a few lookups,
+        # not a lookup of every one of 10,000 observations.
+        moving_keys: list[tuple[tuple[str, str], bool]] = []
+        candidates: set[tuple[str, str]] = set()
+        for key, h in states.items():
+            if h.up:
+                if h.consecutive_failures > 0:
+                    moving_keys.append((key, False))
+            else:
+                candidates.add(key)
+                if h.consecutive_successes > 0:
+                    moving_keys.append((key, True))
+        with self.raft.read() as cs:  # the tick thread waits on this lock: C-level copies and a few lookups
             observations = dict(cs.observations)
-            backends = {name: dict(svc.backends) for name, svc in cs.services.items()}
-        replicated = {key: obs.get(self.node_id) for key, obs in observations.items()}
-        server_of = {(name, b): be.server for name, bs in backends.items() for b, be in bs.items()}
-        pending: list[dict[str, Any]] = []
+        for okey, obs in observations.items():
+            mine = obs.get(me)
+            if mine is not None and not mine.get("up", True):
+                service, _, backend = okey.partition("/")
+                candidates.add((service, backend))
+        wanted = {k for k, _ in moving_keys} | candidates
+        with self.raft.read() as cs:
+            server_of = {}
+            for service, backend in wanted:
+                be = cs.services[service].backends.get(backend) if service in cs.services else None
+                server_of[(service, backend)] = be.server if be is not None else ""
         moving: dict[tuple[str, bool], int] = {}  # (server, up) -> instances still on their way there
-        for (service, backend), h in states.items():
-            if (service, backend) not in targets:
+        for key, up in moving_keys:
+            group = (server_of.get(key, ""), up)
+            moving[group] = moving.get(group, 0) + 1
+        pending: list[dict[str, Any]] = []
+        for service, backend in sorted(candidates):
+            key = (service, backend)
+            h = states.get(key)
+            if h is None or key not in targets:
                 continue
-            rise = targets[(service, backend)][2].rise
-            settled = (not h.up) or h.consecutive_successes >= rise
-            server = server_of.get((service, backend), "")
-            if h.up and h.consecutive_failures > 0:
-                moving[(server, False)] = moving.get((server, False), 0) + 1
-            elif not h.up and h.consecutive_successes > 0:
-                moving[(server, True)] = moving.get((server, True), 0) + 1
+            check = targets[key][2]
+            settled = (not h.up) or h.consecutive_successes >= check.rise
             if not settled:
                 continue
-            mine = replicated.get(f"{service}/{backend}")
+            mine = (observations.get(f"{service}/{backend}") or {}).get(me)
             cluster_up = True if mine is None else mine["up"]
             if cluster_up == h.up:
                 continue
-            check = targets[(service, backend)][2]
             hold = self.server_hold if self.server_hold is not None else check.interval * (1 + check.jitter)
             pending.append({"service": service, "backend": backend, "up": h.up,
-                            "detail": "" if h.up else h.last_error, "server": server, "hold": hold})
+                            "detail": "" if h.up else h.last_error, "server": server_of.get(key, ""), "hold": hold})
         now = time.monotonic()
         ready: list[dict[str, Any]] = []
         for item in pending:
