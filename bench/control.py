@@ -338,8 +338,27 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
              "| backends | writes/s | p50 ms | p99 ms |", "|---|---:|---:|---:|",
              *(f"| {x['backends']} | {x['writes_per_s']} | {x['p50_ms']} | {x['p99_ms']} |" for x in w["windows"]),
              "", f"Raw numbers: `{Path(args.out_json).relative_to(ROOT) if Path(args.out_json).is_relative_to(ROOT) else args.out_json}`"
-             " (written by the same run).", "", *NOTES, END]
+             " (written by the same run).", "", *leader_variant(), *NOTES, END]
     return "\n".join(lines)
+
+
+LEADER_JSON = ROOT / "docs" / "benchmarks-control-leader.json"
+
+
+def leader_variant() -> list[str]:
+    """The same benchmark with every client writing to the leader (`--to-leader`,
+    `--out-json docs/benchmarks-control-leader.json`), when such a run was saved."""
+    if not LEADER_JSON.exists():
+        return []
+    r = json.loads(LEADER_JSON.read_text())
+    w, p, idle = r["writes"], r["routing_propagation"], r["idle"]
+    changes = sum(1 for n in r["terms"]["after"] if r["terms"]["after"][n] != r["terms"]["before"][n])
+    return [f"The same benchmark with all 8 clients writing to the leader's API (`bench/control.py --to-leader`, "
+            f"{r['at']}, load average after {r['load_after']}; raw: `docs/benchmarks-control-leader.json`): "
+            f"**{w['writes_per_s']} writes/s**, p50 / p99 / max {w['p50_ms']} / {w['p99_ms']} / {w['max_ms']} ms, "
+            f"{w['failed']} failed of {w['count']}, {r['raft_state_changes_during_writes']} Raft state changes, "
+            f"{changes} nodes with a new term, propagation p50 / max {p['p50_ms']} / {p['max_ms']} ms, idle CPU "
+            f"{', '.join(f'{n} {v} %' for n, v in idle['cpu_pct'].items())}.", ""]
 
 
 NOTES = [
@@ -361,7 +380,9 @@ NOTES = [
     "Throughput stays roughly flat as the state grows instead of collapsing.",
     "- Leader changes: the remaining elections happen under write load while the box is oversubscribed "
     "(see the CPU pressure above; other helpers' test suites were running on the same 2 cores). With 0.3-0.6 s election timeouts a node process that does not get the CPU for that long "
-    "loses its followers; none happened in the idle phase.",
+    "loses its followers; none happened in the idle phase. The leader-directed run above had none, but the box "
+    "was less loaded then (compare the load averages), so these runs do not separate the effect of "
+    "follower-forwarded writes from that of machine load.",
     "- Idle CPU is mostly the health checks themselves: 10,000 targets every 30 s is 333 TCP connects per "
     "second per node, each a few hundred microseconds of Python (socket, timeout, result, metric); the rest "
     "is Raft heartbeats (50/s per follower) and the data plane's 4/s sweep. It scales with targets / interval.",
