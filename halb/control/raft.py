@@ -214,7 +214,7 @@ class ReplicatedState(SyncObj):
             except Exception:
                 log.exception("on_state_changed listener failed")
 
-    # --- snapshots (msgpack, written in the tick thread) ------------------------------
+    # --- snapshots (msgpack, written by a forked child) --------------------------------
 
     def _write_snapshot(self, filename: str, data: tuple[Any, Any, Any]) -> None:
         """Start writing a snapshot in a forked child and return at once.
@@ -230,7 +230,9 @@ class ReplicatedState(SyncObj):
         only then does pysyncobj drop the log entries the snapshot covers.
 
         pysyncobj itself then tries to rename `filename` (its temp name, which we never
-        create) and treats the failure as "in progress" until the checker answers.
+        create) and treats the failure as "in progress" until the checker answers. The
+        child lives well under a second; it inherits the process's sockets for that time
+        (as pysyncobj's own fork mode does), so a port closed meanwhile frees up after it.
         """
         last, prev, cluster = data
         members = sorted(n.id if hasattr(n, "id") else str(n) for n in cluster)
