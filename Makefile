@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration bench chaos fuzz fuzz-http fuzz-api fuzz-raft lint clean
+.PHONY: venv demo test test-unit test-integration bench bench-control chaos fuzz fuzz-http fuzz-api fuzz-raft lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ test-integration: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+
+## Control plane at scale: 10,000 backends over 100 services on a real 3-node cluster (docs/benchmarks.md).
+bench-control: $(STAMP)
+	$(BIN)/python bench/control.py
 
 ## Fuzz targets (not part of `test`): the C HTTP head parser, the admin API and the Raft port.
 fuzz: fuzz-http fuzz-api fuzz-raft

@@ -629,7 +629,15 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
         lines += [NOTES.read_text().rstrip(), ""]
     if profile_md:
         lines += ["### py-spy profile of halb (small HTTP, top self frames)", "", profile_md, ""]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" + kept_section(path))
+
+
+def kept_section(path: Path, begin: str = "<!-- control-plane:begin -->", end: str = "<!-- control-plane:end -->") -> str:
+    """The control-plane section `make bench-control` writes into the same file (kept as is)."""
+    old = path.read_text() if path.exists() else ""
+    if begin not in old or end not in old:
+        return ""
+    return "\n" + old[old.index(begin):old.index(end) + len(end)] + "\n"
 
 
 if __name__ == "__main__":

@@ -34,7 +34,13 @@ class RaftConfig:
     # defaults (0.4/1.4/0.1, 5 s reconnect) roughly double election time.
     election_timeout_min: float = 0.3
     election_timeout_max: float = 0.6
-    heartbeat_interval: float = 0.05
+    # 0.02 / 0.02 (were 0.05 / pysyncobj's 0.05): in batch mode a commit waits for the
+    # tick after the next heartbeat, and a write on a follower also for the heartbeat that
+    # tells it the commit index, so these two set write latency (sequential writes, p50 at
+    # the leader 110 -> 29 ms, on a follower 160 -> 60 ms, with the wake-up on submit in
+    # control/raft.py). A 0.01 s tick gained 4 ms and cost idle CPU.
+    heartbeat_interval: float = 0.02
+    tick_interval: float = 0.02  # pysyncobj autoTickPeriod: longest wait of the Raft thread
     connection_retry: float = 0.5
     connection_timeout: float = 1.5
     leader_fallback_timeout: float = 3.0
@@ -210,6 +216,9 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
     raft.heartbeat_interval = raft_t.positive("heartbeat_interval", raft.heartbeat_interval)
     if raft.heartbeat_interval * 3 > raft.election_timeout_min:
         raise raft_t.error("heartbeat_interval", "must be at most a third of election_timeout_min")
+    raft.tick_interval = raft_t.positive("tick_interval", raft.tick_interval)
+    if raft.tick_interval > raft.heartbeat_interval:
+        raise raft_t.error("tick_interval", "must be at most heartbeat_interval (a heartbeat is sent on a tick)")
     raft.connection_retry = raft_t.positive("connection_retry", raft.connection_retry)
     raft.connection_timeout = raft_t.positive("connection_timeout", raft.connection_timeout)
     raft.leader_fallback_timeout = raft_t.positive("leader_fallback_timeout", raft.leader_fallback_timeout)

@@ -59,6 +59,7 @@ class LoadMeter:
     sample_every_s: float = 1.0
     cluster_every_s: float = 2.0
     _windows: dict[tuple[str, str], RateWindow] = field(init=False, default_factory=dict)
+    _last_sample: float | None = field(init=False, default=None)
     _local: Load = field(init=False, default_factory=dict)
     _cluster: dict[str, Any] = field(init=False, default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
@@ -92,13 +93,23 @@ class LoadMeter:
         services = self.stats().get("services", {})
         local: Load = {}
         seen = set()
+        last, self._last_sample = self._last_sample, now
         for svc, s in services.items():
             for be, b in s.get("backends", {}).items():
                 key = (svc, be)
+                requests, conns = int(b.get("requests", 0)), int(b.get("in_flight", 0))
+                w = self._windows.get(key)
+                if w is None:
+                    if not requests and not conns:
+                        continue  # never used: no window, not listed (absent = no load)
+                    w = self._windows[key] = RateWindow(self.window_s)
+                    if last is not None:
+                        w.add(last, 0)  # it had no requests at the previous sample
                 seen.add(key)
-                w = self._windows.setdefault(key, RateWindow(self.window_s))
-                w.add(now, int(b.get("requests", 0)))
-                local.setdefault(svc, {})[be] = {"rps": round(w.rate(), 3), "conns": int(b.get("in_flight", 0))}
+                w.add(now, requests)
+                rps = round(w.rate(), 3)
+                if rps or conns:  # sparse: at 10,000 idle backends /v1/load stays small
+                    local.setdefault(svc, {})[be] = {"rps": rps, "conns": conns}
         for key in [k for k in self._windows if k not in seen]:
             del self._windows[key]
         self._local = local

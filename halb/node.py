@@ -100,7 +100,10 @@ class Node:
         self.dataplane: Any = None  # DataPlane
         self.announcer: Any = None  # announce.manager (VIP lease / DNS), when configured
         self._routing_dirty = asyncio.Event()
-        self._routing_version = 0
+        from halb.local_issues import LocalIssues
+        from halb.routing_cache import RoutingCache
+        self.issues = LocalIssues()  # per-service build failures on this node (status, /v1/local-events)
+        self.routing = RoutingCache(cfg.dataplane.listen_host, dict(cfg.dataplane.backend_dial or {}), self.issues)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -162,7 +165,8 @@ class Node:
         from halb.metrics import NodeMetrics
 
         self.metrics = NodeMetrics(self)
-        self.health = HealthManager(self.node_id, self.raft, self.writer, on_local_change=self.mark_routing_dirty,
+        self.health = HealthManager(self.node_id, self.raft, self.writer, on_local_change=lambda svc: self.mark_routing_dirty({svc}),
+                                    issues=self.issues,
                                     on_result=self.metrics.observe_check, dial=self.cfg.dataplane.backend_dial)
         self.health.start()
         self.dataplane = DataPlane(self.node_id, workers=self.cfg.dataplane.workers,
@@ -171,9 +175,9 @@ class Node:
         await self.dataplane.start(self.build_routing())
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
         from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
-        self.load_meter = LoadMeter(self.node_id, self.dataplane.stats, self._peer_apis, self.token)
+        self.load_meter = LoadMeter(self.node_id, self.dataplane.load_counters, self._peer_apis, self.token)
         self.load_meter.start(self._http)
-        self.add_listener(lambda cmd, applied: self._after_apply(cmd))
+        self.add_listener(self._after_apply)
         # --- announce (VIP quorum lease / DNS; halb/announce/manager.py) ---
         from halb.announce.manager import start_announcement
         self.announcer = await start_announcement(self)
@@ -192,23 +196,24 @@ class Node:
 
     # --- routing: replicated state + local health -> data plane snapshot -------------
 
-    def mark_routing_dirty(self) -> None:
+    def mark_routing_dirty(self, services: Any = None) -> None:
+        """Rebuild the routing of `services` (None: all) soon (halb/routing_cache.py)."""
+        self.routing.mark(services)
         self._routing_dirty.set()
 
-    def _after_apply(self, cmd: dict[str, Any]) -> None:
-        op = cmd.get("op", "")
-        if op.startswith(("service.", "backend.", "seed", "snapshot.")):
-            self.health.sync_targets()
-        if not op.startswith(("lease.", "event.")):
-            self.mark_routing_dirty()
+    def _after_apply(self, cmd: dict[str, Any], applied: Applied) -> None:
+        from halb.routing_cache import touched_services
+
+        touched = touched_services(cmd, applied.events)  # only what this command can have changed
+        if touched is not None and not touched:
+            return
+        if touched is None or str(cmd.get("op", "")).startswith(("service.", "backend.")):
+            self.health.sync_targets(touched)
+        self.mark_routing_dirty(touched)
 
     def build_routing(self) -> Any:
-        from halb.routing_builder import build_snapshot
-
-        self._routing_version += 1
         with self.raft.read() as cs:
-            return build_snapshot(cs, self._routing_version, self.cfg.dataplane.listen_host, self.health.local_up,
-                                  self.cfg.dataplane.backend_dial)
+            return self.routing.build(cs, self.health.local_up)
 
     async def _routing_loop(self) -> None:
         while True:
@@ -218,6 +223,7 @@ class Node:
                 self.dataplane.update(self.build_routing())
             except Exception:
                 log.exception("routing update failed; the data plane keeps its last snapshot")
+            self.issues.sync("dataplane", self.dataplane.apply_errors)
             await asyncio.sleep(0.02)  # coalesce bursts of applied commands
 
     def _on_ejection(self, service: str, backend: str, ejected: bool, reason: str) -> None:
@@ -230,12 +236,17 @@ class Node:
                                 headers={"X-Halb-Format": "prometheus-0.0.4"})
 
         async def dataplane_stats(request: web.Request) -> web.StreamResponse:
-            return web.json_response({"node": self.node_id, **self.dataplane.stats()})
+            stats = self.dataplane.stats(request.query.get("service"))  # one service: cheap at 10k backends
+            return web.json_response({"node": self.node_id, **stats})
 
         async def load(request: web.Request) -> web.StreamResponse:
             return web.json_response({"node": self.node_id, "load": self.load_meter.local()})
 
-        return [("/metrics", metrics), ("/v1/dataplane", dataplane_stats), ("/v1/load", load)]
+        async def local_events(request: web.Request) -> web.StreamResponse:
+            return web.json_response({"node": self.node_id, "events": list(self.issues.events)})
+
+        return [("/metrics", metrics), ("/v1/dataplane", dataplane_stats), ("/v1/load", load),
+                ("/v1/local-events", local_events)]
 
     # --- events from the tick thread --------------------------------------------------
 
@@ -463,13 +474,16 @@ class Node:
         for s in self.services_view():
             r = reports.get(s["name"], {})
             shared = shared_addresses(s["listen"], self.cfg.dataplane.shared_hosts)
+            local = [f"{i.area} on {self.node_id}: {i.message} (since {time.strftime('%H:%M:%S', time.localtime(i.since))})"
+                     for i in self.issues.for_service(s["name"])]
             out.append({"name": s["name"], "mode": s["mode"], "listen": s["listen_nodes"],
                         "address": shared[0] if shared else None, "shared_addresses": shared,
                         "algorithm": s["algorithm"], "backends": len(s["backends"]),
                         "resilience": r.get("status", "unknown"), "servers_healthy": len(r.get("servers_healthy", [])),
-                        "warnings": r.get("warnings", [])})
+                        "routing": "error" if local else "ok",
+                        "warnings": local + r.get("warnings", [])})
         rank = {"down": 0, "at_risk": 1}
-        return sorted(out, key=lambda s: (rank.get(s["resilience"], 2), s["name"]))
+        return sorted(out, key=lambda s: (s["routing"] == "ok", rank.get(s["resilience"], 2), s["name"]))
 
     # --- membership and leadership ----------------------------------------------------
 

@@ -68,7 +68,7 @@ class ServiceOptions:
     outlier_max_ejection_s: float = 60.0  # cap of the ejection duration
     outlier_max_ejection_percent: float = 0.5  # share of backends that may be ejected at once
     # --- too few backends ------------------------------------------------------------
-    panic_threshold: float = 0.0  # healthy share below this -> route to all non-maint (panic); 0: only when none
+    panic_threshold: float = 0.0  # healthy share below this -> route to all active, healthy or not (panic); 0: only when none
     fail_policy: str = "panic"  # "panic" or "closed" (503 + Retry-After when none eligible)
     retry_after_s: int = 1  # Retry-After value on generated 503s
     # --- slow start -------------------------------------------------------------------

@@ -72,7 +72,7 @@ def print_status(status: dict[str, Any]) -> None:
         click.echo(table(rows, ["SERVICE", "MODE", "ALGORITHM", "BACKENDS", "SERVERS", "RESILIENCE", "ADDRESS",
                                 "PER-NODE LISTEN"]))
         for s in status["services"]:
-            if s.get("resilience") in ("at_risk", "down"):
+            if s.get("resilience") in ("at_risk", "down") or s.get("routing") == "error":
                 for w in s.get("warnings", []):
                     click.echo(f"WARNING: {w}")
 

@@ -25,7 +25,9 @@ from typing import Any, Callable, Iterator
 
 import msgpack
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
+from pysyncobj.config import SERIALIZER_STATE
 from pysyncobj.node import TCPNode
+from pysyncobj.pipe_notifier import PipeNotifier
 
 from halb.config import RaftConfig
 from halb.control.state import Applied, ClusterState
@@ -111,12 +113,14 @@ class ReplicatedState(SyncObj):
             journalFile=str(self.journal_path),
             fullDumpFile=str(self.snapshot_path),
             serializer=self._write_snapshot,
+            serializeChecker=self._snapshot_status,
             deserializer=self._read_snapshot,
             dynamicMembershipChange=True,
             commandsWaitLeader=True,
             raftMinTimeout=raft.election_timeout_min,
             raftMaxTimeout=raft.election_timeout_max,
             appendEntriesPeriod=raft.heartbeat_interval,
+            autoTickPeriod=raft.tick_interval,
             appendEntriesUseBatch=raft.append_entries_batch,
             connectionRetryTime=raft.connection_retry,
             connectionTimeout=raft.connection_timeout,
@@ -126,12 +130,16 @@ class ReplicatedState(SyncObj):
             onStateChanged=self._state_changed,
         )
         self._node_factory = functools.partial(DialNode, dial=dict(raft.dial))
+        self._wake: PipeNotifier | None = None
+        self._snapshot_child: int | None = None
+        self._snapshot_started = 0.0
         limits = TransportLimits(max_frame=raft.max_frame_bytes, auth_timeout=raft.auth_timeout,
                                  max_unauthenticated=raft.max_unauthenticated)
         super().__init__(self_addr, partners, conf, nodeClass=self._node_factory,
                          transportClass=GuardedTransport.with_limits(limits))
         self._tighten_modes()  # pysyncobj has just created the journal with the umask's mode
         self.addOnTickCallback(self._refresh_status)
+        self.addOnTickCallback(self._ensure_wake)
 
     def _tighten_modes(self) -> None:
         """Data dir 0700, journal/meta/snapshot 0600, whether new or left by an older version."""
@@ -170,7 +178,24 @@ class ReplicatedState(SyncObj):
         cid = cid or uuid.uuid4().hex
         cmd = {"op": op, "args": args, "id": cid, "by": by, "node": self.node_id, "at": time.time()}
         self._apply(msgpack.packb(cmd, use_bin_type=True), callback=callback)
+        self._notify()
         return cid
+
+    def _ensure_wake(self) -> None:
+        """Subscribe the wake-up pipe from the tick thread (the poller is that thread's)."""
+        if self._wake is None:
+            self._wake = PipeNotifier(self._poller)
+
+    def _notify(self) -> None:
+        """Wake the tick thread so it queues the command now, not after its poll timeout.
+        pysyncobj only does this itself with appendEntriesUseBatch=False (config.py says
+        why that stays off); entries still go out batched, with the next heartbeat."""
+        wake = self._wake
+        if wake is not None:
+            try:
+                wake.notify()
+            except OSError:  # pipe full: the tick thread is busy and will look anyway
+                pass
 
     # --- reads ------------------------------------------------------------------------
 
@@ -210,29 +235,78 @@ class ReplicatedState(SyncObj):
             except Exception:
                 log.exception("on_state_changed listener failed")
 
-    # --- snapshots (msgpack, written in the tick thread) ------------------------------
+    # --- snapshots (msgpack, written by a forked child) --------------------------------
 
     def _write_snapshot(self, filename: str, data: tuple[Any, Any, Any]) -> None:
+        """Start writing a snapshot in a forked child and return at once.
+
+        Why a fork: pysyncobj calls this in the tick thread, and building and packing the
+        whole state took ~1 s at 10,000 backends. Meanwhile no heartbeat went out and the
+        state lock was held, so followers started elections (dozens of leader changes
+        while backends were being added). The child gets a copy-on-write image of the
+        state as of this moment (taken under the lock, so consistent with the log index
+        pysyncobj is compacting to), writes it next to the snapshot and renames it over
+        the old one, so the old snapshot stays valid until the new one is complete.
+        `_snapshot_status` (pysyncobj's serializeChecker) reports when the child is done;
+        only then does pysyncobj drop the log entries the snapshot covers.
+
+        pysyncobj itself then tries to rename `filename` (its temp name, which we never
+        create) and treats the failure as "in progress" until the checker answers. The
+        child lives well under a second; it inherits the process's sockets for that time
+        (as pysyncobj's own fork mode does), so a port closed meanwhile frees up after it.
+        """
         last, prev, cluster = data
+        members = sorted(n.id if hasattr(n, "id") else str(n) for n in cluster)
+        if self._snapshot_child is not None:  # pysyncobj never asks while one runs; be safe anyway
+            os.waitpid(self._snapshot_child, 0)
+            self._snapshot_child = None
         with self._lock:
-            state = self._cluster.to_dict()
-        blob = msgpack.packb(
-            {
-                "format": SNAPSHOT_FORMAT,
-                "state": state,
-                "last": list(last),
-                "prev": list(prev),
-                "cluster": sorted(n.id if hasattr(n, "id") else str(n) for n in cluster),
-            },
-            use_bin_type=True,
-        )
-        # created 0600: pysyncobj renames this temporary file over raft.snapshot
-        fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, DATA_FILE_MODE)
-        os.fchmod(fd, DATA_FILE_MODE)  # an existing temporary file keeps its old mode otherwise
+            pid = os.fork()
+            if pid == 0:  # the child: only this thread exists; never log or take other locks
+                code = 1
+                try:
+                    self._dump_snapshot(str(self.snapshot_path), self._cluster.to_dict(), last, prev, members)
+                    code = 0
+                finally:
+                    os._exit(code)
+        self._snapshot_child = pid
+        self._snapshot_started = time.monotonic()
+
+    @staticmethod
+    def _dump_snapshot(path: str, state: dict[str, Any], last: Any, prev: Any, members: list[str]) -> None:
+        blob = msgpack.packb({"format": SNAPSHOT_FORMAT, "state": state, "last": list(last), "prev": list(prev),
+                              "cluster": members}, use_bin_type=True)
+        tmp = path + ".writing"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, DATA_FILE_MODE)  # renamed over raft.snapshot
+        os.fchmod(fd, DATA_FILE_MODE)  # a temporary file left by a crashed writer keeps its old mode otherwise
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _snapshot_status(self) -> int:
+        pid = self._snapshot_child
+        if pid is None:
+            return SERIALIZER_STATE.NOT_SERIALIZING
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done, status = pid, -1
+        if done == 0:
+            return SERIALIZER_STATE.SERIALIZING
+        self._snapshot_child = None
+        took = time.monotonic() - self._snapshot_started
+        if status == 0:
+            log.info("raft snapshot written in %.2fs (background)", took)
+            return SERIALIZER_STATE.SUCCESS
+        log.warning("raft snapshot writer failed (wait status %s); the log is kept until the next try", status)
+        return SERIALIZER_STATE.FAILED
 
     def _read_snapshot(self, filename: str) -> tuple[Any, Any, Any]:
         with open(filename, "rb") as f:

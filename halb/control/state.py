@@ -121,7 +121,7 @@ class ClusterState:
         if cid and cid in self.applied_ids:
             return Applied(dict(self.applied_ids[cid], duplicate=True), [])
         handler = self._handlers().get(op)
-        before = len(self.events)
+        seq_before = self.event_seq  # not len(self.events): at MAX_EVENTS the list is trimmed as it grows
         if handler is None:
             result = {"ok": False, "error": "invalid", "message": f"unknown operation {op!r}"[:MAX_MESSAGE]}
         else:
@@ -138,7 +138,8 @@ class ClusterState:
             self.applied_ids[cid] = result
             while len(self.applied_ids) > MAX_REMEMBERED_IDS:
                 self.applied_ids.popitem(last=False)
-        return Applied(result, self.events[before:])
+        recorded = self.event_seq - seq_before
+        return Applied(result, self.events[-recorded:] if recorded else [])
 
     def _handlers(self) -> dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]]:
         return {

@@ -51,6 +51,7 @@ class DataPlane:
         self.conns: set[Any] = set()
         self.on_ejection: list[EjectionHook] = []
         self.listen_errors: dict[str, str] = {}
+        self.apply_errors: dict[str, str] = {}  # service -> why its last route could not be applied
         self._sweeper: asyncio.Task[None] | None = None
         self._rid_prefix = (f"{node_id[:16]}-{os.getpid():x}{secrets.token_hex(3)}-").encode()
         self._rid_counter = 0
@@ -93,13 +94,31 @@ class DataPlane:
         if self._pool_supervisor is not None:
             self._pool_supervisor.send_snapshot(self._worker_snapshot())
 
-    def stats(self) -> dict[str, Any]:
-        local = self.local_stats()
+    def stats(self, service: str | None = None) -> dict[str, Any]:
+        """Counters summed over worker processes; `service`: only that one (cheap to ask
+        for often when the node has thousands of backends)."""
+        local = self.local_stats(service)
         if self._pool_supervisor is None:
             return local
-        return merge_stats([local, *self._pool_supervisor.worker_stats()])
+        merged = merge_stats([local, *self._pool_supervisor.worker_stats()])
+        if service is not None:
+            merged["services"] = {k: v for k, v in merged["services"].items() if k == service}
+        return merged
 
-    def local_stats(self) -> dict[str, Any]:
+    def load_counters(self) -> dict[str, Any]:
+        """`stats()` cut down to requests / in_flight of backends that have had traffic:
+        what the load meter samples every second, cheap with 10,000 idle backends."""
+        if self._pool_supervisor is not None:
+            return self.stats()
+        out: dict[str, Any] = {}
+        for name, lst in self.listeners.items():
+            backends = {b.name: {"requests": b.requests, "in_flight": b.in_flight}
+                        for b in lst.rt.backends.values() if b.requests or b.in_flight}
+            if backends:
+                out[name] = {"backends": backends}
+        return {"services": out}
+
+    def local_stats(self, service: str | None = None) -> dict[str, Any]:
         """This process only (workers report theirs with it)."""
         return {
             "node_id": self.node_id,
@@ -107,7 +126,8 @@ class DataPlane:
             "workers": [{"pid": os.getpid(), "requests": sum(lst.rt.requests for lst in self.listeners.values()),
                          "connections": len(self.conns)}],
             "listen_errors": {**self.listen_errors, **self.shared.errors},
-            "services": {name: lst.rt.stats() for name, lst in self.listeners.items()},
+            "services": {name: lst.rt.stats() for name, lst in self.listeners.items()
+                         if service is None or name == service},
         }
 
     def bound_port(self, service: str) -> int:
@@ -160,23 +180,37 @@ class DataPlane:
         return lambda: HttpClientConn(lst)
 
     def _apply(self, snapshot: RoutingSnapshot, initial: bool) -> None:
+        """Per service: unchanged (the same ServiceRoute object) costs nothing, so an update
+        of one service among 100 is O(that service); one that cannot be applied is skipped
+        and named in `apply_errors`, the others are still applied."""
         seen: set[str] = set()
         for svc in snapshot.services:
             seen.add(svc.name)
-            key = (svc.mode, svc.listen_host, svc.listen_port)
             lst = self.listeners.get(svc.name)
-            if lst is not None and lst.key == key:
-                lst.rt.apply(svc)
+            if lst is not None and lst.rt.route is svc:
                 continue
-            if lst is not None:
-                self._retire(lst)
-            self._open(svc, key, initial)
+            try:
+                key = (svc.mode, svc.listen_host, svc.listen_port)
+                if lst is not None and lst.key == key:
+                    lst.rt.apply(svc)
+                else:
+                    if lst is not None:
+                        self._retire(lst)
+                    self._open(svc, key, initial)
+            except Exception as exc:  # isolate: one service must not stop the others' updates
+                log.exception("service %s: cannot apply its routing; the others are applied", svc.name)
+                self.apply_errors[svc.name] = f"cannot apply routing: {type(exc).__name__}: {exc}"
+            else:
+                self.apply_errors.pop(svc.name, None)
+        for name in [n for n in self.apply_errors if n not in seen]:
+            del self.apply_errors[name]
         for name in [n for n in self.listeners if n not in seen]:
             self._retire(self.listeners.pop(name))
         self.shared.sync(initial)
         self.snapshot = snapshot
 
     def _open(self, svc: ServiceRoute, key: tuple[str, str, int], initial: bool) -> None:
+        rt = ServiceRuntime(svc, hook=self._hook, initial=initial)  # before the socket: may raise
         try:
             sock = make_listen_socket(svc.listen_host, svc.listen_port)
         except OSError as e:
@@ -185,7 +219,6 @@ class DataPlane:
             self.listeners.pop(svc.name, None)
             return
         self.listen_errors.pop(svc.name, None)
-        rt = ServiceRuntime(svc, hook=self._hook, initial=initial)
         lst = Listener(engine=self, rt=rt, key=key, sock=sock, port=sock.getsockname()[1])
         self.listeners[svc.name] = lst
         if not initial and self.loop is not None:

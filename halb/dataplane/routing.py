@@ -85,6 +85,7 @@ class ServiceRuntime:
         self.candidates: list[BackendState] = []
         self.panic = False
         self.eligible_count = 0
+        self.n_ejected = 0  # backends of `backends` with ejected set (tick walks them only then)
         self.dirty = True
         self.ramp_until = 0.0
         self.hash_header: bytes | None = None
@@ -134,6 +135,7 @@ class ServiceRuntime:
             st = self.backends.pop(name)
             st.removed = True
             st.close_pool()
+        self.n_ejected = sum(1 for st in self.backends.values() if st.ejected)
         members = tuple((b.name, b.weight) for b in route.backends if b.admin_state != "maint" and b.weight > 0)
         algo = route.algorithm
         spread = wants_server_spread(self.opts.server_balance, algo)
@@ -160,14 +162,17 @@ class ServiceRuntime:
         eligible: list[BackendState] = []
         fallback: list[BackendState] = []
         ramp_until = 0.0
+        last_resort: list[BackendState] = []
         for st in self.backends.values():
             r = st.route
             if r.weight <= 0 or r.admin_state == "maint":
                 st.was_eligible = False
                 continue
-            fallback.append(st)
             if r.admin_state == "active":
                 active += 1
+                # panic never picks a draining backend (drain = no new requests, panic or
+                # not); an ejected one only when every active backend is ejected
+                (last_resort if st.ejected else fallback).append(st)
             ok = r.eligible and not st.ejected
             if ok and not st.was_eligible and not initial and st.eligible_since < now - 1e-9:
                 st.eligible_since = now
@@ -188,6 +193,7 @@ class ServiceRuntime:
         # fail_policy "panic" a backend the checks doubt beats a certain 503
         if active and opts.fail_policy == "panic" and (share < opts.panic_threshold or not eligible):
             self.panic = True
+            fallback = fallback or last_resort
             for st in fallback:
                 st.weight = max(float(st.route.weight), 1e-6)
             self.candidates = fallback
@@ -257,6 +263,7 @@ class ServiceRuntime:
         now = self.clock()
         dur = min(opts.outlier_base_ejection_s * (2 ** st.ejection_streak), opts.outlier_max_ejection_s)
         st.ejected = True
+        self.n_ejected += 1
         st.ejected_until = now + dur
         st.ejection_streak += 1
         st.ejections += 1
@@ -276,8 +283,9 @@ class ServiceRuntime:
         """End expired ejections, advance slow start; called a few times per second."""
         if now is None:
             now = self.clock()
-        for st in self.backends.values():
+        for st in self.backends.values() if self.n_ejected else ():  # at 10k backends: skip the walk
             if st.ejected and now >= st.ejected_until:
+                self.n_ejected -= 1
                 st.ejected = False
                 st.consecutive_failures = 0
                 st.consecutive_connect_failures = 0

@@ -9,11 +9,13 @@ they agree, so the cluster converges on what every node currently sees.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+from halb.control.commands import MAX_OBSERVATIONS
 from halb.control.raft import ReplicatedState
 from halb.control.writer import CommandWriter, WriteError
 from halb.health.checks import CheckConfig, CheckConfigError
@@ -22,23 +24,31 @@ from halb.model import parse_hostport
 
 log = logging.getLogger("halb.health")
 
+MAX_OBSERVATIONS_PER_COMMAND = MAX_OBSERVATIONS
+
+# a change of one backend re-syncs its whole service: don't re-parse 100 addresses each time
+_split = functools.lru_cache(maxsize=65536)(parse_hostport)
+
 
 @dataclass
 class HealthManager:
     node_id: str
     raft: ReplicatedState
     writer: CommandWriter
-    on_local_change: Callable[[], None]
+    on_local_change: Callable[[str], None]  # (service): this node's view of one of its backends changed
     on_result: Callable[[str, str, Any], None] | None = None
     dial: dict[str, str] = field(default_factory=dict)  # backend address -> address to check instead
     # max seconds to hold a report while other instances of its server fail too;
     # None: one check interval of the service (interval x (1 + jitter))
     server_hold: float | None = None
+    issues: Any = None  # halb.local_issues.LocalIssues: where per-service failures are reported
+    full_scan_s: float = 5.0  # reconcile at least this often without a local transition
     prober: Prober = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
     _check_errors: dict[str, str] = field(init=False, default_factory=dict)
     _held_since: dict[tuple[str, bool], float] = field(init=False, default_factory=dict)
+    _first_reported: dict[tuple[str, str], BackendHealth] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.prober = Prober(self._transition, on_result=self.on_result)
@@ -55,30 +65,70 @@ class HealthManager:
 
     # --- targets from the replicated state --------------------------------------------
 
-    def sync_targets(self) -> None:
-        targets = {}
+    def sync_targets(self, services: Iterable[str] | None = None) -> None:
+        """Bring the prober's targets in line with the replicated state, for `services`
+        (None: all of them).
+
+        Everything is read inside one hold of the state lock (a consistent snapshot: the
+        tick thread mutates `svc.backends` while it applies commands, so iterating them
+        outside the lock raised "dictionary changed size during iteration" under bulk
+        writes), and each service is handled on its own: one whose targets cannot be
+        built is reported (LocalIssues) and keeps its previous targets, the others go on.
+        """
+        wanted: dict[str, dict[str, Any] | None] = {}  # service -> backend -> target; None: gone
+        failed: dict[str, str] = {}
         with self.raft.read() as cs:
-            services = list(cs.services.values())
-        for svc in services:
+            names = set(cs.services) | set(self.prober.services()) if services is None else set(services)
+            for name in names:
+                svc = cs.services.get(name)
+                if svc is None:
+                    wanted[name] = None
+                    continue
+                try:
+                    wanted[name] = self._service_targets(svc)
+                except Exception as exc:  # isolate: a bad service must not stop the others
+                    failed[name] = f"cannot build health check targets: {type(exc).__name__}: {exc}"
+        for name, message in failed.items():
+            self._issue(name, message)
+        for name, targets in sorted(wanted.items()):
             try:
-                check = CheckConfig.from_dict(svc.options.get("health") or {}, where=f"services.{svc.name}.health")
-            except CheckConfigError as exc:
-                if self._check_errors.get(svc.name) != str(exc):
-                    log.error("service %s: bad health check config, using TCP defaults: %s", svc.name, exc)
-                    self._check_errors[svc.name] = str(exc)
-                check = CheckConfig(kind="tcp")
-            for be in svc.backends.values():
-                host, port = parse_hostport(self.dial.get(be.address, be.address))
-                targets[(svc.name, be.name)] = (host, port, check)
-        self.prober.set_targets(targets)
+                self.prober.set_service_targets(name, targets or {})
+            except Exception as exc:
+                self._issue(name, f"cannot set health check targets: {type(exc).__name__}: {exc}")
+                continue
+            if targets is None:
+                self._check_errors.pop(name, None)
+                if self.issues is not None:
+                    self.issues.forget_service("health", [name])
+            elif self.issues is not None:
+                self.issues.clear("health", name)
+
+    def _service_targets(self, svc: Any) -> dict[str, Any]:
+        """backend name -> (host, port, check) of one service; runs under the state lock."""
+        try:
+            check = CheckConfig.from_dict(svc.options.get("health") or {}, where=f"services.{svc.name}.health")
+        except CheckConfigError as exc:
+            if self._check_errors.get(svc.name) != str(exc):
+                log.error("service %s: bad health check config, using TCP defaults: %s", svc.name, exc)
+                self._check_errors[svc.name] = str(exc)
+            check = CheckConfig(kind="tcp")
+        out = {}
+        for be in svc.backends.values():
+            host, port = _split(self.dial.get(be.address, be.address))
+            out[be.name] = (host, port, check)
+        return out
+
+    def _issue(self, service: str, message: str) -> None:
+        if self.issues is not None:
+            self.issues.report("health", service, message)
+        else:
+            log.error("health: service %s skipped: %s", service, message)
 
     # --- local view -------------------------------------------------------------------
 
     def local_up(self, service: str, backend: str) -> bool:
-        try:
-            return self.prober.state(service, backend).up
-        except KeyError:
-            return True
+        up = self.prober.is_up(service, backend)
+        return True if up is None else up
 
     def local_state(self, service: str, backend: str) -> BackendHealth | None:
         try:
@@ -89,23 +139,35 @@ class HealthManager:
     def _transition(self, service: str, backend: str, up: bool, detail: str) -> None:
         log.info("local check: %s/%s is %s%s", service, backend, "UP" if up else "DOWN",
                  f" ({detail})" if detail else "")
-        self.on_local_change()  # local fast path: re-route now, do not wait for the cluster
+        self.on_local_change(service)  # local fast path: re-route now, do not wait for the cluster
         self._wake.set()
 
     # --- reconcile loop ---------------------------------------------------------------
 
     async def _loop(self) -> None:
+        """Reconcile when a local verdict changed, while reports are held or failed, and
+        otherwise every `full_scan_s` (a report that settled without a transition, e.g.
+        after a restart, waits at most that long). A scan walks every target: at 10,000
+        backends scanning twice a second was most of an idle node's CPU."""
+        loop = asyncio.get_running_loop()
+        last_scan = -1e9
+        again = True
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), 0.5)
             except asyncio.TimeoutError:
                 pass
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
                 st = self.raft.raft_status()
                 if st.leader is None:
                     continue
-                await self._report_observations()
+                if woken or again or self._held_since or loop.time() - last_scan >= self.full_scan_s:
+                    again = True  # stays set if the report fails: try again next round
+                    last_scan = loop.time()
+                    await self._report_observations()
+                    again = False
                 if st.state == "leader":
                     await self._leader_duties(st)
             except WriteError as exc:
@@ -127,33 +189,69 @@ class HealthManager:
         `health.observe_many` command: their verdicts then flip together and the cluster
         records one `server.down` event instead of N verdicts trickling in.
         """
-        states = self.prober.states()
+        states = self.prober.live_states()  # read only, and only before the first await
+        targets = self.prober.live_targets()
+        me = self.node_id
+        # Only two kinds of target can differ from what the cluster holds for this node:
+        # one this node sees DOWN, and one the cluster holds DOWN from this node. Both are
+        # rare, so this pass is one cheap walk over the local states plus a few lookups,
+        # not a lookup of every one of 10,000 observations.
+        # A third kind: a confirmed UP this node has never reported (the views show it
+        # "pending" until a majority has); `_first_reported` remembers, per prober state
+        # object, that the cluster holds a report, so this stays a walk without lookups.
+        moving_keys: list[tuple[tuple[str, str], bool]] = []
+        candidates: set[tuple[str, str]] = set()
+        unreported: list[tuple[str, str]] = []
+        for key, h in states.items():
+            if h.up:
+                if h.consecutive_failures > 0:
+                    moving_keys.append((key, False))
+                if h.confirmed and self._first_reported.get(key) is not h:
+                    unreported.append(key)
+            else:
+                candidates.add(key)
+                if h.consecutive_successes > 0:
+                    moving_keys.append((key, True))
+        with self.raft.read() as cs:  # the tick thread waits on this lock: C-level copies and a few lookups
+            observations = dict(cs.observations)
+        for okey, obs in observations.items():
+            mine = obs.get(me)
+            if mine is not None and not mine.get("up", True):
+                service, _, backend = okey.partition("/")
+                candidates.add((service, backend))
+        for key in unreported:
+            if me in (observations.get(f"{key[0]}/{key[1]}") or {}):
+                self._first_reported[key] = states[key]
+            else:
+                candidates.add(key)
+        if len(self._first_reported) > len(states):  # targets removed: forget them
+            self._first_reported = {k: h for k, h in self._first_reported.items() if states.get(k) is h}
+        wanted = {k for k, _ in moving_keys} | candidates
         with self.raft.read() as cs:
-            replicated = {key: obs.get(self.node_id) for key, obs in cs.observations.items()}
-            targets = self.prober.targets()
-            server_of = {(svc.name, be.name): be.server for svc in cs.services.values()
-                         for be in svc.backends.values()}
-        pending: list[dict[str, Any]] = []
+            server_of = {}
+            for service, backend in wanted:
+                be = cs.services[service].backends.get(backend) if service in cs.services else None
+                server_of[(service, backend)] = be.server if be is not None else ""
         moving: dict[tuple[str, bool], int] = {}  # (server, up) -> instances still on their way there
-        for (service, backend), h in states.items():
-            if (service, backend) not in targets:
+        for key, up in moving_keys:
+            group = (server_of.get(key, ""), up)
+            moving[group] = moving.get(group, 0) + 1
+        pending: list[dict[str, Any]] = []
+        for service, backend in sorted(candidates):
+            key = (service, backend)
+            h = states.get(key)
+            if h is None or key not in targets:
                 continue
-            rise = targets[(service, backend)][2].rise
-            settled = (not h.up) or h.consecutive_successes >= rise
-            server = server_of.get((service, backend), "")
-            if h.up and h.consecutive_failures > 0:
-                moving[(server, False)] = moving.get((server, False), 0) + 1
-            elif not h.up and h.consecutive_successes > 0:
-                moving[(server, True)] = moving.get((server, True), 0) + 1
+            check = targets[key][2]
+            settled = (not h.up) or h.consecutive_successes >= check.rise
             if not settled:
                 continue
-            mine = replicated.get(f"{service}/{backend}")
+            mine = (observations.get(f"{service}/{backend}") or {}).get(me)
             if mine is not None and mine["up"] == h.up:
                 continue  # no report yet: send the first settled result, UP too (views: "pending" until then)
-            check = targets[(service, backend)][2]
             hold = self.server_hold if self.server_hold is not None else check.interval * (1 + check.jitter)
             pending.append({"service": service, "backend": backend, "up": h.up,
-                            "detail": "" if h.up else h.last_failure, "server": server, "hold": hold})
+                            "detail": "" if h.up else h.last_failure, "server": server_of.get(key, ""), "hold": hold})
         now = time.monotonic()
         ready: list[dict[str, Any]] = []
         for item in pending:
@@ -174,11 +272,16 @@ class HealthManager:
         items = [{k: v for k, v in i.items() if k not in ("server", "hold")} for i in ready]
         if len(items) == 1:
             await self.writer.write("health.observe", items[0], by=by)
-        else:
-            if len(ready) > 1:
-                log.info("reporting %d observations in one command (%s)", len(items),
-                         ", ".join(f"{i['service']}/{i['backend']} {'UP' if i['up'] else 'DOWN'}" for i in items))
-            await self.writer.write("health.observe_many", {"observations": items}, by=by)
+            return
+        log.info("reporting %d observations in %s (%s)", len(items),
+                 "one command" if len(items) <= MAX_OBSERVATIONS_PER_COMMAND else "commands of at most "
+                 f"{MAX_OBSERVATIONS_PER_COMMAND}",
+                 ", ".join(f"{i['service']}/{i['backend']} {'UP' if i['up'] else 'DOWN'}" for i in items[:20])
+                 + (f", ... {len(items) - 20} more" if len(items) > 20 else ""))
+        # first reports at start-up can cover thousands of backends; a command holds at most 1,000
+        for start in range(0, len(items), MAX_OBSERVATIONS_PER_COMMAND):
+            await self.writer.write("health.observe_many",
+                                    {"observations": items[start:start + MAX_OBSERVATIONS_PER_COMMAND]}, by=by)
 
     async def _leader_duties(self, st: Any) -> None:
         now = time.time()

@@ -75,6 +75,7 @@ class Prober:
         self._targets: dict[TargetKey, Target] = {}
         self._tasks: dict[TargetKey, asyncio.Task[None]] = {}
         self._health: dict[TargetKey, BackendHealth] = {}
+        self._by_service: dict[str, set[str]] = {}  # service -> backend names with a target
         self._session: aiohttp.ClientSession | None = None
         self._stopped = False
 
@@ -88,6 +89,26 @@ class Prober:
         verdict: the identity of a backend is (service, name), and changing its check
         should need fresh evidence, not reset it to UP.
         """
+        new = self._validated(targets)
+        for key in list(self._targets):
+            if key not in new:
+                self._drop(key)
+        self._put(new)
+
+    def set_service_targets(self, service: str, targets: Mapping[str, Target]) -> None:
+        """Replace the targets of one service (backend name -> target); the others are
+        untouched. Cost is proportional to that service, not to every target: this is
+        what a change of one service or backend calls at 10,000 backends."""
+        new = self._validated({(service, name): t for name, t in targets.items()})
+        for key in [(service, name) for name in self._by_service.get(service, ())]:
+            if key not in new:
+                self._drop(key)
+        self._put(new)
+
+    def services(self) -> list[str]:
+        return list(self._by_service)
+
+    def _validated(self, targets: Mapping[TargetKey, Target]) -> dict[TargetKey, Target]:
         if self._stopped:
             raise RuntimeError("Prober is stopped")
         for key, target in targets.items():
@@ -96,17 +117,25 @@ class Prober:
                 raise TypeError(f"target {key}: expected CheckConfig, got {type(cfg).__name__}")
             if not isinstance(port, int) or not 0 < port < 65536:
                 raise ValueError(f"target {key}: invalid port {port!r}")
-        new = {key: (t[0], t[1], t[2]) for key, t in targets.items()}  # normalise lists to tuples
-        for key in list(self._targets):
-            if key not in new:
-                self._cancel(key)
-                del self._targets[key]
-                self._health.pop(key, None)
+        return {key: (t[0], t[1], t[2]) for key, t in targets.items()}  # normalise lists to tuples
+
+    def _drop(self, key: TargetKey) -> None:
+        self._cancel(key)
+        del self._targets[key]
+        self._health.pop(key, None)
+        names = self._by_service.get(key[0])
+        if names is not None:
+            names.discard(key[1])
+            if not names:
+                del self._by_service[key[0]]
+
+    def _put(self, new: dict[TargetKey, Target]) -> None:
         for key, target in new.items():
             if self._targets.get(key) == target and key in self._tasks:
                 continue
             self._cancel(key)
             self._targets[key] = target
+            self._by_service.setdefault(key[0], set()).add(key[1])
             health = self._health.setdefault(key, BackendHealth())
             health.host, health.port = target[0], target[1]
             health.consecutive_successes = health.consecutive_failures = 0
@@ -117,11 +146,27 @@ class Prober:
         """A copy of the current health of one target; KeyError if it is not a target."""
         return dataclasses.replace(self._health[(service, backend)])
 
+    def is_up(self, service: str, backend: str) -> bool | None:
+        """Current verdict without a copy (None: not a target); routing asks this for
+        every backend of every service it rebuilds."""
+        h = self._health.get((service, backend))
+        return None if h is None else h.up
+
+    def live_states(self) -> dict[TargetKey, BackendHealth]:
+        """The prober's own state objects, not copies: for a scan in the loop thread that
+        only reads them (at 10,000 targets, copying all of them twice a second was the
+        node's largest idle cost)."""
+        return self._health
+
     def states(self) -> dict[TargetKey, BackendHealth]:
         return {k: dataclasses.replace(v) for k, v in self._health.items()}
 
     def targets(self) -> dict[TargetKey, Target]:
         return dict(self._targets)
+
+    def live_targets(self) -> dict[TargetKey, Target]:
+        """The target map itself (no copy), for read-only scans in the loop thread."""
+        return self._targets
 
     async def stop(self) -> None:
         """Stop every check loop and close the probe session. Idempotent."""

@@ -1,0 +1,24 @@
+"""The load meter lists only backends with traffic (sparse /v1/load at 10,000 idle
+backends) and still counts the first requests of a backend that was idle."""
+from __future__ import annotations
+
+from typing import Any
+
+from halb.load_meter import LoadMeter
+
+
+def test_idle_backends_are_not_listed_and_first_requests_count() -> None:
+    counters: dict[str, Any] = {"services": {"web": {"backends": {
+        "idle": {"requests": 0, "in_flight": 0}, "busy": {"requests": 0, "in_flight": 0}}}}}
+    meter = LoadMeter("n1", lambda: counters, lambda: [], "t", window_s=10.0)
+    meter.sample(now=100.0)
+    assert meter.local() == {}
+    counters["services"]["web"]["backends"]["busy"] = {"requests": 20, "in_flight": 2}
+    meter.sample(now=101.0)  # 20 requests since the previous sample, one second ago
+    assert meter.local() == {"web": {"busy": {"rps": 20.0, "conns": 2}}}
+    counters["services"]["web"]["backends"]["busy"] = {"requests": 40, "in_flight": 0}
+    meter.sample(now=102.0)
+    assert meter.local() == {"web": {"busy": {"rps": 20.0, "conns": 0}}}
+    del counters["services"]["web"]["backends"]["busy"]  # removed: its window goes too
+    meter.sample(now=103.0)
+    assert meter.local() == {} and not meter._windows
