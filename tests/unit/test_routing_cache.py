@@ -100,8 +100,8 @@ def test_only_touched_services_are_rebuilt_and_others_keep_their_objects() -> No
 
 def test_unbuildable_service_is_skipped_reported_and_keeps_last_good_route() -> None:
     cs = ClusterState()
-    for name in ("aaa", "web"):
-        cs.apply({"op": "service.add", "args": {"name": name, "listen": "127.0.0.1:9000"}, "id": name})
+    for port, name in enumerate(("aaa", "web"), start=9000):  # one port each: a shared port is a clash
+        cs.apply({"op": "service.add", "args": {"name": name, "listen": f"127.0.0.1:{port}"}, "id": name})
         cs.apply({"op": "backend.add", "args": {"service": name, "backend": {"name": "x", "address": "127.0.0.2:80"}},
                   "id": name + "x"})
     issues = LocalIssues()
@@ -146,8 +146,8 @@ def test_server_wide_verdict_change_names_every_service_it_touched() -> None:
     for m in MEMBERS:
         cs.apply({"op": "member.register", "args": {"id": m, "raft": f"127.0.0.1:{7000 + int(m[1])}",
                                                       "api": f"127.0.0.1:{8000 + int(m[1])}"}, "id": m})
-    for svc in ("a", "b", "c"):
-        cs.apply({"op": "service.add", "args": {"name": svc, "listen": "127.0.0.1:9000"}, "id": svc})
+    for port, svc in enumerate(("a", "b", "c"), start=9000):
+        cs.apply({"op": "service.add", "args": {"name": svc, "listen": f"127.0.0.1:{port}"}, "id": svc})
     for svc in ("a", "b"):  # server S runs one instance of a and one of b; c is elsewhere
         cs.apply({"op": "backend.add", "args": {"service": svc, "backend": {"name": "x", "address": "127.0.0.5:80",
                                                                             "server": "S"}}, "id": svc + "x"})
