@@ -103,7 +103,8 @@ class Bench:
                  for i in range(3)]
         self.spec = ClusterSpec(nodes=nodes, service_name="seeded", service_port=free_port(hosts[0]), backends=[],
                                 health={"kind": "tcp", "interval": args.check_interval, "timeout": 1.0,
-                                        "rise": 2, "fall": 2})
+                                        "rise": 2, "fall": 2},
+                                extra_raft={k: float(v) for k, v in (kv.split("=", 1) for kv in args.raft)})
         self.children: dict[str, Child] = {}
         self.backend_hosts = [f"127.77.0.{i + 1}" for i in range(args.backends_per_service)]
         self.backend_ports = sorted({free_port("127.77.0.1") for _ in range(args.services * 2)})[:args.services]
@@ -396,8 +397,11 @@ def prober_note() -> list[str]:
         return []
     r = json.loads(PROBER_JSON.read_text())
     return [f"The health prober alone (`bench/control.py --prober-only`: the same {r['targets']:,} TCP targets and "
-            f"acceptor, no node around it, load average after {r['load_after']}): **{r['prober_only_cpu_pct']} % CPU** "
-            f"for {r['checks_per_s']} checks/s ({r['last_ok']:,} targets last OK).", ""]
+            f"acceptor, added over one interval, no node around it, load average after {r['load_after']}): "
+            f"**{r['prober_only_cpu_pct']} % CPU** for {r['checks_per_s']} checks/s ({r['last_ok']:,} targets last OK"
+            + (f"; {r['checks_in_window']:,} checks in the {r['window_s']} s window, "
+               f"**{r['us_per_check']} µs of CPU per check**, kernel included" if r.get("us_per_check") else "")
+            + ").", ""]
 
 
 def leader_variant() -> list[str]:
@@ -469,6 +473,9 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--to-leader", action="store_true", help="all clients write to the leader's API "
                     "(default: spread over the three nodes)")
+    ap.add_argument("--raft", action="append", default=[], metavar="KEY=SECONDS",
+                    help="a [raft] timing for the nodes, e.g. heartbeat_interval=0.05 (repeatable; default: the "
+                         "config defaults)")
     ap.add_argument("--max-seconds", type=float, default=600.0, help="stop adding after this long")
     ap.add_argument("--dir", default=str(ROOT / ".halb" / "bench-control"))
     ap.add_argument("--out-json", default=str(ROOT / "docs" / "benchmarks-control.json"))
