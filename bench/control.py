@@ -444,12 +444,21 @@ NOTES = [
     "10,000 writes answered 503 `leader_changed` (p99 280-670 ms, 86-135 writes/s). With 0.3-0.6 s election "
     "timeouts a node process that does not get the CPU for that long loses its followers. None happened in "
     "any idle phase.",
-    "- Idle CPU is over the 5 % target, and mostly the health checks: 10,000 targets every 30 s is 333 TCP "
-    "connects per second per node; the prober alone (above) costs about 6 % of a core for that (~180 µs of "
-    "Python per check: socket, timeout, result). The rest, by py-spy profiles of an idle node, is per-check bookkeeping in the node (metrics "
-    "histogram), Raft ticks and heartbeats (50/s each, per follower), the data plane's 4/s sweep over every "
-    "backend and the 5 s health reconcile. It scales with targets / interval: the same cluster with 60 s "
-    "checks would do half the connects.",
+    "- Idle CPU is still over the 5 % target, though lower: 13.7-16.2 % per node in the morning's runs, "
+    "7.1-8.0 % now. What remains, by py-spy and perf profiles of an idle node: the health checks (10,000 targets "
+    "every 30 s is 333 TCP connects per second per node; the prober alone, above, is about 4 % of a core, "
+    "~45 % of that in the kernel: a loopback connect makes the kernel run both ends of the handshake in the "
+    "prober's system call, and a bare connect + RST close loop costs ~16 µs), Raft heartbeats and ticks "
+    "(20 per second each on an idle node), the 5 s health reconcile and the event loop's own wake-ups. "
+    "It scales with targets / interval: the same cluster with 60 s checks would do half the connects.",
+    "- Idle-CPU changes (issue 11 item 7): the prober keeps all due checks in one heap behind one loop timer and "
+    "runs a TCP check as a bare non-blocking connect in one shared epoll set (was: an asyncio Task per target, "
+    "`asyncio.timeout` + `sock_connect` per check; prober alone 8.9 % -> 4.1 % CPU, 268 -> 124 µs per check); "
+    "Raft heartbeats and ticks are 0.02 s only while the log grows and 0.05 s on an idle node "
+    "(`idle_heartbeat_interval`, docs/config.md; fixed 0.05 s measured 7.4-8.4 % idle but 71 writes/s and "
+    "p50 123 ms, fixed 0.02 s 9.4-10.3 % idle with 135 writes/s and p50 61 ms; the switch keeps both good "
+    "numbers); the data plane's sweep and the load meter no longer walk the backends of services that never "
+    "sent a request.",
 ]
 
 
