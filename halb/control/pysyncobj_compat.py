@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 _RAFT_LOG_ATTR = "_SyncObj__raftLog"
+_NEXT_HEARTBEAT_ATTR = "_SyncObj__newAppendEntriesTime"  # monotonic time of the leader's next append-entries
 
 
 class PysyncobjCompatError(RuntimeError):
@@ -40,3 +41,15 @@ def last_log_entry(syncobj: Any) -> tuple[int, int]:
     if type(index) is not int or type(term) is not int or index < 0 or term < 0:
         raise PysyncobjCompatError(f"Raft log entry index/term are not non-negative ints: {index!r}, {term!r}")
     return index, term
+
+
+def pull_next_heartbeat(syncobj: Any, at: float) -> None:
+    """Make the leader's next append-entries go out no later than monotonic time ``at``
+    (pysyncobj schedules it ``appendEntriesPeriod`` after the previous one). Raises
+    PysyncobjCompatError if the internals changed."""
+    current = getattr(syncobj, _NEXT_HEARTBEAT_ATTR, None)
+    if not isinstance(current, (int, float)):
+        raise PysyncobjCompatError(f"{type(syncobj).__name__}.{_NEXT_HEARTBEAT_ATTR} is {current!r}, not a time: "
+                                   "pysyncobj internals changed")
+    if at < current:
+        setattr(syncobj, _NEXT_HEARTBEAT_ATTR, at)

@@ -30,6 +30,7 @@ from pysyncobj.node import TCPNode
 from pysyncobj.pipe_notifier import PipeNotifier
 
 from halb.config import RaftConfig
+from halb.control.pysyncobj_compat import PysyncobjCompatError, last_log_entry, pull_next_heartbeat
 from halb.control.state import Applied, ClusterState
 from halb.control.transport import GuardedTransport, TransportLimits
 
@@ -129,6 +130,13 @@ class ReplicatedState(SyncObj):
             logCompactionMinTime=raft.log_compaction_seconds,
             onStateChanged=self._state_changed,
         )
+        self._conf = conf
+        self._timing = raft
+        self._fast = True  # heartbeat_interval / tick_interval in force (else the idle pair)
+        self._adaptive = raft.idle_heartbeat_interval > raft.heartbeat_interval
+        self._busy_until = 0.0
+        self._seen_index = -1
+        self._submitted = False
         self._node_factory = functools.partial(DialNode, dial=dict(raft.dial))
         self._wake: PipeNotifier | None = None
         self._snapshot_child: int | None = None
@@ -140,6 +148,8 @@ class ReplicatedState(SyncObj):
         self._tighten_modes()  # pysyncobj has just created the journal with the umask's mode
         self.addOnTickCallback(self._refresh_status)
         self.addOnTickCallback(self._ensure_wake)
+        if self._adaptive:
+            self.addOnTickCallback(self._adapt_timing)
 
     def _tighten_modes(self) -> None:
         """Data dir 0700, journal/meta/snapshot 0600, whether new or left by an older version."""
@@ -177,9 +187,53 @@ class ReplicatedState(SyncObj):
         commit and local apply (fail_code 0) or on failure. Returns the command id."""
         cid = cid or uuid.uuid4().hex
         cmd = {"op": op, "args": args, "id": cid, "by": by, "node": self.node_id, "at": time.time()}
+        self._submitted = True
         self._apply(msgpack.packb(cmd, use_bin_type=True), callback=callback)
         self._notify()
         return cid
+
+    def _restore_fast(self) -> None:
+        self._fast = True
+        self._conf.appendEntriesPeriod = self._timing.heartbeat_interval
+        self._conf.autoTickPeriod = self._timing.tick_interval
+
+    def _adapt_timing(self) -> None:
+        """On-tick callback: fast heartbeats and ticks while the log grows, slow when idle.
+
+        Write latency needs a 20 ms heartbeat (a commit waits for one, a follower's answer
+        for the next); an idle cluster does not, and 50 heartbeats a second to each
+        follower, encrypted, were half of an idle leader's CPU. pysyncobj reads both
+        periods from its conf on every tick, so changing them here takes effect at once.
+        A new entry (submitted here, forwarded by a follower, or received from the leader)
+        switches back to fast before the entry's heartbeat goes out: callbacks run after
+        the tick has queued new commands, and the next heartbeat is pulled forward.
+        """
+        if not self._adaptive:
+            return
+        try:
+            index = last_log_entry(self)[0]
+        except PysyncobjCompatError:
+            log.exception("cannot read the Raft log index: heartbeats stay at heartbeat_interval")
+            self._adaptive = False
+            self._restore_fast()
+            return
+        now = time.monotonic()
+        if index != self._seen_index or self._submitted:
+            self._seen_index = index
+            self._submitted = False
+            self._busy_until = now + self._timing.idle_after_s
+        fast = now < self._busy_until
+        if fast == self._fast:
+            return
+        self._fast = fast
+        t = self._timing
+        self._conf.appendEntriesPeriod = t.heartbeat_interval if fast else t.idle_heartbeat_interval
+        self._conf.autoTickPeriod = t.tick_interval if fast else t.idle_heartbeat_interval
+        if fast:
+            try:
+                pull_next_heartbeat(self, now + t.heartbeat_interval)
+            except PysyncobjCompatError:
+                log.exception("cannot pull the next heartbeat forward")
 
     def _ensure_wake(self) -> None:
         """Subscribe the wake-up pipe from the tick thread (the poller is that thread's)."""

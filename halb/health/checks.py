@@ -203,9 +203,9 @@ async def http_check(session: aiohttp.ClientSession, host: str, port: int, cfg: 
     except TimeoutError:
         return _result(False, start, f"timeout after {cfg.timeout:g}s", status)
     except aiohttp.ClientError as exc:
-        return _result(False, start, _describe(exc), status)
+        return _result(False, start, describe_error(exc), status)
     except OSError as exc:
-        return _result(False, start, _describe(exc), status)
+        return _result(False, start, describe_error(exc), status)
 
 
 async def tcp_check(host: str, port: int, cfg: CheckConfig) -> CheckResult:
@@ -225,19 +225,19 @@ async def tcp_check(host: str, port: int, cfg: CheckConfig) -> CheckResult:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
         async with asyncio.timeout(cfg.timeout):
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
     except TimeoutError:
         return _result(False, start, f"connect timeout after {cfg.timeout:g}s")
     except OSError as exc:
-        return _result(False, start, _describe(exc))
+        return _result(False, start, describe_error(exc))
     finally:
         sock.close()
     return _result(True, start, "connected")
 
 
-_LINGER_RST = struct.pack("ii", 1, 0)
+LINGER_RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
 
 
 async def _tcp_check_stream(host: str, port: int, cfg: CheckConfig, start: float) -> CheckResult:
@@ -247,7 +247,7 @@ async def _tcp_check_stream(host: str, port: int, cfg: CheckConfig, start: float
     except TimeoutError:
         return _result(False, start, f"connect timeout after {cfg.timeout:g}s")
     except OSError as exc:
-        return _result(False, start, _describe(exc))
+        return _result(False, start, describe_error(exc))
     result = _result(True, start, "connected")
     writer.close()
     try:
@@ -262,7 +262,8 @@ def _result(ok: bool, start: float, detail: str, status: int | None = None) -> C
     return CheckResult(ok=ok, latency=time.monotonic() - start, detail=detail, status=status, at=time.time())
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """Human text for a failed check's exception (also the prober's bare-socket path)."""
     if isinstance(exc, aiohttp.ClientConnectorError):
         inner = exc.os_error
         return f"connect failed: {inner.strerror or inner}" if inner is not None else f"connect failed: {exc}"

@@ -1,4 +1,4 @@
-"""The node-local active prober: one asyncio task per (service, backend) target.
+"""The node-local active prober: one timer and one epoll set for all (service, backend) targets.
 
 Each balancer node runs one Prober in its event loop. It turns individual check results
 into UP/DOWN with rise/fall hysteresis and calls ``on_transition`` only when the verdict
@@ -17,20 +17,38 @@ Scheduling: checks of one target never overlap (the next one starts after the pr
 finished), the first check starts within ``jitter * interval`` of the target being
 added, and every later wait is ``interval * (1 +/- jitter)`` minus the time the check took,
 so three nodes started together do not hit a backend in lockstep.
+
+Cost: at 10,000 targets and 30 s intervals a node runs 333 checks a second, all the time.
+One asyncio Task per target sleeping between checks, plus ``asyncio.timeout`` and
+``sock_connect`` per check, cost about 30 us of CPU per check before the connect itself
+(Task wake-up, timer handle, cancel scope, future, add/remove of the fd in the loop).
+Instead, due times live in one heap behind one loop timer (checks due within 2 % of their
+interval, at most 10 ms, start in the same wake-up), and a TCP check of an IP literal is a
+bare non-blocking connect registered in one epoll set that the loop watches as a single fd;
+its timeout is a deadline in a second heap checked by the same timer. HTTP checks (and
+TCP checks of host names, or a subclass's own ``_check_once``) still run as a Task per
+check, started from the same heap.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
+import heapq
+import ipaddress
+import itertools
 import logging
+import os
 import random
+import select
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import aiohttp
 
-from halb.health.checks import CheckConfig, CheckResult, http_check, tcp_check
+from halb.health.checks import LINGER_RST, CheckConfig, CheckResult, describe_error, http_check, tcp_check
 
 log = logging.getLogger("halb.health.prober")
 
@@ -64,6 +82,41 @@ class BackendHealth:
     port: int = 0
 
 
+MAX_EARLY = 0.01  # a check may start this much (at most 2 % of its interval) before it is due
+_EPOLL = getattr(select, "epoll", None)
+
+
+class _Slot:
+    """One target's check loop, without a Task: what is scheduled or in flight for it.
+
+    A new slot replaces the old one whenever a target is (re)configured; the old one is
+    marked cancelled, and heap entries that still point at it are skipped when popped.
+    """
+
+    __slots__ = ("key", "host", "port", "cfg", "family", "cancelled", "task", "sock", "started",
+                 "started_mono", "attempt")
+
+    def __init__(self, key: TargetKey, target: Target, fast_tcp: bool) -> None:
+        self.key = key
+        self.host, self.port, self.cfg = target
+        self.family = 0  # address family when the bare-socket TCP path applies, else 0
+        if fast_tcp and self.cfg.kind == "tcp":
+            try:
+                self.family = socket.AF_INET6 if ipaddress.ip_address(self.host).version == 6 else socket.AF_INET
+            except ValueError:
+                pass  # a host name: the stream path resolves it
+        self.cancelled = False
+        self.task: asyncio.Task[None] | None = None  # a Task-based check in flight
+        self.sock: socket.socket | None = None  # a bare-socket TCP check in flight
+        self.started = 0.0  # loop time the current check started
+        self.started_mono = 0.0
+        self.attempt = 0
+
+    def done(self) -> bool:
+        """True once the slot can start no more checks (removed, replaced or stopped)."""
+        return self.cancelled
+
+
 class Prober:
     """Runs active checks for a changing set of targets inside the running event loop."""
 
@@ -73,11 +126,21 @@ class Prober:
         self._on_result = on_result
         self._rng = rng or random.Random()
         self._targets: dict[TargetKey, Target] = {}
-        self._tasks: dict[TargetKey, asyncio.Task[None]] = {}
+        self._slots: dict[TargetKey, _Slot] = {}
         self._health: dict[TargetKey, BackendHealth] = {}
         self._by_service: dict[str, set[str]] = {}  # service -> backend names with a target
         self._session: aiohttp.ClientSession | None = None
         self._stopped = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._seq = itertools.count()  # heap tie-breaker
+        self._due: list[tuple[float, int, _Slot]] = []  # (start no earlier than, seq, slot)
+        self._deadlines: list[tuple[float, int, _Slot, int]] = []  # in-flight bare connects: (when, seq, slot, attempt)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
+        self._inflight: dict[int, _Slot] = {}  # fd -> slot of a bare-socket connect in flight
+        self._epoll: Any = None
+        # the bare-socket TCP path needs epoll (Linux) and must not bypass a subclass's own check
+        self._fast_tcp = _EPOLL is not None and type(self)._check_once is Prober._check_once
 
     # -- public API -------------------------------------------------------------------
 
@@ -130,8 +193,9 @@ class Prober:
                 del self._by_service[key[0]]
 
     def _put(self, new: dict[TargetKey, Target]) -> None:
+        loop = self._loop = asyncio.get_running_loop()
         for key, target in new.items():
-            if self._targets.get(key) == target and key in self._tasks:
+            if self._targets.get(key) == target and key in self._slots:
                 continue
             self._cancel(key)
             self._targets[key] = target
@@ -139,8 +203,8 @@ class Prober:
             health = self._health.setdefault(key, BackendHealth())
             health.host, health.port = target[0], target[1]
             health.consecutive_successes = health.consecutive_failures = 0
-            self._tasks[key] = asyncio.get_running_loop().create_task(
-                self._run(key, target), name=f"health-check {key[0]}/{key[1]}")
+            slot = self._slots[key] = _Slot(key, target, self._fast_tcp)
+            self._schedule(slot, loop.time() + target[2].first_delay(self._rng))
 
     def state(self, service: str, backend: str) -> BackendHealth:
         """A copy of the current health of one target; KeyError if it is not a target."""
@@ -171,9 +235,19 @@ class Prober:
     async def stop(self) -> None:
         """Stop every check loop and close the probe session. Idempotent."""
         self._stopped = True
-        tasks = list(self._tasks.values())
-        for key in list(self._tasks):
+        tasks = [s.task for s in self._slots.values() if s.task is not None]
+        for key in list(self._slots):
             self._cancel(key)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._due.clear()
+        self._deadlines.clear()
+        if self._epoll is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         if self._session is not None:
@@ -183,9 +257,17 @@ class Prober:
     # -- internals --------------------------------------------------------------------
 
     def _cancel(self, key: TargetKey) -> None:
-        task = self._tasks.pop(key, None)
-        if task is not None:
-            task.cancel()
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            return
+        slot.cancelled = True
+        if slot.task is not None:
+            slot.task.cancel()
+            slot.task = None
+        if slot.sock is not None:
+            self._inflight.pop(slot.sock.fileno(), None)
+            slot.sock.close()  # also leaves the epoll set
+            slot.sock = None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -201,25 +283,142 @@ class Prober:
             return await tcp_check(host, port, cfg)
         return await http_check(self._get_session(), host, port, cfg)
 
-    async def _run(self, key: TargetKey, target: Target) -> None:
-        host, port, cfg = target
-        loop = asyncio.get_running_loop()
-        await asyncio.sleep(cfg.first_delay(self._rng))
-        while True:
-            started = loop.time()
+    # -- scheduling: one heap, one timer ----------------------------------------------
+
+    def _schedule(self, slot: _Slot, at: float) -> None:
+        """Queue the slot's next check at loop time ``at`` (or a little earlier, to batch)."""
+        at -= min(MAX_EARLY, 0.02 * slot.cfg.interval)
+        heapq.heappush(self._due, (at, next(self._seq), slot))
+        if at < self._timer_at:
+            self._arm()
+
+    def _arm(self) -> None:
+        """Point the one timer at the earliest due check or live connect deadline."""
+        dl = self._deadlines
+        while dl and (dl[0][2].sock is None or dl[0][2].attempt != dl[0][3]):
+            heapq.heappop(dl)  # finished long before its deadline: most of them
+        at = min(self._due[0][0] if self._due else float("inf"), dl[0][0] if dl else float("inf"))
+        if at == self._timer_at and self._timer is not None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = at
+        if at != float("inf") and self._loop is not None and not self._stopped:
+            self._timer = self._loop.call_at(at, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self._timer_at = float("inf")
+        loop = self._loop
+        assert loop is not None
+        now = loop.time() + 0.001  # uvloop's timers have millisecond resolution
+        dl = self._deadlines
+        while dl and dl[0][0] <= now:
+            _, _, slot, attempt = heapq.heappop(dl)
+            if slot.sock is not None and slot.attempt == attempt:
+                self._tcp_done(slot, None, f"connect timeout after {slot.cfg.timeout:g}s")
+        due = self._due
+        ready = []
+        while due and due[0][0] <= now:
+            ready.append(heapq.heappop(due)[2])
+        for slot in ready:  # popped first: a check that finishes at once is requeued for later
+            if slot.cancelled:
+                continue
             try:
-                result = await self._check_once(host, port, cfg)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a bug in a check must not kill the loop
-                log.exception("health check %s/%s crashed", *key)
-                result = CheckResult(ok=False, latency=loop.time() - started,
-                                     detail=f"check error: {type(exc).__name__}: {exc}", at=time.time())
-            if self._tasks.get(key) is not asyncio.current_task():
-                return  # replaced or removed while the check was in flight
-            self._record(key, cfg, result)
-            elapsed = loop.time() - started
-            await asyncio.sleep(max(0.0, cfg.next_delay(self._rng) - elapsed))
+                self._start(slot)
+            except Exception as exc:  # a bug in a check must not stop the scheduler
+                log.exception("health check %s/%s crashed", *slot.key)
+                self._finish(slot, CheckResult(ok=False, latency=0.0, at=time.time(),
+                                               detail=f"check error: {type(exc).__name__}: {exc}"))
+        if self._inflight:
+            self._on_epoll()  # a loopback/LAN connect is often done already: skip a loop turn
+        self._arm()
+
+    def _start(self, slot: _Slot) -> None:
+        assert self._loop is not None
+        slot.started = self._loop.time()
+        slot.started_mono = time.monotonic()
+        slot.attempt += 1
+        if slot.family:
+            self._start_tcp(slot)
+        else:
+            slot.task = self._loop.create_task(self._run_check(slot), name=f"health-check {slot.key[0]}/{slot.key[1]}")
+
+    async def _run_check(self, slot: _Slot) -> None:
+        try:
+            result = await self._check_once(slot.host, slot.port, slot.cfg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in a check must not kill the loop
+            log.exception("health check %s/%s crashed", *slot.key)
+            result = CheckResult(ok=False, latency=time.monotonic() - slot.started_mono,
+                                 detail=f"check error: {type(exc).__name__}: {exc}", at=time.time())
+        slot.task = None
+        self._finish(slot, result)
+
+    def _finish(self, slot: _Slot, result: CheckResult) -> None:
+        """Record a check of a live slot and queue its next one."""
+        if slot.cancelled:
+            return  # replaced or removed while the check was in flight
+        self._record(slot.key, slot.cfg, result)
+        if slot.cancelled or self._loop is None:
+            return  # a callback removed or replaced the target
+        now = self._loop.time()
+        self._schedule(slot, now + max(0.0, slot.cfg.next_delay(self._rng) - (now - slot.started)))
+
+    # -- the bare-socket TCP check ----------------------------------------------------
+
+    def _start_tcp(self, slot: _Slot) -> None:
+        """socket, setsockopt(SO_LINGER 0), connect; then wait in the shared epoll set."""
+        try:
+            sock = socket.socket(slot.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            self._finish(slot, self._tcp_result(slot, False, describe_error(exc)))
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
+        err = sock.connect_ex((slot.host, slot.port))
+        if err != errno.EINPROGRESS:
+            sock.close()
+            self._finish(slot, self._tcp_result(slot, err == 0, "connected" if err == 0 else _errno_detail(err)))
+            return
+        ep = self._epoll
+        if ep is None:
+            assert self._loop is not None
+            ep = self._epoll = _EPOLL()
+            self._loop.add_reader(ep.fileno(), self._on_epoll)
+        fd = sock.fileno()
+        ep.register(fd, select.EPOLLOUT)
+        slot.sock = sock
+        self._inflight[fd] = slot
+        at = slot.started + slot.cfg.timeout
+        heapq.heappush(self._deadlines, (at, next(self._seq), slot, slot.attempt))
+        if at < self._timer_at:
+            self._arm()
+
+    def _on_epoll(self) -> None:
+        ep = self._epoll
+        if ep is None:
+            return
+        inflight = self._inflight
+        for fd, _events in ep.poll(0):
+            slot = inflight.get(fd)
+            if slot is None or slot.sock is None:
+                continue
+            err = slot.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._tcp_done(slot, err == 0, "connected" if err == 0 else _errno_detail(err))
+
+    def _tcp_done(self, slot: _Slot, ok: bool | None, detail: str) -> None:
+        sock = slot.sock
+        assert sock is not None
+        del self._inflight[sock.fileno()]
+        sock.close()  # RST (SO_LINGER 0); closing also drops it from the epoll set
+        slot.sock = None
+        self._finish(slot, self._tcp_result(slot, bool(ok), detail))
+
+    @staticmethod
+    def _tcp_result(slot: _Slot, ok: bool, detail: str) -> CheckResult:
+        return CheckResult(ok=ok, latency=time.monotonic() - slot.started_mono, detail=detail, at=time.time())
 
     def _record(self, key: TargetKey, cfg: CheckConfig, result: CheckResult) -> None:
         h = self._health[key]
@@ -264,3 +463,8 @@ class Prober:
             self._on_transition(key[0], key[1], up, detail)
         except Exception:
             log.exception("on_transition callback failed for %s/%s", *key)
+
+
+def _errno_detail(err: int) -> str:
+    """The same text tcp_check gives for a failed connect with this errno."""
+    return describe_error(OSError(err, os.strerror(err)))

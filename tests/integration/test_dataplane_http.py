@@ -466,3 +466,36 @@ def test_garbage_and_truncated_requests_never_break_the_proxy() -> None:
             assert (await fetch(port)).status == 200
 
     run(main(), timeout=50)
+
+
+def test_idle_upstream_pool_is_trimmed_after_keepalive_and_load_counters_skip_unused_services() -> None:
+    """The sweep trims idle pooled upstream connections after upstream_keepalive (every
+    sweep below 4 s, once a second above), and the load meter's counters list only
+    services that have sent requests."""
+    async def main() -> None:
+        async with origins("A", "B") as os_:
+            (_, pa), (_, pb) = os_
+            snap = snapshot(service("quick", [BackendRoute(name="A", host="127.0.0.1", port=pa, weight=1)],
+                                    upstream_keepalive=0.5),
+                            service("slow", [BackendRoute(name="B", host="127.0.0.1", port=pb, weight=1)],
+                                    upstream_keepalive=4.0),
+                            service("unused", [BackendRoute(name="C", host="127.0.0.1", port=pb, weight=1)]))
+            async with dataplane(snap) as dp:
+                assert dp.load_counters() == {"services": {}}
+                for name in ("quick", "slow"):
+                    assert (await fetch(dp.bound_port(name))).status == 200
+
+                def pool(svc: str, be: str) -> int:
+                    return dp.stats()["services"][svc]["backends"][be]["idle_pool"]
+
+                assert pool("quick", "A") == 1 and pool("slow", "B") == 1
+                counters = dp.load_counters()["services"]
+                assert set(counters) == {"quick", "slow"}
+                assert counters["quick"]["backends"]["A"]["requests"] == 1
+                t0 = asyncio.get_running_loop().time()
+                await until(lambda: pool("quick", "A") == 0, "the 0.5 s keepalive pool trimmed", 3.0)
+                assert pool("slow", "B") == 1  # its 4 s have not passed
+                await until(lambda: pool("slow", "B") == 0, "the 4 s keepalive pool trimmed", 8.0)
+                assert asyncio.get_running_loop().time() - t0 >= 3.5
+
+    run(main())

@@ -260,6 +260,55 @@ def test_tcp_check_to_closed_port_fails() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_tcp_check_times_out_against_a_full_accept_queue_and_recovers() -> None:
+    """A listener that never accepts and whose queue is full drops SYNs: the connect
+    hangs, so the bare-socket check must fail by its timeout (not hang, not leak)."""
+    async def main() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue (backlog 0 holds one, plus slack)
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            fillers.append(c)
+        rec = Recorder()
+        prober = Prober(rec)
+        cfg = CheckConfig(kind="tcp", interval=0.2, timeout=0.3, rise=1, fall=2, jitter=0.0)
+        try:
+            prober.set_targets({("db", "q"): ("127.0.0.1", port, cfg)})
+            await rec.wait_for(lambda: len(rec.events) == 1, 10)
+            assert rec.events[0][2] is False and "connect timeout after 0.3s" in rec.events[0][3]
+            st = prober.state("db", "q")
+            assert st.last_latency is not None and st.last_latency >= 0.29
+            for c in fillers:
+                c.close()
+            while True:  # drain the queue: the listener accepts from now on
+                listener.setblocking(False)
+                try:
+                    listener.accept()[0].close()
+                except BlockingIOError:
+                    break
+            listener.close()
+            server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", port, reuse_address=True)
+            try:
+                await rec.wait_for(lambda: len(rec.events) == 2, 10)
+                assert rec.events[1][2] is True
+            finally:
+                server.close()
+                await server.wait_closed()
+        finally:
+            await prober.stop()
+            for c in fillers:
+                c.close()
+            listener.close()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)
 def test_jitter_spreads_start_times_and_intervals() -> None:
     async def main() -> None:
         be = FakeBackend()
@@ -308,9 +357,9 @@ def test_removing_a_target_stops_its_loop() -> None:
             await wait_until(lambda: len(be.paths_hit("/keep")) >= keep_hits + 4, 10)  # 4 more intervals
             assert len(be.paths_hit("/gone")) == gone_hits
             # unchanged set_targets does not restart loops
-            tasks_before = dict(prober._tasks)
+            tasks_before = dict(prober._slots)
             prober.set_targets({("shop", "keep"): ("127.0.0.1", port, keep)})
-            assert prober._tasks == tasks_before
+            assert prober._slots == tasks_before
         finally:
             await prober.stop()
             await be.stop()

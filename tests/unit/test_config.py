@@ -55,6 +55,12 @@ def test_good_config_loads(tmp_path):
      "must be one of"),
     (('node_id = "n1"', 'node_id = "n 1"'), "node_id", "may only contain"),
     (('node_id = "n1"', 'node_id = 7'), "node_id", "must be a str"),
+    (('peers = ["127.0.0.12:7100", "127.0.0.13:7100"]',
+      'peers = ["127.0.0.12:7100", "127.0.0.13:7100"]\nidle_heartbeat_interval = 0.01'),
+     "raft.idle_heartbeat_interval", "at least heartbeat_interval"),
+    (('peers = ["127.0.0.12:7100", "127.0.0.13:7100"]',
+      'peers = ["127.0.0.12:7100", "127.0.0.13:7100"]\nidle_heartbeat_interval = 0.2'),
+     "raft.idle_heartbeat_interval", "a third of election_timeout_min"),
 ])
 def test_invalid_config_names_file_key_and_reason(tmp_path, change, key, reason):
     path = write(tmp_path, GOOD.replace(*change))

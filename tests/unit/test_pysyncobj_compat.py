@@ -79,3 +79,32 @@ def test_a_missing_or_changed_journal_raises_instead_of_guessing() -> None:
         setattr(obj, "_SyncObj__raftLog", bad)
         with pytest.raises(PysyncobjCompatError):
             last_log_entry(obj)
+
+
+def test_idle_node_slows_heartbeats_and_ticks_and_a_write_restores_them(tmp_path: Path) -> None:
+    """heartbeat_interval / tick_interval while the log grows, idle_heartbeat_interval after
+    idle_after_s without a new entry; a submit switches back before its entry goes out."""
+    addr = f"127.0.0.1:{free_port()}"
+    raft = RaftConfig(bind=addr, heartbeat_interval=0.02, tick_interval=0.02, idle_heartbeat_interval=0.1,
+                      idle_after_s=0.3)
+    rs = ReplicatedState("n1", addr, [], tmp_path, None, raft)
+    conf = rs._conf
+    try:
+        wait_until(lambda: rs.raft_status().state == "leader", 10.0, message="single node elected")
+        wait_until(lambda: (conf.appendEntriesPeriod, conf.autoTickPeriod) == (0.1, 0.1), 5.0,
+                   message="idle timing after the election's no-op")
+        seen: list[tuple[float, float]] = []
+        ev = threading.Event()
+
+        def cb(_result: Any, err: int) -> None:
+            seen.append((conf.appendEntriesPeriod, conf.autoTickPeriod))  # in the tick thread, at commit
+            ev.set()
+
+        rs.submit("noop.test", {}, by="test", callback=cb)
+        assert ev.wait(10.0)
+        assert seen == [(0.02, 0.02)]
+        wait_until(lambda: (conf.appendEntriesPeriod, conf.autoTickPeriod) == (0.1, 0.1), 5.0,
+                   message="idle timing again")
+    finally:
+        rs.destroy()
+    assert RaftConfig(bind=addr).idle_heartbeat_interval == 0.05  # the default adapts too
