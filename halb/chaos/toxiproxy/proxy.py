@@ -205,6 +205,10 @@ class Side(asyncio.Protocol):
         self.writable.set()
         if self.reader is not None:
             self.reader.feed(None)
+        elif None not in self.early:
+            # lost (e.g. reset) before its link exists: the link must still see the end,
+            # or the other side is never closed (seen as a hang under load)
+            self.early.append(None)
         if self.conn is not None:
             self.conn.side_lost()
 
