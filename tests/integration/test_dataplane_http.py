@@ -16,19 +16,9 @@ from halb.dataplane.origin import Origin
 from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot
 from halb.dataplane.testing import free_port, raw_request, run, service, snapshot
 
+from tests.integration.head_paths import head_path  # noqa: F401  (autouse: both head paths)
+
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(autouse=True, params=["c-fast-path", "llhttp-only"])
-def head_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test here runs twice: with the C head fast path and with llhttp alone."""
-    from halb.dataplane import http_proxy
-    if request.param == "llhttp-only":
-        monkeypatch.setattr(http_proxy, "fast_request", None)
-        monkeypatch.setattr(http_proxy, "fast_response", None)
-    elif not http_proxy.accelerated():
-        pytest.skip("halb.dataplane._fasthttp is not built here")
-    return request.param
 
 
 @contextlib.asynccontextmanager
