@@ -46,9 +46,13 @@ class DataPlane:
     """
 
     def __init__(self, node_id: str, *, workers: int = 1, loop_uvloop: bool = True,
-                 shared_hosts: list[str] | tuple[str, ...] = ()) -> None:
+                 shared_hosts: list[str] | tuple[str, ...] = (), slot: tuple[int, int] | None = None) -> None:
         self.node_id = node_id
         self.workers = max(1, int(workers))
+        # this process is slot[0] of slot[1] on the node: it enforces that share of each
+        # backend's limits (limits.py); the node process is slot 0, workers 1..W-1
+        self.slot = slot or (0, self.workers)
+        self.capacity_share: dict[str, float] = {}  # service -> node's share of the cluster limits
         self.loop_uvloop = loop_uvloop  # used for worker processes (the node owns its loop)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.snapshot = RoutingSnapshot()
@@ -218,7 +222,8 @@ class DataPlane:
         self.snapshot = snapshot
 
     def _open(self, svc: ServiceRoute, key: tuple[str, str, int], initial: bool) -> None:
-        rt = ServiceRuntime(svc, hook=self._hook, initial=initial)  # before the socket: may raise
+        rt = ServiceRuntime(svc, hook=self._hook, initial=initial, slot=self.slot)  # before the socket: may raise
+        rt.set_share(self.capacity_share.get(svc.name, 1.0))
         try:
             sock = make_listen_socket(svc.listen_host, svc.listen_port)
         except OSError as e:

@@ -915,7 +915,7 @@ class HttpClientConn(asyncio.Protocol):
         if rt.uses_key:
             ex.key = self._hash_key(ex, rt)
             b = rt.pick(ex.key)
-        elif rt.dirty or rt.rotate:
+        elif rt.dirty or rt.rotate or rt.limited:
             b = rt.pick(None)
         else:
             cands = rt.candidates

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from halb.dataplane.balancers import Maglev, PeakEwma, SmoothWeightedRoundRobin, ewma_update, make_balancer
 from halb.dataplane.budget import RetryBudget
+from halb.dataplane.limits import UNLIMITED, burst_for, conn_share, refill, rps_share
 from halb.dataplane.options import ServiceOptions
 from halb.dataplane.server_spread import ServerSpread, wants_server_spread
 from halb.dataplane.snapshot import BackendRoute, ServiceRoute
@@ -51,6 +52,14 @@ class BackendState:
     ewma: float = 0.0
     ewma_stamp: float = 0.0
     removed: bool = False  # no longer in the snapshot: close connections when done
+    # capacity limits, this process's share (limits.py): in_flight must stay below
+    # conn_limit; rps_rate > 0: a token bucket of rps_burst tokens
+    conn_limit: int = UNLIMITED
+    rps_rate: float = 0.0
+    rps_burst: float = 1.0
+    tokens: float = 1.0
+    tokens_at: float = 0.0
+    at_limit: int = 0  # picks that passed this backend over because it was at a limit
     pool: list[Any] = field(default_factory=list)  # idle upstream connections (LIFO)
 
     def __post_init__(self) -> None:
@@ -74,8 +83,15 @@ class ServiceRuntime:
     """
 
     def __init__(self, route: ServiceRoute, hook: EjectionHook | None = None,
-                 clock: Callable[[], float] = time.monotonic, initial: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, initial: bool = True,
+                 slot: tuple[int, int] = (0, 1)) -> None:
         self.clock = clock
+        # capacity limits: this process is slot[0] of slot[1] data-plane processes on the
+        # node, and the node carries `share` of the cluster's traffic (limits.py)
+        self.slot = slot
+        self.share = 1.0
+        self.limited = False  # some backend has max_conns or max_rps: pick checks limits
+        self.saturated = 0  # picks that found backends but every one at its limit
         self.hook = hook
         self.backends: dict[str, BackendState] = {}
         self.route = route
@@ -136,6 +152,7 @@ class ServiceRuntime:
             st.removed = True
             st.close_pool()
         self.n_ejected = sum(1 for st in self.backends.values() if st.ejected)
+        self._apply_limits(now)
         members = tuple((b.name, b.weight) for b in route.backends if b.admin_state != "maint" and b.weight > 0)
         algo = route.algorithm
         spread = wants_server_spread(self.opts.server_balance, algo)
@@ -154,6 +171,67 @@ class ServiceRuntime:
             self.hash_cookie = hk[7:].strip().encode()
         self.dirty = True
         self._recompute(now, initial=initial)
+
+    def set_share(self, share: float) -> None:
+        """The node's fraction of the cluster-wide limits (1.0: this node is the only one)."""
+        share = min(max(float(share), 0.0), 1.0)
+        if share != self.share:
+            self.share = share
+            self._apply_limits(self.clock())
+
+    def _apply_limits(self, now: float) -> None:
+        index, count = self.slot
+        limited = False
+        for st in self.backends.values():
+            r = st.route
+            st.conn_limit = conn_share(r.max_conns, index, count, self.share)
+            rate = rps_share(r.max_rps, count, self.share)
+            if rate != st.rps_rate:
+                st.rps_rate = rate
+                st.rps_burst = burst_for(rate)
+                st.tokens = st.rps_burst
+                st.tokens_at = now
+            limited = limited or r.max_conns > 0 or rate > 0
+        self.limited = limited
+
+    def has_room(self, st: BackendState, now: float) -> bool:
+        """Below both limits (refills the token bucket; takes no token)."""
+        if st.in_flight >= st.conn_limit:
+            return False
+        if st.rps_rate > 0:
+            st.tokens = refill(st.tokens, st.tokens_at, now, st.rps_rate, st.rps_burst)
+            st.tokens_at = now
+            if st.tokens < 1.0:
+                return False
+        return True
+
+    def _pick_limited(self, cands: list[BackendState], key: bytes | None) -> BackendState | None:
+        """pick among the backends with room; takes a token from the one chosen."""
+        now = self.clock()
+        room = []
+        for c in cands:
+            if self.has_room(c, now):
+                room.append(c)
+            else:
+                c.at_limit += 1
+        if not room:
+            if cands:
+                self.saturated += 1
+            return None
+        b = self.balancer.pick(room, key)
+        if b is not None and b.rps_rate > 0:
+            b.tokens -= 1.0
+        return b
+
+    def at_capacity(self, exclude: set[BackendState] | None = None) -> bool:
+        """True when there are candidates but every one is at a limit (queue, not 503)."""
+        if not self.limited:
+            return False
+        if self.dirty:
+            self._recompute(self.clock())
+        now = self.clock()
+        cands = [c for c in self.candidates if not exclude or c not in exclude]
+        return bool(cands) and not any(self.has_room(c, now) for c in cands)
 
     # ---------------------------------------------------------------- candidates
     def _recompute(self, now: float, initial: bool = False) -> None:
@@ -211,6 +289,10 @@ class ServiceRuntime:
         if self.dirty:
             self._recompute(self.clock())
         cands = self.candidates
+        if self.limited:
+            if exclude:
+                cands = self._prefer(cands, exclude, avoid_servers)
+            return self._pick_limited(cands, key)
         if self.rotate and not exclude:
             i = self.rot_next
             if i >= len(cands):
@@ -218,12 +300,17 @@ class ServiceRuntime:
             self.rot_next = i + 1
             return cands[i]
         if exclude:
-            cands = [c for c in cands if c not in exclude]
-            if avoid_servers and self.opts.server_aware:
-                pref = [c for c in cands if not c.server or c.server not in avoid_servers]
-                if pref:
-                    cands = pref
+            cands = self._prefer(cands, exclude, avoid_servers)
         return self.balancer.pick(cands, key)
+
+    def _prefer(self, cands: list[BackendState], exclude: set[BackendState],
+                avoid_servers: set[str] | None) -> list[BackendState]:
+        cands = [c for c in cands if c not in exclude]
+        if avoid_servers and self.opts.server_aware:
+            pref = [c for c in cands if not c.server or c.server not in avoid_servers]
+            if pref:
+                cands = pref
+        return cands
 
     # ---------------------------------------------------------------- outcomes
     def record_success(self, st: BackendState, latency: float | None = None) -> None:
@@ -317,6 +404,9 @@ class ServiceRuntime:
                 "in_flight": st.in_flight, "requests": st.requests, "errors": st.errors,
                 "retries": st.retries, "ejected": st.ejected, "ejections": st.ejections,
                 "idle_pool": len(st.pool), "ewma_ms": round(st.ewma * 1000, 3),
+                "max_conns": st.route.max_conns, "max_rps": st.route.max_rps,
+                "limit_conns": st.conn_limit if st.conn_limit < UNLIMITED else None,
+                "limit_rps": round(st.rps_rate, 3) or None, "at_limit": st.at_limit,
             }
         return {
             "mode": self.route.mode, "algorithm": self.route.algorithm,
@@ -325,5 +415,6 @@ class ServiceRuntime:
             "in_flight": sum(b.in_flight for b in self.backends.values()),
             "requests": self.requests, "errors": self.errors, "retries": self.retries,
             "rejected": self.rejected, "connections": self.connections,
+            "limited": self.limited, "saturated": self.saturated, "share": self.share,
             "backends": backends,
         }

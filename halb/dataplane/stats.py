@@ -3,7 +3,17 @@ from __future__ import annotations
 
 from typing import Any
 
-_SUM = ("in_flight", "requests", "errors", "retries", "rejected", "connections", "ejections", "idle_pool")
+_SUM = ("in_flight", "requests", "errors", "retries", "rejected", "connections", "ejections", "idle_pool",
+        "saturated", "at_limit", "limit_conns", "limit_rps")
+
+
+def _add(a: Any, b: Any) -> Any:
+    """Counters add; None (no limit) stays None unless the other side has a number."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
 
 
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -24,7 +34,7 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             for k in _SUM:
                 if k in svc:
-                    cur[k] = cur.get(k, 0) + svc[k]
+                    cur[k] = _add(cur.get(k, 0), svc[k])
             cur["panic"] = cur.get("panic", False) or svc.get("panic", False)
             for bname, bs in svc.get("backends", {}).items():
                 cb = cur["backends"].get(bname)
@@ -33,6 +43,6 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
                     continue
                 for k in _SUM:
                     if k in bs:
-                        cb[k] = cb.get(k, 0) + bs[k]
+                        cb[k] = _add(cb.get(k, 0), bs[k])
                 cb["ejected"] = cb.get("ejected", False) or bs.get("ejected", False)
     return out

@@ -1,0 +1,134 @@
+"""Capacity limits with real processes: a halb node in front of demo backends that have a
+real capacity (`halb demo backend --capacity N`). Concurrent bursts through the node, and
+the proof from the backends' own /stats that no backend ever had more requests in flight
+than its limit; limits changed live with `halb backend set`."""
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+
+import aiohttp
+import pytest
+
+from tests.conftest import free_port, wait_until
+
+
+def backend_stats(c, name: str) -> dict:
+    with urllib.request.urlopen(f"http://{c.backend_address(name)}/stats", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def dataplane_backend(c, name: str, node: str = "n1") -> dict:
+    code, body = c.get(node, "/v1/dataplane")
+    assert code == 200, body
+    return body["services"]["checkout"]["backends"][name]
+
+
+async def _burst(url: str, n: int, path: str = "/products") -> list[tuple[int, dict, str]]:
+    """n requests at once, each on its own connection; (status, headers, body)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as s:
+        async def one() -> tuple[int, dict, str]:
+            try:
+                async with s.get(url + path, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                    return r.status, dict(r.headers), await r.text()
+            except aiohttp.ClientError as exc:
+                return 0, {}, repr(exc)
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def burst(c, n: int, path: str = "/products") -> list[tuple[int, dict, str]]:
+    return asyncio.run(_burst(f"http://{c.service_address('n1')}", n, path))
+
+
+def one_node(cluster_factory, limits: dict[str, dict], capacity: dict[str, int], work_ms: int = 100,
+             **service_options: object):
+    backends = [(name, f"127.0.0.1:{free_port()}") for name in sorted(limits)]
+    c = cluster_factory(n=1, start=False, backends=backends, backend_options=limits,
+                        service_options=service_options)
+    for name in sorted(limits):
+        c.start_backend(name, "--capacity", str(capacity[name]), "--work-ms", str(work_ms))
+    c.start_all()
+    c.leader()
+    c.wait_serving()
+    for name in sorted(limits):
+        wait_until(lambda name=name: dataplane_backend(c, name)["healthy"], 20, 0.1, f"{name} healthy")
+    return c
+
+
+@pytest.mark.timeout(120)
+def test_max_conns_holds_at_the_backend_and_changes_live(cluster_factory):
+    # the backends could take 6 at once; halb must hold them to 2 each
+    c = one_node(cluster_factory, {"A": {"max_conns": 2}, "B": {"max_conns": 2}}, {"A": 6, "B": 6})
+    assert dataplane_backend(c, "A")["limit_conns"] == 2
+    got = burst(c, 24)
+    statuses = [s for s, _, _ in got]
+    assert statuses.count(200) >= 4, statuses
+    for name in ("A", "B"):
+        st = backend_stats(c, name)
+        assert 1 <= st["max_in_flight"] <= 2, (name, st)
+    served_before = sum(backend_stats(c, n)["served"] for n in ("A", "B"))
+    assert served_before == statuses.count(200)
+
+    out = c.cli("backend", "set", "A", "--max-conns", "4", "--max-rps", "0")
+    assert "max_conns 4" in out.stdout, out.stdout
+    wait_until(lambda: dataplane_backend(c, "A")["limit_conns"] == 4, 10, 0.1, "new limit applied")
+    got = burst(c, 24)
+    st = backend_stats(c, "A")
+    assert 3 <= st["max_in_flight"] <= 4, st  # the new limit was used, and held
+    assert backend_stats(c, "B")["max_in_flight"] <= 2
+    events = [e["kind"] for e in c.cli_json("events")]  # audited like every change
+    assert "backend.limits" in events
+
+    bad = c.cli("backend", "set", "A", check=False)
+    assert bad.returncode != 0 and "--max-conns" in bad.stderr
+    bad = c.cli("backend", "set", "nope", "--max-conns", "1", check=False)
+    assert bad.returncode != 0
+    code, body = c.get("n1", "/v1/services/checkout/backends")
+    assert code == 200
+    assert {b["name"]: b["max_conns"] for b in body["backends"]} == {"A": 4, "B": 2}
+
+
+@pytest.mark.timeout(60)
+def test_tcp_max_conns_counts_connections() -> None:
+    """TCP: max_conns is open connections to the backend; one more is refused (closed) by
+    the balancer, and a slot frees when a connection ends."""
+    from halb.dataplane.engine import DataPlane
+    from halb.dataplane.origin import Origin
+    from halb.dataplane.snapshot import BackendRoute
+    from halb.dataplane.testing import run, service, snapshot
+
+    async def main() -> None:
+        echo = Origin("echo")
+        dp = DataPlane("t")
+        try:
+            port = await echo.start(tcp=True)
+            be = BackendRoute(name="b0", host="127.0.0.1", port=port, weight=1, server="s0", max_conns=2)
+            await dp.start(snapshot(service("tcp", [be], mode="tcp")))
+            lport = dp.bound_port("tcp")
+
+            async def opened() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                r, w = await asyncio.open_connection("127.0.0.1", lport)
+                w.write(b"ping")
+                await w.drain()
+                return r, w
+
+            held = [await opened() for _ in range(2)]
+            for r, _ in held:
+                assert await asyncio.wait_for(r.readexactly(4), 10) == b"ping"
+            r3, w3 = await opened()
+            assert await asyncio.wait_for(r3.read(100), 10) == b""  # refused: closed, nothing relayed
+            w3.close()
+            s = dp.stats()["services"]["tcp"]
+            assert s["backends"]["b0"]["in_flight"] == 2 and s["saturated"] >= 1
+            held[0][1].close()
+            await asyncio.sleep(0.3)
+            r4, w4 = await opened()
+            assert await asyncio.wait_for(r4.readexactly(4), 10) == b"ping"
+            for _, w in (held[1], (r4, w4)):
+                w.close()
+        finally:
+            await dp.stop()
+            echo.close()
+
+    run(main())
