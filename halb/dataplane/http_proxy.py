@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from halb.dataplane import body_deadline, request_target
+from halb.dataplane.admission import QUEUE_MESSAGES, Admission
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.local_errors import is_local_resource_error, local_reason, report_local_error, report_rejected
 from halb.dataplane.options import ServiceOptions
@@ -549,6 +550,8 @@ class HttpClientConn(asyncio.Protocol):
                 up.close()
             ex.finished = True
             self._detach_backend(ex)
+            if ex.rt is not None and ex.rt.queued:
+                ex.rt.admission.wake()  # it may have been waiting: drop it from the queue
         self.cur = None
         self.queue = None
 
@@ -912,10 +915,20 @@ class HttpClientConn(asyncio.Protocol):
         else:
             ex.head = b"".join((method, b" ", ex.url, b" HTTP/1.1\r\n", hdrs, xff, rid, b"\r\n", framing))
         # pick, inlined for the common case (no hash key, candidates up to date)
-        if rt.uses_key:
+        if rt.limited:  # capacity limits: a full backend is no candidate; wait in the queue
+            if rt.uses_key:
+                ex.key = self._hash_key(ex, rt)
+            if rt.queued:  # others wait already: behind them, in priority order
+                self._enqueue(ex, rt)
+                return
+            b = rt.pick(ex.key)
+            if b is None and rt.at_capacity():
+                self._enqueue(ex, rt)
+                return
+        elif rt.uses_key:
             ex.key = self._hash_key(ex, rt)
             b = rt.pick(ex.key)
-        elif rt.dirty or rt.rotate or rt.limited:
+        elif rt.dirty or rt.rotate:
             b = rt.pick(None)
         else:
             cands = rt.candidates
@@ -959,6 +972,28 @@ class HttpClientConn(asyncio.Protocol):
                 self.pause(R_UPSTREAM)
             return
         self.loop.create_task(self._connect(ex, b))
+
+    # --- the admission queue (admission.py): every backend at its limit ---------------
+    def _enqueue(self, ex: Exchange, rt: ServiceRuntime) -> None:
+        adm = rt.admission
+        if adm is None:
+            adm = rt.admission = Admission(rt, self.loop)
+        adm.enqueue(self, ex, rt.rank)
+
+    def queue_alive(self, ex: Exchange) -> bool:
+        return not ex.finished and not self.closed and self.cur is ex
+
+    def dispatch(self, ex: Exchange, b: BackendState) -> None:
+        """A slot freed up for a queued request: send it like a first attempt."""
+        self.attach(ex, b)
+
+    def queue_refused(self, ex: Exchange, reason: str, retry_after: int) -> None:
+        if ex.finished:
+            return
+        rt = ex.rt
+        name = rt.route.name  # type: ignore[union-attr]
+        message = QUEUE_MESSAGES.get(reason, reason).format(service=name, opts=rt.opts)  # type: ignore[union-attr]
+        self.send_error(ex, 503, message, retry_after=retry_after, reason=reason)
 
     def _hash_key(self, ex: Exchange, rt: ServiceRuntime) -> bytes:
         if rt.hash_header is not None and ex.hash_value is not None:
@@ -1037,6 +1072,8 @@ class HttpClientConn(asyncio.Protocol):
         if b is not None:
             ex.backend = None
             b.in_flight -= 1
+            if ex.rt.queued:  # type: ignore[union-attr]
+                ex.rt.admission.wake()  # type: ignore[union-attr]
 
     def _retry_target(self, ex: Exchange, connect: bool, failed: BackendState | None) -> BackendState | None:
         """A different backend for another attempt, or None when a retry is not allowed."""
@@ -1113,7 +1150,7 @@ class HttpClientConn(asyncio.Protocol):
             self.send_error(ex, 502, reason)
 
     def send_error(self, ex: Exchange, status: int, message: str, *, retry_after: int | None = None,
-                   close: bool = False) -> None:
+                   close: bool = False, reason: str | None = None) -> None:
         if ex.rt is not None:
             ex.rt.errors += 1
         close = close or ex.close_after or not ex.keep_alive or not ex.body_done
@@ -1121,7 +1158,7 @@ class HttpClientConn(asyncio.Protocol):
         ex.close_after = close
         if not self.closed:
             self._w(error_response(status, message, ex.rid or self.engine.new_request_id(),
-                                                retry_after=retry_after, close=close))
+                                   retry_after=retry_after, close=close, reason=reason))
         self.finish(ex)
 
     # --- response side -----------------------------------------------------------
@@ -1188,6 +1225,8 @@ class HttpClientConn(asyncio.Protocol):
         if b is not None:
             ex.backend = None
             b.in_flight -= 1
+            if ex.rt.queued:  # type: ignore[union-attr]
+                ex.rt.admission.wake()  # type: ignore[union-attr]
         b = up.backend
         pool = b.pool
         if (reusable and not up.closed and not b.removed and not b.ejected and len(pool) < ex.opts.pool_max_idle  # type: ignore[union-attr]
@@ -1252,6 +1291,8 @@ class HttpClientConn(asyncio.Protocol):
         if b is not None:
             ex.backend = None
             b.in_flight -= 1
+            if ex.rt.queued:  # type: ignore[union-attr]
+                ex.rt.admission.wake()  # type: ignore[union-attr]
         if self.cur is ex:
             self.cur = None
         if self.closed:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from halb.dataplane.admission import RANK, empty_stats
 from halb.dataplane.balancers import Maglev, PeakEwma, SmoothWeightedRoundRobin, ewma_update, make_balancer
 from halb.dataplane.budget import RetryBudget
 from halb.dataplane.limits import UNLIMITED, burst_for, conn_share, refill, rps_share
@@ -92,6 +93,9 @@ class ServiceRuntime:
         self.share = 1.0
         self.limited = False  # some backend has max_conns or max_rps: pick checks limits
         self.saturated = 0  # picks that found backends but every one at its limit
+        self.admission: Any = None  # admission.Admission, made by the first request that queues
+        self.queued = 0  # requests waiting in it (mirror of its length: one read on the hot path)
+        self.rank = 1  # the service's priority (admission.RANK)
         self.hook = hook
         self.backends: dict[str, BackendState] = {}
         self.route = route
@@ -129,6 +133,7 @@ class ServiceRuntime:
         old_algo = self.route.algorithm if self.balancer is not None else None
         self.route = route
         self.opts = ServiceOptions.from_route(route)
+        self.rank = RANK.get(self.opts.priority, RANK["normal"])
         self.budget.ratio = self.opts.retry_budget
         self.budget.minimum = self.opts.retry_budget_min
         seen: set[str] = set()
@@ -171,6 +176,10 @@ class ServiceRuntime:
             self.hash_cookie = hk[7:].strip().encode()
         self.dirty = True
         self._recompute(now, initial=initial)
+        if self.admission is not None:
+            self.admission.configure(self.opts)
+            if self.queued:
+                self.admission.wake()  # limits may have been raised, backends added
 
     def set_share(self, share: float) -> None:
         """The node's fraction of the cluster-wide limits (1.0: this node is the only one)."""
@@ -383,6 +392,8 @@ class ServiceRuntime:
             self.dirty = True
         if self.dirty:
             self._recompute(now)
+        if self.queued:
+            self.admission.wake()  # an ejection ended, a ramp advanced, a token came back
 
     def retry_after(self) -> int:
         """Seconds a client should wait: the next ejection end if sooner than the default."""
@@ -416,5 +427,8 @@ class ServiceRuntime:
             "requests": self.requests, "errors": self.errors, "retries": self.retries,
             "rejected": self.rejected, "connections": self.connections,
             "limited": self.limited, "saturated": self.saturated, "share": self.share,
+            "priority": self.opts.priority,
+            "queue": (self.admission.stats() if self.admission is not None
+                      else empty_stats(self.opts.max_queue, self.opts.queue_timeout)),
             "backends": backends,
         }

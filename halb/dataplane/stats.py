@@ -16,6 +16,21 @@ def _add(a: Any, b: Any) -> Any:
     return a + b
 
 
+def _merge_queue(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Admission-queue stats of two processes: counts add, maxima take the larger."""
+    out = dict(a)
+    for k, v in b.items():
+        if k in ("wait_s_max", "oldest_wait_s"):
+            out[k] = max(out.get(k, 0.0), v)
+        elif k == "by_priority":
+            out[k] = {p: out.get(k, {}).get(p, 0) + n for p, n in v.items()}
+        elif k in ("max_queue", "timeout_s"):
+            continue  # per process: the same option everywhere
+        elif isinstance(v, (int, float)):
+            out[k] = out.get(k, 0) + v
+    return out
+
+
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge `DataPlane.local_stats()` dicts; the first one gives the static fields."""
     if not parts:
@@ -36,6 +51,8 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
                 if k in svc:
                     cur[k] = _add(cur.get(k, 0), svc[k])
             cur["panic"] = cur.get("panic", False) or svc.get("panic", False)
+            if "queue" in svc and "queue" in cur:
+                cur["queue"] = _merge_queue(cur["queue"], svc["queue"])
             for bname, bs in svc.get("backends", {}).items():
                 cb = cur["backends"].get(bname)
                 if cb is None:

@@ -59,16 +59,19 @@ def one_node(cluster_factory, limits: dict[str, dict], capacity: dict[str, int],
 @pytest.mark.timeout(120)
 def test_max_conns_holds_at_the_backend_and_changes_live(cluster_factory):
     # the backends could take 6 at once; halb must hold them to 2 each
-    c = one_node(cluster_factory, {"A": {"max_conns": 2}, "B": {"max_conns": 2}}, {"A": 6, "B": 6})
+    c = one_node(cluster_factory, {"A": {"max_conns": 2}, "B": {"max_conns": 2}}, {"A": 6, "B": 6},
+                 queue_timeout=10.0)
     assert dataplane_backend(c, "A")["limit_conns"] == 2
     got = burst(c, 24)
     statuses = [s for s, _, _ in got]
-    assert statuses.count(200) >= 4, statuses
+    assert statuses == [200] * 24, got  # the excess waited in the queue instead of failing
     for name in ("A", "B"):
         st = backend_stats(c, name)
-        assert 1 <= st["max_in_flight"] <= 2, (name, st)
-    served_before = sum(backend_stats(c, n)["served"] for n in ("A", "B"))
-    assert served_before == statuses.count(200)
+        assert st["max_in_flight"] == 2, (name, st)  # used to the limit, never above
+    assert sum(backend_stats(c, n)["served"] for n in ("A", "B")) == 24
+    code, body = c.get("n1", "/v1/dataplane")
+    q = body["services"]["checkout"]["queue"]
+    assert q["admitted"] >= 16 and q["length"] == 0 and q["timed_out"] == 0 and q["wait_s_max"] > 0.1, q
 
     out = c.cli("backend", "set", "A", "--max-conns", "4", "--max-rps", "0")
     assert "max_conns 4" in out.stdout, out.stdout
@@ -132,3 +135,34 @@ def test_tcp_max_conns_counts_connections() -> None:
             echo.close()
 
     run(main())
+
+
+@pytest.mark.timeout(120)
+def test_queue_bounds_answer_503_with_retry_after_and_a_reason(cluster_factory):
+    """One backend, limit 1, 400 ms per request; a queue of 3 with a 1 s timeout: of 12 at
+    once, 1 runs, 3 wait (the third would start at 1.2 s: too long), 8 are refused at once."""
+    c = one_node(cluster_factory, {"A": {"max_conns": 1}}, {"A": 4}, work_ms=400,
+                 queue_timeout=1.0, max_queue=3, retry_after_s=2)
+    got = burst(c, 12)
+    statuses = [s for s, _, _ in got]
+    refused = [(h, json.loads(b)) for s, h, b in got if s == 503]
+    reasons = sorted(doc["reason"] for _, doc in refused)
+    assert statuses.count(200) + len(refused) == 12, got
+    assert reasons.count("queue_full") == 8, reasons
+    assert "queue_timeout" in reasons  # the third waiter would start after 1.2 s
+    assert 2 <= statuses.count(200) <= 3
+    for h, doc in refused:
+        assert h["Retry-After"] == "2" and doc["error"] == "service_unavailable"
+        assert "capacity limit" in doc["message"] and doc["request_id"]
+    assert backend_stats(c, "A")["max_in_flight"] == 1
+
+    code, body = c.get("n1", "/v1/dataplane")
+    q = body["services"]["checkout"]["queue"]
+    assert q["full"] == 8 and q["timed_out"] == reasons.count("queue_timeout") and q["length"] == 0
+    req = urllib.request.Request(f"http://{c.api('n1')}/metrics", headers={"Authorization": f"Bearer {c.token}"})
+    metrics = urllib.request.urlopen(req, timeout=5).read().decode()
+    assert 'halb_service_queue_length{node="n1",service="checkout"} 0.0' in metrics
+    assert 'halb_service_queue_refused_total{node="n1",reason="queue_full",service="checkout"} 8.0' in metrics
+    assert "halb_service_queue_wait_seconds_sum" in metrics
+    out = c.cli("service", "status", "checkout", check=False).stdout
+    assert "0 waiting" in out and "8 refused (queue full)" in out, out
