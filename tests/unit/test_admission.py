@@ -112,3 +112,67 @@ def test_disabled_and_stats_merge() -> None:
     m = _merge_queue(q1.stats(1.0), q2.stats(3.0))
     assert m["length"] == 3 and m["by_priority"] == {"critical": 2, "normal": 0, "low": 1}
     assert m["oldest_wait_s"] == 3.0 and m["max_queue"] == 5
+
+
+# --- the loop glue (Admission) with a real event loop, connections stood in by recorders ----
+
+class Conn:
+    """Records what the queue asks of a client connection (no socket needed for the rules)."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]]) -> None:
+        self.name, self.log, self.alive = name, log, True
+
+    def queue_alive(self, ex: object) -> bool:
+        return self.alive
+
+    def dispatch(self, ex: object, b: object) -> None:
+        b.in_flight += 1  # type: ignore[attr-defined]  # what attach does
+        self.log.append(("sent", self.name))
+
+    def queue_refused(self, ex: object, reason: str, retry_after: int) -> None:
+        self.log.append((reason, self.name))
+
+
+class Ex:
+    key = None
+
+
+def test_admission_dispatches_by_priority_when_a_slot_frees_and_times_out_the_rest() -> None:
+    import asyncio
+
+    from halb.dataplane.admission import Admission
+    from halb.dataplane.routing import ServiceRuntime
+    from halb.dataplane.snapshot import BackendRoute, ServiceRoute
+
+    async def main() -> list[tuple[str, str]]:
+        route = ServiceRoute(name="web", mode="http", listen_host="127.0.0.1", listen_port=0, backends=(
+            BackendRoute(name="a", host="127.0.0.1", port=9, weight=1, max_conns=1),),
+            options=(("max_queue", 3), ("queue_timeout", 0.3)))
+        rt = ServiceRuntime(route)
+        a = rt.backends["a"]
+        a.in_flight = 1  # the backend is full
+        adm = rt.admission = Admission(rt, asyncio.get_running_loop())
+        log: list[tuple[str, str]] = []
+        conns = {n: Conn(n, log) for n in ("low1", "low2", "norm", "crit", "gone")}
+        adm.enqueue(conns["low1"], Ex(), RANK["low"])
+        adm.enqueue(conns["low2"], Ex(), RANK["low"])
+        adm.enqueue(conns["norm"], Ex(), RANK["normal"])
+        adm.enqueue(conns["crit"], Ex(), RANK["critical"])  # full: sheds low2, the newest low
+        await asyncio.sleep(0.01)
+        assert rt.queued == 3 and log == [("shed", "low2")]
+        a.in_flight = 0  # a response ended
+        adm.wake()
+        await asyncio.sleep(0.01)
+        assert log[-1] == ("sent", "crit") and rt.queued == 2  # one slot: the critical one
+        a.in_flight = 0
+        conns["norm"].alive = False  # its client left meanwhile: skipped, not sent
+        adm.wake()
+        await asyncio.sleep(0.01)
+        assert log[-1] == ("sent", "low1") and rt.queued == 0
+        adm.enqueue(conns["gone"], Ex(), RANK["normal"])  # a is full again (low1): waits, then times out
+        await asyncio.sleep(0.5)
+        assert rt.queued == 0 and adm.q.timed_out == 1 and adm.q.cancelled == 1
+        return log
+
+    log = asyncio.run(main())
+    assert log == [("shed", "low2"), ("sent", "crit"), ("sent", "low1"), ("queue_timeout", "gone")]
