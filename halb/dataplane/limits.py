@@ -56,3 +56,28 @@ def refill(tokens: float, stamp: float, now: float, rate: float, burst: float) -
     if now <= stamp:
         return tokens
     return min(burst, tokens + (now - stamp) * rate)
+
+
+def node_shares(me: str, recent: dict[str, dict[str, float]]) -> dict[str, float]:
+    """This node's share of each service's cluster-wide limits, from the request rates
+    every reachable node reported (`recent`: member -> service -> requests/s over the load
+    meter's window).
+
+    share = my rate / all nodes' rate: the nodes split a backend's capacity in proportion
+    to the traffic each carries, so in steady state the shares sum to 1 and the nodes'
+    limits (rounded down) sum to at most max_conns. A node that carries none of a
+    service's traffic right now gets an even split (1 / nodes), not 0, so traffic that
+    moves to it (a VIP handover, a DNS change) finds a usable limit before the next
+    report; that is the bound's slack: the shares sum to at most 1 + idle nodes / nodes.
+    Unreachable nodes are not in `recent`: their share goes to the others."""
+    n = max(1, len(recent))
+    mine = recent.get(me, {})
+    services: set[str] = set()
+    for per in recent.values():
+        services.update(per)
+    out: dict[str, float] = {}
+    for svc in services:
+        total = sum(max(0.0, per.get(svc, 0.0)) for per in recent.values())
+        own = max(0.0, mine.get(svc, 0.0))
+        out[svc] = own / total if own > 0 and total > 0 else 1.0 / n
+    return out

@@ -83,6 +83,8 @@ class WorkerPool:
         w.task = asyncio.get_running_loop().create_task(self._read(w))
         self.workers.append(w)
         writer.write(frame({"t": "snap", "d": snapshot.to_wire()}))
+        if self.engine.capacity_share or self.engine.capacity_share_default != 1.0:  # a respawn: today's shares
+            writer.write(frame({"t": "share", "d": self.engine.capacity_share, "x": self.engine.capacity_share_default}))
         return w
 
     async def start(self, snapshot: RoutingSnapshot) -> None:
@@ -130,6 +132,12 @@ class WorkerPool:
 
     def send_snapshot(self, snapshot: RoutingSnapshot) -> None:
         data = frame({"t": "snap", "d": snapshot.to_wire()})
+        for w in self.workers:
+            if not w.writer.is_closing():
+                w.writer.write(data)
+
+    def send_shares(self, shares: dict[str, float], default: float) -> None:
+        data = frame({"t": "share", "d": shares, "x": default})
         for w in self.workers:
             if not w.writer.is_closing():
                 w.writer.write(data)
@@ -205,6 +213,8 @@ async def _child(fd: int, node_id: str, shared_hosts: list[str], slot: tuple[int
                     loop.create_task(report())
                 else:
                     dp.update(snap)
+            elif msg.get("t") == "share" and started:
+                dp.set_capacity_shares(msg.get("d") or {}, float(msg.get("x", 1.0)))
 
     cmd = loop.create_task(commands())
     await stop.wait()

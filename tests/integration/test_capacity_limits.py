@@ -5,6 +5,7 @@ than its limit; limits changed live with `halb backend set`."""
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 import urllib.request
 
@@ -166,3 +167,57 @@ def test_queue_bounds_answer_503_with_retry_after_and_a_reason(cluster_factory):
     assert "halb_service_queue_wait_seconds_sum" in metrics
     out = c.cli("service", "status", "checkout", check=False).stdout
     assert "0 waiting" in out and "8 refused (queue full)" in out, out
+
+
+@pytest.mark.timeout(180)
+def test_cluster_share_keeps_the_sum_over_three_serving_nodes_within_max_conns(cluster_factory):
+    """Requests arrive through all three nodes at once (each node's own address, as with DNS
+    or shared addresses); with `capacity_share = "cluster"` each node enforces its share of
+    A's max_conns 6, so A (which could take 18) never holds more than 6."""
+    import threading
+
+    nodes = ("n1", "n2", "n3")
+    c = cluster_factory(n=3, start=False, backends=[("A", f"127.0.0.1:{free_port()}")],
+                        backend_options={"A": {"max_conns": 6}}, service_options={"queue_timeout": 10.0},
+                        dataplane_extra={n: {"capacity_share": "cluster"} for n in nodes})
+    c.start_backend("A", "--capacity", "18", "--work-ms", "100")
+    c.start_all()
+    c.leader()
+    c.wait_serving()
+    for n in nodes:
+        wait_until(lambda n=n: dataplane_backend(c, "A", n)["healthy"], 20, 0.1, f"A healthy on {n}")
+    # idle everywhere: an even split (6 / 3) before any traffic
+    wait_until(lambda: all(dataplane_backend(c, "A", n)["limit_conns"] == 2 for n in nodes), 15, 0.2,
+               "even split while idle")
+
+    stop = threading.Event()
+
+    def trickle(node: str) -> None:  # one request at a time per node: load every node reports
+        url = f"http://{c.service_address(node)}/products"
+        deadline = time.monotonic() + 120
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=10).read()
+            except OSError:
+                pass
+    threads = [threading.Thread(target=trickle, args=(n,), daemon=True) for n in nodes]
+    for t in threads:
+        t.start()
+    try:
+        def limits() -> list[int]:
+            return [dataplane_backend(c, "A", n)["limit_conns"] for n in nodes]
+        time.sleep(5)  # the nodes' windows fill with their (equal) traffic
+        assert sum(limits()) <= 6, limits()
+
+        async def everywhere() -> list[tuple[int, dict, str]]:
+            parts = await asyncio.gather(*(_burst(f"http://{c.service_address(n)}", 10) for n in nodes))
+            return [r for p in parts for r in p]
+        got = asyncio.run(everywhere())
+        assert [s for s, _, _ in got] == [200] * 30, got
+        assert sum(limits()) <= 6, limits()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    st = backend_stats(c, "A")
+    assert st["max_in_flight"] <= 6, st  # the cluster-wide limit held, from the backend's side

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from halb.dataplane.limits import UNLIMITED, conn_share, refill, rps_share
+from halb.dataplane.limits import UNLIMITED, conn_share, node_shares, refill, rps_share
 from halb.dataplane.routing import ServiceRuntime
 from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot, ServiceRoute
 from halb.dataplane.stats import merge_stats
@@ -136,3 +136,16 @@ def test_limits_reach_workers_and_stats_merge() -> None:
     assert merged["limit_conns"] == 4 and merged["limit_rps"] == 7.5 and merged["max_conns"] == 4
     unlimited = [{"services": {"web": ServiceRuntime(route({"a": (0, 0.0)})).stats()}} for _ in range(2)]
     assert merge_stats(unlimited)["services"]["web"]["backends"]["a"]["limit_conns"] is None
+
+
+def test_node_shares_follow_the_traffic_each_node_carries() -> None:
+    recent = {"n1": {"web": 30.0, "api": 0.0}, "n2": {"web": 10.0, "api": 5.0}, "n3": {"web": 0.0}}
+    assert node_shares("n1", recent) == {"web": 0.75, "api": 1 / 3}  # api: idle here -> even split
+    assert node_shares("n2", recent) == {"web": 0.25, "api": 1.0}
+    assert node_shares("n3", recent) == {"web": 1 / 3, "api": 1 / 3}
+    # the nodes' max_conns shares of a backend with 12 in steady state: 9 + 3 (+ n3's even split)
+    assert conn_share(12, 0, 1, 0.75) + conn_share(12, 0, 1, 0.25) == 12
+    # the VIP holder alone: everything; a dead node (not reporting) leaves its share to the others
+    assert node_shares("n1", {"n1": {"web": 50.0}, "n2": {"web": 0.0}}) == {"web": 1.0}
+    assert node_shares("n1", {"n1": {"web": 5.0}}) == {"web": 1.0}
+    assert node_shares("n1", {"n1": {}, "n2": {}}) == {}
