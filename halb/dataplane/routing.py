@@ -203,11 +203,13 @@ class ServiceRuntime:
             limited = limited or r.max_conns > 0 or rate > 0
         self.limited = limited
 
-    def has_room(self, st: BackendState, now: float) -> bool:
+    def has_room(self, st: BackendState, now: float | None = None) -> bool:
         """Below both limits (refills the token bucket; takes no token)."""
         if st.in_flight >= st.conn_limit:
             return False
         if st.rps_rate > 0:
+            if now is None:
+                now = self.clock()
             st.tokens = refill(st.tokens, st.tokens_at, now, st.rps_rate, st.rps_burst)
             st.tokens_at = now
             if st.tokens < 1.0:
@@ -215,20 +217,31 @@ class ServiceRuntime:
         return True
 
     def _pick_limited(self, cands: list[BackendState], key: bytes | None) -> BackendState | None:
-        """pick among the backends with room; takes a token from the one chosen."""
-        now = self.clock()
-        room = []
-        for c in cands:
-            if self.has_room(c, now):
-                room.append(c)
-            else:
-                c.at_limit += 1
-        if not room:
-            if cands:
-                self.saturated += 1
+        """pick among the backends with room; takes a token from the one chosen.
+
+        Fast path: the balancer's choice among all candidates usually has room (limits bind
+        only under pressure), so the filtered list is built only when it does not."""
+        b = self.balancer.pick(cands, key)
+        if b is None:
             return None
-        b = self.balancer.pick(room, key)
-        if b is not None and b.rps_rate > 0:
+        if not self.has_room(b):
+            b.at_limit += 1
+            now = self.clock()
+            room = []
+            for c in cands:
+                if c is b:
+                    continue
+                if self.has_room(c, now):
+                    room.append(c)
+                else:
+                    c.at_limit += 1
+            if not room:
+                self.saturated += 1
+                return None
+            b = self.balancer.pick(room, key)
+            if b is None:
+                return None
+        if b.rps_rate > 0:
             b.tokens -= 1.0
         return b
 

