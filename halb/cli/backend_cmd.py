@@ -65,9 +65,9 @@ def _local_error(r: dict) -> str:
 @click.option("--server", default="", help="Failure domain (host) the instance runs on; default: its address.")
 @click.option("--zone", default="", help="Zone (larger failure domain) the server is in; optional.")
 @click.option("--max-rps", type=click.FloatRange(min=0), default=0.0,
-              help="Requests per second this instance can take (0: not declared); for the N+1 check.")
+              help="Requests per second this instance can take (0: no limit); enforced, and read by the N+1 check.")
 @click.option("--max-conns", type=click.IntRange(min=0), default=0,
-              help="Concurrent requests/connections this instance can take (0: not declared).")
+              help="Concurrent requests/connections this instance can take (0: no limit); enforced.")
 @json_option
 @click.pass_context
 @api_command

@@ -221,3 +221,52 @@ def test_cluster_share_keeps_the_sum_over_three_serving_nodes_within_max_conns(c
             t.join(15)
     st = backend_stats(c, "A")
     assert st["max_in_flight"] <= 6, st  # the cluster-wide limit held, from the backend's side
+
+
+@pytest.mark.timeout(60)
+def test_a_client_that_leaves_the_queue_frees_its_place_and_never_reaches_the_backend() -> None:
+    """In-process data plane over real sockets: limit 1, the slot held by /sleep; a second
+    request queues, its client hangs up; the queue drops it (cancelled) and the backend
+    never sees it; a third request then gets the slot after the first ends."""
+    from halb.dataplane.engine import DataPlane
+    from halb.dataplane.origin import Origin
+    from halb.dataplane.snapshot import BackendRoute
+    from halb.dataplane.testing import run, service, snapshot
+
+    async def get(port: int, path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await w.drain()
+        return r, w
+
+    async def main() -> None:
+        origin = Origin("A")
+        dp = DataPlane("t")
+        try:
+            oport = await origin.start()
+            be = BackendRoute(name="A", host="127.0.0.1", port=oport, weight=1, server="A", max_conns=1)
+            await dp.start(snapshot(service("web", [be], queue_timeout=5.0)))
+            port = dp.bound_port("web")
+            r1, w1 = await get(port, "/sleep/0.6")
+            await asyncio.sleep(0.1)
+            r2, w2 = await get(port, "/count")
+            await asyncio.sleep(0.1)
+            q = dp.stats()["services"]["web"]["queue"]
+            assert q["length"] == 1 and q["by_priority"]["normal"] == 1
+            w2.close()  # the queued client gives up
+            await asyncio.sleep(0.1)
+            r3, w3 = await get(port, "/count")
+            head1 = await asyncio.wait_for(r1.read(65536), 5)
+            assert head1.startswith(b"HTTP/1.1 200")
+            body3 = await asyncio.wait_for(r3.read(65536), 5)
+            assert body3.startswith(b"HTTP/1.1 200")
+            q = dp.stats()["services"]["web"]["queue"]
+            assert q["cancelled"] == 1 and q["admitted"] == 1 and q["length"] == 0
+            assert origin.counts["GET /count"] == 1  # the one that left never reached the backend
+            for w in (w1, w3):
+                w.close()
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main())

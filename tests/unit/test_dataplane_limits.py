@@ -149,3 +149,21 @@ def test_node_shares_follow_the_traffic_each_node_carries() -> None:
     assert node_shares("n1", {"n1": {"web": 50.0}, "n2": {"web": 0.0}}) == {"web": 1.0}
     assert node_shares("n1", {"n1": {"web": 5.0}}) == {"web": 1.0}
     assert node_shares("n1", {"n1": {}, "n2": {}}) == {}
+
+
+def test_slow_start_never_pushes_a_returning_backend_above_its_limit() -> None:
+    clock = Clock()
+    r = ServiceRoute(name="web", mode="http", listen_host="127.0.0.1", listen_port=0, backends=tuple(
+        BackendRoute(name=n, host="127.0.0.1", port=9000 + i, weight=1, server=n, max_conns=3)
+        for i, n in enumerate("ab")), options=(("slow_start_s", 10.0),))
+    rt = ServiceRuntime(r, clock=clock)
+    rt.apply(ServiceRoute(**{**r.__dict__, "backends": (r.backends[0],
+                                                        BackendRoute(**{**r.backends[1].__dict__, "healthy": False}))}))
+    rt.apply(r)  # b is back: it ramps up from 10 % of its weight
+    assert rt.backends["b"].weight < 0.2
+    for _ in range(20):  # ramp over time while requests pile up: b never above 3, a neither
+        clock.t += 1.0
+        rt.tick()
+        hold(rt, 2)
+        assert rt.backends["a"].in_flight <= 3 and rt.backends["b"].in_flight <= 3
+    assert rt.backends["b"].in_flight == 3
