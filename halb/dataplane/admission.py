@@ -232,7 +232,9 @@ class Admission:
             if not conn.queue_alive(ex):
                 q.cancel(w)  # type: ignore[arg-type]
                 continue
-            b = rt.pick(ex.key)
+            # a waiting retry still avoids the backends that failed it (HOL: it may hold up
+            # the waiters behind it until one of its other backends frees, or it times out)
+            b = rt.pick(ex.key, exclude=ex.tried, avoid_servers=ex.failed_servers) if ex.tried else rt.pick(ex.key)
             if b is None:
                 break
             q.pop(now)

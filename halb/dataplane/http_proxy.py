@@ -1075,17 +1075,17 @@ class HttpClientConn(asyncio.Protocol):
             if ex.rt.queued:  # type: ignore[union-attr]
                 ex.rt.admission.wake()  # type: ignore[union-attr]
 
-    def _retry_target(self, ex: Exchange, connect: bool, failed: BackendState | None) -> BackendState | None:
-        """A different backend for another attempt, or None when a retry is not allowed."""
+    def _retry_allowed(self, ex: Exchange, connect: bool, failed: BackendState | None) -> bool:
+        """May this request have another attempt (and note the failed backend as tried)?"""
         opts = ex.opts
         if ex.attempts > opts.retries:  # type: ignore[union-attr]
-            return None
+            return False
         if not (connect or ex.retryable):
-            return None  # non-idempotent and it may have reached the backend
+            return False  # non-idempotent and it may have reached the backend
         if ex.body_sent and ex.copy is None:
-            return None  # streamed body larger than the replay buffer
+            return False  # streamed body larger than the replay buffer
         if self.loop.time() >= ex.deadline:
-            return None
+            return False
         if ex.tried is None:
             ex.tried = set()
             ex.failed_servers = set()
@@ -1093,6 +1093,12 @@ class HttpClientConn(asyncio.Protocol):
             ex.tried.add(failed)
             if failed.server:
                 ex.failed_servers.add(failed.server)  # type: ignore[union-attr]
+        return True
+
+    def _retry_target(self, ex: Exchange, connect: bool, failed: BackendState | None) -> BackendState | None:
+        """A different backend for another attempt, or None when a retry is not allowed."""
+        if not self._retry_allowed(ex, connect, failed):
+            return None
         nb = ex.rt.pick(ex.key, exclude=ex.tried, avoid_servers=ex.failed_servers)  # type: ignore[union-attr]
         if nb is None:
             return None
@@ -1102,16 +1108,41 @@ class HttpClientConn(asyncio.Protocol):
             return None
         return nb
 
+    def _retry_or_wait(self, ex: Exchange, connect: bool, failed: BackendState | None) -> bool:
+        """Retry on another backend; when every other one is at its capacity limit, wait in
+        the queue for the retry instead of failing. False: neither, answer the client."""
+        if not self._retry_allowed(ex, connect, failed):
+            return False
+        rt: ServiceRuntime = ex.rt  # type: ignore[assignment]
+        nb = rt.pick(ex.key, exclude=ex.tried, avoid_servers=ex.failed_servers)
+        if nb is None and not (rt.limited and rt.at_capacity(ex.tried)):
+            return False
+        rt.budget.count_to(rt.requests)
+        if not rt.budget.try_withdraw():
+            return False
+        if nb is not None:
+            self._retry(ex, nb)
+            return True
+        rt.retries += 1
+        self._rewind_body(ex)
+        self._enqueue(ex, rt)  # a backend freeing up takes it (the failed one only if it recovered)
+        return True
+
     def _retry(self, ex: Exchange, nb: BackendState) -> None:
         ex.rt.retries += 1  # type: ignore[union-attr]
         nb.retries += 1
+        self._rewind_body(ex)
+        self.attach(ex, nb)
+
+    @staticmethod
+    def _rewind_body(ex: Exchange) -> None:
+        """The body sent to the failed attempt is sent again from the replay copy."""
         if ex.body_sent:
             ex.pending = ex.copy + (ex.pending or [])  # type: ignore[operator]
             ex.pending_size = sum(len(d) for d in ex.pending)
             ex.copy = []
             ex.copy_size = 0
             ex.body_sent = 0
-        self.attach(ex, nb)
 
     def attempt_failed(self, ex: Exchange, connect: bool, reason: str, *, timeout: bool = False,
                        target: BackendState | None = None, local: bool = False) -> None:
@@ -1137,10 +1168,10 @@ class HttpClientConn(asyncio.Protocol):
         if local:
             self.send_error(ex, 503, reason, retry_after=rt.retry_after())  # type: ignore[union-attr]
             return
-        if target is None and not timeout:
-            target = self._retry_target(ex, connect, b)
         if target is not None:
             self._retry(ex, target)
+            return
+        if not timeout and self._retry_or_wait(ex, connect, b):
             return
         if timeout:
             self.send_error(ex, 504, f"upstream timeout: {reason}")

@@ -270,3 +270,43 @@ def test_a_client_that_leaves_the_queue_frees_its_place_and_never_reaches_the_ba
             origin.close()
 
     run(main())
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_waits_for_a_full_backend_instead_of_failing() -> None:
+    """A refuses connections (not ejected: outlier detection off), B is at its limit of 1:
+    a request that fails on A waits in the queue for B instead of getting a 503."""
+    from halb.dataplane.engine import DataPlane
+    from halb.dataplane.origin import Origin
+    from halb.dataplane.snapshot import BackendRoute
+    from halb.dataplane.testing import free_port as dp_free_port
+    from halb.dataplane.testing import run, service, snapshot
+
+    async def main() -> None:
+        origin = Origin("B")
+        dp = DataPlane("t")
+        try:
+            oport = await origin.start()
+            dead = BackendRoute(name="A", host="127.0.0.1", port=dp_free_port(), weight=1, server="A")
+            b = BackendRoute(name="B", host="127.0.0.1", port=oport, weight=1, server="B", max_conns=1)
+            await dp.start(snapshot(service("web", [dead, b], queue_timeout=5.0, outlier_consecutive_failures=0,
+                                            outlier_consecutive_connect_failures=0)))
+            port = dp.bound_port("web")
+            r1, w1 = await asyncio.open_connection("127.0.0.1", port)
+            w1.write(b"GET /sleep/0.6 HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(0.2)  # on B now (directly, or after A refused it)
+            assert dp.stats()["services"]["web"]["backends"]["B"]["in_flight"] == 1
+            r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+            w2.write(b"GET /count HTTP/1.1\r\nHost: x\r\n\r\n")  # B full: goes to A, refused, waits
+            resp2 = await asyncio.wait_for(r2.read(65536), 5)
+            assert resp2.startswith(b"HTTP/1.1 200") and b"X-Backend: B" in resp2, resp2
+            assert (await asyncio.wait_for(r1.read(65536), 5)).startswith(b"HTTP/1.1 200")
+            s = dp.stats()["services"]["web"]
+            assert s["queue"]["admitted"] >= 1 and s["retries"] >= 1 and s["backends"]["B"]["in_flight"] == 0
+            for w in (w1, w2):
+                w.close()
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main())

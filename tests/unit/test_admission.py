@@ -135,6 +135,8 @@ class Conn:
 
 class Ex:
     key = None
+    tried = None  # a first attempt (a waiting retry names the backends that failed it)
+    failed_servers = None
 
 
 def test_admission_dispatches_by_priority_when_a_slot_frees_and_times_out_the_rest() -> None:
