@@ -310,3 +310,24 @@ def test_a_retry_waits_for_a_full_backend_instead_of_failing() -> None:
             origin.close()
 
     run(main())
+
+
+@pytest.mark.timeout(120)
+def test_worker_processes_split_a_limit_and_together_never_exceed_it(cluster_factory):
+    """`workers = 2`: two processes share the listener (SO_REUSEPORT), each enforces its part
+    of max_conns 3 (2 + 1); their sum held at the backend, and the queue still empties."""
+    backends = [("A", f"127.0.0.1:{free_port()}")]
+    c = cluster_factory(n=1, start=False, backends=backends, backend_options={"A": {"max_conns": 3}},
+                        service_options={"queue_timeout": 10.0}, dataplane_extra={"n1": {"workers": 2}})
+    c.start_backend("A", "--capacity", "10", "--work-ms", "100")
+    c.start_all()
+    c.leader()
+    c.wait_serving()
+    wait_until(lambda: dataplane_backend(c, "A")["healthy"], 20, 0.1, "A healthy")
+    wait_until(lambda: len(c.get("n1", "/v1/dataplane")[1]["workers"]) == 2, 20, 0.2, "two processes")
+    # 2 + 1, summed over the processes (the worker reports every 0.5 s)
+    wait_until(lambda: dataplane_backend(c, "A")["limit_conns"] == 3, 10, 0.2, "both processes' limits")
+    got = burst(c, 24)
+    assert [s for s, _, _ in got] == [200] * 24, got
+    st = backend_stats(c, "A")
+    assert st["max_in_flight"] <= 3 and st["served"] == 24, st
