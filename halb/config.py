@@ -85,6 +85,14 @@ class DataplaneConfig:
     # host the kernel spreads connections over the nodes' listeners and stops handing them
     # to a dead node at once, the local analogue of anycast/ECMP (docs/config.md).
     shared_hosts: list[str] = field(default_factory=list)
+    # How a backend's max_conns / max_rps (cluster-wide numbers) become this node's limit:
+    # "node": this node enforces all of it (right when one node serves: the VIP holder);
+    # "cluster": its share follows the traffic the nodes report (several nodes serving at
+    # once: DNS mode, shared_hosts, clients using every node's address). docs/dataplane.md
+    capacity_share: str = "node"
+
+
+CAPACITY_SHARES = ("node", "cluster")
 
 
 @dataclass
@@ -277,6 +285,10 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
                 raise dp_t.error(f"backend_dial.{addr}", str(exc)) from None
     dataplane.backend_dial = dict(backend_dial)
     dataplane.shared_hosts = _shared_hosts(dp_t, dp_t.take("shared_hosts", list, []))
+    dataplane.capacity_share = dp_t.take("capacity_share", str, "node")
+    if dataplane.capacity_share not in CAPACITY_SHARES:
+        raise dp_t.error("capacity_share", f"must be one of {', '.join(CAPACITY_SHARES)}, "
+                                           f"got {dataplane.capacity_share!r}")
     dp_t.done()
 
     announce = top.take("announce", dict, {})

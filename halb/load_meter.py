@@ -61,6 +61,10 @@ class LoadMeter:
     _windows: dict[tuple[str, str], RateWindow] = field(init=False, default_factory=dict)
     _last_sample: float | None = field(init=False, default=None)
     _local: Load = field(init=False, default_factory=dict)
+    # member -> service -> requests/s (window rates summed over backends), from the last
+    # cluster refresh: what the capacity shares follow (limits.node_shares)
+    _rates_by_member: dict[str, dict[str, float]] = field(init=False, default_factory=dict)
+    on_cluster: Callable[[], None] | None = None  # called after every cluster refresh
     _cluster: dict[str, Any] = field(init=False, default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
 
@@ -117,6 +121,19 @@ class LoadMeter:
     def local(self) -> Load:
         return self._local
 
+    def shares(self) -> tuple[dict[str, float], float]:
+        """(this node's share per service, the share of a service idle everywhere) from the
+        last cluster refresh (limits.node_shares); ({}, 1.0) before the first one.
+
+        Window rates (not the last second's): every node sees nearly the same slow-moving
+        numbers, so the shares they compute sum to ~1 even while traffic shifts; the price
+        is that a node's limit follows a change in its traffic over about a window."""
+        from halb.dataplane.limits import node_shares
+
+        if not self._rates_by_member:
+            return {}, 1.0
+        return node_shares(self.node_id, self._rates_by_member), 1.0 / len(self._rates_by_member)
+
     async def refresh_cluster(self) -> None:
         peers = self.peers()
 
@@ -133,19 +150,25 @@ class LoadMeter:
         results = await asyncio.gather(*(one(m, a) for m, a in peers))
         total: Load = {}
         nodes, unreachable = [self.node_id], []
+        rates: dict[str, dict[str, float]] = {}
         for member, load in [(self.node_id, self._local), *results]:
             if load is None:
                 unreachable.append(member)
                 continue
             if member != self.node_id:
                 nodes.append(member)
+            mine = rates[member] = {}
             for svc, backends in load.items():
                 for be, v in backends.items():
+                    mine[svc] = mine.get(svc, 0.0) + float(v.get("rps", 0.0))
                     cur = total.setdefault(svc, {}).setdefault(be, {"rps": 0.0, "conns": 0})
                     cur["rps"] = round(cur["rps"] + float(v.get("rps", 0.0)), 3)
                     cur["conns"] += int(v.get("conns", 0))
         self._cluster = {"load": total, "nodes": sorted(nodes), "unreachable": sorted(unreachable),
                          "at": time.time(), "window_s": self.window_s}
+        self._rates_by_member = rates
+        if self.on_cluster is not None:
+            self.on_cluster()
 
     def cluster(self) -> dict[str, Any]:
         """Summed load of every member that answered (this node's own until the first poll)."""

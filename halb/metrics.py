@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 RAFT_STATE_VALUES = {"follower": 0, "candidate": 1, "leader": 2}
 VERDICT_VALUES = {"down": 0, "up": 1, "held": 2, "pending": 3}  # pending: no majority reported yet (routed)
@@ -63,7 +63,48 @@ class NodeCollector:
             retries.add_metric(lv, stats.get("retries", 0))
             ejections.add_metric(lv, stats.get("ejections", 0))
         yield from (up, verdict, local, in_flight, ejected, requests, errors, retries, ejections)
+        yield from self.capacity()
         yield from self.resilience()
+
+    def capacity(self) -> Iterator[Metric]:
+        """Per service: the admission queue (halb/dataplane/admission.py) and backends held
+        back by their capacity limits; this node's data plane, summed over its processes."""
+        node = self.node
+        if getattr(node, "dataplane", None) is None:
+            return
+        sl = ["node", "service"]
+        length = GaugeMetricFamily("halb_service_queue_length", "Requests waiting for a backend below its limit",
+                                   labels=sl)
+        by_prio = GaugeMetricFamily("halb_service_queue_waiting", "Waiting requests per priority",
+                                    labels=sl + ["priority"])
+        wait = SummaryMetricFamily("halb_service_queue_wait_seconds",
+                                   "Time queued requests waited before a backend took them", labels=sl)
+        wait_max = GaugeMetricFamily("halb_service_queue_wait_max_seconds", "Longest wait of an admitted request",
+                                     labels=sl)
+        refused = CounterMetricFamily("halb_service_queue_refused", "Requests answered 503 by the queue, by reason",
+                                      labels=sl + ["reason"])
+        saturated = CounterMetricFamily("halb_service_saturated",
+                                        "Picks that found every candidate backend at its capacity limit", labels=sl)
+        bl = ["node", "service", "backend"]
+        limit = GaugeMetricFamily("halb_backend_limit_conns", "This node's enforced max_conns share", labels=bl)
+        at_limit = CounterMetricFamily("halb_backend_at_limit", "Picks that passed the backend over (at a limit)",
+                                       labels=bl)
+        for name, svc in node.dataplane.stats().get("services", {}).items():
+            lv = [node.node_id, name]
+            q = svc.get("queue") or {}
+            length.add_metric(lv, q.get("length", 0))
+            for prio, n in (q.get("by_priority") or {}).items():
+                by_prio.add_metric(lv + [prio], n)
+            wait.add_metric(lv, count_value=q.get("admitted", 0), sum_value=q.get("wait_s_sum", 0.0))
+            wait_max.add_metric(lv, q.get("wait_s_max", 0.0))
+            for reason, key in (("queue_full", "full"), ("queue_timeout", "timed_out"), ("shed", "shed")):
+                refused.add_metric(lv + [reason], q.get(key, 0))
+            saturated.add_metric(lv, svc.get("saturated", 0))
+            for bname, b in (svc.get("backends") or {}).items():
+                if b.get("limit_conns") is not None:
+                    limit.add_metric(lv + [bname], b["limit_conns"])
+                at_limit.add_metric(lv + [bname], b.get("at_limit", 0))
+        yield from (length, by_prio, wait, wait_max, refused, saturated, limit, at_limit)
 
     def resilience(self) -> Iterator[Metric]:
         """Per service: failure domains of its healthy instances (halb/resilience.py).

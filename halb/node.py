@@ -176,6 +176,8 @@ class Node:
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
         from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
         self.load_meter = LoadMeter(self.node_id, self.dataplane.load_counters, self._peer_apis, self.token)
+        if self.cfg.dataplane.capacity_share == "cluster":  # limits split by the traffic each node carries
+            self.load_meter.on_cluster = lambda: self.dataplane.set_capacity_shares(*self.load_meter.shares())
         self.load_meter.start(self._http)
         self.add_listener(self._after_apply)
         # --- announce (VIP quorum lease / DNS; halb/announce/manager.py) ---

@@ -46,6 +46,7 @@ def build_service(cs: ClusterState, svc: Service, listen_host: str, local_up: Ca
         backends.append(BackendRoute(
             name=be.name, host=bhost, port=bport, weight=be.weight, admin_state=be.admin_state,
             healthy=verdict == "up" and local_up(svc.name, be.name), server=be.server, zone=be.zone,
+            max_conns=int(be.max_conns or 0), max_rps=float(be.max_rps or 0.0),
         ))
     options = tuple(sorted((k, v) for k, v in svc.options.items() if k != "health" and not isinstance(v, dict)))
     return ServiceRoute(

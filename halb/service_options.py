@@ -23,6 +23,7 @@ from typing import Any, Callable, Mapping
 log = logging.getLogger("halb.dataplane.options")
 
 FAIL_POLICIES = ("panic", "closed")
+PRIORITIES = ("critical", "normal", "low")  # halb/dataplane/admission.py: best first
 DAY = 86400.0
 
 
@@ -71,6 +72,10 @@ class ServiceOptions:
     panic_threshold: float = 0.0  # healthy share below this -> route to all active, healthy or not (panic); 0: only when none
     fail_policy: str = "panic"  # "panic" or "closed" (503 + Retry-After when none eligible)
     retry_after_s: int = 1  # Retry-After value on generated 503s
+    # --- capacity: queue while every backend is at its limit (admission.py) -------------
+    queue_timeout: float = 2.0  # longest wait in the queue (503 queue_timeout after); 0 = no queue
+    max_queue: int = 1000  # requests waiting per service per process (503 queue_full beyond); 0 = no queue
+    priority: str = "normal"  # critical | normal | low: queue order and who is shed first
     # --- slow start -------------------------------------------------------------------
     slow_start_s: float = 0.0  # weight ramps linearly over this after becoming eligible; 0 = off
     slow_start_min_weight: float = 0.1  # share of the weight given at the start of the ramp
@@ -102,6 +107,9 @@ class ServiceOptions:
         if values.get("fail_policy", "panic") not in FAIL_POLICIES:
             log.warning("service %s: fail_policy must be one of %s", route.name, FAIL_POLICIES)
             values.pop("fail_policy")
+        if values.get("priority", "normal") not in PRIORITIES:
+            log.warning("service %s: priority must be one of %s", route.name, PRIORITIES)
+            values.pop("priority")
         cls.derive_unset(values)
         return cls(**values)
 
@@ -197,6 +205,9 @@ DATAPLANE_OPTIONS: dict[str, Spec] = {
     "panic_threshold": _SHARE,
     "fail_policy": Spec("choice", choices=FAIL_POLICIES),
     "retry_after_s": Spec("int", 0, 3600),
+    "queue_timeout": Spec("float", 0.0, 3600.0, help="0: no queue"),
+    "max_queue": Spec("int", 0, 1_000_000, help="0: no queue"),
+    "priority": Spec("choice", choices=PRIORITIES),
     "slow_start_s": Spec("float", 0.0, DAY, help="0: off"),
     "slow_start_min_weight": _SHARE,
     "tcp_connect_attempts": Spec("int", 1, 100),

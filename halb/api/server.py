@@ -168,6 +168,7 @@ class AdminApi:
         r.add_delete("/v1/services/{svc}/backends/{name}", self.backend_remove)
         r.add_post("/v1/services/{svc}/backends/{name}/{action}", self.backend_action)
         r.add_put("/v1/services/{svc}/backends/{name}/weight", self.backend_weight)
+        r.add_put("/v1/services/{svc}/backends/{name}/limits", self.backend_limits)
         r.add_get("/v1/members", self.members)
         r.add_post("/v1/members", self.member_add)
         r.add_delete("/v1/members/{id}", self.member_remove)
@@ -302,6 +303,13 @@ class AdminApi:
             return json_error(400, "invalid", "body must be {\"weight\": INTEGER 0-10000}")
         result = await self.write(request, "backend.weight", {"service": request.match_info["svc"],
                                                               "name": request.match_info["name"], "weight": weight})
+        return web.json_response(self.envelope(**result))
+
+    async def backend_limits(self, request: web.Request) -> web.Response:
+        """Body `{max_conns?, max_rps?}`: the command's schema checks it (400 with the reason)."""
+        body = await read_json(request)
+        result = await self.write(request, "backend.limits", {**body, "service": request.match_info["svc"],
+                                                              "name": request.match_info["name"]})
         return web.json_response(self.envelope(**result))
 
     # --- members and leadership -------------------------------------------------------

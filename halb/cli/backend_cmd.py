@@ -1,4 +1,4 @@
-"""`halb backend list|add|remove|drain|maint|enable|weight`."""
+"""`halb backend list|add|remove|drain|maint|enable|weight|set`."""
 from __future__ import annotations
 
 import time
@@ -65,9 +65,9 @@ def _local_error(r: dict) -> str:
 @click.option("--server", default="", help="Failure domain (host) the instance runs on; default: its address.")
 @click.option("--zone", default="", help="Zone (larger failure domain) the server is in; optional.")
 @click.option("--max-rps", type=click.FloatRange(min=0), default=0.0,
-              help="Requests per second this instance can take (0: not declared); for the N+1 check.")
+              help="Requests per second this instance can take (0: no limit); enforced, and read by the N+1 check.")
 @click.option("--max-conns", type=click.IntRange(min=0), default=0,
-              help="Concurrent requests/connections this instance can take (0: not declared).")
+              help="Concurrent requests/connections this instance can take (0: no limit); enforced.")
 @json_option
 @click.pass_context
 @api_command
@@ -144,3 +144,34 @@ def weight(ctx: click.Context, service: str | None, name: str, weight: int, as_j
     svc = resolve_service(client, service)
     res = client.put(f"{_path(svc, name)}/weight", {"weight": weight})
     emit_json(res) if wants_json(ctx, as_json) else click.echo(f"backend {svc}/{name}: weight {weight}")
+
+
+@backend.command("set")
+@service_option
+@click.argument("name")
+@click.option("--max-conns", type=click.IntRange(min=0), default=None,
+              help="At most this many requests (HTTP) / connections (TCP) in flight to NAME; 0: no limit.")
+@click.option("--max-rps", type=click.FloatRange(min=0), default=None,
+              help="At most this many new requests/connections per second to NAME; 0: no limit.")
+@json_option
+@click.pass_context
+@api_command
+def set_(ctx: click.Context, service: str | None, name: str, max_conns: int | None, max_rps: float | None,
+         as_json: bool) -> None:
+    """Change NAME's capacity limits live (the data plane enforces them at once)."""
+    if max_conns is None and max_rps is None:
+        raise click.UsageError("give --max-conns, --max-rps or both")
+    body: dict[str, int | float] = {}
+    if max_conns is not None:
+        body["max_conns"] = max_conns
+    if max_rps is not None:
+        body["max_rps"] = max_rps
+    client = client_from(ctx)
+    svc = resolve_service(client, service)
+    res = client.put(f"{_path(svc, name)}/limits", body)
+    if wants_json(ctx, as_json):
+        emit_json(res)
+        return
+    be = res.get("backend", {})
+    click.echo(f"backend {svc}/{name}: max_conns {be.get('max_conns') or 'unlimited'}, "
+               f"max_rps {be.get('max_rps') or 'unlimited'}")

@@ -29,8 +29,13 @@ def demo() -> None:
 @click.option("--db-threads", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Threads doing database work off the event loop.")
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@click.option("--capacity", default=0, show_default=True, type=click.IntRange(0, 100000),
+              help="Requests worked on at once (a worker pool); more wait in arrival order. 0: unlimited.")
+@click.option("--work-ms", default=0.0, show_default=True, type=click.FloatRange(0, 60000),
+              help="Time each request holds a worker (simulated service time).")
 def backend(name: str, listen: str, db_path: str, server: str, delay_ms: float, fail_rate: float,
-            affect_health: bool, synchronous: str, max_body: int, db_threads: int, access_log: bool) -> None:
+            affect_health: bool, synchronous: str, max_body: int, db_threads: int, access_log: bool,
+            capacity: int, work_ms: float) -> None:
     """Run one checkout backend instance (stops cleanly on SIGTERM/SIGINT)."""
     # Imports here keep `halb --help` fast and free of aiohttp/sqlite setup.
     from halb.demo.backend import BackendConfig, run
@@ -43,5 +48,6 @@ def backend(name: str, listen: str, db_path: str, server: str, delay_ms: float, 
         raise click.BadParameter(str(exc)) from None
     cfg = BackendConfig(name=name, host=host, port=port, db_path=db_path, server=server, delay_ms=delay_ms,
                         fail_rate=fail_rate, affect_health=affect_health, max_body=max_body,
-                        synchronous=synchronous.upper(), db_threads=db_threads, access_log=access_log)
+                        synchronous=synchronous.upper(), db_threads=db_threads, access_log=access_log,
+                        capacity=capacity, work_ms=work_ms)
     run(cfg)

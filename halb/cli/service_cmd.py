@@ -52,7 +52,7 @@ def list_(ctx: click.Context, as_json: bool) -> None:
                 click.echo(f"WARNING: {w}")
 
 
-def print_report(r: dict[str, Any], backends: list[dict[str, Any]]) -> None:
+def print_report(r: dict[str, Any], backends: list[dict[str, Any]], queue: dict[str, Any] | None = None) -> None:
     click.echo(f"service {r['service']}: {STATUS_TEXT.get(r['status'], r['status'])}")
     click.echo(f"  healthy instances: {r['healthy_instances']} of {r['instances']}")
     per = r["instances_per_server"]
@@ -78,6 +78,8 @@ def print_report(r: dict[str, Any], backends: list[dict[str, Any]]) -> None:
         window = f"{src['window_s']:g} s window, " if src.get("window_s") is not None else ""
         click.echo(f"  load: {r.get('rps', 0):g} rps, {r.get('conns', 0)} in flight; summed over "
                    f"{', '.join(src.get('nodes', [])) or 'no node'} ({window}{src.get('age_s')} s old{extra})")
+    if queue is not None:
+        print_queue(queue)
     if backends:
         click.echo("")
         click.echo(table(
@@ -86,6 +88,27 @@ def print_report(r: dict[str, Any], backends: list[dict[str, Any]]) -> None:
             ["SERVER", "ZONE", "INSTANCE", "ADDRESS", "ADMIN", "VERDICT", "MAX RPS", "MAX CONNS"]))
     for w in r["warnings"]:
         click.echo(f"WARNING: {w}")
+
+
+def _queue_of(client: Any, svc: str) -> dict[str, Any] | None:
+    """The answering node's admission queue for `svc` (None when it does not serve it)."""
+    stats = client.get(f"/v1/dataplane?service={svc}")
+    one = (stats.get("services") or {}).get(svc)
+    if not one or "queue" not in one:
+        return None
+    return {"node": stats.get("node"), "priority": one.get("priority", "normal"),
+            "saturated": one.get("saturated", 0), **one["queue"]}
+
+
+def print_queue(q: dict[str, Any]) -> None:
+    prio = q.get("by_priority") or {}
+    avg = q["wait_s_sum"] / q["admitted"] * 1000 if q.get("admitted") else 0.0
+    click.echo(f"  queue (node {q['node']}, priority {q['priority']}): {q['length']} waiting "
+               f"({', '.join(f'{p} {n}' for p, n in prio.items())}), max_queue {q['max_queue']}, "
+               f"queue_timeout {q['timeout_s']:g}s")
+    click.echo(f"    since start: {q['admitted']} admitted after waiting (avg {avg:.0f} ms, max "
+               f"{q['wait_s_max'] * 1000:.0f} ms); {q['full']} refused (queue full), {q['timed_out']} timed out, "
+               f"{q['shed']} shed for higher priority")
 
 
 @service.command("status")
@@ -102,10 +125,11 @@ def status(ctx: click.Context, name: str | None, as_json: bool) -> None:
     client = client_from(ctx)
     svc = resolve_service(client, name)
     r = client.get(f"/v1/services/{svc}/resilience")["resilience"]
+    queue = _queue_of(client, svc)
     if wants_json(ctx, as_json):
-        emit_json(r)
+        emit_json({**r, "queue": queue} if queue is not None else r)
     else:
         backends = client.get(f"/v1/services/{svc}/backends")["backends"]
-        print_report(r, backends)
+        print_report(r, backends, queue)
     if r["status"] != "ok":
         sys.exit(5)

@@ -175,6 +175,21 @@ def _validate(op: str, a: Any, health: HealthCheck | None) -> dict[str, Any]:
         if isinstance(w, bool) or not isinstance(w, int) or not 0 <= w <= 10000:
             raise invalid(f"weight {w!r} must be an integer 0-10000")
         return dict(out, weight=w)
+    if op == "backend.limits":
+        out = _ref(a, op, extra=frozenset({"max_conns", "max_rps"}))
+        if "max_conns" not in a and "max_rps" not in a:
+            raise invalid("backend.limits changes nothing (give max_conns, max_rps or both)")
+        if "max_conns" in a:
+            mc = a["max_conns"]
+            if isinstance(mc, bool) or not isinstance(mc, int) or not 0 <= mc <= 1 << 40:
+                raise invalid(f"max_conns {mc!r} must be an integer >= 0 (0: no limit)")
+            out["max_conns"] = mc
+        if "max_rps" in a:
+            mr = a["max_rps"]
+            if not finite_number(mr) or not 0 <= mr <= 1e12:
+                raise invalid(f"max_rps {mr!r} must be a finite number 0-1e12 (0: no limit)")
+            out["max_rps"] = float(mr)
+        return out
     if op == "member.register":
         a = _obj(a, op, frozenset({"id", "raft", "api", "listen_host"}), ("id", "raft", "api"))
         try:
@@ -234,7 +249,7 @@ def _validate(op: str, a: Any, health: HealthCheck | None) -> dict[str, Any]:
 
 
 OPS = ("seed", "service.add", "service.remove", "service.update", "backend.add", "backend.remove", "backend.state",
-       "backend.weight", "member.register", "member.remove", "event.record", "health.observe",
+       "backend.weight", "backend.limits", "member.register", "member.remove", "event.record", "health.observe",
        "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release")
 
 

@@ -151,6 +151,7 @@ class ClusterState:
             "backend.remove": self._backend_remove,
             "backend.state": self._backend_state,
             "backend.weight": self._backend_weight,
+            "backend.limits": self._backend_limits,
             "member.register": self._member_register,
             "member.remove": self._member_remove,
             "event.record": self._event_record,
@@ -280,6 +281,19 @@ class ClusterState:
         previous, be.weight = be.weight, weight
         self.record(cmd, "backend.weight", f"backend {args['service']}/{be.name}: weight {previous} -> {weight}",
                     service=args["service"], backend=be.name, previous=previous, weight=weight)
+        return ok(backend=to_primitive(be))
+
+    def _backend_limits(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        """Capacity the data plane enforces (0: none); given fields only, the rest stay."""
+        be = self.backend(args["service"], args["name"])
+        changes = []
+        for key in ("max_conns", "max_rps"):
+            if key in args:
+                previous = getattr(be, key)
+                setattr(be, key, args[key])
+                changes.append(f"{key} {previous:g} -> {args[key]:g}")
+        self.record(cmd, "backend.limits", f"backend {args['service']}/{be.name}: {', '.join(changes)}",
+                    service=args["service"], backend=be.name, max_conns=be.max_conns, max_rps=be.max_rps)
         return ok(backend=to_primitive(be))
 
     def _member_register(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:

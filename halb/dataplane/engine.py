@@ -46,9 +46,14 @@ class DataPlane:
     """
 
     def __init__(self, node_id: str, *, workers: int = 1, loop_uvloop: bool = True,
-                 shared_hosts: list[str] | tuple[str, ...] = ()) -> None:
+                 shared_hosts: list[str] | tuple[str, ...] = (), slot: tuple[int, int] | None = None) -> None:
         self.node_id = node_id
         self.workers = max(1, int(workers))
+        # this process is slot[0] of slot[1] on the node: it enforces that share of each
+        # backend's limits (limits.py); the node process is slot 0, workers 1..W-1
+        self.slot = slot or (0, self.workers)
+        self.capacity_share: dict[str, float] = {}  # service -> node's share of the cluster limits
+        self.capacity_share_default = 1.0
         self.loop_uvloop = loop_uvloop  # used for worker processes (the node owns its loop)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.snapshot = RoutingSnapshot()
@@ -99,6 +104,16 @@ class DataPlane:
         self._apply(snapshot, initial=False)
         if self._pool_supervisor is not None:
             self._pool_supervisor.send_snapshot(self._worker_snapshot())
+
+    def set_capacity_shares(self, shares: dict[str, float], default: float = 1.0) -> None:
+        """This node's share of each service's cluster-wide backend limits (limits.py);
+        services not listed get `default`. Forwarded to the worker processes."""
+        self.capacity_share = dict(shares)
+        self.capacity_share_default = default
+        for name, lst in self.listeners.items():
+            lst.rt.set_share(shares.get(name, default))
+        if self._pool_supervisor is not None:
+            self._pool_supervisor.send_shares(shares, default)
 
     def stats(self, service: str | None = None) -> dict[str, Any]:
         """Counters summed over worker processes; `service`: only that one (cheap to ask
@@ -218,7 +233,8 @@ class DataPlane:
         self.snapshot = snapshot
 
     def _open(self, svc: ServiceRoute, key: tuple[str, str, int], initial: bool) -> None:
-        rt = ServiceRuntime(svc, hook=self._hook, initial=initial)  # before the socket: may raise
+        rt = ServiceRuntime(svc, hook=self._hook, initial=initial, slot=self.slot)  # before the socket: may raise
+        rt.set_share(self.capacity_share.get(svc.name, self.capacity_share_default))
         try:
             sock = make_listen_socket(svc.listen_host, svc.listen_port)
         except OSError as e:

@@ -21,10 +21,14 @@ CODES = {
 
 
 def error_response(status: int, message: str, request_id: bytes | str = b"", *,
-                   retry_after: int | None = None, close: bool = False) -> bytes:
-    """A complete HTTP/1.1 response with a JSON body ``{error, message, request_id}``."""
+                   retry_after: int | None = None, close: bool = False, reason: str | None = None) -> bytes:
+    """A complete HTTP/1.1 response with a JSON body ``{error, message, request_id}``, plus
+    ``reason`` (a stable machine-readable cause, e.g. ``queue_timeout``) when given."""
     rid = request_id.decode("latin-1") if isinstance(request_id, bytes) else request_id
-    body = json.dumps({"error": CODES.get(status, "error"), "message": message, "request_id": rid}).encode()
+    doc = {"error": CODES.get(status, "error"), "message": message, "request_id": rid}
+    if reason is not None:
+        doc["reason"] = reason
+    body = json.dumps(doc).encode()
     head = [b"HTTP/1.1 %d %s\r\n" % (status, REASONS.get(status, b"Error")),
             b"Content-Type: application/json\r\n", b"Content-Length: %d\r\n" % len(body),
             b"Cache-Control: no-store\r\n"]

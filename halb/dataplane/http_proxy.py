@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from halb.dataplane import body_deadline, request_target
+from halb.dataplane.admission import QUEUE_MESSAGES, Admission
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.local_errors import is_local_resource_error, local_reason, report_local_error, report_rejected
 from halb.dataplane.options import ServiceOptions
@@ -549,6 +550,8 @@ class HttpClientConn(asyncio.Protocol):
                 up.close()
             ex.finished = True
             self._detach_backend(ex)
+            if ex.rt is not None and ex.rt.queued:
+                ex.rt.admission.wake()  # it may have been waiting: drop it from the queue
         self.cur = None
         self.queue = None
 
@@ -912,7 +915,17 @@ class HttpClientConn(asyncio.Protocol):
         else:
             ex.head = b"".join((method, b" ", ex.url, b" HTTP/1.1\r\n", hdrs, xff, rid, b"\r\n", framing))
         # pick, inlined for the common case (no hash key, candidates up to date)
-        if rt.uses_key:
+        if rt.limited:  # capacity limits: a full backend is no candidate; wait in the queue
+            if rt.uses_key:
+                ex.key = self._hash_key(ex, rt)
+            if rt.queued:  # others wait already: behind them, in priority order
+                self._enqueue(ex, rt)
+                return
+            b = rt.pick(ex.key)
+            if b is None and rt.at_capacity():
+                self._enqueue(ex, rt)
+                return
+        elif rt.uses_key:
             ex.key = self._hash_key(ex, rt)
             b = rt.pick(ex.key)
         elif rt.dirty or rt.rotate:
@@ -959,6 +972,28 @@ class HttpClientConn(asyncio.Protocol):
                 self.pause(R_UPSTREAM)
             return
         self.loop.create_task(self._connect(ex, b))
+
+    # --- the admission queue (admission.py): every backend at its limit ---------------
+    def _enqueue(self, ex: Exchange, rt: ServiceRuntime) -> None:
+        adm = rt.admission
+        if adm is None:
+            adm = rt.admission = Admission(rt, self.loop)
+        adm.enqueue(self, ex, rt.rank)
+
+    def queue_alive(self, ex: Exchange) -> bool:
+        return not ex.finished and not self.closed and self.cur is ex
+
+    def dispatch(self, ex: Exchange, b: BackendState) -> None:
+        """A slot freed up for a queued request: send it like a first attempt."""
+        self.attach(ex, b)
+
+    def queue_refused(self, ex: Exchange, reason: str, retry_after: int) -> None:
+        if ex.finished:
+            return
+        rt = ex.rt
+        name = rt.route.name  # type: ignore[union-attr]
+        message = QUEUE_MESSAGES.get(reason, reason).format(service=name, opts=rt.opts)  # type: ignore[union-attr]
+        self.send_error(ex, 503, message, retry_after=retry_after, reason=reason)
 
     def _hash_key(self, ex: Exchange, rt: ServiceRuntime) -> bytes:
         if rt.hash_header is not None and ex.hash_value is not None:
@@ -1037,18 +1072,20 @@ class HttpClientConn(asyncio.Protocol):
         if b is not None:
             ex.backend = None
             b.in_flight -= 1
+            if ex.rt.queued:  # type: ignore[union-attr]
+                ex.rt.admission.wake()  # type: ignore[union-attr]
 
-    def _retry_target(self, ex: Exchange, connect: bool, failed: BackendState | None) -> BackendState | None:
-        """A different backend for another attempt, or None when a retry is not allowed."""
+    def _retry_allowed(self, ex: Exchange, connect: bool, failed: BackendState | None) -> bool:
+        """May this request have another attempt (and note the failed backend as tried)?"""
         opts = ex.opts
         if ex.attempts > opts.retries:  # type: ignore[union-attr]
-            return None
+            return False
         if not (connect or ex.retryable):
-            return None  # non-idempotent and it may have reached the backend
+            return False  # non-idempotent and it may have reached the backend
         if ex.body_sent and ex.copy is None:
-            return None  # streamed body larger than the replay buffer
+            return False  # streamed body larger than the replay buffer
         if self.loop.time() >= ex.deadline:
-            return None
+            return False
         if ex.tried is None:
             ex.tried = set()
             ex.failed_servers = set()
@@ -1056,6 +1093,12 @@ class HttpClientConn(asyncio.Protocol):
             ex.tried.add(failed)
             if failed.server:
                 ex.failed_servers.add(failed.server)  # type: ignore[union-attr]
+        return True
+
+    def _retry_target(self, ex: Exchange, connect: bool, failed: BackendState | None) -> BackendState | None:
+        """A different backend for another attempt, or None when a retry is not allowed."""
+        if not self._retry_allowed(ex, connect, failed):
+            return None
         nb = ex.rt.pick(ex.key, exclude=ex.tried, avoid_servers=ex.failed_servers)  # type: ignore[union-attr]
         if nb is None:
             return None
@@ -1065,16 +1108,41 @@ class HttpClientConn(asyncio.Protocol):
             return None
         return nb
 
+    def _retry_or_wait(self, ex: Exchange, connect: bool, failed: BackendState | None) -> bool:
+        """Retry on another backend; when every other one is at its capacity limit, wait in
+        the queue for the retry instead of failing. False: neither, answer the client."""
+        if not self._retry_allowed(ex, connect, failed):
+            return False
+        rt: ServiceRuntime = ex.rt  # type: ignore[assignment]
+        nb = rt.pick(ex.key, exclude=ex.tried, avoid_servers=ex.failed_servers)
+        if nb is None and not (rt.limited and rt.at_capacity(ex.tried)):
+            return False
+        rt.budget.count_to(rt.requests)
+        if not rt.budget.try_withdraw():
+            return False
+        if nb is not None:
+            self._retry(ex, nb)
+            return True
+        rt.retries += 1
+        self._rewind_body(ex)
+        self._enqueue(ex, rt)  # a backend freeing up takes it (the failed one only if it recovered)
+        return True
+
     def _retry(self, ex: Exchange, nb: BackendState) -> None:
         ex.rt.retries += 1  # type: ignore[union-attr]
         nb.retries += 1
+        self._rewind_body(ex)
+        self.attach(ex, nb)
+
+    @staticmethod
+    def _rewind_body(ex: Exchange) -> None:
+        """The body sent to the failed attempt is sent again from the replay copy."""
         if ex.body_sent:
             ex.pending = ex.copy + (ex.pending or [])  # type: ignore[operator]
             ex.pending_size = sum(len(d) for d in ex.pending)
             ex.copy = []
             ex.copy_size = 0
             ex.body_sent = 0
-        self.attach(ex, nb)
 
     def attempt_failed(self, ex: Exchange, connect: bool, reason: str, *, timeout: bool = False,
                        target: BackendState | None = None, local: bool = False) -> None:
@@ -1100,10 +1168,10 @@ class HttpClientConn(asyncio.Protocol):
         if local:
             self.send_error(ex, 503, reason, retry_after=rt.retry_after())  # type: ignore[union-attr]
             return
-        if target is None and not timeout:
-            target = self._retry_target(ex, connect, b)
         if target is not None:
             self._retry(ex, target)
+            return
+        if not timeout and self._retry_or_wait(ex, connect, b):
             return
         if timeout:
             self.send_error(ex, 504, f"upstream timeout: {reason}")
@@ -1113,7 +1181,7 @@ class HttpClientConn(asyncio.Protocol):
             self.send_error(ex, 502, reason)
 
     def send_error(self, ex: Exchange, status: int, message: str, *, retry_after: int | None = None,
-                   close: bool = False) -> None:
+                   close: bool = False, reason: str | None = None) -> None:
         if ex.rt is not None:
             ex.rt.errors += 1
         close = close or ex.close_after or not ex.keep_alive or not ex.body_done
@@ -1121,7 +1189,7 @@ class HttpClientConn(asyncio.Protocol):
         ex.close_after = close
         if not self.closed:
             self._w(error_response(status, message, ex.rid or self.engine.new_request_id(),
-                                                retry_after=retry_after, close=close))
+                                   retry_after=retry_after, close=close, reason=reason))
         self.finish(ex)
 
     # --- response side -----------------------------------------------------------
@@ -1188,6 +1256,8 @@ class HttpClientConn(asyncio.Protocol):
         if b is not None:
             ex.backend = None
             b.in_flight -= 1
+            if ex.rt.queued:  # type: ignore[union-attr]
+                ex.rt.admission.wake()  # type: ignore[union-attr]
         b = up.backend
         pool = b.pool
         if (reusable and not up.closed and not b.removed and not b.ejected and len(pool) < ex.opts.pool_max_idle  # type: ignore[union-attr]
@@ -1252,6 +1322,8 @@ class HttpClientConn(asyncio.Protocol):
         if b is not None:
             ex.backend = None
             b.in_flight -= 1
+            if ex.rt.queued:  # type: ignore[union-attr]
+                ex.rt.admission.wake()  # type: ignore[union-attr]
         if self.cur is ex:
             self.cur = None
         if self.closed:

@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from halb.dataplane.admission import RANK, empty_stats
 from halb.dataplane.balancers import Maglev, PeakEwma, SmoothWeightedRoundRobin, ewma_update, make_balancer
 from halb.dataplane.budget import RetryBudget
+from halb.dataplane.limits import UNLIMITED, burst_for, conn_share, refill, rps_share
 from halb.dataplane.options import ServiceOptions
 from halb.dataplane.server_spread import ServerSpread, wants_server_spread
 from halb.dataplane.snapshot import BackendRoute, ServiceRoute
@@ -51,6 +53,14 @@ class BackendState:
     ewma: float = 0.0
     ewma_stamp: float = 0.0
     removed: bool = False  # no longer in the snapshot: close connections when done
+    # capacity limits, this process's share (limits.py): in_flight must stay below
+    # conn_limit; rps_rate > 0: a token bucket of rps_burst tokens
+    conn_limit: int = UNLIMITED
+    rps_rate: float = 0.0
+    rps_burst: float = 1.0
+    tokens: float = 1.0
+    tokens_at: float = 0.0
+    at_limit: int = 0  # picks that passed this backend over because it was at a limit
     pool: list[Any] = field(default_factory=list)  # idle upstream connections (LIFO)
 
     def __post_init__(self) -> None:
@@ -74,8 +84,18 @@ class ServiceRuntime:
     """
 
     def __init__(self, route: ServiceRoute, hook: EjectionHook | None = None,
-                 clock: Callable[[], float] = time.monotonic, initial: bool = True) -> None:
+                 clock: Callable[[], float] = time.monotonic, initial: bool = True,
+                 slot: tuple[int, int] = (0, 1)) -> None:
         self.clock = clock
+        # capacity limits: this process is slot[0] of slot[1] data-plane processes on the
+        # node, and the node carries `share` of the cluster's traffic (limits.py)
+        self.slot = slot
+        self.share = 1.0
+        self.limited = False  # some backend has max_conns or max_rps: pick checks limits
+        self.saturated = 0  # picks that found backends but every one at its limit
+        self.admission: Any = None  # admission.Admission, made by the first request that queues
+        self.queued = 0  # requests waiting in it (mirror of its length: one read on the hot path)
+        self.rank = 1  # the service's priority (admission.RANK)
         self.hook = hook
         self.backends: dict[str, BackendState] = {}
         self.route = route
@@ -113,6 +133,7 @@ class ServiceRuntime:
         old_algo = self.route.algorithm if self.balancer is not None else None
         self.route = route
         self.opts = ServiceOptions.from_route(route)
+        self.rank = RANK.get(self.opts.priority, RANK["normal"])
         self.budget.ratio = self.opts.retry_budget
         self.budget.minimum = self.opts.retry_budget_min
         seen: set[str] = set()
@@ -136,6 +157,7 @@ class ServiceRuntime:
             st.removed = True
             st.close_pool()
         self.n_ejected = sum(1 for st in self.backends.values() if st.ejected)
+        self._apply_limits(now)
         members = tuple((b.name, b.weight) for b in route.backends if b.admin_state != "maint" and b.weight > 0)
         algo = route.algorithm
         spread = wants_server_spread(self.opts.server_balance, algo)
@@ -154,6 +176,84 @@ class ServiceRuntime:
             self.hash_cookie = hk[7:].strip().encode()
         self.dirty = True
         self._recompute(now, initial=initial)
+        if self.admission is not None:
+            self.admission.configure(self.opts)
+            if self.queued:
+                self.admission.wake()  # limits may have been raised, backends added
+
+    def set_share(self, share: float) -> None:
+        """The node's fraction of the cluster-wide limits (1.0: this node is the only one)."""
+        share = min(max(float(share), 0.0), 1.0)
+        if share != self.share:
+            self.share = share
+            self._apply_limits(self.clock())
+
+    def _apply_limits(self, now: float) -> None:
+        index, count = self.slot
+        limited = False
+        for st in self.backends.values():
+            r = st.route
+            st.conn_limit = conn_share(r.max_conns, index, count, self.share)
+            rate = rps_share(r.max_rps, count, self.share)
+            if rate != st.rps_rate:
+                st.rps_rate = rate
+                st.rps_burst = burst_for(rate)
+                st.tokens = st.rps_burst
+                st.tokens_at = now
+            limited = limited or r.max_conns > 0 or rate > 0
+        self.limited = limited
+
+    def has_room(self, st: BackendState, now: float | None = None) -> bool:
+        """Below both limits (refills the token bucket; takes no token)."""
+        if st.in_flight >= st.conn_limit:
+            return False
+        if st.rps_rate > 0:
+            if now is None:
+                now = self.clock()
+            st.tokens = refill(st.tokens, st.tokens_at, now, st.rps_rate, st.rps_burst)
+            st.tokens_at = now
+            if st.tokens < 1.0:
+                return False
+        return True
+
+    def _pick_limited(self, cands: list[BackendState], key: bytes | None) -> BackendState | None:
+        """pick among the backends with room; takes a token from the one chosen.
+
+        Fast path: the balancer's choice among all candidates usually has room (limits bind
+        only under pressure), so the filtered list is built only when it does not."""
+        b = self.balancer.pick(cands, key)
+        if b is None:
+            return None
+        if not self.has_room(b):
+            b.at_limit += 1
+            now = self.clock()
+            room = []
+            for c in cands:
+                if c is b:
+                    continue
+                if self.has_room(c, now):
+                    room.append(c)
+                else:
+                    c.at_limit += 1
+            if not room:
+                self.saturated += 1
+                return None
+            b = self.balancer.pick(room, key)
+            if b is None:
+                return None
+        if b.rps_rate > 0:
+            b.tokens -= 1.0
+        return b
+
+    def at_capacity(self, exclude: set[BackendState] | None = None) -> bool:
+        """True when there are candidates but every one is at a limit (queue, not 503)."""
+        if not self.limited:
+            return False
+        if self.dirty:
+            self._recompute(self.clock())
+        now = self.clock()
+        cands = [c for c in self.candidates if not exclude or c not in exclude]
+        return bool(cands) and not any(self.has_room(c, now) for c in cands)
 
     # ---------------------------------------------------------------- candidates
     def _recompute(self, now: float, initial: bool = False) -> None:
@@ -211,6 +311,10 @@ class ServiceRuntime:
         if self.dirty:
             self._recompute(self.clock())
         cands = self.candidates
+        if self.limited:
+            if exclude:
+                cands = self._prefer(cands, exclude, avoid_servers)
+            return self._pick_limited(cands, key)
         if self.rotate and not exclude:
             i = self.rot_next
             if i >= len(cands):
@@ -218,12 +322,17 @@ class ServiceRuntime:
             self.rot_next = i + 1
             return cands[i]
         if exclude:
-            cands = [c for c in cands if c not in exclude]
-            if avoid_servers and self.opts.server_aware:
-                pref = [c for c in cands if not c.server or c.server not in avoid_servers]
-                if pref:
-                    cands = pref
+            cands = self._prefer(cands, exclude, avoid_servers)
         return self.balancer.pick(cands, key)
+
+    def _prefer(self, cands: list[BackendState], exclude: set[BackendState],
+                avoid_servers: set[str] | None) -> list[BackendState]:
+        cands = [c for c in cands if c not in exclude]
+        if avoid_servers and self.opts.server_aware:
+            pref = [c for c in cands if not c.server or c.server not in avoid_servers]
+            if pref:
+                cands = pref
+        return cands
 
     # ---------------------------------------------------------------- outcomes
     def record_success(self, st: BackendState, latency: float | None = None) -> None:
@@ -296,6 +405,8 @@ class ServiceRuntime:
             self.dirty = True
         if self.dirty:
             self._recompute(now)
+        if self.queued:
+            self.admission.wake()  # an ejection ended, a ramp advanced, a token came back
 
     def retry_after(self) -> int:
         """Seconds a client should wait: the next ejection end if sooner than the default."""
@@ -317,6 +428,9 @@ class ServiceRuntime:
                 "in_flight": st.in_flight, "requests": st.requests, "errors": st.errors,
                 "retries": st.retries, "ejected": st.ejected, "ejections": st.ejections,
                 "idle_pool": len(st.pool), "ewma_ms": round(st.ewma * 1000, 3),
+                "max_conns": st.route.max_conns, "max_rps": st.route.max_rps,
+                "limit_conns": st.conn_limit if st.conn_limit < UNLIMITED else None,
+                "limit_rps": round(st.rps_rate, 3) or None, "at_limit": st.at_limit,
             }
         return {
             "mode": self.route.mode, "algorithm": self.route.algorithm,
@@ -325,5 +439,9 @@ class ServiceRuntime:
             "in_flight": sum(b.in_flight for b in self.backends.values()),
             "requests": self.requests, "errors": self.errors, "retries": self.retries,
             "rejected": self.rejected, "connections": self.connections,
+            "limited": self.limited, "saturated": self.saturated, "share": self.share,
+            "priority": self.opts.priority,
+            "queue": (self.admission.stats() if self.admission is not None
+                      else empty_stats(self.opts.max_queue, self.opts.queue_timeout)),
             "backends": backends,
         }

@@ -21,6 +21,8 @@ class BackendRoute:
     healthy: bool = True  # the node's effective view: local checks AND cluster verdict
     server: str = ""  # failure domain (physical/virtual host)
     zone: str = ""
+    max_conns: int = 0  # capacity the data plane enforces: requests/connections in flight; 0 none
+    max_rps: float = 0.0  # new requests/connections per second; 0 none
 
     @property
     def address(self) -> str:

@@ -3,7 +3,32 @@ from __future__ import annotations
 
 from typing import Any
 
-_SUM = ("in_flight", "requests", "errors", "retries", "rejected", "connections", "ejections", "idle_pool")
+_SUM = ("in_flight", "requests", "errors", "retries", "rejected", "connections", "ejections", "idle_pool",
+        "saturated", "at_limit", "limit_conns", "limit_rps")
+
+
+def _add(a: Any, b: Any) -> Any:
+    """Counters add; None (no limit) stays None unless the other side has a number."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _merge_queue(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Admission-queue stats of two processes: counts add, maxima take the larger."""
+    out = dict(a)
+    for k, v in b.items():
+        if k in ("wait_s_max", "oldest_wait_s"):
+            out[k] = max(out.get(k, 0.0), v)
+        elif k == "by_priority":
+            out[k] = {p: out.get(k, {}).get(p, 0) + n for p, n in v.items()}
+        elif k in ("max_queue", "timeout_s"):
+            continue  # per process: the same option everywhere
+        elif isinstance(v, (int, float)):
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -24,8 +49,10 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             for k in _SUM:
                 if k in svc:
-                    cur[k] = cur.get(k, 0) + svc[k]
+                    cur[k] = _add(cur.get(k, 0), svc[k])
             cur["panic"] = cur.get("panic", False) or svc.get("panic", False)
+            if "queue" in svc and "queue" in cur:
+                cur["queue"] = _merge_queue(cur["queue"], svc["queue"])
             for bname, bs in svc.get("backends", {}).items():
                 cb = cur["backends"].get(bname)
                 if cb is None:
@@ -33,6 +60,6 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
                     continue
                 for k in _SUM:
                     if k in bs:
-                        cb[k] = cb.get(k, 0) + bs[k]
+                        cb[k] = _add(cb.get(k, 0), bs[k])
                 cb["ejected"] = cb.get("ejected", False) or bs.get("ejected", False)
     return out

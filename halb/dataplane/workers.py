@@ -50,6 +50,7 @@ class Worker:
     proc: subprocess.Popen[bytes]
     writer: asyncio.StreamWriter
     reader: asyncio.StreamReader
+    index: int = 1  # slot on the node (the node process is 0): its share of the limits
     stats: dict[str, Any] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -66,19 +67,24 @@ class WorkerPool:
         self.respawns = 0
 
     async def _spawn(self, snapshot: RoutingSnapshot) -> Worker:
+        used = {w.index for w in self.workers}
+        index = next(i for i in range(1, self.count + 2) if i not in used)  # a respawn takes the dead one's slot
         parent, child = socket.socketpair()
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "halb.dataplane.workers", str(child.fileno()), self.engine.node_id,
-                 "1" if self.engine.loop_uvloop else "0", ",".join(self.engine.shared.hosts)],
+                 "1" if self.engine.loop_uvloop else "0", ",".join(self.engine.shared.hosts),
+                 f"{index}/{self.engine.workers}"],
                 pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         finally:
             child.close()
         reader, writer = await asyncio.open_connection(sock=parent)
-        w = Worker(proc=proc, writer=writer, reader=reader)
+        w = Worker(proc=proc, writer=writer, reader=reader, index=index)
         w.task = asyncio.get_running_loop().create_task(self._read(w))
         self.workers.append(w)
         writer.write(frame({"t": "snap", "d": snapshot.to_wire()}))
+        if self.engine.capacity_share or self.engine.capacity_share_default != 1.0:  # a respawn: today's shares
+            writer.write(frame({"t": "share", "d": self.engine.capacity_share, "x": self.engine.capacity_share_default}))
         return w
 
     async def start(self, snapshot: RoutingSnapshot) -> None:
@@ -130,6 +136,12 @@ class WorkerPool:
             if not w.writer.is_closing():
                 w.writer.write(data)
 
+    def send_shares(self, shares: dict[str, float], default: float) -> None:
+        data = frame({"t": "share", "d": shares, "x": default})
+        for w in self.workers:
+            if not w.writer.is_closing():
+                w.writer.write(data)
+
     def worker_stats(self) -> list[dict[str, Any]]:
         return [w.stats for w in self.workers if w.stats is not None and w.proc.poll() is None]
 
@@ -166,12 +178,12 @@ def _die_with_parent() -> None:
         pass
 
 
-async def _child(fd: int, node_id: str, shared_hosts: list[str]) -> None:
+async def _child(fd: int, node_id: str, shared_hosts: list[str], slot: tuple[int, int] = (0, 1)) -> None:
     from halb.dataplane.engine import DataPlane
 
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_connection(sock=sock)
-    dp = DataPlane(node_id, workers=1, shared_hosts=shared_hosts)
+    dp = DataPlane(node_id, workers=1, shared_hosts=shared_hosts, slot=slot)
     dp.on_ejection.append(lambda s, b, e, r: writer.write(frame({"t": "ej", "s": s, "b": b, "e": e, "r": r})))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -201,6 +213,8 @@ async def _child(fd: int, node_id: str, shared_hosts: list[str]) -> None:
                     loop.create_task(report())
                 else:
                     dp.update(snap)
+            elif msg.get("t") == "share" and started:
+                dp.set_capacity_shares(msg.get("d") or {}, float(msg.get("x", 1.0)))
 
     cmd = loop.create_task(commands())
     await stop.wait()
@@ -212,12 +226,14 @@ async def _child(fd: int, node_id: str, shared_hosts: list[str]) -> None:
 def main(argv: list[str]) -> None:
     fd, node_id, use_uvloop = int(argv[0]), argv[1], argv[2] == "1"
     shared_hosts = [h for h in (argv[3] if len(argv) > 3 else "").split(",") if h]
+    index, _, count = (argv[4] if len(argv) > 4 else "0/1").partition("/")
+    slot = (int(index), int(count))
     _die_with_parent()
     logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"))
     from halb.dataplane.fdlimit import raise_nofile
 
     raise_nofile(f"data plane worker {os.getpid()}")
-    run(_child(fd, node_id, shared_hosts), use_uvloop=use_uvloop)
+    run(_child(fd, node_id, shared_hosts, slot), use_uvloop=use_uvloop)
 
 
 if __name__ == "__main__":

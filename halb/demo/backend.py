@@ -13,6 +13,14 @@ health checks.
 Chaos knobs (``delay_ms``, ``fail_rate``) apply to every route except ``/health`` unless
 ``affect_health`` is set, so a "slow" or "flaky" backend still looks alive to the active
 health checks, which is the interesting case for retries and outlier detection.
+
+``capacity`` makes an instance behave like a server with a fixed number of workers: at most
+``capacity`` requests are worked on at once (each holding a worker for ``work_ms`` plus any
+``delay_ms``), the rest wait in arrival order, so latency grows with the backlog and
+throughput stays at ``capacity / work time``, as on a real saturated server. ``GET /stats``
+counts every request *inside* the instance (working or waiting) since start, which is what a
+balancer's limit must keep below ``capacity``: a test reads ``max_in_flight`` to prove that
+the limit held from the backend's side.
 """
 from __future__ import annotations
 
@@ -58,6 +66,8 @@ class BackendConfig:
     synchronous: str = "FULL"
     db_threads: int = 4
     access_log: bool = False
+    capacity: int = 0  # requests worked on at once; 0: unlimited (no worker pool)
+    work_ms: float = 0.0  # time each request holds a worker (simulated service time)
 
     def __post_init__(self) -> None:
         if not self.server:
@@ -70,6 +80,61 @@ class BackendConfig:
             raise ValueError("max_body must be positive")
         if self.db_threads < 1:
             raise ValueError("db_threads must be >= 1")
+        if self.capacity < 0:
+            raise ValueError("capacity must be >= 0 (0: unlimited)")
+        if self.work_ms < 0:
+            raise ValueError("work_ms must be >= 0")
+
+
+UNCOUNTED_PATHS = frozenset({"/health", "/stats"})  # cheap probes: never queue behind the workers
+
+
+class Capacity:
+    """A bounded worker pool with counters: at most ``capacity`` requests work at once.
+
+    ``in_flight`` counts every request inside the instance (working plus waiting), so
+    ``max_in_flight`` is the most concurrent requests anyone ever sent it; ``working`` is
+    at most ``capacity`` by construction. Waiters are served in arrival order (asyncio's
+    Semaphore is FIFO for waiters).
+    """
+
+    def __init__(self, capacity: int, work_ms: float) -> None:
+        self.capacity = capacity
+        self.work_s = work_ms / 1000.0
+        self.sem = asyncio.Semaphore(capacity) if capacity > 0 else None
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.working = 0
+        self.max_working = 0
+        self.served = 0
+
+    def stats(self) -> dict[str, Any]:
+        return {"in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                "capacity": self.capacity or None, "served": self.served,
+                "working": self.working, "max_working": self.max_working,
+                "queued": self.in_flight - self.working, "work_ms": self.work_s * 1000.0}
+
+    async def run(self, handler: Callable[[], Awaitable[T]]) -> T:
+        self.in_flight += 1
+        if self.in_flight > self.max_in_flight:
+            self.max_in_flight = self.in_flight
+        try:
+            if self.sem is not None:
+                await self.sem.acquire()
+            try:
+                self.working += 1
+                if self.working > self.max_working:
+                    self.max_working = self.working
+                if self.work_s > 0:
+                    await asyncio.sleep(self.work_s)
+                return await handler()
+            finally:
+                self.working -= 1
+                if self.sem is not None:
+                    self.sem.release()
+        finally:
+            self.in_flight -= 1
+            self.served += 1
 
 
 class BadRequest(Exception):
@@ -94,6 +159,7 @@ class Shop:
         self.db = ShopDB(cfg.db_path, synchronous=cfg.synchronous)
         self.pool = ThreadPoolExecutor(max_workers=cfg.db_threads, thread_name_prefix=f"db-{cfg.name}")
         self.rng = rng or random.Random()
+        self.capacity = Capacity(cfg.capacity, cfg.work_ms)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -141,6 +207,13 @@ class Shop:
             return self.error(500, "internal_error", "internal server error")
 
     @web.middleware
+    async def capacity_middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        """Every request but the probes holds one of the ``capacity`` workers (chaos delay included)."""
+        if request.path in UNCOUNTED_PATHS:
+            return await handler(request)
+        return await self.capacity.run(lambda: handler(request))
+
+    @web.middleware
     async def chaos_middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
         if request.path == "/health" and not self.cfg.affect_health:
             return await handler(request)
@@ -159,6 +232,10 @@ class Shop:
         # No DB round trip: the probe must stay cheap and must not queue behind checkout
         # writes in the thread pool (that would turn load into false "down" verdicts).
         return self.json({"status": "ok", "failure_domain": self.cfg.server})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """Load since start, from the instance's side: the proof a balancer's limit held."""
+        return self.json(self.capacity.stats())
 
     async def products(self, request: web.Request) -> web.Response:
         prods = await self.run_db(self.db.products)
@@ -261,11 +338,13 @@ def parse_checkout(body: bytes) -> list[tuple[str, int]]:
 
 def build_app(shop: Shop) -> web.Application:
     # client_max_size is a backstop; read_body enforces max_body with a JSON 413 first.
-    app = web.Application(middlewares=[shop.errors_middleware, shop.chaos_middleware],
+    app = web.Application(middlewares=[shop.errors_middleware, shop.capacity_middleware,
+                                       shop.chaos_middleware],
                           client_max_size=shop.cfg.max_body + 1)
     app[APP_KEY] = shop
     app.on_response_prepare.append(shop.on_prepare)
     app.router.add_get("/health", shop.health)
+    app.router.add_get("/stats", shop.stats)
     app.router.add_get("/products", shop.products)
     app.router.add_post("/checkout", shop.checkout)
     app.router.add_get("/orders", shop.list_orders)
@@ -302,8 +381,9 @@ async def serve(cfg: BackendConfig, stop: asyncio.Event | None = None) -> None:
     try:
         site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
         await site.start()
-        log.info("serving checkout on http://%s:%d db=%s synchronous=%s delay_ms=%s fail_rate=%s",
-                 cfg.host, cfg.port, cfg.db_path, cfg.synchronous, cfg.delay_ms, cfg.fail_rate)
+        log.info("serving checkout on http://%s:%d db=%s synchronous=%s delay_ms=%s fail_rate=%s capacity=%s work_ms=%s",
+                 cfg.host, cfg.port, cfg.db_path, cfg.synchronous, cfg.delay_ms, cfg.fail_rate,
+                 cfg.capacity or "unlimited", cfg.work_ms)
         await stop.wait()
         log.info("shutting down")
     finally:

@@ -233,3 +233,28 @@ def test_the_idempotency_probe_does_see_a_refusal_that_reached_raft(node: Cluste
     status, res, _ = call(node, "POST", "/v1/services", b'{"name": "probe-key2"}', extra=key)
     assert status == 404 and res["error"] == "not_found", res
     assert "probe-key2" not in {s["name"] for s in services(node)}
+
+
+@pytest.mark.parametrize("body, why", [
+    (b'{}', "changes nothing"),
+    (b'{"max_conns": -1}', "max_conns"),
+    (b'{"max_conns": 1.5}', "max_conns"),
+    (b'{"max_rps": 1e999}', "out of range"),
+    (b'{"max_rps": "10"}', "max_rps"),
+    (b'{"max_conns": 3, "weight": 5}', "unknown field"),
+])
+def test_invalid_backend_limits_are_400_and_change_nothing(node: Cluster, body: bytes, why: str) -> None:
+    svc = next(s for s in services(node) if s["backends"])
+    be = next(iter(svc["backends"].values())) if isinstance(svc["backends"], dict) else svc["backends"][0]
+    before = services(node)
+    status, err, _ = call(node, "PUT", f"/v1/services/{svc['name']}/backends/{be['name']}/limits", body,
+                          extra=b"Content-Type: application/json\r\n")
+    assert status == 400, err
+    assert err["error"] in ("invalid", "malformed_json") and why in err["message"], err
+    assert services(node) == before
+    status, ok, _ = call(node, "PUT", f"/v1/services/{svc['name']}/backends/{be['name']}/limits",
+                         b'{"max_conns": 7}', extra=b"Content-Type: application/json\r\n")
+    assert status == 200 and ok["backend"]["max_conns"] == 7, ok
+    status, err, _ = call(node, "PUT", f"/v1/services/{svc['name']}/backends/nope/limits", b'{"max_conns": 7}',
+                          extra=b"Content-Type: application/json\r\n")
+    assert status == 404, err

@@ -261,3 +261,57 @@ def test_cli_help_and_bad_listen(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert bad.returncode == 2 and "HOST:PORT" in bad.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+async def _concurrent_gets(url: str, n: int) -> list[tuple[int, str]]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        async def one() -> tuple[int, str]:
+            async with s.get(url, timeout=aiohttp.ClientTimeout(total=30)) as r:
+                await r.read()
+                return r.status, r.headers["X-Served-By"]
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+@pytest.mark.timeout(60)
+def test_capacity_is_a_worker_pool_and_stats_count_from_the_backend_side(tmp_path: Path) -> None:
+    """9 concurrent requests at capacity 3 with 200 ms of work each: all are answered, but
+    at most 3 work at once, so they need at least three rounds; /stats sees all 9 inside."""
+    be = start_backend("K", tmp_path / "shop.db", tmp_path, "--capacity", "3", "--work-ms", "200")
+    try:
+        fresh = requests.get(be.url + "/stats", timeout=5).json()
+        assert fresh == {"server": "K", "in_flight": 0, "max_in_flight": 0, "capacity": 3, "served": 0,
+                         "working": 0, "max_working": 0, "queued": 0, "work_ms": 200.0}
+        start = time.monotonic()
+        got = asyncio.run(_concurrent_gets(be.url + "/products", 9))
+        elapsed = time.monotonic() - start
+        assert got == [(200, "K")] * 9
+        assert elapsed >= 0.55  # three rounds of 200 ms: a lower bound, not a speed claim
+        st = requests.get(be.url + "/stats", timeout=5).json()
+        assert st["served"] == 9 and st["in_flight"] == 0 and st["queued"] == 0
+        assert st["max_working"] == 3  # the pool held
+        assert st["max_in_flight"] == 9  # every request the client sent at once was inside
+        # probes are not counted and never wait for a worker
+        requests.get(be.url + "/health", timeout=5)
+        assert requests.get(be.url + "/stats", timeout=5).json()["served"] == 9
+    finally:
+        assert be.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_without_capacity_stats_still_count(tmp_path: Path) -> None:
+    be = start_backend("U", tmp_path / "shop.db", tmp_path)
+    try:
+        asyncio.run(_concurrent_gets(be.url + "/products", 4))
+        st = requests.get(be.url + "/stats", timeout=5).json()
+        assert st["capacity"] is None and st["served"] == 4 and 1 <= st["max_in_flight"] <= 4
+    finally:
+        assert be.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_capacity_flags_are_checked(tmp_path: Path) -> None:
+    bad = subprocess.run([sys.executable, "-m", "halb", "demo", "backend", "--name", "A", "--listen",
+                          "127.0.0.1:1", "--db", str(tmp_path / "x.db"), "--capacity", "-1"],
+                         capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert bad.returncode == 2 and "--capacity" in bad.stderr
+    assert not (tmp_path / "x.db").exists()

@@ -118,6 +118,14 @@ def test_event_and_health_and_lease_args_are_checked() -> None:
         cmd("lease.release", {"holder": "n1", "held": "yes"}),
         cmd("backend.state", {"service": "web", "name": "a", "state": ["drain"]}),
         cmd("backend.weight", {"service": "web", "name": "a", "weight": True}),
+        cmd("backend.limits", {"service": "web", "name": "a"}),  # changes nothing
+        cmd("backend.limits", {"service": "web", "name": "a", "max_conns": -1}),
+        cmd("backend.limits", {"service": "web", "name": "a", "max_conns": 2.5}),
+        cmd("backend.limits", {"service": "web", "name": "a", "max_conns": True}),
+        cmd("backend.limits", {"service": "web", "name": "a", "max_rps": float("inf")}),
+        cmd("backend.limits", {"service": "web", "name": "a", "max_rps": "10"}),
+        cmd("backend.limits", {"service": "web", "name": "a", "max_rps": 1, "weight": 3}),
+        cmd("backend.limits", {"service": "web", "name": "zz", "max_rps": 1}),
         cmd("member.register", {"id": "n2", "raft": "127.0.0.1:7002", "api": "127.0.0.1:8002", "listen_host": 5}),
         {"op": "service.remove", "args": {"name": "web"}, "id": ["not", "hashable"]},
         {"op": "service.remove", "args": {"name": "web"}, "at": "yesterday"},
@@ -226,6 +234,8 @@ VALID = [
     cmd("backend.add", {"service": "web", "backend": {"name": "c", "address": "127.0.0.1:9003", "max_rps": 10}}),
     cmd("backend.state", {"service": "web", "name": "a", "state": "drain"}),
     cmd("backend.weight", {"service": "web", "name": "b", "weight": 7}),
+    cmd("backend.limits", {"service": "web", "name": "a", "max_conns": 5, "max_rps": 12.5}),
+    cmd("backend.limits", {"service": "web", "name": "b", "max_rps": 0}),
     cmd("backend.remove", {"service": "web", "name": "b"}),
     cmd("health.observe", {"service": "web", "backend": "a", "up": True, "detail": "ok"}),
     cmd("health.observe_many", {"observations": [{"service": "web", "backend": "a", "up": True},
@@ -334,3 +344,12 @@ def test_legacy_state_with_values_the_model_now_refuses_still_loads() -> None:
     assert restored.services["web"].algorithm == "peak_ewma"
     r = restored.apply(cmd("health.observe", {"service": "web", "backend": "b", "up": False})).result
     assert r["ok"], r
+
+
+def test_backend_limits_set_only_what_is_given() -> None:
+    s = base_state()
+    assert apply_ok(s, cmd("backend.limits", {"service": "web", "name": "a", "max_conns": 5, "max_rps": 12}))["ok"]
+    assert (s.services["web"].backends["a"].max_conns, s.services["web"].backends["a"].max_rps) == (5, 12.0)
+    assert apply_ok(s, cmd("backend.limits", {"service": "web", "name": "a", "max_conns": 0}))["ok"]
+    assert (s.services["web"].backends["a"].max_conns, s.services["web"].backends["a"].max_rps) == (0, 12.0)
+    assert s.events[-1].kind == "backend.limits" and "max_conns 5 -> 0" in s.events[-1].message

@@ -22,3 +22,11 @@ def test_idle_backends_are_not_listed_and_first_requests_count() -> None:
     del counters["services"]["web"]["backends"]["busy"]  # removed: its window goes too
     meter.sample(now=103.0)
     assert meter.local() == {} and not meter._windows
+
+
+def test_capacity_shares_come_from_every_members_window_rates() -> None:
+    counters: dict[str, Any] = {"services": {"web": {"backends": {"a": {"requests": 0, "in_flight": 0}}}}}
+    meter = LoadMeter("n1", lambda: counters, lambda: [], "t", window_s=10.0)
+    assert meter.shares() == ({}, 1.0)  # no cluster view yet: enforce everything
+    meter._rates_by_member = {"n1": {"web": 30.0}, "n2": {"web": 10.0}}
+    assert meter.shares() == ({"web": 0.75}, 0.5)
