@@ -1,4 +1,6 @@
-"""TCP mode over real sockets: half-close, connect failover, connection limit, bulk."""
+"""TCP mode over real sockets: half-close, connect failover, connection limit, bulk.
+
+Every test runs on both TCP paths (the C relay and the asyncio Protocols), see tcp_paths.py."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +13,7 @@ from halb.dataplane.engine import DataPlane
 from halb.dataplane.origin import Origin
 from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot
 from halb.dataplane.testing import free_port, run, service, snapshot
+from tests.integration.tcp_paths import tcp_path  # noqa: F401  (autouse: both TCP paths)
 
 pytestmark = pytest.mark.timeout(60)
 
