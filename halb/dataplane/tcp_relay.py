@@ -43,6 +43,7 @@ if os.environ.get("HALB_TCP_RELAY", "c") != "python":
 log = logging.getLogger(__name__)
 accept_log = RateLimitedLog(logging.ERROR)
 
+RELAY_BUFSIZE = 65536  # bytes one direction of one connection may hold in the proxy (tests shrink it)
 ACCEPT_BATCH = 64  # connections accepted per readiness of a listening socket (the loop stays fair)
 ACCEPT_PAUSE = 0.1  # s without accepting after EMFILE & co. (level-triggered: it would spin)
 
@@ -106,7 +107,7 @@ class TcpRelay:
     def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.engine = engine
         self.loop = loop
-        self.relay = Relay()
+        self.relay = Relay(bufsize=RELAY_BUFSIZE)
         self.closed = False
         loop.add_reader(self.relay.fileno(), self._ready)
 
