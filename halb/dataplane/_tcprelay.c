@@ -623,7 +623,23 @@ static PyObject *Relay_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     return (PyObject *)r;
 }
 
+/* The relay holds its tokens (Python objects that usually point back at the owner of the
+ * relay): tell the cyclic GC about them, so an engine dropped without stop() is still
+ * collected (clearing closes its connections). */
+static int Relay_traverse(Relay *r, visitproc visit, void *arg) {
+    for (Conn *c = r->head; c; c = c->next) Py_VISIT(c->token);
+    Py_VISIT(r->out);
+    return 0;
+}
+
+static int Relay_clear(Relay *r) {
+    close_all(r);
+    Py_CLEAR(r->out);
+    return 0;
+}
+
 static void Relay_dealloc(Relay *r) {
+    PyObject_GC_UnTrack(r);
     close_all(r);
     reap(r);
     while (r->again) { /* every connection is closed by now: free the queued ones */
@@ -668,10 +684,12 @@ static PyTypeObject RelayType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "halb.dataplane._tcprelay.Relay",
     .tp_basicsize = sizeof(Relay),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "Edge-triggered epoll byte relay driven by the caller's event loop (see the module comment).",
     .tp_new = Relay_new,
     .tp_dealloc = (destructor)Relay_dealloc,
+    .tp_traverse = (traverseproc)Relay_traverse,
+    .tp_clear = (inquiry)Relay_clear,
     .tp_methods = Relay_methods,
     .tp_getset = Relay_getset,
 };
