@@ -379,3 +379,56 @@ def test_stop_closes_connections_still_open() -> None:
             echo.close()
 
     run(main())
+
+
+def test_out_of_fds_on_accept_pauses_accepting_then_serves(tcp_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """EMFILE on accept (C relay; libuv has its own answer on the asyncio path): accepting
+    pauses instead of spinning on a ready listener, an ERROR says so, and the waiting client
+    is served once descriptors are free again."""
+    if tcp_path != "c-relay":
+        pytest.skip("accept is libuv's on the asyncio path")
+    import logging
+    import os
+    import resource
+    import socket
+
+    from halb.dataplane import tcp_relay
+
+    tcp_relay.accept_log.reset()
+
+    async def main() -> None:
+        async with setup(lambda p: tcp_snap(p)) as (dp, port):
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            fillers: list[int] = []
+            client = socket.socket()  # made before the fds run out
+            client.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+                while True:
+                    try:
+                        fillers.append(os.open(os.devnull, os.O_RDONLY))
+                    except OSError:
+                        break
+                client.connect_ex(("127.0.0.1", port))  # queued; the proxy cannot accept it
+                await asyncio.sleep(0.3)
+                assert dp.stats()["services"]["tcp"]["requests"] == 0
+            finally:
+                for fd in fillers:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await asyncio.wait_for(loop.sock_sendall(client, b"late"), 10)
+            client.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                chunk = await asyncio.wait_for(loop.sock_recv(client, 100), 10)
+                if not chunk:
+                    break
+                got += chunk
+            assert got == b"lateEOF after 4 bytes\n"
+            client.close()
+
+    with caplog.at_level(logging.ERROR, logger="halb.dataplane.tcp_relay"):
+        run(main())
+    assert any("cannot accept" in r.getMessage() and "pauses" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
