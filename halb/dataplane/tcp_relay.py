@@ -126,14 +126,17 @@ class TcpRelay:
 
     def _handle(self, records: list[tuple[RelayConn, int, int]]) -> None:
         for c, kind, value in records:
-            if kind == CLOSED:
-                self._closed(c)
-            elif kind == CONNECTED:
-                self._connected(c, value)
-            elif kind == TIMEOUT:
-                self._failed(c, asyncio.TimeoutError())
-            else:
-                self._failed(c, OSError(value, os.strerror(value)))
+            try:
+                if kind == CLOSED:
+                    self._closed(c)
+                elif kind == CONNECTED:
+                    self._connected(c, value)
+                elif kind == TIMEOUT:
+                    self._failed(c, asyncio.TimeoutError())
+                else:
+                    self._failed(c, OSError(value, os.strerror(value)))
+            except Exception:  # a bug here must not drop the other records of the batch
+                log.exception("TCP relay: handling %s of a connection failed", kind)
 
     # ------------------------------------------------------------------ per connection
     def accepted(self, lst: "Listener", fd: int, peer: bytes | None) -> None:
@@ -308,7 +311,10 @@ class RelayAcceptor:
             self._pause()
             return
         for fd, peer in got:
-            owner.accepted(lst, fd, peer)
+            try:
+                owner.accepted(lst, fd, peer)
+            except Exception:  # one connection's bug must not leave the rest of the batch unserved
+                log.exception("service %s: setting up an accepted connection failed", lst.rt.route.name)
 
     def _pause(self) -> None:
         self.owner.loop.remove_reader(self.fd)
