@@ -380,6 +380,7 @@ static PyObject *Relay_run(Relay *r, PyObject *unused) {
         else pump(r, c);
     }
     int n = epoll_wait(r->epfd, evs, MAX_EVENTS, 0);
+    int wait_errno = n < 0 ? errno : 0;
     for (int i = 0; i < n; i++) {
         Side *s = evs[i].data.ptr;
         Conn *c = s->conn;
@@ -403,7 +404,8 @@ static PyObject *Relay_run(Relay *r, PyObject *unused) {
     }
     r->in_run = 0;
     reap(r);
-    if (n < 0 && errno != EINTR) {
+    if (n < 0 && wait_errno != EINTR) {
+        errno = wait_errno;
         PyErr_SetFromErrno(PyExc_OSError);
         return NULL;
     }
