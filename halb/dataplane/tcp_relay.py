@@ -200,6 +200,9 @@ class TcpRelay:
         except OSError as e:  # failed at once (no fd left, unreachable, ...)
             self._failed(c, e)
             return
+        except ValueError as e:  # an address the relay cannot take (e.g. an IPv6 scope id)
+            self._failed(c, OSError(errno.EAFNOSUPPORT, f"{e} (the asyncio path, HALB_TCP_RELAY=python, takes it)"))
+            return
         if not alive:  # the client reset while the previous attempt ran: the relay closed it
             self._closed(c)
 
