@@ -251,8 +251,17 @@ static int pump_dir(Relay *r, Conn *c, Side *src, Side *dst, Pending *p, int can
         }
         c->active = 1;
         size_t got = (size_t)n, sent = 0;
+        /* A short read took everything queued; new bytes bring a new edge. After the peer's
+         * FIN (RDHUP) with no error pending, the next read could only return 0: take the EOF
+         * now and spare that system call. With an error pending, read again to get it. */
+        int drained = got < r->bufsize && !src->err;
+        if (drained && src->rdhup) src->eof = 1;
         if (can_send && dst->writable) {
-            ssize_t s = send(dst->fd, r->scratch, got, MSG_NOSIGNAL | MSG_DONTWAIT);
+            /* The last bytes before an EOF: MSG_MORE keeps them queued until the shutdown
+             * (or close) that follows in this same pump, so data and FIN leave as one
+             * segment instead of two (the peer's side of loopback runs on our CPU too). */
+            int more = src->eof && !dst->shut ? MSG_MORE : 0;
+            ssize_t s = send(dst->fd, r->scratch, got, MSG_NOSIGNAL | MSG_DONTWAIT | more);
             if (s < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
                 *failed = dst;
                 return errno;
@@ -269,16 +278,9 @@ static int pump_dir(Relay *r, Conn *c, Side *src, Side *dst, Pending *p, int can
             p->off = 0;
             p->len = got - sent;
         }
-        if (got < r->bufsize) {
-            /* A short read took everything queued; new bytes bring a new edge. After the
-             * peer's FIN (RDHUP) with no error pending, the next read could only return 0:
-             * take the EOF now and spare that system call. With an error pending, read
-             * again to get it. */
-            if (!src->err) {
-                if (src->rdhup) src->eof = 1;
-                else src->readable = 0;
-                return 0;
-            }
+        if (drained) {
+            if (!src->eof) src->readable = 0;
+            return 0;
         }
     }
 }
