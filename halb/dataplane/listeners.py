@@ -43,7 +43,8 @@ def make_listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.s
 
 @dataclass(eq=False)
 class Listener:
-    """A bound service: its socket, its asyncio server and its routing runtime."""
+    """A bound service: its socket, its asyncio server (or, TCP mode on the C relay, its
+    RelayAcceptor) and its routing runtime."""
 
     engine: Any
     rt: ServiceRuntime

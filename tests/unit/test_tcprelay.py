@@ -41,20 +41,13 @@ def recv_all(s: socket.socket, timeout: float = 5.0) -> bytes:
         out += chunk
 
 
-_FDS: dict[int, int] = {}
-
-
-def _fd_of(r: Any, tok: object) -> int:
-    return _FDS[id(tok)]
-
-
-def _add(r: Any, tok: object, idle: float = 10.0) -> socket.socket:
-    """A socketpair stands in for an accepted client: the relay takes one end (by fd)."""
+def _add(r: Any, tok: object, idle: float = 10.0) -> tuple[socket.socket, int]:
+    """A socketpair stands in for an accepted client: the relay takes one end (by fd).
+    Returns the client's end and the fd the relay knows the connection by."""
     client, inner = socket.socketpair()
     fd = inner.detach()
-    _FDS[id(tok)] = fd
     r.add(fd, tok, idle)
-    return client
+    return client, fd
 
 
 @pytest.fixture
@@ -69,10 +62,10 @@ def backend() -> Any:
 def test_relays_both_ways_and_keeps_half_close(backend: socket.socket) -> None:
     r = Relay()
     tok = object()
-    client = _add(r, tok)
+    client, fd = _add(r, tok)
     assert r.count == 1
     client.sendall(b"early")  # before the backend exists: kept
-    assert r.connect(_fd_of(r, tok), tok, "127.0.0.1", backend.getsockname()[1], 5.0) is True
+    assert r.connect(fd, tok, "127.0.0.1", backend.getsockname()[1], 5.0) is True
     (kind_tok, kind, us), = records(r)
     assert kind_tok is tok and kind == relay_mod.CONNECTED and us >= 0
     b, _ = backend.accept()
@@ -93,21 +86,21 @@ def test_relays_both_ways_and_keeps_half_close(backend: socket.socket) -> None:
 def test_connect_refused_is_a_failed_record_and_the_client_stays(backend: socket.socket) -> None:
     r = Relay()
     tok = object()
-    client = _add(r, tok)
+    client, fd = _add(r, tok)
     dead = socket.socket()
     dead.bind(("127.0.0.1", 0))
     port = dead.getsockname()[1]
     dead.close()  # nothing listens there
     try:
-        r.connect(_fd_of(r, tok), tok, "127.0.0.1", port, 5.0)
+        r.connect(fd, tok, "127.0.0.1", port, 5.0)
         (t, kind, err), = records(r)
         assert t is tok and kind == relay_mod.FAILED and err == errno.ECONNREFUSED
     except ConnectionRefusedError:  # refused at once: the other way the relay may report it
         pass
     assert r.count == 1  # the client is kept for the next attempt
-    r.connect(_fd_of(r, tok), tok, "127.0.0.1", backend.getsockname()[1], 5.0)
+    r.connect(fd, tok, "127.0.0.1", backend.getsockname()[1], 5.0)
     assert records(r)[0][1] == relay_mod.CONNECTED
-    assert r.close(_fd_of(r, tok), tok) is True
+    assert r.close(fd, tok) is True
     assert r.count == 0 and recv_all(client) == b""
     client.close()
     r.shutdown()
@@ -125,9 +118,9 @@ def test_connect_timeout_comes_from_expire() -> None:
         fillers.append(f)
     r = Relay()
     tok = object()
-    client = _add(r, tok)
+    client, fd = _add(r, tok)
     try:
-        r.connect(_fd_of(r, tok), tok, "127.0.0.1", stuck.getsockname()[1], 0.2)
+        r.connect(fd, tok, "127.0.0.1", stuck.getsockname()[1], 0.2)
         assert r.expire() == []
         time.sleep(0.3)
         assert r.expire() == [(tok, relay_mod.TIMEOUT, errno.ETIMEDOUT)]
@@ -143,8 +136,8 @@ def test_connect_timeout_comes_from_expire() -> None:
 def test_idle_timeout_closes_with_a_record(backend: socket.socket) -> None:
     r = Relay()
     tok = object()
-    client = _add(r, tok, idle=0.1)
-    r.connect(_fd_of(r, tok), tok, "127.0.0.1", backend.getsockname()[1], 5.0)
+    client, fd = _add(r, tok, idle=0.1)
+    r.connect(fd, tok, "127.0.0.1", backend.getsockname()[1], 5.0)
     records(r)
     r.expire()
     time.sleep(0.25)
@@ -157,8 +150,7 @@ def test_idle_timeout_closes_with_a_record(backend: socket.socket) -> None:
 def test_bad_calls_get_clear_errors(backend: socket.socket) -> None:
     r = Relay()
     tok = object()
-    client = _add(r, tok)
-    fd = _fd_of(r, tok)
+    client, fd = _add(r, tok)
     with pytest.raises(ValueError, match="numeric"):
         r.connect(fd, tok, "localhost", 80, 1.0)
     with pytest.raises(ValueError, match="port"):
@@ -207,7 +199,7 @@ def test_unreachable_relay_is_collected_and_closes_its_sockets() -> None:
         relay: Any = None
 
     r = Relay()
-    client = _add(r, tok := Token())
+    client, _ = _add(r, tok := Token())
     tok.relay = r  # a cycle through a reference only the relay's C side holds
     assert nfds() == before + 3  # the epoll fd, the relayed socket and the client's end
     del r, tok
