@@ -5,13 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration bench bench-control chaos fuzz fuzz-http fuzz-api fuzz-raft lint clean
+.PHONY: venv demo test test-unit test-integration bench bench-control chaos fuzz fuzz-http fuzz-tcp fuzz-api fuzz-raft lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml setup.py halb/dataplane/_fasthttp.c | $(BIN)/python
+$(STAMP): pyproject.toml setup.py halb/dataplane/_fasthttp.c halb/dataplane/_tcprelay.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,report]'
 	touch $(STAMP)
 
@@ -38,12 +38,16 @@ bench: $(STAMP)
 bench-control: $(STAMP)
 	$(BIN)/python bench/control.py
 
-## Fuzz targets (not part of `test`): the C HTTP head parser, the admin API and the Raft port.
-fuzz: fuzz-http fuzz-api fuzz-raft
+## Fuzz targets (not part of `test`): the C HTTP head parser, the C TCP relay, the admin API and the Raft port.
+fuzz: fuzz-http fuzz-tcp fuzz-api fuzz-raft
 
 ## Memory-safety fuzz of the C HTTP head fast path under ASan + UBSan (60 s).
 fuzz-http: $(STAMP)
 	$(BIN)/python tests/fuzz_fasthttp.py
+
+## Memory-safety run of the C TCP relay under ASan + UBSan: random traffic, resets, tiny buffers (60 s).
+fuzz-tcp: $(STAMP)
+	$(BIN)/python tests/fuzz_tcprelay.py
 
 ## Random/mutated methods, paths, headers and bodies at a real node's admin API (60 s; --seconds to change).
 fuzz-api: $(STAMP)

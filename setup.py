@@ -1,8 +1,9 @@
-"""Build hook for halb's one optional C extension; all metadata lives in pyproject.toml.
+"""Build hook for halb's two optional C extensions; all metadata lives in pyproject.toml.
 
-halb.dataplane._fasthttp speeds up the HTTP proxy's head handling. It is optional: where no
-C compiler is available the build skips it and the proxy uses its pure-Python path (llhttp
-through httptools), which is also the path for every request the fast path does not take.
+halb.dataplane._fasthttp speeds up the HTTP proxy's head handling; halb.dataplane._tcprelay
+relays TCP mode's connections below Python (Linux epoll). Both are optional: where no C
+compiler is available (or, for the relay, no epoll) the build skips them and the proxy uses
+its pure-Python paths (llhttp through httptools; asyncio Protocols for TCP mode).
 """
 from setuptools import Extension, setup
 
@@ -13,6 +14,12 @@ setup(
             ["halb/dataplane/_fasthttp.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
             optional=True,
-        )
+        ),
+        Extension(
+            "halb.dataplane._tcprelay",
+            ["halb/dataplane/_tcprelay.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+            optional=True,
+        ),
     ]
 )

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 BIG = 1024 * 1024
 LLHTTP_ONLY = "halb, llhttp only"  # HALB_HTTP_ACCEL=0: the pure-Python head path
+ASYNCIO_TCP = "halb, asyncio TCP"  # HALB_TCP_RELAY=python: TCP mode without the C relay
 NOTES = ROOT / "bench" / "NOTES.md"  # the hand-written analysis appended to the report
 
 
@@ -135,6 +136,7 @@ class Case:
     headers: tuple[str, ...] = ()  # extra wrk -H headers ("Connection: close": a connection per request)
     target: str = "rps"  # rps | mib_s | errors: what the case is judged on
     llhttp: bool = False  # also run halb without the C head fast path
+    asyncio_tcp: bool = False  # also run halb's TCP mode without the C relay
     results: dict[str, list[Result]] = field(default_factory=dict)
     syscalls: dict[str, float] = field(default_factory=dict)  # per request, strace -c
 
@@ -302,6 +304,9 @@ def versions() -> dict[str, str]:
         "halb HTTP head fast path": first([PY, "-c", "from halb.dataplane.http_proxy import accelerated as a; "
                                            "print('C extension (halb.dataplane._fasthttp)' if a() else "
                                            "'not built: llhttp only')"]),
+        "halb TCP mode relay": first([PY, "-c", "from halb.dataplane.tcp_relay import available as a; "
+                                      "print('C extension (halb.dataplane._tcprelay)' if a() else "
+                                      "'not built: asyncio Protocols')"]),
     }
 
 
@@ -364,9 +369,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="halb-bench-"))
     tmp.chmod(0o755)  # nginx workers run as another user
     cases = [Case("small HTTP responses (12 B), 50 conns", "/", 50, "http", llhttp=True),
-             Case("TCP mode, small HTTP responses, 50 conns", "/", 50, "tcp"),
+             Case("TCP mode, small HTTP responses, 50 conns", "/", 50, "tcp", asyncio_tcp=True),
              Case("TCP mode, new connection per request (Connection: close), 50 conns", "/", 50, "tcp",
-                  headers=("Connection: close",)),
+                  headers=("Connection: close",), asyncio_tcp=True),
              Case("HTTP, 1,000 keep-alive connections", "/", 1000, "http", target="errors"),
              Case("1 MiB response bodies, 8 conns", "/big", 8, "http", target="mib_s")]
     if args.only:
@@ -415,6 +420,12 @@ def main() -> int:
                 slow_port = free_port()
                 slow = start_halb(procs, slow_port, origin_port, proxy_core, env={"HALB_HTTP_ACCEL": "0"})
                 proxies.append((LLHTTP_ONLY, slow_port, slow))
+            if case.asyncio_tcp:
+                # TCP mode on asyncio Protocols: what a machine without the C relay gets
+                aio_port = free_port()
+                aio = start_halb(procs, aio_port, origin_port, proxy_core, mode="tcp",
+                                 env={"HALB_TCP_RELAY": "python"})
+                proxies.append((ASYNCIO_TCP, aio_port, aio))
             for _, port, _ in proxies:
                 wait_port(port)
             for name, port, p in proxies:
@@ -427,7 +438,7 @@ def main() -> int:
                           f"  {r.mib_s:8.1f} MiB/s  {r.cpu_us_per_req:6.1f} us CPU/req"
                           f" (user {r.user_us_per_req:.1f} sys {r.sys_us_per_req:.1f})  errors {r.errors}", flush=True)
             if not bulk and not args.no_strace:
-                for name, port, p in proxies[:2]:
+                for name, port, p in [x for x in proxies if x[0] != LLHTTP_ONLY]:
                     case.syscalls[name] = syscalls_per_request(p.pid, port, case, load_core)
                     print(f"  {name:8s} {case.syscalls[name]:.1f} syscalls/request", flush=True)
             if args.profile and case.llhttp:
@@ -552,6 +563,11 @@ def per_request_lines(cases: list[Case]) -> list[str]:
 
         rows.append(f"| {c.name} | {med(h, 'cpu_us_per_req'):.1f} | {med(b, 'cpu_us_per_req'):.1f} | "
                     f"{med(b, 'cpu_us_per_req') / med(h, 'cpu_us_per_req'):.2f}x | {n(sh)} | {n(sb)} |")
+        a = c.results.get(ASYNCIO_TCP, [])
+        if a:  # the same case without the C relay, in the halb columns (not judged)
+            rows.append(f"| {c.name}, {ASYNCIO_TCP} (not judged) | {med(h, 'cpu_us_per_req'):.1f} | "
+                        f"{med(a, 'cpu_us_per_req'):.1f} | {med(a, 'cpu_us_per_req') / med(h, 'cpu_us_per_req'):.2f}x "
+                        f"| {n(sh)} | {n(c.syscalls.get(ASYNCIO_TCP, float('nan')))} |")
     if not rows:
         return []
     return ["", "## Per request: CPU time and system calls", "",
@@ -584,8 +600,9 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
         if not h or not b:
             continue
         rows = [("HAProxy", h), ("halb", b)]
-        if c.results.get(LLHTTP_ONLY):
-            rows.append((f"{LLHTTP_ONLY} (not judged)", c.results[LLHTTP_ONLY]))
+        for variant in (LLHTTP_ONLY, ASYNCIO_TCP):
+            if c.results.get(variant):
+                rows.append((f"{variant} (not judged)", c.results[variant]))
         for name, rs in rows:
             ratio = ""
             if name != "HAProxy":
@@ -623,7 +640,8 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
               "* halb: `python -m halb.dataplane.run` (uvloop, one process, every feature on with default "
               "options: retries + budget, passive outlier detection, request ids, X-Forwarded-*, limits and "
               "timeouts, smooth weighted round robin), with the C head fast path as `pip install` builds it; "
-              f"\"{LLHTTP_ONLY}\" is the same with `HALB_HTTP_ACCEL=0`.",
+              f"\"{LLHTTP_ONLY}\" is the same with `HALB_HTTP_ACCEL=0`; TCP mode runs on the C relay "
+              f"(`halb.dataplane._tcprelay`), \"{ASYNCIO_TCP}\" is the same with `HALB_TCP_RELAY=python`.",
               "* nginx origin: 1 worker, `return 200` for the small case, `sendfile` for the 1 MiB file.", ""]
     if NOTES.exists():
         lines += [NOTES.read_text().rstrip(), ""]

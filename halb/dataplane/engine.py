@@ -20,6 +20,7 @@ from halb.dataplane.listeners import Listener, make_listen_socket
 from halb.dataplane.routing import ServiceRuntime
 from halb.dataplane.snapshot import RoutingSnapshot, ServiceRoute
 from halb.dataplane.stats import merge_stats
+from halb.dataplane import tcp_relay
 from halb.dataplane.tcp_proxy import TcpClientConn
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class DataPlane:
         self._pool_supervisor: Any = None
         self._started = False
         self._retired: list[Listener] = []
+        self._relay: tcp_relay.TcpRelay | None = None  # TCP mode's C relay, made on first use
         self.now = 0.0  # coarse loop time, refreshed by the sweeper (for idle bookkeeping)
         from halb.dataplane.shared import SharedListeners  # every service also on shared_hosts
 
@@ -85,6 +87,8 @@ class DataPlane:
             log.info("data plane running on %s (uvloop is faster; the node chooses the loop)", type(self.loop).__name__)
         log.info("HTTP head fast path: %s", "C (halb.dataplane._fasthttp)" if http_proxy.accelerated()
                  else "off, llhttp only (extension not built, or HALB_HTTP_ACCEL=0)")
+        log.info("TCP mode relay: %s", "C (halb.dataplane._tcprelay)" if tcp_relay.available()
+                 else "asyncio Protocols (extension not built, or HALB_TCP_RELAY=python)")
         self._apply(snapshot, initial=True)
         # let the servers start before returning, so callers can connect at once
         for lst in list(self.listeners.values()):
@@ -179,11 +183,20 @@ class DataPlane:
                 pass
         for c in list(self.conns):
             c.close()
+        if self._relay is not None:
+            self._relay.close_relay()
+            self._relay = None
         for lst in list(self.listeners.values()) + self._retired:
             for b in lst.rt.backends.values():
                 b.close_pool()
         self.listeners.clear()
         await asyncio.sleep(0)
+
+    def tcp_relay(self) -> tcp_relay.TcpRelay | None:
+        """TCP mode's C relay (one per engine), or None: then TCP runs on asyncio Protocols."""
+        if self._relay is None and tcp_relay.available() and self.loop is not None and self._started:
+            self._relay = tcp_relay.TcpRelay(self, self.loop)
+        return self._relay
 
     # ------------------------------------------------------------------ internals
     def new_request_id(self) -> bytes:
@@ -301,6 +314,8 @@ class DataPlane:
                             for u in stale:
                                 b.pool.remove(u)
                                 u.close()
+                if self._relay is not None:
+                    self._relay.expire()
                 for c in list(self.conns):
                     if not c.closed:
                         c.check(now)

@@ -43,7 +43,8 @@ def make_listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.s
 
 @dataclass(eq=False)
 class Listener:
-    """A bound service: its socket, its asyncio server and its routing runtime."""
+    """A bound service: its socket, its asyncio server (or, TCP mode on the C relay, its
+    RelayAcceptor) and its routing runtime."""
 
     engine: Any
     rt: ServiceRuntime
@@ -54,11 +55,16 @@ class Listener:
     closed: bool = False
     conns: set[Any] = field(default_factory=set)
     burst: BurstAcceptor | None = None  # drains deep accept queues (see accept_burst.py)
+    acceptor: Any = None  # TCP mode on the C relay: tcp_relay.RelayAcceptor instead of a server
 
     async def serve(self, factory: Any) -> None:
         if self.closed:
             return
         loop = self.engine.loop
+        relay = self.engine.tcp_relay() if self.key[0] == "tcp" else None
+        if relay is not None:  # accepts in batches itself: no server, no BurstAcceptor
+            self.acceptor = relay.listen(self)
+            return
         self.server = await loop.create_server(factory, sock=self.sock, backlog=BACKLOG)
         if self.closed:
             self.server.close()
@@ -74,6 +80,9 @@ class Listener:
         if self.burst is not None:
             self.burst.close()
             self.burst = None
+        if self.acceptor is not None:
+            self.acceptor.close()  # before the socket closes: its fd number may be reused
+            self.acceptor = None
         if self.server is not None:
             self.server.close()
         else:

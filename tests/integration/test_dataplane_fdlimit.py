@@ -37,7 +37,8 @@ def _low_nofile() -> None:
 
 
 @contextlib.contextmanager
-def proxy(procs: list[Proc], backend_port: int, mode: str, *options: str) -> Iterator[tuple[Proc, Path]]:
+def proxy(procs: list[Proc], backend_port: int, mode: str, *options: str,
+          env: dict[str, str] | None = None) -> Iterator[tuple[Proc, Path]]:
     """`python -m halb.dataplane.run` under `ulimit -n NOFILE`, stderr (logs, stats) to a file."""
     err = Path(tempfile.mkstemp(prefix="halb-fdlimit-", suffix=".log")[1])
     args = [sys.executable, "-m", "halb.dataplane.run", "--mode", mode, "--listen", f"127.0.0.1:{free_port()}",
@@ -46,7 +47,7 @@ def proxy(procs: list[Proc], backend_port: int, mode: str, *options: str) -> Ite
         args += ["--option", o]
     with open(err, "wb") as ef:
         p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=ef, stdin=subprocess.DEVNULL,
-                             preexec_fn=_low_nofile, env=dict(os.environ, PYTHONUNBUFFERED="1", HALB_LOG="INFO"))
+                             preexec_fn=_low_nofile, env=dict(os.environ, PYTHONUNBUFFERED="1", HALB_LOG="INFO", **(env or {})))
     line = p.stdout.readline()  # type: ignore[union-attr]
     pr = Proc(p, int(line.split()[1]) if line.startswith(b"READY") else 0)
     procs.append(pr)
@@ -225,16 +226,21 @@ async def tcp_load(pr: Proc) -> tuple[int, int]:
     return sum(done), CLIENTS - sum(done)
 
 
-def test_tcp_more_clients_than_fds_refused_at_the_derived_limit() -> None:
+@pytest.mark.parametrize("relay", ["c", "python"])
+def test_tcp_more_clients_than_fds_refused_at_the_derived_limit(relay: str) -> None:
     """TCP mode, no max_connections set: clients beyond the derived limit are closed and
     logged as refused; the backend is untouched and the proxy serves afterwards. (The
     EMFILE-on-connect path of TCP mode is tested in-process in test_dataplane_tcp.py: with
-    one accept and one connect per client the process rarely hits it at connect.)"""
+    one accept and one connect per client the process rarely hits it at connect.) On both TCP
+    paths: the C relay and the asyncio Protocols (HALB_TCP_RELAY=python)."""
+    from halb.dataplane import tcp_relay
+    if relay == "c" and not tcp_relay.available():
+        pytest.skip("halb.dataplane._tcprelay is not built here")
     limit = default_max_connections(NOFILE)
     with processes() as procs:
         origin = spawn_origin("b0", tcp=True)
         procs.append(origin)
-        with proxy(procs, origin.port, "tcp") as (pr, err):
+        with proxy(procs, origin.port, "tcp", env={"HALB_TCP_RELAY": relay}) as (pr, err):
             t0 = time.time()
             echoed, failed = run(tcp_load(pr))
             assert failed, "the load did not exceed the proxy's limit"

@@ -1,4 +1,6 @@
-"""TCP mode over real sockets: half-close, connect failover, connection limit, bulk."""
+"""TCP mode over real sockets: half-close, connect failover, connection limit, bulk.
+
+Every test runs on both TCP paths (the C relay and the asyncio Protocols), see tcp_paths.py."""
 from __future__ import annotations
 
 import asyncio
@@ -11,6 +13,7 @@ from halb.dataplane.engine import DataPlane
 from halb.dataplane.origin import Origin
 from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot
 from halb.dataplane.testing import free_port, run, service, snapshot
+from tests.integration.tcp_paths import tcp_path  # noqa: F401  (autouse: both TCP paths)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -277,3 +280,155 @@ def test_client_leaving_during_connect_leaves_no_backend_in_flight() -> None:
         for f in fillers:
             f.close()
         stuck.close()
+
+
+def test_idle_timeout_closes_a_silent_connection() -> None:
+    async def main() -> None:
+        async with setup(lambda p: tcp_snap(p, idle_timeout=0.5)) as (dp, port):
+            loop = asyncio.get_running_loop()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"a")
+            assert await asyncio.wait_for(reader.readexactly(1), 10) == b"a"
+            t0 = loop.time()
+            with contextlib.suppress(ConnectionError):
+                assert await read_all(reader) == b""  # closed by the proxy, nothing more
+            assert 0.4 <= loop.time() - t0 < 5
+            writer.close()
+            deadline = loop.time() + 5
+            while dp.stats()["services"]["tcp"]["connections"] and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            s = dp.stats()["services"]["tcp"]
+            assert s["connections"] == 0 and s["backends"]["b0"]["in_flight"] == 0, s
+
+    run(main())
+
+
+def test_backend_given_by_host_name() -> None:
+    async def main() -> None:
+        def snap(p: int) -> RoutingSnapshot:
+            return snapshot(service("tcp", [BackendRoute(name="b0", host="localhost", port=p, weight=1)], mode="tcp"))
+
+        echo = Origin("echo")
+        dp = DataPlane("t")
+        try:
+            p = await echo.start(host="127.0.0.1", tcp=True)
+            await dp.start(snap(p))
+            reader, writer = await asyncio.open_connection("127.0.0.1", dp.bound_port("tcp"))
+            writer.write(b"name")
+            writer.write_eof()
+            assert await read_all(reader) == b"nameEOF after 4 bytes\n"
+            writer.close()
+        finally:
+            await dp.stop()
+            echo.close()
+
+    run(main())
+
+
+def test_source_hash_keeps_a_client_address_on_one_backend() -> None:
+    async def main() -> None:
+        echoes = [Origin(f"e{i}") for i in range(3)]
+        dp = DataPlane("t")
+        try:
+            ports = [await e.start(tcp=True) for e in echoes]
+            bs = [BackendRoute(name=f"b{i}", host="127.0.0.1", port=p, weight=1) for i, p in enumerate(ports)]
+            await dp.start(snapshot(service("tcp", bs, mode="tcp", algorithm="maglev", hash_key="source")))
+            chosen: dict[str, set[str]] = {}
+            for i in range(24):  # 12 source addresses, two connections each
+                src = f"127.0.0.{2 + i % 12}"
+
+                def counts() -> dict[str, int]:
+                    return {n: b["requests"] for n, b in dp.stats()["services"]["tcp"]["backends"].items()}
+
+                before = counts()
+                reader, writer = await asyncio.open_connection("127.0.0.1", dp.bound_port("tcp"),
+                                                               local_addr=(src, 0))
+                writer.write_eof()
+                assert await read_all(reader) == b"EOF after 0 bytes\n"
+                writer.close()
+                chosen.setdefault(src, set()).update(n for n, c in counts().items() if c != before[n])
+            assert all(len(v) == 1 for v in chosen.values()), chosen  # an address sticks to its backend
+            assert len(set().union(*chosen.values())) >= 2, chosen  # and the key is the address
+        finally:
+            await dp.stop()
+            for e in echoes:
+                e.close()
+
+    run(main())
+
+
+def test_stop_closes_connections_still_open() -> None:
+    """A connection still open when the engine stops (after stop_grace) is closed: the client
+    sees EOF, the backend sees EOF, nothing stays counted."""
+    async def main() -> None:
+        echo = Origin("echo")
+        dp = DataPlane("t")
+        port = await echo.start(tcp=True)
+        await dp.start(tcp_snap(port, stop_grace=0.2))
+        reader, writer = await asyncio.open_connection("127.0.0.1", dp.bound_port("tcp"))
+        try:
+            writer.write(b"held")
+            assert await asyncio.wait_for(reader.readexactly(4), 10) == b"held"
+            await asyncio.wait_for(dp.stop(), 10)
+            with contextlib.suppress(ConnectionError):
+                rest = await read_all(reader, timeout=5)
+                assert rest in (b"", b"EOF after 4 bytes\n"), rest  # the backend's answer may still arrive
+            assert len(dp.conns) == 0
+        finally:
+            writer.close()
+            echo.close()
+
+    run(main())
+
+
+def test_out_of_fds_on_accept_pauses_accepting_then_serves(tcp_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """EMFILE on accept (C relay; libuv has its own answer on the asyncio path): accepting
+    pauses instead of spinning on a ready listener, an ERROR says so, and the waiting client
+    is served once descriptors are free again."""
+    if tcp_path != "c-relay":
+        pytest.skip("accept is libuv's on the asyncio path")
+    import logging
+    import os
+    import resource
+    import socket
+
+    from halb.dataplane import tcp_relay
+
+    tcp_relay.accept_log.reset()
+
+    async def main() -> None:
+        async with setup(lambda p: tcp_snap(p)) as (dp, port):
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            fillers: list[int] = []
+            client = socket.socket()  # made before the fds run out
+            client.setblocking(False)
+            loop = asyncio.get_running_loop()
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
+                while True:
+                    try:
+                        fillers.append(os.open(os.devnull, os.O_RDONLY))
+                    except OSError:
+                        break
+                client.connect_ex(("127.0.0.1", port))  # queued; the proxy cannot accept it
+                await asyncio.sleep(0.3)
+                assert dp.stats()["services"]["tcp"]["requests"] == 0
+            finally:
+                for fd in fillers:
+                    os.close(fd)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            await asyncio.wait_for(loop.sock_sendall(client, b"late"), 10)
+            client.shutdown(socket.SHUT_WR)
+            got = b""
+            while True:
+                chunk = await asyncio.wait_for(loop.sock_recv(client, 100), 10)
+                if not chunk:
+                    break
+                got += chunk
+            assert got == b"lateEOF after 4 bytes\n"
+            client.close()
+
+    with caplog.at_level(logging.ERROR, logger="halb.dataplane.tcp_relay"):
+        run(main())
+    assert any("cannot accept" in r.getMessage() and "pauses" in r.getMessage() for r in caplog.records), \
+        [r.getMessage() for r in caplog.records]
