@@ -207,6 +207,7 @@ static PyTypeObject ConnectSetType = {
 static struct PyModuleDef probe_module = {
     PyModuleDef_HEAD_INIT, "halb.health._probe",
     "Optional C helper for the health prober's TCP connects (see halb/health/connect_set.py).", -1, NULL,
+    NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__probe(void) {
