@@ -466,9 +466,9 @@ NOTES = [
     "timeouts a node process that does not get the CPU for that long loses its followers. None happened in "
     "any idle phase.",
     "- Idle CPU: 13.7-16.2 % per node in the morning's runs, 7.1-8.0 % in the first round's run, and after "
-    "the second round of idle-CPU work (last bullet) 4.0-4.7 % in the first 30 s window and 3.6-4.1 % in the "
-    "next one, against 5.7-6.6 % and 5.1-5.7 % for the code before it, run back to back on the same shared "
-    "machine (load average 1.0-2.4). What remains, by per-thread /proc CPU and py-spy profiles of an idle "
+    "the second round of idle-CPU work (last bullet) 3.8-4.7 % in the first 30 s window and 2.9-4.1 % in the "
+    "next one, against 5.7-7.2 % and 5.1-6.3 % for the code before it (two back-to-back pairs on the same "
+    "shared machine, load average 1.0-4.9; prober alone 36-38 against 105-117 µs per check). What remains, by per-thread /proc CPU and py-spy profiles of an idle "
     "node: the health checks (10,000 targets every 30 s is 333 TCP connects per second per node; the prober "
     "alone, above, is about 1.2 % of a core, nearly half of it in the kernel: a loopback connect makes the "
     "kernel run both ends of the handshake in the prober's system call), Raft heartbeats (an empty 3-node "
