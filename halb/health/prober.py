@@ -27,9 +27,8 @@ interval, at most 50 ms, start in the same wake-up: about 20 wake-ups a second i
 one per check), and a TCP check of an IP literal is a bare non-blocking connect in one
 epoll set that the loop watches as a single fd (a ConnectSet, halb/health/connect_set.py:
 C when built, else Python); its timeout is a deadline in a second heap checked by the same
-timer. HTTP checks (and
-TCP checks of host names, or a subclass's own ``_check_once``) still run as a Task per
-check, started from the same heap.
+timer. HTTP checks (and TCP checks of host names, or a subclass's own ``_check_once``)
+still run as a Task per check, started from the same heap.
 """
 from __future__ import annotations
 
