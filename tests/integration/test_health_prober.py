@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -423,3 +424,47 @@ def test_checks_due_close_together_start_in_one_wake_up(probe_path: str) -> None
 
     run(main)
 
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(30)
+def test_removing_a_target_with_a_connect_in_flight_closes_its_socket(probe_path: str) -> None:
+    """A TCP check hanging against a full accept queue when its target is removed: the
+    socket is closed at once (not at the 5 s timeout) and no result is recorded."""
+    async def main() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue: later SYNs are dropped, connects hang
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            fillers.append(c)
+        results: list[Any] = []
+        prober = Prober(lambda *a: None, on_result=lambda s, b, r: results.append(r))
+        cfg = CheckConfig(kind="tcp", interval=10.0, timeout=5.0, rise=1, fall=1, jitter=0.0)
+        try:
+            prober.set_targets({})  # creates nothing yet; the ConnectSet comes with the first check
+            prober.set_targets({("db", "warm"): ("127.0.0.1", free_port(), cfg)})  # refused at once
+            await wait_until(lambda: len(results) == 1, 10)
+            baseline = _open_fds()  # the ConnectSet's epoll fd exists from here on
+            prober.set_targets({("db", "hang"): ("127.0.0.1", port, cfg)})
+            await wait_until(lambda: _open_fds() == baseline + 1, 5)  # the hanging connect's socket
+            await asyncio.sleep(0.2)
+            assert len(results) == 1  # still in flight
+            prober.set_targets({})
+            assert _open_fds() == baseline
+            await asyncio.sleep(0.3)
+            assert len(results) == 1
+        finally:
+            await prober.stop()
+            for c in fillers:
+                c.close()
+            listener.close()
+
+    run(main)
