@@ -4,7 +4,6 @@ event and no client errors; a retry after a failure goes to another server."""
 from __future__ import annotations
 
 import re
-
 import signal
 import threading
 import time
