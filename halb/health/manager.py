@@ -49,6 +49,12 @@ class HealthManager:
     _check_errors: dict[str, str] = field(init=False, default_factory=dict)
     _held_since: dict[tuple[str, bool], float] = field(init=False, default_factory=dict)
     _first_reported: dict[tuple[str, str], BackendHealth] = field(init=False, default_factory=dict)
+    # observation keys the cluster holds DOWN from this node, as of Raft index _down_scan_at
+    _held_down: list[str] = field(init=False, default_factory=list)
+    _down_scan_at: int | None = field(init=False, default=None)
+    # the leader's flap holds (key -> hold_until), as of Raft index _holds_scan_at
+    _holds: dict[str, float] = field(init=False, default_factory=dict)
+    _holds_scan_at: int | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.prober = Prober(self._transition, on_result=self.on_result)
@@ -212,13 +218,19 @@ class HealthManager:
                 candidates.add(key)
                 if h.consecutive_successes > 0:
                     moving_keys.append((key, True))
-        with self.raft.read() as cs:  # the tick thread waits on this lock: C-level copies and a few lookups
-            observations = dict(cs.observations)
-        for okey, obs in observations.items():
-            mine = obs.get(me)
-            if mine is not None and not mine.get("up", True):
-                service, _, backend = okey.partition("/")
-                candidates.add((service, backend))
+        # Which observations the cluster holds DOWN from this node changes only when a
+        # command is applied: walk all of them only then (not every 5 s on an idle cluster).
+        applied = self.raft.raft_status().last_applied  # refreshed after apply: the state is at least this new
+        with self.raft.read() as cs:
+            observations = cs.observations  # only .get() below, never iterated outside the lock
+            copy = dict(observations) if applied != self._down_scan_at else None  # C-level copy under the lock
+        if copy is not None:
+            self._held_down = [key for key, obs in copy.items()
+                               if (m := obs.get(me)) is not None and not m.get("up", True)]
+            self._down_scan_at = applied
+        for okey in self._held_down:
+            service, _, backend = okey.partition("/")
+            candidates.add((service, backend))
         for key in unreported:
             if me in (observations.get(f"{key[0]}/{key[1]}") or {}):
                 self._first_reported[key] = states[key]
@@ -289,7 +301,12 @@ class HealthManager:
             by_raft = {m.raft: m.id for m in cs.members.values()}
             live = sorted({self.node_id} | {by_raft[a] for a, up in st.partners.items() if up and a in by_raft})
             current = cs.live_members
-            expired = [key for key, v in cs.verdicts.items() if v["verdict"] == "held" and v["hold_until"] <= now]
+            # verdicts change only when a command is applied: walk all 10,000 only then,
+            # not twice a second on an idle cluster (st is read after apply: state >= st)
+            if st.last_applied != self._holds_scan_at:
+                self._holds = {key: v["hold_until"] for key, v in cs.verdicts.items() if v["verdict"] == "held"}
+                self._holds_scan_at = st.last_applied
+        expired = [key for key, until in self._holds.items() if until <= now]
         if live != current and len(by_raft) > 0:
             await self.writer.write("health.liveness", {"live": live}, by=f"node:{self.node_id}")
         for key in expired:

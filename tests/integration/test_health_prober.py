@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import socket
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 from aiohttp import web
 
+from halb.health import connect_set
 from halb.health.checks import CheckConfig
 from halb.health.prober import Prober
 
@@ -103,6 +105,15 @@ def free_port() -> int:
 
 
 FAST = dict(interval=0.2, timeout=0.5, rise=2, fall=2, jitter=0.1)
+
+
+@pytest.fixture(params=["c", "python"])
+def probe_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a TCP check test on both ConnectSets (halb/health/connect_set.py)."""
+    if request.param == "c" and connect_set.CConnectSet is None:
+        pytest.skip("halb.health._probe not built")
+    monkeypatch.setenv("HALB_PROBE_ACCEL", "1" if request.param == "c" else "0")
+    return str(request.param)
 
 
 @pytest.mark.timeout(30)
@@ -215,7 +226,7 @@ def test_host_header_and_method_are_sent() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_tcp_check_up_down_up() -> None:
+def test_tcp_check_up_down_up(probe_path: str) -> None:
     async def main() -> None:
         async def on_conn(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             writer.close()
@@ -245,7 +256,7 @@ def test_tcp_check_up_down_up() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_tcp_check_to_closed_port_fails() -> None:
+def test_tcp_check_to_closed_port_fails(probe_path: str) -> None:
     async def main() -> None:
         rec = Recorder()
         prober = Prober(rec)
@@ -260,7 +271,7 @@ def test_tcp_check_to_closed_port_fails() -> None:
 
 
 @pytest.mark.timeout(30)
-def test_tcp_check_times_out_against_a_full_accept_queue_and_recovers() -> None:
+def test_tcp_check_times_out_against_a_full_accept_queue_and_recovers(probe_path: str) -> None:
     """A listener that never accepts and whose queue is full drops SYNs: the connect
     hangs, so the bare-socket check must fail by its timeout (not hang, not leak)."""
     async def main() -> None:
@@ -365,5 +376,95 @@ def test_removing_a_target_stops_its_loop() -> None:
             await be.stop()
         assert all(t.done() for t in tasks_before.values())
         assert prober._session is None
+
+    run(main)
+
+
+class _Sequence:
+    """An rng whose uniform() returns the given values in turn: due times chosen by the test."""
+
+    def __init__(self, values: list[float]) -> None:
+        self.values = list(values)
+
+    def uniform(self, a: float, b: float) -> float:
+        return self.values.pop(0) if self.values else (a + b) / 2
+
+
+@pytest.mark.timeout(30)
+def test_checks_due_close_together_start_in_one_wake_up(probe_path: str) -> None:
+    """Checks due within a target's early allowance (2 % of its interval, at most 50 ms)
+    start in one timer wake-up; one due later than that gets its own. At 333 checks a
+    second the wake-ups, not the connects, were most of the prober's CPU."""
+    wakeups: list[list[tuple[str, str]]] = []
+
+    class Counting(Prober):
+        def _tick(self) -> None:
+            before = {k: h.checks_total for k, h in self.live_states().items()}
+            inflight = {s.key for s in self._inflight.values()}
+            super()._tick()
+            started = [k for k, h in self.live_states().items() if h.checks_total != before[k]]
+            started += [s.key for s in self._inflight.values() if s.key not in inflight]
+            if started:
+                wakeups.append(sorted(started))
+
+    async def main() -> None:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        cfg = CheckConfig(kind="tcp", interval=10.0, timeout=1.0, rise=1, fall=1, jitter=0.1)
+        # first checks due 0.30, 0.31, 0.32, 0.33 s after adding (within 50 ms), then 0.60 s
+        prober = Counting(Recorder(), rng=_Sequence([0.30, 0.31, 0.32, 0.33, 0.60]))
+        try:
+            prober.set_targets({("s", f"b{i}"): ("127.0.0.1", port, cfg) for i in range(5)})
+            await wait_until(lambda: all(h.checks_total >= 1 for h in prober.live_states().values()), 10)
+            assert wakeups == [[("s", "b0"), ("s", "b1"), ("s", "b2"), ("s", "b3")], [("s", "b4")]]
+        finally:
+            await prober.stop()
+            server.close()
+            await server.wait_closed()
+
+    run(main)
+
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.timeout(30)
+def test_removing_a_target_with_a_connect_in_flight_closes_its_socket(probe_path: str) -> None:
+    """A TCP check hanging against a full accept queue when its target is removed: the
+    socket is closed at once (not at the 5 s timeout) and no result is recorded."""
+    async def main() -> None:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        fillers = []
+        for _ in range(4):  # fill the accept queue: later SYNs are dropped, connects hang
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", port))
+            fillers.append(c)
+        results: list[Any] = []
+        prober = Prober(lambda *a: None, on_result=lambda s, b, r: results.append(r))
+        cfg = CheckConfig(kind="tcp", interval=10.0, timeout=5.0, rise=1, fall=1, jitter=0.0)
+        try:
+            prober.set_targets({})  # creates nothing yet; the ConnectSet comes with the first check
+            prober.set_targets({("db", "warm"): ("127.0.0.1", free_port(), cfg)})  # refused at once
+            await wait_until(lambda: len(results) == 1, 10)
+            baseline = _open_fds()  # the ConnectSet's epoll fd exists from here on
+            prober.set_targets({("db", "hang"): ("127.0.0.1", port, cfg)})
+            await wait_until(lambda: _open_fds() == baseline + 1, 5)  # the hanging connect's socket
+            await asyncio.sleep(0.2)
+            assert len(results) == 1  # still in flight
+            prober.set_targets({})
+            assert _open_fds() == baseline
+            await asyncio.sleep(0.3)
+            assert len(results) == 1
+        finally:
+            await prober.stop()
+            for c in fillers:
+                c.close()
+            listener.close()
 
     run(main)

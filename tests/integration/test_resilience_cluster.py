@@ -3,6 +3,7 @@ servers with and without capacities; a whole server killed at once is one `serve
 event and no client errors; a retry after a failure goes to another server."""
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -125,6 +126,8 @@ def test_report_for_one_two_three_servers_with_and_without_capacities(cluster_fa
     assert 'halb_service_survives_server_loss{node="n1",service="checkout"} 1.0' in text
     assert 'halb_service_n_plus_one{node="n1",service="checkout"} 0.0' in text
     assert 'halb_service_n_plus_one{node="n1",service="web"}' not in text  # unknown: left out
+    # the check latency histogram (halb/metrics.py CheckLatency) of a checked backend
+    assert re.search(r'halb_check_latency_seconds_count\{backend="[^"]+",node="n1",service="checkout"\} [1-9]', text)
 
 
 @pytest.mark.timeout(120)
