@@ -145,9 +145,15 @@ class Bench:
                 async with http.post(f"http://{self.api(i)}/v1/services", json=body) as r:
                     if r.status != 201:
                         raise RuntimeError(f"service {name}: {r.status} {await r.text()}")
+            if a.sequential:
+                self.results["sequential"] = await self.sequential(services[0], a.sequential)
             terms_before = await self.terms()
             states_before = self.raft_state_changes()
             await self.bulk_add(services)
+            if a.writes_only:
+                self.results["terms"] = {"before": terms_before, "after": await self.terms()}
+                self.results["raft_state_changes_during_writes"] = self.raft_state_changes() - states_before
+                return
             async with http.get(f"http://{self.api(0)}/v1/services") as r:  # what the cluster holds
                 held = sum(len(s["backends"]) for s in (await r.json())["services"])
             self.results["backends_in_state"] = held
@@ -159,6 +165,28 @@ class Bench:
             self.results["idle"] = await self.idle_cpu()
             self.results["journal_bytes"] = {n: sum(p.stat().st_size for p in (self.dir / "data" / n).glob("raft.*"))
                                              for n in self.children}
+
+    async def sequential(self, svc: str, n: int) -> dict[str, Any]:
+        """Write latency without concurrency: n backend adds one after another at the leader's
+        API, then n at a follower's (what one write costs end to end on an otherwise idle cluster)."""
+        async with self.http.get(f"http://{self.api(0)}/v1/status") as r:
+            leader = (await r.json())["leader"]
+        out: dict[str, Any] = {}
+        for role, node in (("leader", next(n_ for n_ in self.spec.nodes if n_.id == leader)),
+                           ("follower", next(n_ for n_ in self.spec.nodes if n_.id != leader))):
+            ms = []
+            for k in range(n):
+                body = {"name": f"q{role[0]}{k:04d}", "address": f"127.76.0.{1 + (role == 'follower')}:{10000 + k}"}
+                t0 = time.monotonic()
+                async with self.http.post(f"http://{node.api}/v1/services/{svc}/backends", json=body) as r:
+                    await r.read()
+                    assert r.status == 201, r.status
+                ms.append((time.monotonic() - t0) * 1000)
+            ms.sort()
+            out[role] = {"node": node.id, "writes": n, "p50_ms": round(pct(ms, 50), 1),
+                         "p90_ms": round(pct(ms, 90), 1), "max_ms": round(ms[-1], 1)}
+        print(json.dumps({"sequential": out}), flush=True)
+        return out
 
     async def terms(self) -> dict[str, int]:
         out = {}
@@ -485,6 +513,10 @@ def main() -> None:
     ap.add_argument("--raft", action="append", default=[], metavar="KEY=SECONDS",
                     help="a [raft] timing for the nodes, e.g. heartbeat_interval=0.05 (repeatable; default: the "
                          "config defaults)")
+    ap.add_argument("--sequential", type=int, default=0, metavar="N",
+                    help="first measure N sequential writes at the leader's API and N at a follower's")
+    ap.add_argument("--writes-only", action="store_true", help="stop after the bulk add (no propagation, no "
+                    "idle CPU, no doc): for iterating on write latency with fewer backends")
     ap.add_argument("--max-seconds", type=float, default=600.0, help="stop adding after this long")
     ap.add_argument("--dir", default=str(ROOT / ".halb" / "bench-control"))
     ap.add_argument("--out-json", default=str(ROOT / "docs" / "benchmarks-control.json"))
@@ -503,6 +535,8 @@ def main() -> None:
         print(section)
         write_section(Path(args.doc), section)
         return
+    if args.writes_only and args.out_json == ap.get_default("out_json"):  # never overwrite the published run
+        args.out_json = str(ROOT / ".halb" / "bench-control-writes.json")
     if args.backends_per_service > 254:
         ap.error("at most 254 backends per service (one loopback address each)")
     bench = Bench(args)
@@ -525,6 +559,10 @@ def main() -> None:
            "args": vars(args), **bench.results}
     Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out_json).write_text(json.dumps(res, indent=1, default=str))
+    if args.writes_only:
+        print(json.dumps({k: res.get(k) for k in ("load_before", "load_after", "sequential", "writes",
+                                                  "raft_state_changes_during_writes", "terms")}, indent=1))
+        return
     section = report(res, args)
     print(section)
     if not args.no_doc:
