@@ -91,6 +91,11 @@ def loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
+def _raft_value(text: str) -> float | bool:
+    """A --raft value: true/false for switches, else seconds."""
+    return {"true": True, "false": False}[text] if text in ("true", "false") else float(text)
+
+
 # --- the run ---------------------------------------------------------------------------
 
 class Bench:
@@ -104,7 +109,7 @@ class Bench:
         self.spec = ClusterSpec(nodes=nodes, service_name="seeded", service_port=free_port(hosts[0]), backends=[],
                                 health={"kind": "tcp", "interval": args.check_interval, "timeout": 1.0,
                                         "rise": 2, "fall": 2},
-                                extra_raft={k: float(v) for k, v in (kv.split("=", 1) for kv in args.raft)})
+                                extra_raft={k: _raft_value(v) for k, v in (kv.split("=", 1) for kv in args.raft)})
         self.children: dict[str, Child] = {}
         self.backend_hosts = [f"127.77.0.{i + 1}" for i in range(args.backends_per_service)]
         self.backend_ports = sorted({free_port("127.77.0.1") for _ in range(args.services * 2)})[:args.services]
@@ -510,9 +515,9 @@ def main() -> None:
     ap.add_argument("--idle-seconds", type=float, default=30.0)
     ap.add_argument("--to-leader", action="store_true", help="all clients write to the leader's API "
                     "(default: spread over the three nodes)")
-    ap.add_argument("--raft", action="append", default=[], metavar="KEY=SECONDS",
-                    help="a [raft] timing for the nodes, e.g. heartbeat_interval=0.05 (repeatable; default: the "
-                         "config defaults)")
+    ap.add_argument("--raft", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [raft] setting for the nodes, e.g. heartbeat_interval=0.05 or push_append_entries=false "
+                         "(repeatable; default: the config defaults)")
     ap.add_argument("--sequential", type=int, default=0, metavar="N",
                     help="first measure N sequential writes at the leader's API and N at a follower's")
     ap.add_argument("--writes-only", action="store_true", help="stop after the bulk add (no propagation, no "
