@@ -20,10 +20,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from pysyncobj.monotonic import monotonic as _pysyncobj_clock
+
 _RAFT_LOG_ATTR = "_SyncObj__raftLog"
 _NEXT_HEARTBEAT_ATTR = "_SyncObj__newAppendEntriesTime"  # monotonic time of the leader's next append-entries
 _MATCH_INDEX_ATTR = "_SyncObj__raftMatchIndex"  # leader: node -> highest log index known replicated there
 _SEND_APPEND_ENTRIES_ATTR = "_SyncObj__sendAppendEntries"  # leader: send to every connected node now
+
+
+def raft_clock() -> float:
+    """pysyncobj's clock: CLOCK_MONOTONIC_RAW, *not* time.monotonic (CLOCK_MONOTONIC). The two
+    drift apart (0.24 s after an hour of uptime here), so every time compared with a pysyncobj
+    deadline (next_heartbeat_time, pull_next_heartbeat) must come from this."""
+    return _pysyncobj_clock()
 
 
 class PysyncobjCompatError(RuntimeError):
@@ -51,7 +60,7 @@ def last_log_entry(syncobj: Any) -> tuple[int, int]:
 
 
 def pull_next_heartbeat(syncobj: Any, at: float) -> None:
-    """Make the leader's next append-entries go out no later than monotonic time ``at``
+    """Make the leader's next append-entries go out no later than :func:`raft_clock` time ``at``
     (pysyncobj schedules it ``appendEntriesPeriod`` after the previous one). Raises
     PysyncobjCompatError if the internals changed."""
     current = getattr(syncobj, _NEXT_HEARTBEAT_ATTR, None)
@@ -63,7 +72,7 @@ def pull_next_heartbeat(syncobj: Any, at: float) -> None:
 
 
 def next_heartbeat_time(syncobj: Any) -> float:
-    """Monotonic time at which the leader's next append-entries is due. pysyncobj sets it to
+    """:func:`raft_clock` time at which the leader's next append-entries is due. pysyncobj sets it to
     ``now + appendEntriesPeriod`` whenever it sends append-entries, so it grows with every send.
     Raises PysyncobjCompatError if the internals changed."""
     current = getattr(syncobj, _NEXT_HEARTBEAT_ATTR, None)

@@ -31,7 +31,7 @@ from pysyncobj.pipe_notifier import PipeNotifier
 
 from halb.config import RaftConfig
 from halb.control.pysyncobj_compat import (PysyncobjCompatError, last_log_entry, match_indexes, next_heartbeat_time,
-                                           pull_next_heartbeat, send_append_entries_now)
+                                           pull_next_heartbeat, raft_clock, send_append_entries_now)
 from halb.control.state import Applied, ClusterState
 from halb.control.transport import GuardedTransport, TransportLimits
 
@@ -237,8 +237,8 @@ class ReplicatedState(SyncObj):
         self._conf.appendEntriesPeriod = t.heartbeat_interval if fast else t.idle_heartbeat_interval
         self._conf.autoTickPeriod = t.tick_interval if fast else t.idle_heartbeat_interval
         if fast:
-            try:
-                pull_next_heartbeat(self, now + t.heartbeat_interval)
+            try:  # pysyncobj's clock, not time.monotonic: they drift apart
+                pull_next_heartbeat(self, raft_clock() + t.heartbeat_interval)
             except PysyncobjCompatError:
                 log.exception("cannot pull the next heartbeat forward")
 
