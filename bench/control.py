@@ -217,6 +217,7 @@ class Bench:
             async with self.http.get(f"http://{self.api(0)}/v1/status") as r:
                 leader = (await r.json())["leader"]
             leader_api = next(n.api for n in self.spec.nodes if n.id == leader)
+        cpu_before = {n: cpu_seconds(c.pid) for n, c in self.children.items()}
         started = time.monotonic()
         deadline = started + a.max_seconds
 
@@ -238,6 +239,8 @@ class Bench:
 
         await asyncio.gather(*(client(c) for c in range(a.clients)))
         elapsed = time.monotonic() - started
+        cpu_ms = {n: round(1000 * (cpu_seconds(c.pid) - cpu_before[n]) / max(1, len(lat)), 2)
+                  for n, c in self.children.items()}
         ms = sorted(x[1] * 1000 for x in lat)
         windows = []
         per = 1000
@@ -254,6 +257,7 @@ class Bench:
             "failure_samples": failures[:5], "seconds": round(elapsed, 1),
             "writes_per_s": round(len(lat) / elapsed, 1), "p50_ms": round(pct(ms, 50), 1),
             "p99_ms": round(pct(ms, 99), 1), "max_ms": round(ms[-1], 1) if ms else None, "windows": windows,
+            "node_cpu_ms_per_write": cpu_ms,  # utime + stime of each node process over the adds / writes
         }
         print(json.dumps(self.results["writes"], indent=1), flush=True)
 
