@@ -34,6 +34,7 @@ class RaftConfig:
     # defaults (0.4/1.4/0.1, 5 s reconnect) roughly double election time.
     election_timeout_min: float = 0.3
     election_timeout_max: float = 0.6
+    # (Written before push_append_entries, which takes writes off the heartbeat path.)
     # 0.02 / 0.02 (were 0.05 / pysyncobj's 0.05): in batch mode a commit waits for the
     # tick after the next heartbeat, and a write on a follower also for the heartbeat that
     # tells it the commit index, so these two set write latency (sequential writes, p50 at
@@ -58,7 +59,7 @@ class RaftConfig:
     append_entries_batch: bool = True
     # The leader sends append-entries as soon as a tick added entries or advanced the commit
     # index, not only on heartbeats (control/raft.py _push_append_entries): sequential writes
-    # at the leader p50 23 -> ms, at a follower 47 -> ms. False: heartbeats only (as before).
+    # at the leader p50 24 -> 2.5 ms, at a follower 47 -> 3.4 ms. False: heartbeats only.
     push_append_entries: bool = True
     log_compaction_entries: int = 5000
     log_compaction_seconds: float = 300.0
