@@ -218,7 +218,7 @@ class Bench:
                 leader = (await r.json())["leader"]
             leader_api = next(n.api for n in self.spec.nodes if n.id == leader)
         cpu_before = {n: cpu_seconds(c.pid) for n, c in self.children.items()}
-        started = time.monotonic()
+        started, wall0 = time.monotonic(), time.time()
         deadline = started + a.max_seconds
 
         async def client(c: int) -> None:
@@ -258,6 +258,9 @@ class Bench:
             "writes_per_s": round(len(lat) / elapsed, 1), "p50_ms": round(pct(ms, 50), 1),
             "p99_ms": round(pct(ms, 99), 1), "max_ms": round(ms[-1], 1) if ms else None, "windows": windows,
             "node_cpu_ms_per_write": cpu_ms,  # utime + stime of each node process over the adds / writes
+            # the slowest writes: when they finished (UTC, to compare with the node logs) and how long they took
+            "slowest": [{"at": time.strftime("%H:%M:%S", time.gmtime(wall0 + t)) + f".{int((wall0 + t) % 1 * 1000):03d}",
+                         "ms": round(d * 1000, 1)} for t, d in sorted(lat, key=lambda x: -x[1])[:10]],
         }
         print(json.dumps(self.results["writes"], indent=1), flush=True)
 
