@@ -96,6 +96,9 @@ class Node:
         from halb.event_log import EventLog
 
         self._event_log = EventLog(log, self.started_at)
+        from halb.gc_pause import GcFreezer
+
+        self.gc_freezer = GcFreezer()  # full collections must not stall Raft as the state grows (gc_pause.py)
         self.health: Any = None  # HealthManager
         self.dataplane: Any = None  # DataPlane
         self.announcer: Any = None  # announce.manager (VIP lease / DNS), when configured
@@ -109,6 +112,7 @@ class Node:
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.gc_freezer.install()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
         await self.start()
@@ -155,6 +159,7 @@ class Node:
         if self.raft is not None:
             self.raft.destroy()
             await asyncio.sleep(0.1)
+        self.gc_freezer.uninstall()
         log.info("stopped")
 
     async def start_components(self) -> None:
@@ -226,6 +231,7 @@ class Node:
             except Exception:
                 log.exception("routing update failed; the data plane keeps its last snapshot")
             self.issues.sync("dataplane", self.dataplane.apply_errors)
+            self.gc_freezer.freeze_if_due()  # after a change: that is when the heap grows
             await asyncio.sleep(0.02)  # coalesce bursts of applied commands
 
     def _on_ejection(self, service: str, backend: str, ejected: bool, reason: str) -> None:

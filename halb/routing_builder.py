@@ -34,7 +34,7 @@ def build_service(cs: ClusterState, svc: Service, listen_host: str, local_up: Ca
     just that one."""
     if not svc.listen:
         return None
-    host, port = parse_hostport(svc.listen)
+    host, port = _split(svc.listen)  # memoised: this runs for every write to the service
     if not isinstance(svc.options, dict):
         raise TypeError(f"options must be a map, not {type(svc.options).__name__}")
     if not isinstance(svc.hash_key, str):

@@ -39,6 +39,11 @@ def test_good_config_loads(tmp_path):
     assert cfg.services[0].backends[0].address == "127.0.0.21:8080"
     assert cfg.data_dir == tmp_path / "data" / "n1"
     assert cfg.read_secret() == "s" * 40
+    assert cfg.raft.push_append_entries is True
+    off = load_config(write(tmp_path, GOOD.replace('peers = ["127.0.0.12:7100", "127.0.0.13:7100"]',
+                                                   'peers = ["127.0.0.12:7100", "127.0.0.13:7100"]\n'
+                                                   'push_append_entries = false')))
+    assert off.raft.push_append_entries is False
 
 
 @pytest.mark.parametrize("change, key, reason", [
@@ -61,6 +66,9 @@ def test_good_config_loads(tmp_path):
     (('peers = ["127.0.0.12:7100", "127.0.0.13:7100"]',
       'peers = ["127.0.0.12:7100", "127.0.0.13:7100"]\nidle_heartbeat_interval = 0.2'),
      "raft.idle_heartbeat_interval", "a third of election_timeout_min"),
+    (('peers = ["127.0.0.12:7100", "127.0.0.13:7100"]',
+      'peers = ["127.0.0.12:7100", "127.0.0.13:7100"]\npush_append_entries = "yes"'),
+     "raft.push_append_entries", "bool"),
 ])
 def test_invalid_config_names_file_key_and_reason(tmp_path, change, key, reason):
     path = write(tmp_path, GOOD.replace(*change))
