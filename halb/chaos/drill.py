@@ -66,8 +66,9 @@ ARG_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 CONDITIONS = ("leader-elected", "leader-changed", "no-quorum", "verdict", "balancer-ready", "all-ready", "members",
-              "drained", "event", "resilience")
+              "drained", "event", "resilience", "server-loss")
 RESILIENCE = ("survives", "does-not-survive")  # survives_another_server_loss of the resilience report
+SERVER_LOSS = ("survives", "degraded", "overloaded")  # the report's answer for losing server `target`
 VERDICTS = ("up", "down", "held")
 TOXIC_TYPES = ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "noop")
 STREAMS = ("upstream", "downstream", "both")
@@ -340,6 +341,10 @@ def _check_step(t: _Table, step: Step) -> None:
             raise t.error("count", "condition 'members' needs count >= 1")
         if cond == "event" and not a["kind"]:
             raise t.error("kind", "condition 'event' needs kind = an audit event kind, e.g. \"server.down\"")
+        if cond == "server-loss" and not a["target"]:
+            raise t.error("target", "condition 'server-loss' needs target = a server label, e.g. \"A\"")
+        if cond == "server-loss" and a["is"] not in SERVER_LOSS:
+            raise t.error("is", f"condition 'server-loss' needs is = one of {', '.join(SERVER_LOSS)}, got {a['is']!r}")
         if cond == "resilience" and a["is"] not in RESILIENCE:
             raise t.error("is", f"condition 'resilience' needs is = one of {', '.join(RESILIENCE)}, got {a['is']!r}")
     if step.action in ("add-toxic", "remove-toxic"):

@@ -615,6 +615,16 @@ class DrillRun:
                     last = f"{svc}: {r.get('status')}; " + ("; ".join(r.get("warnings", [])) or "no warnings")
                 except ApiError as exc:
                     ok, last = False, f"resilience report: {exc.code}: {exc.message}"
+            elif cond == "server-loss":  # the report's per-server capacity answer (issue 14)
+                svc = a["service"] or self.target.service
+                try:
+                    r = (await self._call(self.target.api_call, "GET", f"/v1/services/{svc}/resilience"))["resilience"]
+                    x = next((x for x in r.get("server_loss", []) if x["server"] == a["target"]), None)
+                    ok = x is not None and x["verdict"] == a["is"]
+                    last = (f"{svc}: if server {a['target']} fails: {x['answer']}: {x['detail']}" if x is not None
+                            else f"{svc}: no answer for server {a['target']}")
+                except ApiError as exc:
+                    ok, last = False, f"resilience report: {exc.code}: {exc.message}"
             else:  # validated at parse time
                 raise StepFailed(f"unknown condition {cond}")
             if ok:
