@@ -1,0 +1,78 @@
+"""Adaptive concurrency against a real server: the gradient limit (halb/dataplane/adaptive.py)
+driving a saturating client against `halb demo backend --capacity N --work-ms W` (a real
+process with N workers; requests above N wait inside it) settles near N, and the
+server's own /stats shows it was pushed only a little above its capacity.
+
+The client keeps exactly `limit` requests in flight (demand always fills the limit, the
+hardest case for a limit), feeds every latency to the limit with the real clock, and
+records the limit once per window."""
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import requests
+
+from halb.dataplane.adaptive import GradientLimit, GradientParams
+from tests.integration.test_demo_backend import start_backend
+
+
+async def drive(url: str, lim: GradientLimit, seconds: float) -> list[tuple[float, int]]:
+    """Saturating closed loop bounded in time; returns (time, limit) after every update."""
+    in_flight = 0
+    history: list[tuple[float, int]] = []
+    done = asyncio.Event()
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def one() -> None:  # counted in flight by the dispatcher, before it runs
+            nonlocal in_flight
+            start = time.monotonic()
+            try:
+                async with session.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    await r.read()
+            finally:
+                now = time.monotonic()
+                if lim.sample(now, now - start, in_flight):
+                    history.append((now, lim.limit))
+                in_flight -= 1
+                done.set()
+
+        end = time.monotonic() + seconds
+        tasks: set[asyncio.Task[None]] = set()
+        while time.monotonic() < end:
+            while in_flight < lim.limit and len(tasks) < 500:
+                in_flight += 1
+                t = asyncio.create_task(one())
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            done.clear()
+            try:
+                await asyncio.wait_for(done.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return history
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("capacity", [6, 16])
+def test_gradient_limit_converges_near_a_demo_backends_capacity(tmp_path: Path, capacity: int) -> None:
+    be = start_backend("K", tmp_path / "shop.db", tmp_path, "--capacity", str(capacity), "--work-ms", "50")
+    try:
+        lim = GradientLimit(GradientParams(initial_limit=2))
+        t0 = time.monotonic()
+        history = asyncio.run(drive(be.url + "/products", lim, 10.0))
+        late = [limit for t, limit in history if t - t0 >= 5.0]  # after the ramp
+        assert len(late) >= 10, history
+        typical = statistics.median(late)
+        assert capacity * 0.8 <= typical <= capacity * 1.5, (capacity, late)
+        st = requests.get(be.url + "/stats", timeout=5).json()
+        assert st["max_working"] == capacity  # the server was used to its capacity ...
+        assert st["max_in_flight"] <= capacity * 1.6 + 2, st  # ... and pushed only a little past it
+        assert lim.min_rtt is not None and 0.045 <= lim.min_rtt <= 0.2
+    finally:
+        assert be.stop() == 0
