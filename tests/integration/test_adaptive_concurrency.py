@@ -76,3 +76,40 @@ def test_gradient_limit_converges_near_a_demo_backends_capacity(tmp_path: Path, 
         assert lim.min_rtt is not None and 0.045 <= lim.min_rtt <= 0.2
     finally:
         assert be.stop() == 0
+
+
+async def _closed_loop(url: str, clients: int, seconds: float) -> list[int]:
+    """`clients` concurrent clients, each sending its next request when the previous ends,
+    for `seconds` (bounded in time); returns every status."""
+    statuses: list[int] = []
+    end = time.monotonic() + seconds
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        async def client() -> None:
+            while time.monotonic() < end:
+                try:
+                    async with s.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                        await r.read()
+                        statuses.append(r.status)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    statuses.append(0)
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return statuses
+
+
+@pytest.mark.timeout(120)
+def test_service_option_learns_the_backends_capacity_through_a_node(cluster_factory) -> None:
+    """`adaptive_concurrency = true` on a service with no max_conns: 30 clients at once
+    against a backend with 6 workers; the node learns a limit near 6, queues the rest, and
+    the backend's own /stats shows it was never flooded with 30."""
+    from tests.integration.test_capacity_limits import backend_stats, dataplane_backend, one_node
+
+    c = one_node(cluster_factory, {"A": {}}, {"A": 6}, work_ms=50, adaptive_concurrency=True, queue_timeout=5.0)
+    assert dataplane_backend(c, "A")["adaptive_limit"] == 4  # the initial limit, before any latency
+    statuses = asyncio.run(_closed_loop(f"http://{c.service_address('n1')}/products", 30, 8.0))
+    assert len(statuses) > 300 and set(statuses) == {200}, sorted(set(statuses))
+    be = dataplane_backend(c, "A")
+    assert 4 <= be["adaptive_limit"] <= 10, be  # learned: near the 6 workers
+    assert be["limit_conns"] == be["adaptive_limit"] and 45 <= be["adaptive_min_rtt_ms"] <= 150, be
+    st = backend_stats(c, "A")
+    assert st["max_working"] == 6, st  # its capacity was used ...
+    assert st["max_in_flight"] <= 12, st  # ... and 30 clients never reached it at once
