@@ -398,6 +398,8 @@ class Node:
                     "stats": {k: bstats.get(k, 0) for k in ("requests", "errors", "retries", "ejections")},
                     "requests": bstats.get("requests", 0),
                     "ejected": bstats.get("ejected", False),
+                    # adaptive concurrency: the limit this node learned (the report's "learned" capacity)
+                    **({"learned_conns": bstats["adaptive_limit"]} if bstats.get("adaptive_limit") else {}),
                 })
         return rows
 

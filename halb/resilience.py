@@ -364,7 +364,8 @@ def instances_from_rows(rows: Iterable[dict[str, Any]], load: dict[str, dict[str
             # carries load like UP (halb/health/view.py)
             healthy=r.get("verdict", "up") in ("up", "pending") and r.get("admin_state", "active") == "active"
             and int(r.get("weight", 1)) > 0,
-            max_rps=float(r.get("max_rps") or 0.0), max_conns=int(r.get("max_conns") or 0),
+            # declared capacity first; else what adaptive concurrency learned (the answering node's)
+            max_rps=float(r.get("max_rps") or 0.0), max_conns=int(r.get("max_conns") or r.get("learned_conns") or 0),
             rps=float(ld.get("rps", 0.0)), conns=int(ld.get("conns", 0)),
             conns_avg=float(ld.get("conns_avg", -1.0)),
         ))

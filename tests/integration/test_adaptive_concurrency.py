@@ -110,6 +110,8 @@ def test_service_option_learns_the_backends_capacity_through_a_node(cluster_fact
     be = dataplane_backend(c, "A")
     assert 4 <= be["adaptive_limit"] <= 10, be  # learned: near the 6 workers
     assert be["limit_conns"] == be["adaptive_limit"] and 45 <= be["adaptive_min_rtt_ms"] <= 150, be
+    code, body = c.get("n1", "/v1/services/checkout/backends")  # the report's "learned" capacity
+    assert code == 200 and 4 <= body["backends"][0]["learned_conns"] <= 10, body
     st = backend_stats(c, "A")
     assert st["max_working"] == 6, st  # its capacity was used ...
     assert st["max_in_flight"] <= 12, st  # ... and 30 clients never reached it at once

@@ -190,3 +190,10 @@ def test_only_lower_priority_neighbours_on_shared_servers_are_shed():
     peer = ServiceDemand("orders", "critical", tuple(I(s, s, max_conns=1, conns_avg=5) for s in "ABC"), 0)
     (a, *_) = server_losses(checkout, [browse, elsewhere, peer])
     assert [n.service for n in a.sheds] == ["browse"]
+
+
+def test_learned_capacity_counts_when_none_is_declared():
+    rows = [{"name": n, "address": f"10.0.0.{i}:80", "server": n, "learned_conns": 6} for i, n in enumerate("AB")]
+    rows.append({"name": "C", "address": "10.0.0.9:80", "server": "C", "max_conns": 3, "learned_conns": 6})
+    insts = instances_from_rows(rows)
+    assert [i.max_conns for i in insts] == [6, 6, 3]  # declared wins over learned
