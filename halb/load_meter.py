@@ -25,7 +25,25 @@ import aiohttp
 
 log = logging.getLogger("halb.load")
 
-Load = dict[str, dict[str, dict[str, float]]]  # service -> backend -> {"rps", "conns"}
+Load = dict[str, dict[str, dict[str, float]]]  # service -> backend -> {"rps", "conns", "conns_avg"}
+Demand = dict[str, float]  # service -> requests/s arriving at it (queued and shed ones included)
+
+
+@dataclass
+class MeanWindow:
+    """Samples of a gauge (requests in flight) -> its mean over the last `window_s` seconds:
+    one instant's in-flight count is noise; the capacity check needs the typical load."""
+
+    window_s: float = 10.0
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def add(self, t: float, value: int) -> None:
+        self.samples.append((t, value))
+        while self.samples and t - self.samples[0][0] >= self.window_s:
+            self.samples.popleft()
+
+    def mean(self) -> float:
+        return sum(v for _, v in self.samples) / len(self.samples) if self.samples else 0.0
 
 
 @dataclass
@@ -61,6 +79,9 @@ class LoadMeter:
     _windows: dict[tuple[str, str], RateWindow] = field(init=False, default_factory=dict)
     _last_sample: float | None = field(init=False, default=None)
     _local: Load = field(init=False, default_factory=dict)
+    _conn_windows: dict[tuple[str, str], MeanWindow] = field(init=False, default_factory=dict)
+    _demand_windows: dict[str, RateWindow] = field(init=False, default_factory=dict)
+    _demand: Demand = field(init=False, default_factory=dict)
     # member -> service -> requests/s (window rates summed over backends), from the last
     # cluster refresh: what the capacity shares follow (limits.node_shares)
     _rates_by_member: dict[str, dict[str, float]] = field(init=False, default_factory=dict)
@@ -98,7 +119,17 @@ class LoadMeter:
         local: Load = {}
         seen = set()
         last, self._last_sample = self._last_sample, now
+        demand: Demand = {}
         for svc, s in services.items():
+            if "requests" in s:  # arrivals at the service, before any queue or shedding
+                dw = self._demand_windows.get(svc)
+                if dw is None:
+                    dw = self._demand_windows[svc] = RateWindow(self.window_s)
+                    if last is not None:
+                        dw.add(last, 0)
+                dw.add(now, int(s["requests"]))
+                if dw.rate():
+                    demand[svc] = round(dw.rate(), 3)
             for be, b in s.get("backends", {}).items():
                 key = (svc, be)
                 requests, conns = int(b.get("requests", 0)), int(b.get("in_flight", 0))
@@ -112,11 +143,22 @@ class LoadMeter:
                 seen.add(key)
                 w.add(now, requests)
                 rps = round(w.rate(), 3)
+                cw = self._conn_windows.get(key)
+                if cw is None:
+                    cw = self._conn_windows[key] = MeanWindow(self.window_s)
+                cw.add(now, conns)
                 if rps or conns:  # sparse: at 10,000 idle backends /v1/load stays small
-                    local.setdefault(svc, {})[be] = {"rps": rps, "conns": conns}
+                    local.setdefault(svc, {})[be] = {"rps": rps, "conns": conns, "conns_avg": round(cw.mean(), 3)}
         for key in [k for k in self._windows if k not in seen]:
             del self._windows[key]
+            self._conn_windows.pop(key, None)
+        for svc in [k for k in self._demand_windows if k not in services]:
+            del self._demand_windows[svc]
         self._local = local
+        self._demand = demand
+
+    def demand(self) -> Demand:
+        return self._demand
 
     def local(self) -> Load:
         return self._local
@@ -137,24 +179,28 @@ class LoadMeter:
     async def refresh_cluster(self) -> None:
         peers = self.peers()
 
-        async def one(member: str, api: str) -> tuple[str, Load | None]:
+        async def one(member: str, api: str) -> tuple[str, Load | None, Demand]:
             try:
                 async with self._session.get(f"http://{api}/v1/load", headers={"Authorization": f"Bearer {self.token}"},
                                              timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
                     if resp.status != 200:
-                        return member, None
-                    return member, (await resp.json()).get("load", {})
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
-                return member, None
+                        return member, None, {}
+                    body = await resp.json()
+                    return member, body.get("load", {}), body.get("demand") or {}
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, AttributeError):
+                return member, None, {}
 
         results = await asyncio.gather(*(one(m, a) for m, a in peers))
         total: Load = {}
+        demand: Demand = {}
         nodes, unreachable = [self.node_id], []
         rates: dict[str, dict[str, float]] = {}
-        for member, load in [(self.node_id, self._local), *results]:
+        for member, load, dem in [(self.node_id, self._local, self._demand), *results]:
             if load is None:
                 unreachable.append(member)
                 continue
+            for svc, v in dem.items():
+                demand[svc] = round(demand.get(svc, 0.0) + float(v), 3)
             if member != self.node_id:
                 nodes.append(member)
             mine = rates[member] = {}
@@ -164,7 +210,8 @@ class LoadMeter:
                     cur = total.setdefault(svc, {}).setdefault(be, {"rps": 0.0, "conns": 0})
                     cur["rps"] = round(cur["rps"] + float(v.get("rps", 0.0)), 3)
                     cur["conns"] += int(v.get("conns", 0))
-        self._cluster = {"load": total, "nodes": sorted(nodes), "unreachable": sorted(unreachable),
+                    cur["conns_avg"] = round(cur.get("conns_avg", 0.0) + float(v.get("conns_avg", v.get("conns", 0))), 3)
+        self._cluster = {"load": total, "demand": demand, "nodes": sorted(nodes), "unreachable": sorted(unreachable),
                          "at": time.time(), "window_s": self.window_s}
         self._rates_by_member = rates
         if self.on_cluster is not None:
@@ -173,6 +220,6 @@ class LoadMeter:
     def cluster(self) -> dict[str, Any]:
         """Summed load of every member that answered (this node's own until the first poll)."""
         if not self._cluster:
-            return {"load": self._local, "nodes": [self.node_id], "unreachable": [], "at": time.time(),
-                    "window_s": self.window_s}
+            return {"load": self._local, "demand": self._demand, "nodes": [self.node_id], "unreachable": [],
+                    "at": time.time(), "window_s": self.window_s}
         return self._cluster

@@ -248,7 +248,8 @@ class Node:
             return web.json_response({"node": self.node_id, **stats})
 
         async def load(request: web.Request) -> web.StreamResponse:
-            return web.json_response({"node": self.node_id, "load": self.load_meter.local()})
+            return web.json_response({"node": self.node_id, "load": self.load_meter.local(),
+                                      "demand": self.load_meter.demand()})
 
         async def local_events(request: web.Request) -> web.StreamResponse:
             return web.json_response({"node": self.node_id, "events": list(self.issues.events)})
@@ -403,6 +404,8 @@ class Node:
                     "stats": {k: bstats.get(k, 0) for k in ("requests", "errors", "retries", "ejections")},
                     "requests": bstats.get("requests", 0),
                     "ejected": bstats.get("ejected", False),
+                    # adaptive concurrency: the limit this node learned (the report's "learned" capacity)
+                    **({"learned_conns": bstats["adaptive_limit"]} if bstats.get("adaptive_limit") else {}),
                 })
         return rows
 
@@ -413,22 +416,29 @@ class Node:
     def resilience_view(self, service: str | None = None) -> list[dict[str, Any]]:
         """Per service: servers/zones its healthy instances span, server/zone loss, N+1
         (halb/resilience.py), with the load summed over the members that answered."""
-        from halb.resilience import assess, instances_from_rows
+        from halb.resilience import ServiceDemand, assess, instances_from_rows, server_losses
 
         meter = getattr(self, "load_meter", None)
         cluster = meter.cluster() if meter is not None else {"load": {}, "nodes": [], "unreachable": []}
         source = {"scope": "cluster", "nodes": cluster.get("nodes", []), "unreachable": cluster.get("unreachable", []),
                   "window_s": cluster.get("window_s"), "age_s": round(max(0.0, time.time() - cluster.get("at", time.time())), 1)}
         rows_by_service: dict[str, list[dict[str, Any]]] = {}
-        names = [s["name"] for s in self.services_view()]
-        for row in self.backends_view(service):
+        views = self.services_view()
+        names = [s["name"] for s in views]
+        priority = {s["name"]: (s.get("options") or {}).get("priority", "normal") for s in views}
+        for row in self.backends_view(None):  # every service: neighbours on the same servers count
             rows_by_service.setdefault(row["service"], []).append(row)
+        demand = cluster.get("demand", {})
+        demands = {n: ServiceDemand(n, priority[n], tuple(instances_from_rows(rows_by_service.get(n, []),
+                                                                              cluster["load"].get(n, {}))),
+                                    float(demand.get(n, 0.0))) for n in names}
         out = []
         for name in names:
             if service is not None and name != service:
                 continue
-            rows = rows_by_service.get(name, [])
-            report = assess(name, instances_from_rows(rows, cluster["load"].get(name, {})), source)
+            d = demands[name]
+            losses = server_losses(d, [v for k, v in demands.items() if k != name])
+            report = assess(name, list(d.instances), source, losses)
             out.append(report.to_dict())
         return out
 

@@ -19,6 +19,10 @@ Definitions (docs/resilience.md):
 * `n_plus_one`: for every server S, the healthy instances on the *other* servers have
   enough declared capacity (`max_rps`, `max_conns`) for the current load. None when no
   capacity is declared (or not for every healthy instance): unknown, not assumed.
+* `server_loss` (per server): the same question asked of the service's *demand*
+  (arrivals, queued and shed ones included) and of the services of lower priority sharing
+  its servers: `survives`, `degraded (sheds low priority)` or `overloaded`
+  (:func:`server_losses`).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class Instance:
     max_conns: int = 0  # 0: not declared
     rps: float = 0.0  # current request rate (what the load source measured)
     conns: int = 0  # current in-flight requests / open connections
+    conns_avg: float = -1.0  # in flight averaged over the load window (-1: not measured, use conns)
     # why a not-healthy instance takes no traffic when it is not its health: "drained",
     # "in maintenance", "weight 0" ("" = its health verdict); warnings must not call an
     # operator's drain "down"
@@ -75,6 +80,9 @@ class ResilienceReport:
     load: dict[str, Any] = field(default_factory=dict)  # where the load numbers came from
     rps: float = 0.0  # current request rate of the service (all instances, all load sources)
     conns: int = 0  # current in-flight requests / connections of the service
+    # per server: can the others carry this service's load if it fails (capacity_on_loss)
+    server_loss: list[dict[str, Any]] = field(default_factory=list)
+    server_loss_verdict: str = ""  # the worst of server_loss: survives | degraded | overloaded ("" = not computed)
 
     @property
     def survives_another_server_loss(self) -> bool:
@@ -118,8 +126,10 @@ def _capacity(dimension: str, healthy: list[Instance]) -> CapacityCheck | None:
                          ok=load <= remaining, worst_server=worst, remaining=round(remaining, 3))
 
 
-def assess(service: str, instances: Iterable[Instance], load_source: dict[str, Any] | None = None) -> ResilienceReport:
-    """The report for one service; `load_source` is copied into the report as is."""
+def assess(service: str, instances: Iterable[Instance], load_source: dict[str, Any] | None = None,
+           losses: list["ServerLoss"] | None = None) -> ResilienceReport:
+    """The report for one service; `load_source` is copied into the report as is;
+    `losses` (from :func:`server_losses`) adds the per-server capacity answer."""
     insts = sorted(instances, key=lambda i: (i.server, i.name))
     healthy = [i for i in insts if i.healthy]
     servers = sorted({i.server for i in insts})
@@ -142,11 +152,156 @@ def assess(service: str, instances: Iterable[Instance], load_source: dict[str, A
         conns=sum(i.conns for i in insts),
     )
     report.warnings = _warnings(report, insts)
+    if losses is not None:
+        report.server_loss = [x.to_dict() for x in losses]
+        report.server_loss_verdict = worst_verdict(losses)
+        for x in losses:
+            if x.verdict != "survives" and x.capacity_known:
+                report.warnings.append(f"if server {x.server} fails: {x.answer}: {x.detail}")
     if not healthy:
         report.status = "down"
-    elif not report.survives_another_server_loss or report.survives_zone_loss is False:
+    elif (not report.survives_another_server_loss or report.survives_zone_loss is False
+          or report.server_loss_verdict == "overloaded"):
         report.status = "at_risk"
     return report
+
+
+# --- capacity on the loss of one server (issue 14) -----------------------------------
+
+LOSS_VERDICTS = ("survives", "degraded", "overloaded")  # best first
+LOSS_ANSWERS = {"survives": "survives", "degraded": "degraded (sheds low priority)", "overloaded": "overloaded"}
+PRIORITY_RANK = {"critical": 0, "normal": 1, "low": 2}  # halb/service_options.py PRIORITIES, best first
+
+
+@dataclass(frozen=True)
+class ServiceDemand:
+    """One service as the loss check sees it: its instances and what it is asked for.
+
+    ``demand_rps`` counts the requests *arriving* at the service (queued and shed ones
+    too), not those that reached a backend: under limits the served rate is capped by the
+    limits themselves and would hide the overload the check must see.
+    """
+
+    service: str
+    priority: str
+    instances: tuple[Instance, ...]
+    demand_rps: float = 0.0
+
+
+@dataclass
+class Need:
+    """One service in one dimension, if a server fails: what it needs from the others."""
+
+    service: str
+    priority: str
+    dimension: str  # rps | conns
+    need: float
+    capacity: float  # the healthy instances' declared capacity on the other servers
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.capacity
+
+
+@dataclass
+class ServerLoss:
+    """The answer for one server of a service: if it fails, do the others cope?"""
+
+    server: str
+    verdict: str  # survives | degraded | overloaded
+    capacity_known: bool  # False: nothing declared, the verdict is the topology's alone
+    carry: list[Need] = field(default_factory=list)  # this service, per known dimension
+    sheds: list[Need] = field(default_factory=list)  # lower-priority services that would not fit
+    detail: str = ""
+
+    @property
+    def answer(self) -> str:
+        return LOSS_ANSWERS[self.verdict]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["answer"] = self.answer
+        for n in d["carry"] + d["sheds"]:
+            n["need"], n["capacity"] = round(n["need"], 2), round(n["capacity"], 2)
+        return d
+
+
+def worst_verdict(losses: Iterable[ServerLoss]) -> str:
+    verdicts = [x.verdict for x in losses]
+    return max(verdicts, key=LOSS_VERDICTS.index) if verdicts else "survives"
+
+
+def _needs(sd: ServiceDemand, lost: str) -> list[Need] | None:
+    """The service's needs on the servers other than `lost`, per dimension whose capacity
+    every healthy instance there declares; None when no healthy instance is left.
+
+    rps: the arrival rate (or the served rate, if higher: retries). conns: the in-flight
+    requests averaged over the load window, scaled up by arrivals / served when requests
+    are queued or shed (Little's law: at the same latency, more requests need
+    proportionally more slots)."""
+    healthy = [i for i in sd.instances if i.healthy]
+    others = [i for i in healthy if i.server != lost]
+    if not others:
+        return None
+    served = sum(i.rps for i in healthy)
+    demand = max(sd.demand_rps, served)
+    scale = demand / served if served > 0 else 1.0
+    out = []
+    if all(i.max_rps > 0 for i in others):
+        out.append(Need(sd.service, sd.priority, "rps", demand, sum(i.max_rps for i in others)))
+    if all(i.max_conns > 0 for i in others):
+        conns = sum(i.conns_avg if i.conns_avg >= 0 else float(i.conns) for i in healthy)
+        out.append(Need(sd.service, sd.priority, "conns", conns * scale, float(sum(i.max_conns for i in others))))
+    return out
+
+
+def server_losses(target: ServiceDemand, neighbours: Iterable[ServiceDemand] = ()) -> list[ServerLoss]:
+    """For every server the target service has a healthy instance on: if it fails, can the
+    others carry the target's load within their declared capacity, and which services of
+    lower priority on the same servers would not fit (they are shed first)?
+
+    * ``overloaded``: the target itself does not fit (or no healthy instance is left);
+    * ``degraded``: it fits, but a lower-priority service sharing its servers does not
+      and would be shed (queued, then 503 + Retry-After);
+    * ``survives``: everything fits. With no capacity declared the answer is the
+      topology's (``capacity_known`` False).
+    """
+    rank = PRIORITY_RANK.get(target.priority, 1)
+    servers = sorted({i.server for i in target.instances if i.healthy})
+    mine = {i.server for i in target.instances}
+    lower = [n for n in neighbours if n.service != target.service and PRIORITY_RANK.get(n.priority, 1) > rank
+             and mine & {i.server for i in n.instances}]
+    out = []
+    for server in servers:
+        needs = _needs(target, server)
+        if needs is None:
+            out.append(ServerLoss(server, "overloaded", False,
+                                  detail=f"no other server has a healthy instance of {target.service}"))
+            continue
+        short = [n for n in needs if not n.fits]
+        sheds = []
+        for nb in lower:
+            nb_needs = _needs(nb, server) or []
+            sheds += [n for n in nb_needs if not n.fits]
+        known = bool(needs)
+        carried = "; ".join(f"{_fmt(n.need)} {_unit(n.dimension)} on capacity {_fmt(n.capacity)}" for n in needs)
+        if short:
+            verdict = "overloaded"
+            detail = f"the other servers would need to carry {carried}"
+        elif sheds:
+            verdict = "degraded"
+            detail = (f"{target.service} fits ({carried}); would be shed: "
+                      + "; ".join(f"{n.service} ({n.priority}) needs {_fmt(n.need)} {_unit(n.dimension)}, "
+                                  f"capacity {_fmt(n.capacity)}" for n in sheds))
+        else:
+            verdict = "survives"
+            detail = f"the others carry {carried}" if known else "capacity not declared: topology only"
+        out.append(ServerLoss(server, verdict, known, needs, sheds, detail))
+    return out
+
+
+def _unit(dimension: str) -> str:
+    return "rps" if dimension == "rps" else "in flight"
 
 
 def _warnings(r: ResilienceReport, insts: list[Instance]) -> list[str]:
@@ -209,7 +364,9 @@ def instances_from_rows(rows: Iterable[dict[str, Any]], load: dict[str, dict[str
             # carries load like UP (halb/health/view.py)
             healthy=r.get("verdict", "up") in ("up", "pending") and r.get("admin_state", "active") == "active"
             and int(r.get("weight", 1)) > 0,
-            max_rps=float(r.get("max_rps") or 0.0), max_conns=int(r.get("max_conns") or 0),
+            # declared capacity first; else what adaptive concurrency learned (the answering node's)
+            max_rps=float(r.get("max_rps") or 0.0), max_conns=int(r.get("max_conns") or r.get("learned_conns") or 0),
             rps=float(ld.get("rps", 0.0)), conns=int(ld.get("conns", 0)),
+            conns_avg=float(ld.get("conns_avg", -1.0)),
         ))
     return out

@@ -76,6 +76,7 @@ class ServiceOptions:
     queue_timeout: float = 2.0  # longest wait in the queue (503 queue_timeout after); 0 = no queue
     max_queue: int = 1000  # requests waiting per service per process (503 queue_full beyond); 0 = no queue
     priority: str = "normal"  # critical | normal | low: queue order and who is shed first
+    adaptive_concurrency: bool = False  # per-backend in-flight limit learned from latency (adaptive.py)
     # --- slow start -------------------------------------------------------------------
     slow_start_s: float = 0.0  # weight ramps linearly over this after becoming eligible; 0 = off
     slow_start_min_weight: float = 0.1  # share of the weight given at the start of the ramp
@@ -208,6 +209,7 @@ DATAPLANE_OPTIONS: dict[str, Spec] = {
     "queue_timeout": Spec("float", 0.0, 3600.0, help="0: no queue"),
     "max_queue": Spec("int", 0, 1_000_000, help="0: no queue"),
     "priority": Spec("choice", choices=PRIORITIES),
+    "adaptive_concurrency": Spec("bool"),
     "slow_start_s": Spec("float", 0.0, DAY, help="0: off"),
     "slow_start_min_weight": _SHARE,
     "tcp_connect_attempts": Spec("int", 1, 100),

@@ -66,8 +66,9 @@ ARG_TYPES: dict[str, type | tuple[type, ...]] = {
 }
 
 CONDITIONS = ("leader-elected", "leader-changed", "no-quorum", "verdict", "balancer-ready", "all-ready", "members",
-              "drained", "event", "resilience")
+              "drained", "event", "resilience", "server-loss")
 RESILIENCE = ("survives", "does-not-survive")  # survives_another_server_loss of the resilience report
+SERVER_LOSS = ("survives", "degraded", "overloaded")  # the report's answer for losing server `target`
 VERDICTS = ("up", "down", "held")
 TOXIC_TYPES = ("latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data", "noop")
 STREAMS = ("upstream", "downstream", "both")
@@ -113,6 +114,11 @@ class SteadyState:
     vip_holders: Tolerance | None = field(default_factory=lambda: Tolerance(1))
     verdicts: dict[str, str] | None = None  # None: every backend "up"
     ledger: bool = True
+    # overload drills (docs/chaos.md "Overload"): checked on the checkout requests only
+    checkout_errors: Tolerance | None = None  # failed checkout requests (count)
+    checkout_p99_ratio: Tolerance | None = None  # checkout p99 after / before the method
+    shed_retry_after: bool = False  # every failed /products request is a 503 with Retry-After
+    backend_capacity: bool = False  # no backend's /stats max_in_flight above its capacity
 
 
 @dataclass
@@ -124,6 +130,7 @@ class LoadSpec:
     attempt_timeout: float = 2.0
     request_timeout: float = 10.0
     client_retry: str = "idempotent"
+    balancers: int = 0  # how many balancer addresses clients use (0: all; 1: as behind one VIP)
 
 
 @dataclass
@@ -134,6 +141,11 @@ class ClusterOverrides:
     health: dict[str, Any] = field(default_factory=dict)
     # backend name -> {server, zone, max_rps, max_conns}; empty: A, B, C on servers A, B, C
     backends: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # every demo backend process: {capacity, work_ms} (`halb demo backend --capacity --work-ms`)
+    backend_process: dict[str, Any] = field(default_factory=dict)
+    # a second service on the same backend processes that /products traffic goes to:
+    # {name, options, max_conns, max_rps}; None: /products goes to the checkout service
+    browse: dict[str, Any] | None = None
 
 
 @dataclass
@@ -231,6 +243,10 @@ def _parse_steady(file: Path, raw: dict[str, Any]) -> SteadyState:
                 raise DrillError(file, f"steady_state.verdicts.{name}", f"must be one of {', '.join(VERDICTS)}, got {v!r}")
     ss.verdicts = verdicts
     ss.ledger = t.take("ledger", bool, True)
+    ss.checkout_errors = _tolerance(t, "checkout_errors", None)
+    ss.checkout_p99_ratio = _tolerance(t, "checkout_p99_ratio", None)
+    ss.shed_retry_after = t.take("shed_retry_after", bool, False)
+    ss.backend_capacity = t.take("backend_capacity", bool, False)
     t.done()
     return ss
 
@@ -247,6 +263,7 @@ def _parse_load(file: Path, raw: dict[str, Any]) -> LoadSpec:
     ls.client_retry = t.take("client_retry", str, ls.client_retry)
     if ls.client_retry not in CLIENT_RETRY:
         raise t.error("client_retry", f"must be one of {', '.join(CLIENT_RETRY)}, got {ls.client_retry!r}")
+    ls.balancers = int(t.number("balancers", 0.0, 0.0, 64.0))
     t.done()
     return ls
 
@@ -261,6 +278,19 @@ def _parse_cluster(file: Path, raw: dict[str, Any]) -> ClusterOverrides:
               "max_rps": bt.number("max_rps", 0.0), "max_conns": int(bt.number("max_conns", 0.0))}
         bt.done()
         co.backends[name] = {k: v for k, v in be.items() if v not in ("", 0, 0.0)}
+    proc = _Table(file, "cluster.backend_process", t.take("backend_process", dict, {}))
+    co.backend_process = {"capacity": int(proc.number("capacity", 0.0, 0.0, 100000.0)),
+                          "work_ms": proc.number("work_ms", 0.0, 0.0, 60000.0)}
+    proc.done()
+    co.backend_process = {k: v for k, v in co.backend_process.items() if v}
+    browse = t.take("browse", dict, None)
+    if browse is not None:
+        bt = _Table(file, "cluster.browse", browse)
+        co.browse = {"name": bt.take("name", str, "browse"), "options": bt.take("options", dict, {}),
+                     "max_conns": int(bt.number("max_conns", 0.0)), "max_rps": bt.number("max_rps", 0.0)}
+        bt.done()
+        if not co.browse["name"] or co.browse["name"] == "checkout":
+            raise DrillError(file, "cluster.browse.name", "must name a service other than checkout")
     t.done()
     return co
 
@@ -311,6 +341,10 @@ def _check_step(t: _Table, step: Step) -> None:
             raise t.error("count", "condition 'members' needs count >= 1")
         if cond == "event" and not a["kind"]:
             raise t.error("kind", "condition 'event' needs kind = an audit event kind, e.g. \"server.down\"")
+        if cond == "server-loss" and not a["target"]:
+            raise t.error("target", "condition 'server-loss' needs target = a server label, e.g. \"A\"")
+        if cond == "server-loss" and a["is"] not in SERVER_LOSS:
+            raise t.error("is", f"condition 'server-loss' needs is = one of {', '.join(SERVER_LOSS)}, got {a['is']!r}")
         if cond == "resilience" and a["is"] not in RESILIENCE:
             raise t.error("is", f"condition 'resilience' needs is = one of {', '.join(RESILIENCE)}, got {a['is']!r}")
     if step.action in ("add-toxic", "remove-toxic"):

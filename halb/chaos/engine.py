@@ -88,6 +88,8 @@ class DrillRun:
         self.ledger: LedgerResult | None = None
         self._partitioned: set[str] = set()
         self._links: dict[str, tuple[str, ...]] = {}  # link as written -> resolved (leader moves)
+        self.checkout_p99_before: float | None = None  # baseline of the checkout_p99_ratio probe
+        self.backend_stats: dict[str, dict[str, Any]] = {}  # "before" / "end" -> backend -> its /stats
 
     def now(self) -> float:
         return time.monotonic() - self.t0
@@ -115,7 +117,8 @@ class DrillRun:
                 s.args.get("timeout", 0.0) for s in drill.method if s.action == "wait-until") + 60
             self.load = LoadGenerator(self.target.client_addresses, LoadConfig(
                 rate=rate, max_duration=cap, checkout_share=ls.checkout_share, connect_timeout=ls.connect_timeout,
-                attempt_timeout=ls.attempt_timeout, request_timeout=ls.request_timeout, client_retry=ls.client_retry))
+                attempt_timeout=ls.attempt_timeout, request_timeout=ls.request_timeout, client_retry=ls.client_retry),
+                products_addresses=self.target.products_addresses)
             load_started = self.now()
             load_task = asyncio.create_task(self.load.run(stop_load))
             await asyncio.sleep(0)
@@ -208,7 +211,8 @@ class DrillRun:
                     last = f"verdicts {verdicts}"
                 else:
                     bad = []
-                    for addr in self.target.client_addresses.addresses:
+                    extra = self.target.products_addresses.addresses if self.target.products_addresses else []
+                    for addr in self.target.client_addresses.addresses + extra:
                         try:
                             async with session.get(f"http://{addr}/products",
                                                    timeout=aiohttp.ClientTimeout(total=2)) as r:
@@ -261,6 +265,7 @@ class DrillRun:
             else:
                 out.append(ProbeResult("vip_holders", len(holders) <= ss.vip_holders.max, holders,
                                        f"<= {ss.vip_holders.max:g}", f"holders: {holders or 'none'}"))
+        out += await self._overload_probes(when, start, end, final)
         expected = ss.verdicts or {b: "up" for b in self.target.backend_names}
         got = dict(self.monitor.verdicts)
         wrong = {b: got.get(b) for b, v in expected.items() if got.get(b) != v}
@@ -274,6 +279,75 @@ class DrillRun:
             out.append(ProbeResult("ledger", None if not res.checked else res.intact, res.to_dict(), "every acknowledged order exactly once", res.summary()))
         self.events.append({"t": round(self.now(), 3), "kind": f"hypothesis.{when}",
                             "ok": all(p.ok is not False for p in out)})
+        return out
+
+    async def _overload_probes(self, when: str, start: float, end: float, final: bool) -> list[ProbeResult]:
+        """The overload drill's hypothesis (docs/chaos.md "Overload"): checkout never fails and
+        keeps its latency, browse is shed only with 503 + Retry-After, no backend is pushed
+        past its own capacity (its /stats, read from the process)."""
+        ss = self.drill.steady_state
+        assert self.load is not None
+        out: list[ProbeResult] = []
+        outcomes = list(self.load.outcomes)
+        checkout = summarize([o for o in outcomes if o.kind == "checkout"], start, end)
+        if ss.checkout_errors is not None:
+            ok = checkout["requests"] > 0 and checkout["errors"] <= ss.checkout_errors.max
+            detail = f"{checkout['errors']} failed of {checkout['requests']} checkout requests"
+            if checkout["error_kinds"]:
+                detail += " kinds: " + ", ".join(f"{k} x{v}" for k, v in sorted(checkout["error_kinds"].items()))
+            out.append(ProbeResult("checkout_errors", ok, checkout["errors"], f"<= {ss.checkout_errors.max:g}", detail))
+        if ss.checkout_p99_ratio is not None:
+            p99 = checkout["p99_ms"]
+            if when == "before":
+                self.checkout_p99_before = p99 if checkout["requests"] else None
+                out.append(ProbeResult("checkout_p99_ratio", None if not checkout["requests"] else True, p99,
+                                       f"<= {ss.checkout_p99_ratio.max:g} x this",
+                                       f"baseline: checkout p99 {p99:.0f} ms over {checkout['requests']} requests"))
+            else:
+                base = self.checkout_p99_before
+                if not base or not checkout["requests"]:
+                    out.append(ProbeResult("checkout_p99_ratio", False, None, f"<= {ss.checkout_p99_ratio.max:g}",
+                                           "no baseline or no checkout request to compare"))
+                else:
+                    ratio = p99 / base
+                    out.append(ProbeResult("checkout_p99_ratio", ratio <= ss.checkout_p99_ratio.max, round(ratio, 3),
+                                           f"<= {ss.checkout_p99_ratio.max:g}",
+                                           f"checkout p99 {p99:.0f} ms vs {base:.0f} ms before the method "
+                                           f"({ratio:.2f}x)"))
+        if ss.shed_retry_after:
+            sel = [o for o in outcomes if o.kind == "products" and start <= o.scheduled < end and o.finished]
+            failed = [o for o in sel if not o.ok]
+            bad = [o for o in failed if o.status != 503 or not o.retry_after]
+            kinds: dict[str, int] = {}
+            for o in bad:
+                kinds[o.error] = kinds.get(o.error, 0) + 1
+            detail = (f"{len(failed) - len(bad)} of {len(sel)} /products requests shed with 503 + Retry-After, "
+                      f"{len(bad)} failed otherwise")
+            if kinds:
+                detail += ": " + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
+            out.append(ProbeResult("shed_retry_after", bool(sel) and not bad,
+                                   {"requests": len(sel), "shed": len(failed) - len(bad), "other_failures": len(bad)},
+                                   "every failed /products request is a 503 with Retry-After", detail))
+        if ss.backend_capacity:
+            key = "end" if final else when
+            try:
+                stats = await asyncio.to_thread(self.target.backend_stats)
+            except Unsupported as exc:
+                out.append(ProbeResult("backend_capacity", None, None, "max_in_flight <= capacity", f"n/a: {exc}"))
+                return out
+            self.backend_stats[key] = stats
+            over = {n: f"{st['max_in_flight']} > {st['capacity']}" for n, st in stats.items()
+                    if st.get("capacity") and st.get("max_in_flight", 0) > st["capacity"]}
+            checked = [n for n, st in stats.items() if st.get("capacity")]
+            unread = sorted(n for n, st in stats.items() if "error" in st)
+            detail = ", ".join(f"{n} {st.get('max_in_flight')}/{st.get('capacity')}" for n, st in sorted(stats.items())
+                               if st.get("capacity"))
+            if unread:
+                detail += f"; not read: {', '.join(unread)}"
+            out.append(ProbeResult("backend_capacity", (not over) if checked else None,
+                                   {n: st.get("max_in_flight") for n, st in stats.items()}, "max_in_flight <= capacity",
+                                   ("over capacity: " + ", ".join(f"{n} {v}" for n, v in over.items()) + "; ")
+                                   * bool(over) + f"max_in_flight/capacity: {detail or 'no backend declares one'}"))
         return out
 
     # --- method -------------------------------------------------------------------------
@@ -541,6 +615,16 @@ class DrillRun:
                     last = f"{svc}: {r.get('status')}; " + ("; ".join(r.get("warnings", [])) or "no warnings")
                 except ApiError as exc:
                     ok, last = False, f"resilience report: {exc.code}: {exc.message}"
+            elif cond == "server-loss":  # the report's per-server capacity answer (issue 14)
+                svc = a["service"] or self.target.service
+                try:
+                    r = (await self._call(self.target.api_call, "GET", f"/v1/services/{svc}/resilience"))["resilience"]
+                    x = next((x for x in r.get("server_loss", []) if x["server"] == a["target"]), None)
+                    ok = x is not None and x["verdict"] == a["is"]
+                    last = (f"{svc}: if server {a['target']} fails: {x['answer']}: {x['detail']}" if x is not None
+                            else f"{svc}: no answer for server {a['target']}")
+                except ApiError as exc:
+                    ok, last = False, f"resilience report: {exc.code}: {exc.message}"
             else:  # validated at parse time
                 raise StepFailed(f"unknown condition {cond}")
             if ok:
@@ -608,5 +692,6 @@ class DrillRun:
             "timeline": {"buckets": bks, "samples": self.monitor.samples},
             "monitor": {"poll_failures": self.monitor.failures_report()},
             "ledger": self.ledger.to_dict() if self.ledger else None,
+            "backend_stats": self.backend_stats,
             "requests": shifted,
         }

@@ -97,6 +97,7 @@ class Outcome:
     order_id: str = ""
     replayed: bool = False
     wrong_answer: str = ""
+    retry_after: str = ""  # the Retry-After header of a non-2xx answer (a shed request)
 
     @property
     def ok(self) -> bool:
@@ -107,7 +108,8 @@ class Outcome:
         return {"seq": self.seq, "kind": self.kind, "t": round(self.scheduled, 4), "latency_ms": round(self.latency_ms, 2),
                 "status": self.status, "error": self.error, "attempts": self.attempts, "retried": self.retried,
                 "balancer": self.balancer, "served_by": self.served_by, "key": self.key, "order_id": self.order_id,
-                **({"wrong_answer": self.wrong_answer} if self.wrong_answer else {})}
+                **({"wrong_answer": self.wrong_answer} if self.wrong_answer else {}),
+                **({"retry_after": self.retry_after} if self.retry_after else {})}
 
 
 class _Retry(Exception):
@@ -120,10 +122,13 @@ class LoadGenerator:
     """Run with ``await gen.run(stop)``; outcomes accumulate in ``gen.outcomes``."""
 
     def __init__(self, addresses: ClientAddresses, cfg: LoadConfig, seed: int | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        if not addresses.addresses:
+                 clock: Callable[[], float] = time.monotonic,
+                 products_addresses: ClientAddresses | None = None) -> None:
+        if not addresses.addresses or (products_addresses is not None and not products_addresses.addresses):
             raise ValueError("no client addresses")
         self.addresses, self.cfg = addresses, cfg
+        # /products may be a service of its own (overload drills: "browse" at low priority)
+        self.products_addresses = products_addresses or addresses
         self.outcomes: list[Outcome] = []
         self.t0 = 0.0
         self.wall_t0 = 0.0
@@ -188,7 +193,8 @@ class LoadGenerator:
             headers.update({"Idempotency-Key": out.key, "Content-Type": "application/json"})
         try:
             last_error = "no address"
-            for addr in self.addresses.order_for(out.seq):
+            addresses = self.addresses if out.kind == "checkout" else self.products_addresses
+            for addr in addresses.order_for(out.seq):
                 left = deadline - self.now()
                 if left <= 0:
                     last_error = "timeout (request deadline)"
@@ -223,6 +229,7 @@ class LoadGenerator:
                 raw = await resp.read()
                 status = resp.status
                 out.served_by = resp.headers.get("X-Served-By", "")
+                out.retry_after = resp.headers.get("Retry-After", "") if status >= 300 else ""
         except aiohttp.ClientConnectorError as exc:  # refused / unreachable: nothing was sent
             raise _Retry(f"connect: {exc.os_error.strerror or exc.os_error}" if exc.os_error else "connect",
                          True) from None

@@ -85,6 +85,8 @@ class Target:
     db_path: str | None
     service: str = "checkout"
     backend_names: list[str] = field(default_factory=list)
+    # where /products traffic goes when it has its own service (overload drills); None: same as checkout
+    products_addresses: ClientAddresses | None = None
 
     # --- admin API --------------------------------------------------------------------
     def client(self, timeout: float = 4.0) -> Client:
@@ -132,6 +134,11 @@ class Target:
 
     def heal_everything(self) -> None:
         """Best-effort: undo every fault this run could have left (used before teardown)."""
+
+    def backend_stats(self) -> dict[str, dict[str, Any]]:
+        """Each backend process's own ``GET /stats`` (demo backends), read from the process
+        itself, not through a balancer; {"error": ...} for one that does not answer."""
+        raise Unsupported("backend /stats need the backend processes this run started: only with --cluster local")
 
     def close(self) -> None:
         pass
@@ -184,6 +191,9 @@ class LocalOptions:
     # backend name -> {server, zone, max_rps, max_conns} (a drill's [cluster.backends]); when
     # given it also decides which backends run. Backends of one server share its address.
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    backend_process: dict[str, Any] = field(default_factory=dict)  # {capacity, work_ms} of every backend
+    browse: dict[str, Any] | None = None  # second service on the same backends (drill [cluster.browse])
+    balancers: int = 0  # client addresses used: the first N balancers (0: all)
 
     def __post_init__(self) -> None:
         if self.backend_options:
@@ -246,8 +256,17 @@ class LocalTarget(Target):
             options["health"] = dict(self.opts.health)
         # the seeded addresses are fault-proxy ports on 127.0.0.1: label each backend's server
         labels = {n: dict(self.opts.backend_options.get(n, {}), server=self.opts.server_of(n)) for n in self.opts.backends}
+        extra_services = []
+        if self.opts.browse is not None:
+            browse = self.opts.browse
+            browse_port = free_port(hosts, self._taken)
+            limits = {k: browse[k] for k in ("max_conns", "max_rps") if browse.get(k)}
+            extra_services.append({"name": browse["name"], "port": browse_port, "options": dict(browse.get("options") or {}),
+                                   "backends": list(backends),
+                                   "backend_options": {n: {"server": self.opts.server_of(n), **limits}
+                                                       for n in self.opts.backends}})
         self.spec = ClusterSpec(nodes=nodes, service_port=service_port, backends=backends, service_options=options,
-                                backend_options=labels)
+                                backend_options=labels, extra_services=extra_services)
         init_cluster_dir(self.directory, self.spec)
         dial: dict[str, dict[str, str]] = {n.id: {} for n in nodes}
         for x in nodes:
@@ -261,7 +280,10 @@ class LocalTarget(Target):
             (self.directory / f"{n.id}.toml").write_text(node_config_text(replace(self.spec, extra_raft=extra), n))
         self.token = (self.directory / "token").read_text().strip()
         self.apis = {n.id: n.api for n in nodes}
-        self.client_addresses = ClientAddresses("balancers", [f"{n.host}:{service_port}" for n in nodes])
+        used = nodes[:self.opts.balancers] if self.opts.balancers else nodes
+        self.client_addresses = ClientAddresses("balancers", [f"{n.host}:{service_port}" for n in used])
+        for svc in extra_services:
+            self.products_addresses = ClientAddresses("balancers", [f"{n.host}:{svc['port']}" for n in used])
         for name in self.opts.backends:
             self._start_backend(name)
         for n in nodes:
@@ -286,8 +308,11 @@ class LocalTarget(Target):
         real = self.backend_real.get(name)
         if real is None:
             raise TargetError(f"no backend {name!r} (known: {', '.join(self.backend_real)})")
+        proc = self.opts.backend_process
+        extra = ([f"--capacity={int(proc['capacity'])}"] if proc.get("capacity") else []) + (
+            [f"--work-ms={float(proc['work_ms'])}"] if proc.get("work_ms") else [])
         child = Child(f"backend-{name}", halb_argv("demo", "backend", "--name", name, "--listen", real,
-                                                   "--db", str(self.db_path), "--synchronous", "NORMAL"),
+                                                   "--db", str(self.db_path), "--synchronous", "NORMAL", *extra),
                       self.logs / f"backend-{name}.log")
         child.start()
         self.backend_procs[name] = child
@@ -317,6 +342,21 @@ class LocalTarget(Target):
                 pass
         if not self.opts.keep_dir:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+    def backend_stats(self) -> dict[str, dict[str, Any]]:
+        import json
+        import urllib.request
+
+        out: dict[str, dict[str, Any]] = {}
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never an HTTP proxy
+        for name, real in self.backend_real.items():
+            try:
+                with opener.open(f"http://{real}/stats", timeout=2.0) as r:
+                    data = json.loads(r.read())
+                out[name] = data if isinstance(data, dict) else {"error": "reply is not a JSON object"}
+            except (OSError, ValueError) as exc:
+                out[name] = {"error": f"unreachable ({type(exc).__name__})"}
+        return out
 
     def pids(self) -> dict[str, int]:
         out = {k: c.pid for k, c in self.nodes.items() if c.pid}

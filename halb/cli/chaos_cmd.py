@@ -150,14 +150,17 @@ async def _run_one(drill: Any, cluster: str, duration: float | None, rate: float
         directory = Path(tempfile.mkdtemp(prefix=f"halb-chaos-{drill.slug}-"))
         target = LocalTarget(directory, LocalOptions(service_options=drill.cluster.service_options,
                                                      health=drill.cluster.health, keep_dir=keep,
-                                                     backend_options=drill.cluster.backends))
+                                                     backend_options=drill.cluster.backends,
+                                                     backend_process=drill.cluster.backend_process,
+                                                     browse=drill.cluster.browse, balancers=drill.load.balancers))
     else:
         urls = [u.strip().removeprefix("http://") for u in cluster.split(",") if u.strip()]
         try:
             target = RemoteTarget.connect(urls, read_token(token_file), db_path, pids)
         except (ApiError, TargetError) as exc:
             raise _UsageError(f"cannot use cluster {cluster}: {getattr(exc, 'message', None) or exc}") from None
-        if drill.cluster.service_options or drill.cluster.health or drill.cluster.backends:
+        if (drill.cluster.service_options or drill.cluster.health or drill.cluster.backends
+                or drill.cluster.backend_process or drill.cluster.browse):
             click.echo(f"halb: {drill.slug}: [cluster] settings apply only to --cluster local; ignored", err=True)
     started = time.time()
     try:

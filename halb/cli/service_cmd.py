@@ -72,6 +72,10 @@ def print_report(r: dict[str, Any], backends: list[dict[str, Any]], queue: dict[
                        f"{c['remaining']:g} left if server {c['worst_server']} dies")
     else:
         click.echo("  N+1: unknown (declare max_rps or max_conns on every instance)")
+    if r.get("server_loss"):
+        click.echo("  if one server fails (its load on the others, against their capacity):")
+        for x in r["server_loss"]:
+            click.echo(f"    server {x['server']}: {x['answer']}: {x['detail']}")
     src = r.get("load") or {}
     if src:
         extra = f"; unreachable: {', '.join(src['unreachable'])}" if src.get("unreachable") else ""
@@ -119,8 +123,13 @@ def print_queue(q: dict[str, Any]) -> None:
 def status(ctx: click.Context, name: str | None, as_json: bool) -> None:
     """Resilience report of service NAME (may be left out when there is one service).
 
+    Per server it says whether the others could carry the service if that server
+    failed: survives, degraded (sheds low priority) or overloaded.
+
     Exit code 0 when it survives losing any one server (and capacity suffices, when
-    declared); 5 when it is at risk or down, so scripts and CI can gate on it.
+    declared); 5 when it is at risk or down (losing some server would overload it); 6
+    when it survives every server loss only by shedding a lower-priority service on the
+    same servers, so scripts and CI can gate on it.
     """
     client = client_from(ctx)
     svc = resolve_service(client, name)
@@ -133,3 +142,5 @@ def status(ctx: click.Context, name: str | None, as_json: bool) -> None:
         print_report(r, backends, queue)
     if r["status"] != "ok":
         sys.exit(5)
+    if r.get("server_loss_verdict") == "degraded":
+        sys.exit(6)

@@ -141,8 +141,7 @@ class DataPlane:
                 continue
             backends = {b.name: {"requests": b.requests, "in_flight": b.in_flight}
                         for b in lst.rt.backends.values() if b.requests or b.in_flight}
-            if backends:
-                out[name] = {"backends": backends}
+            out[name] = {"requests": lst.rt.requests, "backends": backends}  # requests: arrivals (demand)
         return {"services": out}
 
     def local_stats(self, service: str | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from halb.dataplane.admission import RANK, empty_stats
+from halb.dataplane.adaptive import GradientLimit
 from halb.dataplane.balancers import Maglev, PeakEwma, SmoothWeightedRoundRobin, ewma_update, make_balancer
 from halb.dataplane.budget import RetryBudget
 from halb.dataplane.limits import UNLIMITED, burst_for, conn_share, refill, rps_share
@@ -61,6 +62,7 @@ class BackendState:
     tokens: float = 1.0
     tokens_at: float = 0.0
     at_limit: int = 0  # picks that passed this backend over because it was at a limit
+    adaptive: Any = None  # adaptive.GradientLimit when the service learns limits from latency
     pool: list[Any] = field(default_factory=list)  # idle upstream connections (LIFO)
 
     def __post_init__(self) -> None:
@@ -157,6 +159,11 @@ class ServiceRuntime:
             st.removed = True
             st.close_pool()
         self.n_ejected = sum(1 for st in self.backends.values() if st.ejected)
+        for st in self.backends.values():  # adaptive concurrency: keep what each backend has learned
+            if not self.opts.adaptive_concurrency:
+                st.adaptive = None
+            elif st.adaptive is None:
+                st.adaptive = GradientLimit()
         self._apply_limits(now)
         members = tuple((b.name, b.weight) for b in route.backends if b.admin_state != "maint" and b.weight > 0)
         algo = route.algorithm
@@ -167,7 +174,8 @@ class ServiceRuntime:
             self.balancer = ServerSpread(algo) if spread else make_balancer(algo, members)
         self.uses_key = isinstance(self.balancer, Maglev)
         self.is_swrr = isinstance(self.balancer, SmoothWeightedRoundRobin)
-        self.track_latency = isinstance(getattr(self.balancer, "outer", self.balancer), PeakEwma)
+        self.track_latency = (isinstance(getattr(self.balancer, "outer", self.balancer), PeakEwma)
+                              or self.opts.adaptive_concurrency)
         hk = (route.hash_key or "source").strip()
         self.hash_header = self.hash_cookie = None
         if hk.lower().startswith("header:"):
@@ -194,13 +202,15 @@ class ServiceRuntime:
         for st in self.backends.values():
             r = st.route
             st.conn_limit = conn_share(r.max_conns, index, count, self.share)
+            if st.adaptive is not None:  # learned by this process from its own latencies
+                st.conn_limit = min(st.conn_limit, st.adaptive.limit)
             rate = rps_share(r.max_rps, count, self.share)
             if rate != st.rps_rate:
                 st.rps_rate = rate
                 st.rps_burst = burst_for(rate)
                 st.tokens = st.rps_burst
                 st.tokens_at = now
-            limited = limited or r.max_conns > 0 or rate > 0
+            limited = limited or r.max_conns > 0 or rate > 0 or st.adaptive is not None
         self.limited = limited
 
     def has_room(self, st: BackendState, now: float | None = None) -> bool:
@@ -348,6 +358,12 @@ class ServiceRuntime:
             now = self.clock()
             st.ewma = ewma_update(st.ewma, st.ewma_stamp, latency, now, self.opts.ewma_decay_s)
             st.ewma_stamp = now
+            if st.adaptive is not None and st.adaptive.sample(now, latency, st.in_flight):
+                old = st.conn_limit
+                index, count = self.slot
+                st.conn_limit = min(conn_share(st.route.max_conns, index, count, self.share), st.adaptive.limit)
+                if st.conn_limit > old and self.admission is not None and self.queued:
+                    self.admission.wake()  # room for waiters
 
     def record_failure(self, st: BackendState, connect: bool, reason: str) -> None:
         """A failed attempt: connect failure, reset, timeout or 5xx; may eject at once."""
@@ -431,6 +447,9 @@ class ServiceRuntime:
                 "max_conns": st.route.max_conns, "max_rps": st.route.max_rps,
                 "limit_conns": st.conn_limit if st.conn_limit < UNLIMITED else None,
                 "limit_rps": round(st.rps_rate, 3) or None, "at_limit": st.at_limit,
+                **({"adaptive_limit": st.adaptive.limit,
+                    "adaptive_min_rtt_ms": round(st.adaptive.min_rtt * 1000, 3) if st.adaptive.min_rtt else None}
+                   if st.adaptive is not None else {}),
             }
         return {
             "mode": self.route.mode, "algorithm": self.route.algorithm,

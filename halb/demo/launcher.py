@@ -59,6 +59,9 @@ class ClusterSpec:
     # backend name -> extra [[services.backends]] keys: server, zone, max_rps, max_conns, weight
     backend_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     shared_host: str = ""  # [dataplane] shared_hosts of every node; "" = none
+    # more services seeded next to the main one (chaos overload drills: "browse" on the same
+    # backend processes): {name, port, options, backends: [(name, address)], backend_options}
+    extra_services: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def shared_address(self) -> str | None:
@@ -123,12 +126,26 @@ def node_config_text(spec: ClusterSpec, node: NodeSpec) -> str:
     if spec.health:
         lines += ["", "# Active health check every node runs against every backend (docs/health.md).",
                   "[services.health]", *(f"{k} = {_toml_value(v)}" for k, v in spec.health.items())]
-    for name, addr in spec.backends:
-        extra = dict(spec.backend_options.get(name, {}))
+    lines += _backend_lines(spec.backends, spec.backend_options)
+    for svc in spec.extra_services:
+        lines += ["", "[[services]]", f"name = {_toml_value(svc['name'])}", 'mode = "http"',
+                  f"listen = {_toml_value(node.host + ':' + str(svc['port']))}", 'algorithm = "round_robin"']
+        if svc.get("options"):
+            lines.append(f"options = {_toml_value(svc['options'])}")
+        if spec.health:
+            lines += ["", "[services.health]", *(f"{k} = {_toml_value(v)}" for k, v in spec.health.items())]
+        lines += _backend_lines(svc["backends"], svc.get("backend_options", {}))
+    return "\n".join(lines) + "\n"
+
+
+def _backend_lines(backends: list[tuple[str, str]], options: dict[str, dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    for name, addr in backends:
+        extra = dict(options.get(name, {}))
         weight = extra.pop("weight", 100)
         lines += ["", "[[services.backends]]", f"name = {_toml_value(name)}", f"address = {_toml_value(addr)}",
                   f"weight = {_toml_value(weight)}", *(f"{k} = {_toml_value(v)}" for k, v in extra.items())]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def open_private_log(path: Path) -> Any:

@@ -103,8 +103,10 @@ def test_report_for_one_two_three_servers_with_and_without_capacities(cluster_fa
     wait_until(lambda: report(c)["servers_healthy"] == ["S1", "S2", "S3"], 20, 0.2, "S3 healthy")
     r = report(c)
     assert r["n_plus_one"] is True and r["status"] == "ok" and r["capacity"][0]["worst_server"] == "S1"
-    ok = c.cli("service", "status", "checkout")
+    ok = c.cli("service", "status", "checkout")  # exit 0
     assert "survives losing any one server: yes" in ok.stdout
+    assert r["server_loss_verdict"] == "survives"  # idle: nothing to carry
+    assert "server S1: survives: the others carry 0.0 rps on capacity 4.0" in ok.stdout, ok.stdout
     # ~15 rps summed over the three balancers > the 4 rps left if S1 dies
     with Load(c, rate_per_thread=5) as load:
         wait_until(lambda: report(c)["n_plus_one"] is False, 25, 0.5, "N+1 fails under load")
@@ -116,6 +118,9 @@ def test_report_for_one_two_three_servers_with_and_without_capacities(cluster_fa
     assert m and float(m.group(1)) > 0, loaded
     r = report(c)
     assert r["status"] == "at_risk" and r["load"]["nodes"] == ["n1", "n2", "n3"]
+    s1 = next(x for x in r["server_loss"] if x["server"] == "S1")
+    assert r["server_loss_verdict"] == "overloaded" and s1["answer"] == "overloaded", r["server_loss"]
+    assert "server S1: overloaded: the other servers would need to carry" in loaded, loaded
     assert any("(capacity): if server S1 dies" in w for w in r["warnings"]), r["warnings"]
     assert load.errors == []
     import urllib.request

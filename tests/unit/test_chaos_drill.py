@@ -113,6 +113,11 @@ link = "raft:leader:follower"
     (MINIMAL + '[steady_state]\nverdicts = { B = "sideways" }\n', "steady_state.verdicts.B", "must be one of"),
     (MINIMAL + '[load]\nrate = 0\n', "load.rate", "must be within"),
     (MINIMAL + '[load]\nclient_retry = "always"\n', "load.client_retry", "must be one of"),
+    (MINIMAL + '[steady_state]\ncheckout_p99_ratio = "2x"\n', "steady_state.checkout_p99_ratio", "max"),
+    (MINIMAL + '[cluster]\nbackend_process = { capacity = -1 }\n', "cluster.backend_process.capacity",
+     "must be within"),
+    (MINIMAL + '[cluster.browse]\nname = "checkout"\n', "cluster.browse.name", "other than checkout"),
+    (MINIMAL + '[cluster.browse]\nweight = 3\n', "cluster.browse.weight", "unknown key"),
     ('title = "t"\n[[method]]\naction = "drain-backend"\ntarget = "B"\nexpect_error = 200\n', "method[0].expect_error",
      "400-599"),
 ])
@@ -132,3 +137,20 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
         load_drill(write(tmp_path, "title = \n"))
     with pytest.raises(DrillError, match="does not exist"):
         load_drill(tmp_path / "nope.toml")
+
+
+def test_overload_drill_shape() -> None:
+    """The overload drill: two services on capacity-limited processes, limits within capacity."""
+    d = load_drill(Path(__file__).resolve().parents[2] / "chaos" / "drills" / "overload-lose-server.toml")
+    cap = d.cluster.backend_process["capacity"]
+    work_s = d.cluster.backend_process["work_ms"] / 1000
+    assert d.cluster.browse is not None and d.cluster.browse["options"]["priority"] == "low"
+    assert d.cluster.service_options["priority"] == "critical"
+    for be in d.cluster.backends.values():  # the two services' limits together fit one process
+        assert be["max_conns"] + d.cluster.browse["max_conns"] <= cap
+    total = len(d.cluster.backends) * cap / work_s  # requests/s the three servers can serve
+    assert d.load.rate == pytest.approx(0.7 * total) and d.load.checkout_share == 0.3
+    ss = d.steady_state
+    assert ss.checkout_errors is not None and ss.checkout_errors.max == 0
+    assert ss.checkout_p99_ratio is not None and ss.checkout_p99_ratio.max == 2
+    assert ss.shed_retry_after and ss.backend_capacity and ss.error_rate is None

@@ -117,3 +117,83 @@ def test_report_carries_the_load_numbers():
     r = assess("checkout", [I("A", "A", rps=10.5, conns=2), I("B", "B", rps=4.25, conns=1)])
     assert r.rps == 14.75 and r.conns == 3
     assert r.to_dict()["rps"] == 14.75
+
+
+# --- capacity on the loss of one server (server_losses) -----------------------------
+
+from halb.resilience import ServiceDemand, server_losses, worst_verdict  # noqa: E402
+
+
+def drill_services(checkout_conns: float, browse_conns: float, browse_demand: float = 0.0,
+                   browse_served: float = 0.0) -> tuple[ServiceDemand, ServiceDemand]:
+    """The overload drill's shape: checkout (critical) and browse (low) on servers A, B, C,
+    5 in flight allowed per backend of each; the conns are per backend."""
+    def insts(conns: float, rps: float) -> tuple[Instance, ...]:
+        return tuple(I(s, s, max_conns=5, conns_avg=conns, rps=rps) for s in "ABC")
+    return (ServiceDemand("checkout", "critical", insts(checkout_conns, 10.0), 30.0),
+            ServiceDemand("browse", "low", insts(browse_conns, browse_served / 3), browse_demand))
+
+
+def test_idle_service_survives_every_server_loss():
+    checkout, browse = drill_services(0, 0)
+    losses = server_losses(checkout, [browse])
+    assert [(x.server, x.verdict) for x in losses] == [("A", "survives"), ("B", "survives"), ("C", "survives")]
+    assert all(x.capacity_known and x.answer == "survives" for x in losses)
+    r = assess("checkout", list(checkout.instances), None, losses)
+    assert r.server_loss_verdict == "survives" and r.status == "ok"
+
+
+def test_no_capacity_declared_is_topology_only():
+    sd = ServiceDemand("web", "normal", (I("A", "A"), I("A2", "A"), I("B", "B")))
+    losses = server_losses(sd)
+    assert [(x.server, x.verdict, x.capacity_known) for x in losses] == [("A", "survives", False),
+                                                                         ("B", "survives", False)]
+    only = server_losses(ServiceDemand("web", "normal", (I("A", "A"),)))
+    assert only[0].verdict == "overloaded" and "no other server" in only[0].detail
+
+
+def test_drill_load_degrades_losing_a_and_names_what_is_shed():
+    # 70 % load: checkout ~2.1 in flight per backend, browse ~4.9 (of 5)
+    checkout, browse = drill_services(2.1, 4.9, browse_demand=73.5, browse_served=73.5)
+    losses = server_losses(checkout, [browse])
+    a = losses[0]
+    assert a.server == "A" and a.verdict == "degraded" and a.answer == "degraded (sheds low priority)"
+    assert [(n.service, n.dimension) for n in a.sheds] == [("browse", "conns")]
+    assert round(a.sheds[0].need, 1) == 14.7 and a.sheds[0].capacity == 10
+    assert "would be shed: browse (low)" in a.detail
+    r = assess("checkout", list(checkout.instances), None, losses)
+    assert r.server_loss_verdict == "degraded" and r.status == "ok"  # checkout itself is fine
+    assert any(w.startswith("if server A fails: degraded (sheds low priority)") for w in r.warnings)
+    # browse's own answer: it does not fit, and nothing is below it
+    b = server_losses(browse, [checkout])
+    assert worst_verdict(b) == "overloaded" and not b[0].sheds
+
+
+def test_demand_above_what_was_served_scales_the_need():
+    """Limits cap what reaches the backends; arrivals (queued, shed) show the real need."""
+    checkout, browse = drill_services(2.1, 3.0, browse_demand=60.0, browse_served=30.0)
+    (a, *_) = server_losses(checkout, [browse])
+    assert a.sheds and round(a.sheds[0].need, 1) == 18.0  # 9 in flight x 60/30
+
+
+def test_checkout_that_does_not_fit_is_overloaded_and_at_risk():
+    checkout, browse = drill_services(4.0, 0)  # 12 in flight on 10 left
+    losses = server_losses(checkout, [browse])
+    assert worst_verdict(losses) == "overloaded"
+    r = assess("checkout", list(checkout.instances), None, losses)
+    assert r.status == "at_risk"
+
+
+def test_only_lower_priority_neighbours_on_shared_servers_are_shed():
+    checkout, browse = drill_services(2.0, 4.9, browse_demand=73.5, browse_served=73.5)
+    elsewhere = ServiceDemand("reports", "low", tuple(I(s, s + "x", max_conns=1, conns_avg=5) for s in "DE"), 0)
+    peer = ServiceDemand("orders", "critical", tuple(I(s, s, max_conns=1, conns_avg=5) for s in "ABC"), 0)
+    (a, *_) = server_losses(checkout, [browse, elsewhere, peer])
+    assert [n.service for n in a.sheds] == ["browse"]
+
+
+def test_learned_capacity_counts_when_none_is_declared():
+    rows = [{"name": n, "address": f"10.0.0.{i}:80", "server": n, "learned_conns": 6} for i, n in enumerate("AB")]
+    rows.append({"name": "C", "address": "10.0.0.9:80", "server": "C", "max_conns": 3, "learned_conns": 6})
+    insts = instances_from_rows(rows)
+    assert [i.max_conns for i in insts] == [6, 6, 3]  # declared wins over learned
