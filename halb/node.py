@@ -107,6 +107,8 @@ class Node:
         from halb.routing_cache import RoutingCache
         self.issues = LocalIssues()  # per-service build failures on this node (status, /v1/local-events)
         self.routing = RoutingCache(cfg.dataplane.listen_host, dict(cfg.dataplane.backend_dial or {}), self.issues)
+        self.listening = False  # admin API and data plane bound: part of READY=1 (sd_notify)
+        self.sd: Any = None  # halb.sd_notify.SystemdNotify when started by systemd (NOTIFY_SOCKET)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -115,6 +117,13 @@ class Node:
         self.gc_freezer.install()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
+        from halb.sd_notify import SystemdNotify, is_ready
+
+        self.sd = SystemdNotify.from_env(self._sd_facts, lambda: is_ready(
+            self.listening, self.raft.raft_status().leader if self.raft else None,
+            self.raft is not None and self.raft.isReady()))
+        if self.sd is not None:
+            self.sd.start()  # the watchdog pings from here on, also while starting
         await self.start()
         try:
             await self.stop_event.wait()
@@ -140,6 +149,7 @@ class Node:
         log.info("admin API listening on http://%s", cfg.api.bind)
         self._tasks.append(asyncio.create_task(self._converge_loop(), name="converge"))
         await self.start_components()
+        self.listening = True
 
     def request_stop(self, reason: str = "") -> None:
         if not self.stop_event.is_set():
@@ -148,6 +158,8 @@ class Node:
             self.stop_event.set()
 
     async def shutdown(self) -> None:
+        if self.sd is not None:
+            self.sd.stopping(self.stop_reason)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -160,7 +172,20 @@ class Node:
             self.raft.destroy()
             await asyncio.sleep(0.1)
         self.gc_freezer.uninstall()
+        if self.sd is not None:
+            await self.sd.stop()
         log.info("stopped")
+
+    def _sd_facts(self) -> Any:
+        """What systemd's STATUS= line shows (halb/sd_notify.py sends it only when it changes)."""
+        from halb.sd_notify import StatusFacts
+
+        if self.raft is None:
+            return StatusFacts("starting", None, None, 0)
+        st = self.raft.raft_status()
+        with self.raft.read() as cs:
+            services, holder = len(cs.services), cs.lease.get("holder")
+        return StatusFacts(st.state, self.leader_id() if st.leader else None, holder, services)
 
     async def start_components(self) -> None:
         """Health checks, data plane and announcement; each keeps working without quorum."""
