@@ -17,7 +17,7 @@ from typing import Any
 
 
 def assess(members: list[dict[str, Any]], has_quorum: bool) -> dict[str, Any]:
-    """members: Node.members_view() rows (in_raft_config, connected, id, raft)."""
+    """members: ClusterViews.members_view() rows (halb/api/views.py) (in_raft_config, connected, id, raft)."""
     voters = [m for m in members if m.get("in_raft_config")]
     up = [m for m in voters if m.get("connected")]
     down = [m.get("id") or m.get("raft") for m in voters if not m.get("connected")]

@@ -51,7 +51,7 @@ class NodeCollector:
         errors = CounterMetricFamily("halb_backend_errors", "Failed attempts to the backend", labels=bl)
         retries = CounterMetricFamily("halb_backend_retries", "Retries that went to the backend", labels=bl)
         ejections = CounterMetricFamily("halb_backend_ejections", "Passive outlier ejections", labels=bl)
-        for row in node.backends_view(None):
+        for row in node.views.backends_view(None):
             lv = [node.node_id, row["service"], row["name"], row.get("server") or ""]
             stats = row.get("stats") or {}
             local_up = row["local"]["up"] if row.get("local") else True
@@ -128,7 +128,7 @@ class NodeCollector:
                                             "1 when the other servers can carry the current load (cluster-wide) "
                                             "if the biggest server dies", labels=sl),
         }
-        for r in node.resilience_view(None):
+        for r in node.views.resilience_view(None):
             lv = [node.node_id, r["service"]]
             fams["servers"].add_metric(lv, len(r["servers_healthy"]))
             fams["instances"].add_metric(lv, r["healthy_instances"])

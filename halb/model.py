@@ -166,7 +166,7 @@ def listen_conflict(services: Iterable[Service], listen: str, mode: str, *, excl
     """Why binding `listen` for a `mode` service would clash with an existing one, or None.
 
     Every node binds its own `listen_host` with the *port* of a service's listen address
-    (node.services_view, routing_builder), so the host in `listen` does not separate two
+    (api/views.py services_view, routing_builder), so the host in `listen` does not separate two
     services: the same port in the same socket family clashes on every node, and with
     SO_REUSEPORT the kernel would silently split one service's connections into the other.
     `exclude` is the service being changed. One function so a later frontend (several

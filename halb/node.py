@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from typing import Any, Awaitable, Callable
@@ -18,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from halb.api.server import AdminApi
+from halb.api.views import ClusterViews
 from halb.config import NodeConfig, service_seed_to_dict
 from halb.control.raft import ReplicatedState, fail_reason_name
 from halb.control.state import Applied
@@ -107,6 +107,8 @@ class Node:
         from halb.routing_cache import RoutingCache
         self.issues = LocalIssues()  # per-service build failures on this node (status, /v1/local-events)
         self.routing = RoutingCache(cfg.dataplane.listen_host, dict(cfg.dataplane.backend_dial or {}), self.issues)
+        self.listening = False  # admin API and data plane bound: part of READY=1 (sd_notify)
+        self.sd: Any = None  # halb.sd_notify.SystemdNotify when started by systemd (NOTIFY_SOCKET)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -115,6 +117,13 @@ class Node:
         self.gc_freezer.install()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
+        from halb.sd_notify import SystemdNotify, is_ready
+
+        self.sd = SystemdNotify.from_env(self._sd_facts, lambda: is_ready(
+            self.listening, self.raft.raft_status().leader if self.raft else None,
+            self.raft is not None and self.raft.isReady()))
+        if self.sd is not None:
+            self.sd.start()  # the watchdog pings from here on, also while starting
         await self.start()
         try:
             await self.stop_event.wait()
@@ -130,6 +139,7 @@ class Node:
             on_applied=self._on_applied_thread, on_state_changed=self._on_raft_state_thread,
         )
         self.writer = CommandWriter(self.raft, cfg.api.write_timeout)
+        self.views = ClusterViews(self.node_id, self.raft, self.issues, self.cfg.dataplane.shared_hosts, self.started_at)
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         api = AdminApi(self)
         self._runner = api.runner(access_log=None, handle_signals=False)
@@ -140,6 +150,7 @@ class Node:
         log.info("admin API listening on http://%s", cfg.api.bind)
         self._tasks.append(asyncio.create_task(self._converge_loop(), name="converge"))
         await self.start_components()
+        self.listening = True
 
     def request_stop(self, reason: str = "") -> None:
         if not self.stop_event.is_set():
@@ -148,6 +159,8 @@ class Node:
             self.stop_event.set()
 
     async def shutdown(self) -> None:
+        if self.sd is not None:
+            self.sd.stopping(self.stop_reason)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -160,7 +173,20 @@ class Node:
             self.raft.destroy()
             await asyncio.sleep(0.1)
         self.gc_freezer.uninstall()
+        if self.sd is not None:
+            await self.sd.stop()
         log.info("stopped")
+
+    def _sd_facts(self) -> Any:
+        """What systemd's STATUS= line shows (halb/sd_notify.py sends it only when it changes)."""
+        from halb.sd_notify import StatusFacts
+
+        if self.raft is None:
+            return StatusFacts("starting", None, None, 0)
+        st = self.raft.raft_status()
+        with self.raft.read() as cs:
+            services, holder = len(cs.services), cs.lease.get("holder")
+        return StatusFacts(st.state, self.views.leader_id() if st.leader else None, holder, services)
 
     async def start_components(self) -> None:
         """Health checks, data plane and announcement; each keeps working without quorum."""
@@ -174,9 +200,11 @@ class Node:
                                     issues=self.issues,
                                     on_result=self.metrics.observe_check, dial=self.cfg.dataplane.backend_dial)
         self.health.start()
+        self.views.health = self.health
         self.dataplane = DataPlane(self.node_id, workers=self.cfg.dataplane.workers,
                                    shared_hosts=self.cfg.dataplane.shared_hosts)
         self.dataplane.on_ejection.append(self._on_ejection)
+        self.views.dataplane = self.dataplane
         await self.dataplane.start(self.build_routing())
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
         from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
@@ -184,10 +212,12 @@ class Node:
         if self.cfg.dataplane.capacity_share == "cluster":  # limits split by the traffic each node carries
             self.load_meter.on_cluster = lambda: self.dataplane.set_capacity_shares(*self.load_meter.shares())
         self.load_meter.start(self._http)
+        self.views.load_meter = self.load_meter
         self.add_listener(self._after_apply)
         # --- announce (VIP quorum lease / DNS; halb/announce/manager.py) ---
         from halb.announce.manager import start_announcement
         self.announcer = await start_announcement(self)
+        self.views.announcer = self.announcer
         # --- end announce ---
 
     async def stop_components(self) -> None:
@@ -325,183 +355,11 @@ class Node:
                 log.exception("converge loop")
                 await asyncio.sleep(1.0)
 
-    # --- views for the API (read locally) ---------------------------------------------
-
-    def leader_id(self) -> str | None:
-        leader = self.raft.raft_status().leader
-        if leader is None:
-            return None
-        with self.raft.read() as cs:
-            for m in cs.members.values():
-                if m.raft == leader:
-                    return m.id
-        return leader
-
-    def raft_members(self) -> set[str]:
-        """Raft addresses in this node's current Raft configuration (self included)."""
-        st = self.raft.raft_status()
-        return {st.self_addr, *st.partners}
-
-    def members_view(self) -> list[dict[str, Any]]:
-        st = self.raft.raft_status()
-        leader = st.leader
-        with self.raft.read() as cs:
-            members = [to_primitive(m) for m in cs.members.values()]
-        known = {m["raft"] for m in members}
-        for addr in sorted(self.raft_members() - known):
-            members.append({"id": None, "raft": addr, "api": None, "listen_host": ""})
-        for m in members:
-            m["self"] = m["raft"] == st.self_addr
-            m["leader"] = m["raft"] == leader
-            m["in_raft_config"] = m["raft"] in self.raft_members()
-            m["connected"] = True if m["self"] else st.partners.get(m["raft"])
-            if m["self"]:
-                m["raft_state"] = st.state
-        return sorted(members, key=lambda m: (m["id"] is None, m["id"] or m["raft"]))
-
-    def services_view(self) -> list[dict[str, Any]]:
-        with self.raft.read() as cs:
-            services = [to_primitive(s) for s in cs.services.values()]
-            hosts = [m.listen_host for m in cs.members.values()]
-        out = []
-        for svc in services:
-            host, port = parse_hostport(svc["listen"]) if svc["listen"] else ("", 0)
-            listen = sorted({f"{h or host}:{port}" for h in hosts}) if port else []
-            svc["listen_nodes"] = listen or ([svc["listen"]] if svc["listen"] else [])
-            svc["backends"] = list(svc["backends"].values())
-            out.append(svc)
-        return sorted(out, key=lambda s: s["name"])
-
-    def backends_view(self, service: str | None) -> list[dict[str, Any]]:
-        from halb.health import view as health_view  # "pending" until checked: see there
-
-        rows = []
-        with self.raft.read() as cs:
-            observations = {k: dict(v) for k, v in cs.observations.items()}
-            verdicts = {k: dict(v) for k, v in cs.verdicts.items()}
-            voters = cs.voters()
-        stats = self.dataplane.stats()["services"] if self.dataplane is not None else {}
-        for svc in self.services_view():
-            if service is not None and svc["name"] != service:
-                continue
-            svc_stats = stats.get(svc["name"], {}).get("backends", {})
-            for be in svc["backends"]:
-                key = f"{svc['name']}/{be['name']}"
-                obs = observations.get(key, {})
-                v = verdicts.get(key, {})
-                local = self.health.local_state(svc["name"], be["name"]) if self.health else None
-                bstats = svc_stats.get(be["name"], {})
-                rows.append({
-                    "service": svc["name"], **be,
-                    "verdict": health_view.verdict_of(v, obs, voters),
-                    "verdict_since": v.get("since"),
-                    "hold_until": v.get("hold_until") if v.get("verdict") == "held" else None,
-                    "observations": health_view.observation_states(obs, voters),
-                    "observed_at": {m: obs[m]["at"] for m in obs},
-                    "observation_detail": {m: obs[m]["detail"] for m in obs if obs[m].get("detail")},
-                    "local": health_view.local_view(local),
-                    "in_flight": bstats.get("in_flight", 0),
-                    "stats": {k: bstats.get(k, 0) for k in ("requests", "errors", "retries", "ejections")},
-                    "requests": bstats.get("requests", 0),
-                    "ejected": bstats.get("ejected", False),
-                    # adaptive concurrency: the limit this node learned (the report's "learned" capacity)
-                    **({"learned_conns": bstats["adaptive_limit"]} if bstats.get("adaptive_limit") else {}),
-                })
-        return rows
+    # --- views for the API: halb/api/views.py ------------------------------------------
 
     def _peer_apis(self) -> list[tuple[str, str]]:
         with self.raft.read() as cs:
             return [(m.id, m.api) for m in cs.members.values() if m.id != self.node_id and m.api]
-
-    def resilience_view(self, service: str | None = None) -> list[dict[str, Any]]:
-        """Per service: servers/zones its healthy instances span, server/zone loss, N+1
-        (halb/resilience.py), with the load summed over the members that answered."""
-        from halb.resilience import ServiceDemand, assess, instances_from_rows, server_losses
-
-        meter = getattr(self, "load_meter", None)
-        cluster = meter.cluster() if meter is not None else {"load": {}, "nodes": [], "unreachable": []}
-        source = {"scope": "cluster", "nodes": cluster.get("nodes", []), "unreachable": cluster.get("unreachable", []),
-                  "window_s": cluster.get("window_s"), "age_s": round(max(0.0, time.time() - cluster.get("at", time.time())), 1)}
-        rows_by_service: dict[str, list[dict[str, Any]]] = {}
-        views = self.services_view()
-        names = [s["name"] for s in views]
-        priority = {s["name"]: (s.get("options") or {}).get("priority", "normal") for s in views}
-        for row in self.backends_view(None):  # every service: neighbours on the same servers count
-            rows_by_service.setdefault(row["service"], []).append(row)
-        demand = cluster.get("demand", {})
-        demands = {n: ServiceDemand(n, priority[n], tuple(instances_from_rows(rows_by_service.get(n, []),
-                                                                              cluster["load"].get(n, {}))),
-                                    float(demand.get(n, 0.0))) for n in names}
-        out = []
-        for name in names:
-            if service is not None and name != service:
-                continue
-            d = demands[name]
-            losses = server_losses(d, [v for k, v in demands.items() if k != name])
-            report = assess(name, list(d.instances), source, losses)
-            out.append(report.to_dict())
-        return out
-
-    def events_view(self, since: int, limit: int) -> list[dict[str, Any]]:
-        with self.raft.read() as cs:
-            events = [to_primitive(e) for e in cs.events if e.seq > since]
-        return events[:limit]
-
-    def status_view(self) -> dict[str, Any]:
-        from halb.cluster_health import assess, visible_leader
-
-        st = self.raft.raft_status()
-        with self.raft.read() as cs:
-            seeded, last_event = cs.seeded, cs.event_seq
-        members = self.members_view()
-        leader_raft = visible_leader(st.leader, st.self_addr, st.partners)
-        for m in members:  # the same rule for the per-member flag
-            m["leader"] = m["raft"] == leader_raft
-        health = assess(members, st.has_quorum)
-        return {
-            "node": self.node_id,
-            "leader": self.leader_id() if leader_raft else None,
-            "leader_raft": leader_raft,
-            "raft_state": st.state,
-            "term": st.term,
-            "has_quorum": st.has_quorum,
-            "health": health.pop("health"),
-            "health_detail": health,
-            "commit_index": st.commit_index,
-            "last_applied": st.last_applied,
-            "members": members,
-            "services": self._status_services(),
-            "seeded": seeded,
-            "last_event": last_event,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "pid": os.getpid(),
-            "announce": self.announcer.status() if self.announcer is not None else {"mode": "none"},
-        }
-
-    def _status_services(self) -> list[dict[str, Any]]:
-        """Services for the status view; at-risk ones (resilience) first, with their warnings.
-        `address` is the one service address that survives any one balancer (the shared host)."""
-        from halb.cluster_health import shared_addresses
-
-        try:
-            reports = {r["service"]: r for r in self.resilience_view()}
-        except Exception:  # the status view must answer even if the report cannot be built
-            log.exception("resilience report")
-            reports = {}
-        out = []
-        for s in self.services_view():
-            r = reports.get(s["name"], {})
-            shared = shared_addresses(s["listen"], self.cfg.dataplane.shared_hosts)
-            local = [f"{i.area} on {self.node_id}: {i.message} (since {time.strftime('%H:%M:%S', time.localtime(i.since))})"
-                     for i in self.issues.for_service(s["name"])]
-            out.append({"name": s["name"], "mode": s["mode"], "listen": s["listen_nodes"],
-                        "address": shared[0] if shared else None, "shared_addresses": shared,
-                        "algorithm": s["algorithm"], "backends": len(s["backends"]),
-                        "resilience": r.get("status", "unknown"), "servers_healthy": len(r.get("servers_healthy", [])),
-                        "routing": "error" if local else "ok",
-                        "warnings": local + r.get("warnings", [])})
-        rank = {"down": 0, "at_risk": 1}
-        return sorted(out, key=lambda s: (s["routing"] == "ok", rank.get(s["resilience"], 2), s["name"]))
 
     # --- membership and leadership ----------------------------------------------------
 
@@ -528,7 +386,7 @@ class Node:
                 raise WriteError(409, "conflict", f"member {node_id!r} already exists")
             if any(m.raft == raft for m in cs.members.values()):
                 raise WriteError(409, "conflict", f"raft address {raft} is already a member")
-        if raft in self.raft_members():
+        if raft in self.views.raft_members():
             raise WriteError(409, "conflict", f"raft address {raft} is already in the Raft configuration")
         err = await self._raft_call(self.raft.addNodeToCluster, raft)
         if err != 0:
@@ -536,22 +394,22 @@ class Node:
                              f"Raft refused to add {raft}: {fail_reason_name(err)} (one change at a time; retry)")
         result = await self.writer.write("member.register", {"id": node_id, "raft": raft, "api": api},
                                          by=by)
-        peers = sorted(self.raft_members() - {raft})
+        peers = sorted(self.views.raft_members() - {raft})
         return {**result, "start_with_peers": peers}
 
     async def member_remove(self, node_id: str, *, by: str) -> dict[str, Any]:
         member = self._member_by_id(node_id)
         if member is None:
             raise WriteError(404, "not_found", f"member {node_id!r} does not exist")
-        if len(self.raft_members()) <= 1:
+        if len(self.views.raft_members()) <= 1:
             raise WriteError(409, "denied", "cannot remove the last member")
         transferred = None
         if self.raft.raft_status().leader == member.raft:
-            others = [m for m in self.members_view() if m["id"] and m["id"] != node_id and m["in_raft_config"]]
+            others = [m for m in self.views.members_view() if m["id"] and m["id"] != node_id and m["in_raft_config"]]
             if not others:
                 raise WriteError(409, "denied", "no other member to hand leadership to")
             transferred = await self.transfer_leadership(None, by=by, exclude=member.raft)
-        if member.raft in self.raft_members():
+        if member.raft in self.views.raft_members():
             for attempt in range(20):
                 err = await self._raft_call(self.raft.removeNodeFromCluster, member.raft)
                 if err == 0:
@@ -590,7 +448,7 @@ class Node:
                 raise WriteError(404, "not_found", f"member {target!r} does not exist")
             target_raft = member.raft
             if target_raft == st.leader:
-                return {"ok": True, "from": self.leader_id(), "to": target, "changed": False}
+                return {"ok": True, "from": self.views.leader_id(), "to": target, "changed": False}
         if st.leader != st.self_addr:
             return await self._forward_transfer(target, exclude)
         if target_raft is None:
@@ -598,7 +456,7 @@ class Node:
             if not candidates:
                 raise WriteError(409, "denied", "no connected follower to hand leadership to")
         started = time.monotonic()
-        old = self.leader_id()
+        old = self.views.leader_id()
         deadline = started + timeout
         if self.announcer is not None:  # announce: delete the VIP and release the lease first
             await self.announcer.before_transfer()
@@ -616,7 +474,7 @@ class Node:
             if leader is not None and leader != st.self_addr:
                 break
             await asyncio.sleep(0.01)
-        new = self.leader_id()
+        new = self.views.leader_id()
         if new == old:
             raise WriteError(504, "timeout", f"leadership did not move within {timeout:g}s")
         log.info("leadership transferred %s -> %s by %s", old, new, by)
@@ -624,13 +482,13 @@ class Node:
                 "took_ms": round((time.monotonic() - started) * 1000, 1)}
 
     async def _forward_transfer(self, target: str | None, exclude: str | None) -> dict[str, Any]:
-        leader_id = self.leader_id()
+        leader_id = self.views.leader_id()
         leader = self._member_by_id(leader_id) if leader_id else None
         if leader is None:
             raise WriteError(503, "no_leader", "the leader's admin API is not known yet; retry")
         body: dict[str, Any] = {"to": target}
         if exclude is not None and target is None:
-            others = [m for m in self.members_view() if m["id"] and m["raft"] not in (exclude, leader.raft)]
+            others = [m for m in self.views.members_view() if m["id"] and m["raft"] not in (exclude, leader.raft)]
             body["to"] = others[0]["id"] if others else None
         async with self._http.post(f"http://{leader.api}/v1/leader/transfer", json=body,
                                    headers={"Authorization": f"Bearer {self.token}"}) as resp:

@@ -107,10 +107,10 @@ class Cluster:
     def config(self, node_id: str) -> Path:
         return self.directory / f"{node_id}.toml"
 
-    def start(self, node_id: str, *extra_args: str) -> Child:
+    def start(self, node_id: str, *extra_args: str, env: dict[str, str] | None = None) -> Child:
         child = Child(node_id, halb_argv("node", "run", "--config", str(self.config(node_id)), *extra_args),
                       self.directory / "logs" / f"{node_id}.log")
-        child.start()
+        child.start(env=env)
         self.nodes[node_id] = child
         return child
 

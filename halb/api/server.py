@@ -184,7 +184,7 @@ class AdminApi:
     def envelope(self, **data: Any) -> dict[str, Any]:
         """Every read says who answered and what it believes about leadership."""
         st = self.node.raft.raft_status()
-        return {"node": self.node.node_id, "leader": self.node.leader_id(), "raft_state": st.state, **data}
+        return {"node": self.node.node_id, "leader": self.node.views.leader_id(), "raft_state": st.state, **data}
 
     async def write(self, request: web.Request, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Validate in full (400 with the reason, nothing proposed), pre-check what needs
@@ -219,34 +219,34 @@ class AdminApi:
     async def readyz(self, request: web.Request) -> web.Response:
         st = self.node.raft.raft_status()
         ready = st.leader is not None and self.node.raft.isReady()
-        body = {"ready": ready, "node": self.node.node_id, "raft_state": st.state, "leader": self.node.leader_id()}
+        body = {"ready": ready, "node": self.node.node_id, "raft_state": st.state, "leader": self.node.views.leader_id()}
         return web.json_response(body, status=200 if ready else 503)
 
     # --- status, services, backends ----------------------------------------------------
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(self.node.status_view())
+        return web.json_response(self.node.views.status_view())
 
     async def services(self, request: web.Request) -> web.Response:
-        return web.json_response(self.envelope(services=self.node.services_view()))
+        return web.json_response(self.envelope(services=self.node.views.services_view()))
 
     async def service_get(self, request: web.Request) -> web.Response:
         name = request.match_info["svc"]
-        for svc in self.node.services_view():
+        for svc in self.node.views.services_view():
             if svc["name"] == name:
-                reports = self.node.resilience_view(name)
+                reports = self.node.views.resilience_view(name)
                 return web.json_response(self.envelope(service=dict(svc, resilience=reports[0] if reports else None)))
         return json_error(404, "not_found", f"service {name!r} does not exist")
 
     async def service_resilience(self, request: web.Request) -> web.Response:
         name = request.match_info["svc"]
-        reports = self.node.resilience_view(name)
+        reports = self.node.views.resilience_view(name)
         if not reports:
             return json_error(404, "not_found", f"service {name!r} does not exist")
         return web.json_response(self.envelope(resilience=reports[0]))
 
     async def resilience_all(self, request: web.Request) -> web.Response:
-        return web.json_response(self.envelope(resilience=self.node.resilience_view(None)))
+        return web.json_response(self.envelope(resilience=self.node.views.resilience_view(None)))
 
     async def service_add(self, request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -260,17 +260,17 @@ class AdminApi:
         return web.json_response(self.envelope(**result))
 
     async def backends_all(self, request: web.Request) -> web.Response:
-        return web.json_response(self.envelope(backends=self.node.backends_view(None)))
+        return web.json_response(self.envelope(backends=self.node.views.backends_view(None)))
 
     async def backends(self, request: web.Request) -> web.Response:
         svc = request.match_info["svc"]
-        if svc not in {s["name"] for s in self.node.services_view()}:
+        if svc not in {s["name"] for s in self.node.views.services_view()}:
             return json_error(404, "not_found", f"service {svc!r} does not exist")
-        return web.json_response(self.envelope(backends=self.node.backends_view(svc)))
+        return web.json_response(self.envelope(backends=self.node.views.backends_view(svc)))
 
     async def backend_get(self, request: web.Request) -> web.Response:
         svc, name = request.match_info["svc"], request.match_info["name"]
-        for be in self.node.backends_view(svc):
+        for be in self.node.views.backends_view(svc):
             if be["name"] == name:
                 return web.json_response(self.envelope(backend=be))
         return json_error(404, "not_found", f"backend {name!r} does not exist in service {svc!r}")
@@ -315,7 +315,7 @@ class AdminApi:
     # --- members and leadership -------------------------------------------------------
 
     async def members(self, request: web.Request) -> web.Response:
-        return web.json_response(self.envelope(members=self.node.members_view()))
+        return web.json_response(self.envelope(members=self.node.views.members_view()))
 
     async def member_add(self, request: web.Request) -> web.Response:
         body = await read_json(request)
@@ -357,7 +357,7 @@ class AdminApi:
         except ValueError:
             return json_error(400, "invalid", "since, limit and last must be integers")
         limit = max(1, min(limit, 1000))
-        events = self.node.events_view(since, 100000)
+        events = self.node.views.events_view(since, 100000)
         events = events[-min(last, 1000):] if last > 0 else events[:limit]
         return web.json_response(self.envelope(events=events))
 

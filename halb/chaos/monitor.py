@@ -6,7 +6,7 @@ shows as unreachable, which is itself information), every ~200 ms one answering 
 Changes (leader, VIP holder, verdicts, reachability) are recorded as timeline events; the
 latest readings answer the engine's wait-until conditions and steady-state probes.
 
-Field names are the real ones of ``GET /v1/status`` (halb/node.py ``status_view``, its
+Field names are the real ones of ``GET /v1/status`` (halb/api/views.py ``status_view``, its
 ``announce`` part from halb/announce/manager.py ``Announcement.status``) and of the
 backends view; a reply without them is a polling failure, not a guess. Every polling
 failure (no answer, HTTP error, unexpected reply, a bug in a poll) is counted in

@@ -40,3 +40,23 @@ def run(config_path: str, insecure_dev: bool) -> None:
     except OSError as exc:
         click.echo(f"halb: node {cfg.node_id} failed to start: {exc}", err=True)
         sys.exit(1)
+
+
+@node.command("systemd-unit")
+@click.option("--venv", default="/opt/halb/venv", show_default=True,
+              help="The venv halb is installed in (ExecStart runs VENV/bin/halb).")
+@click.option("--config-dir", default="/etc/halb", show_default=True,
+              help="Where the node configs are: instance n1 runs CONFIG_DIR/n1.toml.")
+@click.option("--user", default="halb", show_default=True, help="The system user the node runs as.")
+@click.option("--watchdog-sec", default=10, show_default=True, type=int,
+              help="systemd kills and restarts a node whose event loop did not ping for this long.")
+def systemd_unit(venv: str, config_dir: str, user: str, watchdog_sec: int) -> None:
+    """Print the systemd unit halb-node@.service (Type=notify with a watchdog; docs/deploy.md)."""
+    from halb.systemd_unit import UnitOptions, render_unit
+
+    try:
+        click.echo(render_unit(UnitOptions(venv=venv.rstrip("/") or "/", config_dir=config_dir.rstrip("/") or "/",
+                                           user=user, watchdog_sec=watchdog_sec)), nl=False)
+    except ValueError as exc:
+        click.echo(f"halb: {exc}", err=True)
+        sys.exit(2)

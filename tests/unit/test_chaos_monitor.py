@@ -8,7 +8,7 @@ from tests.unit.test_announce_manager import drive, make
 
 
 def node_status(ann) -> dict:
-    """The parts of node.status_view() the monitor reads, with the real announce status."""
+    """The parts of the status view (halb/api/views.py) the monitor reads, with the real announce status."""
     return {"node": "n1", "leader": "n1", "raft_state": "leader", "term": 1, "has_quorum": True,
             "members": [{"id": "n1", "raft": "127.0.0.1:1"}], "announce": ann.status()}
 
