@@ -93,11 +93,24 @@ class DataplaneConfig:
     # How a backend's max_conns / max_rps (cluster-wide numbers) become this node's limit:
     # "node": this node enforces all of it (right when one node serves: the VIP holder);
     # "cluster": its share follows the traffic the nodes report (several nodes serving at
-    # once: DNS mode, shared_hosts, clients using every node's address). docs/dataplane.md
-    capacity_share: str = "node"
+    # once: DNS mode, shared_hosts, clients using every node's address); "auto" (default):
+    # "cluster" where several nodes serve one address (shared_hosts or DNS), else "node".
+    # docs/dataplane.md
+    capacity_share: str = "auto"
 
 
-CAPACITY_SHARES = ("node", "cluster")
+CAPACITY_SHARES = ("auto", "node", "cluster")
+
+
+def effective_capacity_share(setting: str, shared_hosts: list[str], announce_mode: str) -> str:
+    """What "auto" means for this node. Several nodes serve the same address at once when
+    they share a host (SO_REUSEPORT on one machine) or are all in a DNS answer: then each may
+    take only its share of a backend's capacity. With one VIP holder, or clients that use
+    one node's own address, the serving node's limit is the cluster's: a share learned over
+    10 s windows would throttle a new holder right after a handover."""
+    if setting != "auto":
+        return setting
+    return "cluster" if shared_hosts or announce_mode == "dns" else "node"
 
 
 @dataclass
@@ -291,7 +304,7 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
                 raise dp_t.error(f"backend_dial.{addr}", str(exc)) from None
     dataplane.backend_dial = dict(backend_dial)
     dataplane.shared_hosts = _shared_hosts(dp_t, dp_t.take("shared_hosts", list, []))
-    dataplane.capacity_share = dp_t.take("capacity_share", str, "node")
+    dataplane.capacity_share = dp_t.take("capacity_share", str, "auto")
     if dataplane.capacity_share not in CAPACITY_SHARES:
         raise dp_t.error("capacity_share", f"must be one of {', '.join(CAPACITY_SHARES)}, "
                                            f"got {dataplane.capacity_share!r}")

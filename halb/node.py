@@ -18,7 +18,7 @@ from aiohttp import web
 
 from halb.api.server import AdminApi
 from halb.api.views import ClusterViews
-from halb.config import NodeConfig, service_seed_to_dict
+from halb.config import NodeConfig, effective_capacity_share, service_seed_to_dict
 from halb.control.raft import ReplicatedState, fail_reason_name
 from halb.control.state import Applied
 from halb.control.writer import CommandWriter, WriteError
@@ -209,7 +209,10 @@ class Node:
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
         from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
         self.load_meter = LoadMeter(self.node_id, self.dataplane.load_counters, self._peer_apis, self.token)
-        if self.cfg.dataplane.capacity_share == "cluster":  # limits split by the traffic each node carries
+        share_mode = effective_capacity_share(self.cfg.dataplane.capacity_share, self.cfg.dataplane.shared_hosts,
+                                              str(self.cfg.announce.get("mode", "none")))
+        log.info("capacity limits: %s share (capacity_share = %r)", share_mode, self.cfg.dataplane.capacity_share)
+        if share_mode == "cluster":  # limits split by the traffic each node carries
             self.load_meter.on_cluster = lambda: self.dataplane.set_capacity_shares(*self.load_meter.shares())
         self.load_meter.start(self._http)
         self.views.load_meter = self.load_meter

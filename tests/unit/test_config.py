@@ -136,3 +136,25 @@ def test_shared_hosts_parse_and_validate(tmp_path):
         with pytest.raises(ConfigError) as err:
             load_config(path)
         assert err.value.key == "dataplane.shared_hosts" and reason in err.value.reason, str(err.value)
+
+
+def test_capacity_share_auto_splits_only_where_several_nodes_serve_one_address() -> None:
+    """"auto": a shared host or a DNS answer means several nodes serve at once (each takes a
+    share); a VIP holder or a node's own address means one node serves (it enforces all)."""
+    from halb.config import effective_capacity_share
+
+    assert effective_capacity_share("auto", ["127.0.0.10"], "none") == "cluster"
+    assert effective_capacity_share("auto", [], "dns") == "cluster"
+    assert effective_capacity_share("auto", [], "vip") == "node"
+    assert effective_capacity_share("auto", [], "none") == "node"
+    assert effective_capacity_share("node", ["127.0.0.10"], "dns") == "node"
+    assert effective_capacity_share("cluster", [], "vip") == "cluster"
+
+
+def test_capacity_share_defaults_to_auto_and_refuses_unknown_values(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).dataplane.capacity_share == "auto"
+    bad = GOOD.replace("[[services]]", '[dataplane]\ncapacity_share = "half"\n[[services]]', 1)
+    assert bad != GOOD
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, bad))
+    assert "capacity_share" in str(e.value) and "auto, node, cluster" in str(e.value)
