@@ -14,39 +14,18 @@ finding aborts with the sanitizer's report and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
-import os
 import random
-import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
 import time
 from pathlib import Path
+
+import sanitized_build  # tests/ is on sys.path when this script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_and_rerun(seconds: int) -> int:
-    cc = shutil.which("gcc")
-    if cc is None:
-        print("SKIP: gcc not found")
-        return 0
-    tmp = Path(tempfile.mkdtemp(prefix="halb-asan-relay-"))
-    try:
-        so = tmp / ("_tcprelay" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
-        subprocess.run([cc, "-shared", "-fPIC", "-g", "-O1", "-fno-omit-frame-pointer", "-Wall", "-Wextra",
-                        "-Wno-unused-parameter", "-fsanitize=address,undefined", "-I", sysconfig.get_paths()["include"],
-                        str(ROOT / "halb/dataplane/_tcprelay.c"), "-o", str(so)], check=True)
-        runtimes = [subprocess.run([cc, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
-                    for lib in ("libasan.so", "libubsan.so")]
-        env = dict(os.environ, PYTHONMALLOC="malloc", LD_PRELOAD=":".join(runtimes),
-                   ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
-                   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
-        return subprocess.run([sys.executable, __file__, "--child", str(tmp), "--seconds", str(seconds)],
-                              env=env, cwd=str(ROOT)).returncode
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return sanitized_build.build_and_rerun("halb/dataplane/_tcprelay.c", "_tcprelay", __file__, seconds, ("-Wall", "-Wextra", "-Wno-unused-parameter"))
 
 
 def fuzz(moddir: str, seconds: int) -> int:
@@ -58,8 +37,7 @@ def fuzz(moddir: str, seconds: int) -> int:
     from halb.dataplane.testing import run
     from tests.relay_stress import stress
 
-    maps = Path("/proc/self/maps").read_text()
-    if "libasan" not in maps or moddir not in maps:
+    if not sanitized_build.sanitized_module_loaded(moddir):
         print("error: the sanitized build or the ASan runtime is not loaded", file=sys.stderr)
         return 2
     tcp_relay.Relay = sanitized.Relay
