@@ -11,7 +11,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from halb.control.tokens import BOOTSTRAP_NAME, hash_token
+from halb.tokens import BOOTSTRAP_NAME, hash_token
 
 BACKEND = "/v1/services/{svc}/backends/{name}"
 OPERATOR_ROUTES = frozenset({

@@ -18,7 +18,7 @@ from halb.api.protocol import AdminRunner, install_log_redaction
 from halb.api.roles import Identity, identify, required_role
 from halb.api.validation import validate_full
 from halb.control.commands import CommandError
-from halb.control.tokens import BOOTSTRAP_NAME, hash_token, new_token, role_allows
+from halb.tokens import BOOTSTRAP_NAME, hash_token, new_token, role_allows
 from halb.control.writer import ERROR_STATUS, WriteError
 from halb.model import ADMIN_STATES, ModelError, check_name, listen_conflict, parse_hostport
 

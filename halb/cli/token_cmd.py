@@ -11,7 +11,7 @@ from urllib.parse import quote
 import click
 
 from halb.cli.common import api_command, client_from, emit_json, json_option, table, wants_json
-from halb.control.tokens import ROLES
+from halb.tokens import ROLES
 
 
 @click.group()

@@ -23,7 +23,7 @@ from halb.model import (
     to_primitive,
 )
 from halb.service_options import HealthCheck, finite_number
-from halb.control.tokens import BOOTSTRAP_NAME, ROLES, is_token_hash
+from halb.tokens import BOOTSTRAP_NAME, ROLES, is_token_hash
 
 SERVICE_KEYS = frozenset({"name", "mode", "listen", "algorithm", "hash_key", "options", "backends"})
 BACKEND_KEYS = frozenset({"name", "address", "weight", "admin_state", "server", "zone", "max_rps", "max_conns"})

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from halb.control.commands import CommandError, check_envelope, validate_command
-from halb.control.tokens import MAX_TOKENS
+from halb.tokens import MAX_TOKENS
 from halb.service_options import CONTROL_OPTIONS, OptionError, check_option
 from halb.model import (
     Backend, Event, Member, ModelError, Service, backend_from, listen_conflict, service_from, to_primitive,
@@ -332,7 +332,7 @@ class ClusterState:
         self.record(cmd, args["kind"], args["message"], **args["data"])
         return ok()
 
-    # --- API tokens (halb/control/tokens.py) -------------------------------------------------
+    # --- API tokens (halb/tokens.py) ---------------------------------------------------------
 
     def _token_add(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         name = args["name"]
