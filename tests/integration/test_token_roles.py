@@ -63,6 +63,13 @@ def test_roles_are_enforced_revocation_is_cluster_wide_and_audit_names_the_token
         assert code == 400 and err["error"] == "invalid", (body, err)
     dup = c.cli("token", "add", "oncall", "--role", "admin", check=False)
     assert dup.returncode == 1 and "already exists" in dup.stderr
+    # a retry of an add that already applied cannot show the token again: 409, not a second token
+    key = {"Idempotency-Key": "add-retry-1"}
+    first = call(c.api("n1"), c.token, "POST", "/v1/tokens", {"name": "retry", "role": "read"}, headers=key)
+    again = call(c.api("n2"), c.token, "POST", "/v1/tokens", {"name": "retry", "role": "read"}, headers=key)
+    assert first[0] == 201 and first[1]["secret"].startswith("halb_"), first
+    assert again[0] == 409 and "earlier attempt" in again[1]["message"], again
+    assert call(c.api("n3"), first[1]["secret"], "GET", "/v1/status")[0] == 200
 
     # read: can look everywhere, cannot add a backend (CLI exit 1, API 403 with a JSON reason)
     for node in NODES:
@@ -74,6 +81,8 @@ def test_roles_are_enforced_revocation_is_cluster_wide_and_audit_names_the_token
     assert code == 403 and err["error"] == "forbidden" and err["role"] == "read" and err["required_role"] == "admin"
     assert call(c.api("n1"), reader, "POST", "/v1/services/checkout/backends/D/drain", {})[0] == 403
     assert call(c.api("n1"), reader, "GET", "/v1/tokens")[0] == 403  # the token list is admin-only
+    assert call(c.api("n1"), reader, "GET", "/v1/nowhere")[0] == 404  # unmatched: a read may learn 404
+    assert call(c.api("n1"), reader, "POST", "/v1/nowhere", {})[0] == 403  # a write needs admin
 
     # operator: drain and weight yes; members, services, backend add, tokens no
     c.cli("backend", "drain", "D", token_file=oper_file)
@@ -100,7 +109,7 @@ def test_roles_are_enforced_revocation_is_cluster_wide_and_audit_names_the_token
     assert [e["by"] for e in events_by_kind(c, "backend.active")] == ["oncall"]
     assert {e["by"] for e in events_by_kind(c, "backend.added")} == {"bootstrap"}
     added = {e["data"]["token"]: e["by"] for e in events_by_kind(c, "token.added")}
-    assert added == {"ro-dash": "bootstrap", "oncall": "bootstrap"}
+    assert added == {"ro-dash": "bootstrap", "oncall": "bootstrap", "retry": "bootstrap"}
 
     # revoke: every node answers 401 within 5 s
     for node in NODES:
