@@ -125,3 +125,12 @@ def test_snapshot_without_tokens_restores_empty_table() -> None:
     del d["tokens"]
     assert ClusterState.from_dict(d).tokens == {}
     assert is_token_hash(hash_token("x")) and not is_token_hash(None)
+
+
+def test_token_table_is_bounded() -> None:
+    from halb.tokens import MAX_TOKENS
+    s = ClusterState()
+    for i in range(MAX_TOKENS):
+        assert s.apply(cmd("token.add", valid_add(name=f"t{i}", hash=hash_token(str(i))))).result["ok"]
+    over = s.apply(cmd("token.add", valid_add(name="one-more", hash=hash_token("x")))).result
+    assert over["error"] == "conflict" and "one-more" not in s.tokens
