@@ -431,8 +431,7 @@ class Node:
             return True
         try:
             async with self._http.post(f"http://{member.api}/v1/admin/shutdown",
-                                       headers={"Authorization": f"Bearer {self.token}",
-                                                "X-Halb-Operator": f"node:{self.node_id}"},
+                                       headers={"Authorization": f"Bearer {self.token}"},
                                        timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 return resp.status == 202
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:

@@ -151,9 +151,11 @@ class Cluster:
         wait_until(lambda: {m["id"] for m in self.status(self.spec.nodes[0].id)["members"]} >= want, timeout,
                    0.1, "all members registered")
 
-    def cli(self, *args: str, node: str | None = None, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, node: str | None = None, check: bool = True, timeout: float = 30,
+            token_file: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """`token_file`: run as another named token (default: the bootstrap token)."""
         env = dict(os.environ, HALB_CLUSTER=self.api(node) if node else ",".join(self.apis),
-                   HALB_TOKEN_FILE=str(self.token_file))
+                   HALB_TOKEN_FILE=str(token_file or self.token_file))
         env.pop("HALB_TOKEN", None)
         proc = subprocess.run([sys.executable, "-m", "halb", *args], capture_output=True, text=True, env=env,
                               timeout=timeout)

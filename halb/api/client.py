@@ -7,10 +7,8 @@ attempts, so a retried write is applied at most once.
 """
 from __future__ import annotations
 
-import getpass
 import json
 import os
-import socket
 import urllib.error
 import urllib.request
 import uuid
@@ -47,7 +45,6 @@ class Client:
     nodes: list[str]
     token: str
     timeout: float = 5.0
-    operator: str = ""
 
     @classmethod
     def from_options(cls, cluster: str | None, token_file: str | None, timeout: float = 5.0) -> "Client":
@@ -55,13 +52,13 @@ class Client:
             raise ApiError(0, "no_cluster", "no cluster given: use --cluster HOST:PORT,... or set HALB_CLUSTER "
                                             "(`. DIR/cluster.env` after `halb cluster init DIR`)")
         nodes = [n.strip() for n in cluster.split(",") if n.strip()]
-        operator = f"cli:{getpass.getuser()}@{socket.gethostname()}"
-        return cls(nodes, read_token(token_file), timeout, operator)
+        return cls(nodes, read_token(token_file), timeout)
 
     def request(self, method: str, path: str, body: Any = None, *, node: str | None = None,
                 idempotency_key: str | None = None, timeout: float | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"Bearer {self.token}", "X-Halb-Operator": self.operator}
+        # no operator header: the audit log names the token (its name is what the cluster trusts)
+        headers = {"Authorization": f"Bearer {self.token}"}
         if data is not None:
             headers["Content-Type"] = "application/json"
         if method != "GET":

@@ -7,7 +7,6 @@ Every error is JSON `{"error": code, "message": text}` with a fitting status.
 """
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -16,8 +15,10 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from halb.api.protocol import AdminRunner, install_log_redaction
+from halb.api.roles import Identity, identify, required_role
 from halb.api.validation import validate_full
 from halb.control.commands import CommandError
+from halb.tokens import BOOTSTRAP_NAME, hash_token, new_token, role_allows
 from halb.control.writer import ERROR_STATUS, WriteError
 from halb.model import ADMIN_STATES, ModelError, check_name, listen_conflict, parse_hostport
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 UNAUTHENTICATED_PATHS = frozenset({"/healthz", "/readyz"})
 MAX_BODY = 1 << 20
 MAX_JSON_DEPTH = 64
-MAX_HEADER_TEXT = 128  # X-Halb-Operator / Idempotency-Key
+MAX_HEADER_TEXT = 128  # Idempotency-Key
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -50,8 +51,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return json_error(500, "internal", "internal error; see the node's log")
 
 
-def auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    expected = f"Bearer {token}".encode()
+TokenSource = Callable[[], list[dict[str, Any]]]
+BEARER = b"Bearer "
+
+
+def auth_middleware(token: str, tokens: TokenSource = lambda: []
+                    ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """401 for an absent or unknown token, 403 (with the role it needs) for a known token
+    whose role does not cover the route. `tokens()` reads the replicated token table on each
+    request, so a revoked token stops working on this node as soon as the revoke applies."""
+    bootstrap_hash = hash_token(token)
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -62,8 +71,17 @@ def auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[we
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not given:
             return json_error(401, "unauthorized", "missing bearer token (Authorization: Bearer TOKEN)")
-        if not hmac.compare_digest(given, expected):
+        ident = identify(given[len(BEARER):], bootstrap_hash, tokens()) if given.startswith(BEARER) else None
+        if ident is None:
             return json_error(401, "unauthorized", "invalid token")
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else None
+        needed = required_role(request.method, route)
+        if not role_allows(ident.role, needed):
+            return json_error(403, "forbidden", f"token {ident.name!r} has role {ident.role}; "
+                              f"{request.method} {route or request.path} needs role {needed}",
+                              token=ident.name, role=ident.role, required_role=needed)
+        request["identity"] = ident
         return await handler(request)
 
     return check
@@ -126,13 +144,10 @@ def _header_text(request: web.Request, name: str) -> str | None:
 
 
 def who(request: web.Request) -> str:
-    """The audit label. Tolerant on purpose (an operator name with non-ASCII letters must not
-    block writes): escaped to printable ASCII and cut to 128 characters; never raw bytes,
-    which could not be encoded into the Raft log."""
-    value = request.headers.get("X-Halb-Operator") or ""
-    text = value.encode("ascii", "backslashreplace").decode("ascii")
-    text = "".join(c if c.isprintable() else "?" for c in text)[:MAX_HEADER_TEXT]
-    return text or f"api@{request.remote}"
+    """The audit label: the name of the token that authenticated the request (set by
+    auth_middleware). Never a header: a client could write anything there."""
+    ident = request.get("identity")
+    return ident.name if isinstance(ident, Identity) else f"api@{request.remote}"
 
 
 class AdminApi:
@@ -149,7 +164,8 @@ class AdminApi:
     def app(self) -> web.Application:
         install_log_redaction()
         app = web.Application(
-            middlewares=[errors_middleware, auth_middleware(self.node.token)], client_max_size=MAX_BODY
+            middlewares=[errors_middleware, auth_middleware(self.node.token, self.token_records)],
+            client_max_size=MAX_BODY,
         )
         r = app.router
         r.add_get("/healthz", self.healthz)
@@ -175,11 +191,19 @@ class AdminApi:
         r.add_post("/v1/leader/transfer", self.leader_transfer)
         r.add_get("/v1/events", self.events)
         r.add_post("/v1/admin/shutdown", self.shutdown)
+        r.add_get("/v1/tokens", self.tokens)
+        r.add_post("/v1/tokens", self.token_add)
+        r.add_delete("/v1/tokens/{name}", self.token_revoke)
         for path, handler in self.node.extra_routes():
             r.add_get(path, handler)
         return app
 
     # --- helpers ----------------------------------------------------------------------
+
+    def token_records(self) -> list[dict[str, Any]]:
+        """This node's copy of the replicated token table (a short lock, no I/O)."""
+        with self.node.raft.read() as cs:
+            return list(cs.tokens.values())
 
     def envelope(self, **data: Any) -> dict[str, Any]:
         """Every read says who answered and what it believes about leadership."""
@@ -360,6 +384,35 @@ class AdminApi:
         events = self.node.views.events_view(since, 100000)
         events = events[-min(last, 1000):] if last > 0 else events[:limit]
         return web.json_response(self.envelope(events=events))
+
+    # --- tokens -------------------------------------------------------------------------
+
+    async def tokens(self, request: web.Request) -> web.Response:
+        """GET is a read, but the list names every caller: admin only (see roles.py)."""
+        rows = [{"name": BOOTSTRAP_NAME, "role": "admin", "source": "token_file", "at": None, "by": None}]
+        rows += [{"name": t.get("name"), "role": t.get("role"), "source": "cluster", "at": t.get("at"),
+                  "by": t.get("by")} for t in sorted(self.token_records(), key=lambda t: str(t.get("name")))]
+        return web.json_response(self.envelope(tokens=rows))
+
+    async def token_add(self, request: web.Request) -> web.Response:
+        """The node makes the token and proposes only its hash; the answer is the one time the
+        token is shown. A retried request (same Idempotency-Key) that finds the first attempt
+        already applied cannot show that token again: 409, revoke and add again."""
+        body = await read_json(request)
+        unknown = sorted(set(body) - {"name", "role"})
+        if unknown:
+            return json_error(400, "invalid", f"unknown field(s): {', '.join(unknown)}")
+        token = new_token()
+        result = await self.write(request, "token.add", {"name": body.get("name"), "role": body.get("role"),
+                                                         "hash": hash_token(token)})
+        if result.get("duplicate"):
+            return json_error(409, "conflict", f"token {body.get('name')!r} was added by an earlier attempt of "
+                              "this request whose answer was lost; revoke it and add it again")
+        return web.json_response(self.envelope(**result, secret=token), status=201)
+
+    async def token_revoke(self, request: web.Request) -> web.Response:
+        result = await self.write(request, "token.revoke", {"name": request.match_info["name"]})
+        return web.json_response(self.envelope(**result))
 
     async def shutdown(self, request: web.Request) -> web.Response:
         log.warning("shutdown requested through the API by %s", who(request))

@@ -90,7 +90,7 @@ class Target:
 
     # --- admin API --------------------------------------------------------------------
     def client(self, timeout: float = 4.0) -> Client:
-        return Client(list(self.apis.values()), self.token, timeout=timeout, operator="chaos")
+        return Client(list(self.apis.values()), self.token, timeout=timeout)
 
     def api_call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         return self.client().request(method, path, body if body is not None or method == "GET" else {})
@@ -152,7 +152,7 @@ class RemoteTarget(Target):
 
     @classmethod
     def connect(cls, urls: list[str], token: str, db_path: str | None, pids: dict[str, int]) -> "RemoteTarget":
-        client = Client(urls, token, timeout=4.0, operator="chaos")
+        client = Client(urls, token, timeout=4.0)
         status = client.get("/v1/status")
         apis = {m["id"]: m["api"] for m in status["members"] if m.get("id") and m.get("api")}
         services = status.get("services") or []

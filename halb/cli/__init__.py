@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "member": "halb.cli.member_cmd:member",
     "leader": "halb.cli.leader_cmd:leader",
     "events": "halb.cli.events_cmd:events",
+    "token": "halb.cli.token_cmd:token",
     "demo": "halb.cli.demo_cmd:demo",
     "toxiproxy": "halb.cli.toxiproxy_cmd:toxiproxy",
     "chaos": "halb.cli.chaos_cmd:chaos",

@@ -1,7 +1,8 @@
 """Shared CLI plumbing: the API client from global options, output, exit codes.
 
 Exit codes scripts can rely on:
-  0 success; 1 the cluster refused the request (4xx: invalid, not found, conflict);
+  0 success; 1 the cluster refused the request (4xx: invalid, not found, conflict,
+  401 unknown token, 403 the token's role does not allow it);
   2 usage or local configuration error (also `halb cluster up` when its addresses are
   taken); 3 no node reachable; 4 no quorum / timeout (5xx);
   5 (`halb service status` only) the service is at risk or down.

@@ -23,6 +23,7 @@ from halb.model import (
     to_primitive,
 )
 from halb.service_options import HealthCheck, finite_number
+from halb.tokens import BOOTSTRAP_NAME, ROLES, is_token_hash
 
 SERVICE_KEYS = frozenset({"name", "mode", "listen", "algorithm", "hash_key", "options", "backends"})
 BACKEND_KEYS = frozenset({"name", "address", "weight", "admin_state", "server", "zone", "max_rps", "max_conns"})
@@ -245,12 +246,30 @@ def _validate(op: str, a: Any, health: HealthCheck | None) -> dict[str, Any]:
     if op == "lease.release":
         a = _obj(a, op, frozenset({"holder", "held"}), ("holder",))
         return {"holder": _name(a["holder"], "lease holder"), "held": _bool(a.get("held", False), "held")}
+    if op == "token.add":
+        # the hash only: the token itself never reaches the log, a snapshot or another node
+        a = _obj(a, op, frozenset({"name", "role", "hash"}), ("name", "role", "hash"))
+        name = _name(a["name"], "token name")
+        if name == BOOTSTRAP_NAME:
+            raise invalid(f"token name {BOOTSTRAP_NAME!r} is reserved for the nodes' own token (token_file)")
+        if a["role"] not in ROLES:
+            raise invalid(f"role {a['role']!r} must be one of {', '.join(ROLES)}"[:200])
+        if not is_token_hash(a["hash"]):
+            raise invalid("token hash must be 64 lowercase hex characters (SHA-256)")
+        return {"name": name, "role": a["role"], "hash": a["hash"]}
+    if op == "token.revoke":
+        a = _obj(a, op, frozenset({"name"}), ("name",))
+        name = _name(a["name"], "token name")
+        if name == BOOTSTRAP_NAME:
+            raise invalid(f"the {BOOTSTRAP_NAME!r} token is each node's token_file: replace that file to change it")
+        return {"name": name}
     raise invalid(f"unknown operation {op!r}"[:200])
 
 
 OPS = ("seed", "service.add", "service.remove", "service.update", "backend.add", "backend.remove", "backend.state",
        "backend.weight", "backend.limits", "member.register", "member.remove", "event.record", "health.observe",
-       "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release")
+       "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release", "token.add",
+       "token.revoke")
 
 
 def validate_command(op: Any, args: Any, *, health: HealthCheck | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from halb.control.commands import CommandError, check_envelope, validate_command
+from halb.tokens import MAX_TOKENS
 from halb.service_options import CONTROL_OPTIONS, OptionError, check_option
 from halb.model import (
     Backend, Event, Member, ModelError, Service, backend_from, listen_conflict, service_from, to_primitive,
@@ -67,6 +68,8 @@ class ClusterState:
         self.lease: dict[str, Any] = {}
         self.live_members: list[str] | None = None  # None: every registered member counts
         self.extra: dict[str, Any] = {}  # forward-compatible bag for later features
+        # named API tokens: name -> {"name", "role", "hash", "at", "by"}; never the token itself
+        self.tokens: dict[str, dict[str, Any]] = {}
 
     # --- snapshot codec ----------------------------------------------------------------
 
@@ -85,6 +88,7 @@ class ClusterState:
             "lease": self.lease,
             "live_members": self.live_members,
             "extra": self.extra,
+            "tokens": self.tokens,
         }
 
     @classmethod
@@ -102,6 +106,8 @@ class ClusterState:
         st.lease = d.get("lease", {})
         st.live_members = d.get("live_members")
         st.extra = d.get("extra", {})
+        tokens = d.get("tokens", {})
+        st.tokens = tokens if isinstance(tokens, dict) else {}
         return st
 
     # --- applying ----------------------------------------------------------------------
@@ -161,6 +167,8 @@ class ClusterState:
             "health.release": self._health_release,
             "lease.renew": self._lease_renew,
             "lease.release": self._lease_release,
+            "token.add": self._token_add,
+            "token.revoke": self._token_revoke,
         }
 
     def record(self, cmd: dict[str, Any], kind: str, message: str, **data: Any) -> None:
@@ -323,6 +331,30 @@ class ClusterState:
         """Operational events that are facts rather than changes (leader elected, node started)."""
         self.record(cmd, args["kind"], args["message"], **args["data"])
         return ok()
+
+    # --- API tokens (halb/tokens.py) ---------------------------------------------------------
+
+    def _token_add(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        name = args["name"]
+        if name in self.tokens:
+            raise CommandError("conflict", f"token {name!r} already exists; revoke it first to replace it")
+        if len(self.tokens) >= MAX_TOKENS:
+            raise CommandError("conflict", f"the cluster already has {MAX_TOKENS} tokens")
+        if any(t.get("hash") == args["hash"] for t in self.tokens.values()):
+            raise CommandError("conflict", "a token with this hash already exists")
+        self.tokens[name] = {"name": name, "role": args["role"], "hash": args["hash"],
+                             "at": float(cmd.get("at") or 0.0), "by": str(cmd.get("by") or "")}
+        self.record(cmd, "token.added", f"token {name} added with role {args['role']}", token=name,
+                    role=args["role"])
+        return ok(token={"name": name, "role": args["role"]})
+
+    def _token_revoke(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        record = self.tokens.pop(args["name"], None)
+        if record is None:
+            raise CommandError("not_found", f"token {args['name']!r} does not exist")
+        self.record(cmd, "token.revoked", f"token {args['name']} ({record.get('role')}) revoked",
+                    token=args["name"], role=record.get("role"))
+        return ok(token={"name": args["name"], "role": record.get("role")})
 
     # --- health: observations -> majority verdicts, flap damping ---------------------------
 
