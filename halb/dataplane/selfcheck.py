@@ -95,9 +95,11 @@ class DataPlaneCheck:
             self.reason = "; ".join(problems)
             self.clear_since = None
         elif self.failing_since is not None:
-            if self.clear_since is None:
+            if any(n in want for n in unbound):  # unbound within its grace is not "clear"
+                self.clear_since = None
+            elif self.clear_since is None:
                 self.clear_since = now
-            if now - self.clear_since >= p.recover_s:
+            if self.clear_since is not None and now - self.clear_since >= p.recover_s:
                 self.failing_since, self.reason, self.clear_since = None, "", None
         if self.failing_since is None:
             return Verdict(True, "", None)
