@@ -156,6 +156,21 @@ class DataPlane:
                          if service is None or name == service},
         }
 
+    def selfcheck_inputs(self) -> tuple[list[str], dict[str, str], list[float]]:
+        """What the data-plane self-check (selfcheck.py) judges: the services this node
+        should serve, those of them without a bound listener (with why), and the
+        time.monotonic() of every worker-process death the pool remembers."""
+        expected = [s.name for s in self.snapshot.services]
+        unbound = {}
+        for name in expected:
+            lst = self.listeners.get(name)
+            if lst is None or lst.closed:
+                unbound[name] = (self.listen_errors.get(name) or self.apply_errors.get(name)
+                                 or "no listener")
+        pool = self._pool_supervisor
+        deaths = list(pool.deaths) if pool is not None else []
+        return expected, unbound, deaths
+
     def bound_port(self, service: str) -> int:
         """The port a service actually listens on (useful with listen_port 0 in tests)."""
         return self.listeners[service].port

@@ -1,0 +1,136 @@
+"""Drives the data-plane self-check (halb/dataplane/selfcheck.py) on a node and acts on it.
+
+Every ``INTERVAL_S`` it feeds the check what the data plane reports, tells the
+announcement (a failing node submits no lease renewals, so it never becomes or stays the
+VIP holder), and, when this node is the Raft leader while failing, hands leadership to a
+peer whose own check passes: the planned transfer path (``Node.transfer_leadership``)
+deletes the VIP and releases the lease first, so the successor may skip its wait. After
+such a hand-over the node does not try again for ``holddown_s`` (no ping-pong between
+two broken nodes); a node that won an election while failing yields the same way.
+
+Peers' verdicts come from their ``GET /v1/dataplane-check`` (polled every ``PEER_POLL_S``
+and again just before a transfer), which `halb cluster status` also shows per member.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+from halb.dataplane.selfcheck import DataPlaneCheck, SelfCheckParams, Verdict
+
+log = logging.getLogger("halb.dataplane_guard")
+
+INTERVAL_S = 0.1
+PEER_POLL_S = 1.0
+PEER_TIMEOUT_S = 0.3
+
+
+class DataPlaneGuard:
+    def __init__(self, node: Any, params: SelfCheckParams, holddown_s: float) -> None:
+        self.node = node
+        self.check = DataPlaneCheck(params)
+        self.holddown_s = holddown_s
+        self.verdict = Verdict(True, "", None)
+        self.peers: dict[str, dict[str, Any]] = {}  # member id -> its last /v1/dataplane-check answer
+        self.holddown_until = 0.0
+        self.transfers = 0
+        self._transfer_task: asyncio.Task[None] | None = None
+        self._peers_polled_at = -PEER_POLL_S
+
+    def view(self) -> dict[str, Any]:
+        v = self.verdict
+        return {"ok": v.ok, "reason": v.reason or None,
+                "failing_for_s": round(time.monotonic() - v.failing_since, 3) if v.failing_since is not None else None,
+                "enabled": self.check.params.enabled, "leadership_handed_over": self.transfers}
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("data plane self-check step failed")
+            await asyncio.sleep(INTERVAL_S)
+
+    async def step(self) -> None:
+        node = self.node
+        now = time.monotonic()
+        expected, unbound, deaths = node.dataplane.selfcheck_inputs()
+        v = self.check.evaluate(expected, unbound, deaths, now)
+        was = self.verdict
+        self.verdict = v
+        if was.ok and not v.ok:
+            log.error("data plane self-check FAILED: %s; this node gives up the VIP lease", v.reason)
+            node.issues.event("local.dataplane_check_failed", v.reason)
+        elif not was.ok and v.ok:
+            log.warning("data plane self-check passes again; this node may hold the VIP lease again")
+            node.issues.event("local.dataplane_check_ok", "data plane self-check passes again")
+        if node.announcer is not None:
+            node.announcer.set_dataplane(v.ok, v.reason)
+        if now - self._peers_polled_at >= PEER_POLL_S:
+            self._peers_polled_at = now
+            asyncio.ensure_future(self.poll_peers())
+        if (not v.ok and node.announcer is not None and now >= self.holddown_until
+                and (self._transfer_task is None or self._transfer_task.done()) and self._is_leader()):
+            self.holddown_until = now + self.holddown_s
+            self._transfer_task = asyncio.create_task(self._hand_over(v.reason))
+
+    def _is_leader(self) -> bool:
+        st = self.node.raft.raft_status()
+        return st.state == "leader" and st.leader == st.self_addr
+
+    async def poll_peers(self) -> None:
+        node = self.node
+
+        async def one(member: str, api: str) -> tuple[str, dict[str, Any]]:
+            try:
+                async with node._http.get(f"http://{api}/v1/dataplane-check",
+                                          headers={"Authorization": f"Bearer {node.token}"},
+                                          timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)) as resp:
+                    body = await resp.json()
+                    return member, {"ok": bool(body.get("ok")), "reason": body.get("reason")}
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+                return member, {"ok": None, "reason": f"unreachable: {type(exc).__name__}"}
+
+        results = await asyncio.gather(*(one(m, a) for m, a in node._peer_apis()))
+        self.peers = dict(results)
+
+    async def _hand_over(self, reason: str) -> None:
+        """Leader with a failing data plane: transfer to a peer whose check passes (one
+        that did not answer is the second choice); none at all -> keep leading without
+        renewing the lease, so nobody holds the VIP, like keepalived with every
+        track_script failing."""
+        await self.poll_peers()
+        healthy = sorted(m for m, p in self.peers.items() if p.get("ok") is True)
+        unknown = sorted(m for m, p in self.peers.items() if p.get("ok") is None)
+        connected = self._connected_ids()
+        target = next((m for m in healthy + unknown if m in connected), None)
+        if target is None:
+            log.error("data plane self-check failed (%s) but no connected peer passes its own check: "
+                      "keeping Raft leadership without the VIP lease", reason)
+            return
+        log.error("data plane self-check failed (%s): handing leadership and the VIP to %s", reason, target)
+        try:
+            res = await self.node.transfer_leadership(target, by=f"node:{self.node.node_id} (data plane check)")
+        except Exception as exc:
+            log.error("leadership hand-over to %s after a failed data plane check did not work: %s", target, exc)
+            return
+        self.transfers += 1
+        self.node.issues.event("local.dataplane_handover",
+                               f"leadership handed to {res.get('to')} in {res.get('took_ms')} ms: {reason}")
+
+    def _connected_ids(self) -> set[str]:
+        st = self.node.raft.raft_status()
+        up = {a for a, ok in st.partners.items() if ok}
+        with self.node.raft.read() as cs:
+            return {m.id for m in cs.members.values() if m.raft in up}
+
+    async def stop(self) -> None:
+        if self._transfer_task is not None:
+            self._transfer_task.cancel()
+            await asyncio.gather(self._transfer_task, return_exceptions=True)
