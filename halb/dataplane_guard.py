@@ -45,6 +45,7 @@ class DataPlaneGuard:
         v = self.verdict
         return {"ok": v.ok, "reason": v.reason or None,
                 "failing_for_s": round(time.monotonic() - v.failing_since, 3) if v.failing_since is not None else None,
+                "failing_since": v.failing_since,  # time.monotonic() (CLOCK_MONOTONIC: one clock per host)
                 "enabled": self.check.params.enabled, "leadership_handed_over": self.transfers}
 
     async def run(self) -> None:
