@@ -4,7 +4,10 @@ another socket before the holder binds it. Announce mode "dns" (no root): it has
 quorum lease and holder as mode "vip"."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import socket
 import time
 import urllib.error
@@ -100,3 +103,58 @@ def test_holder_with_unbindable_listener_hands_over_within_2s(cluster_factory):
         assert "ERROR" in log and "data plane self-check FAILED" in log
     finally:
         blocker.close()
+
+
+def _worker_pids(node_pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                cmd = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == node_pid and b"halb.dataplane.workers" in cmd:
+            out.append(int(d))
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_holder_with_crash_looping_workers_hands_over_within_2s(cluster_factory):
+    c = cluster_factory(start=False)
+    for n in c.spec.nodes:
+        with c.config(n.id).open("a") as f:
+            f.write(f'\n[announce]\nmode = "dns"\nbind = "{n.host}:{free_port(n.host)}"\nnames = ["checkout"]\n'
+                    "dataplane_worker_deaths = 3\ndataplane_worker_window_s = 30.0\n")
+        text = c.config(n.id).read_text().replace("[dataplane]\n", "[dataplane]\nworkers = 2\n", 1)
+        c.config(n.id).write_text(text)
+    c.start_all()
+    c.leader()
+    c.wait_registered()
+    h = wait_until(lambda: c.status(c.spec.nodes[0].id)["announce"]["holder"], 20, 0.05, "a lease holder")
+    others = [n.id for n in c.spec.nodes if n.id != h]
+    pid = c.nodes[h].proc.pid
+    wait_until(lambda: _worker_pids(pid), 15, 0.05, "the holder's worker process")
+    killed = 0
+    deadline = time.monotonic() + 15
+    check = None
+    while time.monotonic() < deadline:  # SIGKILL every worker the holder (re)spawns
+        for w in _worker_pids(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(w, signal.SIGKILL)
+                killed += 1
+        body = c.get(h, "/v1/dataplane-check")[1]
+        if body["ok"] is False:
+            check = body
+            break
+        time.sleep(0.02)
+    assert check is not None, f"check did not fail after {killed} worker kills"
+    assert "worker process deaths" in check["reason"]
+    new = wait_until(lambda: (lambda x: x if x not in (None, h) else None)(c.status(others[0])["announce"]["holder"]),
+                     5, 0.02, "lease holder changed")
+    took = time.monotonic() - check["failing_since"]
+    print(f"holder {h} -> {new}: {took * 1000:.0f} ms after its data-plane check failed ({killed} kills)")
+    assert took < 2.0 and new in others

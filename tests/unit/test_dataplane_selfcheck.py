@@ -83,3 +83,20 @@ def test_params_check_rejects_nonsense() -> None:
     assert SelfCheckParams(max_worker_deaths=0).check()
     assert SelfCheckParams(worker_window_s=0).check()
     assert SelfCheckParams(bind_grace_s=-1).check()
+
+
+def test_announce_table_knobs_parse_and_bad_values_are_named() -> None:
+    import pytest
+
+    from halb.announce.settings import AnnounceConfigError, parse_announce
+
+    base = {"mode": "dns", "bind": "127.0.0.1:5353", "names": ["x"]}
+    cfg = parse_announce({**base, "dataplane_bind_grace_s": 0.5, "dataplane_worker_deaths": 5,
+                          "dataplane_holddown_s": 3.0, "dataplane_check": False})
+    assert cfg.dataplane.bind_grace_s == 0.5 and cfg.dataplane.max_worker_deaths == 5
+    assert cfg.dataplane_holddown_s == 3.0 and cfg.dataplane.enabled is False
+    assert parse_announce(base).dataplane == SelfCheckParams()
+    with pytest.raises(AnnounceConfigError, match="dataplane_worker_deaths must be >= 1"):
+        parse_announce({**base, "dataplane_worker_deaths": 0})
+    with pytest.raises(AnnounceConfigError, match="dataplane_holddown_s"):
+        parse_announce({**base, "dataplane_holddown_s": -1.0})
