@@ -90,7 +90,7 @@ def test_announce_table_knobs_parse_and_bad_values_are_named() -> None:
 
     from halb.announce.settings import AnnounceConfigError, parse_announce
 
-    base = {"mode": "dns", "bind": "127.0.0.1:5353", "names": ["x"]}
+    base = {"mode": "dns", "bind": "127.0.0.1:5353", "names": ["x"], "address": "127.0.0.1"}
     cfg = parse_announce({**base, "dataplane_bind_grace_s": 0.5, "dataplane_worker_deaths": 5,
                           "dataplane_holddown_s": 3.0, "dataplane_check": False})
     assert cfg.dataplane.bind_grace_s == 0.5 and cfg.dataplane.max_worker_deaths == 5
