@@ -6,7 +6,8 @@ VIP holder), and, when this node is the Raft leader while failing, hands leaders
 peer whose own check passes: the planned transfer path (``Node.transfer_leadership``)
 deletes the VIP and releases the lease first, so the successor may skip its wait. After
 such a hand-over the node does not try again for ``holddown_s`` (no ping-pong between
-two broken nodes); a node that won an election while failing yields the same way.
+two broken nodes); when no peer passes its check or the transfer fails, it retries every
+``RETRY_S``. A node that won an election while failing yields the same way.
 
 Peers' verdicts come from their ``GET /v1/dataplane-check`` (polled every ``PEER_POLL_S``
 and again just before a transfer), which `halb cluster status` also shows per member.
@@ -27,6 +28,7 @@ log = logging.getLogger("halb.dataplane_guard")
 INTERVAL_S = 0.1
 PEER_POLL_S = 1.0
 PEER_TIMEOUT_S = 0.3
+RETRY_S = 1.0  # no healthy peer, or the transfer failed: try again this soon (docs/failover.md)
 
 
 class DataPlaneGuard:
@@ -40,6 +42,8 @@ class DataPlaneGuard:
         self.transfers = 0
         self._transfer_task: asyncio.Task[None] | None = None
         self._peers_polled_at = -PEER_POLL_S
+        self._poll_task: asyncio.Task[None] | None = None
+        self._no_target_logged = False  # "no healthy peer" is logged once per failure
 
     def view(self) -> dict[str, Any]:
         v = self.verdict
@@ -69,16 +73,18 @@ class DataPlaneGuard:
             log.error("data plane self-check FAILED: %s; this node gives up the VIP lease", v.reason)
             node.issues.event("local.dataplane_check_failed", v.reason)
         elif not was.ok and v.ok:
+            self._no_target_logged = False
             log.warning("data plane self-check passes again; this node may hold the VIP lease again")
             node.issues.event("local.dataplane_check_ok", "data plane self-check passes again")
         if node.announcer is not None:
             node.announcer.set_dataplane(v.ok, v.reason)
         if now - self._peers_polled_at >= PEER_POLL_S:
             self._peers_polled_at = now
-            asyncio.ensure_future(self.poll_peers())
+            if self._poll_task is None or self._poll_task.done():
+                self._poll_task = asyncio.create_task(self.poll_peers())
         if (not v.ok and node.announcer is not None and now >= self.holddown_until
                 and (self._transfer_task is None or self._transfer_task.done()) and self._is_leader()):
-            self.holddown_until = now + self.holddown_s
+            self.holddown_until = now + RETRY_S  # _hand_over extends it to holddown_s once it moved
             self._transfer_task = asyncio.create_task(self._hand_over(v.reason))
 
     def _is_leader(self) -> bool:
@@ -112,6 +118,9 @@ class DataPlaneGuard:
         connected = self._connected_ids()
         target = next((m for m in healthy + unknown if m in connected), None)
         if target is None:
+            if self._no_target_logged:
+                return
+            self._no_target_logged = True
             log.error("data plane self-check failed (%s) but no connected peer passes its own check: "
                       "keeping Raft leadership without the VIP lease", reason)
             return
@@ -122,6 +131,7 @@ class DataPlaneGuard:
             log.error("leadership hand-over to %s after a failed data plane check did not work: %s", target, exc)
             return
         self.transfers += 1
+        self.holddown_until = time.monotonic() + self.holddown_s
         self.node.issues.event("local.dataplane_handover",
                                f"leadership handed to {res.get('to')} in {res.get('took_ms')} ms: {reason}")
 
@@ -132,6 +142,7 @@ class DataPlaneGuard:
             return {m.id for m in cs.members.values() if m.raft in up}
 
     async def stop(self) -> None:
-        if self._transfer_task is not None:
-            self._transfer_task.cancel()
-            await asyncio.gather(self._transfer_task, return_exceptions=True)
+        tasks = [t for t in (self._transfer_task, self._poll_task) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
