@@ -226,7 +226,7 @@ class Node:
         from halb.dataplane_guard import DataPlaneGuard  # self-check: a broken data plane gives up the VIP
         acfg = self.announcer.cfg if self.announcer is not None else None
         self.dp_guard = DataPlaneGuard(self, acfg.dataplane if acfg else SelfCheckParams(),
-                                       acfg.dataplane_holddown_s if acfg else 10.0)
+                                       acfg.dataplane_holddown_s if acfg else 3.0)
         self.views.dp_guard = self.dp_guard
         self._tasks.append(asyncio.create_task(self.dp_guard.run(), name="dataplane-check"))
 

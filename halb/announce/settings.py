@@ -67,7 +67,7 @@ class AnnounceConfig:
     lease: LeaseParams = field(default_factory=LeaseParams)
     # data-plane self-check (vip and dns): a failing node does not hold the lease
     dataplane: SelfCheckParams = field(default_factory=SelfCheckParams)
-    dataplane_holddown_s: float = 10.0  # after handing leadership away for it, not again this soon
+    dataplane_holddown_s: float = 3.0  # after handing leadership away for it, not again this soon
 
 
 def _ipv4(key: str, value: str) -> str:
@@ -128,7 +128,7 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
     problems = cfg.dataplane.check()
     if problems:
         raise AnnounceConfigError("dataplane_check", "; ".join(problems))
-    cfg.dataplane_holddown_s = t.take("dataplane_holddown_s", float, 10.0)
+    cfg.dataplane_holddown_s = t.take("dataplane_holddown_s", float, 3.0)
     if cfg.dataplane_holddown_s < 0:
         raise AnnounceConfigError("dataplane_holddown_s", "must be >= 0")
 

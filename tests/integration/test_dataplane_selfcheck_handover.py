@@ -47,8 +47,7 @@ def test_holder_with_unbindable_listener_hands_over_within_2s(cluster_factory):
     c = cluster_factory(start=False)
     for n in c.spec.nodes:
         with c.config(n.id).open("a") as f:
-            f.write(f'\n[announce]\nmode = "dns"\nbind = "{n.host}:{free_port(n.host)}"\nnames = ["checkout"]\n'
-                    "dataplane_holddown_s = 10.0\n")
+            f.write(f'\n[announce]\nmode = "dns"\nbind = "{n.host}:{free_port(n.host)}"\nnames = ["checkout"]\n')
     c.start_all()
     c.leader()
     c.wait_registered()
@@ -101,6 +100,23 @@ def test_holder_with_unbindable_listener_hands_over_within_2s(cluster_factory):
         assert "local.dataplane_check_failed" in kinds and "local.dataplane_handover" in kinds
         log = (c.directory / "logs" / f"{h}.log").read_text()
         assert "ERROR" in log and "data plane self-check FAILED" in log
+
+        # the healthy holder dies: the still-failing node may win the election, but it
+        # renews no lease and yields to the remaining healthy node (after its hold-down)
+        third = next(n for n in others if n != new)
+        c.kill(new)
+        t_kill = time.monotonic()
+        seen: set[str | None] = set()
+
+        def third_holds() -> bool:
+            x = holder(third)
+            seen.add(x)
+            return x == third
+        wait_until(third_holds, 15, 0.05, "the remaining healthy node holds the lease")
+        print(f"after killing {new}: {third} holds the lease {time.monotonic() - t_kill:.2f}s later "
+              f"(holders seen {sorted(map(str, seen))}; {h} handed leadership over "
+              f"{c.get(h, '/v1/dataplane-check')[1]['leadership_handed_over']} times)")
+        assert h not in seen
     finally:
         blocker.close()
 

@@ -92,9 +92,9 @@ def test_announce_table_knobs_parse_and_bad_values_are_named() -> None:
 
     base = {"mode": "dns", "bind": "127.0.0.1:5353", "names": ["x"], "address": "127.0.0.1"}
     cfg = parse_announce({**base, "dataplane_bind_grace_s": 0.5, "dataplane_worker_deaths": 5,
-                          "dataplane_holddown_s": 3.0, "dataplane_check": False})
+                          "dataplane_holddown_s": 7.0, "dataplane_check": False})
     assert cfg.dataplane.bind_grace_s == 0.5 and cfg.dataplane.max_worker_deaths == 5
-    assert cfg.dataplane_holddown_s == 3.0 and cfg.dataplane.enabled is False
+    assert cfg.dataplane_holddown_s == 7.0 and cfg.dataplane.enabled is False
     assert parse_announce(base).dataplane == SelfCheckParams()
     with pytest.raises(AnnounceConfigError, match="dataplane_worker_deaths must be >= 1"):
         parse_announce({**base, "dataplane_worker_deaths": 0})
