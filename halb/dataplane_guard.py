@@ -9,8 +9,9 @@ such a hand-over the node does not try again for ``holddown_s`` (no ping-pong be
 two broken nodes); when no peer passes its check or the transfer fails, it retries every
 ``RETRY_S``. A node that won an election while failing yields the same way.
 
-Peers' verdicts come from their ``GET /v1/dataplane-check`` (polled every ``PEER_POLL_S``
-and again just before a transfer), which `halb cluster status` also shows per member.
+Peers' verdicts: `halb cluster status` shows what each peer's ``GET /v1/load`` last said
+(the load meter polls it every 2 s anyway, so the view costs no extra requests at idle);
+the hand-over asks each peer's ``GET /v1/dataplane-check`` right before choosing.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from halb.dataplane.selfcheck import DataPlaneCheck, SelfCheckParams, Verdict
 log = logging.getLogger("halb.dataplane_guard")
 
 INTERVAL_S = 0.1
-PEER_POLL_S = 1.0
 PEER_TIMEOUT_S = 0.3
 RETRY_S = 1.0  # no healthy peer, or the transfer failed: try again this soon (docs/failover.md)
 
@@ -37,12 +37,10 @@ class DataPlaneGuard:
         self.check = DataPlaneCheck(params)
         self.holddown_s = holddown_s
         self.verdict = Verdict(True, "", None)
-        self.peers: dict[str, dict[str, Any]] = {}  # member id -> its last /v1/dataplane-check answer
+        self.polled: dict[str, dict[str, Any]] = {}  # member id -> its /v1/dataplane-check answer at hand-over
         self.holddown_until = 0.0
         self.transfers = 0
         self._transfer_task: asyncio.Task[None] | None = None
-        self._peers_polled_at = -PEER_POLL_S
-        self._poll_task: asyncio.Task[None] | None = None
         self._no_target_logged = False  # "no healthy peer" is logged once per failure
 
     def view(self) -> dict[str, Any]:
@@ -78,10 +76,6 @@ class DataPlaneGuard:
             node.issues.event("local.dataplane_check_ok", "data plane self-check passes again")
         if node.announcer is not None:
             node.announcer.set_dataplane(v.ok, v.reason)
-        if now - self._peers_polled_at >= PEER_POLL_S:
-            self._peers_polled_at = now
-            if self._poll_task is None or self._poll_task.done():
-                self._poll_task = asyncio.create_task(self.poll_peers())
         if (not v.ok and node.announcer is not None and now >= self.holddown_until
                 and (self._transfer_task is None or self._transfer_task.done()) and self._is_leader()):
             self.holddown_until = now + RETRY_S  # _hand_over extends it to holddown_s once it moved
@@ -90,6 +84,14 @@ class DataPlaneGuard:
     def _is_leader(self) -> bool:
         st = self.node.raft.raft_status()
         return st.state == "leader" and st.leader == st.self_addr
+
+    def peer(self, member: str) -> dict[str, Any]:
+        """A peer's check for the status view: {"ok": bool | None, "reason": ...}."""
+        meter = getattr(self.node, "load_meter", None)
+        dp = meter.peer_dataplane.get(member) if meter is not None else None
+        if dp is None:
+            return {"ok": None, "reason": "not known (peer's /v1/load not answered yet)"}
+        return {"ok": dp.get("ok"), "reason": dp.get("reason")}
 
     async def poll_peers(self) -> None:
         node = self.node
@@ -105,7 +107,7 @@ class DataPlaneGuard:
                 return member, {"ok": None, "reason": f"unreachable: {type(exc).__name__}"}
 
         results = await asyncio.gather(*(one(m, a) for m, a in node._peer_apis()))
-        self.peers = dict(results)
+        self.polled = dict(results)
 
     async def _hand_over(self, reason: str) -> None:
         """Leader with a failing data plane: transfer to a peer whose check passes (one
@@ -113,8 +115,8 @@ class DataPlaneGuard:
         renewing the lease, so nobody holds the VIP, like keepalived with every
         track_script failing."""
         await self.poll_peers()
-        healthy = sorted(m for m, p in self.peers.items() if p.get("ok") is True)
-        unknown = sorted(m for m, p in self.peers.items() if p.get("ok") is None)
+        healthy = sorted(m for m, p in self.polled.items() if p.get("ok") is True)
+        unknown = sorted(m for m, p in self.polled.items() if p.get("ok") is None)
         connected = self._connected_ids()
         target = next((m for m in healthy + unknown if m in connected), None)
         if target is None:
@@ -142,7 +144,7 @@ class DataPlaneGuard:
             return {m.id for m in cs.members.values() if m.raft in up}
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._transfer_task, self._poll_task) if t is not None]
+        tasks = [t for t in (self._transfer_task,) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

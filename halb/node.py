@@ -291,7 +291,7 @@ class Node:
 
         async def load(request: web.Request) -> web.StreamResponse:
             return web.json_response({"node": self.node_id, "load": self.load_meter.local(),
-                                      "demand": self.load_meter.demand()})
+                                      "demand": self.load_meter.demand(), "dataplane": self.dp_guard.view()})
 
         async def dataplane_check(request: web.Request) -> web.StreamResponse:
             return web.json_response({"node": self.node_id, **self.dp_guard.view()})

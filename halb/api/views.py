@@ -164,7 +164,7 @@ class ClusterViews:
         dp = self.dp_guard.view() if self.dp_guard is not None else None
         if self.dp_guard is not None:  # each member's data-plane self-check: ours now, peers' last poll
             for m in members:
-                p = dp if m["id"] == self.node_id else self.dp_guard.peers.get(m["id"], {})
+                p = dp if m["id"] == self.node_id else self.dp_guard.peer(m["id"])
                 m["dataplane_ok"], m["dataplane_reason"] = p.get("ok"), p.get("reason")
         return {
             "node": self.node_id,
