@@ -77,11 +77,12 @@ class DataPlaneCheck:
         p = self.params
         if not p.enabled:
             return Verdict(True, "", None)
-        want = set(expected)
-        for name in [n for n in self.unbound_since if n not in unbound or n not in want]:
-            del self.unbound_since[name]
+        want = expected if isinstance(expected, (set, frozenset)) else set(expected)
+        if self.unbound_since:
+            for name in [n for n in self.unbound_since if n not in unbound or n not in want]:
+                del self.unbound_since[name]
         problems: list[str] = []
-        for name in sorted(n for n in unbound if n in want):
+        for name in sorted(n for n in unbound if n in want) if unbound else ():
             since = self.unbound_since.setdefault(name, now)
             if now - since > p.bind_grace_s:
                 problems.append(f"service {name} not listening for {now - since:.1f}s: {unbound[name]}")
