@@ -100,3 +100,37 @@ def test_announce_table_knobs_parse_and_bad_values_are_named() -> None:
         parse_announce({**base, "dataplane_worker_deaths": 0})
     with pytest.raises(AnnounceConfigError, match="dataplane_holddown_s"):
         parse_announce({**base, "dataplane_holddown_s": -1.0})
+
+
+def test_engine_reports_a_service_whose_port_is_taken_as_unbound() -> None:
+    """Real sockets: the data plane's own view of a failed bind feeds the check."""
+    import asyncio
+    import socket
+
+    from halb.dataplane.engine import DataPlane
+    from halb.dataplane.testing import service, snapshot
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    port = blocker.getsockname()[1]
+
+    async def main() -> None:
+        dp = DataPlane("t")
+        await dp.start(snapshot(service("ok", [("127.0.0.1", 9)]), service("taken", [("127.0.0.1", 9)], port=port)))
+        try:
+            expected, unbound, deaths = dp.selfcheck_inputs()
+            assert expected == {"ok", "taken"} and deaths == []
+            assert list(unbound) == ["taken"] and "in use" in unbound["taken"]
+            c = DataPlaneCheck(P)
+            c.evaluate(expected, unbound, deaths, 0.0)
+            assert not c.evaluate(expected, unbound, deaths, 0.5).ok
+            dp.update(snapshot(service("ok", [("127.0.0.1", 9)]), version=2))  # the broken one removed
+            assert dp.selfcheck_inputs()[1] == {}
+        finally:
+            await dp.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        blocker.close()
