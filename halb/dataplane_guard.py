@@ -42,6 +42,7 @@ class DataPlaneGuard:
         self.transfers = 0
         self._transfer_task: asyncio.Task[None] | None = None
         self._no_target_logged = False  # "no healthy peer" is logged once per failure
+        self._writes: set[asyncio.Task[None]] = set()  # event.record writes in flight
 
     def view(self) -> dict[str, Any]:
         v = self.verdict
@@ -70,10 +71,14 @@ class DataPlaneGuard:
         if was.ok and not v.ok:
             log.error("data plane self-check FAILED: %s; this node gives up the VIP lease", v.reason)
             node.issues.event("local.dataplane_check_failed", v.reason)
+            self._record("dataplane.check_failed", f"{node.node_id}: data plane self-check failed: {v.reason}",
+                         {"node": node.node_id, "reason": v.reason})
         elif not was.ok and v.ok:
             self._no_target_logged = False
             log.warning("data plane self-check passes again; this node may hold the VIP lease again")
             node.issues.event("local.dataplane_check_ok", "data plane self-check passes again")
+            self._record("dataplane.check_ok", f"{node.node_id}: data plane self-check passes again",
+                         {"node": node.node_id})
         if node.announcer is not None:
             node.announcer.set_dataplane(v.ok, v.reason)
         if (not v.ok and node.announcer is not None and now >= self.holddown_until
@@ -134,8 +139,27 @@ class DataPlaneGuard:
             return
         self.transfers += 1
         self.holddown_until = time.monotonic() + self.holddown_s
-        self.node.issues.event("local.dataplane_handover",
-                               f"leadership handed to {res.get('to')} in {res.get('took_ms')} ms: {reason}")
+        msg = f"leadership handed to {res.get('to')} in {res.get('took_ms')} ms: {reason}"
+        self.node.issues.event("local.dataplane_handover", msg)
+        self._record("dataplane.handover", f"{self.node.node_id}: {msg}",
+                     {"from": self.node.node_id, "to": res.get("to"), "took_ms": res.get("took_ms"), "reason": reason})
+
+    def _record(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        """Also in the replicated event log (`halb events`), best effort and in the
+        background: the hand-over must not wait for a commit, and a node without quorum
+        still has its local events and the ERROR log."""
+        async def write() -> None:
+            from halb.control.writer import WriteError
+
+            try:
+                await self.node.writer.write("event.record", {"kind": kind, "message": message[:500], "data": data},
+                                             by=f"node:{self.node.node_id}")
+            except (WriteError, asyncio.TimeoutError, OSError) as exc:
+                log.warning("could not record %s in the cluster event log: %s", kind, getattr(exc, "message", exc))
+
+        task = asyncio.create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     def _connected_ids(self) -> set[str]:
         st = self.node.raft.raft_status()
@@ -144,7 +168,7 @@ class DataPlaneGuard:
             return {m.id for m in cs.members.values() if m.raft in up}
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._transfer_task,) if t is not None]
+        tasks = [t for t in (self._transfer_task, *self._writes) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -109,6 +109,10 @@ def test_holder_with_unbindable_listener_hands_over_within_2s(cluster_factory):
         assert "local.dataplane_check_failed" in kinds and "local.dataplane_handover" in kinds
         log = (c.directory / "logs" / f"{h}.log").read_text()
         assert "ERROR" in log and "data plane self-check FAILED" in log
+        def replicated() -> set[str]:
+            return {e["kind"] for e in c.get(new, "/v1/events")[1]["events"]}
+        wait_until(lambda: {"dataplane.check_failed", "dataplane.handover"} <= replicated(), 5, 0.1,
+                   "the cluster event log records the failed check and the hand-over")
 
         # the healthy holder dies: the still-failing node may win the election, but it
         # renews no lease and yields to the remaining healthy node (after its hold-down)
