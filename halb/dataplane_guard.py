@@ -43,6 +43,7 @@ class DataPlaneGuard:
         self._transfer_task: asyncio.Task[None] | None = None
         self._no_target_logged = False  # "no healthy peer" is logged once per failure
         self._writes: set[asyncio.Task[None]] = set()  # event.record writes in flight
+        self._failed_unrecorded: str | None = None  # a failure not yet in the replicated event log
 
     def view(self) -> dict[str, Any]:
         v = self.verdict
@@ -71,8 +72,7 @@ class DataPlaneGuard:
         if was.ok and not v.ok:
             log.error("data plane self-check FAILED: %s; this node gives up the VIP lease", v.reason)
             node.issues.event("local.dataplane_check_failed", v.reason)
-            self._record("dataplane.check_failed", f"{node.node_id}: data plane self-check failed: {v.reason}",
-                         {"node": node.node_id, "reason": v.reason})
+            self._failed_unrecorded = v.reason  # recorded after any hand-over: that must not queue behind it
         elif not was.ok and v.ok:
             self._no_target_logged = False
             log.warning("data plane self-check passes again; this node may hold the VIP lease again")
@@ -81,10 +81,15 @@ class DataPlaneGuard:
                          {"node": node.node_id})
         if node.announcer is not None:
             node.announcer.set_dataplane(v.ok, v.reason)
+        handing_over = self._transfer_task is not None and not self._transfer_task.done()
         if (not v.ok and node.announcer is not None and now >= self.holddown_until
-                and (self._transfer_task is None or self._transfer_task.done()) and self._is_leader()):
+                and not handing_over and self._is_leader()):
             self.holddown_until = now + RETRY_S  # _hand_over extends it to holddown_s once it moved
             self._transfer_task = asyncio.create_task(self._hand_over(v.reason))
+        elif self._failed_unrecorded is not None and not handing_over:
+            reason, self._failed_unrecorded = self._failed_unrecorded, None
+            self._record("dataplane.check_failed", f"{node.node_id}: data plane self-check failed: {reason}",
+                         {"node": node.node_id, "reason": reason})
 
     def _is_leader(self) -> bool:
         st = self.node.raft.raft_status()
