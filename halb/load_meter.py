@@ -87,6 +87,9 @@ class LoadMeter:
     _rates_by_member: dict[str, dict[str, float]] = field(init=False, default_factory=dict)
     on_cluster: Callable[[], None] | None = None  # called after every cluster refresh
     _cluster: dict[str, Any] = field(init=False, default_factory=dict)
+    # each peer's data-plane self-check as its /v1/load last said (None: no answer); read by
+    # halb/dataplane_guard.py for `cluster status`, so that view costs no requests of its own
+    peer_dataplane: dict[str, dict[str, Any] | None] = field(init=False, default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
 
     def start(self, session: aiohttp.ClientSession) -> None:
@@ -184,10 +187,14 @@ class LoadMeter:
                 async with self._session.get(f"http://{api}/v1/load", headers={"Authorization": f"Bearer {self.token}"},
                                              timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
                     if resp.status != 200:
+                        self.peer_dataplane[member] = None
                         return member, None, {}
                     body = await resp.json()
+                    dp = body.get("dataplane")
+                    self.peer_dataplane[member] = dp if isinstance(dp, dict) else None
                     return member, body.get("load", {}), body.get("demand") or {}
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, AttributeError):
+                self.peer_dataplane[member] = None
                 return member, None, {}
 
         results = await asyncio.gather(*(one(m, a) for m, a in peers))

@@ -64,6 +64,10 @@ class LocalIssues:
         for (a, service) in [k for k in self.current if k[0] == area and k[1] not in errors]:
             self.clear(a, service)
 
+    def event(self, kind: str, message: str) -> None:
+        """A node-wide local event (not about one service), e.g. the data-plane self-check."""
+        self._event(kind, "", message)
+
     def for_service(self, service: str) -> list[Issue]:
         return [i for (_, s), i in sorted(self.current.items()) if s == service]
 

@@ -22,6 +22,7 @@ from halb.config import NodeConfig, effective_capacity_share, service_seed_to_di
 from halb.control.raft import ReplicatedState, fail_reason_name
 from halb.control.state import Applied
 from halb.control.writer import CommandWriter, WriteError
+from halb.dataplane.selfcheck import SelfCheckParams
 from halb.model import parse_hostport, to_primitive
 
 log = logging.getLogger("halb.node")
@@ -222,9 +223,17 @@ class Node:
         self.announcer = await start_announcement(self)
         self.views.announcer = self.announcer
         # --- end announce ---
+        from halb.dataplane_guard import DataPlaneGuard  # self-check: a broken data plane gives up the VIP
+        acfg = self.announcer.cfg if self.announcer is not None else None
+        self.dp_guard = DataPlaneGuard(self, acfg.dataplane if acfg else SelfCheckParams(),
+                                       acfg.dataplane_holddown_s if acfg else 3.0)
+        self.views.dp_guard = self.dp_guard
+        self._tasks.append(asyncio.create_task(self.dp_guard.run(), name="dataplane-check"))
 
     async def stop_components(self) -> None:
         """Stopped before Raft, in reverse order of start."""
+        if getattr(self, "dp_guard", None) is not None:
+            await self.dp_guard.stop()
         if self.announcer is not None:
             await self.announcer.stop()
         if getattr(self, "load_meter", None) is not None:
@@ -282,13 +291,16 @@ class Node:
 
         async def load(request: web.Request) -> web.StreamResponse:
             return web.json_response({"node": self.node_id, "load": self.load_meter.local(),
-                                      "demand": self.load_meter.demand()})
+                                      "demand": self.load_meter.demand(), "dataplane": self.dp_guard.view()})
+
+        async def dataplane_check(request: web.Request) -> web.StreamResponse:
+            return web.json_response({"node": self.node_id, **self.dp_guard.view()})
 
         async def local_events(request: web.Request) -> web.StreamResponse:
             return web.json_response({"node": self.node_id, "events": list(self.issues.events)})
 
         return [("/metrics", metrics), ("/v1/dataplane", dataplane_stats), ("/v1/load", load),
-                ("/v1/local-events", local_events)]
+                ("/v1/local-events", local_events), ("/v1/dataplane-check", dataplane_check)]
 
     # --- events from the tick thread --------------------------------------------------
 

@@ -76,6 +76,8 @@ class Announcement:
         self._log_tracking_failed = False   # written by the tick thread (a bool: atomic)
         self._tick_failures = 0             # tick thread only
         self._tick_error_logged_at = -TICK_ERROR_LOG_EVERY_S
+        self.dataplane_ok = True            # the node's data-plane self-check (halb/dataplane_guard.py)
+        self.dataplane_reason = ""
 
     # ---- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -160,6 +162,15 @@ class Announcement:
             log.info("lease release not committed (held=%s): %s", held, exc or "timeout")
 
     # ---- inputs from the node -------------------------------------------------------
+    def set_dataplane(self, ok: bool, reason: str) -> None:
+        """The data-plane self-check's verdict. While it fails no renewal is submitted, so
+        this node never acquires the lease and a holder's lease runs out within lease_s
+        even if no hand-over happens; the guard's leadership transfer is the fast path."""
+        if ok != self.dataplane_ok:
+            self.dataplane_ok, self.dataplane_reason = ok, reason
+            self._wake.set()
+        self.dataplane_reason = reason
+
     def on_applied(self, cmd: dict[str, Any], applied: Any) -> None:
         """Node listener (asyncio thread, log order): track renewals we did not submit."""
         op = cmd.get("op")
@@ -251,7 +262,7 @@ class Announcement:
         results, self._results = self._results, []
         for r in results:
             self.keeper.on_renewal_result(r.token, r.ok, r.result, self.clock())
-        if self.keeper.renew_due(now):
+        if self.keeper.renew_due(now) and self.dataplane_ok:
             self._submit_renewal(now)
         await self._converge()
 
@@ -282,6 +293,8 @@ class Announcement:
             return
         if not k.may_hold(now) or not k.may_refresh(now):
             return
+        if not self.dataplane_ok and not self.holding:
+            return  # never acquire with a failing data plane (a holder keeps its VIP until handed over)
         if self.holding and now - self.last_refresh < 0.1:
             return
         if self.vip is not None:
@@ -461,6 +474,7 @@ class Announcement:
             "handover": k.handover,
             "held_for_s": round(now - self.held_since, 3) if self.held_since is not None else None,
             "lease_s": k.params.lease_s,
+            "dataplane_ok": self.dataplane_ok,
             "log_tracking": ("failed: full successor wait" if k.log_tracking_failed else "ok") if k.track_log else None,
             "dns": self.dns.stats if self.dns is not None else None,
         }

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from halb.announce.lease import LeaseParams
+from halb.dataplane.selfcheck import SelfCheckParams
 
 from halb.tomltable import Table
 
@@ -64,6 +65,9 @@ class AnnounceConfig:
     address: str = ""                   # this node's advertised address
     # lease (vip and dns)
     lease: LeaseParams = field(default_factory=LeaseParams)
+    # data-plane self-check (vip and dns): a failing node does not hold the lease
+    dataplane: SelfCheckParams = field(default_factory=SelfCheckParams)
+    dataplane_holddown_s: float = 3.0  # after handing leadership away for it, not again this soon
 
 
 def _ipv4(key: str, value: str) -> str:
@@ -114,6 +118,19 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
         key = "wait_from" if "wait_from" in problems[0] else "lease_s"
         raise AnnounceConfigError(key, "; ".join(problems))
     cfg.lease = params
+    d = SelfCheckParams
+    cfg.dataplane = SelfCheckParams(
+        enabled=t.take("dataplane_check", bool, d.enabled),
+        bind_grace_s=t.take("dataplane_bind_grace_s", float, d.bind_grace_s),
+        max_worker_deaths=t.take("dataplane_worker_deaths", int, d.max_worker_deaths),
+        worker_window_s=t.take("dataplane_worker_window_s", float, d.worker_window_s),
+        recover_s=t.take("dataplane_recover_s", float, d.recover_s))
+    problems = cfg.dataplane.check()
+    if problems:
+        raise AnnounceConfigError("dataplane_check", "; ".join(problems))
+    cfg.dataplane_holddown_s = t.take("dataplane_holddown_s", float, 3.0)
+    if cfg.dataplane_holddown_s < 0:
+        raise AnnounceConfigError("dataplane_holddown_s", "must be >= 0")
 
     if cfg.mode == "vip":
         why = "for mode \"vip\""

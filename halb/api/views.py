@@ -31,6 +31,7 @@ class ClusterViews:
     dataplane: Any = None  # halb.dataplane.engine.DataPlane
     health: Any = None  # halb.health.manager.HealthManager
     announcer: Any = None  # halb.announce.manager.Announcement (None: announce mode none)
+    dp_guard: Any = None  # halb.dataplane_guard.DataPlaneGuard (data-plane self-check)
     load_meter: Any = None  # halb.load_meter.LoadMeter
 
     def leader_id(self) -> str | None:
@@ -160,6 +161,11 @@ class ClusterViews:
         for m in members:  # the same rule for the per-member flag
             m["leader"] = m["raft"] == leader_raft
         health = assess(members, st.has_quorum)
+        dp = self.dp_guard.view() if self.dp_guard is not None else None
+        if self.dp_guard is not None:  # each member's data-plane self-check: ours now, peers' last poll
+            for m in members:
+                p = dp if m["id"] == self.node_id else self.dp_guard.peer(m["id"])
+                m["dataplane_ok"], m["dataplane_reason"] = p.get("ok"), p.get("reason")
         return {
             "node": self.node_id,
             "leader": self.leader_id() if leader_raft else None,
@@ -177,6 +183,9 @@ class ClusterViews:
             "last_event": last_event,
             "uptime_s": round(time.time() - self.started_at, 1),
             "pid": os.getpid(),
+            "dataplane_ok": dp["ok"] if dp else None,
+            "dataplane_reason": dp["reason"] if dp else None,
+            "dataplane": dp,
             "announce": self.announcer.status() if self.announcer is not None else {"mode": "none"},
         }
 

@@ -59,9 +59,14 @@ def print_status(status: dict[str, Any]) -> None:
     click.echo(f"leader: {status.get('leader') or '(none)'}   term: {status.get('term')}   "
                f"answered by: {status.get('node')} ({status.get('raft_state')})")
     click.echo(health_line(status))
+    dp = {True: "ok", False: "FAILING", None: "-"}
     rows = [(m.get("id"), m.get("raft_state"), m.get("raft"), m.get("api"),
-             "yes" if m.get("in_raft_config") else "no") for m in status["members"]]
-    click.echo(table(rows, ["MEMBER", "RAFT STATE", "RAFT", "API", "VOTER"]))
+             "yes" if m.get("in_raft_config") else "no", dp.get(m.get("dataplane_ok"), "-"))
+            for m in status["members"]]
+    click.echo(table(rows, ["MEMBER", "RAFT STATE", "RAFT", "API", "VOTER", "DATA PLANE"]))
+    for m in status["members"]:
+        if m.get("dataplane_ok") is False:
+            click.echo(f"WARNING: {m.get('id')} data plane self-check fails: {m.get('dataplane_reason')}")
     if status.get("services"):
         click.echo("")
         risk = {"ok": "ok", "at_risk": "AT RISK", "down": "DOWN"}

@@ -68,6 +68,8 @@ class DataPlane:
         self._rid_prefix = (f"{node_id[:16]}-{os.getpid():x}{secrets.token_hex(3)}-").encode()
         self._rid_counter = 0
         self._pool_supervisor: Any = None
+        self._expected_for: RoutingSnapshot | None = None  # selfcheck_inputs' cache
+        self._expected: frozenset[str] = frozenset()
         self._started = False
         self._retired: list[Listener] = []
         self._relay: tcp_relay.TcpRelay | None = None  # TCP mode's C relay, made on first use
@@ -155,6 +157,28 @@ class DataPlane:
             "services": {name: lst.rt.stats() for name, lst in self.listeners.items()
                          if service is None or name == service},
         }
+
+    def selfcheck_inputs(self) -> tuple[frozenset[str], dict[str, str], list[float]]:
+        """What the data-plane self-check (selfcheck.py) judges: the services this node
+        should serve, those of them without a bound listener (with why), and the
+        time.monotonic() of every worker-process death the pool remembers.
+
+        Called every 100 ms, so O(1) when all is well: after ``_apply`` the listeners are a
+        subset of the snapshot's services (a failed bind or a retired one is popped), so
+        equal counts mean every service is bound; the name set is cached per snapshot."""
+        snap = self.snapshot
+        if self._expected_for is not snap:
+            self._expected_for, self._expected = snap, frozenset(s.name for s in snap.services)
+        expected = self._expected
+        unbound: dict[str, str] = {}
+        if len(self.listeners) != len(expected):
+            for name in expected:
+                if name not in self.listeners:
+                    unbound[name] = (self.listen_errors.get(name) or self.apply_errors.get(name)
+                                     or "no listener")
+        pool = self._pool_supervisor
+        deaths = list(pool.deaths) if pool is not None else []
+        return expected, unbound, deaths
 
     def bound_port(self, service: str) -> int:
         """The port a service actually listens on (useful with listen_port 0 in tests)."""

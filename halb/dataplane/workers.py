@@ -10,6 +10,7 @@ ejection events up. A worker exits when the pipe closes or the parent dies
 """
 from __future__ import annotations
 
+import collections
 import asyncio
 import logging
 import os
@@ -18,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,7 @@ class WorkerPool:
         self.workers: list[Worker] = []
         self.stopping = False
         self.respawns = 0
+        self.deaths: collections.deque[float] = collections.deque(maxlen=64)  # monotonic times (selfcheck.py)
 
     async def _spawn(self, snapshot: RoutingSnapshot) -> Worker:
         used = {w.index for w in self.workers}
@@ -121,6 +124,7 @@ class WorkerPool:
             if msg is None:
                 w.ready.set()
                 if not self.stopping:
+                    self.deaths.append(time.monotonic())
                     asyncio.get_running_loop().create_task(self._respawn(w))
                 return
             t = msg.get("t")

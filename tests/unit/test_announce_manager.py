@@ -331,3 +331,37 @@ def test_repeated_tick_failures_log_one_error_not_one_per_tick(caplog) -> None:
         for _ in range(100):
             tick(ann, raft)
     assert len(caplog.records) == 1
+
+
+# ---- the data-plane self-check's verdict (halb/dataplane_guard.py feeds it) ----------
+
+def test_failing_dataplane_leader_never_renews_nor_acquires() -> None:
+    ann, raft, vip, clock, log = make()
+    ann.set_dataplane(False, "service web not listening")
+    drive(ann, clock, 3.0)
+    assert not vip.present and not ann.holding
+    assert not any(x.startswith("submit lease.renew") for x in log)
+    assert ann.status()["dataplane_ok"] is False
+
+
+def test_failing_dataplane_holder_stops_renewing_and_the_lease_lapses() -> None:
+    ann, raft, vip, clock, log = make()
+    drive(ann, clock, 2.0)
+    assert vip.present
+    ann.set_dataplane(False, "3 worker process deaths")
+    log.clear()
+    drive(ann, clock, 0.1)
+    assert not any(x.startswith("submit lease.renew") for x in log)
+    assert vip.present                          # kept until the hand-over deletes it (fast path)...
+    drive(ann, clock, 1.6)
+    assert not vip.present and not ann.holding  # ...or the lease runs out (safety net)
+
+
+def test_dataplane_passing_again_lets_the_leader_renew_and_hold() -> None:
+    ann, raft, vip, clock, log = make()
+    ann.set_dataplane(False, "x")
+    drive(ann, clock, 2.0)
+    assert not vip.present
+    ann.set_dataplane(True, "")
+    drive(ann, clock, 2.0)
+    assert vip.present and ann.holding
