@@ -12,7 +12,6 @@ the sanitizer's report and a non-zero exit code.
 """
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -21,10 +20,6 @@ from pathlib import Path
 import sanitized_build  # tests/ is on sys.path when this script runs
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def build_and_rerun(seconds: int) -> int:
-    return sanitized_build.build_and_rerun("halb/dataplane/_fasthttp.c", "_fasthttp", __file__, seconds)
 
 
 def fuzz(moddir: str, seconds: int) -> int:
@@ -73,13 +68,7 @@ def fuzz(moddir: str, seconds: int) -> int:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=60)
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        return fuzz(args.child, args.seconds)
-    return build_and_rerun(args.seconds)
+    return sanitized_build.main(__doc__, "halb/dataplane/_fasthttp.c", "_fasthttp", __file__, fuzz)
 
 
 if __name__ == "__main__":

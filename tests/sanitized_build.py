@@ -8,6 +8,7 @@ finding aborts the child with the sanitizer's report and a non-zero exit code.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,3 +48,15 @@ def sanitized_module_loaded(moddir: str) -> bool:
     """The child really runs the sanitized build with the ASan runtime (not the normal module)."""
     maps = Path("/proc/self/maps").read_text()
     return "libasan" in maps and moddir in maps
+
+
+def main(doc: str | None, source: str, module: str, script: str, fuzz: Callable[[str, int], int],
+         extra_cflags: tuple[str, ...] = ()) -> int:
+    """The fuzz scripts' command line: build and re-run as a child, or (`--child DIR`) fuzz."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return fuzz(args.child, args.seconds)
+    return build_and_rerun(source, module, script, args.seconds, extra_cflags)
