@@ -13,8 +13,9 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from halb.dataplane.connect import PendingConnect, open_connection
-from halb.dataplane.local_errors import is_local_resource_error, report_local_error, report_rejected
+from halb.dataplane.local_errors import report_rejected
 from halb.dataplane.routing import BackendState, ServiceRuntime
+from halb.dataplane.tcp_attempts import account_failed_connect, next_backend
 
 if TYPE_CHECKING:  # pragma: no cover
     from halb.dataplane.listeners import Listener
@@ -120,21 +121,10 @@ class TcpClientConn(asyncio.Protocol):
         """Connect to the next backend, or give up (close the client)."""
         if self.closed:
             return
-        if self.attempts_left <= 0:
-            self._give_up(rt)
-            return
-        self.attempts_left -= 1
-        tried = self.tried
-        b = rt.pick(self.peer if rt.uses_key else None, exclude=tried, avoid_servers=self.servers)
+        b = next_backend(rt, self)
         if b is None:
             self._give_up(rt)
             return
-        if tried is not None:
-            b.retries += 1
-            rt.retries += 1
-        self.attempt = b
-        b.in_flight += 1
-        b.requests += 1
         if rt.track_latency:
             self.t0 = self.loop.time()
         self.pending = open_connection(self.loop, lambda: TcpUpstream(self), b.host, b.port,
@@ -154,24 +144,8 @@ class TcpClientConn(asyncio.Protocol):
             return
         rt = self.listener.rt
         if up is None:
-            b.in_flight -= 1
-            if is_local_resource_error(exc):  # type: ignore[arg-type]
-                # out of fds/memory here: every backend would fail alike, none is to blame
-                report_local_error(rt.route.name, b.name, exc)  # type: ignore[arg-type]
-                if not self.closed:
-                    rt.errors += 1
-                    self.close()
-                return
-            rt.record_failure(b, True, "connect timeout" if isinstance(exc, asyncio.TimeoutError)
-                              else f"connect failed: {getattr(exc, 'strerror', None) or exc}")
-            if self.closed:
-                return
-            if self.tried is None:
-                self.tried, self.servers = set(), set()
-            self.tried.add(b)
-            if b.server:
-                self.servers.add(b.server)  # type: ignore[union-attr]
-            self._attempt(rt)
+            if account_failed_connect(rt, self, b, exc):
+                self._attempt(rt)
             return
         rt.record_success(b, self.loop.time() - self.t0 if rt.track_latency else None)
         if self.closed or up.transport is None:  # client gone, or backend closed at once

@@ -25,9 +25,10 @@ import os
 import socket
 from typing import TYPE_CHECKING, Any
 
-from halb.dataplane.local_errors import (LOCAL_RESOURCE_ERRNOS, RateLimitedLog, is_local_resource_error,
+from halb.dataplane.local_errors import (LOCAL_RESOURCE_ERRNOS, RateLimitedLog,
                                          report_local_error, report_rejected)
 from halb.dataplane.routing import BackendState, ServiceRuntime
+from halb.dataplane.tcp_attempts import account_failed_connect, next_backend
 
 if TYPE_CHECKING:  # pragma: no cover
     from halb.dataplane.listeners import Listener
@@ -163,22 +164,10 @@ class TcpRelay:
         """Connect to the next backend, or give up (close the client)."""
         if c.closed:
             return
-        rt = c.rt
-        if c.attempts_left <= 0:
-            self._give_up(c)
-            return
-        c.attempts_left -= 1
-        tried = c.tried
-        b = rt.pick(c.peer if rt.uses_key else None, exclude=tried, avoid_servers=c.servers)
+        b = next_backend(c.rt, c)
         if b is None:
             self._give_up(c)
             return
-        if tried is not None:
-            b.retries += 1
-            rt.retries += 1
-        c.attempt = b
-        b.in_flight += 1
-        b.requests += 1
         if is_numeric(b.host):
             self._connect(c, b, b.host)
         else:  # a host name: resolve off the loop (rare; the relay takes addresses only)
@@ -223,25 +212,8 @@ class TcpRelay:
         if b is None:  # pragma: no cover - defensive
             return
         c.attempt = None
-        b.in_flight -= 1
-        rt = c.rt
-        if is_local_resource_error(exc):
-            # out of fds/memory here: every backend would fail alike, none is to blame
-            report_local_error(rt.route.name, b.name, exc)
-            if not c.closed:
-                rt.errors += 1
-                self.close(c)
-            return
-        rt.record_failure(b, True, "connect timeout" if isinstance(exc, TimeoutError)
-                          else f"connect failed: {exc.strerror or exc}")
-        if c.closed:
-            return
-        if c.tried is None:
-            c.tried, c.servers = set(), set()
-        c.tried.add(b)
-        if b.server:
-            c.servers.add(b.server)  # type: ignore[union-attr]
-        self._attempt(c)
+        if account_failed_connect(c.rt, c, b, exc):
+            self._attempt(c)
 
     def _give_up(self, c: RelayConn) -> None:
         c.rt.errors += 1
