@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+import os
+import resource
+from typing import AsyncIterator, Iterator
 
 import pytest
 
@@ -43,6 +45,27 @@ async def read_all(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
         if not chunk:
             return out
         out += chunk
+
+
+@contextlib.contextmanager
+def fds_exhausted(limit: int = 4096) -> Iterator[list[int]]:
+    """Lower RLIMIT_NOFILE to at most `limit` and open /dev/null until no descriptor is
+    left; yields the fillers (close some to free exactly that many). Everything is closed
+    and the limit restored on the way out, also when the test fails."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fillers: list[int] = []
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, limit), hard))
+        while True:
+            try:
+                fillers.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                break
+        yield fillers
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_half_close_keeps_the_other_direction_open() -> None:
@@ -184,8 +207,6 @@ def test_out_of_fds_on_backend_connect_is_not_the_backends_fault(caplog: pytest.
     """EMFILE on the backend socket(): the client is closed, the backend keeps a clean record
     (not ejected, no error), an ERROR names the local limit, and it serves once fds are back."""
     import logging
-    import os
-    import resource
     import socket
 
     from halb.dataplane import local_errors
@@ -194,15 +215,7 @@ def test_out_of_fds_on_backend_connect_is_not_the_backends_fault(caplog: pytest.
 
     async def main() -> None:
         async with setup(lambda p: tcp_snap(p)) as (dp, port):
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            fillers: list[int] = []
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
-                while True:
-                    try:
-                        fillers.append(os.open(os.devnull, os.O_RDONLY))
-                    except OSError:
-                        break
+            with fds_exhausted() as fillers:
                 os.close(fillers.pop())
                 client = socket.socket()  # the one free fd
                 client.setblocking(False)
@@ -212,10 +225,6 @@ def test_out_of_fds_on_backend_connect_is_not_the_backends_fault(caplog: pytest.
                 data = await asyncio.wait_for(loop.sock_recv(client, 100), 10)
                 assert data == b""  # closed by the proxy without a backend
                 client.close()
-            finally:
-                for fd in fillers:
-                    os.close(fd)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             s = dp.stats()["services"]["tcp"]
             b = s["backends"]["b0"]
             assert not b["ejected"] and b["errors"] == 0 and b["ejections"] == 0, b
@@ -388,8 +397,6 @@ def test_out_of_fds_on_accept_pauses_accepting_then_serves(tcp_path: str, caplog
     if tcp_path != "c-relay":
         pytest.skip("accept is libuv's on the asyncio path")
     import logging
-    import os
-    import resource
     import socket
 
     from halb.dataplane import tcp_relay
@@ -398,25 +405,13 @@ def test_out_of_fds_on_accept_pauses_accepting_then_serves(tcp_path: str, caplog
 
     async def main() -> None:
         async with setup(lambda p: tcp_snap(p)) as (dp, port):
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            fillers: list[int] = []
             client = socket.socket()  # made before the fds run out
             client.setblocking(False)
             loop = asyncio.get_running_loop()
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 4096), hard))
-                while True:
-                    try:
-                        fillers.append(os.open(os.devnull, os.O_RDONLY))
-                    except OSError:
-                        break
+            with fds_exhausted():
                 client.connect_ex(("127.0.0.1", port))  # queued; the proxy cannot accept it
                 await asyncio.sleep(0.3)
                 assert dp.stats()["services"]["tcp"]["requests"] == 0
-            finally:
-                for fd in fillers:
-                    os.close(fd)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
             await asyncio.wait_for(loop.sock_sendall(client, b"late"), 10)
             client.shutdown(socket.SHUT_WR)
             got = b""
