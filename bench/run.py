@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from halb.system_packages import ensure_tools, find_tool
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 BIG = 1024 * 1024
@@ -55,24 +57,13 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
 
 
-def ensure_tools(install: bool) -> list[str]:
+def ensure_bench_tools(install: bool) -> list[str]:
     """Install haproxy, wrk, nginx with apt-get when missing; return what is still missing."""
-    want = {"haproxy": "haproxy", "wrk": "wrk", "nginx": "nginx-light"}
-    missing = [b for b in want if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
-    if missing and install and shutil.which("apt-get") and os.geteuid() == 0:
-        pkgs = [want[m] for m in missing]
-        print(f"installing {' '.join(pkgs)} with apt-get ...", flush=True)
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        r = subprocess.run(["apt-get", "install", "-y", "-q", *pkgs], env=env, capture_output=True)
-        if r.returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-            subprocess.run(["apt-get", "install", "-y", "-q", *pkgs], env=env, capture_output=True)
-        missing = [b for b in want if shutil.which(b) is None and not Path(f"/usr/sbin/{b}").exists()]
-    return missing
+    return ensure_tools({"haproxy": "haproxy", "wrk": "wrk", "nginx": "nginx-light"}, install)
 
 
 def tool(name: str) -> str:
-    return shutil.which(name) or f"/usr/sbin/{name}"
+    return find_tool(name) or name
 
 
 class Procs:
@@ -355,7 +346,7 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = ap.parse_args()
 
-    missing = ensure_tools(not args.no_install)
+    missing = ensure_bench_tools(not args.no_install)
     if "haproxy" in missing or "wrk" in missing:
         print(f"SKIP: cannot run the benchmark, missing {', '.join(missing)} "
               "(install with apt-get as root, or run `apt-get install haproxy wrk nginx-light`).")
