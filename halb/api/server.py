@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from halb.api import ui
 from halb.api.protocol import AdminRunner, install_log_redaction
 from halb.api.roles import Identity, identify, required_role
 from halb.api.validation import validate_full
@@ -69,9 +70,16 @@ def auth_middleware(token: str, tokens: TokenSource = lambda: []
         # aiohttp decodes header bytes that are not UTF-8 as surrogates: encode them back the
         # same way, so such a header is simply a wrong token (401), not an encoding crash
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not given:  # the status page's cookie (reads under /ui only), checked like a bearer token
+            cookie = ui.cookie_credential(request)
+            given = BEARER + cookie if cookie is not None else b""
+        ident = identify(given[len(BEARER):], bootstrap_hash, tokens()) if given.startswith(BEARER) else None
+        if ui.is_public(request):  # the login form, sign in/out, assets: the handler decides (halb/api/ui.py)
+            if ident is not None:
+                request["identity"] = ident
+            return await handler(request)
         if not given:
             return json_error(401, "unauthorized", "missing bearer token (Authorization: Bearer TOKEN)")
-        ident = identify(given[len(BEARER):], bootstrap_hash, tokens()) if given.startswith(BEARER) else None
         if ident is None:
             return json_error(401, "unauthorized", "invalid token")
         resource = request.match_info.route.resource
@@ -196,6 +204,8 @@ class AdminApi:
         r.add_delete("/v1/tokens/{name}", self.token_revoke)
         for path, handler in self.node.extra_routes():
             r.add_get(path, handler)
+        bootstrap_hash = hash_token(self.node.token)
+        ui.StatusPage(self.node.views, lambda given: identify(given, bootstrap_hash, self.token_records())).add_routes(r)
         return app
 
     # --- helpers ----------------------------------------------------------------------
