@@ -162,10 +162,10 @@ def _service(svc: dict[str, Any], status_row: dict[str, Any], report: dict[str, 
     for be in backends:
         local = (be.get("local") or {}).get("state")
         rows.append(
-            f'<tr data-backend="{_e(svc["name"])}/{_e(be.get("name"))}" data-admin-state="{_e(be.get("state"))}" '
+            f'<tr data-backend="{_e(svc["name"])}/{_e(be.get("name"))}" data-admin-state="{_e(be.get("admin_state"))}" '
             f'data-verdict="{_e(be.get("verdict"))}"><td><strong>{_e(be.get("name"))}</strong></td>'
             f"<td><code>{_e(be.get('address'))}</code></td><td>{_e(be.get('server') or '-')}</td>"
-            f"<td>{_e(be.get('weight'))}</td><td class='admin-state'>{_badge(be.get('state'))}</td>"
+            f"<td>{_e(be.get('weight'))}</td><td class='admin-state'>{_badge(be.get('admin_state'))}</td>"
             f"<td class='verdict'>{_badge(be.get('verdict'))}</td><td>{_observations(be)}</td>"
             f"<td>{_badge(local or '-', 'info' if not local else None)}</td>"
             f"<td>{_e(be.get('in_flight', 0))}</td><td>{_e(be.get('requests', 0))}</td></tr>")
