@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration bench bench-control chaos fuzz fuzz-http fuzz-tcp fuzz-api fuzz-raft lint clean
+.PHONY: venv demo test test-unit test-integration bench bench-control chaos fuzz fuzz-http fuzz-tcp fuzz-api fuzz-raft lint clean status-page-screenshot
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: $(STAMP)
 ## Control plane at scale: 10,000 backends over 100 services on a real 3-node cluster (docs/benchmarks.md).
 bench-control: $(STAMP)
 	$(BIN)/python bench/control.py
+
+## Regenerate docs/status-page.png: the browser test against a real cluster, screenshot after its drain.
+status-page-screenshot: $(STAMP)
+	HALB_STATUS_PAGE_SCREENSHOT=$(CURDIR)/docs/status-page.png $(BIN)/python -m pytest -q \
+		tests/integration/test_status_page_browser.py
 
 ## Fuzz targets (not part of `test`): the C HTTP head parser, the C TCP relay, the admin API and the Raft port.
 fuzz: fuzz-http fuzz-tcp fuzz-api fuzz-raft

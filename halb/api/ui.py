@@ -132,7 +132,7 @@ class StatusPage:
         token = raw.strip() if isinstance(raw, str) else ""
         ident = self.identify(token.encode("utf-8", "surrogateescape")) if 0 < len(token) <= MAX_TOKEN_LEN else None
         if ident is None or not role_allows(ident.role, "read"):
-            log.warning("status page: refused a sign-in with an unknown token from %s", request.remote)
+            log.info("status page: refused a sign-in with an unknown token from %s", request.remote)
             return self._html(render_login("Unknown token.", self.views.node_id), status=401)
         log.info("status page: token %r (%s) signed in from %s", ident.name, ident.role, request.remote)
         resp = self._redirect()

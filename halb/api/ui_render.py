@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 EVENTS_SHOWN = 15
+MAX_BACKEND_ROWS = 200  # per service; the rest is counted, not listed (rows_shown)
 
 
 @dataclass
@@ -156,10 +157,25 @@ def _observations(be: dict[str, Any]) -> str:
                     for node, state in sorted(obs.items()))
 
 
+def needs_attention(be: dict[str, Any]) -> bool:
+    return be.get("verdict") != "up" or be.get("admin_state") != "active"
+
+
+def rows_shown(backends: list[dict[str, Any]], limit: int = MAX_BACKEND_ROWS) -> list[dict[str, Any]]:
+    """At most `limit` backends, those that need attention (not up, or not active) first
+    picked, shown in their usual order: a page polled every second must stay cheap to render
+    and to display at thousands of backends (`halb backend list` shows them all)."""
+    if len(backends) <= limit:
+        return backends
+    picked = sorted(range(len(backends)), key=lambda i: (not needs_attention(backends[i]), i))[:limit]
+    return [backends[i] for i in sorted(picked)]
+
+
 def _service(svc: dict[str, Any], status_row: dict[str, Any], report: dict[str, Any] | None,
              backends: list[dict[str, Any]], node: str) -> str:
     rows = []
-    for be in backends:
+    shown = rows_shown(backends)
+    for be in shown:
         local = (be.get("local") or {}).get("state")
         rows.append(
             f'<tr data-backend="{_e(svc["name"])}/{_e(be.get("name"))}" data-admin-state="{_e(be.get("admin_state"))}" '
@@ -172,6 +188,12 @@ def _service(svc: dict[str, Any], status_row: dict[str, Any], report: dict[str, 
     table = _table(["Backend", "Address", "Server", "Weight", "Admin state", "Verdict", "Observed by",
                     f"Here ({node})", "In flight", "Requests"], rows, "backends",
                    "no backends")
+    if len(shown) < len(backends):
+        listed = {id(b) for b in shown}
+        hidden = [b for b in backends if id(b) not in listed]
+        table += (f'<p class="muted more">{len(hidden)} more backends not shown '
+                  f'({sum(needs_attention(b) for b in hidden)} of them not up or not active): '
+                  f'<code>halb backend list -s {_e(svc["name"])}</code></p>')
     warnings = list(status_row.get("warnings") or [])
     warn_html = "".join(f'<li>{_e(w)}</li>' for w in warnings)
     listen = ", ".join(status_row.get("listen") or svc.get("listen_nodes") or []) or "-"

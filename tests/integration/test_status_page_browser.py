@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.browser import chromium
+from tests.integration.browser import WINDOW, chromium
 from tests.integration.status_page_client import origin_of
 
 pytestmark = pytest.mark.timeout(150)
@@ -45,7 +45,8 @@ def _attr_map(driver: Any, selector: str, key: str, value: str) -> dict[str, str
 def test_status_page_in_chromium_shows_cluster_and_a_live_drain(cluster_factory: Any, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    c = cluster_factory(run_backends=True)
+    # each backend on its own failure domain, as in the demo, so the resilience verdict has something to say
+    c = cluster_factory(run_backends=True, backend_options={b: {"server": f"server-{b.lower()}"} for b in "ABC"})
     origin = origin_of(c.api("n1"))
     leader = c.leader()
     backends = sorted(name for name, _ in c.spec.backends)
@@ -83,7 +84,9 @@ def test_status_page_in_chromium_shows_cluster_and_a_live_drain(cluster_factory:
         assert driver.find_element(By.ID, "refresh").text == "live"
 
         shot = os.environ.get("HALB_STATUS_PAGE_SCREENSHOT")
-        if shot:
+        if shot:  # exactly WINDOW, whatever the headless window's decorations take
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+                "width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False})
             driver.execute_script("window.scrollTo(0, 0);")
             Path(shot).write_bytes(driver.get_screenshot_as_png())
 

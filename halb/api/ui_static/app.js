@@ -7,20 +7,23 @@
   var badge = document.getElementById("refresh");
   if (!live || !badge) { return; }
   var PERIOD_MS = 1000;
-  var TIMEOUT_MS = 5000;
+  var TIMEOUT_MS = 15000;
   var last = null;
+  var elapsed = 0;  // how long the last answer took: a slow node (huge cluster) is asked less often
 
   function show(text, ok) {
     badge.textContent = text;
     badge.className = ok ? "ok" : "stale";
   }
 
-  function schedule() { window.setTimeout(tick, PERIOD_MS); }
+  // at most ~20% of the node's time for this tab, however slow the page is to build
+  function schedule() { window.setTimeout(tick, Math.max(PERIOD_MS, 4 * elapsed)); }
 
   function tick() {
     if (document.hidden) { schedule(); return; }  // a background tab costs the node nothing
     var ctrl = new AbortController();
     var timer = window.setTimeout(function () { ctrl.abort(); }, TIMEOUT_MS);
+    var started = Date.now();
     fetch("/ui/live", { credentials: "same-origin", cache: "no-store", signal: ctrl.signal,
                         headers: { "Accept": "text/html" } })
       .then(function (resp) {
@@ -29,6 +32,7 @@
           return null;
         }
         if (!resp.ok) { throw new Error("HTTP " + resp.status); }
+        elapsed = Date.now() - started;
         return resp.text();
       })
       .then(function (html) {
