@@ -1,7 +1,7 @@
 """The status page in a real headless Chromium (Debian's chromium + chromium-driver) against
 a real three-node cluster with its backends: sign in with the bootstrap token, see the three
 members, the leader and every backend; then `halb backend drain` from the CLI and see the
-backend's admin state and the drain event change on the page without a reload.
+backend's admin state and the drain event change on the page without a reload; sign out.
 
 HALB_STATUS_PAGE_SCREENSHOT=docs/status-page.png (`make status-page-screenshot`) also saves
 what the browser shows after the drain; a normal run writes no file outside its tmp dir.
@@ -58,6 +58,7 @@ def test_status_page_in_chromium_shows_cluster_and_a_live_drain(cluster_factory:
         driver.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
         _wait(driver, lambda d: d.find_elements(By.ID, "live"), "the status page after signing in")
         assert c.token not in driver.page_source
+        assert driver.execute_script("return document.cookie;") == ""  # HttpOnly: no script reads the token
 
         # three members with their roles, the leader, every backend (healthy once checked)
         roles = _wait(driver, lambda d: (lambda m: m if len(m) == 3 and "leader" in m.values() else None)(
@@ -89,6 +90,13 @@ def test_status_page_in_chromium_shows_cluster_and_a_live_drain(cluster_factory:
                 "width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False})
             driver.execute_script("window.scrollTo(0, 0);")
             Path(shot).write_bytes(driver.get_screenshot_as_png())
+
+        # signing out (a same-site post the CSRF check must let through) ends the session
+        driver.find_element(By.CSS_SELECTOR, "header form button[type=submit]").click()
+        _wait(driver, lambda d: d.find_elements(By.ID, "token"), "the login form after signing out")
+        assert driver.execute_async_script(
+            "var done = arguments[arguments.length - 1];"
+            "fetch('/ui/live', {credentials: 'same-origin'}).then(function (r) { done(r.status); });") == 401
 
 
 def _event_rows(driver: Any) -> list[tuple[str, str]]:
