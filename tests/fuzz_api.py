@@ -6,8 +6,12 @@ methods, paths (known routes, odd segments, percent-escapes, overlong), headers 
 wrong, non-UTF-8 and oversized Authorization, random names and values, 100 KB headers),
 bodies (mutated valid commands, random JSON, NaN/Infinity/1e999, deep nesting, random bytes).
 
+It also posts right, wrong and malformed sign-in forms (urlencoded, multipart, not UTF-8)
+and cookies to the status page (/ui).
+
 It asserts, for every response: no 5xx, and every error is a JSON object
-{"error", "message"} with a JSON content type. At the end: the node process is still up,
+{"error", "message"} with a JSON content type, except the status page's sign-in answers,
+which are its HTML form (never with the token in it). At the end: the node process is still up,
 /healthz answers, and a valid write still works. Any failure prints the request that
 caused it and exits 1.
 
@@ -35,7 +39,11 @@ ROUTES = ["/healthz", "/readyz", "/v1/status", "/v1/services", "/v1/services/{s}
           "/v1/resilience", "/v1/backends", "/v1/services/{s}/backends", "/v1/services/{s}/backends/{b}",
           "/v1/services/{s}/backends/{b}/{a}", "/v1/services/{s}/backends/{b}/weight", "/v1/members",
           "/v1/members/{m}", "/v1/leader/transfer", "/v1/events", "/v1/events?since={q}&limit={q}&last={q}",
-          "/nope", "/v1/", "//v1//services", "/v1/services/{s}/../../status"]
+          "/nope", "/v1/", "//v1//services", "/v1/services/{s}/../../status",
+          # the status page (its sign-in form answers text/html, see check())
+          "/ui", "/ui/", "/ui/live", "/ui/login", "/ui/logout", "/ui/static/app.js", "/ui/static/{s}", "/ui/{s}"]
+FORM_TYPES = [b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=xyz",
+              b"multipart/form-data", b"multipart/form-data; boundary="]
 NAMES = ["checkout", "A", "B", "fz", "x" * 70, "%ff", "%2e%2e", "a b", "é", "", "..", "n1", "\u2603", "%00"]
 ACTIONS = ["drain", "maint", "enable", "explode", "weight"]
 KEYS = ["name", "listen", "mode", "algorithm", "hash_key", "options", "backends", "address", "weight", "server",
@@ -106,6 +114,15 @@ def make_body(rng: random.Random, port: int) -> bytes:
     return b""
 
 
+def make_form(rng: random.Random, token: str) -> bytes:
+    """A body for the status page's sign-in form: right, wrong, malformed, multipart."""
+    return rng.choice([
+        f"token={token}".encode(), b"token=", b"token=%ff%fe", b"token=" + b"x" * 5000, b"token&token=a=b",
+        b"\xff\xfe=\x00", f"--xyz\r\nContent-Disposition: form-data; name=\"token\"\r\n\r\n{token}\r\n--xyz--\r\n".encode(),
+        b"--xyz\r\nContent-Disposition: form-data\r\n\r\nbroken", b"--abc--", b"",
+    ])
+
+
 def make_path(rng: random.Random) -> str:
     path = rng.choice(ROUTES).format(s=rng.choice(NAMES), b=rng.choice(NAMES), a=rng.choice(ACTIONS),
                                      m=rng.choice(NAMES), q=rng.choice(["1", "-5", "x", "99999999999999999999",
@@ -130,11 +147,15 @@ def make_headers(rng: random.Random, token: str) -> list[bytes]:
         headers.append(b"Authorization: " + rng.choice([b"", b"Basic abc", b"Bearer", token.encode()]))
     for _ in range(rng.randint(0, 3)):
         name = rng.choice([b"X-Halb-Operator", b"Idempotency-Key", b"Content-Type", b"Accept", b"X-Fuzz",
-                           b"Transfer-Encoding", b"Expect"])
+                           b"Transfer-Encoding", b"Expect", b"Cookie", b"Origin", b"Sec-Fetch-Site"])
         value = rng.choice([b"fuzz", b"\xff\xfe", b"x" * rng.randint(0, 400), b"application/json", b"text/html",
                             b"chunked, gzip", b"100-continue", "\u00e9t\u00e9".encode()])
         if name == b"Transfer-Encoding" or name == b"Expect":
             continue  # the body is always sent with an exact Content-Length
+        if name == b"Content-Type" and rng.random() < 0.3:
+            value = rng.choice(FORM_TYPES)
+        elif name == b"Cookie":
+            value = rng.choice([b"halb_ui=" + token.encode(), b"halb_ui=bad", b"halb_ui=\"q;\"", b"halb_ui=" + value])
         headers.append(name + b": " + value)
     if rng.random() < 0.02:
         headers.append(b"X-Big: " + b"a" * 100_000)
@@ -167,12 +188,16 @@ def send(api: str, method: str, path: str, headers: list[bytes], body: bytes, ti
     return status, hdrs, payload
 
 
-def check(method: str, status: int, headers: dict[str, str], payload: bytes) -> str | None:
+def check(method: str, status: int, headers: dict[str, str], payload: bytes, path: str = "") -> str | None:
     """The contract; returns why a response breaks it."""
     if status >= 500:
         return f"status {status}"
     if method.upper() == "HEAD" and method.isupper():
         return None  # no body by definition
+    if (status >= 400 and path.split("?")[0] in ("/ui", "/ui/login", "/ui/logout")
+            and headers.get("content-type", "").startswith("text/html")):
+        # the status page's sign-in form answers a browser's form: the form again, not JSON
+        return None if b'name="token"' in payload else f"sign-in refusal {status} is not the sign-in form"
     if status >= 400:
         if not headers.get("content-type", "").startswith("application/json"):
             return f"error {status} is not JSON: content-type {headers.get('content-type')!r}"
@@ -206,7 +231,11 @@ def run(c: Cluster, seconds: float, seed: int) -> int:
             # removing n1 = no cluster): covered by test_control_plane, not fuzzed here
             method = "GET"
         headers = make_headers(rng, token)
-        body = make_body(rng, svc_port) if rng.random() < 0.8 else b""
+        if path.startswith("/ui/log") and rng.random() < 0.7:
+            body = make_form(rng, token)
+            headers.append(b"Content-Type: " + rng.choice(FORM_TYPES))
+        else:
+            body = make_body(rng, svc_port) if rng.random() < 0.8 else b""
         try:
             status, hdrs, payload = send(api, method, path, headers, body)
         except (OSError, AssertionError, ValueError) as exc:
@@ -217,7 +246,9 @@ def run(c: Cluster, seconds: float, seed: int) -> int:
             return 1
         sent += 1
         statuses[status] = statuses.get(status, 0) + 1
-        why = check(method, status, hdrs, payload)
+        why = check(method, status, hdrs, payload, path)
+        if why is None and path.startswith("/ui") and token.encode() in payload:
+            why = "the token appears in a status page answer"
         if why:
             print(f"FAIL: {why} for {method} {path!r} headers={[h[:80] for h in headers]} body={body[:300]!r}\n"
                   f"response: {payload[:500]!r}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
+from urllib.parse import parse_qs
 from typing import Any, Callable
 
 from aiohttp import web
@@ -33,12 +34,14 @@ from halb.api.roles import Identity
 from halb.api.ui_render import render_live, render_login, render_status_page, take_snapshot
 from halb.tokens import role_allows
 
-log = logging.getLogger("halb.api.server")
+log = logging.getLogger("halb.api.server")  # the logger protocol.install_log_redaction filters
 
 COOKIE = "halb_ui"
 COOKIE_PATH = "/ui"
 COOKIE_MAX_AGE = 12 * 3600  # a forgotten browser tab does not stay signed in for good
 MAX_TOKEN_LEN = 512  # real tokens are ~48 characters; anything longer is not one
+MAX_FORM_BYTES = 4096
+FORM_TYPE = "application/x-www-form-urlencoded"  # what the sign-in form posts
 LOGIN, LOGOUT, LIVE = "/ui/login", "/ui/logout", "/ui/live"
 STATIC = {"/ui/static/app.js": ("app.js", "text/javascript"), "/ui/static/style.css": ("style.css", "text/css")}
 # reachable without a valid token: the login form (GET /ui answers it then), the two POSTs, the assets
@@ -85,6 +88,24 @@ def cross_site(request: web.Request) -> bool:
     return origin is not None and origin != f"{request.scheme}://{request.host}"
 
 
+async def read_token_form(request: web.Request) -> str | None:
+    """The `token` field of the sign-in form, or None for anything but a small UTF-8
+    urlencoded form. Parsed here rather than with aiohttp's request.post(): that also takes
+    multipart and raised (a 500) on malformed multipart or non-UTF-8 bodies."""
+    if request.content_type != FORM_TYPE or (request.content_length or 0) > MAX_FORM_BYTES:
+        return None
+    raw = await request.read()  # whole body; aiohttp refuses one over client_max_size (413)
+    if len(raw) > MAX_FORM_BYTES:
+        return None
+    try:
+        fields = parse_qs(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False, max_num_fields=8,
+                          errors="strict")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    values = fields.get("token", [""])
+    return values[0].strip() if len(values) == 1 else None
+
+
 class StatusPage:
     """The /ui routes of one node. `views` is its ClusterViews; `identify` maps a presented
     token to its identity the same way the API's middleware does (None: unknown token)."""
@@ -127,10 +148,11 @@ class StatusPage:
     async def login(self, request: web.Request) -> web.Response:
         if cross_site(request):
             return self._html(render_login("Sign-in refused: the form was posted from another site."), status=403)
-        form = await request.post()
-        raw = form.get("token")
-        token = raw.strip() if isinstance(raw, str) else ""
-        ident = self.identify(token.encode("utf-8", "surrogateescape")) if 0 < len(token) <= MAX_TOKEN_LEN else None
+        token = await read_token_form(request)
+        if token is None:
+            return self._html(render_login("Sign-in refused: send the form's field 'token' as "
+                                           "application/x-www-form-urlencoded UTF-8.", self.views.node_id), status=400)
+        ident = self.identify(token.encode()) if 0 < len(token) <= MAX_TOKEN_LEN else None
         if ident is None or not role_allows(ident.role, "read"):
             log.info("status page: refused a sign-in with an unknown token from %s", request.remote)
             return self._html(render_login("Unknown token.", self.views.node_id), status=401)

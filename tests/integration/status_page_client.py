@@ -77,7 +77,7 @@ class Reply:
 
 
 def request(origin: Origin, method: str, path: str, *, cookie: str | None = None, token: str | None = None,
-            form: dict[str, str] | None = None, headers: dict[str, str] | None = None,
+            form: dict[str, str] | None = None, body: bytes | None = None, headers: dict[str, str] | None = None,
             timeout: float = 10.0) -> Reply:
     """One request, no redirects followed, the cookie (if any) sent by hand: the test sees
     exactly what the node answers, Set-Cookie attributes included."""
@@ -91,7 +91,6 @@ def request(origin: Origin, method: str, path: str, *, cookie: str | None = None
         hdrs["Cookie"] = cookie
     if token is not None:
         hdrs["Authorization"] = f"Bearer {token}"
-    body = None
     if form is not None:
         body = urlencode(form).encode()
         hdrs["Content-Type"] = "application/x-www-form-urlencoded"

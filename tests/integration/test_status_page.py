@@ -43,6 +43,11 @@ def test_status_page_sign_in_cookie_and_refusals(cluster_factory: Any) -> None:
     assert refused.status == 401 and is_login_form(refused) and "Unknown token" in refused.text
     assert bad not in refused.text and COOKIE not in refused.cookies
     assert request(origin, "GET", "/ui/live", cookie=f"{COOKIE}={bad}").status == 401
+    # a malformed form (multipart, not UTF-8): the form again with 400, never a 500
+    for ctype, body in (("multipart/form-data; boundary=xyz", b"--xyz\r\nContent-Disposition: form-data\r\n\r\nx"),
+                        ("application/x-www-form-urlencoded", b"token=%ff%fe")):
+        malformed = request(origin, "POST", "/ui/login", body=body, headers={"Content-Type": ctype})
+        assert malformed.status == 400 and is_login_form(malformed), (ctype, malformed.status, malformed.text[:200])
     # a good token posted from another site's page (login CSRF): refused
     cross = sign_in(origin, reader, Origin="https://evil.example")
     assert cross.status == 403 and COOKIE not in cross.cookies
