@@ -131,8 +131,8 @@ class StatusPage:
         ident = request.get("identity")
         if not isinstance(ident, Identity) or not role_allows(ident.role, "read"):
             had_cookie = COOKIE in request.cookies
-            resp = self._html(render_login("Your sign-in is no longer valid (token revoked?); sign in again."
-                                           if had_cookie else "", self.views.node_id), status=200)
+            resp = self._login(request, "Your sign-in is no longer valid (token revoked?); sign in again."
+                               if had_cookie else "", 200)
             if had_cookie:
                 self._clear(resp, request.secure)
             return resp
@@ -147,15 +147,15 @@ class StatusPage:
 
     async def login(self, request: web.Request) -> web.Response:
         if cross_site(request):
-            return self._html(render_login("Sign-in refused: the form was posted from another site."), status=403)
+            return self._login(request, "Sign-in refused: the form was posted from another site.", 403)
         token = await read_token_form(request)
         if token is None:
-            return self._html(render_login("Sign-in refused: send the form's field 'token' as "
-                                           "application/x-www-form-urlencoded UTF-8.", self.views.node_id), status=400)
+            return self._login(request, "Sign-in refused: send the form's field 'token' as "
+                               "application/x-www-form-urlencoded UTF-8.", 400)
         ident = self.identify(token.encode()) if 0 < len(token) <= MAX_TOKEN_LEN else None
         if ident is None or not role_allows(ident.role, "read"):
             log.info("status page: refused a sign-in with an unknown token from %s", request.remote)
-            return self._html(render_login("Unknown token.", self.views.node_id), status=401)
+            return self._login(request, "Unknown token.", 401)
         log.info("status page: token %r (%s) signed in from %s", ident.name, ident.role, request.remote)
         resp = self._redirect()
         resp.set_cookie(COOKIE, token, max_age=COOKIE_MAX_AGE, path=COOKIE_PATH, httponly=True,
@@ -164,7 +164,7 @@ class StatusPage:
 
     async def logout(self, request: web.Request) -> web.Response:
         if cross_site(request):
-            return self._html(render_login("Sign-out refused: the form was posted from another site."), status=403)
+            return self._login(request, "Sign-out refused: the form was posted from another site.", 403)
         resp = self._redirect()
         self._clear(resp, request.secure)
         return resp
@@ -177,6 +177,9 @@ class StatusPage:
         return resp
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _login(self, request: web.Request, message: str, status: int) -> web.Response:
+        return self._html(render_login(message, self.views.node_id, plain_http=not request.secure), status=status)
 
     def _html(self, text: str, status: int = 200) -> web.Response:
         resp = web.Response(text=text, status=status, content_type="text/html", charset="utf-8")

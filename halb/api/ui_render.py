@@ -257,8 +257,11 @@ def render_status_page(snap: Snapshot, who: str, role: str) -> str:
                 '<script src="/ui/static/app.js" defer></script>')
 
 
-def render_login(message: str = "", node: str = "") -> str:
+def render_login(message: str = "", node: str = "", plain_http: bool = False) -> str:
     note = f'<p class="error" role="alert">{_e(message)}</p>' if message else ""
+    if plain_http:
+        note += ('<p class="warning" id="plain-http">This node serves plain HTTP (<code>--insecure-dev</code>): '
+                 "the token you enter crosses the network unencrypted, on every refresh.</p>")
     return page(f"halb · sign in{' · ' + node if node else ''}",
                 '<main class="login"><h1>halb <span class="muted">cluster status</span></h1>'
                 f"{note}"

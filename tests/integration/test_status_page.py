@@ -32,6 +32,7 @@ def test_status_page_sign_in_cookie_and_refusals(cluster_factory: Any) -> None:
     # without a cookie: the login form (server-rendered, strict CSP), and the live part refused
     page = request(origin, "GET", "/ui")
     assert page.status == 200 and is_login_form(page), page.text[:500]
+    assert ('id="plain-http"' in page.text) == (origin.scheme == "http")  # says when the token travels in clear
     assert "script-src 'self'" in page.headers["Content-Security-Policy"]
     assert "frame-ancestors 'none'" in page.headers["Content-Security-Policy"]
     live = request(origin, "GET", "/ui/live")
