@@ -3,7 +3,8 @@
 Reads answer from this node's copy of the replicated state and say who answered, whom
 it believes leads and its Raft state, so an operator can judge staleness. Writes go
 through Raft and answer only after commit, or fail with 503 within the write deadline.
-Every error is JSON `{"error": code, "message": text}` with a fitting status.
+Every error is JSON `{"error": code, "message": text}` with a fitting status (except the
+status page's sign-in form under /ui, which answers a browser: halb/api/ui.py).
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def auth_middleware(token: str, tokens: TokenSource = lambda: []
                     ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
     """401 for an absent or unknown token, 403 (with the role it needs) for a known token
     whose role does not cover the route. `tokens()` reads the replicated token table on each
-    request, so a revoked token stops working on this node as soon as the revoke applies."""
+    request, so a revoked token stops working on this node as soon as the revoke applies.
+    The status page's cookie is the same token, taken only for reads under /ui (ui.cookie_credential)."""
     bootstrap_hash = hash_token(token)
 
     @web.middleware
