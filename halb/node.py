@@ -18,6 +18,7 @@ from aiohttp import web
 
 from halb.api.server import AdminApi
 from halb.api.views import ClusterViews
+from halb.certs.sealing import KeySealer
 from halb.config import NodeConfig, effective_capacity_share, service_seed_to_dict
 from halb.control.raft import ReplicatedState, fail_reason_name
 from halb.control.state import Applied
@@ -83,6 +84,8 @@ class Node:
         self.token = cfg.read_token()
         validate_health_checks(cfg)
         self._secret = secret
+        # seals TLS certificate keys before they are proposed (halb/certs/sealing.py)
+        self.cert_sealer = KeySealer(secret) if secret else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_event = asyncio.Event()
         self.stop_reason = ""

@@ -23,6 +23,8 @@ from halb.model import (
     to_primitive,
 )
 from halb.service_options import HealthCheck, finite_number
+from halb.certs.pem import MAX_CHAIN_BYTES, MAX_SANS
+from halb.certs.sealing import is_sealed
 from halb.tokens import BOOTSTRAP_NAME, ROLES, is_token_hash
 
 SERVICE_KEYS = frozenset({"name", "mode", "listen", "algorithm", "hash_key", "options", "backends"})
@@ -263,13 +265,56 @@ def _validate(op: str, a: Any, health: HealthCheck | None) -> dict[str, Any]:
         if name == BOOTSTRAP_NAME:
             raise invalid(f"the {BOOTSTRAP_NAME!r} token is each node's token_file: replace that file to change it")
         return {"name": name}
+    if op in ("cert.add", "cert.remove"):
+        return _cert_args(op, a)
     raise invalid(f"unknown operation {op!r}"[:200])
+
+
+CERT_SOURCES = ("file", "acme")
+CERT_KEYS = frozenset({"name", "chain", "key_sealed", "sans", "not_after", "not_before", "fingerprint", "issuer",
+                       "key_type", "source", "replace"})
+
+
+def _cert_args(op: str, a: Any) -> dict[str, Any]:
+    """Shape of a certificate as the API node checked it (halb/certs/pem.py did the real
+    checks with the plaintext key, which never gets here). The key must be sealed
+    (halb/certs/sealing.py): a PEM private key is refused, so none can reach the journal."""
+    if op == "cert.remove":
+        a = _obj(a, op, frozenset({"name"}), ("name",))
+        return {"name": _name(a["name"], "certificate name")}
+    a = _obj(a, op, CERT_KEYS, ("name", "chain", "key_sealed", "sans", "not_after"))
+    chain = a["chain"]
+    if not isinstance(chain, str) or not chain.startswith("-----BEGIN CERTIFICATE-----") \
+            or len(chain) > MAX_CHAIN_BYTES or "PRIVATE KEY" in chain:
+        raise invalid("chain must be PEM certificates (no private key), at most "
+                      f"{MAX_CHAIN_BYTES // 1024} KiB")
+    if not is_sealed(a["key_sealed"]):
+        raise invalid("key_sealed must be a key sealed with the cluster secret (v1.BASE64); "
+                      "plaintext keys are never stored")
+    sans = a["sans"]
+    if not isinstance(sans, list) or not sans or len(sans) > MAX_SANS:
+        raise invalid(f"sans must be a list of 1 to {MAX_SANS} names")
+    out: dict[str, Any] = {
+        "name": _name(a["name"], "certificate name"), "chain": chain, "key_sealed": a["key_sealed"],
+        "sans": [_text(n, "san", 253) for n in sans],
+        "source": a.get("source", "file"), "replace": _bool(a.get("replace", False), "replace"),
+        "fingerprint": _text(a.get("fingerprint", ""), "fingerprint", 64),
+        "issuer": _text(a.get("issuer", ""), "issuer", 200), "key_type": _text(a.get("key_type", ""), "key_type", 40),
+    }
+    if out["source"] not in CERT_SOURCES:
+        raise invalid(f"source {out['source']!r} must be one of {', '.join(CERT_SOURCES)}"[:200])
+    for k in ("not_after", "not_before"):
+        v = a.get(k, 0.0)
+        if isinstance(v, bool) or not finite_number(v):
+            raise invalid(f"{k} {v!r} must be a finite number (unix seconds)"[:200])
+        out[k] = float(v)
+    return out
 
 
 OPS = ("seed", "service.add", "service.remove", "service.update", "backend.add", "backend.remove", "backend.state",
        "backend.weight", "backend.limits", "member.register", "member.remove", "event.record", "health.observe",
        "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release", "token.add",
-       "token.revoke")
+       "token.revoke", "cert.add", "cert.remove")
 
 
 def validate_command(op: Any, args: Any, *, health: HealthCheck | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from halb.control.commands import CommandError, check_envelope, validate_command
+from halb.certs.records import cert_summary
 from halb.tokens import MAX_TOKENS
 from halb.service_options import CONTROL_OPTIONS, OptionError, check_option
 from halb.model import (
@@ -22,6 +23,7 @@ from halb.model import (
 )
 
 MAX_EVENTS = 2000
+MAX_CERTS = 200
 MAX_REMEMBERED_IDS = 20000
 
 
@@ -70,6 +72,9 @@ class ClusterState:
         self.extra: dict[str, Any] = {}  # forward-compatible bag for later features
         # named API tokens: name -> {"name", "role", "hash", "at", "by"}; never the token itself
         self.tokens: dict[str, dict[str, Any]] = {}
+        # TLS certificates: name -> {"name", "chain", "key_sealed", "sans", "not_after", ...};
+        # the key only sealed with the cluster secret (halb/certs/sealing.py)
+        self.certs: dict[str, dict[str, Any]] = {}
 
     # --- snapshot codec ----------------------------------------------------------------
 
@@ -89,6 +94,7 @@ class ClusterState:
             "live_members": self.live_members,
             "extra": self.extra,
             "tokens": self.tokens,
+            "certs": self.certs,
         }
 
     @classmethod
@@ -108,6 +114,8 @@ class ClusterState:
         st.extra = d.get("extra", {})
         tokens = d.get("tokens", {})
         st.tokens = tokens if isinstance(tokens, dict) else {}
+        certs = d.get("certs", {})
+        st.certs = certs if isinstance(certs, dict) else {}
         return st
 
     # --- applying ----------------------------------------------------------------------
@@ -169,6 +177,8 @@ class ClusterState:
             "lease.release": self._lease_release,
             "token.add": self._token_add,
             "token.revoke": self._token_revoke,
+            "cert.add": self._cert_add,
+            "cert.remove": self._cert_remove,
         }
 
     def record(self, cmd: dict[str, Any], kind: str, message: str, **data: Any) -> None:
@@ -355,6 +365,32 @@ class ClusterState:
         self.record(cmd, "token.revoked", f"token {args['name']} ({record.get('role')}) revoked",
                     token=args["name"], role=record.get("role"))
         return ok(token={"name": args["name"], "role": record.get("role")})
+
+    # --- TLS certificates (halb/certs) ----------------------------------------------------
+
+    def _cert_add(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        name, replace = args["name"], args["replace"]
+        old = self.certs.get(name)
+        if old is not None and not replace:
+            raise CommandError("conflict", f"certificate {name!r} already exists; remove it first or replace it")
+        if old is None and len(self.certs) >= MAX_CERTS:
+            raise CommandError("conflict", f"the cluster already has {MAX_CERTS} certificates")
+        record = {k: v for k, v in args.items() if k != "replace"}
+        record.update(at=float(cmd.get("at") or 0.0), by=str(cmd.get("by") or ""))
+        self.certs[name] = record
+        verb = "replaced" if old is not None else "added"
+        self.record(cmd, f"cert.{verb}", f"certificate {name} {verb} ({args['source']}; "
+                    f"{', '.join(args['sans'][:5])}{' ...' if len(args['sans']) > 5 else ''})",
+                    cert=name, source=args["source"], not_after=args["not_after"],
+                    fingerprint=args["fingerprint"])
+        return ok(cert=cert_summary(record))
+
+    def _cert_remove(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        record = self.certs.pop(args["name"], None)
+        if record is None:
+            raise CommandError("not_found", f"certificate {args['name']!r} does not exist")
+        self.record(cmd, "cert.removed", f"certificate {args['name']} removed", cert=args["name"])
+        return ok(cert=cert_summary(record))
 
     # --- health: observations -> majority verdicts, flap damping ---------------------------
 
