@@ -58,6 +58,7 @@ class DataPlane:
         self.loop_uvloop = loop_uvloop  # used for worker processes (the node owns its loop)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.snapshot = RoutingSnapshot()
+        self.acme_answers: dict[bytes, bytes] = {}  # token -> key authorization (acme_answer.py)
         self.listeners: dict[str, Listener] = {}
         self.conns: set[Any] = set()
         self.on_ejection: list[EjectionHook] = []
@@ -266,6 +267,8 @@ class DataPlane:
         for name in [n for n in self.listeners if n not in seen]:
             self._retire(self.listeners.pop(name))
         self.shared.sync(initial)
+        if snapshot.acme_challenges != self.snapshot.acme_challenges:
+            self.acme_answers = {t.encode(): k.encode() for t, k in snapshot.acme_challenges}
         self.snapshot = snapshot
 
     def _open(self, svc: ServiceRoute, key: tuple[str, str, int], initial: bool) -> None:
@@ -313,7 +316,8 @@ class DataPlane:
 
                 svc = replace(svc, listen_port=lst.port)
             services.append(svc)
-        return RoutingSnapshot(version=self.snapshot.version, services=tuple(services))
+        return RoutingSnapshot(version=self.snapshot.version, services=tuple(services),
+                               acme_challenges=self.snapshot.acme_challenges)
 
     async def _sweep(self) -> None:
         """Timeouts, ejection expiry, slow-start ramps and idle pool trimming."""

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from halb.dataplane import body_deadline, request_target
+from halb.dataplane import acme_answer, body_deadline, request_target
 from halb.dataplane.admission import QUEUE_MESSAGES, Admission
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.local_errors import is_local_resource_error, local_reason, report_local_error, report_rejected
@@ -869,6 +869,8 @@ class HttpClientConn(asyncio.Protocol):
 
     def start(self, ex: Exchange) -> None:
         """Route a request whose head is complete and send it (hot path: one call, no helpers)."""
+        if self.engine.acme_answers and acme_answer.answer(self, ex, self.engine.acme_answers):
+            return
         rt = self.listener.rt
         opts = rt.opts
         ex.rt = rt
