@@ -80,6 +80,10 @@ class ServiceOptions:
     # --- slow start -------------------------------------------------------------------
     slow_start_s: float = 0.0  # weight ramps linearly over this after becoming eligible; 0 = off
     slow_start_min_weight: float = 0.1  # share of the weight given at the start of the ramp
+    # --- upgraded connections (WebSocket), halb/dataplane/tunnel.py -----------------------
+    websocket: bool = True  # forward `Upgrade: websocket` requests; false: Upgrade is dropped (plain request)
+    tunnel_timeout: float = 3600.0  # an upgraded connection with no byte either way is closed (HAProxy `timeout tunnel`)
+    tunnel_drain_grace: float = 300.0  # after its backend leaves `active` (drain, maint, removed), a tunnel may run this long
     # --- TCP ----------------------------------------------------------------------------
     tcp_connect_attempts: int = 3  # backends tried for one TCP client connection
     # --- peak EWMA ----------------------------------------------------------------------
@@ -212,6 +216,9 @@ DATAPLANE_OPTIONS: dict[str, Spec] = {
     "adaptive_concurrency": Spec("bool"),
     "slow_start_s": Spec("float", 0.0, DAY, help="0: off"),
     "slow_start_min_weight": _SHARE,
+    "websocket": Spec("bool"),
+    "tunnel_timeout": _SECONDS,
+    "tunnel_drain_grace": Spec("float", 0.0, DAY),
     "tcp_connect_attempts": Spec("int", 1, 100),
     "ewma_decay_s": _SECONDS,
 }

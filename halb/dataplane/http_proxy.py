@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from halb.dataplane import acme_answer, body_deadline, request_target
+from halb.dataplane import acme_answer, body_deadline, request_target, tunnel
 from halb.dataplane.admission import QUEUE_MESSAGES, Admission
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.local_errors import is_local_resource_error, local_reason, report_local_error, report_rejected
@@ -77,6 +77,7 @@ BIG_CHUNK = 16 * 1024  # above this, a body chunk is handed to the transport wit
 R_UPSTREAM = 1  # upstream write buffer full
 R_PENDING = 2  # body buffered while connecting
 R_PIPELINE = 4  # a pipelined request waits for the current one
+R_UPGRADE = 8  # a WebSocket handshake waits for the backend's answer
 
 OUT_RAW, OUT_CHUNKED = 0, 1
 
@@ -172,7 +173,7 @@ class Exchange:
         "hash_value", "cookie", "content_length", "chunked_in", "body_done", "body_received",
         "head", "pending", "pending_size", "copy", "copy_size", "body_sent", "rt", "opts",
         "backend", "upstream", "attempts", "tried", "failed_servers", "deadline", "t_attempt",
-        "response_started", "out_mode", "close_after", "finished", "retryable", "key", "hdrs",
+        "response_started", "out_mode", "close_after", "finished", "retryable", "key", "hdrs", "upgrade",
     )
 
     url: bytes
@@ -212,6 +213,7 @@ class Exchange:
     retryable: bool
     key: bytes | None
     hdrs: bytes  # forwarded request header lines ("Name: value\r\n" each), concatenated
+    upgrade: bytes | None  # the Upgrade header of a WebSocket handshake being forwarded (tunnel.py)
 
     def __init__(self) -> None:
         # one tuple unpack: two opcodes per field instead of three
@@ -222,14 +224,14 @@ class Exchange:
             self.pending_size, self.copy, self.copy_size, self.body_sent, self.rt, self.opts,
             self.backend, self.upstream, self.attempts, self.tried, self.failed_servers,
             self.deadline, self.t_attempt, self.response_started, self.out_mode, self.close_after,
-            self.finished, self.retryable, self.key, self.hdrs,
+            self.finished, self.retryable, self.key, self.hdrs, self.upgrade,
         ) = EX_DEFAULTS
 
 
 EX_DEFAULTS = (  # in __slots__ order
     b"", b"", "1.1", True, None, None, None, None, False, None, None, None, False, False, 0, b"",
     None, 0, None, 0, 0, None, None, None, None, 0, None, None, INF, 0.0, False, 0, False, False,
-    False, None, b"",
+    False, None, b"", None,
 )
 
 
@@ -339,12 +341,20 @@ class UpstreamConn(asyncio.Protocol):
                 self._fast_response(ex, client, data, r)  # type: ignore[arg-type]
                 return
         client.wbuf = []  # type: ignore[union-attr]
+        switched: bytes | None = None
         try:
             if self.want_head:
                 acc = self.hacc = self.hacc + data if self.hacc else data
                 if len(acc) - self.hpos > self.max_hdr and acc.find(b"\r\n\r\n", self.hpos) < 0:
                     raise Reject(502, "upstream response head too large")
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:  # after a 101 we forwarded: the rest is the new protocol
+            if self.ex is ex and ex.upgrade is not None and ex.response_started:
+                switched = data[e.args[0]:]
+            else:
+                self.ex = None
+                self.close()
+                client.upstream_broke(ex, "unexpected protocol switch from upstream")  # type: ignore[union-attr]
         except Exception as e:  # HttpParserError or a limit: the response is unusable
             ex = self.ex
             if ex is not None:
@@ -361,6 +371,9 @@ class UpstreamConn(asyncio.Protocol):
             client.wbuf = None
             if buf and not client.closed:
                 client.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+        if switched is not None:
+            tunnel.begin(client, self, ex, switched)
+            return
         if self.remaining > 0 and self.ex is ex:
             # the rest of a Content-Length body bypasses llhttp: no per-chunk callback and
             # no copy of the slice (bulk transfers); a fresh parser serves the next response
@@ -425,7 +438,14 @@ class UpstreamConn(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
-                raise Reject(502, "unexpected protocol switch from upstream")
+                if ex.upgrade is None or ex.response_started:
+                    raise Reject(502, "unexpected protocol switch from upstream")
+                self.want_head = False
+                self.hacc = b""
+                self.hpos = 0
+                self.final = False  # on_message_complete must not finish or pool this connection
+                tunnel.send_switch(self.client, ex, block)
+                return
             self.interims += 1
             if self.interims > ex.opts.max_interim_responses:  # type: ignore[union-attr]
                 raise Reject(502, "too many interim (1xx) responses from upstream")
@@ -504,6 +524,7 @@ class HttpClientConn(asyncio.Protocol):
         self.header_start = 0.0
         self.closed = False
         self.upgraded = False
+        self.early = b""  # bytes after a WebSocket handshake head, held until the backend's 101
         self.deferred: Reject | None = None
         self.peer = b""
         self.xff_head = XFF + XFF_TAIL  # added to every upstream request head, per connection
@@ -642,11 +663,20 @@ class HttpClientConn(asyncio.Protocol):
             self.uflush()
             self.reject(r.status, r.message)
             return
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as e:
             self.uflush()
-            # Upgrade/CONNECT is not proxied: the request was forwarded without Upgrade,
-            # so it is answered as a plain request; the connection closes after it.
             self.upgraded = True
+            ex = self.cur
+            if ex is not None and ex.upgrade is not None and not ex.finished:
+                # a WebSocket handshake went to a backend: read nothing more until its answer
+                # (a 101 makes this connection a tunnel, tunnel.py; anything else closes it)
+                self.early = data[e.args[0]:]
+                self.pause(R_UPGRADE)
+                if ex.keep_alive:
+                    ex.keep_alive = False
+                return
+            # any other Upgrade is not proxied: the request was forwarded without Upgrade,
+            # so it is answered as a plain request; the connection closes after it.
             if self.parsing is not None:
                 self.parsing.keep_alive = False
             if self.cur is not None:
@@ -765,6 +795,8 @@ class HttpClientConn(asyncio.Protocol):
                 ex.xff = value if ex.xff is None else ex.xff + b", " + value  # type: ignore[union-attr]
             elif ln == b"x-request-id":
                 ex.rid = value if VALID_RID.fullmatch(value) else None  # type: ignore[union-attr]
+            elif ln == b"upgrade":
+                ex.upgrade = value if ex.upgrade is None else ex.upgrade + b", " + value  # type: ignore[union-attr]
             elif ln == b"connection":
                 toks = [t.strip().lower() for t in value.split(b",")]
                 if ex.conn_tokens is None:  # type: ignore[union-attr]
@@ -812,6 +844,7 @@ class HttpClientConn(asyncio.Protocol):
         else:
             if self.queue is None:
                 self.queue = deque()
+            ex.upgrade = None  # type: ignore[union-attr]  # a pipelined handshake is answered as a plain request
             self.queue.append(ex)  # type: ignore[arg-type]
             self.pause(R_PIPELINE)
 
@@ -901,6 +934,9 @@ class HttpClientConn(asyncio.Protocol):
         hdrs = ex.hdrs
         if ex.conn_tokens:
             drop = set(ex.conn_tokens) - {b"close", b"keep-alive", b""}
+            if ex.upgrade is not None:
+                hdrs = tunnel.handshake_headers(ex, opts, hdrs)
+                drop.discard(b"upgrade")
             if drop:
                 hdrs = b"".join([ln + b"\r\n" for ln in hdrs.split(b"\r\n")[:-1]
                                  if ln.split(b":", 1)[0].strip().lower() not in drop])
