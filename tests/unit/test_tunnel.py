@@ -124,3 +124,32 @@ def test_an_idle_tunnel_is_closed_after_tunnel_timeout():
             origin.server.close()
 
     run(main())
+
+
+def test_a_drained_backend_keeps_its_tunnels_for_the_grace_then_closes_them():
+    import dataclasses
+
+    async def main() -> None:
+        origin = Origin()
+        port = await origin.start()
+        dp = DataPlane("t")
+        svc = service("shop", [("127.0.0.1", port)], tunnel_drain_grace=1.0)
+        await dp.start(snapshot(svc))
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", dp.bound_port("shop"))
+            w.write(HANDSHAKE)
+            await read_until(r, b"HELLO;")
+            drained = dataclasses.replace(svc, backends=(dataclasses.replace(svc.backends[0], admin_state="drain"),))
+            dp.update(snapshot(drained, version=2))
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            w.write(b"still;")  # within the grace the tunnel works
+            assert await read_until(r, b"STILL;") == b"STILL;"
+            assert await asyncio.wait_for(r.read(), 5) == b""  # then it is closed
+            assert 0.7 <= loop.time() - t0 < 3
+            w.close()
+        finally:
+            await dp.stop()
+            origin.server.close()
+
+    run(main())
