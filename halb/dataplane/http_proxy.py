@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from halb.dataplane import acme_answer, body_deadline, request_target, tunnel
+from halb.dataplane import acme_answer, body_deadline, proxy_protocol, request_target, tunnel
 from halb.dataplane.admission import QUEUE_MESSAGES, Admission
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.local_errors import is_local_resource_error, local_reason, report_local_error, report_rejected
 from halb.dataplane.options import ServiceOptions
+from halb.dataplane.proxy_protocol import Addresses
 from halb.dataplane.request_head import HeadState
 from halb.dataplane.routing import BackendState, ServiceRuntime
 
@@ -525,6 +526,7 @@ class HttpClientConn(asyncio.Protocol):
         self.closed = False
         self.upgraded = False
         self.early = b""  # bytes after a WebSocket handshake head, held until the backend's 101
+        self.proxied: Addresses | None = None  # the client's addresses from a PROXY header (accept_proxy)
         self.deferred: Reject | None = None
         self.peer = b""
         self.xff_head = XFF + XFF_TAIL  # added to every upstream request head, per connection
@@ -541,7 +543,7 @@ class HttpClientConn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         rt = self.listener.rt
         self.rt_conn = rt
-        peer = transport.get_extra_info("peername")
+        peer = self.proxied[0] if self.proxied is not None else transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b"unknown"
         self.xff_head = XFF + self.peer + XFF_TAIL
         self.last_active = self.loop.time()
@@ -575,6 +577,10 @@ class HttpClientConn(asyncio.Protocol):
                 ex.rt.admission.wake()  # it may have been waiting: drop it from the queue
         self.cur = None
         self.queue = None
+
+    def set_proxied(self, addrs: Addresses | None) -> None:
+        """Before connection_made: the client's addresses a PROXY header gave (proxy_protocol.py)."""
+        self.proxied = addrs
 
     def _w(self, data: bytes) -> None:
         """Write to the client; coalesced into one send while an upstream chunk is parsed."""
@@ -1088,6 +1094,10 @@ class HttpClientConn(asyncio.Protocol):
             self.attempt_failed(ex, True, "upstream closed right after connect")
             return
         up.bind(ex, self)
+        if ex.opts.send_proxy != "off":  # type: ignore[union-attr]  # before anything else on this connection
+            addrs = self.proxied or proxy_protocol.connection_addrs(self.transport)  # type: ignore[arg-type]
+            if addrs is not None:
+                up.transport.write(proxy_protocol.header(ex.opts.send_proxy, addrs))  # type: ignore[union-attr]
         self._send_head(ex, up)
 
     def _send_head(self, ex: Exchange, up: UpstreamConn) -> None:
@@ -1345,8 +1355,9 @@ class HttpClientConn(asyncio.Protocol):
         b = up.backend
         up.ex = None
         up.client = None
+        opts = self.listener.rt.opts
         if (reusable and not up.closed and not b.removed and b.route.admin_state == "active"
-                and not b.ejected and len(b.pool) < self.listener.rt.opts.pool_max_idle):
+                and not b.ejected and len(b.pool) < opts.pool_max_idle and opts.send_proxy == "off"):
             if up.read_paused:
                 up.resume_reading()
             up.idle_since = self.loop.time()
