@@ -88,6 +88,9 @@ class NodeCollector:
                                       labels=sl + ["reason"])
         saturated = CounterMetricFamily("halb_service_saturated",
                                         "Picks that found every candidate backend at its capacity limit", labels=sl)
+        ws_open = GaugeMetricFamily("halb_service_websockets_open", "Upgraded (WebSocket) connections open", labels=sl)
+        ws_total = CounterMetricFamily("halb_service_websockets_switched", "Upgraded (WebSocket) connections switched",
+                                       labels=sl)
         bl = ["node", "service", "backend"]
         limit = GaugeMetricFamily("halb_backend_limit_conns", "This node's enforced max_conns share", labels=bl)
         at_limit = CounterMetricFamily("halb_backend_at_limit", "Picks that passed the backend over (at a limit)",
@@ -103,11 +106,13 @@ class NodeCollector:
             for reason, key in (("queue_full", "full"), ("queue_timeout", "timed_out"), ("shed", "shed")):
                 refused.add_metric(lv + [reason], q.get(key, 0))
             saturated.add_metric(lv, svc.get("saturated", 0))
+            ws_open.add_metric(lv, svc.get("websockets", 0))
+            ws_total.add_metric(lv, svc.get("websockets_total", 0))
             for bname, b in (svc.get("backends") or {}).items():
                 if b.get("limit_conns") is not None:
                     limit.add_metric(lv + [bname], b["limit_conns"])
                 at_limit.add_metric(lv + [bname], b.get("at_limit", 0))
-        yield from (length, by_prio, wait, wait_max, refused, saturated, limit, at_limit)
+        yield from (length, by_prio, wait, wait_max, refused, saturated, ws_open, ws_total, limit, at_limit)
 
     def resilience(self) -> Iterator[Metric]:
         """Per service: failure domains of its healthy instances (halb/resilience.py).

@@ -18,6 +18,8 @@ from aiohttp import web
 
 from halb.api.server import AdminApi
 from halb.api.views import ClusterViews
+from halb.certs.acme_manager import AcmeManager
+from halb.certs.sealing import KeySealer
 from halb.config import NodeConfig, effective_capacity_share, service_seed_to_dict
 from halb.control.raft import ReplicatedState, fail_reason_name
 from halb.control.state import Applied
@@ -83,6 +85,8 @@ class Node:
         self.token = cfg.read_token()
         validate_health_checks(cfg)
         self._secret = secret
+        # seals TLS certificate keys before they are proposed (halb/certs/sealing.py)
+        self.cert_sealer = KeySealer(secret) if secret else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.stop_event = asyncio.Event()
         self.stop_reason = ""
@@ -150,6 +154,9 @@ class Node:
         await site.start()
         log.info("admin API listening on http://%s", cfg.api.bind)
         self._tasks.append(asyncio.create_task(self._converge_loop(), name="converge"))
+        self.acme = AcmeManager(self.node_id, self.raft, self.writer, self.cert_sealer, cfg.data_dir,
+                                peers=self._peer_apis, peer_get=self.peer_get)
+        self._tasks.append(asyncio.create_task(self.acme.run(), name="acme"))
         await self.start_components()
         self.listening = True
 
@@ -254,6 +261,8 @@ class Node:
         from halb.routing_cache import touched_services
 
         touched = touched_services(cmd, applied.events)  # only what this command can have changed
+        if str(cmd.get("op", "")).startswith("acme.challenge"):
+            self._routing_dirty.set()  # HTTP-01 answers travel with the routing snapshot, no service changed
         if touched is not None and not touched:
             return
         if touched is None or str(cmd.get("op", "")).startswith(("service.", "backend.")):
@@ -299,8 +308,14 @@ class Node:
         async def local_events(request: web.Request) -> web.StreamResponse:
             return web.json_response({"node": self.node_id, "events": list(self.issues.events)})
 
+        async def acme_answer_ready(request: web.Request) -> web.StreamResponse:
+            # the leader asks every member before it tells the CA to validate (acme_manager.py)
+            token = request.match_info["token"].encode()
+            return web.json_response({"node": self.node_id, "ready": token in self.dataplane.acme_answers})
+
         return [("/metrics", metrics), ("/v1/dataplane", dataplane_stats), ("/v1/load", load),
-                ("/v1/local-events", local_events), ("/v1/dataplane-check", dataplane_check)]
+                ("/v1/local-events", local_events), ("/v1/dataplane-check", dataplane_check),
+                ("/v1/acme-answers/{token}", acme_answer_ready)]
 
     # --- events from the tick thread --------------------------------------------------
 
@@ -375,6 +390,14 @@ class Node:
     def _peer_apis(self) -> list[tuple[str, str]]:
         with self.raft.read() as cs:
             return [(m.id, m.api) for m in cs.members.values() if m.id != self.node_id and m.api]
+
+    async def peer_get(self, api: str, path: str, timeout: float) -> dict[str, Any]:
+        """GET a peer's admin API with this node's token; raises on any failure."""
+        assert self._http is not None
+        async with self._http.get(f"http://{api}{path}", headers={"Authorization": f"Bearer {self.token}"},
+                                  timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            resp.raise_for_status()
+            return await resp.json()
 
     # --- membership and leadership ----------------------------------------------------
 

@@ -27,7 +27,7 @@ from halb.routing_builder import build_service
 log = logging.getLogger("halb.routing")
 
 # ops that never change what routing or health targets are built from
-NO_ROUTING_OPS = ("lease.", "event.", "member.")
+NO_ROUTING_OPS = ("lease.", "event.", "member.", "token.", "cert.", "acme.")
 
 
 def touched_services(cmd: dict[str, Any], events: Iterable[Any] | None = None) -> set[str] | None:
@@ -65,6 +65,11 @@ def touched_services(cmd: dict[str, Any], events: Iterable[Any] | None = None) -
     except (KeyError, TypeError, AttributeError):
         return None
     return None  # seed, snapshot.loaded, health.liveness without events, unknown: everything
+
+
+def acme_answers(cs: ClusterState) -> tuple[tuple[str, str], ...]:
+    """The HTTP-01 answers the data plane serves (halb/dataplane/acme_answer.py)."""
+    return tuple(sorted((t, str(c.get("key_authorization", ""))) for t, c in cs.acme_challenges.items()))
 
 
 @dataclass
@@ -119,4 +124,5 @@ class RoutingCache:
                 self.routes[name] = route
         self.version += 1
         return RoutingSnapshot(version=self.version,
-                               services=tuple(self.routes[n] for n in sorted(self.routes)))
+                               services=tuple(self.routes[n] for n in sorted(self.routes)),
+                               acme_challenges=acme_answers(cs))

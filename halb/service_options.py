@@ -24,6 +24,7 @@ log = logging.getLogger("halb.dataplane.options")
 
 FAIL_POLICIES = ("panic", "closed")
 PRIORITIES = ("critical", "normal", "low")  # halb/dataplane/admission.py: best first
+PROXY_VERSIONS = ("off", "v1", "v2")  # send_proxy
 DAY = 86400.0
 
 
@@ -80,6 +81,13 @@ class ServiceOptions:
     # --- slow start -------------------------------------------------------------------
     slow_start_s: float = 0.0  # weight ramps linearly over this after becoming eligible; 0 = off
     slow_start_min_weight: float = 0.1  # share of the weight given at the start of the ramp
+    # --- upgraded connections (WebSocket), halb/dataplane/tunnel.py -----------------------
+    websocket: bool = True  # forward `Upgrade: websocket` requests; false: Upgrade is dropped (plain request)
+    tunnel_timeout: float = 3600.0  # an upgraded connection with no byte either way is closed (HAProxy `timeout tunnel`)
+    tunnel_drain_grace: float = 300.0  # after its backend leaves `active` (drain, maint, removed), a tunnel may run this long
+    # --- PROXY protocol (halb/dataplane/proxy_protocol.py) --------------------------------
+    send_proxy: str = "off"  # "v1" | "v2": a PROXY header with the client's address on each backend connection
+    accept_proxy: bool = False  # clients are load balancers that send a PROXY header first (required)
     # --- TCP ----------------------------------------------------------------------------
     tcp_connect_attempts: int = 3  # backends tried for one TCP client connection
     # --- peak EWMA ----------------------------------------------------------------------
@@ -111,6 +119,9 @@ class ServiceOptions:
         if values.get("priority", "normal") not in PRIORITIES:
             log.warning("service %s: priority must be one of %s", route.name, PRIORITIES)
             values.pop("priority")
+        if values.get("send_proxy", "off") not in PROXY_VERSIONS:
+            log.warning("service %s: send_proxy must be one of %s", route.name, PROXY_VERSIONS)
+            values.pop("send_proxy")
         cls.derive_unset(values)
         return cls(**values)
 
@@ -212,6 +223,11 @@ DATAPLANE_OPTIONS: dict[str, Spec] = {
     "adaptive_concurrency": Spec("bool"),
     "slow_start_s": Spec("float", 0.0, DAY, help="0: off"),
     "slow_start_min_weight": _SHARE,
+    "websocket": Spec("bool"),
+    "tunnel_timeout": _SECONDS,
+    "tunnel_drain_grace": Spec("float", 0.0, DAY),
+    "send_proxy": Spec("choice", choices=PROXY_VERSIONS),
+    "accept_proxy": Spec("bool"),
     "tcp_connect_attempts": Spec("int", 1, 100),
     "ewma_decay_s": _SECONDS,
 }

@@ -15,7 +15,11 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+<<<<<<< HEAD
 from halb.api import ui
+=======
+from halb.api.certs_api import CertRoutes
+>>>>>>> certs
 from halb.api.protocol import AdminRunner, install_log_redaction
 from halb.api.roles import Identity, identify, required_role
 from halb.api.validation import validate_full
@@ -204,6 +208,7 @@ class AdminApi:
         r.add_get("/v1/tokens", self.tokens)
         r.add_post("/v1/tokens", self.token_add)
         r.add_delete("/v1/tokens/{name}", self.token_revoke)
+        CertRoutes(self, read_json).register(r)
         for path, handler in self.node.extra_routes():
             r.add_get(path, handler)
         bootstrap_hash = hash_token(self.node.token)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "leader": "halb.cli.leader_cmd:leader",
     "events": "halb.cli.events_cmd:events",
     "token": "halb.cli.token_cmd:token",
+    "cert": "halb.cli.cert_cmd:cert",
     "demo": "halb.cli.demo_cmd:demo",
     "toxiproxy": "halb.cli.toxiproxy_cmd:toxiproxy",
     "chaos": "halb.cli.chaos_cmd:chaos",

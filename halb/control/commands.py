@@ -16,8 +16,11 @@ Only the *shape* of a command is checked here; checks that need the current stat
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from halb.certs.pem import MAX_CHAIN_BYTES, MAX_SANS
+from halb.certs.sealing import is_sealed
 from halb.model import (
     ADMIN_STATES, ModelError, backend_from, check_json_value, check_name, parse_hostport, service_from,
     to_primitive,
@@ -263,13 +266,140 @@ def _validate(op: str, a: Any, health: HealthCheck | None) -> dict[str, Any]:
         if name == BOOTSTRAP_NAME:
             raise invalid(f"the {BOOTSTRAP_NAME!r} token is each node's token_file: replace that file to change it")
         return {"name": name}
+    if op in ("cert.add", "cert.remove"):
+        return _cert_args(op, a)
+    if op.startswith("acme."):
+        return _acme_args(op, a)
+    raise invalid(f"unknown operation {op!r}"[:200])
+
+
+CERT_SOURCES = ("file", "acme")
+CERT_KEYS = frozenset({"name", "chain", "key_sealed", "sans", "not_after", "not_before", "fingerprint", "issuer",
+                       "key_type", "source", "replace"})
+
+
+def _cert_args(op: str, a: Any) -> dict[str, Any]:
+    """Shape of a certificate as the API node checked it (halb/certs/pem.py did the real
+    checks with the plaintext key, which never gets here). The key must be sealed
+    (halb/certs/sealing.py): a PEM private key is refused, so none can reach the journal."""
+    if op == "cert.remove":
+        a = _obj(a, op, frozenset({"name"}), ("name",))
+        return {"name": _name(a["name"], "certificate name")}
+    a = _obj(a, op, CERT_KEYS, ("name", "chain", "key_sealed", "sans", "not_after"))
+    chain = a["chain"]
+    if not isinstance(chain, str) or not chain.startswith("-----BEGIN CERTIFICATE-----") \
+            or len(chain) > MAX_CHAIN_BYTES or "PRIVATE KEY" in chain:
+        raise invalid("chain must be PEM certificates (no private key), at most "
+                      f"{MAX_CHAIN_BYTES // 1024} KiB")
+    if not is_sealed(a["key_sealed"]):
+        raise invalid("key_sealed must be a key sealed with the cluster secret (v1.BASE64); "
+                      "plaintext keys are never stored")
+    sans = a["sans"]
+    if not isinstance(sans, list) or not sans or len(sans) > MAX_SANS:
+        raise invalid(f"sans must be a list of 1 to {MAX_SANS} names")
+    out: dict[str, Any] = {
+        "name": _name(a["name"], "certificate name"), "chain": chain, "key_sealed": a["key_sealed"],
+        "sans": [_text(n, "san", 253) for n in sans],
+        "source": a.get("source", "file"), "replace": _bool(a.get("replace", False), "replace"),
+        "fingerprint": _text(a.get("fingerprint", ""), "fingerprint", 64),
+        "issuer": _text(a.get("issuer", ""), "issuer", 200), "key_type": _text(a.get("key_type", ""), "key_type", 40),
+    }
+    if out["source"] not in CERT_SOURCES:
+        raise invalid(f"source {out['source']!r} must be one of {', '.join(CERT_SOURCES)}"[:200])
+    for k in ("not_after", "not_before"):
+        v = a.get(k, 0.0)
+        if isinstance(v, bool) or not finite_number(v):
+            raise invalid(f"{k} {v!r} must be a finite number (unix seconds)"[:200])
+        out[k] = float(v)
+    return out
+
+
+MAX_ACME_DOMAINS = 20
+_DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_B64URL = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+
+
+def acme_domain(value: Any) -> str:
+    """A name HTTP-01 can validate: a DNS name, not a wildcard, not an address."""
+    if not isinstance(value, str) or not value or len(value) > 253:
+        raise invalid(f"domain {value!r} must be a DNS name of at most 253 characters"[:200])
+    name = value.lower().rstrip(".")
+    if name.startswith("*."):
+        raise invalid(f"domain {value!r}: HTTP-01 cannot validate wildcard names (add the certificate from a file)"
+                      [:200])
+    labels = name.split(".")
+    if len(labels) < 2 or not all(_DNS_LABEL.match(lb) for lb in labels) or labels[-1].isdigit():
+        raise invalid(f"domain {value!r} is not a DNS name (IP addresses cannot be validated over HTTP-01)"[:200])
+    return name
+
+
+def _pem_bundle(value: Any, what: str) -> str:
+    if value in (None, ""):
+        return ""
+    if not isinstance(value, str) or not value.startswith("-----BEGIN CERTIFICATE-----") \
+            or len(value) > 2 * MAX_CHAIN_BYTES or "PRIVATE KEY" in value:
+        raise invalid(f"{what} must be PEM certificates, at most {2 * MAX_CHAIN_BYTES // 1024} KiB")
+    return value
+
+
+def _acme_args(op: str, a: Any) -> dict[str, Any]:
+    """ACME orders, their account and the HTTP-01 answers every node serves (halb/certs/)."""
+    if op == "acme.request":
+        a = _obj(a, op, frozenset({"name", "domains", "directory", "ca_bundle", "email"}),
+                 ("name", "domains", "directory"))
+        domains = a["domains"]
+        if not isinstance(domains, list) or not 1 <= len(domains) <= MAX_ACME_DOMAINS:
+            raise invalid(f"domains must be a list of 1 to {MAX_ACME_DOMAINS} names")
+        names = [acme_domain(d) for d in domains]
+        if len(set(names)) != len(names):
+            raise invalid("domains lists a name twice")
+        directory = _text(a["directory"], "directory", 500)
+        if not directory.startswith("https://") or len(a["directory"]) > 500:
+            raise invalid("directory must be the https:// URL of the ACME directory (at most 500 characters)")
+        email = _text(a.get("email", ""), "email", 254)
+        if email and ("@" not in email or any(c.isspace() for c in email)):
+            raise invalid(f"email {email!r} is not an address"[:200])
+        return {"name": _name(a["name"], "certificate name"), "domains": names, "directory": directory,
+                "ca_bundle": _pem_bundle(a.get("ca_bundle"), "ca_bundle"), "email": email}
+    if op == "acme.renew":
+        a = _obj(a, op, frozenset({"name"}), ("name",))
+        return {"name": _name(a["name"], "certificate name")}
+    if op == "acme.failed":
+        a = _obj(a, op, frozenset({"name", "reason"}), ("name", "reason"))
+        return {"name": _name(a["name"], "certificate name"), "reason": _text(a["reason"], "reason", 500)}
+    if op == "acme.account":
+        a = _obj(a, op, frozenset({"directory", "key_sealed", "uri"}), ("directory", "key_sealed"))
+        if not is_sealed(a["key_sealed"]):
+            raise invalid("key_sealed must be a key sealed with the cluster secret")
+        return {"directory": _text(a["directory"], "directory", 500), "key_sealed": a["key_sealed"],
+                "uri": _text(a.get("uri", ""), "uri", 500)}
+    if op == "acme.challenge":
+        a = _obj(a, op, frozenset({"token", "key_authorization", "expires"}),
+                 ("token", "key_authorization", "expires"))
+        token, keyauth = a["token"], a["key_authorization"]
+        if not isinstance(token, str) or not _B64URL.match(token):
+            raise invalid("token must be 1 to 128 base64url characters")
+        if not isinstance(keyauth, str) or not keyauth.startswith(token + ".") \
+                or not _B64URL.match(keyauth[len(token) + 1:]):
+            raise invalid("key_authorization must be TOKEN.THUMBPRINT (base64url)")
+        if isinstance(a["expires"], bool) or not finite_number(a["expires"]):
+            raise invalid("expires must be a finite number (unix seconds)")
+        return {"token": token, "key_authorization": keyauth, "expires": float(a["expires"])}
+    if op == "acme.challenge_clear":
+        a = _obj(a, op, frozenset({"tokens"}), ("tokens",))
+        tokens = a["tokens"]
+        if not isinstance(tokens, list) or len(tokens) > MAX_ACME_DOMAINS * 4 \
+                or not all(isinstance(t, str) and _B64URL.match(t) for t in tokens):
+            raise invalid("tokens must be a list of challenge tokens")
+        return {"tokens": list(tokens)}
     raise invalid(f"unknown operation {op!r}"[:200])
 
 
 OPS = ("seed", "service.add", "service.remove", "service.update", "backend.add", "backend.remove", "backend.state",
        "backend.weight", "backend.limits", "member.register", "member.remove", "event.record", "health.observe",
        "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release", "token.add",
-       "token.revoke")
+       "token.revoke", "cert.add", "cert.remove",
+       "acme.request", "acme.renew", "acme.failed", "acme.account", "acme.challenge", "acme.challenge_clear")
 
 
 def validate_command(op: Any, args: Any, *, health: HealthCheck | None = None) -> dict[str, Any]:

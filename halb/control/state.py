@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from halb.control.commands import CommandError, check_envelope, validate_command
+from halb.certs.records import acme_order_summary, cert_summary
 from halb.tokens import MAX_TOKENS
 from halb.service_options import CONTROL_OPTIONS, OptionError, check_option
 from halb.model import (
@@ -22,6 +23,8 @@ from halb.model import (
 )
 
 MAX_EVENTS = 2000
+MAX_CERTS = 200
+MAX_CHALLENGES = 100
 MAX_REMEMBERED_IDS = 20000
 
 
@@ -70,6 +73,14 @@ class ClusterState:
         self.extra: dict[str, Any] = {}  # forward-compatible bag for later features
         # named API tokens: name -> {"name", "role", "hash", "at", "by"}; never the token itself
         self.tokens: dict[str, dict[str, Any]] = {}
+        # TLS certificates: name -> {"name", "chain", "key_sealed", "sans", "not_after", ...};
+        # the key only sealed with the cluster secret (halb/certs/sealing.py)
+        self.certs: dict[str, dict[str, Any]] = {}
+        # ACME (halb/certs/acme_*.py): orders by certificate name, the account per directory
+        # (key sealed), and the HTTP-01 answers every node serves, by token
+        self.acme_orders: dict[str, dict[str, Any]] = {}
+        self.acme_accounts: dict[str, dict[str, Any]] = {}
+        self.acme_challenges: dict[str, dict[str, Any]] = {}
 
     # --- snapshot codec ----------------------------------------------------------------
 
@@ -89,6 +100,10 @@ class ClusterState:
             "live_members": self.live_members,
             "extra": self.extra,
             "tokens": self.tokens,
+            "certs": self.certs,
+            "acme_orders": self.acme_orders,
+            "acme_accounts": self.acme_accounts,
+            "acme_challenges": self.acme_challenges,
         }
 
     @classmethod
@@ -108,6 +123,11 @@ class ClusterState:
         st.extra = d.get("extra", {})
         tokens = d.get("tokens", {})
         st.tokens = tokens if isinstance(tokens, dict) else {}
+        certs = d.get("certs", {})
+        st.certs = certs if isinstance(certs, dict) else {}
+        for key in ("acme_orders", "acme_accounts", "acme_challenges"):
+            value = d.get(key, {})
+            setattr(st, key, value if isinstance(value, dict) else {})
         return st
 
     # --- applying ----------------------------------------------------------------------
@@ -169,6 +189,14 @@ class ClusterState:
             "lease.release": self._lease_release,
             "token.add": self._token_add,
             "token.revoke": self._token_revoke,
+            "cert.add": self._cert_add,
+            "cert.remove": self._cert_remove,
+            "acme.request": self._acme_request,
+            "acme.renew": self._acme_renew,
+            "acme.failed": self._acme_failed,
+            "acme.account": self._acme_account,
+            "acme.challenge": self._acme_challenge,
+            "acme.challenge_clear": self._acme_challenge_clear,
         }
 
     def record(self, cmd: dict[str, Any], kind: str, message: str, **data: Any) -> None:
@@ -355,6 +383,100 @@ class ClusterState:
         self.record(cmd, "token.revoked", f"token {args['name']} ({record.get('role')}) revoked",
                     token=args["name"], role=record.get("role"))
         return ok(token={"name": args["name"], "role": record.get("role")})
+
+    # --- TLS certificates (halb/certs) ----------------------------------------------------
+
+    def _cert_add(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        name, replace = args["name"], args["replace"]
+        old = self.certs.get(name)
+        if old is not None and not replace:
+            raise CommandError("conflict", f"certificate {name!r} already exists; remove it first or replace it")
+        if old is None and len(self.certs) >= MAX_CERTS:
+            raise CommandError("conflict", f"the cluster already has {MAX_CERTS} certificates")
+        record = {k: v for k, v in args.items() if k != "replace"}
+        record.update(at=float(cmd.get("at") or 0.0), by=str(cmd.get("by") or ""))
+        if old is not None and old.get("source") == "acme" and args["source"] == "file":
+            self.acme_orders.pop(name, None)  # a file replaces an ACME certificate: renewals stop
+        order = self.acme_orders.get(name)
+        if order is not None and args["source"] == "acme":
+            order.update(failures=0, failed_at=0.0, last_error="")
+        self.certs[name] = record
+        verb = "replaced" if old is not None else "added"
+        self.record(cmd, f"cert.{verb}", f"certificate {name} {verb} ({args['source']}; "
+                    f"{', '.join(args['sans'][:5])}{' ...' if len(args['sans']) > 5 else ''})",
+                    cert=name, source=args["source"], not_after=args["not_after"],
+                    fingerprint=args["fingerprint"])
+        return ok(cert=cert_summary(record))
+
+    def _cert_remove(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        record = self.certs.pop(args["name"], None)
+        order = self.acme_orders.pop(args["name"], None)  # no renewals for a removed certificate
+        if record is None and order is None:
+            raise CommandError("not_found", f"certificate {args['name']!r} does not exist")
+        if record is None:
+            self.record(cmd, "cert.removed", f"ACME order {args['name']} removed (no certificate yet)",
+                        cert=args["name"])
+            return ok(cert={"name": args["name"]})
+        self.record(cmd, "cert.removed", f"certificate {args['name']} removed", cert=args["name"])
+        return ok(cert=cert_summary(record))
+
+    def _acme_request(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        name = args["name"]
+        cert = self.certs.get(name)
+        if cert is not None and cert.get("source") != "acme":
+            raise CommandError("conflict", f"certificate {name!r} was added from a file; remove it first "
+                               "(or pick another name) to have it ordered over ACME")
+        if name not in self.acme_orders and len(self.acme_orders) >= MAX_CERTS:
+            raise CommandError("conflict", f"the cluster already has {MAX_CERTS} ACME orders")
+        old = self.acme_orders.get(name)
+        self.acme_orders[name] = dict(args, at=float(cmd.get("at") or 0.0), by=str(cmd.get("by") or ""),
+                                      renew_requested=0.0, failures=0, failed_at=0.0, last_error="")
+        verb = "changed" if old is not None else "requested"
+        self.record(cmd, "cert.acme_requested", f"ACME certificate {name} {verb} for {', '.join(args['domains'])} "
+                    f"from {args['directory']}", cert=name, domains=args["domains"])
+        return ok(order=acme_order_summary(self.acme_orders[name]))
+
+    def _acme_order(self, name: str) -> dict[str, Any]:
+        order = self.acme_orders.get(name)
+        if order is None:
+            raise CommandError("not_found", f"certificate {name!r} has no ACME order (only ACME certificates renew)")
+        return order
+
+    def _acme_renew(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        order = self._acme_order(args["name"])
+        order["renew_requested"] = float(cmd.get("at") or 0.0)
+        self.record(cmd, "cert.acme_renew_requested", f"renewal of {args['name']} requested", cert=args["name"])
+        return ok(order=acme_order_summary(order))
+
+    def _acme_failed(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        order = self._acme_order(args["name"])
+        order.update(failures=int(order.get("failures") or 0) + 1, failed_at=float(cmd.get("at") or 0.0),
+                     last_error=args["reason"])
+        serving = "the current certificate keeps serving" if args["name"] in self.certs else "no certificate yet"
+        self.record(cmd, "cert.acme_failed", f"ACME order for {args['name']} failed ({serving}): {args['reason']}",
+                    cert=args["name"], reason=args["reason"], failures=order["failures"])
+        return ok(order=acme_order_summary(order))
+
+    def _acme_account(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        if args["directory"] not in self.acme_accounts and len(self.acme_accounts) >= 10:
+            raise CommandError("conflict", "the cluster already keeps ACME accounts for 10 directories")
+        self.acme_accounts[args["directory"]] = dict(args)
+        return ok()
+
+    def _acme_challenge(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        now = float(cmd.get("at") or 0.0)
+        for token in [t for t, c in self.acme_challenges.items() if c.get("expires", 0.0) < now]:
+            del self.acme_challenges[token]  # a leader that died mid-order left these behind
+        if args["token"] not in self.acme_challenges and len(self.acme_challenges) >= MAX_CHALLENGES:
+            raise CommandError("conflict", f"{MAX_CHALLENGES} ACME challenges are pending already")
+        self.acme_challenges[args["token"]] = {"key_authorization": args["key_authorization"],
+                                               "expires": args["expires"]}
+        return ok()
+
+    def _acme_challenge_clear(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        for token in args["tokens"]:
+            self.acme_challenges.pop(token, None)
+        return ok()
 
     # --- health: observations -> majority verdicts, flap damping ---------------------------
 

@@ -16,7 +16,10 @@ from typing import Any, Callable
 
 from halb.dataplane import http_proxy
 from halb.dataplane.http_proxy import HttpClientConn
-from halb.dataplane.listeners import Listener, make_listen_socket
+from halb.dataplane.listeners import Listener, make_listen_socket, relay_suits
+from halb.dataplane.local_errors import RateLimitedLog
+from halb.dataplane.options import ServiceOptions
+from halb.dataplane.proxy_protocol import ProxyHeaderGate
 from halb.dataplane.routing import ServiceRuntime
 from halb.dataplane.snapshot import RoutingSnapshot, ServiceRoute
 from halb.dataplane.stats import merge_stats
@@ -24,6 +27,7 @@ from halb.dataplane import tcp_relay
 from halb.dataplane.tcp_proxy import TcpClientConn
 
 log = logging.getLogger(__name__)
+proxy_log = RateLimitedLog(logging.WARNING)
 
 SWEEP_INTERVAL = 0.25  # timeout granularity (s)
 # Idle pooled upstream connections are trimmed once a second (every sweep for a service
@@ -58,6 +62,7 @@ class DataPlane:
         self.loop_uvloop = loop_uvloop  # used for worker processes (the node owns its loop)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.snapshot = RoutingSnapshot()
+        self.acme_answers: dict[bytes, bytes] = {}  # token -> key authorization (acme_answer.py)
         self.listeners: dict[str, Listener] = {}
         self.conns: set[Any] = set()
         self.on_ejection: list[EjectionHook] = []
@@ -234,9 +239,15 @@ class DataPlane:
                 log.exception("on_ejection subscriber failed")
 
     def _factory(self, lst: Listener) -> Callable[[], Any]:
-        if lst.key[0] == "tcp":
-            return lambda: TcpClientConn(lst)
-        return lambda: HttpClientConn(lst)
+        conn = TcpClientConn if lst.key[0] == "tcp" else HttpClientConn
+
+        def make() -> Any:
+            opts = lst.rt.opts
+            if opts.accept_proxy:  # read the PROXY header first (proxy_protocol.py)
+                return ProxyHeaderGate(conn(lst), opts.header_timeout, lambda why: _proxy_rejected(lst, why))
+            return conn(lst)
+
+        return make
 
     def _apply(self, snapshot: RoutingSnapshot, initial: bool) -> None:
         """Per service: unchanged (the same ServiceRoute object) costs nothing, so an update
@@ -250,7 +261,7 @@ class DataPlane:
                 continue
             try:
                 key = (svc.mode, svc.listen_host, svc.listen_port)
-                if lst is not None and lst.key == key:
+                if lst is not None and lst.key == key and not self._relay_choice_changed(lst, svc):
                     lst.rt.apply(svc)
                 else:
                     if lst is not None:
@@ -266,7 +277,16 @@ class DataPlane:
         for name in [n for n in self.listeners if n not in seen]:
             self._retire(self.listeners.pop(name))
         self.shared.sync(initial)
+        if snapshot.acme_challenges != self.snapshot.acme_challenges:
+            self.acme_answers = {t.encode(): k.encode() for t, k in snapshot.acme_challenges}
         self.snapshot = snapshot
+
+    def _relay_choice_changed(self, lst: Listener, svc: ServiceRoute) -> bool:
+        """A TCP service whose PROXY options moved it on or off the C relay is re-opened
+        (the relay accepts and relays below Python: it cannot add or read a header)."""
+        if lst.key[0] != "tcp" or lst.server is None and lst.acceptor is None:
+            return False
+        return (lst.acceptor is not None) != (self.tcp_relay() is not None and relay_suits(ServiceOptions.from_route(svc)))
 
     def _open(self, svc: ServiceRoute, key: tuple[str, str, int], initial: bool) -> None:
         rt = ServiceRuntime(svc, hook=self._hook, initial=initial, slot=self.slot)  # before the socket: may raise
@@ -313,7 +333,8 @@ class DataPlane:
 
                 svc = replace(svc, listen_port=lst.port)
             services.append(svc)
-        return RoutingSnapshot(version=self.snapshot.version, services=tuple(services))
+        return RoutingSnapshot(version=self.snapshot.version, services=tuple(services),
+                               acme_challenges=self.snapshot.acme_challenges)
 
     async def _sweep(self) -> None:
         """Timeouts, ejection expiry, slow-start ramps and idle pool trimming."""
@@ -344,3 +365,10 @@ class DataPlane:
                         c.check(now)
             except Exception:  # the sweeper must survive anything
                 log.exception("data plane sweep failed")
+
+
+def _proxy_rejected(lst: Listener, why: str) -> None:
+    """A connection to an accept_proxy listener without a valid PROXY header: counted and
+    logged (rate-limited), then closed by the gate."""
+    lst.rt.rejected += 1
+    proxy_log("service %s: connection closed: %s (accept_proxy is on)", lst.rt.route.name, why)

@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from halb.dataplane import body_deadline, request_target
+from halb.dataplane import acme_answer, body_deadline, proxy_protocol, request_target, tunnel
 from halb.dataplane.admission import QUEUE_MESSAGES, Admission
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.local_errors import is_local_resource_error, local_reason, report_local_error, report_rejected
 from halb.dataplane.options import ServiceOptions
+from halb.dataplane.proxy_protocol import Addresses
 from halb.dataplane.request_head import HeadState
 from halb.dataplane.routing import BackendState, ServiceRuntime
 
@@ -77,6 +78,7 @@ BIG_CHUNK = 16 * 1024  # above this, a body chunk is handed to the transport wit
 R_UPSTREAM = 1  # upstream write buffer full
 R_PENDING = 2  # body buffered while connecting
 R_PIPELINE = 4  # a pipelined request waits for the current one
+R_UPGRADE = 8  # a WebSocket handshake waits for the backend's answer
 
 OUT_RAW, OUT_CHUNKED = 0, 1
 
@@ -172,7 +174,7 @@ class Exchange:
         "hash_value", "cookie", "content_length", "chunked_in", "body_done", "body_received",
         "head", "pending", "pending_size", "copy", "copy_size", "body_sent", "rt", "opts",
         "backend", "upstream", "attempts", "tried", "failed_servers", "deadline", "t_attempt",
-        "response_started", "out_mode", "close_after", "finished", "retryable", "key", "hdrs",
+        "response_started", "out_mode", "close_after", "finished", "retryable", "key", "hdrs", "upgrade",
     )
 
     url: bytes
@@ -212,6 +214,7 @@ class Exchange:
     retryable: bool
     key: bytes | None
     hdrs: bytes  # forwarded request header lines ("Name: value\r\n" each), concatenated
+    upgrade: bytes | None  # the Upgrade header of a WebSocket handshake being forwarded (tunnel.py)
 
     def __init__(self) -> None:
         # one tuple unpack: two opcodes per field instead of three
@@ -222,14 +225,14 @@ class Exchange:
             self.pending_size, self.copy, self.copy_size, self.body_sent, self.rt, self.opts,
             self.backend, self.upstream, self.attempts, self.tried, self.failed_servers,
             self.deadline, self.t_attempt, self.response_started, self.out_mode, self.close_after,
-            self.finished, self.retryable, self.key, self.hdrs,
+            self.finished, self.retryable, self.key, self.hdrs, self.upgrade,
         ) = EX_DEFAULTS
 
 
 EX_DEFAULTS = (  # in __slots__ order
     b"", b"", "1.1", True, None, None, None, None, False, None, None, None, False, False, 0, b"",
     None, 0, None, 0, 0, None, None, None, None, 0, None, None, INF, 0.0, False, 0, False, False,
-    False, None, b"",
+    False, None, b"", None,
 )
 
 
@@ -339,12 +342,20 @@ class UpstreamConn(asyncio.Protocol):
                 self._fast_response(ex, client, data, r)  # type: ignore[arg-type]
                 return
         client.wbuf = []  # type: ignore[union-attr]
+        switched: bytes | None = None
         try:
             if self.want_head:
                 acc = self.hacc = self.hacc + data if self.hacc else data
                 if len(acc) - self.hpos > self.max_hdr and acc.find(b"\r\n\r\n", self.hpos) < 0:
                     raise Reject(502, "upstream response head too large")
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as e:  # after a 101 we forwarded: the rest is the new protocol
+            if self.ex is ex and ex.upgrade is not None and ex.response_started:
+                switched = data[e.args[0]:]
+            else:
+                self.ex = None
+                self.close()
+                client.upstream_broke(ex, "unexpected protocol switch from upstream")  # type: ignore[union-attr]
         except Exception as e:  # HttpParserError or a limit: the response is unusable
             ex = self.ex
             if ex is not None:
@@ -361,6 +372,9 @@ class UpstreamConn(asyncio.Protocol):
             client.wbuf = None
             if buf and not client.closed:
                 client.transport.write(buf[0] if len(buf) == 1 else b"".join(buf))
+        if switched is not None:
+            tunnel.begin(client, self, ex, switched)
+            return
         if self.remaining > 0 and self.ex is ex:
             # the rest of a Content-Length body bypasses llhttp: no per-chunk callback and
             # no copy of the slice (bulk transfers); a fresh parser serves the next response
@@ -425,7 +439,14 @@ class UpstreamConn(asyncio.Protocol):
         status = self.parser.get_status_code()
         if status < 200:
             if status == 101:
-                raise Reject(502, "unexpected protocol switch from upstream")
+                if ex.upgrade is None or ex.response_started:
+                    raise Reject(502, "unexpected protocol switch from upstream")
+                self.want_head = False
+                self.hacc = b""
+                self.hpos = 0
+                self.final = False  # on_message_complete must not finish or pool this connection
+                tunnel.send_switch(self.client, ex, block)
+                return
             self.interims += 1
             if self.interims > ex.opts.max_interim_responses:  # type: ignore[union-attr]
                 raise Reject(502, "too many interim (1xx) responses from upstream")
@@ -504,6 +525,8 @@ class HttpClientConn(asyncio.Protocol):
         self.header_start = 0.0
         self.closed = False
         self.upgraded = False
+        self.early = b""  # bytes after a WebSocket handshake head, held until the backend's 101
+        self.proxied: Addresses | None = None  # the client's addresses from a PROXY header (accept_proxy)
         self.deferred: Reject | None = None
         self.peer = b""
         self.xff_head = XFF + XFF_TAIL  # added to every upstream request head, per connection
@@ -520,7 +543,7 @@ class HttpClientConn(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         rt = self.listener.rt
         self.rt_conn = rt
-        peer = transport.get_extra_info("peername")
+        peer = self.proxied[0] if self.proxied is not None else transport.get_extra_info("peername")
         self.peer = peer[0].encode() if peer else b"unknown"
         self.xff_head = XFF + self.peer + XFF_TAIL
         self.last_active = self.loop.time()
@@ -554,6 +577,10 @@ class HttpClientConn(asyncio.Protocol):
                 ex.rt.admission.wake()  # it may have been waiting: drop it from the queue
         self.cur = None
         self.queue = None
+
+    def set_proxied(self, addrs: Addresses | None) -> None:
+        """Before connection_made: the client's addresses a PROXY header gave (proxy_protocol.py)."""
+        self.proxied = addrs
 
     def _w(self, data: bytes) -> None:
         """Write to the client; coalesced into one send while an upstream chunk is parsed."""
@@ -642,11 +669,20 @@ class HttpClientConn(asyncio.Protocol):
             self.uflush()
             self.reject(r.status, r.message)
             return
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as e:
             self.uflush()
-            # Upgrade/CONNECT is not proxied: the request was forwarded without Upgrade,
-            # so it is answered as a plain request; the connection closes after it.
             self.upgraded = True
+            ex = self.cur
+            if ex is not None and ex.upgrade is not None and not ex.finished:
+                # a WebSocket handshake went to a backend: read nothing more until its answer
+                # (a 101 makes this connection a tunnel, tunnel.py; anything else closes it)
+                self.early = data[e.args[0]:]
+                self.pause(R_UPGRADE)
+                if ex.keep_alive:
+                    ex.keep_alive = False
+                return
+            # any other Upgrade is not proxied: the request was forwarded without Upgrade,
+            # so it is answered as a plain request; the connection closes after it.
             if self.parsing is not None:
                 self.parsing.keep_alive = False
             if self.cur is not None:
@@ -765,6 +801,8 @@ class HttpClientConn(asyncio.Protocol):
                 ex.xff = value if ex.xff is None else ex.xff + b", " + value  # type: ignore[union-attr]
             elif ln == b"x-request-id":
                 ex.rid = value if VALID_RID.fullmatch(value) else None  # type: ignore[union-attr]
+            elif ln == b"upgrade":
+                ex.upgrade = value if ex.upgrade is None else ex.upgrade + b", " + value  # type: ignore[union-attr]
             elif ln == b"connection":
                 toks = [t.strip().lower() for t in value.split(b",")]
                 if ex.conn_tokens is None:  # type: ignore[union-attr]
@@ -812,6 +850,7 @@ class HttpClientConn(asyncio.Protocol):
         else:
             if self.queue is None:
                 self.queue = deque()
+            ex.upgrade = None  # type: ignore[union-attr]  # a pipelined handshake is answered as a plain request
             self.queue.append(ex)  # type: ignore[arg-type]
             self.pause(R_PIPELINE)
 
@@ -869,6 +908,8 @@ class HttpClientConn(asyncio.Protocol):
 
     def start(self, ex: Exchange) -> None:
         """Route a request whose head is complete and send it (hot path: one call, no helpers)."""
+        if self.engine.acme_answers and acme_answer.answer(self, ex, self.engine.acme_answers):
+            return
         rt = self.listener.rt
         opts = rt.opts
         ex.rt = rt
@@ -899,6 +940,9 @@ class HttpClientConn(asyncio.Protocol):
         hdrs = ex.hdrs
         if ex.conn_tokens:
             drop = set(ex.conn_tokens) - {b"close", b"keep-alive", b""}
+            if ex.upgrade is not None:
+                hdrs = tunnel.handshake_headers(ex, opts, hdrs)
+                drop.discard(b"upgrade")
             if drop:
                 hdrs = b"".join([ln + b"\r\n" for ln in hdrs.split(b"\r\n")[:-1]
                                  if ln.split(b":", 1)[0].strip().lower() not in drop])
@@ -1050,6 +1094,10 @@ class HttpClientConn(asyncio.Protocol):
             self.attempt_failed(ex, True, "upstream closed right after connect")
             return
         up.bind(ex, self)
+        if ex.opts.send_proxy != "off":  # type: ignore[union-attr]  # before anything else on this connection
+            addrs = self.proxied or proxy_protocol.connection_addrs(self.transport)  # type: ignore[arg-type]
+            if addrs is not None:
+                up.transport.write(proxy_protocol.header(ex.opts.send_proxy, addrs))  # type: ignore[union-attr]
         self._send_head(ex, up)
 
     def _send_head(self, ex: Exchange, up: UpstreamConn) -> None:
@@ -1307,8 +1355,9 @@ class HttpClientConn(asyncio.Protocol):
         b = up.backend
         up.ex = None
         up.client = None
+        opts = self.listener.rt.opts
         if (reusable and not up.closed and not b.removed and b.route.admin_state == "active"
-                and not b.ejected and len(b.pool) < self.listener.rt.opts.pool_max_idle):
+                and not b.ejected and len(b.pool) < opts.pool_max_idle and opts.send_proxy == "off"):
             if up.read_paused:
                 up.resume_reading()
             up.idle_since = self.loop.time()

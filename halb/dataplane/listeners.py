@@ -41,6 +41,12 @@ def make_listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.s
     return s
 
 
+def relay_suits(opts: Any) -> bool:
+    """TCP mode runs on the C relay unless a PROXY header must be sent or read (the relay
+    has no place for one; the asyncio path does both)."""
+    return opts.send_proxy == "off" and not opts.accept_proxy
+
+
 @dataclass(eq=False)
 class Listener:
     """A bound service: its socket, its asyncio server (or, TCP mode on the C relay, its
@@ -61,7 +67,7 @@ class Listener:
         if self.closed:
             return
         loop = self.engine.loop
-        relay = self.engine.tcp_relay() if self.key[0] == "tcp" else None
+        relay = self.engine.tcp_relay() if self.key[0] == "tcp" and relay_suits(self.rt.opts) else None
         if relay is not None:  # accepts in batches itself: no server, no BurstAcceptor
             self.acceptor = relay.listen(self)
             return

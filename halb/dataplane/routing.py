@@ -127,6 +127,8 @@ class ServiceRuntime:
         self.retries = 0
         self.rejected = 0  # refused before any backend: 503 no backend, limits, bad requests
         self.connections = 0
+        self.tunnels = 0  # upgraded (WebSocket) connections open now (tunnel.py)
+        self.tunnels_total = 0
         self.apply(route, initial=initial)
 
     # ---------------------------------------------------------------- snapshot swap
@@ -458,6 +460,7 @@ class ServiceRuntime:
             "in_flight": sum(b.in_flight for b in self.backends.values()),
             "requests": self.requests, "errors": self.errors, "retries": self.retries,
             "rejected": self.rejected, "connections": self.connections,
+            "websockets": self.tunnels, "websockets_total": self.tunnels_total,
             "limited": self.limited, "saturated": self.saturated, "share": self.share,
             "priority": self.opts.priority,
             "queue": (self.admission.stats() if self.admission is not None

@@ -58,6 +58,8 @@ class ServiceRoute:
 class RoutingSnapshot:
     version: int = 0
     services: tuple[ServiceRoute, ...] = field(default_factory=tuple)
+    # ACME HTTP-01 answers every HTTP listener gives: ((token, key_authorization), ...)
+    acme_challenges: tuple[tuple[str, str], ...] = ()
 
     def service(self, name: str) -> ServiceRoute | None:
         for s in self.services:
@@ -78,6 +80,7 @@ class RoutingSnapshot:
                     }
                     for s in self.services
                 ],
+                "acme_challenges": [list(kv) for kv in self.acme_challenges],
             },
             use_bin_type=True,
         )
@@ -96,4 +99,5 @@ class RoutingSnapshot:
                 )
                 for s in d["services"]
             ),
+            acme_challenges=tuple((str(t), str(k)) for t, k in d.get("acme_challenges", ())),
         )

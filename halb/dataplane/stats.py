@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 _SUM = ("in_flight", "requests", "errors", "retries", "rejected", "connections", "ejections", "idle_pool",
-        "saturated", "at_limit", "limit_conns", "limit_rps")
+        "saturated", "at_limit", "limit_conns", "limit_rps", "websockets", "websockets_total")
 
 
 def _add(a: Any, b: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from halb.dataplane.connect import PendingConnect, open_connection
 from halb.dataplane.local_errors import report_rejected
+from halb.dataplane.proxy_protocol import Addresses, connection_addrs, header
 from halb.dataplane.routing import BackendState, ServiceRuntime
 from halb.dataplane.tcp_attempts import account_failed_connect, next_backend
 
@@ -92,6 +93,11 @@ class TcpClientConn(asyncio.Protocol):
         self.tried: set[BackendState] | None = None  # only after a failed attempt
         self.servers: set[str] | None = None
         self.t0 = 0.0
+        self.proxied: Addresses | None = None  # the client's addresses from a PROXY header (accept_proxy)
+
+    def set_proxied(self, addrs: Addresses | None) -> None:
+        """Before connection_made: the client's addresses a PROXY header gave (proxy_protocol.py)."""
+        self.proxied = addrs
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -107,7 +113,7 @@ class TcpClientConn(asyncio.Protocol):
         rt.connections += 1
         rt.requests += 1
         if rt.uses_key:
-            peer = transport.get_extra_info("peername")
+            peer = self.proxied[0] if self.proxied is not None else transport.get_extra_info("peername")
             self.peer = peer[0].encode() if peer else b""
         self.last_active = self.engine.now
         self.engine.conns.add(self)
@@ -156,6 +162,10 @@ class TcpClientConn(asyncio.Protocol):
             return
         self.up = up
         self.backend = b
+        if rt.opts.send_proxy != "off":  # the header goes before any client byte
+            addrs = self.proxied or connection_addrs(self.transport)  # type: ignore[arg-type]
+            if addrs is not None:
+                up.transport.write(header(rt.opts.send_proxy, addrs))  # type: ignore[union-attr]
         if self.early:
             up.transport.writelines(self.early)  # type: ignore[union-attr]
             self.early = []

@@ -233,6 +233,20 @@ class Shop:
         # writes in the thread pool (that would turn load into false "down" verdicts).
         return self.json({"status": "ok", "failure_domain": self.cfg.server})
 
+    async def websocket(self, request: web.Request) -> web.WebSocketResponse:
+        """GET /ws: an echo WebSocket. The first message names the instance, so a client
+        (and the tests) can see which backend the balancer chose; then every text or binary
+        message comes back unchanged until the client closes."""
+        ws = web.WebSocketResponse(heartbeat=None, max_msg_size=self.cfg.max_body)
+        await ws.prepare(request)
+        await ws.send_json({"instance": self.cfg.name, "server": self.cfg.server})
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+            elif msg.type == web.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        return ws
+
     async def stats(self, request: web.Request) -> web.Response:
         """Load since start, from the instance's side: the proof a balancer's limit held."""
         return self.json(self.capacity.stats())
@@ -345,6 +359,7 @@ def build_app(shop: Shop) -> web.Application:
     app.on_response_prepare.append(shop.on_prepare)
     app.router.add_get("/health", shop.health)
     app.router.add_get("/stats", shop.stats)
+    app.router.add_get("/ws", shop.websocket)
     app.router.add_get("/products", shop.products)
     app.router.add_post("/checkout", shop.checkout)
     app.router.add_get("/orders", shop.list_orders)
