@@ -15,11 +15,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-<<<<<<< HEAD
 from halb.api import ui
-=======
 from halb.api.certs_api import CertRoutes
->>>>>>> certs
 from halb.api.protocol import AdminRunner, install_log_redaction
 from halb.api.roles import Identity, identify, required_role
 from halb.api.validation import validate_full
