@@ -32,6 +32,10 @@ class InsecureConfig(Exception):
     pass
 
 
+class NodeLocked(Exception):
+    """Another process has this node's data dir (and Raft journal) open."""
+
+
 class NodeLogFilter(logging.Filter):
     """Stamp every record with the node id, so interleaved logs of a cluster stay readable."""
 
@@ -67,7 +71,8 @@ def validate_health_checks(cfg: NodeConfig) -> None:
 
 
 class Node:
-    def __init__(self, cfg: NodeConfig, *, insecure_dev: bool = False) -> None:
+    def __init__(self, cfg: NodeConfig, *, insecure_dev: bool = False, takeover: bool = False,
+                 ready_fd: int | None = None) -> None:
         self.cfg = cfg
         self.node_id = cfg.node_id
         secret = cfg.read_secret()
@@ -110,6 +115,20 @@ class Node:
         self.routing = RoutingCache(cfg.dataplane.listen_host, dict(cfg.dataplane.backend_dial or {}), self.issues)
         self.listening = False  # admin API and data plane bound: part of READY=1 (sd_notify)
         self.sd: Any = None  # halb.sd_notify.SystemdNotify when started by systemd (NOTIFY_SOCKET)
+        # --- hot restart (halb/node_restart.py, halb/takeover.py) ---
+        from halb.node_restart import ReadyReport
+        from halb.takeover import NodeLock
+
+        self.takeover = takeover  # this process replaces a running one (--takeover)
+        self.ready_report = ReadyReport(ready_fd)  # `halb node reload` waits for its line
+        self.lock = NodeLock(cfg.data_dir)  # held while Raft is open here
+        self.api_sock: Any = None
+        self.takeover_server: Any = None
+        self.takeover_client: Any = None
+        self.replaces_pid: int | None = None
+        self.handed_over_to: int | None = None
+        self.raft_stopped = False
+        self.exit_code = 0
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -118,20 +137,49 @@ class Node:
         self.gc_freezer.install()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
+        from halb import node_restart
         from halb.sd_notify import SystemdNotify, is_ready
 
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(node_restart.reload_settings(self)))
         self.sd = SystemdNotify.from_env(self._sd_facts, lambda: is_ready(
             self.listening, self.raft.raft_status().leader if self.raft else None,
-            self.raft is not None and self.raft.isReady()))
-        if self.sd is not None:
+            self.raft is not None and self.raft.isReady()), takeover=self.takeover)
+        if self.sd is not None and not self.takeover:
             self.sd.start()  # the watchdog pings from here on, also while starting
-        await self.start()
+        try:
+            if self.takeover:
+                await node_restart.take_over(self)
+            else:
+                await self.start()
+            self.takeover_server = node_restart.start_server(self)
+        except BaseException as exc:
+            self.ready_report.fail(str(exc) or type(exc).__name__)
+            await self.shutdown()
+            raise
+        if self.sd is not None and self.takeover:  # systemd follows this process from now on
+            self.sd.took_over()
+            self.sd.start()
+        self.ready_report.ready()
         try:
             await self.stop_event.wait()
         finally:
             await self.shutdown()
 
     async def start(self) -> None:
+        if not self.lock.try_acquire():
+            from halb.takeover import locked_message
+
+            raise NodeLocked(locked_message(self.lock, self.cfg.data_dir))
+        self.open_raft()
+        await self.start_serving()
+
+    def sd_replaces(self, old_pid: int) -> None:
+        """--takeover: the process being replaced (its WATCHDOG_PID is ours to take over)."""
+        self.replaces_pid = old_pid
+        if self.sd is not None:
+            self.sd.replaces(old_pid)
+
+    def open_raft(self) -> None:
         cfg = self.cfg
         log.info("starting node %s: raft %s (peers %s), api %s, data %s", self.node_id, cfg.raft.bind,
                  ", ".join(cfg.raft.peers) or "none", cfg.api.bind, cfg.data_dir)
@@ -141,12 +189,19 @@ class Node:
         )
         self.writer = CommandWriter(self.raft, cfg.api.write_timeout)
         self.views = ClusterViews(self.node_id, self.raft, self.issues, self.cfg.dataplane.shared_hosts, self.started_at)
+
+    async def start_serving(self) -> None:
+        """Admin API, convergence and the components, on top of an open Raft."""
+        from halb.node_restart import bind_api_socket
+
+        cfg = self.cfg
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         api = AdminApi(self)
         self._runner = api.runner(access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = parse_hostport(cfg.api.bind)
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        self.api_sock = bind_api_socket(host, port)  # handed over by a replaced process, or bound here
+        site = web.SockSite(self._runner, self.api_sock)
         await site.start()
         log.info("admin API listening on http://%s", cfg.api.bind)
         self._tasks.append(asyncio.create_task(self._converge_loop(), name="converge"))
@@ -160,8 +215,15 @@ class Node:
             self.stop_event.set()
 
     async def shutdown(self) -> None:
-        if self.sd is not None:
+        if self.sd is not None and self.handed_over_to is None and (not self.takeover or self.sd.readied):
+            # not after a hand-over: the new process is systemd's MAINPID now, and STOPPING=1
+            # from any process of the unit (NotifyAccess=all) would stop the whole unit; nor
+            # from a --takeover process that never took over (the old one is MAINPID)
             self.sd.stopping(self.stop_reason)
+        if self.takeover_server is not None:
+            await self.takeover_server.stop()
+        if self.takeover_client is not None:
+            self.takeover_client.close()  # a failed --takeover: the old process carries on
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -170,13 +232,17 @@ class Node:
             await self._runner.cleanup()
         if self._http is not None:
             await self._http.close()
-        if self.raft is not None:
-            self.raft.destroy()
-            await asyncio.sleep(0.1)
+        if self.raft is not None and not self.raft_stopped:
+            try:  # journal flushed and closed before the lock goes (halb/takeover.py)
+                await asyncio.wait_for(asyncio.to_thread(self.raft.destroy_synchronous), 5.0)
+            except asyncio.TimeoutError:
+                log.warning("Raft did not stop within 5 s")
+            self.raft_stopped = True
+        self.lock.release()
         self.gc_freezer.uninstall()
         if self.sd is not None:
             await self.sd.stop()
-        log.info("stopped")
+        log.info("stopped%s", f" (taken over by pid {self.handed_over_to})" if self.handed_over_to else "")
 
     def _sd_facts(self) -> Any:
         """What systemd's STATUS= line shows (halb/sd_notify.py sends it only when it changes)."""

@@ -140,11 +140,26 @@ class SystemdNotify:
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    def from_env(cls, facts: Callable[[], StatusFacts], ready: Callable[[], bool]) -> "SystemdNotify | None":
+    def from_env(cls, facts: Callable[[], StatusFacts], ready: Callable[[], bool],
+                 takeover: bool = False) -> "SystemdNotify | None":
         notifier = Notifier.from_env()
         if notifier is None:
             return None
         return cls(notifier, facts, ready, watchdog_interval(os.environ, os.getpid()))
+
+    def replaces(self, old_pid: int) -> None:
+        """Hot restart (halb/takeover.py): the watchdog systemd set up for the process this
+        one replaces (``WATCHDOG_PID`` = its pid) becomes ours once we are MAINPID."""
+        if self.watchdog_s is None:
+            self.watchdog_s = watchdog_interval(os.environ, old_pid)
+
+    def took_over(self) -> None:
+        """Hot restart done: tell systemd to follow this process (``MAINPID=``, which needs
+        ``NotifyAccess=all``: the message comes from a process that is not the main one yet)
+        and that it is ready, in one datagram."""
+        self.notifier.send(f"MAINPID={os.getpid()}\nREADY=1")
+        self.readied = True
+        log.info("told systemd MAINPID=%d READY=1 (took over)", os.getpid())
 
     def start(self) -> None:
         if self.watchdog_s is not None:
