@@ -106,8 +106,8 @@ async def take_over(node: Any) -> None:
 
 # ------------------------------------------------------------------ the old process
 def handover_hooks(node: Any) -> HandoverHooks:
-    def sockets() -> list[tuple[SocketKey, socket.socket]]:
-        out = [(key_of("tcp", s), s) for s in node.dataplane.listening_sockets()]
+    async def sockets() -> list[tuple[SocketKey, socket.socket]]:
+        out = await node.dataplane.handover_sockets()
         if node.api_sock is not None:
             out.append((key_of("api", node.api_sock), node.api_sock))
         return out

@@ -64,24 +64,28 @@ class SocketKey:
     kind: str  # "tcp" (a data-plane listener), "api" (the admin API), "udp" (DNS responder)
     host: str
     port: int
+    # which process of the node accepts on it: 0 the node process, N data-plane worker N
+    # (each worker has its own socket in the SO_REUSEPORT group, with its own queue)
+    slot: int = 0
 
     def wire(self) -> list[Any]:
-        return [self.kind, self.host, self.port]
+        return [self.kind, self.host, self.port, self.slot]
 
     @classmethod
     def from_wire(cls, raw: Any) -> "SocketKey":
-        if (not isinstance(raw, list) or len(raw) != 3 or not isinstance(raw[0], str)
-                or not isinstance(raw[1], str) or not isinstance(raw[2], int) or isinstance(raw[2], bool)):
+        if (not isinstance(raw, list) or len(raw) not in (3, 4) or not isinstance(raw[0], str)
+                or not isinstance(raw[1], str) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                          for v in raw[2:])):
             raise TakeoverError(f"malformed socket description {raw!r}")
-        return cls(raw[0], raw[1], raw[2])
+        return cls(*raw)
 
     def __str__(self) -> str:
-        return f"{self.kind} {self.host}:{self.port}"
+        return f"{self.kind} {self.host}:{self.port}" + (f" (worker {self.slot})" if self.slot else "")
 
 
-def key_of(kind: str, sock: socket.socket) -> SocketKey:
+def key_of(kind: str, sock: socket.socket, slot: int = 0) -> SocketKey:
     host, port = sock.getsockname()[:2]
-    return SocketKey(kind, host, port)
+    return SocketKey(kind, host, port, slot)
 
 
 @dataclass
@@ -92,13 +96,31 @@ class InheritedSockets:
 
     socks: dict[SocketKey, socket.socket] = field(default_factory=dict)
 
-    def take(self, kind: str, host: str, port: int) -> socket.socket | None:
+    def take(self, kind: str, host: str, port: int, slot: int = 0) -> socket.socket | None:
         if port == 0:  # "any port": nothing to match; bind a new one
             return None
-        sock = self.socks.pop(SocketKey(kind, host, port), None)
+        sock = self.socks.pop(SocketKey(kind, host, port, slot), None)
         if sock is not None:
             sock.setblocking(False)
         return sock
+
+    def take_slot(self, slot: int) -> dict[SocketKey, socket.socket]:
+        """Every socket of data-plane worker `slot`: the new worker of that slot gets them."""
+        return {k: self.socks.pop(k) for k in [k for k in self.socks if k.slot == slot]}
+
+    @staticmethod
+    def env_value(socks: dict[SocketKey, socket.socket]) -> str:
+        """HALB_INHERITED_SOCKETS for a worker process: its sockets as slot 0, with fd numbers."""
+        return json.dumps([[k.kind, k.host, k.port, s.fileno()] for k, s in socks.items()])
+
+    def load_env(self, value: str) -> None:
+        try:
+            entries = json.loads(value)
+            for kind, host, port, fd in entries:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                self.socks[SocketKey(kind, host, int(port))] = socket.socket(family, socket.SOCK_STREAM, fileno=int(fd))
+        except (ValueError, TypeError, OSError) as exc:
+            log.error("ignoring HALB_INHERITED_SOCKETS: %s", exc)
 
     def close_rest(self) -> list[SocketKey]:
         left = sorted(self.socks, key=str)

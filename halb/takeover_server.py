@@ -28,7 +28,9 @@ READY_TIMEOUT = 60.0  # ... and is serving within this long after Raft was relea
 @dataclass
 class HandoverHooks:
     node_id: str
-    sockets: Callable[[], list[tuple[SocketKey, socket.socket]]]  # every listener this process owns
+    # every listener the node owns; slot > 0: copies received from its data-plane workers,
+    # closed here once sent
+    sockets: Callable[[], Awaitable[list[tuple[SocketKey, socket.socket]]]]
     release: Callable[[], Awaitable[None]]  # leadership away, Raft stopped, lock released
     handed_over: Callable[[int], None]  # the new process serves: stop accepting, drain, exit 0
     failed_after_release: Callable[[str], None]  # no Raft here and no successor: exit 1
@@ -99,11 +101,16 @@ class TakeoverServer:
             self.busy_pid = None if not self.released else self.busy_pid
 
     async def _hand_over(self, conn: socket.socket, pid: int) -> None:
-        owned = self.hooks.sockets()
+        owned = await self.hooks.sockets()
         log.info("takeover by pid %s: handing over %d listening sockets (%s)", pid, len(owned),
                  ", ".join(str(k) for k, _ in owned))
-        send_msg(conn, {"ok": True, "pid": os.getpid(), "sockets": [k.wire() for k, _ in owned]},
-                 [s.fileno() for _, s in owned])
+        try:
+            send_msg(conn, {"ok": True, "pid": os.getpid(), "sockets": [k.wire() for k, _ in owned]},
+                     [s.fileno() for _, s in owned])
+        finally:
+            for k, s in owned:
+                if k.slot:
+                    s.close()
         conn.settimeout(RELEASE_TIMEOUT)
         try:
             msg, fds = await asyncio.to_thread(recv_msg, conn)

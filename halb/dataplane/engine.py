@@ -192,6 +192,18 @@ class DataPlane:
         out += [lst.sock for lst in self.shared.listeners.values() if not lst.closed]
         return out
 
+    async def handover_sockets(self) -> list[tuple[Any, Any]]:
+        """(SocketKey, socket) of every listener of this data plane, the worker processes'
+        included (their slot in the key; those sockets are copies the caller closes)."""
+        from dataclasses import replace
+
+        from halb.takeover import key_of
+
+        out = [(key_of("tcp", s), s) for s in self.listening_sockets()]
+        if self._pool_supervisor is not None:
+            out += [(replace(k, slot=slot), s) for slot, k, s in await self._pool_supervisor.listening_sockets()]
+        return out
+
     async def stop(self) -> None:
         """Stop accepting, then drain: in-flight requests finish within stop_grace, each
         with ``Connection: close``; idle keep-alive connections are closed at once (a client

@@ -51,7 +51,8 @@ def _kill_pid(pid: int) -> None:
 
 
 def test_reload_under_load_drops_nothing_and_keeps_raft_identity(cluster_factory) -> None:
-    c = cluster_factory(run_backends=True)
+    # two data-plane processes per node: the worker's listener (own accept queue) moves too
+    c = cluster_factory(run_backends=True, dataplane_extra={n: {"workers": 2} for n in ("n1", "n2", "n3")})
     c.wait_serving()
     node = c.leader()  # the hardest case: it leads, so leadership moves first
     old = c.nodes[node]
@@ -92,6 +93,9 @@ def test_reload_under_load_drops_nothing_and_keeps_raft_identity(cluster_factory
         later = c.status(node)
         assert later["term"] >= before["term"] and later["commit_index"] > before["commit_index"]
         assert _get_ok(c.service_address(node))
+        old_log = (c.directory / "logs" / f"{node}.log").read_text()
+        assert "(worker 1)" in old_log and "api " in old_log  # every listener was handed over
+        assert "closed inherited sockets" not in reload_log.read_text()  # ... and taken by the new one
         print(f"takeover under load: ok={result.ok} retried={result.retried} failed={result.failed}")
     finally:
         if new_pid:

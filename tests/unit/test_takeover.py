@@ -119,7 +119,10 @@ class Hooks:
         async def release() -> None:
             self.released += 1
 
-        return HandoverHooks(node_id=node_id, sockets=lambda: [(key_of("tcp", self.owned), self.owned)],
+        async def sockets() -> list:
+            return [(key_of("tcp", self.owned), self.owned)]
+
+        return HandoverHooks(node_id=node_id, sockets=sockets,
                              release=release, handed_over=self.handed.append,
                              failed_after_release=self.failed.append, can_hand_over=lambda: None)
 
