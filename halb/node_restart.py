@@ -110,6 +110,10 @@ def handover_hooks(node: Any) -> HandoverHooks:
         out = await node.dataplane.handover_sockets()
         if node.api_sock is not None:
             out.append((key_of("api", node.api_sock), node.api_sock))
+        dns = getattr(node.announcer, "dns", None)  # announce mode dns: its UDP socket
+        sock = dns.udp_socket() if dns is not None else None
+        if sock is not None:
+            out.append((key_of("udp", sock), sock))
         return out
 
     def can_hand_over() -> str | None:

@@ -171,3 +171,42 @@ def test_sighup_applies_live_settings_and_names_the_rest(cluster_factory) -> Non
     assert c.nodes[node].alive()
     log = (c.directory / "logs" / f"{node}.log").read_text()
     assert "SIGHUP: " in log and "nothing changed" in log
+
+
+def _dns_answers(address: str, name: str) -> bool:
+    from dnslib import DNSRecord
+
+    host, port = address.rsplit(":", 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1.0)
+        s.sendto(DNSRecord.question(name, "A").pack(), (host, int(port)))
+        try:
+            reply = DNSRecord.parse(s.recv(4096))
+        except socket.timeout:
+            return False
+    return reply.header.rcode == 0
+
+
+def test_takeover_in_dns_mode_hands_the_udp_socket_over(cluster_factory) -> None:
+    """DNS mode binds its UDP port without SO_REUSEPORT: without the hand-over the new
+    process could not bind it at all."""
+    from tests.conftest import free_port
+
+    c = cluster_factory(start=False)
+    dns = {n.id: f"{n.host}:{free_port(n.host)}" for n in c.spec.nodes}
+    for n in c.spec.nodes:
+        with c.config(n.id).open("a") as f:
+            f.write(f'\n[announce]\nmode = "dns"\nbind = "{dns[n.id]}"\nnames = ["checkout"]\n')
+    c.start_all()
+    c.leader()
+    c.wait_registered()
+    node = "n3"
+    wait_until(lambda: _dns_answers(dns[node], "checkout.halb"), 15, 0.1, "DNS answers")
+    old = c.nodes[node]
+    c.extra.append(old)  # stopped by the harness if the test fails half-way
+    new = c.start(node, "--takeover")
+    assert old.proc.wait(30) == 0
+    assert new.alive()
+    assert _dns_answers(dns[node], "checkout.halb")
+    log = (c.directory / "logs" / f"{node}.log").read_text()  # the new process writes it too
+    assert f"udp {dns[node]}" in log and "takeover from pid" in log
