@@ -128,6 +128,7 @@ class Node:
         self.replaces_pid: int | None = None
         self.handed_over_to: int | None = None
         self.raft_stopped = False
+        self.stopped_parts: set[str] = set()  # stopped early, when Raft was handed over
         self.exit_code = 0
 
     # --- lifecycle --------------------------------------------------------------------
@@ -284,6 +285,10 @@ class Node:
         self.load_meter.start(self._http)
         self.views.load_meter = self.load_meter
         self.add_listener(self._after_apply)
+        # commands applied since the data plane's first snapshot (starting its worker
+        # processes takes ~1 s; a cluster seeded meanwhile left the node serving nothing)
+        self.health.sync_targets(None)
+        self.mark_routing_dirty()
         # --- announce (VIP quorum lease / DNS; halb/announce/manager.py) ---
         from halb.announce.manager import start_announcement
         self.announcer = await start_announcement(self)
@@ -297,17 +302,11 @@ class Node:
         self._tasks.append(asyncio.create_task(self.dp_guard.run(), name="dataplane-check"))
 
     async def stop_components(self) -> None:
-        """Stopped before Raft, in reverse order of start."""
-        if getattr(self, "dp_guard", None) is not None:
-            await self.dp_guard.stop()
-        if self.announcer is not None:
-            await self.announcer.stop()
-        if getattr(self, "load_meter", None) is not None:
-            await self.load_meter.stop()
-        if self.dataplane is not None:
-            await self.dataplane.stop()
-        if self.health is not None:
-            await self.health.stop()
+        """Stopped before Raft, in reverse order of start (except those a takeover stopped)."""
+        for part in ("dp_guard", "announcer", "load_meter", "dataplane", "health"):
+            obj = getattr(self, part, None)
+            if obj is not None and part not in self.stopped_parts:
+                await obj.stop()
 
     # --- routing: replicated state + local health -> data plane snapshot -------------
 

@@ -125,6 +125,8 @@ def handover_hooks(node: Any) -> HandoverHooks:
 
     def handed_over(pid: int) -> None:
         node.handed_over_to = pid
+        if node.sd is not None:
+            node.sd.quiet()
         node.request_stop(f"taken over by pid {pid}")
 
     def failed_after_release(why: str) -> None:
@@ -158,7 +160,7 @@ async def release_raft(node: Any) -> None:
                 await obj.stop()
             except Exception:
                 log.exception("takeover: stopping %s", part)
-            setattr(node, part, None)  # stop_components must not stop it twice
+            node.stopped_parts.add(part)  # stop_components must not stop it twice
     await asyncio.to_thread(node.raft.destroy_synchronous)
     node.raft_stopped = True
     node.lock.release()

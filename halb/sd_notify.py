@@ -187,6 +187,14 @@ class SystemdNotify:
                 log.exception("sd_notify status")
             await asyncio.sleep(STATUS_POLL_S)
 
+    def quiet(self) -> None:
+        """Handed over to a new process (hot restart): it is systemd's MAINPID and speaks for
+        the unit now; this one sends no more STATUS= (and never STOPPING=1, which would stop
+        the unit)."""
+        for task in self._tasks:
+            if task.get_name() == "sd-status":
+                task.cancel()
+
     def stopping(self, reason: str) -> None:
         """STOPPING=1 at once; status updates end, the watchdog keeps pinging until ``stop``."""
         for task in self._tasks:
