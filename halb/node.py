@@ -216,10 +216,12 @@ class Node:
             self.stop_event.set()
 
     async def shutdown(self) -> None:
-        if self.sd is not None and self.handed_over_to is None and (not self.takeover or self.sd.readied):
+        if (self.sd is not None and self.handed_over_to is None and self.exit_code == 0
+                and (not self.takeover or self.sd.readied)):
             # not after a hand-over: the new process is systemd's MAINPID now, and STOPPING=1
             # from any process of the unit (NotifyAccess=all) would stop the whole unit; nor
-            # from a --takeover process that never took over (the old one is MAINPID)
+            # from a --takeover process that never took over (the old one is MAINPID), nor
+            # when exiting 1 after a failed takeover (Restart=on-failure restarts the node)
             self.sd.stopping(self.stop_reason)
         if self.takeover_server is not None:
             await self.takeover_server.stop()

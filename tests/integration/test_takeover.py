@@ -142,6 +142,17 @@ def test_refused_and_failed_takeovers_leave_the_old_process_serving(cluster_fact
     assert st["pid"] == old.proc.pid
     c.cli("backend", "drain", "A", node=node)  # Raft still works in the old process
 
+    # a successor that dies after the old process gave Raft up: the old one exits 1 (the
+    # service manager restarts the node as after a crash); the other two keep the quorum
+    doomed = TakeoverClient(socket_path(_data_dir(c, node)), node, timeout=10)
+    socks = doomed.hello()
+    doomed.release()
+    doomed.close()
+    socks.close_rest()
+    assert old.proc.wait(15) == 1
+    assert "failed after taking Raft over" in (c.directory / "logs" / f"{node}.log").read_text()
+    assert c.leader(among=["n1", "n3"]) in ("n1", "n3")
+
 
 def test_sighup_applies_live_settings_and_names_the_rest(cluster_factory) -> None:
     c = cluster_factory()
