@@ -97,6 +97,9 @@ def test_reload_under_load_drops_nothing_and_keeps_raft_identity(cluster_factory
         assert "(worker 1)" in old_log and "api " in old_log  # every listener was handed over
         assert "closed inherited sockets" not in reload_log.read_text()  # ... and taken by the new one
         print(f"takeover under load: ok={result.ok} retried={result.retried} failed={result.failed}")
+        for line in (old_log + reload_log.read_text()).splitlines():  # the timeline, for the record
+            if "takeover" in line or "taken over" in line or "stopped" in line:
+                print(line[11:200])
     finally:
         if new_pid:
             _kill_pid(new_pid)
