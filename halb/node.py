@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Any, Awaitable, Callable
@@ -139,12 +140,9 @@ class Node:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
         from halb import node_restart
-        from halb.sd_notify import SystemdNotify, is_ready
 
         self.loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(node_restart.reload_settings(self)))
-        self.sd = SystemdNotify.from_env(self._sd_facts, lambda: is_ready(
-            self.listening, self.raft.raft_status().leader if self.raft else None,
-            self.raft is not None and self.raft.isReady()), takeover=self.takeover)
+        self.sd = self._make_sd()
         if self.sd is not None and not self.takeover:
             self.sd.start()  # the watchdog pings from here on, also while starting
         try:
@@ -174,11 +172,24 @@ class Node:
         self.open_raft()
         await self.start_serving()
 
-    def sd_replaces(self, old_pid: int) -> None:
-        """--takeover: the process being replaced (its WATCHDOG_PID is ours to take over)."""
+    def _make_sd(self) -> Any:
+        from halb.sd_notify import SystemdNotify, is_ready
+
+        return SystemdNotify.from_env(self._sd_facts, lambda: is_ready(
+            self.listening, self.raft.raft_status().leader if self.raft else None,
+            self.raft is not None and self.raft.isReady()))
+
+    def sd_replaces(self, old_pid: int, systemd: dict[str, Any]) -> None:
+        """--takeover: the process being replaced told us its NOTIFY_SOCKET and watchdog
+        interval; we speak for the unit (MAINPID) once we serve."""
         self.replaces_pid = old_pid
+        notify = systemd.get("notify_socket")
+        if self.sd is None and isinstance(notify, str) and notify:
+            os.environ["NOTIFY_SOCKET"] = notify
+            self.sd = self._make_sd()
         if self.sd is not None:
-            self.sd.replaces(old_pid)
+            usec = systemd.get("watchdog_usec")
+            self.sd.replaces(old_pid, usec if isinstance(usec, int) else None)
 
     def open_raft(self) -> None:
         cfg = self.cfg

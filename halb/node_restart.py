@@ -75,7 +75,7 @@ async def take_over(node: Any) -> None:
     takeover.inherited.socks.update(socks.socks)
     log.info("takeover: received %d listening sockets from pid %s: %s", len(socks.socks), client.old_pid,
              ", ".join(str(k) for k in socks.socks))
-    node.sd_replaces(client.old_pid)
+    node.sd_replaces(client.old_pid, client.systemd)
     await asyncio.to_thread(client.release)
     node.raft_released_by_old = True
     log.info("takeover: pid %s stopped Raft; opening %s", client.old_pid, cfg.data_dir)
@@ -134,9 +134,12 @@ def handover_hooks(node: Any) -> HandoverHooks:
         node.exit_code = 1
         node.request_stop(why)
 
+    def systemd() -> dict[str, object]:
+        return node.sd.handover_info() if node.sd is not None else {}
+
     return HandoverHooks(node_id=node.node_id, sockets=sockets, release=lambda: release_raft(node),
                          handed_over=handed_over, failed_after_release=failed_after_release,
-                         can_hand_over=can_hand_over)
+                         can_hand_over=can_hand_over, systemd=systemd)
 
 
 async def release_raft(node: Any) -> None:

@@ -140,18 +140,26 @@ class SystemdNotify:
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    def from_env(cls, facts: Callable[[], StatusFacts], ready: Callable[[], bool],
-                 takeover: bool = False) -> "SystemdNotify | None":
+    def from_env(cls, facts: Callable[[], StatusFacts], ready: Callable[[], bool]) -> "SystemdNotify | None":
         notifier = Notifier.from_env()
         if notifier is None:
             return None
         return cls(notifier, facts, ready, watchdog_interval(os.environ, os.getpid()))
 
-    def replaces(self, old_pid: int) -> None:
+    def replaces(self, old_pid: int, watchdog_usec: int | None = None) -> None:
         """Hot restart (halb/takeover.py): the watchdog systemd set up for the process this
-        one replaces (``WATCHDOG_PID`` = its pid) becomes ours once we are MAINPID."""
+        one replaces becomes ours once we are MAINPID. systemd gives ``WATCHDOG_USEC`` only
+        to the main process, not to ``ExecReload``'s, so the old process tells us its
+        interval in the handshake; ``WATCHDOG_PID`` = the old pid also counts."""
         if self.watchdog_s is None:
             self.watchdog_s = watchdog_interval(os.environ, old_pid)
+        if self.watchdog_s is None and watchdog_usec:
+            self.watchdog_s = watchdog_interval({"WATCHDOG_USEC": str(watchdog_usec)}, os.getpid())
+
+    def handover_info(self) -> dict[str, object]:
+        """What a takeover process needs to speak for the unit after us."""
+        usec = round(self.watchdog_s * 3 * 1_000_000) if self.watchdog_s else None
+        return {"notify_socket": os.environ.get("NOTIFY_SOCKET", ""), "watchdog_usec": usec}
 
     def took_over(self) -> None:
         """Hot restart done: tell systemd to follow this process (``MAINPID=``, which needs

@@ -312,6 +312,7 @@ class TakeoverClient:
         self.timeout = timeout
         self.sock: socket.socket | None = None
         self.old_pid = 0
+        self.systemd: dict[str, Any] = {}  # the old process's NOTIFY_SOCKET and watchdog interval
 
     def hello(self) -> InheritedSockets:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -329,6 +330,7 @@ class TakeoverClient:
             _close_all(fds)
             raise TakeoverError(f"the running node refused the takeover: {reply.get('error', 'no reason given')}")
         self.old_pid = int(reply.get("pid", 0))
+        self.systemd = reply.get("systemd") if isinstance(reply.get("systemd"), dict) else {}
         keys = [SocketKey.from_wire(k) for k in reply.get("sockets", [])]
         return sockets_from_fds(keys, fds)
 

@@ -35,6 +35,7 @@ class HandoverHooks:
     handed_over: Callable[[int], None]  # the new process serves: stop accepting, drain, exit 0
     failed_after_release: Callable[[str], None]  # no Raft here and no successor: exit 1
     can_hand_over: Callable[[], str | None]  # None, or why not now (e.g. stopping)
+    systemd: Callable[[], dict[str, object]] = dict  # NOTIFY_SOCKET, watchdog interval (sd_notify)
 
 
 class TakeoverServer:
@@ -105,7 +106,8 @@ class TakeoverServer:
         log.info("takeover by pid %s: handing over %d listening sockets (%s)", pid, len(owned),
                  ", ".join(str(k) for k, _ in owned))
         try:
-            send_msg(conn, {"ok": True, "pid": os.getpid(), "sockets": [k.wire() for k, _ in owned]},
+            send_msg(conn, {"ok": True, "pid": os.getpid(), "sockets": [k.wire() for k, _ in owned],
+                            "systemd": self.hooks.systemd()},
                      [s.fileno() for _, s in owned])
         finally:
             for k, s in owned:

@@ -224,3 +224,34 @@ def test_takeover_in_dns_mode_hands_the_udp_socket_over(cluster_factory) -> None
     assert _dns_answers(dns[node], "checkout.halb")
     log = (c.directory / "logs" / f"{node}.log").read_text()  # the new process writes it too
     assert f"udp {dns[node]}" in log and "takeover from pid" in log
+
+
+def test_takeover_speaks_for_the_unit_to_systemd(cluster_factory) -> None:
+    """As under `systemctl reload`: the old node is the unit's main process (NOTIFY_SOCKET,
+    WATCHDOG_USEC); the takeover process gets NOTIFY_SOCKET but no watchdog variables
+    (systemd gives those to the main process only). It must send MAINPID=itself + READY=1,
+    keep the watchdog fed after the old one exits, and nobody may send STOPPING=1."""
+    from tests.integration.test_sd_notify_node import WATCHDOG_USEC, FakeSystemd
+
+    systemd = FakeSystemd()
+    try:
+        c = cluster_factory(start=False)
+        node = "n3"
+        for n in c.spec.nodes:
+            c.start(n.id, env=systemd.env() if n.id == node else None)
+        c.leader()
+        systemd.wait_for("READY=1", 20)
+        old = c.nodes[node]
+        c.extra.append(old)
+        env = {k: v for k, v in systemd.env().items() if not k.startswith("WATCHDOG_")}
+        new = c.start(node, "--takeover", env=env)
+        systemd.wait_for(f"MAINPID={new.proc.pid}", 30)
+        assert old.proc.wait(20) == 0
+        after = systemd.collect(WATCHDOG_USEC / 1e6 * 1.5)  # only the new process is left
+        lines = [m for _, m in systemd.messages]
+        assert lines[lines.index(f"MAINPID={new.proc.pid}") + 1] == "READY=1"
+        assert "STOPPING=1" not in lines
+        assert sum(1 for _, m in after if m == "WATCHDOG=1") >= 2, after
+        assert new.alive() and c.status(node)["pid"] == new.proc.pid
+    finally:
+        systemd.close()
