@@ -191,6 +191,7 @@ async def reload_settings(node: Any) -> None:
                       {"file": exc.file, "key": exc.key, "reason": exc.reason})
         return
     plan = plan_reload(node.cfg, new)
+    log.info("SIGHUP: re-read %s: %s", path, plan.summary())  # before a new log level hides it
     if "log_level" in plan.live:
         logging.getLogger().setLevel(new.log_level)
         node.cfg.log_level = new.log_level
@@ -198,7 +199,6 @@ async def reload_settings(node: Any) -> None:
         node.cfg.api.write_timeout = new.api.write_timeout
         if node.writer is not None:
             node.writer.timeout = new.api.write_timeout
-    log.info("SIGHUP: re-read %s: %s", path, plan.summary())
     await _record(node, "node.reload", f"{node.node_id}: SIGHUP: {plan.summary()}",
                   {"applied": sorted(plan.live), "needs_takeover": plan.needs_takeover,
                    "seed_only": plan.seed_only, "identity": plan.identity})

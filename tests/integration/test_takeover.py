@@ -162,7 +162,7 @@ def test_sighup_applies_live_settings_and_names_the_rest(cluster_factory) -> Non
     node = "n3"
     cfg = c.config(node)
     text = cfg.read_text()
-    cfg.write_text(text.replace("[api]", "[api]\nwrite_timeout = 4.5", 1)
+    cfg.write_text('log_level = "WARNING"\n' + text.replace("[api]", "[api]\nwrite_timeout = 4.5", 1)
                    .replace("[raft]", "[raft]\nelection_timeout_max = 0.9", 1))
     c.nodes[node].signal(signal.SIGHUP)
 
@@ -175,7 +175,7 @@ def test_sighup_applies_live_settings_and_names_the_rest(cluster_factory) -> Non
         return None
 
     e = wait_until(lambda: event("node.reload"), 10, 0.1, "node.reload event")
-    assert e["data"]["applied"] == ["api.write_timeout"]
+    assert e["data"]["applied"] == ["api.write_timeout", "log_level"]
     assert e["data"]["needs_takeover"] == ["raft.election_timeout_max"]
 
     cfg.write_text(text.replace("[api]", "[api]\nwrite_timeout = \"soon\"", 1))
@@ -184,7 +184,10 @@ def test_sighup_applies_live_settings_and_names_the_rest(cluster_factory) -> Non
     assert bad["data"]["key"] == "api.write_timeout" and bad["data"]["file"] == str(cfg)
     assert c.nodes[node].alive()
     log = (c.directory / "logs" / f"{node}.log").read_text()
-    assert "SIGHUP: " in log and "nothing changed" in log
+    assert "SIGHUP: " in log and "nothing changed" in log  # ERROR: shown at WARNING
+    assert "SIGHUP: re-read" in log  # logged before the new level applies
+    assert "event node.reload:" not in log  # INFO after the switch to WARNING: not shown here ...
+    assert "event node.reload:" in (c.directory / "logs" / "n1.log").read_text()  # ... but on n1
 
 
 def _dns_answers(address: str, name: str) -> bool:
