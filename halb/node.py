@@ -124,6 +124,7 @@ class Node:
         self.ready_report = ReadyReport(ready_fd)  # `halb node reload` waits for its line
         self.lock = NodeLock(cfg.data_dir)  # held while Raft is open here
         self.api_sock: Any = None
+        self.api_site: Any = None
         self.takeover_server: Any = None
         self.takeover_client: Any = None
         self.replaces_pid: int | None = None
@@ -213,8 +214,8 @@ class Node:
         await self._runner.setup()
         host, port = parse_hostport(cfg.api.bind)
         self.api_sock = bind_api_socket(host, port)  # handed over by a replaced process, or bound here
-        site = web.SockSite(self._runner, self.api_sock)
-        await site.start()
+        self.api_site = web.SockSite(self._runner, self.api_sock)
+        await self.api_site.start()
         log.info("admin API listening on http://%s", cfg.api.bind)
         self._tasks.append(asyncio.create_task(self._converge_loop(), name="converge"))
         await self.start_components()

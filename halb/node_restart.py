@@ -145,7 +145,8 @@ def handover_hooks(node: Any) -> HandoverHooks:
 async def release_raft(node: Any) -> None:
     """Leadership away first (writes go on at the other two without an election), then stop
     everything that writes to Raft, then Raft itself (journal flushed and closed) and the
-    lock. The data plane and admin API keep serving until the new process is ready."""
+    lock. The data plane keeps serving until the new process is ready; the admin API stops
+    accepting (its connections already open are still answered)."""
     st = node.raft.raft_status()
     if st.leader is not None and st.leader == st.self_addr:
         try:
@@ -164,6 +165,8 @@ async def release_raft(node: Any) -> None:
             except Exception:
                 log.exception("takeover: stopping %s", part)
             node.stopped_parts.add(part)  # stop_components must not stop it twice
+    if node.api_site is not None:  # new API connections wait in the (shared) queue for the
+        await node.api_site.stop()  # new process instead of meeting a Raft-less one
     await asyncio.to_thread(node.raft.destroy_synchronous)
     node.raft_stopped = True
     node.lock.release()
