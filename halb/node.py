@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Any, Awaitable, Callable
@@ -32,6 +33,10 @@ log = logging.getLogger("halb.node")
 
 class InsecureConfig(Exception):
     pass
+
+
+class NodeLocked(Exception):
+    """Another process has this node's data dir (and Raft journal) open."""
 
 
 class NodeLogFilter(logging.Filter):
@@ -69,7 +74,8 @@ def validate_health_checks(cfg: NodeConfig) -> None:
 
 
 class Node:
-    def __init__(self, cfg: NodeConfig, *, insecure_dev: bool = False) -> None:
+    def __init__(self, cfg: NodeConfig, *, insecure_dev: bool = False, takeover: bool = False,
+                 ready_fd: int | None = None) -> None:
         self.cfg = cfg
         self.node_id = cfg.node_id
         secret = cfg.read_secret()
@@ -114,6 +120,22 @@ class Node:
         self.routing = RoutingCache(cfg.dataplane.listen_host, dict(cfg.dataplane.backend_dial or {}), self.issues)
         self.listening = False  # admin API and data plane bound: part of READY=1 (sd_notify)
         self.sd: Any = None  # halb.sd_notify.SystemdNotify when started by systemd (NOTIFY_SOCKET)
+        # --- hot restart (halb/node_restart.py, halb/takeover.py) ---
+        from halb.node_restart import ReadyReport
+        from halb.takeover import NodeLock
+
+        self.takeover = takeover  # this process replaces a running one (--takeover)
+        self.ready_report = ReadyReport(ready_fd)  # `halb node reload` waits for its line
+        self.lock = NodeLock(cfg.data_dir)  # held while Raft is open here
+        self.api_sock: Any = None
+        self.api_site: Any = None
+        self.takeover_server: Any = None
+        self.takeover_client: Any = None
+        self.replaces_pid: int | None = None
+        self.handed_over_to: int | None = None
+        self.raft_stopped = False
+        self.stopped_parts: set[str] = set()  # stopped early, when Raft was handed over
+        self.exit_code = 0
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -122,20 +144,59 @@ class Node:
         self.gc_freezer.install()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
-        from halb.sd_notify import SystemdNotify, is_ready
+        from halb import node_restart
 
-        self.sd = SystemdNotify.from_env(self._sd_facts, lambda: is_ready(
-            self.listening, self.raft.raft_status().leader if self.raft else None,
-            self.raft is not None and self.raft.isReady()))
-        if self.sd is not None:
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(node_restart.reload_settings(self)))
+        self.sd = self._make_sd()
+        if self.sd is not None and not self.takeover:
             self.sd.start()  # the watchdog pings from here on, also while starting
-        await self.start()
+        try:
+            if self.takeover:
+                await node_restart.take_over(self)
+            else:
+                await self.start()
+            self.takeover_server = node_restart.start_server(self)
+        except BaseException as exc:
+            self.ready_report.fail(str(exc) or type(exc).__name__)
+            await self.shutdown()
+            raise
+        if self.sd is not None and self.takeover:  # systemd follows this process from now on
+            self.sd.took_over()
+            self.sd.start()
+        self.ready_report.ready()
         try:
             await self.stop_event.wait()
         finally:
             await self.shutdown()
 
     async def start(self) -> None:
+        if not self.lock.try_acquire():
+            from halb.takeover import locked_message
+
+            raise NodeLocked(locked_message(self.lock, self.cfg.data_dir))
+        self.open_raft()
+        await self.start_serving()
+
+    def _make_sd(self) -> Any:
+        from halb.sd_notify import SystemdNotify, is_ready
+
+        return SystemdNotify.from_env(self._sd_facts, lambda: is_ready(
+            self.listening, self.raft.raft_status().leader if self.raft else None,
+            self.raft is not None and self.raft.isReady()))
+
+    def sd_replaces(self, old_pid: int, systemd: dict[str, Any]) -> None:
+        """--takeover: the process being replaced told us its NOTIFY_SOCKET and watchdog
+        interval; we speak for the unit (MAINPID) once we serve."""
+        self.replaces_pid = old_pid
+        notify = systemd.get("notify_socket")
+        if self.sd is None and isinstance(notify, str) and notify:
+            os.environ["NOTIFY_SOCKET"] = notify
+            self.sd = self._make_sd()
+        if self.sd is not None:
+            usec = systemd.get("watchdog_usec")
+            self.sd.replaces(old_pid, usec if isinstance(usec, int) else None)
+
+    def open_raft(self) -> None:
         cfg = self.cfg
         log.info("starting node %s: raft %s (peers %s), api %s, data %s", self.node_id, cfg.raft.bind,
                  ", ".join(cfg.raft.peers) or "none", cfg.api.bind, cfg.data_dir)
@@ -145,13 +206,20 @@ class Node:
         )
         self.writer = CommandWriter(self.raft, cfg.api.write_timeout)
         self.views = ClusterViews(self.node_id, self.raft, self.issues, self.cfg.dataplane.shared_hosts, self.started_at)
+
+    async def start_serving(self) -> None:
+        """Admin API, convergence and the components, on top of an open Raft."""
+        from halb.node_restart import bind_api_socket
+
+        cfg = self.cfg
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         api = AdminApi(self)
         self._runner = api.runner(access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = parse_hostport(cfg.api.bind)
-        site = web.TCPSite(self._runner, host, port, reuse_address=True)
-        await site.start()
+        self.api_sock = bind_api_socket(host, port)  # handed over by a replaced process, or bound here
+        self.api_site = web.SockSite(self._runner, self.api_sock)
+        await self.api_site.start()
         log.info("admin API listening on http://%s", cfg.api.bind)
         self._tasks.append(asyncio.create_task(self._converge_loop(), name="converge"))
         self.acme = AcmeManager(self.node_id, self.raft, self.writer, self.cert_sealer, cfg.data_dir,
@@ -167,8 +235,17 @@ class Node:
             self.stop_event.set()
 
     async def shutdown(self) -> None:
-        if self.sd is not None:
+        if (self.sd is not None and self.handed_over_to is None and self.exit_code == 0
+                and (not self.takeover or self.sd.readied)):
+            # not after a hand-over: the new process is systemd's MAINPID now, and STOPPING=1
+            # from any process of the unit (NotifyAccess=all) would stop the whole unit; nor
+            # from a --takeover process that never took over (the old one is MAINPID), nor
+            # when exiting 1 after a failed takeover (Restart=on-failure restarts the node)
             self.sd.stopping(self.stop_reason)
+        if self.takeover_server is not None:
+            await self.takeover_server.stop()
+        if self.takeover_client is not None:
+            self.takeover_client.close()  # a failed --takeover: the old process carries on
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -177,13 +254,17 @@ class Node:
             await self._runner.cleanup()
         if self._http is not None:
             await self._http.close()
-        if self.raft is not None:
-            self.raft.destroy()
-            await asyncio.sleep(0.1)
+        if self.raft is not None and not self.raft_stopped:
+            try:  # journal flushed and closed before the lock goes (halb/takeover.py)
+                await asyncio.wait_for(asyncio.to_thread(self.raft.destroy_synchronous), 5.0)
+            except asyncio.TimeoutError:
+                log.warning("Raft did not stop within 5 s")
+            self.raft_stopped = True
+        self.lock.release()
         self.gc_freezer.uninstall()
         if self.sd is not None:
             await self.sd.stop()
-        log.info("stopped")
+        log.info("stopped%s", f" (taken over by pid {self.handed_over_to})" if self.handed_over_to else "")
 
     def _sd_facts(self) -> Any:
         """What systemd's STATUS= line shows (halb/sd_notify.py sends it only when it changes)."""
@@ -225,6 +306,10 @@ class Node:
         self.load_meter.start(self._http)
         self.views.load_meter = self.load_meter
         self.add_listener(self._after_apply)
+        # commands applied since the data plane's first snapshot (starting its worker
+        # processes takes ~1 s; a cluster seeded meanwhile left the node serving nothing)
+        self.health.sync_targets(None)
+        self.mark_routing_dirty()
         # --- announce (VIP quorum lease / DNS; halb/announce/manager.py) ---
         from halb.announce.manager import start_announcement
         self.announcer = await start_announcement(self)
@@ -238,17 +323,11 @@ class Node:
         self._tasks.append(asyncio.create_task(self.dp_guard.run(), name="dataplane-check"))
 
     async def stop_components(self) -> None:
-        """Stopped before Raft, in reverse order of start."""
-        if getattr(self, "dp_guard", None) is not None:
-            await self.dp_guard.stop()
-        if self.announcer is not None:
-            await self.announcer.stop()
-        if getattr(self, "load_meter", None) is not None:
-            await self.load_meter.stop()
-        if self.dataplane is not None:
-            await self.dataplane.stop()
-        if self.health is not None:
-            await self.health.stop()
+        """Stopped before Raft, in reverse order of start (except those a takeover stopped)."""
+        for part in ("dp_guard", "announcer", "load_meter", "dataplane", "health"):
+            obj = getattr(self, part, None)
+            if obj is not None and part not in self.stopped_parts:
+                await obj.stop()
 
     # --- routing: replicated state + local health -> data plane snapshot -------------
 

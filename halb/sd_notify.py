@@ -146,6 +146,29 @@ class SystemdNotify:
             return None
         return cls(notifier, facts, ready, watchdog_interval(os.environ, os.getpid()))
 
+    def replaces(self, old_pid: int, watchdog_usec: int | None = None) -> None:
+        """Hot restart (halb/takeover.py): the watchdog systemd set up for the process this
+        one replaces becomes ours once we are MAINPID. systemd gives ``WATCHDOG_USEC`` only
+        to the main process, not to ``ExecReload``'s, so the old process tells us its
+        interval in the handshake; ``WATCHDOG_PID`` = the old pid also counts."""
+        if self.watchdog_s is None:
+            self.watchdog_s = watchdog_interval(os.environ, old_pid)
+        if self.watchdog_s is None and watchdog_usec:
+            self.watchdog_s = watchdog_interval({"WATCHDOG_USEC": str(watchdog_usec)}, os.getpid())
+
+    def handover_info(self) -> dict[str, object]:
+        """What a takeover process needs to speak for the unit after us."""
+        usec = round(self.watchdog_s * 3 * 1_000_000) if self.watchdog_s else None
+        return {"notify_socket": os.environ.get("NOTIFY_SOCKET", ""), "watchdog_usec": usec}
+
+    def took_over(self) -> None:
+        """Hot restart done: tell systemd to follow this process (``MAINPID=``, which needs
+        ``NotifyAccess=all``: the message comes from a process that is not the main one yet)
+        and that it is ready, in one datagram."""
+        self.notifier.send(f"MAINPID={os.getpid()}\nREADY=1")
+        self.readied = True
+        log.info("told systemd MAINPID=%d READY=1 (took over)", os.getpid())
+
     def start(self) -> None:
         if self.watchdog_s is not None:
             log.info("systemd watchdog: WATCHDOG=1 every %.2fs from the event loop", self.watchdog_s)
@@ -171,6 +194,14 @@ class SystemdNotify:
             except Exception:  # a view that cannot be read now must not end the notifications
                 log.exception("sd_notify status")
             await asyncio.sleep(STATUS_POLL_S)
+
+    def quiet(self) -> None:
+        """Handed over to a new process (hot restart): it is systemd's MAINPID and speaks for
+        the unit now; this one sends no more STATUS= (and never STOPPING=1, which would stop
+        the unit)."""
+        for task in self._tasks:
+            if task.get_name() == "sd-status":
+                task.cancel()
 
     def stopping(self, reason: str) -> None:
         """STOPPING=1 at once; status updates end, the watchdog keeps pinging until ``stop``."""

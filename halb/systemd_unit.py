@@ -3,8 +3,13 @@ contrib/systemd/halb-node@.service is its output with the defaults, kept equal b
 
 Why these settings (docs/deploy.md explains them for operators):
 
-* ``Type=notify`` + ``NotifyAccess=main``: the node says READY=1 itself once its listeners
-  are bound and Raft has a leader (halb/sd_notify.py), and only the node process may talk.
+* ``Type=notify`` + ``NotifyAccess=all``: the node says READY=1 itself once its listeners
+  are bound and Raft has a leader (halb/sd_notify.py). ``all`` rather than ``main``
+  because of the hot restart: ``ExecReload`` runs ``halb node reload``, whose takeover
+  process (not the main one yet) tells systemd ``MAINPID=<itself>`` and ``READY=1``
+  (halb/takeover.py); only with ``all`` does systemd accept that and hand control
+  processes a ``NOTIFY_SOCKET``. Reload waits are bounded by ``halb node reload
+  --timeout`` (systemd bounds a reload by TimeoutStartSec, infinity here).
 * ``WatchdogSec``: the node pings from its asyncio loop, so a stuck loop is killed
   (SIGABRT) and restarted by ``Restart=on-failure``.
 * ``TimeoutStartSec=infinity``: a node is not ready until a majority of the cluster runs;
@@ -55,8 +60,10 @@ After=network-online.target
 
 [Service]
 Type=notify
-NotifyAccess=main
+NotifyAccess=all
 ExecStart={opts.venv}/bin/halb node run --config {opts.config_dir}/%i.toml
+# hot restart: a new process takes the sockets and Raft identity over, no request dropped
+ExecReload={opts.venv}/bin/halb node reload --config {opts.config_dir}/%i.toml
 Restart=on-failure
 RestartSec=2s
 TimeoutStartSec=infinity

@@ -71,8 +71,10 @@ class DnsResponder:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        sock = None
-        if self.freebind:
+        from halb.takeover import take_inherited
+
+        sock = take_inherited("udp", self.bind_host, self.bind_port)  # hot restart: the replaced process's
+        if sock is None and self.freebind:
             from .vip import freebind_socket
 
             sock = freebind_socket(self.bind_host, self.bind_port, kind=socket.SOCK_DGRAM)
@@ -83,6 +85,10 @@ class DnsResponder:
                 lambda: _Protocol(self), local_addr=(self.bind_host, self.bind_port))
         self._transport = transport  # type: ignore[assignment]
         log.info("DNS responder for zone %s on %s:%d", self.zone, self.bind_host, self.port)
+
+    def udp_socket(self) -> socket.socket | None:
+        """The bound UDP socket (a hot restart hands it over, halb/takeover.py)."""
+        return self._transport.get_extra_info("socket") if self._transport is not None else None
 
     async def stop(self) -> None:
         if self._transport is not None:

@@ -19,9 +19,16 @@ def node() -> None:
 @click.option("--insecure-dev", is_flag=True, default=False,
               help="Allow running without a cluster secret (unauthenticated Raft port: remote code "
                    "execution for anyone who reaches it). Never in production.")
-def run(config_path: str, insecure_dev: bool) -> None:
-    """Start one balancer node from FILE and run until SIGTERM/SIGINT."""
-    from halb.node import InsecureConfig, Node, setup_logging
+@click.option("--takeover", is_flag=True, default=False,
+              help="Replace the node process running on this config's data_dir without dropping a "
+                   "connection: take its listening sockets and Raft identity over (docs/deploy.md).")
+@click.option("--ready-fd", type=int, default=None, hidden=True,
+              help="Write 'READY <pid>' or 'FAIL <why>' to this fd (used by `halb node reload`).")
+def run(config_path: str, insecure_dev: bool, takeover: bool, ready_fd: int | None) -> None:
+    """Start one balancer node from FILE and run until SIGTERM/SIGINT (SIGHUP re-reads FILE)."""
+    from halb.node import InsecureConfig, Node, NodeLocked, setup_logging
+    from halb.node_restart import ReadyReport
+    from halb.takeover import TakeoverError
 
     try:
         cfg = load_config(config_path)
@@ -29,17 +36,41 @@ def run(config_path: str, insecure_dev: bool) -> None:
         from halb.dataplane.fdlimit import raise_nofile
 
         raise_nofile(f"node {cfg.node_id}")  # before any socket: every proxied connection needs two fds
-        node_obj = Node(cfg, insecure_dev=insecure_dev)
+        node_obj = Node(cfg, insecure_dev=insecure_dev, takeover=takeover, ready_fd=ready_fd)
     except (ConfigError, InsecureConfig) as exc:  # includes health-check tables
+        ReadyReport(ready_fd).fail(f"config error: {exc}")
         click.echo(f"halb: config error: {exc}", err=True)
         sys.exit(2)
     from halb.aio import run as run_loop
 
     try:
         run_loop(node_obj.run())
+    except TakeoverError as exc:
+        click.echo(f"halb: takeover of node {cfg.node_id} failed: {exc}", err=True)
+        sys.exit(1)
+    except NodeLocked as exc:
+        click.echo(f"halb: node {cfg.node_id}: {exc}", err=True)
+        sys.exit(1)
     except OSError as exc:
         click.echo(f"halb: node {cfg.node_id} failed to start: {exc}", err=True)
         sys.exit(1)
+    sys.exit(node_obj.exit_code)
+
+
+@node.command("reload")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="Node TOML config file (the same the running node was started with).")
+@click.option("--timeout", default=90.0, show_default=True, type=float,
+              help="Give up waiting for the new process after this many seconds.")
+def reload(config_path: str, timeout: float) -> None:
+    """Hot restart: start `halb node run --config FILE --takeover` in the background and wait
+    until it serves (exit 0) or failed (exit 1, the old process still serves). systemd's
+    ExecReload runs this (docs/deploy.md)."""
+    from halb.node_reload import reload_node
+
+    code, message = reload_node(config_path, timeout)
+    click.echo(message, err=code != 0)
+    sys.exit(code)
 
 
 @node.command("systemd-unit")

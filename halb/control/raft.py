@@ -169,6 +169,18 @@ class ReplicatedState(SyncObj):
             except FileNotFoundError:
                 pass
 
+    def _doDestroy(self) -> None:
+        """In the tick thread on destroy(): store the commit index (pysyncobj saves it once a
+        second) before the journal is flushed and closed, so the process that opens this
+        data dir next (a hot restart, halb/takeover.py) starts from where this one was."""
+        raft_log = getattr(self, "_SyncObj__raftLog", None)
+        if raft_log is not None and hasattr(raft_log, "onOneSecondTimer"):
+            try:
+                raft_log.onOneSecondTimer()
+            except Exception:
+                log.exception("could not save the Raft commit index")
+        super()._doDestroy()
+
     # --- the single replicated entry point ------------------------------------------
 
     @replicated

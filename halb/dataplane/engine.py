@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from halb.dataplane import http_proxy
 from halb.dataplane.http_proxy import HttpClientConn
-from halb.dataplane.listeners import Listener, make_listen_socket, relay_suits
+from halb.dataplane.listeners import Listener, listen_socket, relay_suits
 from halb.dataplane.local_errors import RateLimitedLog
 from halb.dataplane.options import ServiceOptions
 from halb.dataplane.proxy_protocol import ProxyHeaderGate
@@ -76,6 +76,7 @@ class DataPlane:
         self._expected_for: RoutingSnapshot | None = None  # selfcheck_inputs' cache
         self._expected: frozenset[str] = frozenset()
         self._started = False
+        self.draining = False  # stopping: responses say Connection: close, idle connections are closed
         self._retired: list[Listener] = []
         self._relay: tcp_relay.TcpRelay | None = None  # TCP mode's C relay, made on first use
         self.now = 0.0  # coarse loop time, refreshed by the sweeper (for idle bookkeeping)
@@ -189,20 +190,49 @@ class DataPlane:
         """The port a service actually listens on (useful with listen_port 0 in tests)."""
         return self.listeners[service].port
 
+    def listening_sockets(self) -> list[Any]:
+        """Every listening socket this process accepts on (primary and shared), for a hot
+        restart to hand over (halb/takeover.py). Worker processes have their own."""
+        out = [lst.sock for lst in self.listeners.values() if not lst.closed]
+        out += [lst.sock for lst in self.shared.listeners.values() if not lst.closed]
+        return out
+
+    async def handover_sockets(self) -> list[tuple[Any, Any]]:
+        """(SocketKey, socket) of every listener of this data plane, the worker processes'
+        included (their slot in the key; those sockets are copies the caller closes)."""
+        from dataclasses import replace
+
+        from halb.takeover import key_of
+
+        out = [(key_of("tcp", s), s) for s in self.listening_sockets()]
+        if self._pool_supervisor is not None:
+            out += [(replace(k, slot=slot), s) for slot, k, s in await self._pool_supervisor.listening_sockets()]
+        return out
+
     async def stop(self) -> None:
+        """Stop accepting, then drain: in-flight requests finish within stop_grace, each
+        with ``Connection: close``; idle keep-alive connections are closed at once (a client
+        that sends on one at that instant sees the close, as with any server: docs/deploy.md)."""
         if not self._started:
             return
         self._started = False
+        self.draining = True
         grace = max([lst.rt.opts.stop_grace for lst in self.listeners.values()] or [0.0])
         for lst in list(self.listeners.values()):
             lst.close()
         self.shared.close()
-        if self._pool_supervisor is not None:
-            await self._pool_supervisor.stop()
-            self._pool_supervisor = None
+        pool_stop = None
+        if self._pool_supervisor is not None:  # the workers drain at the same time
+            pool_stop = asyncio.ensure_future(self._pool_supervisor.stop(timeout=grace + 3.0))
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(self._busy(c) for c in list(self.conns)):
+        while True:
+            self._close_idle()
+            if time.monotonic() >= deadline or not any(self._busy(c) for c in list(self.conns)):
+                break
             await asyncio.sleep(0.05)
+        if pool_stop is not None:
+            await pool_stop
+            self._pool_supervisor = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             try:
@@ -292,7 +322,7 @@ class DataPlane:
         rt = ServiceRuntime(svc, hook=self._hook, initial=initial, slot=self.slot)  # before the socket: may raise
         rt.set_share(self.capacity_share.get(svc.name, self.capacity_share_default))
         try:
-            sock = make_listen_socket(svc.listen_host, svc.listen_port)
+            sock = listen_socket(svc.listen_host, svc.listen_port)
         except OSError as e:
             log.error("service %s: cannot listen on %s:%s: %s", svc.name, svc.listen_host, svc.listen_port, e)
             self.listen_errors[svc.name] = str(e)
@@ -318,6 +348,12 @@ class DataPlane:
             b.close_pool()
         if lst in self._retired:
             self._retired.remove(lst)
+
+    def _close_idle(self) -> None:
+        """HTTP client connections between requests (not mid-head): closed while draining."""
+        for c in list(self.conns):
+            if isinstance(c, HttpClientConn) and not c.closed and c.cur is None and not c.in_headers:
+                c.close()
 
     @staticmethod
     def _busy(conn: Any) -> bool:

@@ -1271,7 +1271,7 @@ class HttpClientConn(asyncio.Protocol):
             b = ex.backend
             if b.consecutive_failures or b.ejection_streak or ex.rt.track_latency:  # type: ignore[union-attr]
                 ex.rt.record_success(b, self.loop.time() - ex.t_attempt)  # type: ignore[union-attr]
-        if not ex.keep_alive or ex.close_after or self.upgraded:
+        if not ex.keep_alive or ex.close_after or self.upgraded or self.engine.draining:
             out = out[:-2] + b"Connection: close\r\n\r\n"
             ex.close_after = True
         elif ex.version == "1.0":

@@ -47,6 +47,14 @@ def relay_suits(opts: Any) -> bool:
     return opts.send_proxy == "off" and not opts.accept_proxy
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listener the process this one replaces handed over for host:port (hot restart,
+    halb/takeover.py: its accept queue and SO_REUSEPORT slot come with it), else a new one."""
+    from halb.takeover import take_inherited
+
+    return take_inherited("tcp", host, port) or make_listen_socket(host, port)
+
+
 @dataclass(eq=False)
 class Listener:
     """A bound service: its socket, its asyncio server (or, TCP mode on the C relay, its

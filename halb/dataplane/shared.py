@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from halb.dataplane.listeners import Listener, make_listen_socket
+from halb.dataplane.listeners import Listener, listen_socket
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class SharedListeners:
     def _open(self, name: str, host: str, primary: Listener, key: tuple[str, str, int], initial: bool) -> None:
         where = f"{name}@{host}"
         try:
-            sock = make_listen_socket(host, primary.port)
+            sock = listen_socket(host, primary.port)
         except OSError as e:
             log.error("service %s: cannot listen on shared address %s:%s: %s", name, host, primary.port, e)
             self.errors[where] = str(e)

@@ -7,6 +7,12 @@ new connections), runs its own DataPlane on uvloop, and talks to the parent over
 socketpair with length-prefixed msgpack frames: snapshots down; stats (every 0.5 s) and
 ejection events up. A worker exits when the pipe closes or the parent dies
 (PR_SET_PDEATHSIG), so it never outlives the node.
+
+Hot restart (halb/takeover.py): each worker's listening sockets have their own accept
+queues, so they are handed over too. A second socketpair per worker carries them (SCM_RIGHTS
+needs sendmsg/recvmsg, which the asyncio stream of the first cannot do): the parent asks with
+a "fds" frame, the worker answers there. A new node's worker N is spawned with the old worker
+N's sockets (``HALB_INHERITED_SOCKETS``) and binds only what it did not get.
 """
 from __future__ import annotations
 
@@ -56,6 +62,7 @@ class Worker:
     stats: dict[str, Any] | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    fdchan: socket.socket | None = None  # listening sockets come up here (hot restart)
 
 
 class WorkerPool:
@@ -72,17 +79,29 @@ class WorkerPool:
     async def _spawn(self, snapshot: RoutingSnapshot) -> Worker:
         used = {w.index for w in self.workers}
         index = next(i for i in range(1, self.count + 2) if i not in used)  # a respawn takes the dead one's slot
+        from halb import takeover
+
         parent, child = socket.socketpair()
+        fd_parent, fd_child = socket.socketpair()
+        inherited = takeover.inherited.take_slot(index)  # the replaced node's worker `index`
+        env = dict(os.environ)
+        if inherited:
+            env["HALB_INHERITED_SOCKETS"] = takeover.InheritedSockets.env_value(inherited)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "halb.dataplane.workers", str(child.fileno()), self.engine.node_id,
                  "1" if self.engine.loop_uvloop else "0", ",".join(self.engine.shared.hosts),
-                 f"{index}/{self.engine.workers}"],
-                pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+                 f"{index}/{self.engine.workers}", str(fd_child.fileno())],
+                pass_fds=[child.fileno(), fd_child.fileno(), *(s.fileno() for s in inherited.values())],
+                stdin=subprocess.DEVNULL, env=env)
         finally:
             child.close()
+            fd_child.close()
+            for s in inherited.values():
+                s.close()
+        fd_parent.settimeout(5.0)
         reader, writer = await asyncio.open_connection(sock=parent)
-        w = Worker(proc=proc, writer=writer, reader=reader, index=index)
+        w = Worker(proc=proc, writer=writer, reader=reader, index=index, fdchan=fd_parent)
         w.task = asyncio.get_running_loop().create_task(self._read(w))
         self.workers.append(w)
         writer.write(frame({"t": "snap", "d": snapshot.to_wire()}))
@@ -115,6 +134,8 @@ class WorkerPool:
         self.respawns += 1
         if dead in self.workers:
             self.workers.remove(dead)
+        if dead.fdchan is not None:
+            dead.fdchan.close()
         w = await self._spawn(self.engine._worker_snapshot())
         log.warning("data plane worker %s died (exit %s); started %s", dead.proc.pid, dead.proc.returncode, w.proc.pid)
 
@@ -146,6 +167,25 @@ class WorkerPool:
             if not w.writer.is_closing():
                 w.writer.write(data)
 
+    async def listening_sockets(self) -> list[tuple[int, Any, socket.socket]]:
+        """(worker slot, SocketKey, a copy of the socket) of every live worker, for a hot
+        restart; the caller closes the copies once they are sent."""
+        from halb.takeover import SocketKey, TakeoverError, recv_msg, sockets_from_fds
+
+        out: list[tuple[int, Any, socket.socket]] = []
+        for w in list(self.workers):
+            if w.proc.poll() is not None or w.fdchan is None or w.writer.is_closing():
+                continue
+            w.writer.write(frame({"t": "fds"}))
+            try:
+                msg, fds = await asyncio.to_thread(recv_msg, w.fdchan)
+                got = sockets_from_fds([SocketKey.from_wire(k) for k in msg.get("sockets", [])], fds)
+            except (TakeoverError, OSError) as exc:
+                log.warning("data plane worker %s did not hand its sockets over: %s", w.proc.pid, exc)
+                continue
+            out += [(w.index, k, s) for k, s in got.socks.items()]
+        return out
+
     def worker_stats(self) -> list[dict[str, Any]]:
         return [w.stats for w in self.workers if w.stats is not None and w.proc.poll() is None]
 
@@ -166,6 +206,8 @@ class WorkerPool:
                 w.proc.kill()
                 w.proc.wait()
             w.writer.close()
+            if w.fdchan is not None:
+                w.fdchan.close()
             if w.task is not None:
                 w.task.cancel()
         self.workers.clear()
@@ -182,9 +224,12 @@ def _die_with_parent() -> None:
         pass
 
 
-async def _child(fd: int, node_id: str, shared_hosts: list[str], slot: tuple[int, int] = (0, 1)) -> None:
+async def _child(fd: int, node_id: str, shared_hosts: list[str], slot: tuple[int, int] = (0, 1),
+                 fdchan_fd: int = -1) -> None:
+    from halb import takeover
     from halb.dataplane.engine import DataPlane
 
+    fdchan = socket.socket(fileno=fdchan_fd) if fdchan_fd >= 0 else None
     sock = socket.socket(fileno=fd)
     reader, writer = await asyncio.open_connection(sock=sock)
     dp = DataPlane(node_id, workers=1, shared_hosts=shared_hosts, slot=slot)
@@ -211,12 +256,22 @@ async def _child(fd: int, node_id: str, shared_hosts: list[str], slot: tuple[int
                 if not started:
                     await dp.start(snap)
                     started = True
+                    left = takeover.inherited.close_rest()  # a service gone since the hand-over
+                    if left:
+                        log.warning("closed inherited sockets no service listens on: %s", ", ".join(map(str, left)))
                     from halb.dataplane.run import tune_process
 
                     tune_process()
                     loop.create_task(report())
                 else:
                     dp.update(snap)
+            elif msg.get("t") == "fds" and fdchan is not None:  # hot restart: hand the listeners over
+                socks = dp.listening_sockets()
+                keys = [takeover.key_of("tcp", s).wire() for s in socks]
+                try:
+                    await asyncio.to_thread(takeover.send_msg, fdchan, {"sockets": keys}, [s.fileno() for s in socks])
+                except OSError as exc:
+                    log.warning("could not hand the listening sockets over: %s", exc)
             elif msg.get("t") == "share" and started:
                 dp.set_capacity_shares(msg.get("d") or {}, float(msg.get("x", 1.0)))
 
@@ -232,12 +287,18 @@ def main(argv: list[str]) -> None:
     shared_hosts = [h for h in (argv[3] if len(argv) > 3 else "").split(",") if h]
     index, _, count = (argv[4] if len(argv) > 4 else "0/1").partition("/")
     slot = (int(index), int(count))
+    fdchan_fd = int(argv[5]) if len(argv) > 5 else -1
+    inherited = os.environ.pop("HALB_INHERITED_SOCKETS", "")
+    if inherited:
+        from halb import takeover
+
+        takeover.inherited.load_env(inherited)
     _die_with_parent()
     logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"))
     from halb.dataplane.fdlimit import raise_nofile
 
     raise_nofile(f"data plane worker {os.getpid()}")
-    run(_child(fd, node_id, shared_hosts, slot), use_uvloop=use_uvloop)
+    run(_child(fd, node_id, shared_hosts, slot, fdchan_fd), use_uvloop=use_uvloop)
 
 
 if __name__ == "__main__":
