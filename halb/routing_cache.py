@@ -27,7 +27,8 @@ from halb.routing_builder import build_service
 log = logging.getLogger("halb.routing")
 
 # ops that never change what routing or health targets are built from
-NO_ROUTING_OPS = ("lease.", "event.", "member.")
+# (frontend./route./cert.: the node's FrontendSync handles those, halb/frontend_sync.py)
+NO_ROUTING_OPS = ("lease.", "event.", "member.", "frontend.", "route.", "cert.", "token.")
 
 
 def touched_services(cmd: dict[str, Any], events: Iterable[Any] | None = None) -> set[str] | None:

@@ -15,6 +15,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from halb.api.certs_api import CertRoutes
+from halb.api.frontends_api import FrontendRoutes
 from halb.api.protocol import AdminRunner, install_log_redaction
 from halb.api.roles import Identity, identify, required_role
 from halb.api.validation import validate_full
@@ -196,6 +197,7 @@ class AdminApi:
         r.add_post("/v1/tokens", self.token_add)
         r.add_delete("/v1/tokens/{name}", self.token_revoke)
         CertRoutes(self, read_json).register(r)
+        FrontendRoutes(self, read_json).register(r)
         for path, handler in self.node.extra_routes():
             r.add_get(path, handler)
         return app

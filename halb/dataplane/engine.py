@@ -77,6 +77,9 @@ class DataPlane:
         from halb.dataplane.shared import SharedListeners  # every service also on shared_hosts
 
         self.shared = SharedListeners(self, shared_hosts)
+        from halb.dataplane.frontend import FrontendListeners  # Host/path routed ports, TLS (frontend.py)
+
+        self.frontends = FrontendListeners(self)
 
     # ------------------------------------------------------------------ public API
     async def start(self, snapshot: RoutingSnapshot) -> None:
@@ -110,6 +113,15 @@ class DataPlane:
         self._apply(snapshot, initial=False)
         if self._pool_supervisor is not None:
             self._pool_supervisor.send_snapshot(self._worker_snapshot())
+
+    def set_frontends(self, frontends: tuple[Any, ...], certs: Any = None) -> None:
+        """Frontends (frontend_routes.FrontendRoute) this process serves, and the loaded
+        certificates (certs.tls.CertSet) TLS frontends pick from; the node process only."""
+        if not self._started:
+            raise RuntimeError("DataPlane.set_frontends before start")
+        if certs is not None:
+            self.frontends.set_certs(certs)
+        self.frontends.update(tuple(frontends))
 
     def set_capacity_shares(self, shares: dict[str, float], default: float = 1.0) -> None:
         """This node's share of each service's cluster-wide backend limits (limits.py);
@@ -154,6 +166,7 @@ class DataPlane:
             "workers": [{"pid": os.getpid(), "requests": sum(lst.rt.requests for lst in self.listeners.values()),
                          "connections": len(self.conns)}],
             "listen_errors": {**self.listen_errors, **self.shared.errors},
+            "frontends": self.frontends.stats(),
             "services": {name: lst.rt.stats() for name, lst in self.listeners.items()
                          if service is None or name == service},
         }
@@ -192,6 +205,7 @@ class DataPlane:
         for lst in list(self.listeners.values()):
             lst.close()
         self.shared.close()
+        self.frontends.close()
         if self._pool_supervisor is not None:
             await self._pool_supervisor.stop()
             self._pool_supervisor = None
