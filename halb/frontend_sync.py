@@ -64,9 +64,9 @@ class FrontendSync:
         self.issues.clear("frontend", "*")
         certs = CertSet.build(records, self.sealer, self.certs) if (records or self.certs) else CertSet()
         self.certs = certs
-        self.issues.sync("cert", {f"cert:{k}": v for k, v in certs.errors.items()})
+        self.issues.sync("cert", {f"cert:{k}": f"certificate {k} not served: {v}" for k, v in certs.errors.items()})
         dataplane.set_frontends(routes, certs)
-        self.issues.sync("frontend", {f"frontend:{k}": v for k, v in dataplane.frontends.errors.items()})
+        self.issues.sync("frontend", {f"frontend:{k}": f"frontend {k}: {v}" for k, v in dataplane.frontends.errors.items()})
 
 
 __all__ = ["FrontendSync", "frontend_routes", "EDGE_OPS"]

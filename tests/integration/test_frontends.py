@@ -108,6 +108,24 @@ def test_two_hosts_and_a_path_prefix_reach_three_services_on_every_node(cluster_
         wait_until(lambda addr=(host_of(c, n), port): not _port_open(f"{addr[0]}:{addr[1]}"), 10, 0.1,
                    f"{n} closed the removed frontend's port")
 
+    # a port that one node cannot bind: a warning of that node, the others serve
+    port3 = free_port(host_of(c, "n1"))
+    blocker = socket.socket()
+    blocker.bind((host_of(c, "n2"), port3))
+    blocker.listen()
+    try:
+        c.cli("frontend", "add", "blocked", "--port", str(port3), "--default-service", "blog")
+        wait_until(lambda: any("frontend blocked: cannot listen" in w for w in c.status("n2")["local_warnings"]),
+                   10, 0.1, "n2 reports the frontend it cannot bind")
+        out = c.cli("cluster", "status", node="n2").stdout
+        assert "WARNING: frontend on n2: frontend blocked: cannot listen" in out, out
+        for n in ("n1", "n3"):
+            wait_until(lambda n=n: served_by((host_of(c, n), port3), "any.example") == "blog", 10, 0.1,
+                       f"{n} serves the frontend")
+            assert c.status(n)["local_warnings"] == []
+    finally:
+        blocker.close()
+
 
 def _api_delete(c: Cluster, path: str) -> tuple[int, dict]:
     import urllib.error
