@@ -31,7 +31,8 @@ the decrypted keys); decided for simplicity, see docs/dataplane.md.
 from __future__ import annotations
 
 import logging
-from typing import Any
+import re
+from typing import Any, Callable
 
 from halb.certs.tls import CertSet, server_context
 from halb.dataplane.frontend_routes import FrontendRoute, RouteTable
@@ -40,11 +41,16 @@ from halb.dataplane.http_proxy import XFF, Exchange, HttpClientConn
 from halb.dataplane.listeners import Listener, make_listen_socket
 from halb.dataplane.routing import ServiceRuntime
 from halb.dataplane.snapshot import ServiceRoute
-from halb.frontend_rules import request_host
+from halb.frontend_rules import HOST_RE, request_host
 
 log = logging.getLogger(__name__)
 
 XFF_TAIL_HTTPS = b"\r\nX-Forwarded-Proto: https\r\nX-Request-Id: "
+IPV6_HOST = re.compile(rb"\[[0-9a-f:.]+\]")
+# A request a node answers itself before routing (or redirecting), e.g. an ACME HTTP-01
+# challenge: called with (connection, exchange); True means it answered (conn.send_error /
+# conn._w + conn.finish). None (the default) costs one attribute read per frontend request.
+AnswerFirst = Callable[[HttpClientConn, Exchange], bool]
 
 
 class FrontendListener(Listener):
@@ -81,6 +87,10 @@ class FrontendConn(HttpClientConn):
     def start(self, ex: Exchange) -> None:
         lst: FrontendListener = self.listener  # type: ignore[assignment]
         own = lst.own
+        own.requests += 1
+        first = lst.engine.frontends.answer_first
+        if first is not None and first(self, ex):
+            return
         name = lst.table.pick(ex.host, ex.url)
         target = self.engine.listeners.get(name) if name is not None else None
         if target is None:
@@ -117,12 +127,15 @@ class RedirectConn(HttpClientConn):
     def start(self, ex: Exchange) -> None:
         lst: FrontendListener = self.listener  # type: ignore[assignment]
         own = lst.own
+        own.requests += 1
+        first = lst.engine.frontends.answer_first
+        if first is not None and first(self, ex):
+            return
         ex.rt, ex.opts = own, own.opts
         self.cur = ex
-        own.requests += 1
         host = request_host(ex.host)
-        if host is None or b"/" in host or b"@" in host:
-            self.send_error(ex, 400, "a redirect to HTTPS needs the request's Host")
+        if host is None or not (HOST_RE.fullmatch(host.decode("latin-1")) or IPV6_HOST.fullmatch(host)):
+            self.send_error(ex, 400, "a redirect to HTTPS needs the request's Host (a host name or address)")
             return
         port = lst.fe.port
         location = b"https://" + host + (b":%d" % port if port != 443 else b"") + ex.url
@@ -155,6 +168,7 @@ class FrontendListeners:
         self.errors: dict[str, str] = {}  # frontend name -> why it is not (fully) bound
         self.certs = CertSet()
         self.contexts: dict[str, Any] = {}  # frontend name -> its listening ssl.SSLContext
+        self.answer_first: AnswerFirst | None = None  # hook for requests answered before routing
 
     def set_certs(self, certs: CertSet) -> None:
         self.certs = certs  # read by every TLS frontend's SNI callback at the next handshake

@@ -18,7 +18,7 @@ from halb.certs.tls import CertSet
 from halb.dataplane.engine import DataPlane
 from halb.dataplane.frontend_routes import FrontendRoute, RouteEntry
 from halb.dataplane.origin import Origin
-from halb.dataplane.testing import run, service, snapshot
+from halb.dataplane.testing import free_port, run, service, snapshot
 from tests.certs_util import make_ca, make_leaf
 
 pytestmark = pytest.mark.timeout(90)
@@ -54,9 +54,26 @@ def test_one_connection_reaches_services_by_host_with_their_own_options() -> Non
             fe = FrontendRoute("web", "127.0.0.1", 0, routes=(RouteEntry("a.example", "/", "sa"),
                                                               RouteEntry("b.example", "/", "sb"),
                                                               RouteEntry("c.example", "/", "gone")))
-            dp.set_frontends((fe,))
+            redirect_port = free_port()
+            tls_port = free_port()
+            secure = FrontendRoute("secure", "127.0.0.1", tls_port, tls=True, http_port=redirect_port,
+                                   redirect_https=True)
+            dp.set_frontends((fe, secure))
             await asyncio.sleep(0.05)
             port = dp.frontends.bound_port("web")
+            rr, rw = await asyncio.open_connection("127.0.0.1", redirect_port)
+            status, headers, _ = await exchange(rr, rw, "Shop.Example:80", "/a/b?c=d")
+            assert status == 308 and headers["location"] == f"https://shop.example:{tls_port}/a/b?c=d"
+            # the hook for requests a node answers before routing or redirecting (ACME HTTP-01)
+            dp.frontends.answer_first = lambda conn, ex: ex.url.startswith(b"/.well-known/acme-challenge/") and (
+                conn.send_error(ex, 503, "challenge hook") or True)
+            status, _, body = await exchange(rr, rw, "shop.example", "/.well-known/acme-challenge/t")
+            assert status == 503 and b"challenge hook" in body
+            assert (await exchange(rr, rw, "shop.example", "/x"))[0] == 308
+            dp.frontends.answer_first = None
+            status, _, body = await exchange(rr, rw, "<script>", "/")
+            assert status == 400 and b"needs the request's Host" in body
+            rw.close()
             r, w = await asyncio.open_connection("127.0.0.1", port)
             got = [(await exchange(r, w, h))[1]["x-backend"] for h in ("a.example", "b.example", "a.example")]
             assert got == ["a", "b", "a"]  # one keep-alive connection, two services
