@@ -82,6 +82,8 @@ def test_two_hosts_and_a_path_prefix_reach_three_services_on_every_node(cluster_
     assert [(r["host"], r["path_prefix"], r["service"]) for r in listed[0]["routes"]] == [
         ("blog.example", "/", "blog"), ("shop.example", "/", "checkout"), ("shop.example", "/api/", "catalog")]
 
+    text = c.cli("frontend", "list").stdout
+    assert "web" in text and "http:" + str(port) in text and "shop.example  /api/" in text, text
     for n in NODES:
         addr = (host_of(c, n), port)
         wait_until(lambda addr=addr: served_by(addr, "blog.example") == "blog", 10, 0.1, f"{n} routes blog")
@@ -94,6 +96,10 @@ def test_two_hosts_and_a_path_prefix_reach_three_services_on_every_node(cluster_
     # a service that routes use cannot be removed; without a default an unknown Host is a 404
     code, body = _api_delete(c, "/v1/services/catalog")
     assert code == 409 and "route web shop.example/api/" in body["message"], body
+    c.cli("route", "remove", "web", "--host", "shop.example", "--path-prefix", "/api/")
+    for n in NODES:  # routes change in place: the same port, the next request sees it
+        wait_until(lambda n=n: served_by((host_of(c, n), port), "shop.example", "/api/x") in {"A", "B", "C"}, 10,
+                   0.1, f"{n} dropped the /api/ route")
     c.cli("frontend", "remove", "web")
     port2 = free_port(host_of(c, "n1"))
     c.cli("frontend", "add", "bare", "--port", str(port2))
