@@ -213,7 +213,10 @@ class Node:
         self.dataplane.on_ejection.append(self._on_ejection)
         self.views.dataplane = self.dataplane
         await self.dataplane.start(self.build_routing())
-        self.frontend_sync.apply(self.raft, self.dataplane)
+        try:
+            self.frontend_sync.apply(self.raft, self.dataplane)
+        except Exception:  # never stops the node: the routing loop retries at the next change
+            log.exception("frontends could not be applied at start")
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
         from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
         self.load_meter = LoadMeter(self.node_id, self.dataplane.load_counters, self._peer_apis, self.token)

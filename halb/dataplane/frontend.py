@@ -36,7 +36,6 @@ from typing import Any, Callable
 
 from halb.certs.tls import CertSet, server_context
 from halb.dataplane.frontend_routes import FrontendRoute, RouteTable
-from halb.dataplane.http_errors import error_response
 from halb.dataplane.http_proxy import XFF, Exchange, HttpClientConn
 from halb.dataplane.listeners import Listener, make_listen_socket
 from halb.dataplane.routing import ServiceRuntime
