@@ -50,6 +50,7 @@ IPV6_HOST = re.compile(rb"\[[0-9a-f:.]+\]")
 # challenge: called with (connection, exchange); True means it answered (conn.send_error /
 # conn._w + conn.finish). None (the default) costs one attribute read per frontend request.
 AnswerFirst = Callable[[HttpClientConn, Exchange], bool]
+_service_start = HttpClientConn.start  # the per-service start, run once a frontend request is routed
 
 
 class FrontendListener(Listener):
@@ -59,10 +60,14 @@ class FrontendListener(Listener):
     fe: FrontendRoute
     redirect: bool
     own: ServiceRuntime  # the frontend's runtime (`rt` points at a routed service during start)
+    services: dict[str, Listener]  # the engine's per-service listeners (their runtimes), by name
+    answer_first: "AnswerFirst | None"  # FrontendListeners.answer_first, copied here (one read per request)
 
     def setup(self, fe: FrontendRoute, table: RouteTable, redirect: bool) -> "FrontendListener":
         self.fe, self.table, self.redirect = fe, table, redirect
-        self.own = self.rt if not hasattr(self, "own") else self.own
+        if not hasattr(self, "own"):
+            self.own, self.services = self.rt, self.engine.listeners
+            self.answer_first = self.engine.frontends.answer_first
         return self
 
 
@@ -84,16 +89,25 @@ class FrontendConn(HttpClientConn):
             self.xff_head = XFF + self.peer + XFF_TAIL_HTTPS
 
     def start(self, ex: Exchange) -> None:
+        """Route, then the unchanged per-service start. RouteTable.pick inlined (one call
+        less per request): the memoised candidates of this Host, the first whose prefix
+        matches (docs/benchmarks.md, "Frontends")."""
         lst: FrontendListener = self.listener  # type: ignore[assignment]
-        own = lst.own
-        own.requests += 1
-        first = lst.engine.frontends.answer_first
-        if first is not None and first(self, ex):
+        if lst.answer_first is not None and lst.answer_first(self, ex):
             return
-        name = lst.table.pick(ex.host, ex.url)
-        target = self.engine.listeners.get(name) if name is not None else None
+        table = lst.table
+        cands = table.cache.get(ex.host)
+        if cands is None:
+            cands = table.remember(ex.host)
+        url = ex.url
+        name = None
+        for prefix, service in cands:
+            if prefix is None or url.startswith(prefix):
+                name = service
+                break
+        target = lst.services.get(name)  # type: ignore[arg-type]
         if target is None:
-            self.local_answer(ex, own, name)
+            self.local_answer(ex, lst.own, name)
             return
         rt: ServiceRuntime = target.rt
         if rt.hash_header is not None and ex.hash_value is None:  # parsed with the frontend's (no) hash header
@@ -104,9 +118,9 @@ class FrontendConn(HttpClientConn):
             h.opts = None  # the next request re-reads the frontend's limits
         lst.rt = rt
         try:
-            HttpClientConn.start(self, ex)
+            _service_start(self, ex)
         finally:
-            lst.rt = own
+            lst.rt = lst.own
 
     def local_answer(self, ex: Exchange, own: ServiceRuntime, name: str | None) -> None:
         ex.rt, ex.opts = own, own.opts
@@ -127,8 +141,7 @@ class RedirectConn(HttpClientConn):
         lst: FrontendListener = self.listener  # type: ignore[assignment]
         own = lst.own
         own.requests += 1
-        first = lst.engine.frontends.answer_first
-        if first is not None and first(self, ex):
+        if lst.answer_first is not None and lst.answer_first(self, ex):
             return
         ex.rt, ex.opts = own, own.opts
         self.cur = ex
@@ -167,7 +180,17 @@ class FrontendListeners:
         self.errors: dict[str, str] = {}  # frontend name -> why it is not (fully) bound
         self.certs = CertSet()
         self.contexts: dict[str, Any] = {}  # frontend name -> its listening ssl.SSLContext
-        self.answer_first: AnswerFirst | None = None  # hook for requests answered before routing
+        self._answer_first: AnswerFirst | None = None  # hook for requests answered before routing
+
+    @property
+    def answer_first(self) -> AnswerFirst | None:
+        return self._answer_first
+
+    @answer_first.setter
+    def answer_first(self, hook: AnswerFirst | None) -> None:
+        self._answer_first = hook
+        for lst in self.listeners.values():
+            lst.answer_first = hook
 
     def set_certs(self, certs: CertSet) -> None:
         self.certs = certs  # read by every TLS frontend's SNI callback at the next handshake
@@ -235,8 +258,8 @@ class FrontendListeners:
         return self.listeners[(name, role)].port
 
     def stats(self) -> dict[str, Any]:
-        return {f"{name}/{role}": {"connections": lst.rt.connections, "requests": lst.rt.requests,
-                                   "errors": lst.rt.errors, "rejected": lst.rt.rejected}
+        return {f"{name}/{role}": {"connections": lst.own.connections, "errors": lst.own.errors,
+                                   "rejected": lst.own.rejected, "redirects": lst.own.requests}
                 for (name, role), lst in sorted(self.listeners.items())}
 
     def close(self) -> None:

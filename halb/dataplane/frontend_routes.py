@@ -40,14 +40,23 @@ class FrontendRoute:
 
 
 Prefixes = tuple[tuple[bytes, str], ...]  # (prefix, service), longest prefix first
+# (prefix or None for "/", service) in match order for one raw Host value: the exact host's
+# prefixes, then each matching wildcard's, then (None, default) when there is a default
+Candidates = tuple[tuple["bytes | None", str], ...]
+MAX_CACHED_HOSTS = 4096  # raw Host values remembered per table (beyond: computed each time)
 
 
 @dataclass
 class RouteTable:
-    """Lookup structures built once per frontend change, read per request."""
+    """Lookup structures built once per frontend change, read per request.
+
+    `pick` is on every frontend request, so the Host part is memoised per raw Host header
+    value (`cache`: at most MAX_CACHED_HOSTS entries, so random Host values cannot grow it)
+    and what remains per request is one dict lookup and a prefix test or two."""
     exact: dict[bytes, Prefixes] = field(default_factory=dict)
     wildcards: tuple[tuple[bytes, Prefixes], ...] = ()  # (".suffix", prefixes), longest suffix first
     default: str | None = None
+    cache: dict[bytes | None, Candidates] = field(default_factory=dict)
 
     @classmethod
     def build(cls, routes: tuple[RouteEntry, ...], default_service: str = "") -> "RouteTable":
@@ -65,23 +74,38 @@ class RouteTable:
         wild.sort(key=lambda w: (-len(w[0]), w[0]))
         return cls(exact, tuple(wild), default_service or None)
 
-    def pick(self, host: bytes | None, url: bytes) -> str | None:
-        """The service for a request's Host header (raw) and target (origin-form path)."""
+    def candidates(self, host: bytes | None) -> Candidates:
+        """Every (prefix, service) a request with this raw Host header may take, in order."""
         h = request_host(host)
-        q = url.find(b"?")
-        path = url if q < 0 else url[:q]
+        out: list[tuple[bytes | None, str]] = []
         if h is not None:
-            prefixes = self.exact.get(h)
-            if prefixes is not None:
-                for prefix, service in prefixes:
-                    if path.startswith(prefix):
-                        return service
+            out.extend(self.exact.get(h, ()))
             for suffix, prefixes in self.wildcards:
                 if h.endswith(suffix) and len(h) > len(suffix):
-                    for prefix, service in prefixes:
-                        if path.startswith(prefix):
-                            return service
-        return self.default
+                    out.extend(prefixes)
+        if self.default is not None:
+            out.append((None, self.default))
+        # "/" matches every origin-form target: no prefix test (it also takes `OPTIONS *`)
+        return tuple((None if p == b"/" else p, s) for p, s in out)
+
+    def remember(self, host: bytes | None) -> Candidates:
+        cands = self.candidates(host)
+        if len(self.cache) < MAX_CACHED_HOSTS:
+            self.cache[host] = cands
+        return cands
+
+    def pick(self, host: bytes | None, url: bytes) -> str | None:
+        """The service for a request's Host header (raw) and target (origin-form path).
+
+        The prefix is tested against the whole target: a prefix holds no '?', so it matches
+        the target exactly when it matches the path before the query."""
+        cands = self.cache.get(host)
+        if cands is None:
+            cands = self.remember(host)
+        for prefix, service in cands:
+            if prefix is None or url.startswith(prefix):
+                return service
+        return None
 
 
 __all__ = ["FrontendRoute", "RouteEntry", "RouteTable"]
