@@ -76,6 +76,13 @@ def test_two_hosts_and_a_path_prefix_reach_three_services_on_every_node(cluster_
     c.cli("route", "add", "web", "--host", "shop.example", "--path-prefix", "/api/", "--service", "catalog")
     c.cli("route", "add", "web", "--host", "Blog.Example", "--service", "blog", node="n2")
 
+    missing = c.cli("route", "add", "web", "--host", "x.example", "--service", "nope", check=False)
+    assert missing.returncode == 1 and "service 'nope' does not exist" in missing.stderr, missing
+    bad = c.cli("route", "add", "web", "--host", "x.example:80", "--service", "blog", check=False)
+    assert bad.returncode == 1 and "without port" in bad.stderr, bad
+    clash = c.cli("frontend", "add", "web2", "--port", str(port), check=False)
+    assert clash.returncode == 1 and "already used by frontend 'web'" in clash.stderr, clash
+
     listed = c.cli_json("frontend", "list")
     assert [(f["name"], f["port"], f["tls"]) for f in listed] == [("web", port, False)]
     assert sorted(listed[0]["listen"]) == sorted(f"{host_of(c, n)}:{port}" for n in NODES)
