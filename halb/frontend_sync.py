@@ -6,12 +6,14 @@ certificate records under the state lock, then outside it opens the sealed keys 
 the certificates (halb/certs/tls.CertSet: unchanged ones are reused, so a route change
 decrypts nothing). A certificate that cannot be loaded, or a frontend that cannot bind, is
 a local issue of this node (status warning, /v1/local-events, one ERROR line) and is
-skipped; the others keep working.
+skipped; the others keep working. A frontend that did not bind is tried again every
+RETRY_S seconds until it binds or goes away.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from halb.certs.tls import CertSet
 from halb.dataplane.frontend_routes import FrontendRoute, RouteEntry
@@ -36,13 +38,19 @@ def frontend_routes(frontends: dict[str, Any], listen_host: str) -> tuple[Fronte
     return tuple(out)
 
 
+RETRY_S = 5.0  # a frontend port that did not bind is tried again this often
+
+
 class FrontendSync:
-    def __init__(self, listen_host: str, sealer: Any, issues: LocalIssues) -> None:
+    def __init__(self, listen_host: str, sealer: Any, issues: LocalIssues,
+                 wake: Callable[[], None] = lambda: None) -> None:
         self.listen_host = listen_host
         self.sealer = sealer
         self.issues = issues
+        self.wake = wake  # makes the node's routing loop run (and so `apply`) soon
         self.dirty = True
         self.certs: CertSet | None = None
+        self._retry: asyncio.TimerHandle | None = None
 
     def mark(self, op: str | None) -> bool:
         """Whether an applied op (None: state loaded, anything) concerns frontends or certs."""
@@ -66,7 +74,15 @@ class FrontendSync:
         self.certs = certs
         self.issues.sync("cert", {f"cert:{k}": f"certificate {k} not served: {v}" for k, v in certs.errors.items()})
         dataplane.set_frontends(routes, certs)
-        self.issues.sync("frontend", {f"frontend:{k}": f"frontend {k}: {v}" for k, v in dataplane.frontends.errors.items()})
+        errors = dataplane.frontends.errors
+        self.issues.sync("frontend", {f"frontend:{k}": f"frontend {k}: {v}" for k, v in errors.items()})
+        if errors and self._retry is None:  # a port held by something else may be free later
+            self._retry = asyncio.get_running_loop().call_later(RETRY_S, self._again)
+
+    def _again(self) -> None:
+        self._retry = None
+        self.dirty = True
+        self.wake()
 
 
 __all__ = ["FrontendSync", "frontend_routes", "EDGE_OPS"]

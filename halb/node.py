@@ -112,7 +112,8 @@ class Node:
         self.issues = LocalIssues()  # per-service build failures on this node (status, /v1/local-events)
         from halb.frontend_sync import FrontendSync
 
-        self.frontend_sync = FrontendSync(cfg.dataplane.listen_host, self.cert_sealer, self.issues)
+        self.frontend_sync = FrontendSync(cfg.dataplane.listen_host, self.cert_sealer, self.issues,
+                                          wake=lambda: self._routing_dirty.set())
         self.routing = RoutingCache(cfg.dataplane.listen_host, dict(cfg.dataplane.backend_dial or {}), self.issues)
         self.listening = False  # admin API and data plane bound: part of READY=1 (sd_notify)
         self.sd: Any = None  # halb.sd_notify.SystemdNotify when started by systemd (NOTIFY_SOCKET)

@@ -54,10 +54,10 @@ def frontend_port_clash(st: "ClusterState", listen: str, mode: str, *, exclude: 
 
 
 def _port_clash(st: "ClusterState", name: str, port: int) -> str | None:
-    if listen_conflict(st.services.values(), f"0.0.0.0:{port}", "http"):
-        svc = next(s.name for s in st.services.values() if not listen_conflict([s], f"0.0.0.0:{port}", "http") is None)
-        return (f"frontend {name!r}: port {port} is the listen port of service {svc!r} (every node binds its own "
-                "listen host with both)")
+    for svc in st.services.values():  # the per-service rule (model.listen_conflict), one service at a time
+        if listen_conflict([svc], f"0.0.0.0:{port}", "http") is not None:
+            return (f"frontend {name!r}: port {port} is the listen port of service {svc.name!r} (every node binds "
+                    "its own listen host with both)")
     for fe in st.frontends.values():
         if fe.get("name") != name and port in frontend_ports(fe):
             return f"frontend {name!r}: port {port} is already used by frontend {fe.get('name')!r}"

@@ -199,6 +199,7 @@ class FrontendListeners:
         """Make the bound frontends match `frontends`; each one isolated from the others."""
         wanted: set[tuple[str, str]] = set()
         new_routes: dict[str, FrontendRoute] = {}
+        self.errors = {}  # a port that did not bind is tried again at every update
         for fe in frontends:
             new_routes[fe.name] = fe
             try:
@@ -211,8 +212,6 @@ class FrontendListeners:
                 self.errors[fe.name] = f"cannot apply frontend: {type(exc).__name__}: {exc}"
         for key in [k for k in self.listeners if k not in wanted]:
             self.engine._retire(self.listeners.pop(key))
-        for name in [n for n in self.errors if n not in new_routes]:
-            del self.errors[name]
         for name in [n for n in self.contexts if n not in new_routes]:
             del self.contexts[name]
         self.routes = new_routes
@@ -232,9 +231,9 @@ class FrontendListeners:
             sock = make_listen_socket(fe.listen_host, port)
         except OSError as e:
             log.error("frontend %s: cannot listen on %s:%s: %s", fe.name, fe.listen_host, port, e)
-            self.errors[fe.name] = f"cannot listen on {fe.listen_host}:{port}: {e}"
+            where = f"{fe.listen_host}:{port}"
+            self.errors[fe.name] = "; ".join(filter(None, (self.errors.get(fe.name), f"cannot listen on {where}: {e}")))
             return
-        self.errors.pop(fe.name, None)
         lst = FrontendListener(engine=self.engine, rt=frontend_runtime(fe, self.engine), key=lkey, sock=sock,
                                port=sock.getsockname()[1]).setup(fe, table, redirect)
         if tls:

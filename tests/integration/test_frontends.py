@@ -2,7 +2,7 @@
 
 Host and path routing: two Hosts and a path prefix on one frontend port reach three
 different services on every node; an unknown Host gets the default service, or a JSON 404
-once there is none. TLS: a certificate added with `halb cert add` through one node is
+once there is none; a port one node cannot bind is a warning of that node until it binds. TLS: a certificate added with `halb cert add` through one node is
 served by all three within 5 s (a real ssl client verifying against the test CA, with
 SNI), a wildcard SAN works, a replaced certificate is served within 5 s, and the plain
 port answers 308 to the https:// URL."""
@@ -136,6 +136,10 @@ def test_two_hosts_and_a_path_prefix_reach_three_services_on_every_node(cluster_
             wait_until(lambda n=n: served_by((host_of(c, n), port3), "any.example") == "blog", 10, 0.1,
                        f"{n} serves the frontend")
             assert c.status(n)["local_warnings"] == []
+        blocker.close()  # the port is free again: n2 binds it at its next retry (frontend_sync.RETRY_S)
+        wait_until(lambda: served_by((host_of(c, "n2"), port3), "any.example") == "blog", 15, 0.2,
+                   "n2 binds the frontend once the port is free")
+        wait_until(lambda: c.status("n2")["local_warnings"] == [], 5, 0.1, "n2's warning clears")
     finally:
         blocker.close()
 
