@@ -1,6 +1,7 @@
 """A frontend inside one DataPlane (no cluster): requests of one keep-alive connection go
 to different services by Host, each counted in its service's stats; the routed service's
-options apply; a route to a service this node does not run is a 503; a TLS frontend takes
+options apply; a route to a service this node does not run is a 503; the plain port of a TLS frontend
+redirects or serves the same routes; a TLS frontend takes
 a deep accept queue through the burst path with TLS; a certificate swap serves new
 handshakes while an open TLS connection keeps working."""
 from __future__ import annotations
@@ -58,9 +59,15 @@ def test_one_connection_reaches_services_by_host_with_their_own_options() -> Non
             tls_port = free_port()
             secure = FrontendRoute("secure", "127.0.0.1", tls_port, tls=True, http_port=redirect_port,
                                    redirect_https=True)
-            dp.set_frontends((fe, secure))
+            plain_port = free_port()
+            both = FrontendRoute("both", "127.0.0.1", free_port(), tls=True, http_port=plain_port,
+                                 routes=(RouteEntry("b.example", "/", "sb"),))
+            dp.set_frontends((fe, secure, both))
             await asyncio.sleep(0.05)
             port = dp.frontends.bound_port("web")
+            pr, pw = await asyncio.open_connection("127.0.0.1", plain_port)  # without redirect: the same routes
+            assert (await exchange(pr, pw, "b.example"))[1]["x-backend"] == "b"
+            pw.close()
             rr, rw = await asyncio.open_connection("127.0.0.1", redirect_port)
             status, headers, _ = await exchange(rr, rw, "Shop.Example:80", "/a/b?c=d")
             assert status == 308 and headers["location"] == f"https://shop.example:{tls_port}/a/b?c=d"
