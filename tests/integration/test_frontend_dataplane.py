@@ -93,7 +93,7 @@ def test_one_connection_reaches_services_by_host_with_their_own_options() -> Non
             assert (await exchange(r, w, "b.example", "/", b"x" * 20))[0] == 413
             w.close()
             stats = dp.stats()
-            assert stats["services"]["sa"]["requests"] == 3 and stats["services"]["sb"]["requests"] == 2
+            assert stats["services"]["sa"]["requests"] == 3 and stats["services"]["sb"]["requests"] == 3
             assert stats["frontends"]["web/main"]["errors"] == 2  # the 404 and the 503 (no backend touched)
         finally:
             await dp.stop()
