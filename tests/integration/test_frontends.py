@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from halb.api.client import Client
+from halb.api.client import ApiError, Client
 from halb.demo.launcher import Child, halb_argv
 from tests.certs_util import make_ca, make_leaf
 from tests.conftest import Cluster, _port_open, free_port, wait_until
@@ -101,8 +101,9 @@ def test_two_hosts_and_a_path_prefix_reach_three_services_on_every_node(cluster_
         assert served_by(addr, "unknown.example") in {"A", "B", "C"}  # the default service
 
     # a service that routes use cannot be removed; without a default an unknown Host is a 404
-    code, body = _api_delete(c, "/v1/services/catalog")
-    assert code == 409 and "route web shop.example/api/" in body["message"], body
+    with pytest.raises(ApiError) as refused:
+        client.delete("/v1/services/catalog")
+    assert refused.value.status == 409 and "route web shop.example/api/" in refused.value.message
     c.cli("route", "remove", "web", "--host", "shop.example", "--path-prefix", "/api/")
     for n in NODES:  # routes change in place: the same port, the next request sees it
         wait_until(lambda n=n: served_by((host_of(c, n), port), "shop.example", "/api/x") in {"A", "B", "C"}, 10,
@@ -142,19 +143,6 @@ def test_two_hosts_and_a_path_prefix_reach_three_services_on_every_node(cluster_
         wait_until(lambda: c.status("n2")["local_warnings"] == [], 5, 0.1, "n2's warning clears")
     finally:
         blocker.close()
-
-
-def _api_delete(c: Cluster, path: str) -> tuple[int, dict]:
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(f"http://{c.api('n1')}{path}", method="DELETE",
-                                 headers={"Authorization": f"Bearer {c.token}"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_tls_certificate_added_through_one_node_is_served_by_all_within_5s(cluster_factory, tmp_path):
