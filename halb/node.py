@@ -117,6 +117,10 @@ class Node:
         from halb.local_issues import LocalIssues
         from halb.routing_cache import RoutingCache
         self.issues = LocalIssues()  # per-service build failures on this node (status, /v1/local-events)
+        from halb.frontend_sync import FrontendSync
+
+        self.frontend_sync = FrontendSync(cfg.dataplane.listen_host, self.cert_sealer, self.issues,
+                                          wake=lambda: self._routing_dirty.set())
         self.routing = RoutingCache(cfg.dataplane.listen_host, dict(cfg.dataplane.backend_dial or {}), self.issues)
         self.listening = False  # admin API and data plane bound: part of READY=1 (sd_notify)
         self.sd: Any = None  # halb.sd_notify.SystemdNotify when started by systemd (NOTIFY_SOCKET)
@@ -295,6 +299,10 @@ class Node:
         self.dataplane.on_ejection.append(self._on_ejection)
         self.views.dataplane = self.dataplane
         await self.dataplane.start(self.build_routing())
+        try:
+            self.frontend_sync.apply(self.raft, self.dataplane)
+        except Exception:  # never stops the node: the routing loop retries at the next change
+            log.exception("frontends could not be applied at start")
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
         from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
         self.load_meter = LoadMeter(self.node_id, self.dataplane.load_counters, self._peer_apis, self.token)
@@ -342,6 +350,8 @@ class Node:
         touched = touched_services(cmd, applied.events)  # only what this command can have changed
         if str(cmd.get("op", "")).startswith("acme.challenge"):
             self._routing_dirty.set()  # HTTP-01 answers travel with the routing snapshot, no service changed
+        if self.frontend_sync.mark(str(cmd.get("op", "")) if touched is not None else None):
+            self._routing_dirty.set()
         if touched is not None and not touched:
             return
         if touched is None or str(cmd.get("op", "")).startswith(("service.", "backend.")):
@@ -360,6 +370,11 @@ class Node:
                 self.dataplane.update(self.build_routing())
             except Exception:
                 log.exception("routing update failed; the data plane keeps its last snapshot")
+            if self.frontend_sync.dirty:
+                try:
+                    self.frontend_sync.apply(self.raft, self.dataplane)
+                except Exception:
+                    log.exception("frontend update failed; the data plane keeps its last frontends")
             self.issues.sync("dataplane", self.dataplane.apply_errors)
             self.gc_freezer.freeze_if_due()  # after a change: that is when the heap grows
             await asyncio.sleep(0.02)  # coalesce bursts of applied commands

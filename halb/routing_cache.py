@@ -27,7 +27,9 @@ from halb.routing_builder import build_service
 log = logging.getLogger("halb.routing")
 
 # ops that never change what routing or health targets are built from
-NO_ROUTING_OPS = ("lease.", "event.", "member.", "token.", "cert.", "acme.")
+# (frontend./route./cert.: the node's FrontendSync handles those, halb/frontend_sync.py;
+# acme.challenge*: the node republishes the snapshot, which carries the HTTP-01 answers)
+NO_ROUTING_OPS = ("lease.", "event.", "member.", "frontend.", "route.", "cert.", "token.", "acme.")
 
 
 def touched_services(cmd: dict[str, Any], events: Iterable[Any] | None = None) -> set[str] | None:

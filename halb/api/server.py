@@ -17,6 +17,7 @@ from aiohttp import web
 
 from halb.api import ui
 from halb.api.certs_api import CertRoutes
+from halb.api.frontends_api import FrontendRoutes
 from halb.api.protocol import AdminRunner, install_log_redaction
 from halb.api.roles import Identity, identify, required_role
 from halb.api.validation import validate_full
@@ -206,6 +207,7 @@ class AdminApi:
         r.add_post("/v1/tokens", self.token_add)
         r.add_delete("/v1/tokens/{name}", self.token_revoke)
         CertRoutes(self, read_json).register(r)
+        FrontendRoutes(self, read_json).register(r)
         for path, handler in self.node.extra_routes():
             r.add_get(path, handler)
         bootstrap_hash = hash_token(self.node.token)

@@ -179,6 +179,9 @@ class ClusterViews:
             "last_applied": st.last_applied,
             "members": members,
             "services": self._status_services(),
+            # this node's frontends that cannot bind and certificates it cannot load (frontend_sync.py)
+            "local_warnings": [f"{i.area} on {self.node_id}: {i.message}"
+                               for (area, _), i in sorted(self.issues.current.items()) if area in ("frontend", "cert")],
             "seeded": seeded,
             "last_event": last_event,
             "uptime_s": round(time.time() - self.started_at, 1),

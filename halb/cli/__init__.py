@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "events": "halb.cli.events_cmd:events",
     "token": "halb.cli.token_cmd:token",
     "cert": "halb.cli.cert_cmd:cert",
+    "frontend": "halb.cli.frontend_cmd:frontend",
+    "route": "halb.cli.frontend_cmd:route",
     "demo": "halb.cli.demo_cmd:demo",
     "toxiproxy": "halb.cli.toxiproxy_cmd:toxiproxy",
     "chaos": "halb.cli.chaos_cmd:chaos",

@@ -67,6 +67,8 @@ def print_status(status: dict[str, Any]) -> None:
     for m in status["members"]:
         if m.get("dataplane_ok") is False:
             click.echo(f"WARNING: {m.get('id')} data plane self-check fails: {m.get('dataplane_reason')}")
+    for w in status.get("local_warnings", []):  # frontends / certificates this node cannot serve
+        click.echo(f"WARNING: {w}")
     if status.get("services"):
         click.echo("")
         risk = {"ok": "ok", "at_risk": "AT RISK", "down": "DOWN"}

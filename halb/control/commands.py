@@ -27,6 +27,7 @@ from halb.model import (
 )
 from halb.service_options import HealthCheck, finite_number
 from halb.tokens import BOOTSTRAP_NAME, ROLES, is_token_hash
+from halb.frontend_rules import check_path_prefix, check_route_host
 
 SERVICE_KEYS = frozenset({"name", "mode", "listen", "algorithm", "hash_key", "options", "backends"})
 BACKEND_KEYS = frozenset({"name", "address", "weight", "admin_state", "server", "zone", "max_rps", "max_conns"})
@@ -270,6 +271,8 @@ def _validate(op: str, a: Any, health: HealthCheck | None) -> dict[str, Any]:
         return _cert_args(op, a)
     if op.startswith("acme."):
         return _acme_args(op, a)
+    if op in FRONTEND_OPS:
+        return frontend_args(op, a)
     raise invalid(f"unknown operation {op!r}"[:200])
 
 
@@ -395,11 +398,67 @@ def _acme_args(op: str, a: Any) -> dict[str, Any]:
     raise invalid(f"unknown operation {op!r}"[:200])
 
 
+FRONTEND_OPS = ("frontend.add", "frontend.remove", "route.add", "route.remove")
+FRONTEND_KEYS = frozenset({"name", "port", "tls", "http_port", "redirect_https", "default_service", "default_cert"})
+
+
+def _port(value: Any, what: str, *, optional: bool = False) -> int:
+    if optional and value in (None, 0):
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise invalid(f"{what} {value!r} must be an integer 1-65535")
+    return value
+
+
+def _optional_name(value: Any, what: str) -> str:
+    return "" if value in (None, "") else _name(value, what)
+
+
+def frontend_args(op: str, a: Any) -> dict[str, Any]:
+    """frontend.add/remove, route.add/remove (docs/dataplane.md "Frontends and routes").
+    Hosts are canonical (lowercase, no port, no trailing dot) so that two spellings of one
+    host cannot become two routes; what needs the state (services exist, ports free) is
+    checked in apply."""
+    if op == "frontend.remove":
+        a = _obj(a, op, frozenset({"name"}), ("name",))
+        return {"name": _name(a["name"], "frontend name")}
+    if op == "frontend.add":
+        a = _obj(a, op, FRONTEND_KEYS, ("name", "port"))
+        out = {"name": _name(a["name"], "frontend name"), "port": _port(a["port"], "port"),
+               "tls": _bool(a.get("tls", False), "tls"),
+               "http_port": _port(a.get("http_port"), "http_port", optional=True),
+               "redirect_https": _bool(a.get("redirect_https", False), "redirect_https"),
+               "default_service": _optional_name(a.get("default_service"), "default service"),
+               "default_cert": _optional_name(a.get("default_cert"), "default certificate")}
+        if out["http_port"] and not out["tls"]:
+            raise invalid("http_port is the plain-HTTP port of a TLS frontend: give tls, or use port alone "
+                          "for a plain frontend")
+        if out["http_port"] == out["port"]:
+            raise invalid(f"http_port {out['port']} must differ from port")
+        if out["redirect_https"] and not out["http_port"]:
+            raise invalid("redirect_https needs http_port (the plain port that redirects to the TLS one)")
+        if out["default_cert"] and not out["tls"]:
+            raise invalid("default_cert is only for a TLS frontend")
+        return out
+    keys = frozenset({"frontend", "host", "path_prefix", "service"})
+    a = _obj(a, op, keys if op == "route.add" else keys - {"service"},
+             ("frontend", "host", "service") if op == "route.add" else ("frontend", "host"))
+    try:
+        out = {"frontend": _name(a["frontend"], "frontend name"), "host": check_route_host(a["host"]),
+               "path_prefix": check_path_prefix(a.get("path_prefix", "/"))}
+    except ModelError as exc:
+        raise invalid(str(exc)) from None
+    if op == "route.add":
+        out["service"] = _name(a["service"], "service name")
+    return out
+
+
 OPS = ("seed", "service.add", "service.remove", "service.update", "backend.add", "backend.remove", "backend.state",
        "backend.weight", "backend.limits", "member.register", "member.remove", "event.record", "health.observe",
        "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release", "token.add",
        "token.revoke", "cert.add", "cert.remove",
-       "acme.request", "acme.renew", "acme.failed", "acme.account", "acme.challenge", "acme.challenge_clear")
+       "acme.request", "acme.renew", "acme.failed", "acme.account", "acme.challenge", "acme.challenge_clear",
+       "frontend.add", "frontend.remove", "route.add", "route.remove")
 
 
 def validate_command(op: Any, args: Any, *, health: HealthCheck | None = None) -> dict[str, Any]:

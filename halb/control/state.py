@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from halb.control import frontend_state
 from halb.control.commands import CommandError, check_envelope, validate_command
 from halb.certs.records import acme_order_summary, cert_summary
 from halb.tokens import MAX_TOKENS
@@ -81,6 +82,9 @@ class ClusterState:
         self.acme_orders: dict[str, dict[str, Any]] = {}
         self.acme_accounts: dict[str, dict[str, Any]] = {}
         self.acme_challenges: dict[str, dict[str, Any]] = {}
+        # frontends: name -> {"name", "port", "tls", "http_port", "redirect_https", "default_service",
+        # "default_cert", "routes": [{"host", "path_prefix", "service"}]} (halb/control/frontend_state.py)
+        self.frontends: dict[str, dict[str, Any]] = {}
 
     # --- snapshot codec ----------------------------------------------------------------
 
@@ -104,6 +108,7 @@ class ClusterState:
             "acme_orders": self.acme_orders,
             "acme_accounts": self.acme_accounts,
             "acme_challenges": self.acme_challenges,
+            "frontends": self.frontends,
         }
 
     @classmethod
@@ -128,6 +133,8 @@ class ClusterState:
         for key in ("acme_orders", "acme_accounts", "acme_challenges"):
             value = d.get(key, {})
             setattr(st, key, value if isinstance(value, dict) else {})
+        frontends = d.get("frontends", {})
+        st.frontends = frontends if isinstance(frontends, dict) else {}
         return st
 
     # --- applying ----------------------------------------------------------------------
@@ -197,6 +204,10 @@ class ClusterState:
             "acme.account": self._acme_account,
             "acme.challenge": self._acme_challenge,
             "acme.challenge_clear": self._acme_challenge_clear,
+            "frontend.add": lambda a, c: frontend_state.frontend_add(self, a, c),
+            "frontend.remove": lambda a, c: frontend_state.frontend_remove(self, a, c),
+            "route.add": lambda a, c: frontend_state.route_add(self, a, c),
+            "route.remove": lambda a, c: frontend_state.route_remove(self, a, c),
         }
 
     def record(self, cmd: dict[str, Any], kind: str, message: str, **data: Any) -> None:
@@ -232,7 +243,8 @@ class ClusterState:
         if len(set(names)) != len(names):
             raise CommandError("invalid", "seed lists a service twice")
         for i, svc in enumerate(services):
-            clash = listen_conflict(services[:i], svc.listen, svc.mode)
+            clash = listen_conflict(services[:i], svc.listen, svc.mode) \
+                or frontend_state.frontend_port_clash(self, svc.listen, svc.mode)
             if clash:
                 raise CommandError("conflict", f"seed service {svc.name!r}: {clash}")
         for svc in services:
@@ -246,7 +258,8 @@ class ClusterState:
         svc = service_from(args)
         if svc.name in self.services:
             raise CommandError("conflict", f"service {svc.name!r} already exists")
-        clash = listen_conflict(self.services.values(), svc.listen, svc.mode)
+        clash = listen_conflict(self.services.values(), svc.listen, svc.mode) \
+            or frontend_state.frontend_port_clash(self, svc.listen, svc.mode)
         if clash:
             raise CommandError("conflict", clash)
         self.services[svc.name] = svc
@@ -256,6 +269,10 @@ class ClusterState:
 
     def _service_remove(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         svc = self.service(args["name"])
+        users = frontend_state.service_users(self, svc.name)
+        if users:
+            raise CommandError("conflict", f"service {svc.name!r} is still routed to by {', '.join(users)}; "
+                               "remove those routes (or change the default service) first")
         del self.services[svc.name]
         self.record(cmd, "service.removed", f"service {svc.name} removed", service=svc.name)
         return ok()
@@ -273,9 +290,14 @@ class ClusterState:
         candidate.__post_init__()
         candidate.validate()
         if "listen" in args:
-            clash = listen_conflict(self.services.values(), candidate.listen, candidate.mode, exclude=svc.name)
+            clash = listen_conflict(self.services.values(), candidate.listen, candidate.mode, exclude=svc.name) \
+                or frontend_state.frontend_port_clash(self, candidate.listen, candidate.mode)
             if clash:
                 raise CommandError("conflict", clash)
+            users = frontend_state.service_users(self, svc.name)
+            if not candidate.listen and users:
+                raise CommandError("conflict", f"service {svc.name!r} is routed to by {', '.join(users)}: a routed "
+                                   "service needs its listen address (its runtime on each node)")
         self.services[svc.name] = candidate
         self.record(cmd, "service.updated", f"service {svc.name} updated", service=svc.name,
                     changes={k: args[k] for k in args if k != "name"})

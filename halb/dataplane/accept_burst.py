@@ -50,8 +50,10 @@ def wanted(loop: asyncio.AbstractEventLoop) -> bool:
 
 class BurstAcceptor:
     def __init__(self, loop: asyncio.AbstractEventLoop, listen_sock: socket.socket,
-                 factory: Callable[[], asyncio.Protocol], room: Callable[[], int]) -> None:
+                 factory: Callable[[], asyncio.Protocol], room: Callable[[], int],
+                 tls: dict[str, Any] | None = None) -> None:
         self.loop = loop
+        self.tls = tls or {}  # ssl= and ssl_handshake_timeout= for a TLS listener (frontends)
         self.factory = factory
         self.room = room  # connections the service still takes (max_connections - open)
         self.family = listen_sock.family
@@ -87,7 +89,7 @@ class BurstAcceptor:
                 return
             self.accepted += 1
             sock = socket.socket(self.family, socket.SOCK_STREAM, 0, fileno=fd)
-            PendingConnect(self.loop, self.loop.connect_accepted_socket(self.factory, sock),  # type: ignore[arg-type]
+            PendingConnect(self.loop, self.loop.connect_accepted_socket(self.factory, sock, **self.tls),  # type: ignore[arg-type]
                            lambda proto, exc, s=sock: self._done(s, exc), 0)
 
     @staticmethod
@@ -108,5 +110,5 @@ class BurstAcceptor:
 
 
 def attach(loop: asyncio.AbstractEventLoop, sock: socket.socket, factory: Any,
-           room: Callable[[], int]) -> BurstAcceptor | None:
-    return BurstAcceptor(loop, sock, factory, room) if wanted(loop) else None
+           room: Callable[[], int], tls: dict[str, Any] | None = None) -> BurstAcceptor | None:
+    return BurstAcceptor(loop, sock, factory, room, tls) if wanted(loop) else None

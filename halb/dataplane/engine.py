@@ -83,6 +83,9 @@ class DataPlane:
         from halb.dataplane.shared import SharedListeners  # every service also on shared_hosts
 
         self.shared = SharedListeners(self, shared_hosts)
+        from halb.dataplane.frontend import FrontendListeners  # Host/path routed ports, TLS (frontend.py)
+
+        self.frontends = FrontendListeners(self)
 
     # ------------------------------------------------------------------ public API
     async def start(self, snapshot: RoutingSnapshot) -> None:
@@ -116,6 +119,15 @@ class DataPlane:
         self._apply(snapshot, initial=False)
         if self._pool_supervisor is not None:
             self._pool_supervisor.send_snapshot(self._worker_snapshot())
+
+    def set_frontends(self, frontends: tuple[Any, ...], certs: Any = None) -> None:
+        """Frontends (frontend_routes.FrontendRoute) this process serves, and the loaded
+        certificates (certs.tls.CertSet) TLS frontends pick from; the node process only."""
+        if not self._started:
+            raise RuntimeError("DataPlane.set_frontends before start")
+        if certs is not None:
+            self.frontends.set_certs(certs)
+        self.frontends.update(tuple(frontends))
 
     def set_capacity_shares(self, shares: dict[str, float], default: float = 1.0) -> None:
         """This node's share of each service's cluster-wide backend limits (limits.py);
@@ -160,6 +172,7 @@ class DataPlane:
             "workers": [{"pid": os.getpid(), "requests": sum(lst.rt.requests for lst in self.listeners.values()),
                          "connections": len(self.conns)}],
             "listen_errors": {**self.listen_errors, **self.shared.errors},
+            "frontends": self.frontends.stats(),
             "services": {name: lst.rt.stats() for name, lst in self.listeners.items()
                          if service is None or name == service},
         }
@@ -224,6 +237,7 @@ class DataPlane:
         pool_stop = None
         if self._pool_supervisor is not None:  # the workers drain at the same time
             pool_stop = asyncio.ensure_future(self._pool_supervisor.stop(timeout=grace + 3.0))
+        self.frontends.close()
         deadline = time.monotonic() + grace
         while True:
             self._close_idle()
@@ -309,7 +323,12 @@ class DataPlane:
         self.shared.sync(initial)
         if snapshot.acme_challenges != self.snapshot.acme_challenges:
             self.acme_answers = {t.encode(): k.encode() for t, k in snapshot.acme_challenges}
+            # frontends (TLS, plain and redirect ports) ask before routing, only while answers exist
+            self.frontends.answer_first = self._answer_acme if self.acme_answers else None
         self.snapshot = snapshot
+
+    def _answer_acme(self, conn: Any, ex: Any) -> bool:
+        return http_proxy.acme_answer.answer(conn, ex, self.acme_answers)
 
     def _relay_choice_changed(self, lst: Listener, svc: ServiceRoute) -> bool:
         """A TCP service whose PROXY options moved it on or off the C relay is re-opened

@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 
 REASONS = {
-    400: b"Bad Request", 405: b"Method Not Allowed", 408: b"Request Timeout",
+    400: b"Bad Request", 404: b"Not Found", 405: b"Method Not Allowed", 408: b"Request Timeout",
     413: b"Content Too Large", 431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
     502: b"Bad Gateway", 503: b"Service Unavailable", 504: b"Gateway Timeout",
 }
 
 CODES = {
-    400: "bad_request", 405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
+    400: "bad_request", 404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large",
     431: "headers_too_large", 500: "internal_error", 502: "bad_gateway", 503: "service_unavailable",
     504: "gateway_timeout",
 }

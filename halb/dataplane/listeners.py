@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux value; not exported by Python
 BACKLOG = 4096
+TLS_HANDSHAKE_TIMEOUT = 10.0  # s; a connection is counted (max_connections) only once its handshake is done
 
 
 def make_listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
@@ -70,6 +71,7 @@ class Listener:
     conns: set[Any] = field(default_factory=set)
     burst: BurstAcceptor | None = None  # drains deep accept queues (see accept_burst.py)
     acceptor: Any = None  # TCP mode on the C relay: tcp_relay.RelayAcceptor instead of a server
+    ssl: Any = None  # an ssl.SSLContext: TLS is terminated here (frontends, frontend.py)
 
     async def serve(self, factory: Any) -> None:
         if self.closed:
@@ -79,11 +81,12 @@ class Listener:
         if relay is not None:  # accepts in batches itself: no server, no BurstAcceptor
             self.acceptor = relay.listen(self)
             return
-        self.server = await loop.create_server(factory, sock=self.sock, backlog=BACKLOG)
+        tls = {} if self.ssl is None else {"ssl": self.ssl, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
+        self.server = await loop.create_server(factory, sock=self.sock, backlog=BACKLOG, **tls)
         if self.closed:
             self.server.close()
             return
-        self.burst = attach_burst(loop, self.sock, factory, self._room)
+        self.burst = attach_burst(loop, self.sock, factory, self._room, tls)
 
     def _room(self) -> int:
         mc = self.rt.opts.max_connections

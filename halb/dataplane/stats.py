@@ -40,6 +40,7 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "workers": [w for p in parts for w in p.get("workers", [])],
         "listen_errors": {k: v for p in parts for k, v in p.get("listen_errors", {}).items()},
         "services": {},
+        "frontends": parts[0].get("frontends", {}),  # the node process serves them (frontend.py)
     }
     for p in parts:
         for name, svc in p.get("services", {}).items():
