@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import pytest
 
 from halb.demo.launcher import Child, ClusterSpec, NodeSpec, api_get, halb_argv, init_cluster_dir
+from halb.tls import AdminTls
 
 _used_ports: set[int] = set()
 
@@ -71,7 +72,25 @@ class Cluster:
         return next(n for n in self.spec.nodes if n.id == node_id)
 
     def api(self, node_id: str) -> str:
+        """HOST:PORT of the node's admin API (HTTPS: build URLs with `url`, open them with `ssl`)."""
         return self.spec_of(node_id).api
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def tls(self) -> AdminTls:
+        """How the harness reaches the nodes: HTTPS verified against this cluster's CA."""
+        return AdminTls(ca_file=str(self.ca_file))
+
+    @property
+    def ssl(self) -> Any:
+        """The verifying SSL context for urllib (`urlopen(req, context=c.ssl)`) and aiohttp."""
+        return self.tls.context()
+
+    def url(self, node_id: str, path: str) -> str:
+        return self.tls.url(self.api(node_id), path)
 
     @property
     def apis(self) -> list[str]:
@@ -129,7 +148,7 @@ class Cluster:
             child.stop()
 
     def get(self, node_id: str, path: str, token: str | None = None) -> tuple[int, Any]:
-        return api_get(self.api(node_id), path, self.token if token is None else token, timeout=3)
+        return api_get(self.api(node_id), path, self.token if token is None else token, timeout=3, tls=self.tls)
 
     def status(self, node_id: str) -> dict[str, Any]:
         code, body = self.get(node_id, "/v1/status")
@@ -155,7 +174,7 @@ class Cluster:
             token_file: Path | None = None) -> subprocess.CompletedProcess[str]:
         """`token_file`: run as another named token (default: the bootstrap token)."""
         env = dict(os.environ, HALB_CLUSTER=self.api(node) if node else ",".join(self.apis),
-                   HALB_TOKEN_FILE=str(token_file or self.token_file))
+                   HALB_TOKEN_FILE=str(token_file or self.token_file), HALB_CA_FILE=str(self.ca_file))
         env.pop("HALB_TOKEN", None)
         proc = subprocess.run([sys.executable, "-m", "halb", *args], capture_output=True, text=True, env=env,
                               timeout=timeout)
