@@ -22,6 +22,53 @@ from halb.demo.launcher import Child, ClusterSpec, NodeSpec, api_get, halb_argv,
 from halb.tls import AdminTls
 
 _used_ports: set[int] = set()
+_test_ca: list[Path] = []
+
+
+def test_ca_dir() -> Path:
+    """One cluster CA for the whole test run (made by the same `ensure_ca` as `cluster init`;
+    make_cluster puts it into each cluster directory before init, which then keeps it), so a
+    test's own request helpers can verify any harness cluster with `admin_urlopen`. It is
+    not in the system trust store: a client that forgets the CA still fails."""
+    if not _test_ca:
+        import atexit
+        import shutil
+        import tempfile
+
+        from halb.demo.launcher import ensure_ca
+
+        d = Path(tempfile.mkdtemp(prefix="halb-test-ca-"))
+        atexit.register(shutil.rmtree, d, True)
+        ensure_ca(d)
+        _test_ca.append(d)
+    return _test_ca[0]
+
+
+def admin_tls() -> AdminTls:
+    return AdminTls(ca_file=str(test_ca_dir() / "ca.crt"))
+
+
+def admin_url(api: str, path: str) -> str:
+    """https://API/PATH for a harness node's HOST:PORT."""
+    return admin_tls().url(api, path)
+
+
+def admin_socket(api: str, timeout: float) -> Any:
+    """A TLS connection to a harness node's admin API (raw HTTP tests), verified against the test CA."""
+    host, port = api.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        return admin_tls().context().wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def admin_urlopen(req: Any, timeout: float) -> Any:
+    """urllib.request.urlopen for a harness node's admin API, verifying it against the test CA."""
+    import urllib.request
+
+    return urllib.request.urlopen(req, timeout=timeout, context=admin_tls().context())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -217,6 +264,12 @@ def make_cluster(directory: Path, n: int = 3, **spec_kw: Any) -> Cluster:
     if "backends" not in spec_kw:
         spec_kw["backends"] = [(name, f"127.0.0.1:{free_port()}") for name in ("A", "B", "C")]
     spec = ClusterSpec(nodes=nodes, **spec_kw)
+    directory.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    for name in ("ca.crt", "ca.key"):  # the run's CA: init keeps an existing one and signs with it
+        if not (directory / name).exists():
+            shutil.copy2(test_ca_dir() / name, directory / name)
     init_cluster_dir(directory, spec)
     return Cluster(directory, spec)
 

@@ -13,7 +13,7 @@ from halb.cli.common import api_command, client_from, emit_json, json_option, ta
 from halb.config import ConfigError, load_config
 from halb.tls import AdminTls
 from halb.demo.launcher import (
-    Child, ClusterSpec, config_paths, ensure_secrets, halb_argv, init_cluster_dir, wait_for_leader, write_env,
+    Child, ClusterSpec, config_paths, ensure_local_tls, ensure_secrets, halb_argv, init_cluster_dir, wait_for_leader, write_env,
 )
 
 
@@ -159,6 +159,9 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
         init_cluster_dir(d)
         click.echo(f"initialised a new three-node cluster in {d}")
     ensure_secrets(d)
+    made = ensure_local_tls(d)
+    if made:
+        click.echo(f"made the cluster CA and TLS certificates for {', '.join(made)} in {d}")
     try:
         cfgs = [load_config(p) for p in config_paths(d)]
     except ConfigError as exc:

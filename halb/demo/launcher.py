@@ -210,6 +210,31 @@ def ensure_secrets(directory: Path) -> None:
             write_secret(directory / name)
 
 
+def ensure_local_tls(directory: Path) -> list[str]:
+    """Make the certificate files that a local layout's configs name but that do not exist
+    (a checked-in config set such as cluster_configs/local-3node commits no keys): the CA
+    next to them and a certificate per node for its api.bind host. Returns the nodes done."""
+    import tomllib
+
+    done = []
+    for path in config_paths(directory):
+        try:
+            api = tomllib.loads(path.read_text()).get("api", {})
+        except (OSError, tomllib.TOMLDecodeError):
+            continue  # load_config reports it, with file and reason
+        cert, key, ca = (api.get(k) for k in ("tls_cert", "tls_key", "ca_file"))
+        bind = api.get("bind")
+        if not (isinstance(cert, str) and isinstance(key, str) and isinstance(bind, str)) or \
+                ((path.parent / cert).exists() and (path.parent / key).exists()):
+            continue
+        if ca != CA_CERT:
+            continue  # not this layout's CA: leave it to the operator (load_config names the missing file)
+        write_node_tls(ensure_ca(directory), path.stem, [bind.rsplit(":", 1)[0].strip("[]")],
+                       path.parent / cert, path.parent / key)
+        done.append(path.stem)
+    return done
+
+
 def init_cluster_dir(directory: Path, spec: ClusterSpec | None = None) -> list[Path]:
     """Write n*.toml, secret, token, the cluster CA (ca.crt, ca.key), a certificate per
     node (nN.crt, nN.key) and cluster.env into directory; returns the config paths. Secret,

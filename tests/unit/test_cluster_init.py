@@ -37,12 +37,21 @@ def test_init_writes_configs_secrets_0600_and_env(tmp_path):
     assert again.returncode == 2 and "already holds node configs" in again.stderr
 
 
-def test_committed_local_3node_configs_match_the_generator():
+def test_committed_local_3node_configs_match_the_generator(tmp_path):
+    import shutil
+
+    from halb.demo.launcher import ensure_local_tls
+
     spec = ClusterSpec.default()
     for node in spec.nodes:
         path = REPO / "cluster_configs" / "local-3node" / f"{node.id}.toml"
         assert path.read_text() == node_config_text(spec, node)
-        cfg = load_config(path)
+        shutil.copy(path, tmp_path / path.name)
+    # no keys are committed: `cluster up` makes the CA and certificates the configs name
+    assert sorted(ensure_local_tls(tmp_path)) == ["n1", "n2", "n3"] and ensure_local_tls(tmp_path) == []
+    for node in spec.nodes:
+        cfg = load_config(tmp_path / f"{node.id}.toml")
+        assert cfg.api.tls_cert == tmp_path / f"{node.id}.crt" and cfg.api.ca_file == tmp_path / "ca.crt"
         assert [b.address for b in cfg.services[0].backends] == ["127.0.0.21:8080", "127.0.0.21:8081",
                                                                   "127.0.0.22:8080", "127.0.0.23:8080"]
         assert [b.server for b in cfg.services[0].backends] == ["A", "A", "B", "C"]
