@@ -196,3 +196,49 @@ def write_operator(d: Path, apis: list[str], ca_cert: Path, token: Path) -> None
         f'export HALB_CA_FILE="${{HALB_OPERATOR_DIR:-{here}}}/{CA_CERT}"\n'
         f'export HALB_TOKEN_FILE="${{HALB_OPERATOR_DIR:-{here}}}/token"\n'
     )
+
+
+def renew_certs(directory: Path) -> list[tuple[str, Path, Any]]:
+    """New node certificates (and keys) from the cluster's existing CA, for every node
+    config in DIRECTORY (bundles DIR/*/node.toml, else the local layout DIR/*.toml), for the
+    host of each node's api.bind. Returns (node id, cert path, expiry). Nothing else
+    changes: the CA stays, so clients and peers keep trusting the nodes."""
+    import tomllib
+
+    from halb.demo.launcher import CA_KEY, config_paths
+    from halb.pki import PkiError, expires, load_issued
+
+    bundles = bundle_config_paths(directory)
+    configs = bundles or config_paths(directory)
+    if not configs:
+        raise BundleError(f"{directory} holds no node configs (DIR/ID/node.toml or DIR/ID.toml) to renew")
+    ca_dir = directory / "ca" if bundles else directory
+    try:
+        ca = load_issued((ca_dir / CA_CERT).read_bytes(), (ca_dir / CA_KEY).read_bytes())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{exc.filename} does not exist: certificates are renewed by the CA that signed them "
+                          "(a new CA would need ca.crt replaced on every node and client)") from None
+    except PkiError as exc:
+        raise BundleError(f"{ca_dir}: {exc}") from None
+    plan = []
+    for path in configs:  # check every config before writing any certificate
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise BundleError(f"{path}: cannot read it: {exc}") from None
+        api = raw.get("api") if isinstance(raw.get("api"), dict) else {}
+        cert, key, bind, node_id = api.get("tls_cert"), api.get("tls_key"), api.get("bind"), raw.get("node_id")
+        if not all(isinstance(v, str) and v for v in (cert, key, bind, node_id)):
+            raise BundleError(f"{path}: needs node_id, api.bind, api.tls_cert and api.tls_key to renew")
+        ca_file = api.get("ca_file")
+        if isinstance(ca_file, str) and (path.parent / ca_file).exists() and \
+                (path.parent / ca_file).read_bytes() != ca.cert_pem:
+            raise BundleError(f"{path}: its ca_file {ca_file} is not the CA in {ca_dir}; not renewing")
+        plan.append((node_id, bind.rsplit(":", 1)[0].strip("[]"), path.parent / cert, path.parent / key))
+    done = []
+    for node_id, host, cert, key in plan:
+        write_node_tls(ca, node_id, [host], cert, key)
+        from cryptography import x509
+
+        done.append((node_id, cert, expires(x509.load_pem_x509_certificate(cert.read_bytes()))))
+    return done

@@ -40,13 +40,33 @@ def cluster() -> None:
               help="With --node: answer DNS for NAME (repeat) on every node instead of a VIP.")
 @click.option("--dns-zone", default="halb", show_default=True, help="With --dns: the zone the names live in.")
 @click.option("--dns-port", default=53, show_default=True, type=click.IntRange(1, 65535), help="With --dns.")
+@click.option("--renew-certs", is_flag=True,
+              help="Only issue new node certificates from DIRECTORY's existing CA (before they expire); "
+                   "nothing else changes.")
 def init(directory: str, force: bool, nodes: tuple[str, ...], api_port: int, raft_port: int, data_dir: str,
-         vip: str, interface: str, dns_names: tuple[str, ...], dns_zone: str, dns_port: int) -> None:
+         vip: str, interface: str, dns_names: tuple[str, ...], dns_zone: str, dns_port: int,
+         renew_certs: bool) -> None:
     """Generate a cluster's configs, secret, token, CA and node certificates in DIRECTORY.
 
     Exit 2 for a bad option (a --node value, an address given twice) or when DIRECTORY
     already holds configs and --force is not given."""
     d = Path(directory)
+    if renew_certs:
+        from halb.bundle import BundleError, renew_certs as renew
+
+        if nodes or force:
+            click.echo("halb: --renew-certs works on an existing DIRECTORY alone (no --node, no --force)", err=True)
+            sys.exit(2)
+        try:
+            done = renew(d)
+        except BundleError as exc:
+            click.echo(f"halb: {exc}", err=True)
+            sys.exit(2)
+        for node_id, cert, until in done:
+            click.echo(f"{node_id}: new certificate {cert} (and its key), valid until {until:%Y-%m-%d}")
+        click.echo("copy each node's new certificate and key to its machine and restart the node, one at a time "
+                   "(docs/deploy.md, Certificates)")
+        return
     if nodes:
         from halb.bundle import BundleError, BundleOptions, bundle_config_paths, parse_nodes, write_bundles
 
