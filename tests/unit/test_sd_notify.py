@@ -73,7 +73,7 @@ def test_shipped_unit_is_the_generated_one() -> None:
     shipped = (ROOT / "contrib" / "systemd" / "halb-node@.service").read_text()
     assert shipped == render_unit()
     for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=10s", "Restart=on-failure",
-                 "ExecStart=/opt/halb/venv/bin/halb node run --config /etc/halb/%i.toml",
+                 "ExecStart=/opt/halb/venv/bin/halb node run --config /etc/halb/%i/node.toml",
                  "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE", "StateDirectory=halb/%i"):
         assert line in shipped.splitlines()
 
