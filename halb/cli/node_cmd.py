@@ -46,7 +46,7 @@ def run(config_path: str, insecure_dev: bool) -> None:
 @click.option("--venv", default="/opt/halb/venv", show_default=True,
               help="The venv halb is installed in (ExecStart runs VENV/bin/halb).")
 @click.option("--config-dir", default="/etc/halb", show_default=True,
-              help="Where the node configs are: instance n1 runs CONFIG_DIR/n1.toml.")
+              help="Where the node bundles are: instance n1 runs CONFIG_DIR/n1/node.toml.")
 @click.option("--user", default="halb", show_default=True, help="The system user the node runs as.")
 @click.option("--watchdog-sec", default=10, show_default=True, type=int,
               help="systemd kills and restarts a node whose event loop did not ping for this long.")
