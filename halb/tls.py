@@ -62,8 +62,21 @@ def client_context(ca_file: str | os.PathLike[str] | None = None) -> ssl.SSLCont
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_client_context(ca_file: str | None) -> ssl.SSLContext:
+def _cached_client_context(ca_file: str | None, _content: bytes) -> ssl.SSLContext:
     return client_context(ca_file)
+
+
+def _ca_content(path: str | None) -> bytes:
+    """Part of the cache key: a CA file rewritten in place (a new cluster in the same
+    directory) must not be answered with the context of the old one. The file is small
+    (one certificate); reading it costs far less than the handshake it serves."""
+    if path is None:
+        return b""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1 << 20)
+    except OSError:
+        return b""  # client_context raises the clear error
 
 
 def has_scheme(address: str) -> bool:
@@ -95,7 +108,7 @@ class AdminTls:
 
     def context(self) -> ssl.SSLContext:
         """The verifying client context (cached per CA file: building one reads the trust store)."""
-        return _cached_client_context(self.ca_file)
+        return _cached_client_context(self.ca_file, _ca_content(self.ca_file))
 
     def context_for(self, url: str) -> ssl.SSLContext | None:
         """For urllib's `urlopen(..., context=)`: None for http:// URLs."""

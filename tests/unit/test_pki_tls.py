@@ -136,3 +136,21 @@ def test_admin_tls_urls_and_contexts(monkeypatch, tmp_path):
     monkeypatch.setenv("HALB_CA_FILE", str(tmp_path / "ca.crt"))
     assert AdminTls.from_env().ca_file == str(tmp_path / "ca.crt")
     assert AdminTls.from_env(str(tmp_path / "x.crt")).ca_file == str(tmp_path / "x.crt")  # --ca-file wins
+
+
+def test_admin_tls_context_follows_a_rewritten_ca_file(tmp_path):
+    """A process that outlives one cluster (chaos runs, tests) must not keep trusting the
+    previous CA at the same path, nor distrust the new one."""
+    ca_file = tmp_path / "ca.crt"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = new_ca("first"), new_ca("second")
+    _, cert, key = _write(tmp_path / "a", first, issue_node_cert(first, "n1", ["127.0.0.1"]))
+    _, cert2, key2 = _write(tmp_path / "b", second, issue_node_cert(second, "n1", ["127.0.0.1"]))
+    tls = AdminTls(ca_file=str(ca_file))
+    ca_file.write_bytes(first.cert_pem)
+    assert handshake(server_context(cert, key), tls.context(), "127.0.0.1")
+    ca_file.write_bytes(second.cert_pem)  # same path, next cluster
+    assert handshake(server_context(cert2, key2), tls.context(), "127.0.0.1")
+    with pytest.raises(ssl.SSLCertVerificationError):  # and the old cluster's node is no longer trusted
+        handshake(server_context(cert, key), tls.context(), "127.0.0.1")
