@@ -154,3 +154,19 @@ def test_admin_tls_context_follows_a_rewritten_ca_file(tmp_path):
     assert handshake(server_context(cert2, key2), tls.context(), "127.0.0.1")
     with pytest.raises(ssl.SSLCertVerificationError):  # and the old cluster's node is no longer trusted
         handshake(server_context(cert, key), tls.context(), "127.0.0.1")
+
+
+def test_cli_with_a_bad_ca_file_is_a_usage_error(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    junk = tmp_path / "junk.crt"
+    junk.write_text("no certificate here")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HALB_")}
+    env.update(HALB_CLUSTER="127.0.0.1:1", HALB_TOKEN="t" * 32)
+    for extra, message in (({"HALB_CA_FILE": str(tmp_path / "missing.crt")}, "does not exist"),
+                           ({"HALB_CA_FILE": str(junk)}, "holds no PEM certificate")):
+        proc = subprocess.run([sys.executable, "-m", "halb", "cluster", "status"], capture_output=True, text=True,
+                              env=dict(env, **extra), timeout=30)
+        assert proc.returncode == 2 and "bad_ca_file" in proc.stderr and message in proc.stderr, proc.stderr
