@@ -175,6 +175,12 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
     from halb.demo.supervise import Supervisor, cmdline, taken_addresses
 
     d = Path(config_dir)
+    from halb.bundle import bundle_config_paths
+
+    if bundle_config_paths(d) and not config_paths(d):
+        click.echo(f"halb: {d} holds `cluster init --node` bundles for separate machines: copy each to its machine "
+                   "and run `halb node run --config ID/node.toml` there (docs/deploy.md)", err=True)
+        sys.exit(2)
     if not config_paths(d):
         init_cluster_dir(d)
         click.echo(f"initialised a new three-node cluster in {d}")

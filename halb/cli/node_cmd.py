@@ -18,7 +18,8 @@ def node() -> None:
               help="Node TOML config file.")
 @click.option("--insecure-dev", is_flag=True, default=False,
               help="Allow running without a cluster secret (unauthenticated Raft port: remote code "
-                   "execution for anyone who reaches it). Never in production.")
+                   "execution for anyone who reaches it) and without [api] tls_cert (plain HTTP admin API: "
+                   "tokens in clear text). Never in production.")
 def run(config_path: str, insecure_dev: bool) -> None:
     """Start one balancer node from FILE and run until SIGTERM/SIGINT."""
     from halb.node import InsecureConfig, Node, setup_logging
