@@ -48,7 +48,7 @@ class Client:
     nodes: list[str]  # HOST:PORT (https, verified by `tls`) or a full http(s)://HOST:PORT
     token: str
     timeout: float = 5.0
-    tls: AdminTls = field(default_factory=AdminTls)
+    tls: AdminTls = field(default_factory=AdminTls.from_env)  # like the CLI: HALB_CA_FILE, else the system store
 
     @classmethod
     def from_options(cls, cluster: str | None, token_file: str | None, timeout: float = 5.0,
