@@ -97,6 +97,13 @@ class AdminTls:
         chosen = ca_file or os.environ.get("HALB_CA_FILE") or None
         return cls(ca_file=str(Path(chosen).expanduser()) if chosen else None)
 
+    def for_addresses(self, addresses: list[str]) -> "AdminTls":
+        """Plain when every given address says http:// (an --insecure-dev cluster), so the
+        addresses the cluster reports itself (members' `api`, bare HOST:PORT) get http too."""
+        if addresses and all(a.startswith("http://") for a in addresses):
+            return AdminTls(self.ca_file, plain=True)
+        return self
+
     @property
     def scheme(self) -> str:
         return "http" if self.plain else "https"

@@ -58,7 +58,7 @@ class Client:
             raise ApiError(0, "no_cluster", "no cluster given: use --cluster HOST:PORT,... or set HALB_CLUSTER "
                                             "(`. DIR/cluster.env` after `halb cluster init DIR`)")
         nodes = [n.strip() for n in cluster.split(",") if n.strip()]
-        tls = AdminTls.from_env(ca_file)
+        tls = AdminTls.from_env(ca_file).for_addresses(nodes)
         try:
             tls.context()  # a missing or broken CA file is a usage error, said once, not per node
         except TlsError as exc:

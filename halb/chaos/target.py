@@ -156,9 +156,7 @@ class RemoteTarget(Target):
 
     @classmethod
     def connect(cls, urls: list[str], token: str, db_path: str | None, pids: dict[str, int]) -> "RemoteTarget":
-        tls = AdminTls.from_env()  # the cluster's CA: HALB_CA_FILE, as for the CLI
-        if urls and all(u.startswith("http://") for u in urls):  # an --insecure-dev cluster: members too
-            tls = AdminTls(tls.ca_file, plain=True)
+        tls = AdminTls.from_env().for_addresses(urls)  # the cluster's CA (HALB_CA_FILE), as for the CLI
         client = Client(urls, token, timeout=4.0, tls=tls)
         status = client.get("/v1/status")
         apis = {m["id"]: m["api"] for m in status["members"] if m.get("id") and m.get("api")}

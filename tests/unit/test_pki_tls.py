@@ -130,6 +130,8 @@ def test_admin_tls_urls_and_contexts(monkeypatch, tmp_path):
     assert AdminTls(plain=True).url("10.0.0.1:7000", "/x") == "http://10.0.0.1:7000/x"
     assert AdminTls().url("http://10.0.0.1:7000", "/x") == "http://10.0.0.1:7000/x"  # the address's scheme wins
     assert AdminTls().context_for("http://h:1/x") is None
+    assert AdminTls().for_addresses(["http://a:1", "http://b:1"]).plain  # a dev cluster: members' bare HOST:PORT too
+    assert not AdminTls().for_addresses(["http://a:1", "b:1"]).plain
     ctx = AdminTls().context_for("https://h:1/x")
     assert ctx is not None and ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
     assert ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
