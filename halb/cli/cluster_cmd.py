@@ -185,10 +185,10 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
         init_cluster_dir(d)
         click.echo(f"initialised a new three-node cluster in {d}")
     ensure_secrets(d)
-    made = ensure_local_tls(d)
-    if made:
-        click.echo(f"made the cluster CA and TLS certificates for {', '.join(made)} in {d}")
     try:
+        made = ensure_local_tls(d)
+        if made:
+            click.echo(f"made the cluster CA and TLS certificates for {', '.join(made)} in {d}")
         cfgs = [load_config(p) for p in config_paths(d)]
     except ConfigError as exc:
         click.echo(f"halb: config error: {exc}", err=True)

@@ -181,15 +181,16 @@ def write_secret(path: Path) -> None:
     write_private(path, (secrets.token_urlsafe(32) + "\n").encode())
 
 
-def ensure_ca(directory: Path) -> Any:
-    """The cluster CA in directory (ca.crt, ca.key 0600): loaded when there, else made.
-    Kept across `cluster init --force`, so clients that trust it keep working."""
+def ensure_ca(directory: Path, name: str | None = None) -> Any:
+    """The cluster CA in directory (ca.crt, ca.key 0600): loaded when there, else made
+    (`name`, default the directory's, goes into its subject). Kept across `cluster init
+    --force`, so clients that trust it keep working."""
     from halb.pki import load_issued, new_ca
 
     cert, key = directory / CA_CERT, directory / CA_KEY
     if cert.exists() and key.exists():
         return load_issued(cert.read_bytes(), key.read_bytes())
-    ca = new_ca(directory.resolve().name)
+    ca = new_ca(name or directory.resolve().name)
     write_private(key, ca.key_pem)
     cert.write_bytes(ca.cert_pem)
     return ca
@@ -219,7 +220,8 @@ def ensure_local_tls(directory: Path) -> list[str]:
     done = []
     for path in config_paths(directory):
         try:
-            api = tomllib.loads(path.read_text()).get("api", {})
+            raw = tomllib.loads(path.read_text())
+            api = raw.get("api") if isinstance(raw.get("api"), dict) else {}
         except (OSError, tomllib.TOMLDecodeError):
             continue  # load_config reports it, with file and reason
         cert, key, ca = (api.get(k) for k in ("tls_cert", "tls_key", "ca_file"))
@@ -229,8 +231,15 @@ def ensure_local_tls(directory: Path) -> list[str]:
             continue
         if ca != CA_CERT:
             continue  # not this layout's CA: leave it to the operator (load_config names the missing file)
-        write_node_tls(ensure_ca(directory), path.stem, [bind.rsplit(":", 1)[0].strip("[]")],
-                       path.parent / cert, path.parent / key)
+        node_id = raw.get("node_id") if isinstance(raw.get("node_id"), str) else path.stem
+        from halb.config import ConfigError
+        from halb.pki import PkiError
+
+        try:
+            write_node_tls(ensure_ca(directory), node_id, [bind.rsplit(":", 1)[0].strip("[]")],
+                           path.parent / cert, path.parent / key)
+        except PkiError as exc:
+            raise ConfigError(path, "api.bind", f"cannot make its TLS certificate: {exc}") from None
         done.append(path.stem)
     return done
 
