@@ -161,7 +161,12 @@ def write_bundles(directory: Path, nodes: list[BundleNode], opts: BundleOptions)
     directory.mkdir(parents=True, exist_ok=True)
     ensure_secrets(directory)
     (directory / "ca").mkdir(mode=0o700, exist_ok=True)
-    ca = ensure_ca(directory / "ca", directory.resolve().name)
+    from halb.pki import PkiError
+
+    try:
+        ca = ensure_ca(directory / "ca", directory.resolve().name)
+    except PkiError as exc:
+        raise BundleError(str(exc)) from None
     ca_cert = directory / "ca" / CA_CERT
     paths = []
     for n in nodes:

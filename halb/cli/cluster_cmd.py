@@ -94,7 +94,13 @@ def init(directory: str, force: bool, nodes: tuple[str, ...], api_port: int, raf
     if config_paths(d) and not force:
         click.echo(f"halb: {d} already holds node configs; use --force to overwrite", err=True)
         sys.exit(2)
-    paths = init_cluster_dir(d)
+    from halb.pki import PkiError
+
+    try:
+        paths = init_cluster_dir(d)
+    except PkiError as exc:
+        click.echo(f"halb: {exc}", err=True)
+        sys.exit(2)
     click.echo(f"wrote {', '.join(p.name for p in paths)}, secret, token, a cluster CA (ca.crt, ca.key) and a "
                f"certificate per node (keys and secrets mode 0600) and cluster.env in {d}")
     click.echo(f"next: halb cluster up --config-dir {d}   and in another shell:  . {d}/cluster.env")

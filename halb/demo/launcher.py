@@ -187,9 +187,14 @@ def ensure_ca(directory: Path, name: str | None = None) -> Any:
     --force`, so clients that trust it keep working."""
     from halb.pki import load_issued, new_ca
 
+    from halb.pki import PkiError
+
     cert, key = directory / CA_CERT, directory / CA_KEY
     if cert.exists() and key.exists():
         return load_issued(cert.read_bytes(), key.read_bytes())
+    if cert.exists():  # replacing a CA that nodes and clients trust must be a decision, not a side effect
+        raise PkiError(f"{cert} exists but {key} does not: cannot issue certificates from this CA; to make a "
+                       f"new CA (every node and client then needs the new {CA_CERT}) remove {cert} first")
     ca = new_ca(name or directory.resolve().name)
     write_private(key, ca.key_pem)
     cert.write_bytes(ca.cert_pem)
