@@ -113,6 +113,11 @@ def test_init_makes_ca_and_node_certs_and_renew_keeps_the_ca(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d), "--renew-certs"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "ca.key does not exist" in proc.stderr, proc.stderr
+    # ... and `--force` does not quietly make a new CA in its place
+    proc = subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d), "--force"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "ca.key does not" in proc.stderr, proc.stderr
+    assert (d / "ca.crt").read_bytes() == ca_before
 
 
 def test_member_config_text_issues_a_cert_from_the_cluster_ca(tmp_path):
