@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from halb.demo.launcher import Child, ClusterSpec, NodeSpec, halb_argv, init_cluster_dir, wait_for_leader  # noqa: E402
+from halb.tls import AdminTls  # noqa: E402
 
 BEGIN, END = "<!-- control-plane:begin -->", "<!-- control-plane:end -->"
 TARGETS = {"writes_per_s": 200, "p99_ms": 200, "failed": 0, "leader_changes": 0, "idle_cpu_pct": 5.0,
@@ -120,6 +121,7 @@ class Bench:
         self.backend_hosts = [f"127.77.0.{i + 1}" for i in range(args.backends_per_service)]
         self.backend_ports = sorted({free_port("127.77.0.1") for _ in range(args.services * 2)})[:args.services]
         self.token = ""
+        self.tls = AdminTls()
         self.results: dict[str, Any] = {}
 
     def api(self, i: int) -> str:
@@ -130,12 +132,13 @@ class Bench:
             shutil.rmtree(self.dir)
         init_cluster_dir(self.dir, self.spec)
         self.token = (self.dir / "token").read_text().strip()
+        self.tls = AdminTls(ca_file=str(self.dir / "ca.crt"))  # the nodes serve HTTPS from the cluster CA
         for n in self.spec.nodes:
             child = Child(n.id, halb_argv("node", "run", "--config", str(self.dir / f"{n.id}.toml")),
                           self.dir / "logs" / f"{n.id}.log")
             child.start(env=dict(os.environ, PYTHONUNBUFFERED="1"))
             self.children[n.id] = child
-        wait_for_leader([n.api for n in self.spec.nodes], self.token, timeout=30)
+        wait_for_leader([n.api for n in self.spec.nodes], self.token, timeout=30, tls=self.tls)
 
     def stop(self) -> None:
         for child in self.children.values():
@@ -146,7 +149,8 @@ class Bench:
 
     async def run(self) -> None:
         a = self.args
-        async with aiohttp.ClientSession(headers=self.headers(), timeout=aiohttp.ClientTimeout(total=30)) as http:
+        async with aiohttp.ClientSession(headers=self.headers(), timeout=aiohttp.ClientTimeout(total=30),
+                                         connector=self.tls.connector()) as http:
             self.http = http
             services = [f"s{i:03d}" for i in range(a.services)]
             ports: set[int] = set()  # free_port may hand out a port again before a node binds it
@@ -158,7 +162,7 @@ class Bench:
                 body = {"name": name, "mode": "http", "listen": f"{self.spec.nodes[0].host}:{port}",
                         "options": {"health": {"kind": "tcp", "interval": a.check_interval, "timeout": 1.0,
                                                "rise": 2, "fall": 2}}}
-                async with http.post(f"http://{self.api(i)}/v1/services", json=body) as r:
+                async with http.post(self.tls.url(self.api(i), "/v1/services"), json=body) as r:
                     if r.status != 201:
                         raise RuntimeError(f"service {name}: {r.status} {await r.text()}")
             if a.sequential:
@@ -170,7 +174,7 @@ class Bench:
                 self.results["terms"] = {"before": terms_before, "after": await self.terms()}
                 self.results["raft_state_changes_during_writes"] = self.raft_state_changes() - states_before
                 return
-            async with http.get(f"http://{self.api(0)}/v1/services") as r:  # what the cluster holds
+            async with http.get(self.tls.url(self.api(0), "/v1/services")) as r:  # what the cluster holds
                 held = sum(len(s["backends"]) for s in (await r.json())["services"])
             self.results["backends_in_state"] = held
             await self.wait_routed(held, timeout=120)
@@ -185,7 +189,7 @@ class Bench:
     async def sequential(self, svc: str, n: int) -> dict[str, Any]:
         """Write latency without concurrency: n backend adds one after another at the leader's
         API, then n at a follower's (what one write costs end to end on an otherwise idle cluster)."""
-        async with self.http.get(f"http://{self.api(0)}/v1/status") as r:
+        async with self.http.get(self.tls.url(self.api(0), "/v1/status")) as r:
             leader = (await r.json())["leader"]
         out: dict[str, Any] = {}
         for role, node in (("leader", next(n_ for n_ in self.spec.nodes if n_.id == leader)),
@@ -194,7 +198,7 @@ class Bench:
             for k in range(n):
                 body = {"name": f"q{role[0]}{k:04d}", "address": f"127.76.0.{1 + (role == 'follower')}:{10000 + k}"}
                 t0 = time.monotonic()
-                async with self.http.post(f"http://{node.api}/v1/services/{svc}/backends", json=body) as r:
+                async with self.http.post(self.tls.url(node.api, f"/v1/services/{svc}/backends"), json=body) as r:
                     await r.read()
                     assert r.status == 201, r.status
                 ms.append((time.monotonic() - t0) * 1000)
@@ -207,7 +211,7 @@ class Bench:
     async def terms(self) -> dict[str, int]:
         out = {}
         for n in self.spec.nodes:
-            async with self.http.get(f"http://{n.api}/v1/status") as r:
+            async with self.http.get(self.tls.url(n.api, "/v1/status")) as r:
                 out[n.id] = (await r.json())["term"]
         return out
 
@@ -225,7 +229,7 @@ class Bench:
         failures: list[str] = []
         leader_api = None
         if a.to_leader:  # a client that sends writes where they commit first (followers forward anyway)
-            async with self.http.get(f"http://{self.api(0)}/v1/status") as r:
+            async with self.http.get(self.tls.url(self.api(0), "/v1/status")) as r:
                 leader = (await r.json())["leader"]
             leader_api = next(n.api for n in self.spec.nodes if n.id == leader)
         cpu_before = {n: cpu_seconds(c.pid) for n, c in self.children.items()}
@@ -238,7 +242,7 @@ class Bench:
                 body = {"name": f"b{j:03d}", "address": f"{self.backend_hosts[j]}:{self.backend_ports[i]}"}
                 t0 = time.monotonic()
                 try:
-                    async with self.http.post(f"http://{leader_api or self.api(c)}/v1/services/{svc}/backends",
+                    async with self.http.post(self.tls.url(leader_api or self.api(c), f"/v1/services/{svc}/backends"),
                                               json=body) as r:
                         text = await r.text()
                         if r.status != 201:
@@ -278,7 +282,7 @@ class Bench:
     async def routed_counts(self) -> dict[str, int]:
         out = {}
         for n in self.spec.nodes:
-            async with self.http.get(f"http://{n.api}/v1/dataplane") as r:
+            async with self.http.get(self.tls.url(n.api, "/v1/dataplane")) as r:
                 body = await r.json()
             out[n.id] = sum(len(s["backends"]) for s in body["services"].values())
         return out
@@ -302,12 +306,12 @@ class Bench:
             be = f"b{rng.randrange(self.args.backends_per_service):03d}"
             for action, state in (("drain", "drain"), ("enable", "active")):
                 t0 = time.monotonic()
-                async with self.http.post(f"http://{self.api(i)}/v1/services/{svc}/backends/{be}/{action}") as r:
+                async with self.http.post(self.tls.url(self.api(i), f"/v1/services/{svc}/backends/{be}/{action}")) as r:
                     assert r.status == 200, await r.text()
                 pending = {n.id: n.api for n in self.spec.nodes}
                 while pending and time.monotonic() - t0 < 10:
                     for nid, api in list(pending.items()):
-                        async with self.http.get(f"http://{api}/v1/dataplane", params={"service": svc}) as r:
+                        async with self.http.get(self.tls.url(api, "/v1/dataplane"), params={"service": svc}) as r:
                             body = await r.json()
                         row = body["services"].get(svc, {}).get("backends", {}).get(be, {})
                         if row.get("admin_state") == state:
@@ -326,7 +330,7 @@ class Bench:
         t0 = time.monotonic()
         unsettled = -1
         while time.monotonic() - t0 < timeout:
-            async with self.http.get(f"http://{self.api(0)}/v1/backends") as r:
+            async with self.http.get(self.tls.url(self.api(0), "/v1/backends")) as r:
                 rows = (await r.json())["backends"]
             unsettled = sum(1 for b in rows if b["verdict"] == "pending"
                             or "pending" in b["observations"].values())
@@ -338,7 +342,7 @@ class Bench:
     async def commit_indexes(self) -> dict[str, int]:
         out = {}
         for i, n in enumerate(self.spec.nodes):
-            async with self.http.get(f"http://{self.api(i)}/v1/status") as r:
+            async with self.http.get(self.tls.url(self.api(i), "/v1/status")) as r:
                 out[n.id] = (await r.json())["commit_index"]
         return out
 

@@ -77,6 +77,11 @@ class RaftConfig:
 class ApiConfig:
     bind: str
     write_timeout: float = 3.0
+    # HTTPS (docs/config.md [api]): the node's certificate and key, and the CA its peers'
+    # certificates are verified against. No cert: plain HTTP, allowed only with --insecure-dev.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    ca_file: Path | None = None
 
 
 @dataclass
@@ -205,6 +210,28 @@ def _shared_hosts(table: _Table, raw: list[Any]) -> list[str]:
     return hosts
 
 
+def _api_tls(table: _Table, base: Path, api: ApiConfig) -> None:
+    """[api] tls_cert / tls_key / ca_file: both or neither of cert and key; each file must
+    load (a cert and key that do not match are refused here, not at the first handshake)."""
+    from halb.tls import TlsError, client_context, server_context
+
+    cert, key, ca = (table.take(k, str, "") for k in ("tls_cert", "tls_key", "ca_file"))
+    if bool(cert) != bool(key):
+        raise table.error("tls_key" if cert else "tls_cert", "tls_cert and tls_key go together: set both or neither")
+    if cert:
+        api.tls_cert, api.tls_key = base / cert, base / key
+        try:
+            server_context(api.tls_cert, api.tls_key)
+        except TlsError as exc:
+            raise table.error("tls_cert", str(exc)) from None
+    if ca:
+        api.ca_file = base / ca
+        try:
+            client_context(api.ca_file)
+        except TlsError as exc:
+            raise table.error("ca_file", str(exc)) from None
+
+
 def load_config(path: str | os.PathLike[str]) -> NodeConfig:
     """Read and validate a node config; relative paths are relative to the file."""
     file = Path(path)
@@ -286,6 +313,7 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
     api_t = _Table(file, "api", top.take("api", dict, required=True))
     api = ApiConfig(bind=api_t.address("bind", required=True))
     api.write_timeout = api_t.positive("write_timeout", api.write_timeout)
+    _api_tls(api_t, base, api)
     api_t.done()
     if api.bind == raft.bind:
         raise ConfigError(file, "api.bind", "must differ from raft.bind")

@@ -108,7 +108,7 @@ class DataPlaneGuard:
 
         async def one(member: str, api: str) -> tuple[str, dict[str, Any]]:
             try:
-                async with node._http.get(f"http://{api}/v1/dataplane-check",
+                async with node._http.get(node.admin_tls.url(api, "/v1/dataplane-check"),
                                           headers={"Authorization": f"Bearer {node.token}"},
                                           timeout=aiohttp.ClientTimeout(total=PEER_TIMEOUT_S)) as resp:
                     body = await resp.json()

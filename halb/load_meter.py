@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import aiohttp
 
+from halb.tls import AdminTls
+
 log = logging.getLogger("halb.load")
 
 Load = dict[str, dict[str, dict[str, float]]]  # service -> backend -> {"rps", "conns", "conns_avg"}
@@ -73,6 +75,7 @@ class LoadMeter:
     stats: Callable[[], dict[str, Any]]  # the data plane's stats()
     peers: Callable[[], list[tuple[str, str]]]  # (member id, api address) of the other members
     token: str
+    api_url: Callable[[str, str], str] = AdminTls().url  # (address, path) -> URL: the node's halb.tls.AdminTls
     window_s: float = 10.0
     sample_every_s: float = 1.0
     cluster_every_s: float = 2.0
@@ -184,7 +187,7 @@ class LoadMeter:
 
         async def one(member: str, api: str) -> tuple[str, Load | None, Demand]:
             try:
-                async with self._session.get(f"http://{api}/v1/load", headers={"Authorization": f"Bearer {self.token}"},
+                async with self._session.get(self.api_url(api, "/v1/load"), headers={"Authorization": f"Bearer {self.token}"},
                                              timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
                     if resp.status != 200:
                         self.peer_dataplane[member] = None

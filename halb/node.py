@@ -27,6 +27,7 @@ from halb.control.state import Applied
 from halb.control.writer import CommandWriter, WriteError
 from halb.dataplane.selfcheck import SelfCheckParams
 from halb.model import parse_hostport, to_primitive
+from halb.tls import AdminTls, server_context
 
 log = logging.getLogger("halb.node")
 
@@ -88,6 +89,20 @@ class Node:
         if secret is None:
             log.warning("RUNNING WITH AN UNAUTHENTICATED RAFT PORT (--insecure-dev): anyone who can reach "
                         "%s can run code in this process", cfg.raft.bind)
+        if cfg.api.tls_cert is None and not insecure_dev:
+            raise InsecureConfig(
+                f"{cfg.path}: api.tls_cert is not set. Without TLS the admin API's bearer tokens cross the "
+                "network in clear text. Set [api] tls_cert, tls_key and ca_file (halb cluster init makes them; "
+                "for a directory made by an older halb: halb cluster init --force DIR), or pass --insecure-dev "
+                "on a throwaway machine."
+            )
+        if cfg.api.tls_cert is None:
+            log.warning("ADMIN API WITHOUT TLS (--insecure-dev): plain HTTP on %s, tokens travel in clear text "
+                        "and peers are not verified", cfg.api.bind)
+        # how this node calls its peers' admin APIs (halb/tls.py): a TLS node verifies them
+        # against the cluster CA; a plain one (--insecure-dev) speaks http to them
+        self.admin_tls = AdminTls(ca_file=str(cfg.api.ca_file) if cfg.api.ca_file else None,
+                                  plain=cfg.api.tls_cert is None)
         self.token = cfg.read_token()
         validate_health_checks(cfg)
         self._secret = secret
@@ -216,15 +231,17 @@ class Node:
         from halb.node_restart import bind_api_socket
 
         cfg = self.cfg
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        self._http = aiohttp.ClientSession(connector=self.admin_tls.connector(),
+                                           timeout=aiohttp.ClientTimeout(total=5))
         api = AdminApi(self)
         self._runner = api.runner(access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = parse_hostport(cfg.api.bind)
+        tls = server_context(cfg.api.tls_cert, cfg.api.tls_key) if cfg.api.tls_cert and cfg.api.tls_key else None
         self.api_sock = bind_api_socket(host, port)  # handed over by a replaced process, or bound here
-        self.api_site = web.SockSite(self._runner, self.api_sock)
+        self.api_site = web.SockSite(self._runner, self.api_sock, ssl_context=tls)
         await self.api_site.start()
-        log.info("admin API listening on http://%s", cfg.api.bind)
+        log.info("admin API listening on %s", self.admin_tls.url(cfg.api.bind, ""))
         self._tasks.append(asyncio.create_task(self._converge_loop(), name="converge"))
         self.acme = AcmeManager(self.node_id, self.raft, self.writer, self.cert_sealer, cfg.data_dir,
                                 peers=self._peer_apis, peer_get=self.peer_get)
@@ -305,7 +322,8 @@ class Node:
             log.exception("frontends could not be applied at start")
         self._tasks.append(asyncio.create_task(self._routing_loop(), name="routing"))
         from halb.load_meter import LoadMeter  # resilience: load per backend, summed over members
-        self.load_meter = LoadMeter(self.node_id, self.dataplane.load_counters, self._peer_apis, self.token)
+        self.load_meter = LoadMeter(self.node_id, self.dataplane.load_counters, self._peer_apis, self.token,
+                                    api_url=self.admin_tls.url)
         share_mode = effective_capacity_share(self.cfg.dataplane.capacity_share, self.cfg.dataplane.shared_hosts,
                                               str(self.cfg.announce.get("mode", "none")))
         log.info("capacity limits: %s share (capacity_share = %r)", share_mode, self.cfg.dataplane.capacity_share)
@@ -488,7 +506,7 @@ class Node:
     async def peer_get(self, api: str, path: str, timeout: float) -> dict[str, Any]:
         """GET a peer's admin API with this node's token; raises on any failure."""
         assert self._http is not None
-        async with self._http.get(f"http://{api}{path}", headers={"Authorization": f"Bearer {self.token}"},
+        async with self._http.get(self.admin_tls.url(api, path), headers={"Authorization": f"Bearer {self.token}"},
                                   timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             resp.raise_for_status()
             return await resp.json()
@@ -559,7 +577,7 @@ class Node:
             self.loop.call_later(0.5, self.request_stop, "removed from the cluster")
             return True
         try:
-            async with self._http.post(f"http://{member.api}/v1/admin/shutdown",
+            async with self._http.post(self.admin_tls.url(member.api, "/v1/admin/shutdown"),
                                        headers={"Authorization": f"Bearer {self.token}"},
                                        timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 return resp.status == 202
@@ -621,7 +639,7 @@ class Node:
         if exclude is not None and target is None:
             others = [m for m in self.views.members_view() if m["id"] and m["raft"] not in (exclude, leader.raft)]
             body["to"] = others[0]["id"] if others else None
-        async with self._http.post(f"http://{leader.api}/v1/leader/transfer", json=body,
+        async with self._http.post(self.admin_tls.url(leader.api, "/v1/leader/transfer"), json=body,
                                    headers={"Authorization": f"Bearer {self.token}"}) as resp:
             data = await resp.json()
             if resp.status >= 400:

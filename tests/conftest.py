@@ -19,8 +19,56 @@ from typing import Any, Iterator
 import pytest
 
 from halb.demo.launcher import Child, ClusterSpec, NodeSpec, api_get, halb_argv, init_cluster_dir
+from halb.tls import AdminTls
 
 _used_ports: set[int] = set()
+_test_ca: list[Path] = []
+
+
+def test_ca_dir() -> Path:
+    """One cluster CA for the whole test run (made by the same `ensure_ca` as `cluster init`;
+    make_cluster puts it into each cluster directory before init, which then keeps it), so a
+    test's own request helpers can verify any harness cluster with `admin_urlopen`. It is
+    not in the system trust store: a client that forgets the CA still fails."""
+    if not _test_ca:
+        import atexit
+        import shutil
+        import tempfile
+
+        from halb.demo.launcher import ensure_ca
+
+        d = Path(tempfile.mkdtemp(prefix="halb-test-ca-"))
+        atexit.register(shutil.rmtree, d, True)
+        ensure_ca(d)
+        _test_ca.append(d)
+    return _test_ca[0]
+
+
+def admin_tls() -> AdminTls:
+    return AdminTls(ca_file=str(test_ca_dir() / "ca.crt"))
+
+
+def admin_url(api: str, path: str) -> str:
+    """https://API/PATH for a harness node's HOST:PORT."""
+    return admin_tls().url(api, path)
+
+
+def admin_socket(api: str, timeout: float) -> Any:
+    """A TLS connection to a harness node's admin API (raw HTTP tests), verified against the test CA."""
+    host, port = api.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        return admin_tls().context().wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def admin_urlopen(req: Any, timeout: float) -> Any:
+    """urllib.request.urlopen for a harness node's admin API, verifying it against the test CA."""
+    import urllib.request
+
+    return urllib.request.urlopen(req, timeout=timeout, context=admin_tls().context())
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,7 +119,25 @@ class Cluster:
         return next(n for n in self.spec.nodes if n.id == node_id)
 
     def api(self, node_id: str) -> str:
+        """HOST:PORT of the node's admin API (HTTPS: build URLs with `url`, open them with `ssl`)."""
         return self.spec_of(node_id).api
+
+    @property
+    def ca_file(self) -> Path:
+        return self.directory / "ca.crt"
+
+    @property
+    def tls(self) -> AdminTls:
+        """How the harness reaches the nodes: HTTPS verified against this cluster's CA."""
+        return AdminTls(ca_file=str(self.ca_file))
+
+    @property
+    def ssl(self) -> Any:
+        """The verifying SSL context for urllib (`urlopen(req, context=c.ssl)`) and aiohttp."""
+        return self.tls.context()
+
+    def url(self, node_id: str, path: str) -> str:
+        return self.tls.url(self.api(node_id), path)
 
     @property
     def apis(self) -> list[str]:
@@ -129,7 +195,7 @@ class Cluster:
             child.stop()
 
     def get(self, node_id: str, path: str, token: str | None = None) -> tuple[int, Any]:
-        return api_get(self.api(node_id), path, self.token if token is None else token, timeout=3)
+        return api_get(self.api(node_id), path, self.token if token is None else token, timeout=3, tls=self.tls)
 
     def status(self, node_id: str) -> dict[str, Any]:
         code, body = self.get(node_id, "/v1/status")
@@ -155,7 +221,7 @@ class Cluster:
             token_file: Path | None = None) -> subprocess.CompletedProcess[str]:
         """`token_file`: run as another named token (default: the bootstrap token)."""
         env = dict(os.environ, HALB_CLUSTER=self.api(node) if node else ",".join(self.apis),
-                   HALB_TOKEN_FILE=str(token_file or self.token_file))
+                   HALB_TOKEN_FILE=str(token_file or self.token_file), HALB_CA_FILE=str(self.ca_file))
         env.pop("HALB_TOKEN", None)
         proc = subprocess.run([sys.executable, "-m", "halb", *args], capture_output=True, text=True, env=env,
                               timeout=timeout)
@@ -198,6 +264,12 @@ def make_cluster(directory: Path, n: int = 3, **spec_kw: Any) -> Cluster:
     if "backends" not in spec_kw:
         spec_kw["backends"] = [(name, f"127.0.0.1:{free_port()}") for name in ("A", "B", "C")]
     spec = ClusterSpec(nodes=nodes, **spec_kw)
+    directory.mkdir(parents=True, exist_ok=True)
+    import shutil
+
+    for name in ("ca.crt", "ca.key"):  # the run's CA: init keeps an existing one and signs with it
+        if not (directory / name).exists():
+            shutil.copy2(test_ca_dir() / name, directory / name)
     init_cluster_dir(directory, spec)
     return Cluster(directory, spec)
 

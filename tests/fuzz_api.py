@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import Cluster, make_cluster  # noqa: E402
+from tests.conftest import Cluster, admin_socket, make_cluster  # noqa: E402
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "TRACE", "BREW", "get", "P\x00ST"]
 ROUTES = ["/healthz", "/readyz", "/v1/status", "/v1/services", "/v1/services/{s}", "/v1/services/{s}/resilience",
@@ -164,11 +163,10 @@ def make_headers(rng: random.Random, token: str) -> list[bytes]:
 
 def send(api: str, method: str, path: str, headers: list[bytes], body: bytes, timeout: float = 10.0
          ) -> tuple[int, dict[str, str], bytes]:
-    host, port = api.rsplit(":", 1)
     head = f"{method} {path} HTTP/1.1\r\nHost: {api}\r\n".encode("utf-8", "surrogateescape")
     head += b"".join(h + b"\r\n" for h in headers)
     head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+    with admin_socket(api, timeout) as s:
         s.sendall(head + body)
         data = b""
         while True:

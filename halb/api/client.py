@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from halb.tls import AdminTls, TlsError
 
 
 class ApiError(Exception):
@@ -42,17 +45,25 @@ def read_token(token_file: str | None) -> str:
 
 @dataclass
 class Client:
-    nodes: list[str]
+    nodes: list[str]  # HOST:PORT (https, verified by `tls`) or a full http(s)://HOST:PORT
     token: str
     timeout: float = 5.0
+    tls: AdminTls = field(default_factory=AdminTls.from_env)  # like the CLI: HALB_CA_FILE, else the system store
 
     @classmethod
-    def from_options(cls, cluster: str | None, token_file: str | None, timeout: float = 5.0) -> "Client":
+    def from_options(cls, cluster: str | None, token_file: str | None, timeout: float = 5.0,
+                     ca_file: str | None = None) -> "Client":
+        """`ca_file`: the cluster CA (`--ca-file`), else HALB_CA_FILE, else the system's trust store."""
         if not cluster:
             raise ApiError(0, "no_cluster", "no cluster given: use --cluster HOST:PORT,... or set HALB_CLUSTER "
                                             "(`. DIR/cluster.env` after `halb cluster init DIR`)")
         nodes = [n.strip() for n in cluster.split(",") if n.strip()]
-        return cls(nodes, read_token(token_file), timeout)
+        tls = AdminTls.from_env(ca_file).for_addresses(nodes)
+        try:
+            tls.context()  # a missing or broken CA file is a usage error, said once, not per node
+        except TlsError as exc:
+            raise ApiError(0, "bad_ca_file", str(exc)) from None
+        return cls(nodes, read_token(token_file), timeout, tls)
 
     def request(self, method: str, path: str, body: Any = None, *, node: str | None = None,
                 idempotency_key: str | None = None, timeout: float | None = None) -> dict[str, Any]:
@@ -66,9 +77,11 @@ class Client:
         errors: list[str] = []
         quorum_failures = 0
         for target in [node] if node else self.nodes:
-            req = urllib.request.Request(f"http://{target}{path}", data=data, method=method, headers=headers)
+            url = self.tls.url(target, path)
+            req = urllib.request.Request(url, data=data, method=method, headers=headers)
             try:
-                with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
+                with urllib.request.urlopen(req, timeout=timeout or self.timeout,
+                                            context=self.tls.context_for(url)) as resp:
                     return json.loads(resp.read() or b"{}")
             except urllib.error.HTTPError as exc:
                 raw = exc.read()
@@ -84,6 +97,10 @@ class Client:
                 raise ApiError(exc.code, err.get("error", "error"), err.get("message", str(exc)), target) from None
             except (urllib.error.URLError, OSError, TimeoutError) as exc:
                 reason = getattr(exc, "reason", exc)
+                if isinstance(reason, ssl.SSLCertVerificationError):  # say what to fix, not just "failed"
+                    reason = (f"TLS certificate not trusted ({reason.verify_message}): "
+                              + (f"not signed by the CA in {self.tls.ca_file}" if self.tls.ca_file else
+                                 "set HALB_CA_FILE or --ca-file to the cluster's ca.crt"))
                 errors.append(f"{target}: {reason}")
         if quorum_failures:
             raise ApiError(503, "no_quorum", "; ".join(errors))

@@ -77,7 +77,7 @@ class DrillRun:
         self.steps: list[StepResult] = []
         self.faults: list[dict[str, Any]] = []
         self.failures: list[str] = []
-        self.monitor = Monitor(target.apis, target.token, target.service, self.now)
+        self.monitor = Monitor(target.apis, target.token, target.service, self.now, tls=target.tls)
         self.monitor.on_event = self.events.append
         self.load: LoadGenerator | None = None
         self.load_offset = 0.0

@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import aiohttp
 
+from halb.tls import AdminTls
+
 
 @dataclass
 class NodeView:
@@ -79,7 +81,9 @@ def _node_view(st: dict[str, Any], now: float) -> NodeView:
 
 class Monitor:
     def __init__(self, apis: dict[str, str], token: str, service: str, clock: Callable[[], float],
-                 status_interval: float = 0.15, backends_interval: float = 0.2, events_interval: float = 0.5) -> None:
+                 status_interval: float = 0.15, backends_interval: float = 0.2, events_interval: float = 0.5,
+                 tls: AdminTls | None = None) -> None:
+        self.tls = tls or AdminTls.from_env()  # https verified against the cluster CA (halb/tls.py)
         self.apis = apis  # shared with the target: members added later are polled too
         self.token = token
         self.service = service
@@ -100,7 +104,8 @@ class Monitor:
         self.on_event: Callable[[dict[str, Any]], None] | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"})
+        self._session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.token}"},
+                                              connector=self.tls.connector())
         await self.poll_once()
         await self._poll_events(initial=True)
         self._tasks = [asyncio.create_task(self._loop(self._poll_status, self.status_interval)),
@@ -144,7 +149,7 @@ class Monitor:
         """The JSON object at ``path``; PollError (with a short reason) for anything else."""
         assert self._session is not None
         try:
-            async with self._session.get(f"http://{api}{path}", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            async with self._session.get(self.tls.url(api, path), timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 if r.status != 200:
                     raise PollError(f"HTTP {r.status}")
                 data = await r.json()

@@ -28,7 +28,10 @@ from typing import Any
 from halb.api.client import ApiError, Client
 from halb.chaos.faults import FaultProxy
 from halb.chaos.load import ClientAddresses
-from halb.demo.launcher import Child, ClusterSpec, NodeSpec, halb_argv, init_cluster_dir, node_config_text
+from halb.demo.launcher import (
+    CA_CERT, Child, ClusterSpec, NodeSpec, ensure_local_tls, halb_argv, init_cluster_dir, node_config_text,
+)
+from halb.tls import AdminTls
 
 
 class Unsupported(Exception):
@@ -87,10 +90,11 @@ class Target:
     backend_names: list[str] = field(default_factory=list)
     # where /products traffic goes when it has its own service (overload drills); None: same as checkout
     products_addresses: ClientAddresses | None = None
+    tls: AdminTls = field(default_factory=AdminTls)  # how the admin APIs are reached (halb/tls.py)
 
     # --- admin API --------------------------------------------------------------------
     def client(self, timeout: float = 4.0) -> Client:
-        return Client(list(self.apis.values()), self.token, timeout=timeout)
+        return Client(list(self.apis.values()), self.token, timeout=timeout, tls=self.tls)
 
     def api_call(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
         return self.client().request(method, path, body if body is not None or method == "GET" else {})
@@ -152,7 +156,8 @@ class RemoteTarget(Target):
 
     @classmethod
     def connect(cls, urls: list[str], token: str, db_path: str | None, pids: dict[str, int]) -> "RemoteTarget":
-        client = Client(urls, token, timeout=4.0)
+        tls = AdminTls.from_env().for_addresses(urls)  # the cluster's CA (HALB_CA_FILE), as for the CLI
+        client = Client(urls, token, timeout=4.0, tls=tls)
         status = client.get("/v1/status")
         apis = {m["id"]: m["api"] for m in status["members"] if m.get("id") and m.get("api")}
         services = status.get("services") or []
@@ -167,7 +172,7 @@ class RemoteTarget(Target):
         backends = [b["name"] for b in client.get(f"/v1/services/{svc['name']}/backends")["backends"]]
         return cls(kind="remote", apis=apis or {f"api{i}": u for i, u in enumerate(urls)}, token=token,
                    client_addresses=ClientAddresses("balancers", addrs), db_path=db_path, service=svc["name"],
-                   backend_names=backends, node_pids=pids)
+                   backend_names=backends, node_pids=pids, tls=tls)
 
     def balancer(self, node_id: str, what: str) -> str:
         pid = self.node_pids.get(node_id)
@@ -268,6 +273,7 @@ class LocalTarget(Target):
         self.spec = ClusterSpec(nodes=nodes, service_port=service_port, backends=backends, service_options=options,
                                 backend_options=labels, extra_services=extra_services)
         init_cluster_dir(self.directory, self.spec)
+        self.tls = AdminTls(ca_file=str(self.directory / CA_CERT))
         dial: dict[str, dict[str, str]] = {n.id: {} for n in nodes}
         for x in nodes:
             for y in nodes:
@@ -529,6 +535,7 @@ class LocalTarget(Target):
         if peers:
             text = text.replace(f"peers = {_peers_line(spec, n)}", f"peers = {_peers_toml(peers)}")
         (self.directory / f"{node_id}.toml").write_text(text)
+        ensure_local_tls(self.directory)  # its certificate, from this cluster's CA
         self.apis[node_id] = n.api
         self.client_addresses.addresses.append(f"{host}:{self.spec.service_port}")
         child = self._start_node(node_id)

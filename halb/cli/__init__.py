@@ -54,17 +54,22 @@ class LazyGroup(click.Group):
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--cluster", "cluster", envvar="HALB_CLUSTER", default=None,
-              help="Comma-separated admin API addresses HOST:PORT (env HALB_CLUSTER).")
+              help="Comma-separated admin API addresses HOST:PORT, spoken to over HTTPS; prefix one with "
+                   "http:// only for an --insecure-dev node (env HALB_CLUSTER).")
+@click.option("--ca-file", envvar="HALB_CA_FILE", default=None, type=click.Path(dir_okay=False),
+              help="The cluster CA certificate the nodes' certificates are verified against (env HALB_CA_FILE; "
+                   "default: the system's trust store).")
 @click.option("--token-file", envvar="HALB_TOKEN_FILE", default=None, type=click.Path(dir_okay=False),
               help="File holding the admin API token (env HALB_TOKEN_FILE; or set HALB_TOKEN).")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Machine-readable JSON output.")
 @click.option("--timeout", default=5.0, show_default=True, help="Seconds to wait for each node.")
 @click.version_option(package_name="halb")
 @click.pass_context
-def cli(ctx: click.Context, cluster: str | None, token_file: str | None, as_json: bool, timeout: float) -> None:
+def cli(ctx: click.Context, cluster: str | None, ca_file: str | None, token_file: str | None, as_json: bool,
+        timeout: float) -> None:
     """halb: a highly available load-balancer cluster."""
     ctx.ensure_object(dict)
-    ctx.obj.update(cluster=cluster, token_file=token_file, json=as_json, timeout=timeout)
+    ctx.obj.update(cluster=cluster, ca_file=ca_file, token_file=token_file, json=as_json, timeout=timeout)
 
 
 def main() -> None:

@@ -154,7 +154,7 @@ async def _run_one(drill: Any, cluster: str, duration: float | None, rate: float
                                                      backend_process=drill.cluster.backend_process,
                                                      browse=drill.cluster.browse, balancers=drill.load.balancers))
     else:
-        urls = [u.strip().removeprefix("http://") for u in cluster.split(",") if u.strip()]
+        urls = [u.strip() for u in cluster.split(",") if u.strip()]  # HOST:PORT (https) or http(s)://HOST:PORT
         try:
             target = RemoteTarget.connect(urls, read_token(token_file), db_path, pids)
         except (ApiError, TargetError) as exc:

@@ -11,8 +11,9 @@ import click
 
 from halb.cli.common import api_command, client_from, emit_json, json_option, table, wants_json
 from halb.config import ConfigError, load_config
+from halb.tls import AdminTls
 from halb.demo.launcher import (
-    Child, ClusterSpec, config_paths, ensure_secrets, halb_argv, init_cluster_dir, wait_for_leader, write_env,
+    Child, ClusterSpec, config_paths, ensure_local_tls, ensure_secrets, halb_argv, init_cluster_dir, wait_for_leader, write_env,
 )
 
 
@@ -23,15 +24,85 @@ def cluster() -> None:
 
 @cluster.command("init")
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--force", is_flag=True, help="Overwrite existing node configs (secret and token are kept).")
-def init(directory: str, force: bool) -> None:
-    """Generate a three-node local config set with a fresh secret and token in DIRECTORY."""
+@click.option("--force", is_flag=True, help="Overwrite existing node configs (secret, token and CA are kept).")
+@click.option("--node", "nodes", multiple=True, metavar="ID=ADDRESS",
+              help="A machine of a real cluster (repeat: --node n1=10.0.0.1 --node n2=10.0.0.2 ...): writes one "
+                   "bundle per node, DIR/ID/, plus DIR/operator/. Without it: the local three-node demo layout.")
+@click.option("--api-port", default=7000, show_default=True, type=click.IntRange(1, 65535),
+              help="With --node: every node's admin API port.")
+@click.option("--raft-port", default=7100, show_default=True, type=click.IntRange(1, 65535),
+              help="With --node: every node's Raft port.")
+@click.option("--data-dir", default="/var/lib/halb", show_default=True,
+              help="With --node: each node keeps its state in DATA_DIR/ID (the systemd unit's StateDirectory).")
+@click.option("--vip", default="", metavar="ADDRESS[/PREFIX]", help="With --node: announce a floating VIP.")
+@click.option("--interface", default="", help="With --vip: the interface the VIP goes on.")
+@click.option("--dns", "dns_names", multiple=True, metavar="NAME",
+              help="With --node: answer DNS for NAME (repeat) on every node instead of a VIP.")
+@click.option("--dns-zone", default="halb", show_default=True, help="With --dns: the zone the names live in.")
+@click.option("--dns-port", default=53, show_default=True, type=click.IntRange(1, 65535), help="With --dns.")
+@click.option("--renew-certs", is_flag=True,
+              help="Only issue new node certificates from DIRECTORY's existing CA (before they expire); "
+                   "nothing else changes.")
+def init(directory: str, force: bool, nodes: tuple[str, ...], api_port: int, raft_port: int, data_dir: str,
+         vip: str, interface: str, dns_names: tuple[str, ...], dns_zone: str, dns_port: int,
+         renew_certs: bool) -> None:
+    """Generate a cluster's configs, secret, token, CA and node certificates in DIRECTORY.
+
+    Exit 2 for a bad option (a --node value, an address given twice) or when DIRECTORY
+    already holds configs and --force is not given."""
     d = Path(directory)
+    if renew_certs:
+        from halb.bundle import BundleError, renew_certs as renew
+
+        if nodes or force:
+            click.echo("halb: --renew-certs works on an existing DIRECTORY alone (no --node, no --force)", err=True)
+            sys.exit(2)
+        try:
+            done = renew(d)
+        except BundleError as exc:
+            click.echo(f"halb: {exc}", err=True)
+            sys.exit(2)
+        for node_id, cert, until in done:
+            click.echo(f"{node_id}: new certificate {cert} (and its key), valid until {until:%Y-%m-%d}")
+        click.echo("copy each node's new certificate and key to its machine and restart the node, one at a time "
+                   "(docs/deploy.md, Certificates)")
+        return
+    if nodes:
+        from halb.bundle import BundleError, BundleOptions, bundle_config_paths, parse_nodes, write_bundles
+
+        if bundle_config_paths(d) and not force:
+            click.echo(f"halb: {d} already holds node bundles; use --force to overwrite", err=True)
+            sys.exit(2)
+        opts = BundleOptions(api_port=api_port, raft_port=raft_port, data_dir=data_dir, vip=vip,
+                             interface=interface, dns_names=list(dns_names), dns_zone=dns_zone, dns_port=dns_port)
+        try:
+            if api_port == raft_port:
+                raise BundleError("--api-port and --raft-port must differ")
+            paths = write_bundles(d, parse_nodes(list(nodes)), opts)
+        except BundleError as exc:
+            click.echo(f"halb: {exc}", err=True)
+            sys.exit(2)
+        click.echo(f"wrote {len(paths)} node bundles in {d}: {', '.join(p.parent.name + '/' for p in paths)} "
+                   "(node.toml, secret, token, node.crt, node.key, ca.crt; secrets and keys mode 0600)")
+        click.echo(f"copy {d}/ID/ to machine ID as is (docs/deploy.md); {d}/operator/ is for the CLI: "
+                   f". {d}/operator/cluster.env && halb cluster status")
+        click.echo(f"keep {d}/ca/ca.key offline: it issues node certificates")
+        return
+    if vip or interface or dns_names:
+        click.echo("halb: --vip, --interface and --dns need --node (the local layout announces nothing)", err=True)
+        sys.exit(2)
     if config_paths(d) and not force:
         click.echo(f"halb: {d} already holds node configs; use --force to overwrite", err=True)
         sys.exit(2)
-    paths = init_cluster_dir(d)
-    click.echo(f"wrote {', '.join(p.name for p in paths)}, secret, token (mode 0600) and cluster.env in {d}")
+    from halb.pki import PkiError
+
+    try:
+        paths = init_cluster_dir(d)
+    except PkiError as exc:
+        click.echo(f"halb: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {', '.join(p.name for p in paths)}, secret, token, a cluster CA (ca.crt, ca.key) and a "
+               f"certificate per node (keys and secrets mode 0600) and cluster.env in {d}")
     click.echo(f"next: halb cluster up --config-dir {d}   and in another shell:  . {d}/cluster.env")
 
 
@@ -112,14 +183,28 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
     from halb.demo.supervise import Supervisor, cmdline, taken_addresses
 
     d = Path(config_dir)
+    from halb.bundle import bundle_config_paths
+
+    if bundle_config_paths(d) and not config_paths(d):
+        click.echo(f"halb: {d} holds `cluster init --node` bundles for separate machines: copy each to its machine "
+                   "and run `halb node run --config ID/node.toml` there (docs/deploy.md)", err=True)
+        sys.exit(2)
     if not config_paths(d):
         init_cluster_dir(d)
         click.echo(f"initialised a new three-node cluster in {d}")
     ensure_secrets(d)
     try:
+        made = ensure_local_tls(d)
+        if made:
+            click.echo(f"made the cluster CA and TLS certificates for {', '.join(made)} in {d}")
         cfgs = [load_config(p) for p in config_paths(d)]
     except ConfigError as exc:
         click.echo(f"halb: config error: {exc}", err=True)
+        sys.exit(2)
+    no_tls = [c.node_id for c in cfgs if c.api.tls_cert is None]
+    if no_tls and not insecure_dev:
+        click.echo(f"halb: {', '.join(no_tls)} in {d} have no [api] tls_cert (made by an older halb?): "
+                   f"run `halb cluster init --force {d}` (keeps secret and token), or pass --insecure-dev", err=True)
         sys.exit(2)
     taken = taken_addresses(wanted_addresses(cfgs, backends))
     if taken:
@@ -137,7 +222,9 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
         if pids:
             click.echo(f"stop it with Ctrl-C where it runs, or: kill {' '.join(map(str, sorted(pids)))}", err=True)
         sys.exit(2)
-    write_env(d, [c.api.bind for c in cfgs])
+    tls = AdminTls(ca_file=str(cfgs[0].api.ca_file) if cfgs[0].api.ca_file else None,
+                   plain=cfgs[0].api.tls_cert is None)  # no cert: only runs with --insecure-dev, over http
+    write_env(d, [c.api.bind for c in cfgs], None if tls.plain else cfgs[0].api.ca_file)
     logs = d / "logs"
     sup = Supervisor(say=click.echo, pid_dir=d / "run", restart=restart)
     stopping = False
@@ -157,18 +244,18 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
         for cfg in cfgs:
             argv = halb_argv("node", "run", "--config", str(cfg.path)) + (["--insecure-dev"] if insecure_dev else [])
             child = sup.start(Child(cfg.node_id, argv, logs / f"{cfg.node_id}.log"))
-            click.echo(f"started node {cfg.node_id} (pid {child.pid}): api http://{cfg.api.bind}, "
+            click.echo(f"started node {cfg.node_id} (pid {child.pid}): api {tls.url(cfg.api.bind, '')}, "
                        f"log {child.log_path}")
         token = cfgs[0].read_token()
         try:
-            st = wait_for_leader([c.api.bind for c in cfgs], token, timeout=30)
+            st = wait_for_leader([c.api.bind for c in cfgs], token, timeout=30, tls=tls)
         except TimeoutError as exc:
             click.echo(f"halb: {exc}; see the logs in {logs}", err=True)
             sys.exit(1)
         from halb.api.client import ApiError, Client
 
         try:
-            st = Client([c.api.bind for c in cfgs], token).cluster_status()
+            st = Client([c.api.bind for c in cfgs], token, tls=tls).cluster_status()
         except ApiError:
             pass  # keep the status wait_for_leader saw
         click.echo("")

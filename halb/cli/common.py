@@ -23,7 +23,7 @@ EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNAVAILABLE = 1, 2, 3, 4
 
 def client_from(ctx: click.Context) -> Client:
     o = ctx.find_root().obj
-    return Client.from_options(o.get("cluster"), o.get("token_file"), o.get("timeout", 5.0))
+    return Client.from_options(o.get("cluster"), o.get("token_file"), o.get("timeout", 5.0), o.get("ca_file"))
 
 
 def wants_json(ctx: click.Context, local_flag: bool = False) -> bool:

@@ -18,7 +18,8 @@ def node() -> None:
               help="Node TOML config file.")
 @click.option("--insecure-dev", is_flag=True, default=False,
               help="Allow running without a cluster secret (unauthenticated Raft port: remote code "
-                   "execution for anyone who reaches it). Never in production.")
+                   "execution for anyone who reaches it) and without [api] tls_cert (plain HTTP admin API: "
+                   "tokens in clear text). Never in production.")
 @click.option("--takeover", is_flag=True, default=False,
               help="Replace the node process running on this config's data_dir without dropping a "
                    "connection: take its listening sockets and Raft identity over (docs/deploy.md).")
@@ -77,7 +78,7 @@ def reload(config_path: str, timeout: float) -> None:
 @click.option("--venv", default="/opt/halb/venv", show_default=True,
               help="The venv halb is installed in (ExecStart runs VENV/bin/halb).")
 @click.option("--config-dir", default="/etc/halb", show_default=True,
-              help="Where the node configs are: instance n1 runs CONFIG_DIR/n1.toml.")
+              help="Where the node bundles are: instance n1 runs CONFIG_DIR/n1/node.toml.")
 @click.option("--user", default="halb", show_default=True, help="The system user the node runs as.")
 @click.option("--watchdog-sec", default=10, show_default=True, type=int,
               help="systemd kills and restarts a node whose event loop did not ping for this long.")

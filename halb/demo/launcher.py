@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from halb.tls import AdminTls
+
 DEFAULT_NODES = [("n1", "127.0.0.11"), ("n2", "127.0.0.12"), ("n3", "127.0.0.13")]
 # The demo shop: checkout on servers A, B and C, with a second instance (A2) on server A so
 # the resilience report has something to say (docs/resilience.md).
@@ -91,6 +93,11 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
+toml_value = _toml_value  # for other config writers (halb/bundle.py)
+
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+
+
 def node_config_text(spec: ClusterSpec, node: NodeSpec) -> str:
     peers = [n.raft for n in spec.nodes if n.id != node.id]
     lines = [
@@ -107,6 +114,10 @@ def node_config_text(spec: ClusterSpec, node: NodeSpec) -> str:
         "",
         "[api]",
         f"bind = {_toml_value(node.api)}",
+        "# HTTPS: this node's certificate (signed by the cluster CA) and the CA its peers are checked against",
+        f"tls_cert = {_toml_value(f'{node.id}.crt')}",
+        f"tls_key = {_toml_value(f'{node.id}.key')}",
+        f"ca_file = {_toml_value(CA_CERT)}",
         "",
         "[dataplane]",
         f"listen_host = {_toml_value(node.host)}",
@@ -156,12 +167,47 @@ def open_private_log(path: Path) -> Any:
     return log
 
 
-def write_secret(path: Path) -> None:
-    """A fresh random secret, created with mode 0600 from the start (never world-readable)."""
+def write_private(path: Path, data: bytes) -> None:
+    """Write a file with a secret in it: mode 0600 from the start (never world-readable),
+    also when it replaces an older, looser file."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     os.chmod(path, 0o600)
+
+
+def write_secret(path: Path) -> None:
+    """A fresh random secret (cluster secret, bootstrap token), mode 0600."""
+    write_private(path, (secrets.token_urlsafe(32) + "\n").encode())
+
+
+def ensure_ca(directory: Path, name: str | None = None) -> Any:
+    """The cluster CA in directory (ca.crt, ca.key 0600): loaded when there, else made
+    (`name`, default the directory's, goes into its subject). Kept across `cluster init
+    --force`, so clients that trust it keep working."""
+    from halb.pki import load_issued, new_ca
+
+    from halb.pki import PkiError
+
+    cert, key = directory / CA_CERT, directory / CA_KEY
+    if cert.exists() and key.exists():
+        return load_issued(cert.read_bytes(), key.read_bytes())
+    if cert.exists():  # replacing a CA that nodes and clients trust must be a decision, not a side effect
+        raise PkiError(f"{cert} exists but {key} does not: cannot issue certificates from this CA; to make a "
+                       f"new CA (every node and client then needs the new {CA_CERT}) remove {cert} first")
+    ca = new_ca(name or directory.resolve().name)
+    write_private(key, ca.key_pem)
+    cert.write_bytes(ca.cert_pem)
+    return ca
+
+
+def write_node_tls(ca: Any, node_id: str, hosts: list[str], cert: Path, key: Path) -> None:
+    """A fresh certificate for a node's admin API (key 0600), signed by ca (halb/pki.py)."""
+    from halb.pki import issue_node_cert
+
+    issued = issue_node_cert(ca, node_id, hosts)
+    write_private(key, issued.key_pem)
+    cert.write_bytes(issued.cert_pem)
 
 
 def ensure_secrets(directory: Path) -> None:
@@ -170,31 +216,72 @@ def ensure_secrets(directory: Path) -> None:
             write_secret(directory / name)
 
 
+def ensure_local_tls(directory: Path) -> list[str]:
+    """Make the certificate files that a local layout's configs name but that do not exist
+    (a checked-in config set such as cluster_configs/local-3node commits no keys): the CA
+    next to them and a certificate per node for its api.bind host. Returns the nodes done."""
+    import tomllib
+
+    done = []
+    for path in config_paths(directory):
+        try:
+            raw = tomllib.loads(path.read_text())
+            api = raw.get("api") if isinstance(raw.get("api"), dict) else {}
+        except (OSError, tomllib.TOMLDecodeError):
+            continue  # load_config reports it, with file and reason
+        cert, key, ca = (api.get(k) for k in ("tls_cert", "tls_key", "ca_file"))
+        bind = api.get("bind")
+        if not (isinstance(cert, str) and isinstance(key, str) and isinstance(bind, str)) or \
+                ((path.parent / cert).exists() and (path.parent / key).exists()):
+            continue
+        if ca != CA_CERT:
+            continue  # not this layout's CA: leave it to the operator (load_config names the missing file)
+        node_id = raw.get("node_id") if isinstance(raw.get("node_id"), str) else path.stem
+        from halb.config import ConfigError
+        from halb.pki import PkiError
+
+        try:
+            write_node_tls(ensure_ca(directory), node_id, [bind.rsplit(":", 1)[0].strip("[]")],
+                           path.parent / cert, path.parent / key)
+        except PkiError as exc:
+            raise ConfigError(path, "api.bind", f"cannot make its TLS certificate: {exc}") from None
+        done.append(path.stem)
+    return done
+
+
 def init_cluster_dir(directory: Path, spec: ClusterSpec | None = None) -> list[Path]:
-    """Write n*.toml, secret, token and cluster.env into directory; returns the config paths."""
+    """Write n*.toml, secret, token, the cluster CA (ca.crt, ca.key), a certificate per
+    node (nN.crt, nN.key) and cluster.env into directory; returns the config paths. Secret,
+    token, CA and secret keys are kept when present; node certificates are issued anew."""
     spec = spec or ClusterSpec.default()
     directory.mkdir(parents=True, exist_ok=True)
     ensure_secrets(directory)
+    ca = ensure_ca(directory)
     paths = []
     for node in spec.nodes:
+        write_node_tls(ca, node.id, [node.host], directory / f"{node.id}.crt", directory / f"{node.id}.key")
         path = directory / f"{node.id}.toml"
         path.write_text(node_config_text(spec, node))
         paths.append(path)
-    write_env(directory, [n.api for n in spec.nodes])
+    write_env(directory, [n.api for n in spec.nodes], directory / CA_CERT)
     return paths
 
 
-def write_env(directory: Path, apis: list[str]) -> None:
-    """cluster.env: the cluster's API addresses and token file, and the directory of the
-    `halb` that wrote it on PATH (so `. cluster.env && halb ...` works from a venv)."""
+def write_env(directory: Path, apis: list[str], ca_file: Path | None = None, token_file: Path | None = None) -> None:
+    """cluster.env: the cluster's API addresses, the CA that verifies them, the token file,
+    and the directory of the `halb` that wrote it on PATH (so `. cluster.env && halb ...`
+    works from a venv). No CA: the addresses get http:// (an --insecure-dev cluster)."""
     env = directory / "cluster.env"
     bin_dir = Path(sys.executable).parent
     path_line = (f'case ":$PATH:" in *":{bin_dir}:"*) ;; *) export PATH="{bin_dir}:$PATH" ;; esac\n'
                  if (bin_dir / "halb").exists() else "")
+    if ca_file is None:
+        apis = [a if a.startswith(("http://", "https://")) else f"http://{a}" for a in apis]
     env.write_text(
         "# Source me: `. cluster.env`, then every halb CLI command talks to this cluster.\n"
         f"export HALB_CLUSTER={','.join(apis)}\n"
-        f"export HALB_TOKEN_FILE={(directory / 'token').resolve()}\n"
+        + (f"export HALB_CA_FILE={ca_file.resolve()}\n" if ca_file is not None else "unset HALB_CA_FILE\n")
+        + f"export HALB_TOKEN_FILE={(token_file or directory / 'token').resolve()}\n"
         + path_line
     )
 
@@ -250,10 +337,13 @@ def halb_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "halb", *args]
 
 
-def api_get(api: str, path: str, token: str, timeout: float = 1.0) -> tuple[int, Any]:
-    req = urllib.request.Request(f"http://{api}{path}", headers={"Authorization": f"Bearer {token}"})
+def api_get(api: str, path: str, token: str, timeout: float = 1.0, tls: AdminTls | None = None) -> tuple[int, Any]:
+    """GET one node's admin API. `tls`: how to reach it (default https against HALB_CA_FILE)."""
+    tls = tls or AdminTls.from_env()
+    url = tls.url(api, path)
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=tls.context_for(url)) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -262,7 +352,8 @@ def api_get(api: str, path: str, token: str, timeout: float = 1.0) -> tuple[int,
             return exc.code, None
 
 
-def wait_for_leader(apis: list[str], token: str, timeout: float = 20.0) -> dict[str, Any]:
+def wait_for_leader(apis: list[str], token: str, timeout: float = 20.0, tls: AdminTls | None = None
+                    ) -> dict[str, Any]:
     """Poll every node until one reports a leader that every live node agrees on."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -271,7 +362,7 @@ def wait_for_leader(apis: list[str], token: str, timeout: float = 20.0) -> dict[
         statuses = []
         for api in apis:
             try:
-                code, body = api_get(api, "/v1/status", token)
+                code, body = api_get(api, "/v1/status", token, tls=tls)
             except (OSError, ValueError) as exc:
                 last = exc
                 continue
@@ -316,6 +407,7 @@ def member_config_text(node_id: str, raft: str, api: str, peers: list[str], out:
         "",
         "[api]",
         f"bind = {_toml_value(api)}",
+        *_member_tls_lines(node_id, api, out, like, rel),
         "",
         "[dataplane]",
         f"listen_host = {_toml_value(host)}",
@@ -326,3 +418,23 @@ def member_config_text(node_id: str, raft: str, api: str, peers: list[str], out:
         if like.dataplane.workers != 1:
             lines.append(f"workers = {like.dataplane.workers}")
     return "\n".join(lines) + "\n"
+
+
+def _member_tls_lines(node_id: str, api: str, out: Path, like: Any | None, rel: Any) -> list[str]:
+    """[api] TLS keys for a joining node: when `like` uses TLS and the cluster CA's key is
+    next to its ca_file (a `cluster init` directory), a certificate for the new node is
+    issued beside its config (NODE.crt, NODE.key 0600); without the CA key the keys name
+    those files anyway, so the node refuses to start until they exist (docs/deploy.md)."""
+    if like is None or like.api.tls_cert is None:
+        return []
+    cert, key = out.parent / f"{node_id}.crt", out.parent / f"{node_id}.key"
+    ca_key = like.api.ca_file.with_name(CA_KEY) if like.api.ca_file else None
+    if ca_key is not None and ca_key.exists() and not cert.exists():
+        from halb.pki import load_issued
+
+        ca = load_issued(like.api.ca_file.read_bytes(), ca_key.read_bytes())
+        write_node_tls(ca, node_id, [api.rsplit(":", 1)[0].strip("[]")], cert, key)
+    lines = [f"tls_cert = {_toml_value(rel(cert))}", f"tls_key = {_toml_value(rel(key))}"]
+    if like.api.ca_file:
+        lines.append(f"ca_file = {_toml_value(rel(like.api.ca_file))}")
+    return lines

@@ -27,6 +27,7 @@ from typing import Any
 from halb.announce.sysctl import run_in_netns
 from halb.demo.launcher import open_private_log
 from halb.lab.topology import Lab, LabError
+from halb.tls import AdminTls
 
 RAFT_PORT = 7100
 API_PORT = 7000
@@ -60,6 +61,9 @@ def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[s
         "",
         "[api]",
         f"bind = {_q(f'{me}:{API_PORT}')}",
+        f"tls_cert = {_q(f'{node_id}.crt')}",
+        f"tls_key = {_q(f'{node_id}.key')}",
+        'ca_file = "ca.crt"',
         "",
     ]
     extra = dict(announce_extra or {})
@@ -119,7 +123,7 @@ class LabCluster:
 
     # ---- setup ------------------------------------------------------------------------
     def write_configs(self) -> list[Path]:
-        from halb.demo.launcher import ensure_secrets
+        from halb.demo.launcher import ensure_local_tls, ensure_secrets
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
@@ -129,6 +133,7 @@ class LabCluster:
             p = self.run_dir / f"{self.node_id(lb)}.toml"
             p.write_text(lab_node_config(self.lab, lb, self.mode, self.announce_extra))
             paths.append(p)
+        ensure_local_tls(self.run_dir)  # the run's CA and each node's certificate, as `cluster init` makes them
         return paths
 
     def _spawn(self, key: str, host: str, argv: list[str]) -> subprocess.Popen[bytes]:
@@ -194,14 +199,15 @@ class LabCluster:
 
     # ---- admin API from inside the lab --------------------------------------------------
     def api(self, lb: str, method: str, path: str, body: Any = None, timeout: float = 3.0) -> tuple[int, Any]:
-        url = f"http://{self.api_addr(lb)}{path}"
+        tls = AdminTls(ca_file=str(self.run_dir / "ca.crt"))
+        url = tls.url(self.api_addr(lb), path)
         data = None if body is None else json.dumps(body).encode()
         headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
 
         def call() -> tuple[int, Any]:
             req = urllib.request.Request(url, data=data, method=method, headers=headers)
             try:
-                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                with urllib.request.urlopen(req, timeout=timeout, context=tls.context()) as resp:
                     return resp.status, json.loads(resp.read() or b"null")
             except urllib.error.HTTPError as exc:
                 try:

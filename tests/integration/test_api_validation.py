@@ -8,7 +8,6 @@ JSON, a refused write changes nothing, a valid write still works afterwards.
 from __future__ import annotations
 
 import json
-import socket
 import uuid
 from typing import Any, Iterator
 
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 
 from halb.control.commands import validate_command
 from halb.demo.launcher import api_get
-from tests.conftest import Cluster, make_cluster
+from tests.conftest import Cluster, admin_socket, make_cluster
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,8 +36,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def raw_request(api: str, head: bytes, body: bytes = b"", timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 request over a plain socket (so headers can be oversized or not UTF-8)."""
-    host, port = api.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+    with admin_socket(api, timeout) as s:
         s.sendall(head + (f"Content-Length: {len(body)}\r\n".encode() if body else b"") + b"Connection: close\r\n\r\n"
                   + body)
         data = b""
@@ -64,7 +62,7 @@ def call(c: Cluster, method: str, path: str, body: bytes | None = None, *, token
 
 
 def services(c: Cluster) -> list[dict[str, Any]]:
-    code, body = api_get(c.api("n1"), "/v1/services", c.token, timeout=3)
+    code, body = api_get(c.api("n1"), "/v1/services", c.token, timeout=3, tls=c.tls)
     assert code == 200, body
     return body["services"]
 
@@ -162,7 +160,7 @@ def test_bad_idempotency_key_is_400_and_operator_header_is_ignored(node: Cluster
     # X-Halb-Operator (even with bytes that are not UTF-8) is not the audit label: the token's name is
     status, res, _ = call(node, "POST", "/v1/services", body, extra=b"X-Halb-Operator: ops \xff\xfe\r\n")
     assert status == 201, res
-    code, ev = api_get(node.api("n1"), "/v1/events?last=5", node.token, timeout=3)
+    code, ev = api_get(node.api("n1"), "/v1/events?last=5", node.token, timeout=3, tls=node.tls)
     added = [e for e in ev["events"] if e["kind"] == "service.added" and e["data"].get("service") == "hdr1"]
     assert added and added[0]["by"] == "bootstrap", added
 

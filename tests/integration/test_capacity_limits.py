@@ -12,7 +12,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import admin_urlopen, free_port, wait_until
 
 
 def backend_stats(c, name: str) -> dict:
@@ -160,8 +160,8 @@ def test_queue_bounds_answer_503_with_retry_after_and_a_reason(cluster_factory):
     code, body = c.get("n1", "/v1/dataplane")
     q = body["services"]["checkout"]["queue"]
     assert q["full"] == 8 and q["timed_out"] == reasons.count("queue_timeout") and q["length"] == 0
-    req = urllib.request.Request(f"http://{c.api('n1')}/metrics", headers={"Authorization": f"Bearer {c.token}"})
-    metrics = urllib.request.urlopen(req, timeout=5).read().decode()
+    req = urllib.request.Request(c.url("n1", "/metrics"), headers={"Authorization": f"Bearer {c.token}"})
+    metrics = admin_urlopen(req, timeout=5).read().decode()
     assert 'halb_service_queue_length{node="n1",service="checkout"} 0.0' in metrics
     assert 'halb_service_queue_refused_total{node="n1",reason="queue_full",service="checkout"} 8.0' in metrics
     assert "halb_service_queue_wait_seconds_sum" in metrics

@@ -54,7 +54,7 @@ def test_certificate_reaches_every_node_and_its_key_no_file(cluster_factory, tmp
 
     # every node holds the sealed key, and it opens with the cluster secret to the same key
     secret = (c.directory / "secret").read_text().strip()
-    client = Client(list(c.apis), c.token, 10)
+    client = Client(list(c.apis), c.token, 10, tls=c.tls)
     # enough writes for a log compaction, so a snapshot file exists too
     for i in range(40):
         client.put("/v1/services/checkout/backends/A/weight", {"weight": 1 + i % 5})

@@ -26,7 +26,8 @@ def monitor_for(cluster: Any, token: str | None = None, service: str | None = No
     t0 = time.monotonic()
     apis = {n.id: n.api for n in cluster.spec.nodes} | (extra_apis or {})
     return Monitor(apis, cluster.token if token is None else token, service or cluster.spec.service_name,
-                   lambda: time.monotonic() - t0, status_interval=0.05, backends_interval=0.05, events_interval=0.05)
+                   lambda: time.monotonic() - t0, status_interval=0.05, backends_interval=0.05, events_interval=0.05,
+                   tls=cluster.tls)
 
 
 @pytest.mark.timeout(60)

@@ -54,6 +54,9 @@ def test_cluster_up_serves_and_stops_everything(tmp_path):
                 break
         out = "".join(lines)
         assert "leader:" in out and "curl -s http://" in out, out
+        assert f"api https://{c.api('n1')}," in out, out  # the admin API is HTTPS, and says so
+        assert f". {c.directory}/cluster.env && halb cluster status" in out, out
+        assert f"HALB_CA_FILE={c.ca_file.resolve()}" in (c.directory / "cluster.env").read_text()
         kids = children_of(proc.pid)
         assert len(kids) == 6  # three backends, three nodes
         st = c.cli_json("cluster", "status")

@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 
 from halb.demo.launcher import Child, NodeSpec, api_get, halb_argv
-from tests.conftest import free_port, wait_until
+from tests.conftest import admin_url, admin_urlopen, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
 
 def api_write(api: str, token: str, method: str, path: str, body: object, timeout: float = 10) -> tuple[int, dict]:
-    req = urllib.request.Request(f"http://{api}{path}", data=json.dumps(body).encode(), method=method,
+    req = urllib.request.Request(admin_url(api, path), data=json.dumps(body).encode(), method=method,
                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with admin_urlopen(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
@@ -175,15 +175,15 @@ def test_write_without_quorum_fails_with_503_in_bounded_time(cluster_factory):
 def test_api_requires_token(cluster_factory):
     c = cluster_factory(n=1)
     api = c.api("n1")
-    code, body = api_get(api, "/v1/status", "")
+    code, body = api_get(api, "/v1/status", "", tls=c.tls)
     assert code == 401 and body["error"] == "unauthorized"
-    code, body = api_get(api, "/v1/status", "wrong-token-wrong-token")
+    code, body = api_get(api, "/v1/status", "wrong-token-wrong-token", tls=c.tls)
     assert code == 401 and body["message"] == "invalid token"
     code, body = api_write(api, "nope", "POST", "/v1/services/checkout/backends", {"name": "x", "address": "1.2.3.4:5"})
     assert code == 401
     # probes stay open for load balancers / orchestrators
-    assert api_get(api, "/healthz", "")[0] == 200
-    assert api_get(api, "/readyz", "")[0] == 200
+    assert api_get(api, "/healthz", "", tls=c.tls)[0] == 200
+    assert api_get(api, "/readyz", "", tls=c.tls)[0] == 200
     # and the token never shows up in the node's log
     assert c.token not in (c.directory / "logs" / "n1.log").read_text()
 
@@ -191,10 +191,10 @@ def test_api_requires_token(cluster_factory):
 def test_api_rejects_bad_input_without_partial_changes(cluster_factory):
     c = cluster_factory(n=1)
     api = c.api("n1")
-    req = urllib.request.Request(f"http://{api}/v1/services/checkout/backends", data=b"{not json", method="POST",
+    req = urllib.request.Request(admin_url(api, "/v1/services/checkout/backends"), data=b"{not json", method="POST",
                                  headers={"Authorization": f"Bearer {c.token}"})
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=5)
+        admin_urlopen(req, timeout=5)
     assert err.value.code == 400 and json.loads(err.value.read())["error"] == "malformed_json"
     assert api_write(api, c.token, "POST", "/v1/services/nope/backends", {"name": "x", "address": "1.2.3.4:5"})[0] == 404
     assert api_write(api, c.token, "POST", "/v1/services/checkout/backends", {"name": "x", "address": "bad"})[0] == 400

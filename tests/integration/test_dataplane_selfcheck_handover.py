@@ -15,15 +15,15 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import admin_url, admin_urlopen, free_port, wait_until
 
 
 def _call(api: str, token: str, method: str, path: str, body: object = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{api}{path}", data=data, method=method,
+    req = urllib.request.Request(admin_url(api, path), data=data, method=method,
                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=2) as resp:
+        with admin_urlopen(req, timeout=2) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())

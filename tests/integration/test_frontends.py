@@ -66,7 +66,7 @@ def served_by(address: tuple[str, int], host: str, path: str = "/health", **kw: 
 
 def test_two_hosts_and_a_path_prefix_reach_three_services_on_every_node(cluster_factory):
     c = cluster_factory(n=3, run_backends=True)
-    client = Client(list(c.apis), c.token, 10)
+    client = Client(list(c.apis), c.token, 10, tls=c.tls)
     add_service(c, client, "catalog")
     add_service(c, client, "blog")
     port = free_port(host_of(c, "n1"))

@@ -175,7 +175,7 @@ def test_new_backend_is_pending_until_checked_and_a_recovered_one_shows_no_stale
     closed = f"127.0.0.1:{free_port()}"  # nothing listens here
     # jitter 0: the first check runs at once, the second only 30 s later; in between each
     # node has exactly one failed check (fall 2): deterministic, no race with the checks
-    Client(c.apis, c.token).post("/v1/services", {
+    Client(c.apis, c.token, tls=c.tls).post("/v1/services", {
         "name": "slow", "listen": f"{host}:{free_port(host)}", "backends": [{"name": "X", "address": closed}],
         "options": {"health": {"kind": "tcp", "interval": 30, "jitter": 0, "timeout": 0.5, "rise": 2, "fall": 2}}})
 

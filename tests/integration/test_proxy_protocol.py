@@ -56,7 +56,7 @@ def serving(host: str, port: int) -> bool:
 
 def test_send_proxy_v1_and_v2_in_http_and_tcp_mode(cluster_factory):
     c = cluster_factory(n=3)
-    client = Client(list(c.apis), c.token, 10)
+    client = Client(list(c.apis), c.token, 10, tls=c.tls)
     backend = start_proxy_backend(c, "pp")
     ports = {}
     for name, mode, version in (("h1", "http", "v1"), ("h2", "http", "v2"), ("t1", "tcp", "v1"), ("t2", "tcp", "v2")):
@@ -78,7 +78,7 @@ def test_send_proxy_v1_and_v2_in_http_and_tcp_mode(cluster_factory):
 
 def test_accept_proxy_takes_the_client_address_and_refuses_connections_without_one(cluster_factory):
     c = cluster_factory(n=3)
-    client = Client(list(c.apis), c.token, 10)
+    client = Client(list(c.apis), c.token, 10, tls=c.tls)
     backend = start_proxy_backend(c, "plain", "--no-proxy")
     port = free_port()
     add_service(client, "edge", "http", port, backend, accept_proxy=True)

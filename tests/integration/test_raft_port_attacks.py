@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Cluster, wait_until
+from tests.conftest import Cluster, admin_url, admin_urlopen, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -46,12 +46,12 @@ def rss(pid: int) -> int:
 
 
 def put_weight(api: str, token: str, weight: int) -> tuple[int, float]:
-    req = urllib.request.Request(f"http://{api}/v1/services/checkout/backends/A/weight",
+    req = urllib.request.Request(admin_url(api, "/v1/services/checkout/backends/A/weight"),
                                  data=json.dumps({"weight": weight}).encode(), method="PUT",
                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     t0 = time.monotonic()
     try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
+        with admin_urlopen(req, timeout=5) as resp:
             code = resp.status
     except urllib.error.HTTPError as exc:
         code = exc.code

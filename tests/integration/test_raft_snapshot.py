@@ -11,16 +11,16 @@ import urllib.request
 import msgpack
 import pytest
 
-from tests.conftest import Cluster, wait_until
+from tests.conftest import Cluster, admin_urlopen, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
 
 def add_backend(c: Cluster, node: str, name: str, address: str) -> None:
-    req = urllib.request.Request(f"http://{c.api(node)}/v1/services/checkout/backends", method="POST",
+    req = urllib.request.Request(c.url(node, "/v1/services/checkout/backends"), method="POST",
                                  data=json.dumps({"name": name, "address": address}).encode(),
                                  headers={"Authorization": f"Bearer {c.token}", "Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
+    with admin_urlopen(req, timeout=10) as resp:
         assert resp.status == 201
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import admin_urlopen, free_port, wait_until
 from tests.integration.test_dataplane_cluster import Balancers
 
 SERVERS = {"A": {"server": "S1"}, "A2": {"server": "S1"}, "B": {"server": "S2"}, "C": {"server": "S3"}}
@@ -75,7 +75,7 @@ def test_report_for_one_two_three_servers_with_and_without_capacities(cluster_fa
     # a second service over two of the same processes, without declared capacity
     from halb.api.client import Client
 
-    client = Client(c.apis, c.token)
+    client = Client(c.apis, c.token, tls=c.tls)
     client.post("/v1/services", {"name": "web", "listen": f"{c.spec_of('n1').host}:{free_port()}",
                                  "backends": [{"name": "A", "address": c.backend_address("A"), "server": "S1"},
                                               {"name": "B", "address": c.backend_address("B"), "server": "S2"}]})
@@ -125,8 +125,8 @@ def test_report_for_one_two_three_servers_with_and_without_capacities(cluster_fa
     assert load.errors == []
     import urllib.request
 
-    req = urllib.request.Request(f"http://{c.api('n1')}/metrics", headers={"Authorization": f"Bearer {c.token}"})
-    text = urllib.request.urlopen(req, timeout=5).read().decode()
+    req = urllib.request.Request(c.url("n1", "/metrics"), headers={"Authorization": f"Bearer {c.token}"})
+    text = admin_urlopen(req, timeout=5).read().decode()
     assert 'halb_service_servers_healthy{node="n1",service="checkout"} 3.0' in text
     assert 'halb_service_survives_server_loss{node="n1",service="checkout"} 1.0' in text
     assert 'halb_service_n_plus_one{node="n1",service="checkout"} 0.0' in text

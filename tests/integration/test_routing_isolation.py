@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from halb.demo.launcher import Child, halb_argv
-from tests.conftest import Cluster, free_port, wait_until
+from tests.conftest import Cluster, admin_urlopen, free_port, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -28,11 +28,11 @@ INJECT = Path(__file__).with_name("inject_node.py")
 
 
 def call(c: Cluster, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    req = urllib.request.Request(f"http://{c.api('n1')}{path}", method=method,
+    req = urllib.request.Request(c.url("n1", path), method=method,
                                  data=None if body is None else json.dumps(body).encode(),
                                  headers={"Authorization": f"Bearer {c.token}", "Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with admin_urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())

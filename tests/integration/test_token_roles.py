@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Cluster, wait_until
+from tests.conftest import Cluster, admin_url, admin_urlopen, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 NODES = ("n1", "n2", "n3")
@@ -22,10 +22,10 @@ NODES = ("n1", "n2", "n3")
 def call(api: str, token: str, method: str, path: str, body: Any = None,
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://{api}{path}", data=data, method=method, headers={
+    req = urllib.request.Request(admin_url(api, path), data=data, method=method, headers={
         "Authorization": f"Bearer {token}", "Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with admin_urlopen(req, timeout=10) as resp:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())

@@ -12,7 +12,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import Cluster
+from tests.conftest import Cluster, admin_urlopen
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,8 +30,8 @@ async def echo_session(address: str, messages: list[str | bytes]) -> tuple[str, 
 def metric(c: Cluster, node: str, name: str) -> float:
     import urllib.request
 
-    req = urllib.request.Request(f"http://{c.api(node)}/metrics", headers={"Authorization": f"Bearer {c.token}"})
-    text = urllib.request.urlopen(req, timeout=5).read().decode()
+    req = urllib.request.Request(c.url(node, "/metrics"), headers={"Authorization": f"Bearer {c.token}"})
+    text = admin_urlopen(req, timeout=5).read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith(name + "{") and 'service="checkout"' in line)
 

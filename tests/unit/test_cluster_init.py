@@ -37,12 +37,21 @@ def test_init_writes_configs_secrets_0600_and_env(tmp_path):
     assert again.returncode == 2 and "already holds node configs" in again.stderr
 
 
-def test_committed_local_3node_configs_match_the_generator():
+def test_committed_local_3node_configs_match_the_generator(tmp_path):
+    import shutil
+
+    from halb.demo.launcher import ensure_local_tls
+
     spec = ClusterSpec.default()
     for node in spec.nodes:
         path = REPO / "cluster_configs" / "local-3node" / f"{node.id}.toml"
         assert path.read_text() == node_config_text(spec, node)
-        cfg = load_config(path)
+        shutil.copy(path, tmp_path / path.name)
+    # no keys are committed: `cluster up` makes the CA and certificates the configs name
+    assert sorted(ensure_local_tls(tmp_path)) == ["n1", "n2", "n3"] and ensure_local_tls(tmp_path) == []
+    for node in spec.nodes:
+        cfg = load_config(tmp_path / f"{node.id}.toml")
+        assert cfg.api.tls_cert == tmp_path / f"{node.id}.crt" and cfg.api.ca_file == tmp_path / "ca.crt"
         assert [b.address for b in cfg.services[0].backends] == ["127.0.0.21:8080", "127.0.0.21:8081",
                                                                   "127.0.0.22:8080", "127.0.0.23:8080"]
         assert [b.server for b in cfg.services[0].backends] == ["A", "A", "B", "C"]
@@ -74,3 +83,50 @@ def test_member_add_refuses_to_overwrite_a_config_before_asking_the_cluster(tmp_
                          capture_output=True, text=True, timeout=30, env=env)
     assert res.returncode == 2 and "not overwriting" in res.stderr, res.stderr
     assert existing.read_text() == "# mine\n"
+
+
+def test_init_makes_ca_and_node_certs_and_renew_keeps_the_ca(tmp_path):
+    from cryptography import x509
+
+    d = tmp_path / "c"
+    assert subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d)], capture_output=True,
+                          timeout=30).returncode == 0
+    for name in ("ca.key", "n1.key", "n2.key", "n3.key"):
+        assert stat.S_IMODE(os.stat(d / name).st_mode) == 0o600, name
+    assert f"HALB_CA_FILE={(d / 'ca.crt').resolve()}" in (d / "cluster.env").read_text()
+    ca_before, n1_before = (d / "ca.crt").read_bytes(), (d / "n1.crt").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d), "--renew-certs"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "n1: new certificate" in proc.stdout, proc.stderr
+    assert (d / "ca.crt").read_bytes() == ca_before and (d / "n1.crt").read_bytes() != n1_before
+    ca = x509.load_pem_x509_certificate(ca_before)
+    x509.load_pem_x509_certificate((d / "n1.crt").read_bytes()).verify_directly_issued_by(ca)
+    cfg = load_config(d / "n1.toml")  # the renewed cert and key belong together
+    assert cfg.api.tls_cert == d / "n1.crt"
+    # `--force` rewrites configs and certificates, never the CA, secret or token
+    token = (d / "token").read_text()
+    assert subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d), "--force"], capture_output=True,
+                          timeout=30).returncode == 0
+    assert (d / "ca.crt").read_bytes() == ca_before and (d / "token").read_text() == token
+    # without the CA key there is nothing to renew with: exit 2, saying so
+    (d / "ca.key").unlink()
+    proc = subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d), "--renew-certs"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "ca.key does not exist" in proc.stderr, proc.stderr
+    # ... and `--force` does not quietly make a new CA in its place
+    proc = subprocess.run([sys.executable, "-m", "halb", "cluster", "init", str(d), "--force"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "ca.key does not" in proc.stderr, proc.stderr
+    assert (d / "ca.crt").read_bytes() == ca_before
+
+
+def test_member_config_text_issues_a_cert_from_the_cluster_ca(tmp_path):
+    from halb.demo.launcher import init_cluster_dir, member_config_text
+
+    d = tmp_path / "c"
+    init_cluster_dir(d, ClusterSpec.default())
+    out = d / "n4.toml"
+    out.write_text(member_config_text("n4", "127.0.0.14:7100", "127.0.0.14:7000", [], out, load_config(d / "n1.toml")))
+    cfg = load_config(out)
+    assert cfg.api.tls_cert == d / "n4.crt" and cfg.api.ca_file == d / "ca.crt"
+    assert stat.S_IMODE(os.stat(d / "n4.key").st_mode) == 0o600

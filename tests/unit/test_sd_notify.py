@@ -73,8 +73,8 @@ def test_shipped_unit_is_the_generated_one() -> None:
     shipped = (ROOT / "contrib" / "systemd" / "halb-node@.service").read_text()
     assert shipped == render_unit()
     for line in ("Type=notify", "NotifyAccess=all", "WatchdogSec=10s", "Restart=on-failure",
-                 "ExecReload=/opt/halb/venv/bin/halb node reload --config /etc/halb/%i.toml",
-                 "ExecStart=/opt/halb/venv/bin/halb node run --config /etc/halb/%i.toml",
+                 "ExecReload=/opt/halb/venv/bin/halb node reload --config /etc/halb/%i/node.toml",
+                 "ExecStart=/opt/halb/venv/bin/halb node run --config /etc/halb/%i/node.toml",
                  "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW CAP_NET_BIND_SERVICE", "StateDirectory=halb/%i"):
         assert line in shipped.splitlines()
 
