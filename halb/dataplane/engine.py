@@ -204,10 +204,11 @@ class DataPlane:
         return self.listeners[service].port
 
     def listening_sockets(self) -> list[Any]:
-        """Every listening socket this process accepts on (primary and shared), for a hot
+        """Every listening socket this process accepts on (primary, shared, frontends), for a hot
         restart to hand over (halb/takeover.py). Worker processes have their own."""
         out = [lst.sock for lst in self.listeners.values() if not lst.closed]
         out += [lst.sock for lst in self.shared.listeners.values() if not lst.closed]
+        out += [lst.sock for lst in self.frontends.listeners.values() if not lst.closed]
         return out
 
     async def handover_sockets(self) -> list[tuple[Any, Any]]:

@@ -37,7 +37,7 @@ from typing import Any, Callable
 from halb.certs.tls import CertSet, server_context
 from halb.dataplane.frontend_routes import FrontendRoute, RouteTable
 from halb.dataplane.http_proxy import XFF, Exchange, HttpClientConn
-from halb.dataplane.listeners import Listener, make_listen_socket
+from halb.dataplane.listeners import Listener, listen_socket
 from halb.dataplane.routing import ServiceRuntime
 from halb.dataplane.snapshot import ServiceRoute
 from halb.frontend_rules import HOST_RE, request_host
@@ -228,7 +228,7 @@ class FrontendListeners:
         if lst is not None:
             self.engine._retire(self.listeners.pop(key))
         try:
-            sock = make_listen_socket(fe.listen_host, port)
+            sock = listen_socket(fe.listen_host, port)  # handed over by a replaced process, or new
         except OSError as e:
             log.error("frontend %s: cannot listen on %s:%s: %s", fe.name, fe.listen_host, port, e)
             where = f"{fe.listen_host}:{port}"

@@ -61,6 +61,10 @@ def test_reload_under_load_drops_nothing_and_keeps_raft_identity(cluster_factory
 
     c.cli("backend", "add", "D", f"127.0.0.1:{free_port()}", "--weight", "1")  # journal data to survive
     c.cli("backend", "maint", "D")
+    fe_port = free_port(c.spec_of(node).host)  # a frontend's listener is handed over too
+    c.cli("frontend", "add", "web", "--port", str(fe_port), "--default-service", "checkout")
+    fe_address = f"{c.spec_of(node).host}:{fe_port}"
+    wait_until(lambda: _get_ok(fe_address), 10, 0.1, "frontend serving")
     assert _data_dir(c, node).is_dir()
 
     result, threads = start_load(c.service_address(node), "/health", seconds=9.0)
@@ -93,8 +97,9 @@ def test_reload_under_load_drops_nothing_and_keeps_raft_identity(cluster_factory
         later = c.status(node)
         assert later["term"] >= before["term"] and later["commit_index"] > before["commit_index"]
         assert _get_ok(c.service_address(node))
+        assert _get_ok(fe_address)
         old_log = (c.directory / "logs" / f"{node}.log").read_text()
-        assert "(worker 1)" in old_log and "api " in old_log  # every listener was handed over
+        assert "(worker 1)" in old_log and "api " in old_log and str(fe_port) in old_log  # every listener moved
         assert "closed inherited sockets" not in reload_log.read_text()  # ... and taken by the new one
         print(f"takeover under load: ok={result.ok} retried={result.retried} failed={result.failed}")
         for line in (old_log + reload_log.read_text()).splitlines():  # the timeline, for the record
