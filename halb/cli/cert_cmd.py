@@ -147,19 +147,10 @@ def acme(ctx: click.Context, name: str, domains: tuple[str, ...], directory: str
     body: dict[str, Any] = {"name": name, "domains": list(domains), "directory": directory, "email": email}
     if ca_bundle:
         body["ca_bundle"] = _read(ca_bundle, "CA bundle")
-    before = _row(client, name)
-    res = client.post("/v1/certs/acme", body)
-    if not wait:
-        if wants_json(ctx, as_json):
-            emit_json(res["order"])
-        else:
-            click.echo(f"ACME order for {name} requested; the leader orders it now (`halb cert list`)")
-        return
-    row = _wait_issued(client, name, before, timeout, wants_json(ctx, as_json))
-    if wants_json(ctx, as_json):
-        emit_json(row)
-        return
-    click.echo(f"certificate {name} issued: {', '.join(row['sans'])}; valid until {_date(row['not_after'])}")
+    _order_and_report(ctx, client, name, "/v1/certs/acme", body, wait, timeout, as_json,
+                      f"ACME order for {name} requested; the leader orders it now (`halb cert list`)",
+                      lambda row: f"certificate {name} issued: {', '.join(row['sans'])}; "
+                                  f"valid until {_date(row['not_after'])}")
 
 
 @cert.command("renew")
@@ -172,16 +163,24 @@ def acme(ctx: click.Context, name: str, domains: tuple[str, ...], directory: str
 def renew(ctx: click.Context, name: str, wait: bool, timeout: float, as_json: bool) -> None:
     """Renew ACME certificate NAME now (instead of at two thirds of its lifetime)."""
     client = client_from(ctx)
+    _order_and_report(ctx, client, name, f"/v1/certs/{quote(name, safe='')}/renew", {}, wait, timeout, as_json,
+                      f"renewal of {name} requested",
+                      lambda row: f"certificate {name} renewed; valid until {_date(row['not_after'])}")
+
+
+def _order_and_report(ctx: click.Context, client: Client, name: str, path: str, body: dict[str, Any], wait: bool,
+                      timeout: float, as_json: bool, requested: str, done: Any) -> None:
+    """POST the order or renewal, then (with --wait) wait for its certificate and report."""
     before = _row(client, name)
-    res = client.post(f"/v1/certs/{quote(name, safe='')}/renew", {})
+    res = client.post(path, body)
     if not wait:
         if wants_json(ctx, as_json):
             emit_json(res["order"])
         else:
-            click.echo(f"renewal of {name} requested")
+            click.echo(requested)
         return
     row = _wait_issued(client, name, before, timeout, wants_json(ctx, as_json))
     if wants_json(ctx, as_json):
         emit_json(row)
-        return
-    click.echo(f"certificate {name} renewed; valid until {_date(row['not_after'])}")
+    else:
+        click.echo(done(row))
