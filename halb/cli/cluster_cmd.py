@@ -5,7 +5,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import click
 
@@ -102,7 +102,8 @@ def init(directory: str, force: bool, nodes: tuple[str, ...], api_port: int, raf
         click.echo(f"halb: {exc}", err=True)
         sys.exit(2)
     click.echo(f"wrote {', '.join(p.name for p in paths)}, secret, token, a cluster CA (ca.crt, ca.key) and a "
-               f"certificate per node (keys and secrets mode 0600) and cluster.env in {d}")
+               f"certificate per node (keys and secrets mode 0600), cluster.env, and the demo's HTTPS edge "
+               f"(demo-edge.json, a demo CA demo-ca.crt/demo-ca.key) in {d}")
     click.echo(f"next: halb cluster up --config-dir {d}   and in another shell:  . {d}/cluster.env")
 
 
@@ -201,6 +202,9 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
             click.echo(f"made the cluster CA and TLS certificates for {', '.join(made)} in {d}")
         cfgs = [load_config(p) for p in config_paths(d)]
         edge = read_edge(d) if backends else None  # the catalog service runs in the demo backends
+        if backends and edge is None and (d / "n1.toml").exists():
+            click.echo(f"note: {d} has no demo-edge.json (made by an older halb): no HTTPS frontend is seeded; "
+                       f"`halb cluster init --force {d}` adds it (keeps secret, token and CA)")
     except (ConfigError, EdgeError) as exc:
         click.echo(f"halb: config error: {exc}", err=True)
         sys.exit(2)
@@ -266,7 +270,7 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
         click.echo("")
         print_status(st)
         click.echo("")
-        print_next_steps(d, st, skip={edge.catalog_service} if edge is not None else set())
+        print_next_steps(d, st, skip=[edge.catalog_service] if edge is not None else [])
         print_edge_commands(d, edge_commands)
         click.echo("press Ctrl-C to stop every process started here"
                    + (" (a process that dies is restarted)" if restart else ""))
@@ -333,7 +337,7 @@ def wanted_addresses(cfgs: list[Any], backends: bool, edge: Any = None) -> list[
     return [(w, a) for w, a in out if not (a in seen or seen.add(a))]
 
 
-def print_next_steps(d: Path, st: dict[str, Any], skip: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+def print_next_steps(d: Path, st: dict[str, Any], skip: Collection[str] = ()) -> None:
     """Commands that work as printed: cluster.env also puts this halb on PATH. `skip`:
     services the checkout commands do not fit (the demo edge's catalog, printed with it)."""
     click.echo(f"control the cluster from another shell:  . {d}/cluster.env && halb cluster status")
