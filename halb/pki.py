@@ -64,15 +64,24 @@ def subject_alt_name(host: str) -> x509.GeneralName:
     return x509.DNSName(host.rstrip(".").lower())
 
 
-def new_ca(cluster_name: str, *, days: int = CA_DAYS, now: dt.datetime | None = None) -> Issued:
-    """A self-signed CA that may sign node certificates only (path length 0)."""
+def new_ca(cluster_name: str, *, days: int = CA_DAYS, now: dt.datetime | None = None,
+           common_name: str = "", permitted_dns: list[str] | None = None) -> Issued:
+    """A self-signed CA that may sign leaf certificates only (path length 0).
+
+    `permitted_dns` adds a critical name constraint: the CA can then vouch for those DNS
+    names and names under them only (the demo CA: `localhost`), so trusting it in a
+    browser trusts nothing else."""
     now = now or _now()
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"halb cluster CA {cluster_name}"[:64])])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (common_name or f"halb cluster CA {cluster_name}")[:64])])
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=days))
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=days)))
+    if permitted_dns:
+        builder = builder.add_extension(x509.NameConstraints(
+            permitted_subtrees=[x509.DNSName(n) for n in permitted_dns], excluded_subtrees=None), critical=True)
+    cert = (builder
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=True,
@@ -87,6 +96,19 @@ def issue_node_cert(ca: Issued, node_id: str, hosts: list[str], *, days: int = N
     """A server (and client) certificate for one node's admin API, valid for `hosts`."""
     if not hosts:
         raise PkiError(f"node {node_id}: a certificate needs at least one host")
+    return _issue(ca, f"halb node {node_id}", hosts, [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                  days=days, now=now)
+
+
+def issue_server_cert(ca: Issued, hosts: list[str], *, days: int = NODE_DAYS, now: dt.datetime | None = None) -> Issued:
+    """A TLS server certificate (server auth only) for `hosts`, e.g. a site a frontend serves."""
+    if not hosts:
+        raise PkiError("a certificate needs at least one host")
+    return _issue(ca, hosts[0], hosts, [ExtendedKeyUsageOID.SERVER_AUTH], days=days, now=now)
+
+
+def _issue(ca: Issued, common_name: str, hosts: list[str], usages: list[x509.ObjectIdentifier], *, days: int,
+           now: dt.datetime | None) -> Issued:
     sans: list[x509.GeneralName] = []
     for h in hosts:
         san = subject_alt_name(h)
@@ -95,7 +117,7 @@ def issue_node_cert(ca: Issued, node_id: str, hosts: list[str], *, days: int = N
     now = now or _now()
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"halb node {node_id}"[:64])]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:64])]))
             .issuer_name(ca.cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - BACKDATE).not_valid_after(now + dt.timedelta(days=days))
@@ -103,8 +125,7 @@ def issue_node_cert(ca: Issued, node_id: str, hosts: list[str], *, days: int = N
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)

@@ -5,7 +5,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import click
 
@@ -102,7 +102,8 @@ def init(directory: str, force: bool, nodes: tuple[str, ...], api_port: int, raf
         click.echo(f"halb: {exc}", err=True)
         sys.exit(2)
     click.echo(f"wrote {', '.join(p.name for p in paths)}, secret, token, a cluster CA (ca.crt, ca.key) and a "
-               f"certificate per node (keys and secrets mode 0600) and cluster.env in {d}")
+               f"certificate per node (keys and secrets mode 0600), cluster.env, and the demo's HTTPS edge "
+               f"(demo-edge.json, a demo CA demo-ca.crt/demo-ca.key) in {d}")
     click.echo(f"next: halb cluster up --config-dir {d}   and in another shell:  . {d}/cluster.env")
 
 
@@ -193,12 +194,18 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
         init_cluster_dir(d)
         click.echo(f"initialised a new three-node cluster in {d}")
     ensure_secrets(d)
+    from halb.demo.edge import EdgeError, read_edge
+
     try:
         made = ensure_local_tls(d)
         if made:
             click.echo(f"made the cluster CA and TLS certificates for {', '.join(made)} in {d}")
         cfgs = [load_config(p) for p in config_paths(d)]
-    except ConfigError as exc:
+        edge = read_edge(d) if backends else None  # the catalog service runs in the demo backends
+        if backends and edge is None and (d / "n1.toml").exists():
+            click.echo(f"note: {d} has no demo-edge.json (made by an older halb): no HTTPS frontend is seeded; "
+                       f"`halb cluster init --force {d}` adds it (keeps secret, token and CA)")
+    except (ConfigError, EdgeError) as exc:
         click.echo(f"halb: config error: {exc}", err=True)
         sys.exit(2)
     no_tls = [c.node_id for c in cfgs if c.api.tls_cert is None]
@@ -206,7 +213,7 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
         click.echo(f"halb: {', '.join(no_tls)} in {d} have no [api] tls_cert (made by an older halb?): "
                    f"run `halb cluster init --force {d}` (keeps secret and token), or pass --insecure-dev", err=True)
         sys.exit(2)
-    taken = taken_addresses(wanted_addresses(cfgs, backends))
+    taken = taken_addresses(wanted_addresses(cfgs, backends, edge))
     if taken:
         click.echo(f"halb: cannot start the cluster in {d}: {len(taken)} of its addresses are already in use "
                    "(is a cluster already running, e.g. another `make demo`?)", err=True)
@@ -237,7 +244,7 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
     signal.signal(signal.SIGINT, stop)
     try:
         if backends:
-            for child in demo_backend_children(cfgs, d, logs):
+            for child in demo_backend_children(cfgs, d, logs, edge):
                 sup.start(child)
                 click.echo(f"started backend {child.name.removeprefix('backend-')} (pid {child.pid}) on "
                            f"{child.argv[child.argv.index('--listen') + 1]}")
@@ -252,16 +259,19 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
         except TimeoutError as exc:
             click.echo(f"halb: {exc}; see the logs in {logs}", err=True)
             sys.exit(1)
-        from halb.api.client import ApiError, Client
+        from halb.api.client import ApiError, Client, Unreachable
 
+        client = Client([c.api.bind for c in cfgs], token, tls=tls)
+        edge_commands = seed_demo_edge(client, d, edge) if edge is not None else []
         try:
-            st = Client([c.api.bind for c in cfgs], token, tls=tls).cluster_status()
-        except ApiError:
+            st = client.cluster_status()
+        except (ApiError, Unreachable):
             pass  # keep the status wait_for_leader saw
         click.echo("")
         print_status(st)
         click.echo("")
-        print_next_steps(d, st)
+        print_next_steps(d, st, skip=[edge.catalog_service] if edge is not None else [])
+        print_edge_commands(d, edge_commands)
         click.echo("press Ctrl-C to stop every process started here"
                    + (" (a process that dies is restarted)" if restart else ""))
         while not stopping:
@@ -273,9 +283,37 @@ def up(config_dir: str, backends: bool, restart: bool, insecure_dev: bool) -> No
         click.echo("stopped")
 
 
-def wanted_addresses(cfgs: list[Any], backends: bool) -> list[tuple[str, str]]:
+def seed_demo_edge(client: Any, d: Path, edge: Any) -> list[tuple[str, str]]:
+    """Make the demo's HTTPS edge (halb/demo/edge.py) and wait until every node serves it;
+    returns the commands to print. A failure is a warning: the cluster itself is up."""
+    from halb.api.client import ApiError, Unreachable
+    from halb.demo.edge import edge_commands, seed_edge
+    from halb.demo.edge_check import wait_served
+    from halb.pki import PkiError
+
+    try:
+        fe = seed_edge(client, d, edge, click.echo)
+    except (ApiError, Unreachable, PkiError) as exc:
+        click.echo(f"WARNING: could not seed the demo HTTPS edge: {exc}", err=True)
+        return []
+    missing = wait_served(edge, fe, d, timeout=10.0)
+    if missing:
+        click.echo(f"WARNING: frontend {fe['name']} not served yet at {', '.join(missing)} (see the node logs)")
+    return edge_commands(d, edge, fe)
+
+
+def print_edge_commands(d: Path, commands: list[tuple[str, str]]) -> None:
+    if not commands:
+        return
+    click.echo(f"HTTPS with Host routing, verified against the demo CA {d.resolve()}/demo-ca.crt:")
+    for what, command in commands:
+        click.echo(f"  {what}:")
+        click.echo(f"    {command}")
+
+
+def wanted_addresses(cfgs: list[Any], backends: bool, edge: Any = None) -> list[tuple[str, str]]:
     """Every address `cluster up` will listen on: each node's API, Raft and services (own
-    and shared host), and the demo backends."""
+    and shared host), the demo edge's frontend ports, and the demo backends."""
     from halb.model import parse_hostport
 
     out: list[tuple[str, str]] = []
@@ -285,17 +323,26 @@ def wanted_addresses(cfgs: list[Any], backends: bool) -> list[tuple[str, str]]:
             host, port = parse_hostport(svc.listen)
             out.append((f"{cfg.node_id} service {svc.name}", f"{cfg.dataplane.listen_host or host}:{port}"))
             out += [(f"shared address of {svc.name}", f"{h}:{port}") for h in cfg.dataplane.shared_hosts]
+        if edge is not None:
+            host = cfg.dataplane.listen_host or "0.0.0.0"
+            out += [(f"{cfg.node_id} frontend {edge.frontend}", f"{host}:{p}") for p in (edge.port, edge.http_port) if p]
+            out += [(f"{cfg.node_id} service {edge.catalog_service}", f"{host}:{edge.catalog_port}")]
+            out += [(f"shared address of {edge.catalog_service}", f"{h}:{edge.catalog_port}")
+                    for h in cfg.dataplane.shared_hosts]
     if backends and cfgs:
         out += [(f"backend {be.name}", be.address) for svc in cfgs[0].services for be in svc.backends]
+    if backends and edge is not None:
+        out += [(f"catalog backend {name}", addr) for name, addr in edge.catalog_backends]
     seen: set[str] = set()
     return [(w, a) for w, a in out if not (a in seen or seen.add(a))]
 
 
-def print_next_steps(d: Path, st: dict[str, Any]) -> None:
-    """Commands that work as printed: cluster.env also puts this halb on PATH."""
+def print_next_steps(d: Path, st: dict[str, Any], skip: Collection[str] = ()) -> None:
+    """Commands that work as printed: cluster.env also puts this halb on PATH. `skip`:
+    services the checkout commands do not fit (the demo edge's catalog, printed with it)."""
     click.echo(f"control the cluster from another shell:  . {d}/cluster.env && halb cluster status")
     for svc in st.get("services", []):
-        if svc["mode"] != "http" or not svc.get("listen"):
+        if svc["mode"] != "http" or not svc.get("listen") or svc["name"] in skip:
             continue
         addr = svc.get("address") or svc["listen"][0]
         if svc.get("address"):
@@ -309,8 +356,10 @@ def print_next_steps(d: Path, st: dict[str, Any]) -> None:
                    f"http://{addr}/checkout")
 
 
-def demo_backend_children(cfgs: list[Any], d: Path, logs: Path) -> list[Child]:
-    """One checkout backend per distinct seeded backend address (the shop's servers)."""
+def demo_backend_children(cfgs: list[Any], d: Path, logs: Path, edge: Any = None) -> list[Child]:
+    """One checkout backend per distinct seeded backend address (the shop's servers); the
+    demo edge's catalog app runs in the backend process of the same name (--catalog-listen)."""
+    catalog = dict(edge.catalog_backends) if edge is not None else {}
     children: list[Child] = []
     seen: set[str] = set()
     db = (d / "shop.db").resolve()
@@ -322,5 +371,7 @@ def demo_backend_children(cfgs: list[Any], d: Path, logs: Path) -> list[Child]:
             argv = halb_argv("demo", "backend", "--name", be.name, "--listen", be.address, "--db", str(db))
             if be.server:
                 argv += ["--server", be.server]
+            if be.name in catalog:
+                argv += ["--catalog-listen", catalog.pop(be.name)]
             children.append(Child(f"backend-{be.name}", argv, logs / f"backend-{be.name}.log"))
     return children

@@ -68,6 +68,8 @@ class BackendConfig:
     access_log: bool = False
     capacity: int = 0  # requests worked on at once; 0: unlimited (no worker pool)
     work_ms: float = 0.0  # time each request holds a worker (simulated service time)
+    catalog_host: str = ""  # also serve the catalog app (build_catalog_app) here; "" = not
+    catalog_port: int = 0
 
     def __post_init__(self) -> None:
         if not self.server:
@@ -367,6 +369,30 @@ def build_app(shop: Shop) -> web.Application:
     return app
 
 
+def build_catalog_app(shop: Shop) -> web.Application:
+    """The demo's second service, `catalog`, on its own port of the same process: read-only
+    product data from the same shop database. It exists so that Host (and path) routing is
+    visible through a frontend: every answer names its instance like the checkout app's."""
+
+    async def items(request: web.Request) -> web.Response:
+        prods = await shop.run_db(shop.db.products)
+        return shop.json({"service": "catalog", "items": [p.to_dict() for p in prods]})
+
+    async def item(request: web.Request) -> web.Response:
+        sku = request.match_info["sku"]
+        for p in await shop.run_db(shop.db.products):
+            if p.sku == sku:
+                return shop.json({"service": "catalog", "item": p.to_dict()})
+        raise BadRequest(404, "unknown_sku", f"no product {sku!r}", sku=sku)
+
+    app = web.Application(middlewares=[shop.errors_middleware, shop.chaos_middleware])
+    app.on_response_prepare.append(shop.on_prepare)
+    app.router.add_get("/health", shop.health)
+    app.router.add_get("/catalog/items", items)
+    app.router.add_get("/catalog/items/{sku}", item)
+    return app
+
+
 def setup_logging(name: str, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"%(asctime)s backend[{name}] %(levelname)s %(name)s: %(message)s"))
@@ -393,16 +419,25 @@ async def serve(cfg: BackendConfig, stop: asyncio.Event | None = None) -> None:
     app = build_app(shop)
     runner = web.AppRunner(app, access_log=log if cfg.access_log else None, shutdown_timeout=5.0)
     await runner.setup()
+    runners = [runner]
     try:
         site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
         await site.start()
+        if cfg.catalog_port:
+            catalog = web.AppRunner(build_catalog_app(shop), access_log=log if cfg.access_log else None,
+                                    shutdown_timeout=5.0)
+            await catalog.setup()
+            runners.append(catalog)
+            await web.TCPSite(catalog, cfg.catalog_host, cfg.catalog_port, reuse_address=True).start()
+            log.info("serving catalog on http://%s:%d", cfg.catalog_host, cfg.catalog_port)
         log.info("serving checkout on http://%s:%d db=%s synchronous=%s delay_ms=%s fail_rate=%s capacity=%s work_ms=%s",
                  cfg.host, cfg.port, cfg.db_path, cfg.synchronous, cfg.delay_ms, cfg.fail_rate,
                  cfg.capacity or "unlimited", cfg.work_ms)
         await stop.wait()
         log.info("shutting down")
     finally:
-        await runner.cleanup()
+        for r in reversed(runners):
+            await r.cleanup()
         await shop.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from halb.demo.edge import DemoEdge, ensure_demo_ca, write_edge
 from halb.tls import AdminTls
 
 DEFAULT_NODES = [("n1", "127.0.0.11"), ("n2", "127.0.0.12"), ("n3", "127.0.0.13")]
@@ -64,6 +65,8 @@ class ClusterSpec:
     # more services seeded next to the main one (chaos overload drills: "browse" on the same
     # backend processes): {name, port, options, backends: [(name, address)], backend_options}
     extra_services: list[dict[str, Any]] = field(default_factory=list)
+    # the HTTPS frontend, demo CA certificate and catalog service `cluster up` seeds (halb/demo/edge.py)
+    demo_edge: DemoEdge | None = None
 
     @property
     def shared_address(self) -> str | None:
@@ -72,7 +75,7 @@ class ClusterSpec:
     @classmethod
     def default(cls) -> "ClusterSpec":
         return cls(nodes=[NodeSpec(i, h) for i, h in DEFAULT_NODES], shared_host=DEFAULT_SHARED_HOST,
-                   backend_options={k: dict(v) for k, v in DEFAULT_BACKEND_OPTIONS.items()})
+                   backend_options={k: dict(v) for k, v in DEFAULT_BACKEND_OPTIONS.items()}, demo_edge=DemoEdge())
 
 
 def _toml_key(k: str) -> str:
@@ -252,11 +255,16 @@ def ensure_local_tls(directory: Path) -> list[str]:
 def init_cluster_dir(directory: Path, spec: ClusterSpec | None = None) -> list[Path]:
     """Write n*.toml, secret, token, the cluster CA (ca.crt, ca.key), a certificate per
     node (nN.crt, nN.key) and cluster.env into directory; returns the config paths. Secret,
-    token, CA and secret keys are kept when present; node certificates are issued anew."""
+    token, CA and secret keys are kept when present; node certificates are issued anew.
+    With a demo edge (the default layout): also demo-edge.json and the demo CA
+    (demo-ca.crt, demo-ca.key), which `cluster up` uses (halb/demo/edge.py)."""
     spec = spec or ClusterSpec.default()
     directory.mkdir(parents=True, exist_ok=True)
     ensure_secrets(directory)
     ca = ensure_ca(directory)
+    if spec.demo_edge is not None:
+        write_edge(directory, spec.demo_edge)
+        ensure_demo_ca(directory)
     paths = []
     for node in spec.nodes:
         write_node_tls(ca, node.id, [node.host], directory / f"{node.id}.crt", directory / f"{node.id}.key")

@@ -154,3 +154,128 @@ def test_cluster_up_supervises_refuses_duplicates_and_prints_working_commands(tm
     assert proc.returncode == 0, out.text
     assert not [pid for pid in seen if alive(pid)], "cluster up left children running"
     assert not list((c.directory / "run").glob("*.pid"))
+
+
+def edge_commands_in(text: str) -> dict[str, str]:
+    """The banner's demo-edge block: {what it shows: command}, parsed as a user reads it."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("HTTPS with Host routing"))
+    out: dict[str, str] = {}
+    i = start + 1
+    while i + 1 < len(lines) and lines[i].startswith("  ") and not lines[i].startswith("    "):
+        assert lines[i + 1].startswith("    "), lines[i:i + 2]
+        out[lines[i].strip().rstrip(":")] = lines[i + 1].strip()
+        i += 2
+    return out
+
+
+def curl_like(command: str) -> str:
+    """Run a printed curl command: with curl when installed, else the same request (same
+    --cacert, --resolve, URL; `-w` prints status and redirect URL) with Python's ssl/http."""
+    import shlex
+    import shutil
+    from urllib.parse import urlsplit
+
+    if shutil.which("curl"):
+        res = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, f"{command}\n{res.stderr}"
+        return res.stdout
+    import http.client
+
+    from halb.demo.edge_check import https_get
+
+    argv = shlex.split(command)
+    opts = {a: argv[i + 1] for i, a in enumerate(argv) if a in ("--cacert", "--resolve", "-w")}
+    url = urlsplit(argv[-1])
+    addr = opts["--resolve"].split(":", 2)[2].split(",")[0]
+    if url.scheme == "https":
+        status, body = https_get(f"{addr}:{url.port}", url.hostname, url.path, Path(opts["--cacert"]), timeout=10)
+        assert status == 200, (command, status, body)
+        return body.decode()
+    conn = http.client.HTTPConnection(addr, url.port, timeout=10)
+    conn.request("GET", url.path, headers={"Host": f"{url.hostname}:{url.port}"})
+    resp = conn.getresponse()
+    conn.close()
+    return f"{resp.status} {resp.getheader('Location')}\n"
+
+
+def run_printed(commands: dict[str, str]) -> dict[str, str]:
+    out = {}
+    for what, command in commands.items():
+        if command.startswith("curl "):
+            out[what] = curl_like(command)
+        else:  # the WebSocket client, `halb demo ws ...`
+            res = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=30)
+            assert res.returncode == 0, f"{command}\n{res.stderr}"
+            out[what] = res.stdout
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_cluster_up_seeds_an_https_edge_whose_printed_commands_work(tmp_path):
+    """Issue 13 (demo): `cluster up` seeds a demo CA, a certificate, an HTTPS frontend with
+    Host and path routes to checkout and catalog; the printed curl / WebSocket commands work
+    as printed (verified against the printed demo CA); a second `cluster up` on the same
+    directory seeds nothing twice and prints the same working commands."""
+    from halb.demo.edge import DemoEdge
+    from tests.conftest import free_port
+
+    from halb.demo.launcher import init_cluster_dir
+
+    c = make_cluster(tmp_path / "demo")  # nodes on a random loopback net, free ports, the test CA
+    host = c.spec.nodes[0].host
+    c.spec.demo_edge = DemoEdge(port=free_port(host), http_port=free_port(host), catalog_port=free_port(host),
+                                catalog_backends=[(name, f"127.0.0.1:{free_port()}") for name in ("A", "B", "C")])
+    edge = c.spec.demo_edge
+    init_cluster_dir(c.directory, c.spec)  # again, now with the demo edge (secrets and CA kept)
+    d = c.directory
+    assert stat_mode(d / "demo-ca.key") == 0o600 and not list((d / "data").glob("**/demo-ca*"))
+    argv = [sys.executable, "-m", "halb", "cluster", "up", "--config-dir", str(d)]
+    first: dict[str, str] = {}
+    for run in (1, 2):
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out = Output(proc)
+        seen: set[int] = set()
+        try:
+            text = out.wait_for("press Ctrl-C", 90)
+            seen |= children_of(proc.pid)
+            assert len(seen) == 6, text  # the catalog runs inside the three checkout backends
+            assert ("seeded the demo HTTPS edge" in text) == (run == 1), text
+            assert f"verified against the demo CA {d.resolve()}/demo-ca.crt" in text, text
+            commands = edge_commands_in(text)
+            assert len(commands) == 5, commands
+            if run == 1:
+                first = commands
+            assert commands == first  # the same commands keep working after a restart
+            results = run_printed(commands)
+            shop = json.loads(results["Host shop.localhost -> checkout"])
+            assert shop["products"] and shop["server"] in {"A", "B", "C"}
+            for what in ("Host catalog.shop.localhost -> catalog", "path shop.localhost/catalog/ -> catalog"):
+                body = json.loads(results[what])
+                assert body["service"] == "catalog" and body["items"], body
+            assert results["plain HTTP answers 308 to HTTPS"].strip() == \
+                f"308 https://shop.localhost:{edge.port}/products"
+            ws = next(v for k, v in results.items() if k.startswith("WebSocket"))
+            assert '< {"instance": ' in ws and "> hello\n< hello" in ws, ws
+            # Host routing is visible: the catalog answers from more than one instance
+            catalog = commands["Host catalog.shop.localhost -> catalog"]
+            servers = {json.loads(curl_like(catalog))["server"] for _ in range(6)}
+            assert len(servers) >= 2, servers
+            fes = c.cli_json("frontend", "list")
+            assert [(f["name"], len(f["routes"])) for f in fes] == [("web", 3)], fes
+            certs = c.cli_json("cert", "list")
+            assert [x["name"] for x in certs] == ["shop-demo"], certs
+            assert sorted(s["name"] for s in c.cli_json("cluster", "status")["services"]) == ["catalog", "checkout"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            for pid in seen:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+        assert proc.returncode == 0, out.text
+
+
+def stat_mode(path: Path) -> int:
+    import stat
+
+    return stat.S_IMODE(path.stat().st_mode)

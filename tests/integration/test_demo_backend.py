@@ -315,3 +315,26 @@ def test_capacity_flags_are_checked(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert bad.returncode == 2 and "--capacity" in bad.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+def test_catalog_listen_serves_the_second_service_from_the_same_process(tmp_path: Path) -> None:
+    """--catalog-listen: the demo's catalog service on a second port of the same process,
+    reading the shop database, naming its instance; the checkout port is unchanged."""
+    cport = free_port()
+    be = start_backend("B", tmp_path / "shop.db", tmp_path, "--catalog-listen", f"127.0.0.1:{cport}")
+    try:
+        r = requests.get(f"http://127.0.0.1:{cport}/catalog/items", timeout=5)
+        assert r.status_code == 200 and r.headers["X-Served-By"] == "B"
+        body = r.json()
+        assert body["server"] == "B" and body["service"] == "catalog"
+        assert [i["sku"] for i in body["items"]] == [p["sku"] for p in requests.get(be.url + "/products", timeout=5)
+                                                      .json()["products"]]
+        one = requests.get(f"http://127.0.0.1:{cport}/catalog/items/sku-2", timeout=5).json()
+        assert one["item"]["sku"] == "sku-2"
+        missing = requests.get(f"http://127.0.0.1:{cport}/catalog/items/nope", timeout=5)
+        assert missing.status_code == 404 and missing.json()["error"] == "unknown_sku"
+        assert requests.get(f"http://127.0.0.1:{cport}/health", timeout=5).status_code == 200
+        assert requests.get(f"http://127.0.0.1:{cport}/checkout", timeout=5).status_code == 404  # catalog only
+    finally:
+        assert be.stop() == 0
+    assert "serving catalog on" in be.log()
