@@ -38,6 +38,15 @@ from run import NGINX_CONF, free_port, tool, wait_port  # noqa: E402
 from tls import halb_tls_args, make_cert  # noqa: E402
 
 
+def handshake_instructions(dump: str) -> int:
+    """Inclusive instructions of uvloop's handshake step (OpenSSL handshake, SNI callback)."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", dump], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if "SSLProtocol__do_handshake" in line:
+            return int(line.split()[0].replace(",", ""))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests-seconds", type=int, default=10)
@@ -98,6 +107,9 @@ def main() -> int:
             if line.startswith(("summary:", "totals:")):
                 total = int(line.split()[1])
         print(f"requests {n}  instructions {total:,}  per request {total / max(n, 1):,.0f}")
+        if args.tls and not args.close:  # wrk's connections handshake inside the window too
+            hs = handshake_instructions(dumps[0])
+            print(f"  TLS handshakes {hs:,} instructions; per request without them {(total - hs) / max(n, 1):,.0f}")
         if args.keep:
             keep = ROOT / "bench" / "callgrind.out"
             shutil.copy(dumps[0], keep)
