@@ -5,10 +5,11 @@ user-space instructions per request move by ~1-2 %, so this is the number to com
 changing the hot path (kernel time is not counted: both proxies make the same syscalls).
 
     .venv/bin/python bench/instr.py [--requests-seconds 10] [--path /] [--origin-port P]
-        [--mode tcp] [--close] [--tree DIR]
+        [--mode tcp] [--close] [--tls] [--tree DIR]
 
 `--close` sends `Connection: close` (a new connection per request: with `--mode tcp` this
-counts what TCP mode spends per proxied connection); `--tree` runs the halb found in DIR
+counts what TCP mode spends per proxied connection); `--tls` serves HTTPS (bench/tls.py's
+certificate, `--tls-cert`: a TLS frontend) and drives it with `https://`; `--tree` runs the halb found in DIR
 (e.g. a `git archive` of an older commit) for before/after comparisons.
 
 Starts an nginx origin (or uses --origin-port), runs `python -m halb.dataplane.run` under
@@ -34,6 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 from run import NGINX_CONF, free_port, tool, wait_port  # noqa: E402
+from tls import halb_tls_args, make_cert  # noqa: E402
+
+
+def handshake_instructions(dump: str) -> int:
+    """Inclusive instructions of uvloop's handshake step (OpenSSL handshake, SNI callback)."""
+    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", dump], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if "SSLProtocol__do_handshake" in line:
+            return int(line.split()[0].replace(",", ""))
+    return 0
 
 
 def main() -> int:
@@ -44,6 +55,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the callgrind output file")
     ap.add_argument("--mode", choices=["http", "tcp"], default="http")
     ap.add_argument("--close", action="store_true", help="wrk -H 'Connection: close'")
+    ap.add_argument("--tls", action="store_true", help="HTTPS: halb terminates TLS (a TLS frontend)")
     ap.add_argument("--tree", default=str(ROOT), help="directory whose halb package runs")
     args = ap.parse_args()
     for b in ("valgrind", "callgrind_control", "wrk"):
@@ -67,7 +79,8 @@ def main() -> int:
         out = str(tmp / "cg.%p")
         p = subprocess.Popen(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                               sys.executable, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{port}",
-                              "--mode", args.mode, "--backend", f"origin=127.0.0.1:{origin}"],
+                              "--mode", args.mode, "--backend", f"origin=127.0.0.1:{origin}",
+                              *halb_tls_args(make_cert(tmp) if args.tls else None)],
                              cwd=args.tree, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         procs.append(p)
         assert p.stdout is not None
@@ -76,7 +89,7 @@ def main() -> int:
         def ctl(*a: str) -> None:
             subprocess.run(["callgrind_control", *a, str(p.pid)], capture_output=True)
 
-        url = f"http://127.0.0.1:{port}{args.path}"
+        url = f"{'https' if args.tls else 'http'}://127.0.0.1:{port}{args.path}"
         hdr = ["-H", "Connection: close"] if args.close else []
         ctl("-i", "on")
         subprocess.run([tool("wrk"), "-t1", "-c10", "-d3s", *hdr, url], capture_output=True)
@@ -94,6 +107,9 @@ def main() -> int:
             if line.startswith(("summary:", "totals:")):
                 total = int(line.split()[1])
         print(f"requests {n}  instructions {total:,}  per request {total / max(n, 1):,.0f}")
+        if args.tls and not args.close:  # wrk's connections handshake inside the window too
+            hs = handshake_instructions(dumps[0])
+            print(f"  TLS handshakes {hs:,} instructions; per request without them {(total - hs) / max(n, 1):,.0f}")
         if args.keep:
             keep = ROOT / "bench" / "callgrind.out"
             shutil.copy(dumps[0], keep)

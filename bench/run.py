@@ -3,7 +3,8 @@
 Setup (loopback only): each proxy is pinned to one core (taskset), wrk and the origin
 (nginx from apt, or halb's built-in origin) share the other. Cases: small HTTP responses,
 TCP mode (keep-alive, and a new connection per request), 1,000 keep-alive HTTP connections
-(judged on errors) and 1 MiB response bodies. HAProxy is tuned as an operator would for each case
+(judged on errors), 1 MiB response bodies, and HTTPS (keep-alive, and a new TLS connection
+per request) with both proxies serving the same ECDSA P-256 certificate (bench/tls.py). HAProxy is tuned as an operator would for each case
 (keep-alive; for bulk: 64 KiB buffers and splice). halb runs `python -m halb.dataplane.run`
 with every feature on as shipped (retries, outlier detection, budgets, request ids, ...).
 Runs are interleaved (HAProxy, halb, HAProxy, ...) so background load hits both alike;
@@ -31,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from halb.system_packages import ensure_tools, find_tool
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tls import TLS_NOTE, TlsFiles, haproxy_tls, halb_tls_args, make_cert  # noqa: E402  (bench/tls.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -97,10 +101,13 @@ class Procs:
 
 
 def start_halb(procs: Procs, port: int, origin_port: int, core: int | str | None, *, mode: str = "http",
-               workers: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """halb's standalone data plane in front of the origin, every feature on as shipped."""
+               workers: int = 1, env: dict[str, str] | None = None,
+               tls: TlsFiles | None = None) -> subprocess.Popen[bytes]:
+    """halb's standalone data plane in front of the origin, every feature on as shipped
+    (with `tls`: --listen is a TLS frontend, as a node serves HTTPS)."""
     return procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{port}", "--mode", mode,
-                        "--workers", str(workers), "--backend", f"origin=127.0.0.1:{origin_port}"], core,
+                        "--workers", str(workers), "--backend", f"origin=127.0.0.1:{origin_port}",
+                        *halb_tls_args(tls)], core,
                        stdout=subprocess.DEVNULL, cwd=str(ROOT), env=dict(os.environ, **(env or {})))
 
 
@@ -125,7 +132,8 @@ class Case:
     conns: int
     mode: str  # http | tcp
     headers: tuple[str, ...] = ()  # extra wrk -H headers ("Connection: close": a connection per request)
-    target: str = "rps"  # rps | mib_s | errors: what the case is judged on
+    target: str = "rps"  # rps | mib_s | errors | tls: what the case is judged on
+    scheme: str = "http"  # https: both proxies terminate TLS (bench/tls.py)
     llhttp: bool = False  # also run halb without the C head fast path
     asyncio_tcp: bool = False  # also run halb's TCP mode without the C relay
     results: dict[str, list[Result]] = field(default_factory=dict)
@@ -155,7 +163,7 @@ def cpu_ticks(pid: int) -> tuple[int, int]:
 
 def run_wrk(port: int, case: Case, duration: int, core: int | str | None, pids: list[int],
             threads: int = 1) -> Result:
-    url = f"http://127.0.0.1:{port}{case.path}"
+    url = f"{case.scheme}://127.0.0.1:{port}{case.path}"
     args = [tool("wrk"), f"-t{threads}", f"-c{case.conns}", f"-d{duration}s", "--latency"]
     for h in case.headers:
         args += ["-H", h]
@@ -257,7 +265,7 @@ backend b
 """
 
 
-def haproxy_conf(mode: str, bulk: bool, port: int, origin: int) -> str:
+def haproxy_conf(mode: str, bulk: bool, port: int, origin: int, tls: TlsFiles | None = None) -> str:
     if mode == "tcp":
         opts, tune = "  option splice-auto\n", "  tune.bufsize 65536\n"
     elif bulk:
@@ -265,7 +273,8 @@ def haproxy_conf(mode: str, bulk: bool, port: int, origin: int) -> str:
         tune = "  tune.bufsize 65536\n  tune.maxrewrite 1024\n"
     else:
         opts, tune = "  option http-keep-alive\n", ""
-    return HAPROXY_CONF.format(mode=mode, options=opts, tune=tune, port=port, origin=origin)
+    conf = HAPROXY_CONF.format(mode=mode, options=opts, tune=tune, port=port, origin=origin)
+    return haproxy_tls(conf, tls) if tls is not None else conf
 
 
 def versions() -> dict[str, str]:
@@ -365,12 +374,17 @@ def main() -> int:
                   headers=("Connection: close",), asyncio_tcp=True),
              Case("HTTP, 1,000 keep-alive connections", "/", 1000, "http", target="errors"),
              Case("1 MiB response bodies, 8 conns", "/big", 8, "http", target="mib_s")]
+    # HTTPS: the same small responses through TLS termination (bench/tls.py)
+    cases += [Case("HTTPS keep-alive, small responses, 50 conns", "/", 50, "http", target="tls", scheme="https"),
+              Case("HTTPS, new TLS connection per request (Connection: close), 50 conns", "/", 50, "http",
+                   headers=("Connection: close",), target="tls", scheme="https")]
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split("|") if w.strip()]
         cases = [c for c in cases if any(w in c.name.lower() for w in wanted)]
     big_path = "/big"
     load_before = os.getloadavg()
     profile_md = ""
+    tls_files = make_cert(tmp) if any(c.scheme == "https" for c in cases) else None
     try:
         # origin: nginx when available, else halb's built-in origin
         origin_port = free_port()
@@ -399,11 +413,12 @@ def main() -> int:
             print(f"== {case.name}", flush=True)
             bulk = case.path != "/"
             hap_port, halb_port = free_port(), free_port()
-            conf = tmp / f"haproxy-{case.mode}-{bulk}.cfg"
-            conf.write_text(haproxy_conf(case.mode, bulk, hap_port, origin_port))
+            tls = tls_files if case.scheme == "https" else None
+            conf = tmp / f"haproxy-{case.mode}-{bulk}-{case.scheme}.cfg"
+            conf.write_text(haproxy_conf(case.mode, bulk, hap_port, origin_port, tls))
             hap = procs.start([tool("haproxy"), "-f", str(conf), "-db"], proxy_core,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            halb = start_halb(procs, halb_port, origin_port, proxy_core, mode=case.mode)
+            halb = start_halb(procs, halb_port, origin_port, proxy_core, mode=case.mode, tls=tls)
             proxies = [("haproxy", hap_port, hap), ("halb", halb_port, halb)]
             if case.llhttp:
                 # the same halb without the C head fast path: what a machine without a C
@@ -529,6 +544,11 @@ def target_lines(cases: list[Case]) -> list[str]:
             p = med(b, "p99_ms") / med(h, "p99_ms")
             out.append(f"* {c.name}: halb errors {e} over {len(b)} runs (target 0; HAProxy {eh}): "
                        f"**{'met' if e == 0 else 'missed'}**; req/s {r:.2f}x, p99 {p:.2f}x (reported, not judged)")
+        elif c.target == "tls":
+            r = med(b, "rps") / med(h, "rps")
+            p = med(b, "p99_ms") / med(h, "p99_ms")
+            out.append(f"* {c.name}: req/s {r:.2f}x (target ≥ 0.8x): **{'met' if r >= 0.8 else 'missed'}**; "
+                       f"p99 {p:.2f}x (reported)")
         elif c.mode == "tcp":
             r = med(b, "rps") / med(h, "rps")
             out.append(f"* {c.name}: req/s {r:.2f}x (target ≥ 0.9x): **{'met' if r >= 0.9 else 'missed'}**")
@@ -613,7 +633,8 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
         lines += ["", f"1 MiB bodies: halb/HAProxy MiB/s = **{med(c.results['halb'], 'mib_s') / med(c.results['haproxy'], 'mib_s'):.2f}x**."]
     lines += ["", "Targets (measured, not asserted): ≥ 0.8x HAProxy req/s in HTTP mode with p99 ≤ 1.5x, "
               "≥ 0.9x in TCP mode (also with a new connection per request), ≥ 1.0x MiB/s on 1 MiB bodies, "
-              "0 errors with 1,000 keep-alive connections.", ""]
+              "0 errors with 1,000 keep-alive connections; HTTPS (keep-alive, and a new TLS connection per "
+              "request) ≥ 0.8x HAProxy req/s.", ""]
     lines += target_lines(cases)
     lines += [""] + scaling_lines(scaling)
     lines += per_request_lines(cases)
@@ -633,7 +654,8 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
               "timeouts, smooth weighted round robin), with the C head fast path as `pip install` builds it; "
               f"\"{LLHTTP_ONLY}\" is the same with `HALB_HTTP_ACCEL=0`; TCP mode runs on the C relay "
               f"(`halb.dataplane._tcprelay`), \"{ASYNCIO_TCP}\" is the same with `HALB_TCP_RELAY=python`.",
-              "* nginx origin: 1 worker, `return 200` for the small case, `sendfile` for the 1 MiB file.", ""]
+              "* nginx origin: 1 worker, `return 200` for the small case, `sendfile` for the 1 MiB file.",
+              "* HTTPS cases: " + TLS_NOTE + ".", ""]
     if NOTES.exists():
         lines += [NOTES.read_text().rstrip(), ""]
     if profile_md:

@@ -40,8 +40,29 @@ CIPHERS_TLS12 = ":".join((
 ALPN = ["http/1.1"]
 
 
+class DirectSSLObject(ssl.SSLObject):
+    """An `ssl.SSLObject` whose per-record calls skip ssl.py's forwarding methods.
+
+    uvloop's (and asyncio's) SSL protocol looks `read`, `write` and `pending` up once per
+    connection and calls them for every record; on `ssl.SSLObject` each is a Python method
+    that only forwards to the C object (`self._sslobj.read(len)` and so on): three Python
+    frames per keep-alive request. Bound to the C methods directly they are one C call
+    each (bench/NOTES.md, "HTTPS"). The C `read` needs its size (no default of 1024) and
+    takes no explicit `buffer=None`; both protocols always pass a size, and a buffer only
+    when they have one. Everything else is ssl.SSLObject's.
+    """
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> "DirectSSLObject":
+        obj: DirectSSLObject = super()._create(*args, **kwargs)  # type: ignore[misc]
+        c = obj._sslobj  # type: ignore[attr-defined]
+        obj.read, obj.write, obj.pending = c.read, c.write, c.pending  # type: ignore[method-assign]
+        return obj
+
+
 def _base_context() -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.sslobject_class = DirectSSLObject
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(CIPHERS_TLS12)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
@@ -160,4 +181,4 @@ def server_context(current: Callable[[], CertSet], default_cert: Callable[[], st
     return ctx
 
 
-__all__ = ["CertSet", "SniIndex", "load_context", "select_cert", "server_context"]
+__all__ = ["CertSet", "DirectSSLObject", "SniIndex", "load_context", "select_cert", "server_context"]

@@ -20,6 +20,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 import struct
 from typing import Any, Callable
 
@@ -95,7 +96,13 @@ class BurstAcceptor:
     @staticmethod
     def _done(sock: socket.socket, exc: BaseException | None) -> None:
         if exc is not None:
-            log.warning("accepted connection could not be set up: %s", exc)
+            if isinstance(exc, (ssl.SSLError, ConnectionError, TimeoutError, asyncio.CancelledError)):
+                # a TLS client that failed its handshake or left during it (wrk stopping, a
+                # scanner): ordinary on a TLS listener, and a warning each would let anyone
+                # flood the log (libuv's own accept path does not log them either)
+                log.debug("TLS handshake of an accepted connection failed: %r", exc)
+            else:
+                log.warning("accepted connection could not be set up: %r", exc)
             sock.close()
 
     def close(self) -> None:

@@ -5,7 +5,12 @@ own process (RSS, SIGKILL), and operators trying the data plane.
       --backend a=127.0.0.1:9001 --backend b=127.0.0.1:9002 --option retries=2 --workers 1
 
 or ``--snapshot FILE.json`` with ``{"version": 1, "services": [...]}`` in the shape of
-RoutingSnapshot.to_wire. Prints ``READY <port>`` when serving; SIGTERM/SIGINT stop it
+RoutingSnapshot.to_wire. ``--tls-cert CHAIN.pem --tls-key KEY.pem`` (HTTP mode) serves
+HTTPS instead: ``--listen`` becomes a TLS frontend whose default service is the (first)
+service, with the context halb/certs/tls.py builds for every frontend (TLS 1.2+, the same
+ciphers, ALPN http/1.1); the service itself then listens on an ephemeral port of the same
+host. For `make bench` and tests: the node serves TLS through the replicated certificate
+store instead. Prints ``READY <port>`` when serving; SIGTERM/SIGINT stop it
 gracefully; ``--stats-interval S`` prints stats JSON lines to stderr.
 """
 from __future__ import annotations
@@ -16,7 +21,9 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
+from typing import TYPE_CHECKING
 
 import msgpack
 
@@ -24,6 +31,11 @@ from halb.aio import run
 from halb.dataplane.engine import DataPlane
 from halb.dataplane.fdlimit import raise_nofile
 from halb.dataplane.snapshot import BackendRoute, RoutingSnapshot, ServiceRoute
+
+if TYPE_CHECKING:
+    from halb.certs.tls import CertSet
+
+TLS_FRONTEND = "tls"  # the frontend --tls-cert makes
 
 
 def tune_process() -> None:
@@ -72,6 +84,8 @@ def build_snapshot(args: argparse.Namespace) -> RoutingSnapshot:
         with open(args.snapshot, "rb") as f:
             return RoutingSnapshot.from_wire(msgpack.packb(json.load(f)))
     host, _, port = args.listen.rpartition(":")
+    if args.tls_cert:  # --listen is the TLS frontend's port; the service takes any free one
+        port = "0"
     backends = []
     for i, spec in enumerate(args.backend):
         name, _, addr = spec.rpartition("=")
@@ -83,13 +97,57 @@ def build_snapshot(args: argparse.Namespace) -> RoutingSnapshot:
     return RoutingSnapshot(version=1, services=(svc,))
 
 
+def load_tls(cert_file: str, key_file: str) -> "CertSet":
+    """One certificate, loaded as the node loads a replicated one (certs/tls.load_context);
+    a file that cannot be read or a key that does not fit exits with the reason."""
+    from cryptography import x509
+
+    from halb.certs.tls import CertSet, SniIndex, load_context
+
+    try:
+        chain = open(cert_file).read()
+        key = open(key_file, "rb").read()
+        ctx = load_context(chain, key)
+        leaf = x509.load_pem_x509_certificate(chain.encode())
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        raise SystemExit(f"--tls-cert/--tls-key: cannot load {cert_file} with {key_file}: {exc}") from None
+    try:
+        sans = [str(n) for n in leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                .get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        sans = []
+    # one certificate: it is also the default, so every SNI name (or none) gets it
+    return CertSet({TLS_FRONTEND: ctx}, SniIndex.build({TLS_FRONTEND: {"sans": sans, "at": 0}}))
+
+
+async def start_tls_frontend(dp: DataPlane, args: argparse.Namespace, service: str) -> int:
+    """The TLS frontend on --listen, routing everything to `service`; its bound port."""
+    from halb.dataplane.frontend_routes import FrontendRoute
+
+    host, _, port = args.listen.rpartition(":")
+    fe = FrontendRoute(name=TLS_FRONTEND, listen_host=host, port=int(port), tls=True, default_service=service)
+    dp.set_frontends((fe,), load_tls(args.tls_cert, args.tls_key))
+    if TLS_FRONTEND in dp.frontends.errors:
+        raise SystemExit(dp.frontends.errors[TLS_FRONTEND])
+    lst = dp.frontends.listeners[(TLS_FRONTEND, "main")]
+    for _ in range(200):  # the frontend's server starts in a task: READY only once it accepts
+        if lst.server is not None:
+            break
+        await asyncio.sleep(0.01)
+    return lst.port
+
+
 async def _main(args: argparse.Namespace) -> None:
     raise_nofile("data plane")
     dp = DataPlane("run", workers=args.workers)
     snap = build_snapshot(args)
     await dp.start(snap)
+    if args.tls_cert:
+        ports = [await start_tls_frontend(dp, args, snap.services[0].name)]
+    else:
+        ports = [dp.bound_port(s.name) for s in snap.services if s.name in dp.listeners]
     tune_process()
-    print("READY " + " ".join(str(dp.bound_port(s.name)) for s in snap.services if s.name in dp.listeners), flush=True)
+    print("READY " + " ".join(str(p) for p in ports), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,7 +157,10 @@ async def _main(args: argparse.Namespace) -> None:
             await asyncio.wait_for(stop.wait(), args.stats_interval or 3600)
         except asyncio.TimeoutError:
             if args.stats_interval:
-                print(json.dumps(dp.stats()), file=sys.stderr, flush=True)
+                stats = dp.stats()
+                if args.tls_cert:  # TLS handshakes and session resumptions (OpenSSL's counters)
+                    stats["tls"] = dp.frontends.contexts[TLS_FRONTEND].session_stats()
+                print(json.dumps(stats), file=sys.stderr, flush=True)
     await dp.stop()
 
 
@@ -116,7 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument("--stats-interval", type=float, default=0.0)
+    ap.add_argument("--tls-cert", default="", help="PEM chain: serve --listen as a TLS frontend (needs --tls-key)")
+    ap.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     args = ap.parse_args(argv)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        ap.error("--tls-cert and --tls-key go together")
+    if args.tls_cert and (args.mode != "http" or args.workers != 1):
+        ap.error("--tls-cert serves an HTTP frontend in this process: --mode http and --workers 1 only")
     logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(_main(args), use_uvloop=not args.no_uvloop)
 

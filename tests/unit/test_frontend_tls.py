@@ -9,7 +9,7 @@ import ssl
 import pytest
 
 from halb.certs.sealing import KeySealer
-from halb.certs.tls import CertSet, SniIndex, select_cert, server_context
+from halb.certs.tls import CertSet, DirectSSLObject, SniIndex, load_context, select_cert, server_context
 from tests.certs_util import make_ca, make_leaf
 
 RECORDS = {
@@ -111,3 +111,42 @@ def ssl_encoding():
     from cryptography.hazmat.primitives.serialization import Encoding
 
     return Encoding.DER
+
+
+def test_direct_sslobject_reads_and_writes_records_through_the_c_methods():
+    """The listening context's SSLObjects skip ssl.py's forwarding frames (uvloop calls
+    read/write/pending per record) and still carry data both ways, into a buffer too."""
+    ca = make_ca()
+    leaf = make_leaf(ca, ["shop.example"])
+    ctx = load_context(leaf.cert_pem + ca.cert_pem, leaf.key_pem().encode())
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    server = ctx.wrap_bio(s_in, s_out, server_side=True)
+    assert isinstance(server, DirectSSLObject)
+    assert server.read.__self__ is server._sslobj and server.pending.__self__ is server._sslobj
+    client = ssl.create_default_context(cadata=ca.cert_pem).wrap_bio(c_in, c_out, server_hostname="shop.example")
+
+    def pump() -> None:
+        for _ in range(10):
+            for obj in (client, server):
+                try:
+                    obj.do_handshake()
+                except ssl.SSLWantReadError:
+                    pass
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+
+    pump()
+    assert server.version() in ("TLSv1.2", "TLSv1.3") and server.selected_alpn_protocol() is None
+    client.write(b"GET / HTTP/1.1\r\n\r\n")
+    s_in.write(c_out.read())
+    assert server.read(256 * 1024) == b"GET / HTTP/1.1\r\n\r\n"
+    assert server.pending() == 0
+    assert server.write(b"HTTP/1.1 200 OK\r\n\r\nhello") == 24
+    c_in.write(s_out.read())
+    assert client.read(1024) == b"HTTP/1.1 200 OK\r\n\r\nhello"
+    client.write(b"more")
+    s_in.write(c_out.read())
+    buf = bytearray(16)
+    assert server.read(16, buf) == 4 and bytes(buf[:4]) == b"more"
+    with pytest.raises(ssl.SSLWantReadError):
+        server.read(1024)
