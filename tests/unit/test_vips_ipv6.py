@@ -159,3 +159,51 @@ def test_dns_addresses_both_families() -> None:
         with pytest.raises(AnnounceConfigError) as ei:
             parse_announce({"mode": "dns", "bind": "10.0.0.1:53", "name": "x", **raw})
         assert ei.value.key == key, str(ei.value)
+
+
+# ---- the Announcement with several addresses (fake Raft, as test_announce_manager.py) --
+def test_dns_mode_publishes_both_families_and_resolves_them_per_holder() -> None:
+    from tests.unit.test_announce_manager import FakeClock, FakeRaft, drive
+
+    from halb.announce.manager import Announcement
+
+    log: list[str] = []
+    raft, clock = FakeRaft(log), FakeClock()
+    submitted: list[dict] = []
+    orig = raft.submit
+
+    def submit(op, args, **kw):
+        submitted.append(dict(args))
+        return orig(op, args, **kw)
+    raft.submit = submit  # type: ignore[method-assign]
+    cfg = parse_announce({"mode": "dns", "bind": "127.0.0.1:53", "name": "checkout",
+                          "addresses": ["10.99.0.11", "fd00:99::11"]})
+    ann = Announcement("n1", raft, cfg, clock=clock)
+    ann._loop = None
+    drive(ann, clock, 2.0)
+    renew = [a for a in submitted if "term" in a][0]
+    assert renew["address"] == "10.99.0.11,fd00:99::11"  # one field: the command schema is unchanged
+    ann.on_applied({"op": "lease.renew", "id": "x", "args": renew},
+                   type("Applied", (), {"result": {"ok": True}})())
+    assert ann.resolve("checkout.halb") == ["10.99.0.11", "fd00:99::11"]
+    assert ann.resolve("other.halb") is None
+
+
+def test_vip_mode_hooks_and_status_name_every_vip() -> None:
+    from tests.unit.test_announce_manager import FakeClock, FakeHooks, FakeRaft, FakeVip, drive
+
+    from halb.announce.manager import Announcement
+
+    log: list[str] = []
+    raft, clock = FakeRaft(log), FakeClock()
+    cfg = parse_announce({"mode": "vip", "vips": ["10.0.0.1", "fd00::1"], "interface": "eth0",
+                          "set_arp_sysctls": False, "garp_refresh_after_s": 0, "garp_repeat_s": 0})
+    ann = Announcement("n1", raft, cfg, clock=clock, vip=FakeVip(log, clock))
+    hooks = FakeHooks()
+    ann.hooks = hooks
+    ann._loop = None
+    ann._notify("BACKUP")
+    drive(ann, clock, 2.5)
+    assert ann.holding and [s for s, _ in hooks.calls] == ["BACKUP", "MASTER"]
+    assert {v for _, v in hooks.calls} == {"10.0.0.1,fd00::1"}
+    assert ann.status()["vips"] == ["10.0.0.1", "fd00::1"]
