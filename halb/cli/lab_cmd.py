@@ -167,10 +167,11 @@ def heal(ctx: click.Context, host: str, peers: tuple[str, ...]) -> None:
 @click.option("--freeze-s", default=5.0, show_default=True, help="How long `freeze` keeps the holder stopped.")
 @click.option("--wait-from", type=click.Choice(["last_renewal_seen", "election"]), default=None,
               help="Override the successor-wait rule (docs/failover.md).")
+@click.option("--ipv6", is_flag=True, help="Announce an IPv6 VIP too and measure what an IPv6 client sees.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, wait_from: str | None,
-             as_json: bool) -> None:
+             ipv6: bool, as_json: bool) -> None:
     """Measure VIP failover: build the lab, start the cluster, fault the holder N times, tear down."""
     from halb.lab.cluster import LabCluster
     from halb.lab.failover import FailoverRun, summary
@@ -190,10 +191,10 @@ def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s:
         lab_.up()
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        cluster = LabCluster(lab_, run_dir, announce_extra=extra)
+        cluster = LabCluster(lab_, run_dir, announce_extra=extra, ipv6=ipv6)
         try:
             cluster.start()
-            with FailoverRun(cluster, freeze_s=freeze_s, log=say) as run:
+            with FailoverRun(cluster, freeze_s=freeze_s, log=say, ipv6=ipv6) as run:
                 for i in range(trials):
                     for fault in faults:
                         run.trial(fault)

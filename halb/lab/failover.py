@@ -48,6 +48,7 @@ class Client:
     def __init__(self, netns: str, host: str, port: int = SERVICE_PORT, interval: float = 0.01,
                  timeout: float = 1.0) -> None:
         self.netns, self.host, self.port = netns, host, port
+        self.host_header = f"[{host}]" if ":" in host else host  # an IPv6 literal in brackets
         self.interval, self.timeout = interval, timeout
         self.reqs: list[Req] = []
         self._stop = threading.Event()
@@ -83,7 +84,7 @@ class Client:
         writer = None
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
-            writer.write(f"GET /health HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n".encode())
+            writer.write(f"GET /health HTTP/1.1\r\nHost: {self.host_header}\r\nConnection: close\r\n\r\n".encode())
             left = self.timeout - (time.monotonic() - sent)
             line = await asyncio.wait_for(reader.readline(), max(0.01, left))
             ok = line.startswith(b"HTTP/1.1 200") or line.startswith(b"HTTP/1.0 200")
@@ -102,10 +103,10 @@ class Client:
 class Sampler:
     """Who holds the VIP, every ``interval`` s, read with netlink in each balancer namespace."""
 
-    def __init__(self, cluster: LabCluster, interval: float = 0.01) -> None:
+    def __init__(self, cluster: LabCluster, interval: float = 0.01, vip: str | None = None) -> None:
         from pyroute2 import IPRoute
 
-        self.vip = cluster.lab.vip
+        self.vip = vip or cluster.lab.vip
         self.interval = interval
         self.samples: list[tuple[float, tuple[str, ...]]] = []
         # netns= makes pyroute2 open the netlink socket inside the namespace itself
@@ -136,7 +137,7 @@ class Sampler:
         out = []
         for lb, ipr in self._ipr.items():
             for msg in ipr.addr("dump", index=self._idx[lb]):
-                if msg.get("IFA_ADDRESS") == self.vip:
+                if msg.get("IFA_ADDRESS") == self.vip:  # pyroute2 gives IPv6 in canonical form too
                     out.append(lb)
                     break
         return tuple(out)
@@ -209,10 +210,12 @@ class FailoverRun:
     freeze_s: float = 5.0
     log: Any = None
     trials: list[Trial] = field(default_factory=list)
+    ipv6: bool = False  # the client and the sampler use the IPv6 VIP (cluster.ipv6 must be on)
 
     def __post_init__(self) -> None:
-        self.client = Client(self.cluster.lab.ns("client"), self.cluster.lab.vip)
-        self.sampler = Sampler(self.cluster)
+        vip = self.cluster.lab.vip6 if self.ipv6 else self.cluster.lab.vip
+        self.client = Client(self.cluster.lab.ns("client"), vip)
+        self.sampler = Sampler(self.cluster, vip=vip)
 
     def _say(self, msg: str) -> None:
         if self.log is not None:
