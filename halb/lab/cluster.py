@@ -32,6 +32,7 @@ from halb.tls import AdminTls
 RAFT_PORT = 7100
 API_PORT = 7000
 SERVICE_PORT = 8080
+SERVICE_PORT6 = 8081  # the IPv6 VIP's service (two services may not share a port)
 BACKEND_PORT = 8080
 DNS_PORT = 5353
 BACKEND_NAMES = ("A", "B", "C")
@@ -46,7 +47,7 @@ def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[s
     """TOML for the balancer on lab host ``lb`` (lb1 -> node n1).
 
     ``ipv6`` (VIP mode): the node announces both VIPs (``vips = [v4, v6]``) and a second
-    service, ``checkout6``, listens on the IPv6 VIP with the same backends.
+    service, ``checkout6``, listens on ``[IPv6 VIP]:8081`` with the same backends.
     """
     idx = lb[2:]
     node_id = f"n{idx}"
@@ -89,7 +90,7 @@ def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[s
         lines.append(f"{k} = {_q(v)}")
     services = [("checkout", listen)]
     if ipv6 and mode == "vip":
-        services.append(("checkout6", f"[{lab.vip6}]:{SERVICE_PORT}"))
+        services.append(("checkout6", f"[{lab.vip6}]:{SERVICE_PORT6}"))
     for svc, where in services:
         lines += ["", "[[services]]", f"name = {_q(svc)}", 'mode = "http"', f"listen = {_q(where)}",
                   'algorithm = "round_robin"', 'health = { path = "/health", interval = 0.5, timeout = 0.5 }']

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from halb.announce.sysctl import enter_netns, run_in_netns
-from halb.lab.cluster import SERVICE_PORT, LabCluster
+from halb.lab.cluster import SERVICE_PORT, SERVICE_PORT6, LabCluster
 from halb.lab.topology import LabError
 
 FAULTS = ("kill", "freeze", "partition", "transfer")
@@ -214,7 +214,7 @@ class FailoverRun:
 
     def __post_init__(self) -> None:
         vip = self.cluster.lab.vip6 if self.ipv6 else self.cluster.lab.vip
-        self.client = Client(self.cluster.lab.ns("client"), vip)
+        self.client = Client(self.cluster.lab.ns("client"), vip, SERVICE_PORT6 if self.ipv6 else SERVICE_PORT)
         self.sampler = Sampler(self.cluster, vip=vip)
 
     def _say(self, msg: str) -> None:
