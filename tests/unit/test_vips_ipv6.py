@@ -207,3 +207,18 @@ def test_vip_mode_hooks_and_status_name_every_vip() -> None:
     assert ann.holding and [s for s, _ in hooks.calls] == ["BACKUP", "MASTER"]
     assert {v for _, v in hooks.calls} == {"10.0.0.1,fd00::1"}
     assert ann.status()["vips"] == ["10.0.0.1", "fd00::1"]
+
+
+def test_lab_ipv6_configs_load_and_announce_both_vips(tmp_path) -> None:
+    """`halb lab failover --ipv6`'s node configs pass the real config loader."""
+    from halb.config import load_config
+    from halb.lab.cluster import SERVICE_PORT6, LabCluster
+    from halb.lab.topology import Lab
+
+    lab = Lab(state_dir=tmp_path / "state")
+    assert lab.vip6 == "fd00:99::10" and lab.hosts["lb1"].ip6 == "fd00:99::11"
+    for p in LabCluster(lab, tmp_path / "run", ipv6=True).write_configs():
+        cfg = load_config(p)
+        ann = parse_announce(cfg.announce)
+        assert ann.vips == [lab.vip, lab.vip6]
+        assert f"[{lab.vip6}]:{SERVICE_PORT6}" in p.read_text()
