@@ -25,7 +25,7 @@ kernel's IPv6 address-lifetime timer is coarser (measured, docs/failover.md).
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +146,6 @@ class _T(Table):
 
 def _ipv6_lease(params: LeaseParams) -> LeaseParams:
     """The lease with the IPv6 kernel-expiry bound (a refresh must finish earlier)."""
-    from dataclasses import replace
-
     out = replace(params, kernel_expiry_max_s=max(params.kernel_expiry_max_s, KERNEL_EXPIRY_MAX_V6_S))
     problems = out.check()
     if problems:
@@ -261,6 +259,8 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
         if not listen_host:
             raise AnnounceConfigError("address", "is required for mode \"dns\" unless [dataplane] listen_host is set")
         cfg.addresses = [_host_address("address", listen_host, vip=False)]
+    if len(",".join(cfg.addresses)) > 255:  # renewals carry them in one 255-character field
+        raise AnnounceConfigError("addresses", "too many addresses (at most 255 characters, comma-separated)")
     cfg.address = cfg.addresses[0]
     t.done("dns")
     return cfg

@@ -155,6 +155,7 @@ def test_dns_addresses_both_families() -> None:
         ({"address": "10.0.0.1", "addresses": ["10.0.0.2"]}, "addresses"),
         ({"addresses": ["10.0.0.1", "10.0.0.1"]}, "addresses[1]"),
         ({"bind": "fd00::1:53"}, "bind"),
+        ({"addresses": [f"fd00:1234:5678:9abc:def0:1234:5678:{i:x}" for i in range(8)]}, "addresses"),
     ]:
         with pytest.raises(AnnounceConfigError) as ei:
             parse_announce({"mode": "dns", "bind": "10.0.0.1:53", "name": "x", **raw})
