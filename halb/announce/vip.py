@@ -398,14 +398,25 @@ class VipAnnouncer:
         resumes, long after its lease ended. Checking next to the syscall shrinks that window
         to microseconds, and the check after it bounds what a freeze inside it can cause.
         Returns True if the VIP was added and kept.
+
+        Several VIPs: the checks surround *each* address's syscall, not the whole set, so a
+        freeze anywhere in the call can make at most one stale add (the one whose syscall it
+        interrupted), exactly as with one VIP; that address is deleted first. A lab freeze
+        trial with two VIPs and one check around the set caught a two-holder sample after
+        SIGCONT: the resumed worker finished the remaining adds before its check undid them.
+        A False return (refused or undone) makes the caller delete the whole set.
         """
         def op() -> bool:
-            if clock() > not_after:
-                return False
-            self._do_hold(valid_lft)
-            if clock() > undo_after:
-                self._do_release()
-                return False
+            for a in self.addresses:
+                if clock() > not_after:
+                    return False
+                self._do_hold_one(a, valid_lft)
+                if clock() > undo_after:
+                    try:
+                        self._do_release_one(a)  # the possibly stale one first
+                    finally:
+                        self._do_release()
+                    return False
             return True
         return await self._arun(op)
 

@@ -130,3 +130,25 @@ def test_mixed_vip_set_moves_as_one_and_serves_over_ipv6(lab6, announcers):
         assert a.release() is False
     finally:
         listener.close()
+
+
+def test_fenced_hold_checks_the_clock_around_each_address(lab6, announcers):
+    """A freeze in the middle of a set's refresh makes at most one stale add, undone at once."""
+    import asyncio
+
+    lab = lab6
+    a = announcers("lb1", [lab.vip, lab.vip6])
+
+    def ticking(values):
+        it = iter(values)
+        return lambda: next(it)
+
+    # pre-check of the 2nd address sees the lease too short: it is never added
+    kept = asyncio.run(a.ahold_fenced(ticking([0.0, 0.0, 5.0]), not_after=1.0, undo_after=2.0))
+    assert kept is False and a.held_addresses() == [lab.vip]  # the caller then deletes the set
+    a.release()
+    # post-check after the 1st address: too late -> everything deleted, the 2nd never added
+    kept = asyncio.run(a.ahold_fenced(ticking([0.0, 5.0]), not_after=1.0, undo_after=2.0))
+    assert kept is False and a.held_addresses() == []
+    kept = asyncio.run(a.ahold_fenced(lambda: 0.0, not_after=1.0, undo_after=2.0))
+    assert kept is True and sorted(a.held_addresses()) == sorted([lab.vip, lab.vip6])
