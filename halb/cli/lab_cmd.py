@@ -46,8 +46,9 @@ def _run_dir(lab_: Lab) -> Path:
 @click.option("--start", is_flag=True, help="Also start the checkout backends and three halb balancers inside.")
 @click.option("--mode", type=click.Choice(["vip", "dns"]), default="vip", show_default=True,
               help="Announcement mode of the started balancers.")
+@click.option("--ipv6", is_flag=True, help="With --start --mode vip: also announce the IPv6 VIP (service on :8081).")
 @click.pass_context
-def up(ctx: click.Context, start: bool, mode: str) -> None:
+def up(ctx: click.Context, start: bool, mode: str, ipv6: bool) -> None:
     """Create the namespaces (removing leftovers of an earlier run first)."""
     try:
         state = _lab(ctx).up()
@@ -57,7 +58,7 @@ def up(ctx: click.Context, start: bool, mode: str) -> None:
             run_dir = _run_dir(_lab(ctx))
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            cluster = LabCluster(_lab(ctx), run_dir, mode=mode)
+            cluster = LabCluster(_lab(ctx), run_dir, mode=mode, ipv6=ipv6)
             cluster.start()
             state["cluster"] = {"run_dir": str(run_dir), "pids": {k: p.pid for k, p in cluster.procs.items()},
                                 "apis": {lb: cluster.api_addr(lb) for lb in cluster.lbs}}
@@ -68,10 +69,10 @@ def up(ctx: click.Context, start: bool, mode: str) -> None:
         click.echo(json.dumps(state, indent=2))
         return
     lab_ = _lab(ctx)
-    click.echo(f"lab up: {len(state['namespaces'])} namespaces, VIP {lab_.vip}, "
+    click.echo(f"lab up: {len(state['namespaces'])} namespaces, VIP {lab_.vip} (IPv6 {lab_.vip6}), "
                f"state {lab_.state_file}")
     for h in lab_.hosts.values():
-        click.echo(f"  {h.ns:<20} {h.ip:<15} {h.mac}")
+        click.echo(f"  {h.ns:<20} {h.ip:<15} {h.ip6:<16} {h.mac}")
     if "cluster" in state:
         cl = state["cluster"]
         click.echo(f"cluster started ({mode}): configs, logs and token in {cl['run_dir']}")
@@ -79,6 +80,8 @@ def up(ctx: click.Context, start: bool, mode: str) -> None:
             click.echo(f"  {k:<4} pid {pid}")
         click.echo(f"  try: halb lab exec client -- curl -s http://{lab_.vip}:8080/health   "
                    "(halb lab down stops everything)")
+        if ipv6 and mode == "vip":
+            click.echo(f"       halb lab exec client -- curl -s 'http://[{lab_.vip6}]:8081/health'")
 
 
 @lab.command()
