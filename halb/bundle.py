@@ -46,7 +46,8 @@ class BundleOptions:
     api_port: int = 7000
     raft_port: int = 7100
     data_dir: str = "/var/lib/halb"  # each node's data_dir is DATA_DIR/ID
-    vip: str = ""                    # announce mode "vip" (with interface)
+    vip: str = ""                    # announce mode "vip" (with interface); one address, or:
+    vips: list[str] = field(default_factory=list)  # several, IPv4 and/or IPv6 (after ``vip``)
     interface: str = ""
     dns_names: list[str] = field(default_factory=list)  # announce mode "dns"
     dns_zone: str = "halb"
@@ -91,16 +92,24 @@ def parse_nodes(values: list[str]) -> list[BundleNode]:
 
 
 def announce_table(opts: BundleOptions, node: BundleNode) -> dict[str, Any]:
-    if opts.vip and opts.dns_names:
+    given = ([opts.vip] if opts.vip else []) + list(opts.vips)
+    if given and opts.dns_names:
         raise BundleError("--vip and --dns exclude each other: one way to announce the cluster")
-    if opts.vip:
+    if given:
         if not opts.interface:
             raise BundleError("--vip needs --interface (the machines' interface on the VIP's network)")
-        try:
-            vip = ipaddress.IPv4Interface(opts.vip).ip  # 10.0.0.100/24: the node adds it as /32
-        except ValueError:
-            raise BundleError(f"--vip {opts.vip!r}: not an IPv4 address (ADDRESS or ADDRESS/PREFIX)") from None
-        return {"mode": "vip", "vip": str(vip), "interface": opts.interface}
+        vips: list[str] = []
+        for raw in given:
+            try:
+                vip = str(ipaddress.ip_interface(raw).ip)  # 10.0.0.100/24: the node adds it as /32 (/128)
+            except ValueError:
+                raise BundleError(f"--vip {raw!r}: not an IPv4 or IPv6 address (ADDRESS or ADDRESS/PREFIX)") from None
+            if vip in vips:
+                raise BundleError(f"--vip {raw!r}: given twice")
+            vips.append(vip)
+        if len(vips) == 1:
+            return {"mode": "vip", "vip": vips[0], "interface": opts.interface}
+        return {"mode": "vip", "vips": vips, "interface": opts.interface}
     if opts.interface:
         raise BundleError("--interface is only used with --vip")
     if opts.dns_names:

@@ -6,9 +6,12 @@ a 1 s TTL, so clients follow a failover within about a second of their next look
 
 Behaviour, as an authoritative server for one zone would:
 
-* A (and ANY) for a name the resolver knows -> the addresses, TTL ``ttl``, AA set.
+* A for a name the resolver knows -> its IPv4 addresses, AAAA -> its IPv6 addresses, ANY ->
+  both; TTL ``ttl``, AA set. The resolver returns both families mixed.
 * A name in the zone the resolver does not know (returns None) -> NXDOMAIN + SOA.
-* Other types (AAAA, MX, ...) for a known name -> NOERROR with no answers (NODATA) + SOA.
+* Other types (MX, ...), or A/AAAA when the name has no address of that family -> NOERROR
+  with no answers (NODATA) + SOA, so a dual-stack client's AAAA lookup fails fast and it
+  uses the A answer (and the other way round).
 * SOA at the zone apex -> the SOA.
 * Names outside the zone, or classes other than IN -> REFUSED.
 * Opcodes other than QUERY -> NOTIMP; not exactly one question -> FORMERR.
@@ -25,7 +28,7 @@ import logging
 import socket
 from typing import Callable
 
-from dnslib import A, CLASS, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, OPCODE, QTYPE, RCODE, RR, SOA
+from dnslib import AAAA, A, CLASS, DNSHeader, DNSLabel, DNSQuestion, DNSRecord, OPCODE, QTYPE, RCODE, RR, SOA
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +145,18 @@ class DnsResponder:
             reply.header.rcode = RCODE.NXDOMAIN
             reply.add_auth(self._soa)
             return self._pack(reply)
-        if q.qtype in (QTYPE.A, QTYPE.ANY):
+        want_a, want_aaaa = q.qtype in (QTYPE.A, QTYPE.ANY), q.qtype in (QTYPE.AAAA, QTYPE.ANY)
+        if want_a or want_aaaa:
             for addr in addrs:
                 try:
-                    ipaddress.IPv4Address(addr)
+                    ip = ipaddress.ip_address(addr)
                 except ValueError:
-                    log.warning("resolver returned non-IPv4 %r for %s; skipped", addr, name)
+                    log.warning("resolver returned %r for %s, not an address; skipped", addr, name)
                     continue
-                reply.add_answer(RR(q.qname, QTYPE.A, rdata=A(addr), ttl=self.ttl))
+                if ip.version == 4 and want_a:
+                    reply.add_answer(RR(q.qname, QTYPE.A, rdata=A(str(ip)), ttl=self.ttl))
+                elif ip.version == 6 and want_aaaa:
+                    reply.add_answer(RR(q.qname, QTYPE.AAAA, rdata=AAAA(str(ip)), ttl=self.ttl))
         if not reply.rr:
             reply.add_auth(self._soa)  # NODATA: the name exists, not with this type
         return self._pack(reply)

@@ -86,7 +86,8 @@ class Announcement:
             if self.vip is None:
                 from halb.announce.vip import VipAnnouncer
 
-                self.vip = VipAnnouncer(self.cfg.interface, self.cfg.vip, self.cfg.prefixlen, netns=self.cfg.netns)
+                self.vip = VipAnnouncer(self.cfg.interface, self.cfg.vips or [self.cfg.vip], self.cfg.prefixlen,
+                                        netns=self.cfg.netns)
             if self.hooks is None and any((self.cfg.notify_master, self.cfg.notify_backup, self.cfg.notify_fault)):
                 from halb.announce.hooks import NotifyHooks
 
@@ -276,8 +277,8 @@ class Announcement:
                 loop.call_soon_threadsafe(self._on_result, _Result(token, err == 0, result))
 
         args: dict[str, Any] = {"holder": self.node_id, "term": self.raft.raft_status().term}
-        if self.cfg.mode == "dns":
-            args["address"] = self.cfg.address
+        if self.cfg.mode == "dns":  # several (IPv4 and IPv6) as one comma-separated field
+            args["address"] = ",".join(self.cfg.addresses or [self.cfg.address])
         self.raft.submit("lease.renew", args, by=f"node:{self.node_id}", cid=cid, callback=done)
 
     def _on_result(self, r: _Result) -> None:
@@ -310,7 +311,7 @@ class Announcement:
                     kept = True
             except Exception as exc:
                 # timed out or failed: whether the kernel got it is unknown -> make sure
-                log.error("adding/refreshing VIP %s failed: %r", self.cfg.vip, exc)
+                log.error("adding/refreshing VIP %s failed: %r", self._vips_text(), exc)
                 self._notify("FAULT")
                 await self._drop("refresh too late")
                 return
@@ -328,7 +329,7 @@ class Announcement:
         if not self.holding:
             self.holding = True
             self.held_since = after
-            log.info("VIP lease acquired (%s): lease epoch %s, %.3fs left%s", self.cfg.vip or self.cfg.mode,
+            log.info("VIP lease acquired (%s): lease epoch %s, %.3fs left%s", self._vips_text() or self.cfg.mode,
                      k.lease_epoch, k.remaining(after), " (planned hand-over)" if k.handover else "")
             self._record("acquired", after)
             self._notify("MASTER")
@@ -382,7 +383,7 @@ class Announcement:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("GARP for %s failed: %s", self.cfg.vip, exc)
+            log.warning("GARP/NA for %s failed: %s", self._vips_text(), exc)
 
     async def _drop(self, reason: str) -> bool:
         """Delete the VIP now (idempotent); False if deleting it failed (the kernel still will)."""
@@ -398,8 +399,8 @@ class Announcement:
                 await self.vip.arelease()
             except Exception as exc:
                 gone = False
-                log.error("deleting VIP %s failed (%s); the kernel drops it within ~1.15s: %s",
-                          self.cfg.vip, reason, exc)
+                log.error("deleting VIP %s failed (%s); the kernel drops it within ~1.25s: %s",
+                          self._vips_text(), reason, exc)
                 self._notify("FAULT")
         if was:
             log.info("VIP lease given up: %s", reason)
@@ -408,6 +409,9 @@ class Announcement:
         return gone
 
     # ---- hooks, DNS, status -----------------------------------------------------------
+    def _vips_text(self) -> str:
+        return ", ".join(self.cfg.vips or ([self.cfg.vip] if self.cfg.vip else []))
+
     def _notify(self, state: str) -> None:
         if state == self.state and self._notified:
             return
@@ -415,7 +419,7 @@ class Announcement:
         self.state = state
         if self.hooks is not None and (self.cfg.vip or self.cfg.mode == "vip"):
             try:
-                self.hooks.notify(state, self.cfg.vip)
+                self.hooks.notify(state, ",".join(self.cfg.vips) or self.cfg.vip)  # all VIPs, comma-separated
             except Exception:
                 log.exception("notify %s failed", state)
 
@@ -423,19 +427,20 @@ class Announcement:
         self.transitions.append({"event": what, "at": round(at, 4), **extra})
         del self.transitions[:-50]
 
-    def _members(self) -> dict[str, str]:
-        """member id -> advertised address (listen_host, else the Raft host)."""
+    def _members(self) -> dict[str, list[str]]:
+        """member id -> advertised addresses (listen_host, else the Raft host; ours from config)."""
         out = {}
         with self.raft.read() as cs:
             for m in cs.members.values():
                 addr = getattr(m, "listen_host", "") or m.raft.rsplit(":", 1)[0]
-                out[m.id] = addr
-        if self.cfg.address:
-            out[self.node_id] = self.cfg.address
+                out[m.id] = [addr.strip("[]")]
+        if self.cfg.addresses or self.cfg.address:
+            out[self.node_id] = list(self.cfg.addresses or [self.cfg.address])
         return out
 
     def resolve(self, name: str) -> list[str] | None:
-        """DNS answers for ``name`` (without the zone): holder's address, or all live balancers."""
+        """DNS answers for ``name``: the holder's addresses, or all live balancers'; IPv4 and
+        IPv6 mixed (the responder answers A with the one and AAAA with the other)."""
         zone = self.cfg.zone
         short = name[: -len(zone) - 1] if name.endswith("." + zone) else name
         if short not in self.cfg.names:
@@ -446,15 +451,14 @@ class Announcement:
             live_raft = {st.self_addr} | {a for a, up in st.partners.items() if up}
             with self.raft.read() as cs:
                 ids = [m.id for m in cs.members.values() if m.raft in live_raft]
-            return sorted({members[i] for i in ids if i in members})
+            return sorted({a for i in ids for a in members.get(i, [])})
         with self.raft.read() as cs:
             holder = cs.lease.get("holder")
         if holder is None:
             return []
         if holder == self.last_holder and self.last_holder_address:
-            return [self.last_holder_address]
-        addr = members.get(holder)
-        return [addr] if addr else []
+            return [a for a in self.last_holder_address.split(",") if a]
+        return list(members.get(holder, []))
 
     def status(self) -> dict[str, Any]:
         now = self.clock()
@@ -464,6 +468,7 @@ class Announcement:
         return {
             "mode": self.cfg.mode,
             "vip": self.cfg.vip or None,
+            "vips": list(self.cfg.vips) or None,
             "holder": lease.get("holder"),
             "epoch": lease.get("epoch"),
             "holds_vip": self.holding,

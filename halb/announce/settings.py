@@ -8,17 +8,24 @@ Modes::
 
     [announce]                      [announce]                    [announce]
     mode = "none"                   mode = "vip"                  mode = "dns"
-                                    vip = "10.99.0.10"            bind = "10.99.0.11:53"
+                                    vips = ["10.99.0.10",         bind = "10.99.0.11:53"
+                                            "fd00:99::10"]
                                     interface = "eth0"            zone = "halb"
                                     lease_s = 1.5                 names = ["checkout"]
                                     notify_master = "hooks/m.sh"  answer = "leader"  # or "all"
                                     notify_backup = ...           address = "10.99.0.11"
                                     notify_fault = ...            lease_s = 1.5
+                                                                  # or addresses = [v4, v6]
+
+``vip = "X"`` is the one-address form of ``vips = ["X"]``. Any mix of IPv4 and IPv6 is
+allowed; each is a single host address (``/32``, ``/128`` or no suffix). With an IPv6 VIP
+the lease's ``kernel_expiry_max_s`` rises to :data:`KERNEL_EXPIRY_MAX_V6_S`, because the
+kernel's IPv6 address-lifetime timer is coarser (measured, docs/failover.md).
 """
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,9 @@ from halb.dataplane.selfcheck import SelfCheckParams
 from halb.tomltable import Table
 
 MODES = ("none", "vip", "dns")
+# IPv6 valid_lft 1 is removed 1.00-1.25 s after the last refresh (addrconf's timer rounds up
+# to a whole second when that costs < HZ/4; measured max 1.233 s), IPv4 1.00-1.15 s.
+KERNEL_EXPIRY_MAX_V6_S = 1.28
 ANSWERS = ("leader", "all")
 
 
@@ -43,8 +53,9 @@ class AnnounceConfigError(ValueError):
 class AnnounceConfig:
     mode: str = "none"
     # vip mode
-    vip: str = ""
-    prefixlen: int = 32
+    vip: str = ""                       # the first of ``vips`` (hooks, status, old callers)
+    vips: list[str] = field(default_factory=list)  # every VIP, IPv4 and IPv6, in config order
+    prefixlen: int = 32                 # of an IPv4 VIP; IPv6 VIPs are always /128
     interface: str = ""
     netns: str | None = None            # tests/tools only; a real node runs inside its namespace
     set_arp_sysctls: bool = True
@@ -62,7 +73,8 @@ class AnnounceConfig:
     names: list[str] = field(default_factory=list)
     answer: str = "leader"
     ttl: int = 1
-    address: str = ""                   # this node's advertised address
+    address: str = ""                   # this node's advertised address (the first of ``addresses``)
+    addresses: list[str] = field(default_factory=list)  # A and AAAA answers for this node
     # lease (vip and dns)
     lease: LeaseParams = field(default_factory=LeaseParams)
     # data-plane self-check (vip and dns): a failing node does not hold the lease
@@ -70,11 +82,50 @@ class AnnounceConfig:
     dataplane_holddown_s: float = 3.0  # after handing leadership away for it, not again this soon
 
 
-def _ipv4(key: str, value: str) -> str:
+def _host_address(key: str, value: Any, vip: bool = True) -> str:
+    """One IPv4 or IPv6 host address, optionally written as /32 or /128; canonical form."""
+    if not isinstance(value, str) or not value.strip():
+        raise AnnounceConfigError(key, f"must be an IPv4 or IPv6 address, got {value!r}")
+    addr, slash, plen = value.strip().partition("/")
     try:
-        return str(ipaddress.IPv4Address(value))
+        ip = ipaddress.ip_address(addr)
     except ValueError:
-        raise AnnounceConfigError(key, f"must be an IPv4 address, got {value!r}") from None
+        raise AnnounceConfigError(key, f"must be an IPv4 or IPv6 address, got {value!r}") from None
+    if slash and plen != str(ip.max_prefixlen):
+        raise AnnounceConfigError(key, f"must be a single address (/{ip.max_prefixlen} for IPv{ip.version}), "
+                                       f"got {value!r}")
+    if vip and (ip.is_unspecified or ip.is_multicast or ip.is_loopback or (ip.version == 6 and ip.is_link_local)):
+        raise AnnounceConfigError(key, f"{value!r} cannot be announced (unspecified, multicast, loopback "
+                                       "or link-local)")
+    return str(ip)
+
+
+def parse_addresses(t: "_T", one: str, many: str, why: str, required: bool = True, vip: bool = True) -> list[str]:
+    """``one = "X"`` or ``many = ["X", "Y"]`` (not both) -> canonical, duplicate-free list."""
+    if one in t.data and many in t.data:
+        raise AnnounceConfigError(many, f"give either {one} or {many}, not both")
+    if many in t.data:
+        raw = t.take(many, list)
+        if not raw:
+            raise AnnounceConfigError(many, "must name at least one address")
+        items = [(f"{many}[{i}]", v) for i, v in enumerate(raw)]
+    elif one in t.data:
+        items = [(one, t.take(one, str))]
+    elif required:
+        raise AnnounceConfigError(one, f"is required {why} (or {many} = [...])")
+    else:
+        return []
+    out: list[str] = []
+    for key, value in items:
+        addr = _host_address(key, value, vip)
+        if addr in out:
+            raise AnnounceConfigError(key, f"{value!r} is listed twice")
+        out.append(addr)
+    return out
+
+
+def has_ipv6(addresses: list[str]) -> bool:
+    return any(":" in a for a in addresses)
 
 
 class _T(Table):
@@ -91,6 +142,15 @@ class _T(Table):
     def done(self, mode: str) -> None:  # type: ignore[override]
         for name in self.data:
             raise AnnounceConfigError(name, f"unknown key for mode {mode!r}")
+
+
+def _ipv6_lease(params: LeaseParams) -> LeaseParams:
+    """The lease with the IPv6 kernel-expiry bound (a refresh must finish earlier)."""
+    out = replace(params, kernel_expiry_max_s=max(params.kernel_expiry_max_s, KERNEL_EXPIRY_MAX_V6_S))
+    problems = out.check()
+    if problems:
+        raise AnnounceConfigError("vips", "with an IPv6 VIP: " + "; ".join(problems))
+    return out
 
 
 def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
@@ -134,13 +194,10 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
 
     if cfg.mode == "vip":
         why = "for mode \"vip\""
-        vip = t.required("vip", str, why)
-        if "/" in vip:
-            addr, _, plen = vip.partition("/")
-            if plen != "32":
-                raise AnnounceConfigError("vip", f"must be a single address (/32), got {vip!r}")
-            vip = addr
-        cfg.vip = _ipv4("vip", vip)
+        cfg.vips = parse_addresses(t, "vip", "vips", why)
+        cfg.vip = cfg.vips[0]
+        if has_ipv6(cfg.vips):
+            cfg.lease = _ipv6_lease(cfg.lease)
         cfg.interface = t.required("interface", str, why)
         if not cfg.interface or len(cfg.interface) > 15 or "/" in cfg.interface:
             raise AnnounceConfigError("interface", f"not a valid interface name: {cfg.interface!r}")
@@ -170,7 +227,14 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
     host, sep, port = cfg.bind.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise AnnounceConfigError("bind", f"must be HOST:PORT, got {cfg.bind!r}")
-    _ipv4("bind", host)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise AnnounceConfigError("bind", f"write an IPv6 address in brackets, [ADDR]:PORT; got {cfg.bind!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise AnnounceConfigError("bind", f"must be an IPv4 or [IPv6] address with a port, got {cfg.bind!r}") from None
     cfg.zone = t.take("zone", str, "halb").rstrip(".").lower()
     if not cfg.zone:
         raise AnnounceConfigError("zone", "must not be empty")
@@ -190,9 +254,13 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
     cfg.ttl = t.take("ttl", int, 1)
     if not 0 <= cfg.ttl <= 300:
         raise AnnounceConfigError("ttl", "must be between 0 and 300")
-    address = t.take("address", str, "") or listen_host
-    if not address:
-        raise AnnounceConfigError("address", "is required for mode \"dns\" unless [dataplane] listen_host is set")
-    cfg.address = _ipv4("address", address)
+    cfg.addresses = parse_addresses(t, "address", "addresses", "", required=False, vip=False)
+    if not cfg.addresses:
+        if not listen_host:
+            raise AnnounceConfigError("address", "is required for mode \"dns\" unless [dataplane] listen_host is set")
+        cfg.addresses = [_host_address("address", listen_host, vip=False)]
+    if len(",".join(cfg.addresses)) > 255:  # renewals carry them in one 255-character field
+        raise AnnounceConfigError("addresses", "too many addresses (at most 255 characters, comma-separated)")
+    cfg.address = cfg.addresses[0]
     t.done("dns")
     return cfg

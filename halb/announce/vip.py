@@ -1,4 +1,16 @@
-"""Floating VIP primitives: add/renew with a short kernel lifetime, release, GARP.
+"""Floating VIP primitives: add/renew with a short kernel lifetime, release, GARP / NA.
+
+One announcer handles a *set* of VIPs on one interface, any mix of IPv4 and IPv6: every
+operation covers all of them in one worker-thread call, so they are added, renewed, fenced
+and deleted together (one lease, one holder). IPv4 VIPs are announced with gratuitous ARP
+(garp.py), IPv6 VIPs with unsolicited neighbour advertisements (ndisc.py), both as raw
+Ethernet frames from one AF_PACKET socket.
+
+IPv6 VIPs are added as /128 with ``nodad`` (duplicate address detection would keep the
+address tentative, unusable, for about a second after every takeover; the quorum lease is
+what guarantees one holder), ``noprefixroute`` and ``preferred_lft 0``: a deprecated
+address still accepts connections but is never picked as the source of the node's own
+outgoing traffic (Raft, health checks), which would break whenever the VIP moves.
 
 This module is the *mechanism*; the quorum lease decides *whether* to call it.
 
@@ -33,15 +45,20 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, TypeVar
 
 from . import garp as _garp
+from . import ndisc as _ndisc
 from .sysctl import enter_netns, set_vip_arp_sysctls
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 IP_FREEBIND = 15  # <linux/in.h>; not exported by Python's socket module
+IPV6_FREEBIND = 78  # <linux/in6.h> (Linux >= 4.15)
+IFA_F_NODAD = 0x02
+IFA_F_NOPREFIXROUTE = 0x200
 
 
 class VipError(RuntimeError):
@@ -58,12 +75,16 @@ def freebind_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
     Pass the socket to ``asyncio``'s ``create_server(sock=...)`` or aiohttp's
     ``SockSite``.
     """
-    sock = socket.socket(socket.AF_INET, kind)
+    v6 = ":" in host
+    sock = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         sock.bind((host, port))
         if kind == socket.SOCK_STREAM:
             sock.listen(backlog)
@@ -73,18 +94,47 @@ def freebind_socket(host: str, port: int, kind: int = socket.SOCK_STREAM,
     return sock
 
 
-class VipAnnouncer:
-    """Add/renew, release, read back and announce one VIP on one interface.
+@dataclass(frozen=True)
+class VipAddress:
+    """One VIP of the set: its family decides prefix length, flags and announcement."""
 
-    ``netns`` names a namespace in /run/netns (lab and tests); production nodes run
-    inside their namespace already and pass None.
+    address: str
+    prefixlen: int
+
+    @property
+    def v6(self) -> bool:
+        return ":" in self.address
+
+
+def vip_set(vips: str | Sequence[str], prefixlen: int = 32) -> tuple[VipAddress, ...]:
+    """Validate ``vips`` (one address or several, IPv4 and/or IPv6) -> canonical, unique."""
+    items = [vips] if isinstance(vips, str) else list(vips)
+    if not items:
+        raise ValueError("no VIP given")
+    out: list[VipAddress] = []
+    for raw in items:
+        ip = ipaddress.ip_address(raw)  # ValueError names the bad address
+        entry = VipAddress(str(ip), 128 if ip.version == 6 else prefixlen)
+        if entry in out:
+            raise ValueError(f"VIP {raw} given twice")
+        out.append(entry)
+    return tuple(out)
+
+
+class VipAnnouncer:
+    """Add/renew, release, read back and announce a set of VIPs on one interface.
+
+    ``vip`` is one address or a list (IPv4 and IPv6 mixed); ``prefixlen`` applies to the
+    IPv4 ones. ``netns`` names a namespace in /run/netns (lab and tests); production nodes
+    run inside their namespace already and pass None.
     """
 
-    def __init__(self, ifname: str, vip: str, prefixlen: int = 32, netns: str | None = None,
+    def __init__(self, ifname: str, vip: str | Sequence[str], prefixlen: int = 32, netns: str | None = None,
                  op_timeout: float = 2.0) -> None:
-        ipaddress.IPv4Address(vip)  # validate early, clear error
+        self.addresses = vip_set(vip, prefixlen)  # validate early, clear error
         self.ifname = ifname
-        self.vip = vip
+        self.vips = [a.address for a in self.addresses]
+        self.vip = self.vips[0]  # the first one: log lines and single-VIP callers
         self.prefixlen = prefixlen
         self.netns = netns
         self.op_timeout = op_timeout
@@ -139,33 +189,68 @@ class VipAnnouncer:
         return fut.result(timeout=self.op_timeout)
 
     def _do_hold(self, valid_lft: int) -> None:
+        """Add/renew every VIP; the first failure stops and raises (the caller then releases all)."""
+        for a in self.addresses:
+            self._do_hold_one(a, valid_lft)
+
+    def _do_hold_one(self, a: VipAddress, valid_lft: int) -> None:
         try:
-            self._iproute().addr("replace", index=self._index(), address=self.vip,
-                                 prefixlen=self.prefixlen, valid_lft=valid_lft,
-                                 preferred_lft=valid_lft)
+            if a.v6:
+                self._iproute().addr("replace", index=self._index(), address=a.address,
+                                     prefixlen=a.prefixlen, valid_lft=valid_lft, preferred_lft=0,
+                                     IFA_FLAGS=IFA_F_NODAD | IFA_F_NOPREFIXROUTE)
+            else:
+                self._iproute().addr("replace", index=self._index(), address=a.address,
+                                     prefixlen=a.prefixlen, valid_lft=valid_lft,
+                                     preferred_lft=valid_lft)
         except VipError:
             raise
         except Exception as exc:
             self._ifindex = None  # interface may have been recreated
-            raise VipError(f"adding {self.vip}/{self.prefixlen} on {self.ifname} failed: {exc}") from exc
+            raise VipError(f"adding {a.address}/{a.prefixlen} on {self.ifname} failed: {exc}") from exc
 
     def _do_release(self) -> bool:
+        """Delete every VIP, even after one delete failed (then raise the first error).
+        True if at least one was still there."""
+        removed, first_error = False, None
+        for a in self.addresses:
+            try:
+                removed = self._do_release_one(a) or removed
+            except VipError as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return removed
+
+    def _do_release_one(self, a: VipAddress) -> bool:
         try:
-            self._iproute().addr("del", index=self._index(), address=self.vip,
-                                 prefixlen=self.prefixlen)
+            self._iproute().addr("del", index=self._index(), address=a.address, prefixlen=a.prefixlen)
             return True
         except Exception as exc:
             code = getattr(exc, "code", None)
             if code in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT):
                 return False  # already gone (expired or never added): release is done
-            raise VipError(f"removing {self.vip} from {self.ifname} failed: {exc}") from exc
+            raise VipError(f"removing {a.address} from {self.ifname} failed: {exc}") from exc
+
+    def _do_lifetimes(self) -> dict[str, int]:
+        """address -> remaining kernel valid lifetime (s), for the VIPs configured now."""
+        wanted = {(a.address, a.prefixlen) for a in self.addresses}
+        out: dict[str, int] = {}
+        for msg in self._iproute().addr("dump", index=self._index()):
+            addr = msg.get("IFA_ADDRESS")
+            if addr is not None:
+                addr = str(ipaddress.ip_address(addr))
+            if (addr, msg.get("prefixlen")) in wanted:
+                info = msg.get("IFA_CACHEINFO") or {}
+                out[addr] = int(info.get("ifa_valid", 0xFFFFFFFF))
+        return out
 
     def _do_lifetime(self) -> int | None:
-        for msg in self._iproute().addr("dump", index=self._index()):
-            if msg.get("IFA_ADDRESS") == self.vip and msg.get("prefixlen") == self.prefixlen:
-                info = msg.get("IFA_CACHEINFO") or {}
-                return int(info.get("ifa_valid", 0xFFFFFFFF))
-        return None
+        """The shortest remaining lifetime if *every* VIP is configured, else None."""
+        found = self._do_lifetimes()
+        if len(found) < len(self.addresses):
+            return None
+        return min(found.values())
 
     def _do_open_arp(self) -> tuple[socket.socket, bytes]:
         if self._arp is None:
@@ -186,8 +271,12 @@ class VipAnnouncer:
         return self._run(self._do_release)
 
     def is_held(self) -> bool:
-        """True if the VIP is configured on the interface right now."""
+        """True if every VIP is configured on the interface right now."""
         return self._run(self._do_lifetime) is not None
+
+    def held_addresses(self) -> list[str]:
+        """The VIPs configured on the interface right now (any subset of :attr:`vips`)."""
+        return sorted(self._run(self._do_lifetimes))
 
     def valid_lifetime(self) -> int | None:
         """Remaining kernel valid lifetime in whole seconds, or None if not held."""
@@ -198,7 +287,8 @@ class VipAnnouncer:
         return _garp.mac_to_str(self._run(self._do_open_arp)[1])
 
     def send_garp(self, count: int = 3, interval: float = 0.05) -> int:
-        """Send ``count`` rounds of gratuitous ARP (request and reply forms).
+        """Send ``count`` rounds of gratuitous ARP (request and reply forms) for the IPv4
+        VIPs and of unsolicited neighbour advertisements for the IPv6 ones.
 
         Blocks for about ``(count-1)*interval``. Returns the number of frames sent.
         """
@@ -206,9 +296,17 @@ class VipAnnouncer:
         return self._burst(sock, mac, count, interval)
 
     def _burst(self, sock: socket.socket, mac: bytes, count: int, interval: float) -> int:
+        frames = self.announce_frames(mac)
         with self._lock:
             try:
-                return _garp.send_garp_burst(sock, mac, self.vip, count, interval)
+                sent = 0
+                for i in range(count):
+                    for frame in frames:
+                        sock.send(frame)
+                        sent += 1
+                    if i + 1 < count and interval > 0:
+                        time.sleep(interval)
+                return sent
             except OSError as exc:
                 # interface gone or recreated: drop the cached socket so the next
                 # call reopens it on the new interface
@@ -216,6 +314,20 @@ class VipAnnouncer:
                     self._arp = None
                     sock.close()
                 raise VipError(f"GARP on {self.ifname} failed: {exc}") from exc
+
+    def announce_frames(self, mac: bytes) -> list[bytes]:
+        """One announcement round: both GARP forms per IPv4 VIP, one unsolicited NA per IPv6 VIP.
+
+        Sent as raw frames on the ARP packet socket (a SOCK_RAW packet socket sends any
+        EtherType; its bound protocol only filters what it receives).
+        """
+        frames: list[bytes] = []
+        for a in self.addresses:
+            if a.v6:
+                frames.append(_ndisc.unsolicited_na_frame(mac, a.address))
+            else:
+                frames.extend(_garp.garp_frames(mac, a.address))
+        return frames
 
     def set_arp_sysctls(self) -> None:
         """arp_ignore=1 / arp_announce=2 (all + interface) in the announcer's namespace."""
@@ -286,14 +398,25 @@ class VipAnnouncer:
         resumes, long after its lease ended. Checking next to the syscall shrinks that window
         to microseconds, and the check after it bounds what a freeze inside it can cause.
         Returns True if the VIP was added and kept.
+
+        Several VIPs: the checks surround *each* address's syscall, not the whole set, so a
+        freeze anywhere in the call can make at most one stale add (the one whose syscall it
+        interrupted), exactly as with one VIP; that address is deleted first. A lab freeze
+        trial with two VIPs and one check around the set caught a two-holder sample after
+        SIGCONT: the resumed worker finished the remaining adds before its check undid them.
+        A False return (refused or undone) makes the caller delete the whole set.
         """
         def op() -> bool:
-            if clock() > not_after:
-                return False
-            self._do_hold(valid_lft)
-            if clock() > undo_after:
-                self._do_release()
-                return False
+            for a in self.addresses:
+                if clock() > not_after:
+                    return False
+                self._do_hold_one(a, valid_lft)
+                if clock() > undo_after:
+                    try:
+                        self._do_release_one(a)  # the possibly stale one first
+                    finally:
+                        self._do_release()
+                    return False
             return True
         return await self._arun(op)
 

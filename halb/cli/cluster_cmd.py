@@ -34,7 +34,8 @@ def cluster() -> None:
               help="With --node: every node's Raft port.")
 @click.option("--data-dir", default="/var/lib/halb", show_default=True,
               help="With --node: each node keeps its state in DATA_DIR/ID (the systemd unit's StateDirectory).")
-@click.option("--vip", default="", metavar="ADDRESS[/PREFIX]", help="With --node: announce a floating VIP.")
+@click.option("--vip", multiple=True, metavar="ADDRESS[/PREFIX]",
+              help="With --node: announce a floating VIP, IPv4 or IPv6 (repeat for several; they move together).")
 @click.option("--interface", default="", help="With --vip: the interface the VIP goes on.")
 @click.option("--dns", "dns_names", multiple=True, metavar="NAME",
               help="With --node: answer DNS for NAME (repeat) on every node instead of a VIP.")
@@ -44,7 +45,7 @@ def cluster() -> None:
               help="Only issue new node certificates from DIRECTORY's existing CA (before they expire); "
                    "nothing else changes.")
 def init(directory: str, force: bool, nodes: tuple[str, ...], api_port: int, raft_port: int, data_dir: str,
-         vip: str, interface: str, dns_names: tuple[str, ...], dns_zone: str, dns_port: int,
+         vip: tuple[str, ...], interface: str, dns_names: tuple[str, ...], dns_zone: str, dns_port: int,
          renew_certs: bool) -> None:
     """Generate a cluster's configs, secret, token, CA and node certificates in DIRECTORY.
 
@@ -73,7 +74,7 @@ def init(directory: str, force: bool, nodes: tuple[str, ...], api_port: int, raf
         if bundle_config_paths(d) and not force:
             click.echo(f"halb: {d} already holds node bundles; use --force to overwrite", err=True)
             sys.exit(2)
-        opts = BundleOptions(api_port=api_port, raft_port=raft_port, data_dir=data_dir, vip=vip,
+        opts = BundleOptions(api_port=api_port, raft_port=raft_port, data_dir=data_dir, vips=list(vip),
                              interface=interface, dns_names=list(dns_names), dns_zone=dns_zone, dns_port=dns_port)
         try:
             if api_port == raft_port:

@@ -46,8 +46,9 @@ def _run_dir(lab_: Lab) -> Path:
 @click.option("--start", is_flag=True, help="Also start the checkout backends and three halb balancers inside.")
 @click.option("--mode", type=click.Choice(["vip", "dns"]), default="vip", show_default=True,
               help="Announcement mode of the started balancers.")
+@click.option("--ipv6", is_flag=True, help="With --start --mode vip: also announce the IPv6 VIP (service on :8081).")
 @click.pass_context
-def up(ctx: click.Context, start: bool, mode: str) -> None:
+def up(ctx: click.Context, start: bool, mode: str, ipv6: bool) -> None:
     """Create the namespaces (removing leftovers of an earlier run first)."""
     try:
         state = _lab(ctx).up()
@@ -57,7 +58,7 @@ def up(ctx: click.Context, start: bool, mode: str) -> None:
             run_dir = _run_dir(_lab(ctx))
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            cluster = LabCluster(_lab(ctx), run_dir, mode=mode)
+            cluster = LabCluster(_lab(ctx), run_dir, mode=mode, ipv6=ipv6)
             cluster.start()
             state["cluster"] = {"run_dir": str(run_dir), "pids": {k: p.pid for k, p in cluster.procs.items()},
                                 "apis": {lb: cluster.api_addr(lb) for lb in cluster.lbs}}
@@ -68,10 +69,10 @@ def up(ctx: click.Context, start: bool, mode: str) -> None:
         click.echo(json.dumps(state, indent=2))
         return
     lab_ = _lab(ctx)
-    click.echo(f"lab up: {len(state['namespaces'])} namespaces, VIP {lab_.vip}, "
+    click.echo(f"lab up: {len(state['namespaces'])} namespaces, VIP {lab_.vip} (IPv6 {lab_.vip6}), "
                f"state {lab_.state_file}")
     for h in lab_.hosts.values():
-        click.echo(f"  {h.ns:<20} {h.ip:<15} {h.mac}")
+        click.echo(f"  {h.ns:<20} {h.ip:<15} {h.ip6:<16} {h.mac}")
     if "cluster" in state:
         cl = state["cluster"]
         click.echo(f"cluster started ({mode}): configs, logs and token in {cl['run_dir']}")
@@ -79,6 +80,8 @@ def up(ctx: click.Context, start: bool, mode: str) -> None:
             click.echo(f"  {k:<4} pid {pid}")
         click.echo(f"  try: halb lab exec client -- curl -s http://{lab_.vip}:8080/health   "
                    "(halb lab down stops everything)")
+        if ipv6 and mode == "vip":
+            click.echo(f"       halb lab exec client -- curl -s 'http://[{lab_.vip6}]:8081/health'")
 
 
 @lab.command()
@@ -167,10 +170,11 @@ def heal(ctx: click.Context, host: str, peers: tuple[str, ...]) -> None:
 @click.option("--freeze-s", default=5.0, show_default=True, help="How long `freeze` keeps the holder stopped.")
 @click.option("--wait-from", type=click.Choice(["last_renewal_seen", "election"]), default=None,
               help="Override the successor-wait rule (docs/failover.md).")
+@click.option("--ipv6", is_flag=True, help="Announce an IPv6 VIP too and measure what an IPv6 client sees.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, wait_from: str | None,
-             as_json: bool) -> None:
+             ipv6: bool, as_json: bool) -> None:
     """Measure VIP failover: build the lab, start the cluster, fault the holder N times, tear down."""
     from halb.lab.cluster import LabCluster
     from halb.lab.failover import FailoverRun, summary
@@ -190,10 +194,10 @@ def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s:
         lab_.up()
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        cluster = LabCluster(lab_, run_dir, announce_extra=extra)
+        cluster = LabCluster(lab_, run_dir, announce_extra=extra, ipv6=ipv6)
         try:
             cluster.start()
-            with FailoverRun(cluster, freeze_s=freeze_s, log=say) as run:
+            with FailoverRun(cluster, freeze_s=freeze_s, log=say, ipv6=ipv6) as run:
                 for i in range(trials):
                     for fault in faults:
                         run.trial(fault)

@@ -32,6 +32,7 @@ from halb.tls import AdminTls
 RAFT_PORT = 7100
 API_PORT = 7000
 SERVICE_PORT = 8080
+SERVICE_PORT6 = 8081  # the IPv6 VIP's service (two services may not share a port)
 BACKEND_PORT = 8080
 DNS_PORT = 5353
 BACKEND_NAMES = ("A", "B", "C")
@@ -41,8 +42,13 @@ def _q(v: Any) -> str:
     return json.dumps(v)
 
 
-def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[str, Any] | None = None) -> str:
-    """TOML for the balancer on lab host ``lb`` (lb1 -> node n1)."""
+def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[str, Any] | None = None,
+                    ipv6: bool = False) -> str:
+    """TOML for the balancer on lab host ``lb`` (lb1 -> node n1).
+
+    ``ipv6`` (VIP mode): the node announces both VIPs (``vips = [v4, v6]``) and a second
+    service, ``checkout6``, listens on ``[IPv6 VIP]:8081`` with the same backends.
+    """
     idx = lb[2:]
     node_id = f"n{idx}"
     me = lab.hosts[lb].ip
@@ -69,7 +75,9 @@ def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[s
     extra = dict(announce_extra or {})
     if mode == "vip":
         lines += ["[dataplane]", '# empty: listen where the service says (the VIP, bound with IP_FREEBIND)', "",
-                  "[announce]", 'mode = "vip"', f"vip = {_q(lab.vip)}", 'interface = "eth0"', "lease_s = 1.5"]
+                  "[announce]", 'mode = "vip"',
+                  f"vips = {_q([lab.vip, lab.vip6])}" if ipv6 else f"vip = {_q(lab.vip)}",
+                  'interface = "eth0"', "lease_s = 1.5"]
         listen = f"{lab.vip}:{SERVICE_PORT}"
     elif mode == "dns":
         lines += ["[dataplane]", f"listen_host = {_q(me)}", "",
@@ -80,10 +88,15 @@ def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[s
         raise LabError(f"unknown announce mode {mode!r}")
     for k, v in extra.items():
         lines.append(f"{k} = {_q(v)}")
-    lines += ["", "[[services]]", 'name = "checkout"', 'mode = "http"', f"listen = {_q(listen)}",
-              'algorithm = "round_robin"', 'health = { path = "/health", interval = 0.5, timeout = 0.5 }']
-    for name, be in zip(BACKEND_NAMES, [h for h in lab.hosts.values() if h.role == "be"]):
-        lines += ["", "[[services.backends]]", f"name = {_q(name)}", f"address = {_q(f'{be.ip}:{BACKEND_PORT}')}"]
+    services = [("checkout", listen)]
+    if ipv6 and mode == "vip":
+        services.append(("checkout6", f"[{lab.vip6}]:{SERVICE_PORT6}"))
+    for svc, where in services:
+        lines += ["", "[[services]]", f"name = {_q(svc)}", 'mode = "http"', f"listen = {_q(where)}",
+                  'algorithm = "round_robin"', 'health = { path = "/health", interval = 0.5, timeout = 0.5 }']
+        for name, be in zip(BACKEND_NAMES, [h for h in lab.hosts.values() if h.role == "be"]):
+            lines += ["", "[[services.backends]]", f"name = {_q(name)}",
+                      f"address = {_q(f'{be.ip}:{BACKEND_PORT}')}"]
     return "\n".join(lines) + "\n"
 
 
@@ -95,6 +108,7 @@ class LabCluster:
     run_dir: Path
     mode: str = "vip"
     announce_extra: dict[str, Any] = field(default_factory=dict)
+    ipv6: bool = False  # VIP mode: also announce the IPv6 VIP and serve on it (lab_node_config)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -131,7 +145,7 @@ class LabCluster:
         paths = []
         for lb in self.lbs:
             p = self.run_dir / f"{self.node_id(lb)}.toml"
-            p.write_text(lab_node_config(self.lab, lb, self.mode, self.announce_extra))
+            p.write_text(lab_node_config(self.lab, lb, self.mode, self.announce_extra, ipv6=self.ipv6))
             paths.append(p)
         ensure_local_tls(self.run_dir)  # the run's CA and each node's certificate, as `cluster init` makes them
         return paths
@@ -235,11 +249,13 @@ class LabCluster:
             time.sleep(0.2)
         raise LabError(f"no leader within {timeout:g}s; see {self.run_dir / 'logs'}")
 
-    def vip_holders(self) -> list[str]:
-        """Lab hosts that have the VIP on eth0 right now (via `ip`; samplers use netlink)."""
+    def vip_holders(self, vip: str | None = None) -> list[str]:
+        """Lab hosts that have the VIP (or ``vip``, e.g. ``lab.vip6``) on eth0 right now
+        (via `ip`; samplers use netlink)."""
+        vip = vip or self.lab.vip
         out = []
         for lb in self.lbs:
-            r = self.lab.ip(lb, "-4", "-o", "addr", "show", "dev", "eth0", check=False)
-            if f" {self.lab.vip}/" in r.stdout:
+            r = self.lab.ip(lb, "-6" if ":" in vip else "-4", "-o", "addr", "show", "dev", "eth0", check=False)
+            if f" {vip}/" in r.stdout:
                 out.append(lb)
         return out

@@ -25,11 +25,12 @@ import math
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from halb.announce.sysctl import enter_netns, run_in_netns
-from halb.lab.cluster import SERVICE_PORT, LabCluster
+from halb.lab.cluster import SERVICE_PORT, SERVICE_PORT6, LabCluster
 from halb.lab.topology import LabError
 
 FAULTS = ("kill", "freeze", "partition", "transfer")
@@ -48,6 +49,7 @@ class Client:
     def __init__(self, netns: str, host: str, port: int = SERVICE_PORT, interval: float = 0.01,
                  timeout: float = 1.0) -> None:
         self.netns, self.host, self.port = netns, host, port
+        self.host_header = f"[{host}]" if ":" in host else host  # an IPv6 literal in brackets
         self.interval, self.timeout = interval, timeout
         self.reqs: list[Req] = []
         self._stop = threading.Event()
@@ -83,7 +85,7 @@ class Client:
         writer = None
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout)
-            writer.write(f"GET /health HTTP/1.1\r\nHost: {self.host}\r\nConnection: close\r\n\r\n".encode())
+            writer.write(f"GET /health HTTP/1.1\r\nHost: {self.host_header}\r\nConnection: close\r\n\r\n".encode())
             left = self.timeout - (time.monotonic() - sent)
             line = await asyncio.wait_for(reader.readline(), max(0.01, left))
             ok = line.startswith(b"HTTP/1.1 200") or line.startswith(b"HTTP/1.0 200")
@@ -102,26 +104,46 @@ class Client:
 class Sampler:
     """Who holds the VIP, every ``interval`` s, read with netlink in each balancer namespace."""
 
-    def __init__(self, cluster: LabCluster, interval: float = 0.01) -> None:
-        from pyroute2 import IPRoute
-
-        self.vip = cluster.lab.vip
+    def __init__(self, cluster: LabCluster, interval: float = 0.01, vip: str | None = None) -> None:
+        self.vip = vip or cluster.lab.vip
         self.interval = interval
         self.samples: list[tuple[float, tuple[str, ...]]] = []
-        # netns= makes pyroute2 open the netlink socket inside the namespace itself
-        self._ipr = {lb: IPRoute(netns=cluster.lab.ns(lb)) for lb in cluster.lbs}
-        self._idx = {lb: self._ifindex(ipr, lb) for lb, ipr in self._ipr.items()}
+        # One worker thread per balancer namespace: it enters the namespace once and owns its
+        # pyroute2 socket (pyroute2 0.9 binds a socket to the thread that uses it: an IPRoute
+        # opened in a namespace thread and used from another answered from the user's
+        # namespace or not at all; its own netns= gave "eth0 not found" on a loaded machine).
+        self._local = threading.local()
+        self._pool = {lb: ThreadPoolExecutor(1, thread_name_prefix=f"sampler-{lb}", initializer=enter_netns,
+                                             initargs=(cluster.lab.ns(lb),)) for lb in cluster.lbs}
+        self._idx = {lb: pool.submit(self._ifindex, lb).result(10) for lb, pool in self._pool.items()}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="failover-sampler", daemon=True)
 
-    @staticmethod
-    def _ifindex(ipr: Any, lb: str) -> int:
-        for _ in range(40):  # pyroute2's netns socket sometimes answers empty right after start
-            found = ipr.link_lookup(ifname="eth0")
+    def _ipr(self) -> Any:
+        """This worker thread's netlink socket (inside its namespace)."""
+        from pyroute2 import IPRoute
+
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None:
+            ipr = self._local.ipr = IPRoute()
+        return ipr
+
+    def _ifindex(self, lb: str) -> int:
+        for _ in range(40):
+            found = self._ipr().link_lookup(ifname="eth0")
             if found:
                 return int(found[0])
             time.sleep(0.05)
         raise LabError(f"eth0 not found in {lb}'s namespace")
+
+    def _holds(self, lb: str) -> bool:
+        return any(msg.get("IFA_ADDRESS") == self.vip  # pyroute2 gives IPv6 in canonical form too
+                   for msg in self._ipr().addr("dump", index=self._idx[lb]))
+
+    def _close(self) -> None:
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is not None:
+            ipr.close()
 
     def start(self) -> None:
         self._thread.start()
@@ -129,17 +151,16 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        for ipr in self._ipr.values():
-            ipr.close()
+        for pool in self._pool.values():
+            try:
+                pool.submit(self._close).result(2)
+            except Exception:
+                pass
+            pool.shutdown(wait=False)
 
     def holders_now(self) -> tuple[str, ...]:
-        out = []
-        for lb, ipr in self._ipr.items():
-            for msg in ipr.addr("dump", index=self._idx[lb]):
-                if msg.get("IFA_ADDRESS") == self.vip:
-                    out.append(lb)
-                    break
-        return tuple(out)
+        futures = {lb: pool.submit(self._holds, lb) for lb, pool in self._pool.items()}
+        return tuple(lb for lb, fut in futures.items() if fut.result(2))
 
     def _main(self) -> None:
         nxt = time.monotonic()
@@ -209,10 +230,12 @@ class FailoverRun:
     freeze_s: float = 5.0
     log: Any = None
     trials: list[Trial] = field(default_factory=list)
+    ipv6: bool = False  # the client and the sampler use the IPv6 VIP (cluster.ipv6 must be on)
 
     def __post_init__(self) -> None:
-        self.client = Client(self.cluster.lab.ns("client"), self.cluster.lab.vip)
-        self.sampler = Sampler(self.cluster)
+        vip = self.cluster.lab.vip6 if self.ipv6 else self.cluster.lab.vip
+        self.client = Client(self.cluster.lab.ns("client"), vip, SERVICE_PORT6 if self.ipv6 else SERVICE_PORT)
+        self.sampler = Sampler(self.cluster, vip=vip)
 
     def _say(self, msg: str) -> None:
         if self.log is not None:

@@ -14,6 +14,14 @@ Layout (prefix ``halb-`` by default, configurable so concurrent test runs never 
     {prefix}client   client      10.99.0.100
     VIP              10.99.0.10  (owned by nobody until a balancer holds it)
 
+Every host is dual-stack: ``fd00:99::/64`` with the same host numbers written in hex digits
+(lb1 ``fd00:99::11``, client ``fd00:99::100``, IPv6 VIP ``fd00:99::10``). IPv6 duplicate
+address detection is off in every lab namespace (``accept_dad=0`` before the links come
+up, addresses added ``nodad``): otherwise every address would be unusable ("tentative")
+for about a second after ``lab up``. Forwarding stays off (hosts, not routers), and the
+bridge does no multicast snooping, so neighbour solicitations reach whoever holds the VIP
+without waiting for MLD reports.
+
 MACs are deterministic (02:99:00:00:00:<last octet>) so logs and tests can tell hosts
 apart at a glance. Everything is done with iproute2 (always present on the target
 machines), which keeps each step visible and reproducible by hand.
@@ -31,8 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from halb.announce.sysctl import write_sysctls
+
 DEFAULT_PREFIX = "halb-"
 DEFAULT_SUBNET = "10.99.0.0/24"
+DEFAULT_SUBNET6 = "fd00:99::/64"
 DEFAULT_STATE_DIR = Path("/run/halb-lab")
 SWITCH = "sw"
 BRIDGE = "br0"
@@ -51,6 +62,11 @@ BE_ADDRS = {"be1": "10.99.0.21", "be2": "10.99.0.22", "be3": "10.99.0.23"}
 CLIENT_ADDR = "10.99.0.100"
 
 
+# IPv6 in every lab namespace: no duplicate address detection, no forwarding
+_NO_DAD = {f"net.ipv6.conf.{dev}.{key}": value
+           for dev in ("all", "default") for key, value in (("accept_dad", 0), ("forwarding", 0))}
+
+
 class LabError(RuntimeError):
     """A lab operation failed; the message says which command and why."""
 
@@ -63,6 +79,7 @@ class Host:
     ip: str
     mac: str
     ifname: str = HOST_IFNAME
+    ip6: str = ""
 
 
 def _ip(argv: Sequence[str], check: bool = True, timeout: float = 15.0) -> subprocess.CompletedProcess[str]:
@@ -89,6 +106,7 @@ class Lab:
 
     prefix: str = DEFAULT_PREFIX
     subnet: str = DEFAULT_SUBNET
+    subnet6: str = DEFAULT_SUBNET6
     n_lb: int = 3
     n_be: int = 3
     state_dir: Path = DEFAULT_STATE_DIR
@@ -105,9 +123,16 @@ class Lab:
         specs = [(f"lb{i}", "lb", LB_OFFSET + i) for i in range(1, self.n_lb + 1)]
         specs += [(f"be{i}", "be", BE_OFFSET + i) for i in range(1, self.n_be + 1)]
         specs.append(("client", "client", CLIENT_OFFSET))
+        net6 = ipaddress.IPv6Network(self.subnet6)
+        if net6.prefixlen != 64:
+            raise LabError("lab IPv6 subnet must be a /64")
         for name, role, off in specs:
             self.hosts[name] = Host(name, role, self.prefix + name, str(net[off]),
-                                    f"02:99:00:00:00:{off:02x}")
+                                    f"02:99:00:00:00:{off:02x}", ip6=self._ip6(off))
+
+    def _ip6(self, offset: int) -> str:
+        """Host number ``offset`` written with the same digits in hex (11 -> ::11)."""
+        return str(ipaddress.IPv6Network(self.subnet6)[int(str(offset), 16)])
 
     # ---- names and addresses ------------------------------------------------------
     @property
@@ -117,6 +142,10 @@ class Lab:
     @property
     def vip(self) -> str:
         return str(self.network[VIP_OFFSET])
+
+    @property
+    def vip6(self) -> str:
+        return self._ip6(VIP_OFFSET)
 
     @property
     def switch_ns(self) -> str:
@@ -175,7 +204,8 @@ class Lab:
             created.append(sw)
             self._write_state(created, complete=False)
             _ip(["-n", sw, "link", "set", "dev", "lo", "up"])
-            _ip(["-n", sw, "link", "add", "name", BRIDGE, "type", "bridge", "stp_state", "0"])
+            _ip(["-n", sw, "link", "add", "name", BRIDGE, "type", "bridge", "stp_state", "0",
+                 "mcast_snooping", "0"])
             _ip(["-n", sw, "link", "set", "dev", BRIDGE, "up"])
             prefixlen = str(self.network.prefixlen)
             for h in self.hosts.values():
@@ -183,12 +213,14 @@ class Lab:
                 created.append(h.ns)
                 self._write_state(created, complete=False)
                 _ip(["-n", h.ns, "link", "set", "dev", "lo", "up"])
+                write_sysctls(_NO_DAD, h.ns)  # before eth0 exists: it inherits "default"
                 # both veth ends are created directly inside namespaces: the host
                 # namespace never sees them, even for a moment
                 _ip(["-n", sw, "link", "add", "name", h.name, "type", "veth",
                      "peer", "name", h.ifname, "netns", h.ns])
                 _ip(["-n", h.ns, "link", "set", "dev", h.ifname, "address", h.mac])
                 _ip(["-n", h.ns, "addr", "add", f"{h.ip}/{prefixlen}", "dev", h.ifname])
+                _ip(["-n", h.ns, "addr", "add", f"{h.ip6}/64", "dev", h.ifname, "nodad"])
                 _ip(["-n", h.ns, "link", "set", "dev", h.ifname, "up"])
                 _ip(["-n", sw, "link", "set", "dev", h.name, "master", BRIDGE])
                 _ip(["-n", sw, "link", "set", "dev", h.name, "up"])
@@ -255,7 +287,7 @@ class Lab:
         for h in self.hosts.values():
             row: dict[str, object] = {**asdict(h), "exists": h.ns in existing}
             if h.ns in existing:
-                proc = _ip(["-n", h.ns, "-4", "-o", "addr", "show", "dev", h.ifname], check=False)
+                proc = _ip(["-n", h.ns, "-o", "addr", "show", "dev", h.ifname, "scope", "global"], check=False)
                 row["addrs"] = [line.split()[3] for line in proc.stdout.splitlines()
                                 if len(line.split()) > 3]
             hosts.append(row)
@@ -263,6 +295,7 @@ class Lab:
                        if ns.startswith(self.prefix) and ns not in self.namespaces)
         return {
             "prefix": self.prefix, "subnet": self.subnet, "vip": self.vip,
+            "subnet6": self.subnet6, "vip6": self.vip6,
             "switch": {"ns": self.switch_ns, "exists": self.switch_ns in existing},
             "hosts": hosts, "state_file": str(self.state_file),
             "state": self._read_state(), "other_namespaces_with_prefix": stray,
@@ -276,6 +309,7 @@ class Lab:
     def _write_state(self, created: list[str], complete: bool) -> dict[str, object]:
         state: dict[str, object] = {
             "prefix": self.prefix, "subnet": self.subnet, "vip": self.vip,
+            "subnet6": self.subnet6, "vip6": self.vip6,
             "bridge": {"ns": self.switch_ns, "name": BRIDGE},
             "namespaces": list(created),
             "hosts": {n: asdict(h) for n, h in self.hosts.items()},

@@ -176,6 +176,22 @@ def test_vip_bundle_validates(tmp_path: Path):
     assert cfg.api.tls_cert == tmp_path / "b" / "n2" / "node.crt"
 
 
+def test_vip_bundle_with_ipv4_and_ipv6_vips(tmp_path: Path):
+    from halb.announce.settings import parse_announce
+    from halb.config import load_config
+
+    argv = ["cluster", "init", str(tmp_path / "b"), "--node", "n1=10.0.0.1", "--node", "n2=10.0.0.2",
+            "--node", "n3=10.0.0.3", "--vip", "10.0.0.100/24", "--vip", "fd00::100/64", "--interface", "eth0"]
+    proc = subprocess.run(halb_argv(*argv), capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    cfg = load_config(tmp_path / "b" / "n1" / "node.toml")
+    assert cfg.announce == {"mode": "vip", "vips": ["10.0.0.100", "fd00::100"], "interface": "eth0"}
+    assert parse_announce(cfg.announce).vips == ["10.0.0.100", "fd00::100"]
+    proc = subprocess.run(halb_argv(*argv[:-2], "--vip", "FD00::100", "--interface", "eth0", "--force"),
+                          capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert proc.returncode == 2 and "given twice" in proc.stderr, proc.stderr
+
+
 def test_node_without_tls_refuses_unless_insecure_dev(tmp_path: Path):
     (tmp_path / "token").write_text("t" * 32)
     (tmp_path / "secret").write_text("s" * 32)

@@ -20,6 +20,8 @@ ZONE_DATA: dict[str, list[str]] = {
     "empty.shop.test": [],
     "many.shop.test": [f"10.1.{i // 250}.{i % 250}" for i in range(100)],
     "bad.shop.test": ["not-an-ip", "10.0.0.9"],
+    "dual.shop.test": ["10.99.0.10", "fd00:99::10", "10.99.0.11", "fd00:99::11"],
+    "six.shop.test": ["fd00:99::10"],
 }
 
 
@@ -220,3 +222,53 @@ def test_qdcount_mismatch_is_formerr_not_bigger():
     assert out is not None and DNSRecord.parse(out).header.rcode == RCODE.FORMERR
     assert len(out) <= len(two.pack())
     assert srv.handle(DNSRecord.question("checkout.shop.test").reply().pack()) is None
+
+
+def test_dual_stack_name_answers_a_with_ipv4_and_aaaa_with_ipv6():
+    async def body(srv):
+        rep = await ask(srv, "dual.shop.test", "A")
+        assert rep.header.rcode == RCODE.NOERROR and rep.header.aa == 1
+        assert [(QTYPE[rr.rtype], str(rr.rdata)) for rr in rep.rr] == [("A", "10.99.0.10"), ("A", "10.99.0.11")]
+        rep = await ask(srv, "dual.shop.test", "AAAA")
+        assert rep.header.rcode == RCODE.NOERROR
+        assert [(QTYPE[rr.rtype], str(rr.rdata)) for rr in rep.rr] == [("AAAA", "fd00:99::10"), ("AAAA", "fd00:99::11")]
+        assert all(rr.ttl == 1 for rr in rep.rr)
+        rep = await ask(srv, "dual.shop.test", "ANY")
+        assert sorted(QTYPE[rr.rtype] for rr in rep.rr) == ["A", "A", "AAAA", "AAAA"]
+    run_with_server(body)
+
+
+def test_ipv6_only_name_a_query_is_nodata_and_aaaa_answers():
+    async def body(srv):
+        rep = await ask(srv, "six.shop.test", "A")
+        assert rep.header.rcode == RCODE.NOERROR and not rep.rr  # NODATA, not NXDOMAIN
+        assert rep.auth and rep.auth[0].rtype == QTYPE.SOA
+        rep = await ask(srv, "six.shop.test", "AAAA")
+        assert [str(rr.rdata) for rr in rep.rr] == ["fd00:99::10"]
+        rep = await ask(srv, "checkout.shop.test", "AAAA")  # IPv4-only name: NODATA for AAAA
+        assert rep.header.rcode == RCODE.NOERROR and not rep.rr and rep.auth[0].rtype == QTYPE.SOA
+    run_with_server(body)
+
+
+def test_responder_binds_ipv6_with_freebind():
+    """A DNS-mode node may answer on an IPv6 address (bound with IPV6_FREEBIND)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 in this kernel")
+
+    async def main():
+        async with DnsResponder("::1", 0, resolver, zone="shop.test", freebind=True) as srv:
+            loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            try:
+                await loop.sock_connect(sock, ("::1", srv.port))
+                await loop.sock_sendall(sock, DNSRecord.question("six.shop.test", "AAAA").pack())
+                raw = await asyncio.wait_for(loop.sock_recv(sock, 65535), 1.0)
+            finally:
+                sock.close()
+            return DNSRecord.parse(raw)
+    try:
+        rep = asyncio.run(main())
+    except OSError as exc:
+        pytest.skip(f"IPv6 loopback unavailable: {exc}")
+    assert [str(rr.rdata) for rr in rep.rr] == ["fd00:99::10"]

@@ -1,0 +1,154 @@
+"""IPv6 VIPs in real namespaces: kernel lifetime bound, unsolicited NA moves the client's
+neighbour entry (with a no-NA control), a VIP set of IPv4 + IPv6 moves as one."""
+from __future__ import annotations
+
+import errno
+import socket
+import time
+
+import pytest
+
+from halb.announce.settings import KERNEL_EXPIRY_MAX_V6_S
+from halb.announce.sysctl import run_in_netns
+from halb.announce.vip import VipAnnouncer, freebind_socket
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def lab6(clean_lab):
+    def scrub() -> None:
+        for h in clean_lab.hosts.values():
+            clean_lab.ip(h.name, "-6", "addr", "del", f"{clean_lab.vip6}/128", "dev", "eth0", check=False)
+    scrub()
+    yield clean_lab
+    scrub()
+
+
+@pytest.fixture
+def announcers(lab6):
+    made: list[VipAnnouncer] = []
+
+    def make(host: str, vips=None) -> VipAnnouncer:
+        a = VipAnnouncer("eth0", vips or [lab6.vip6], netns=lab6.ns(host))
+        made.append(a)
+        return a
+
+    yield make
+    for a in made:
+        a.close(release=True)
+
+
+def neigh6(lab) -> str | None:
+    out = lab.ip("client", "-6", "neigh", "show", lab.vip6, "dev", "eth0").stdout.split()
+    return out[out.index("lladdr") + 1] if "lladdr" in out else None
+
+
+def touch6(lab, port: int = 9) -> int:
+    """TCP connect from the client to [VIP6]:port: resolves the neighbour, returns the errno."""
+    def go() -> int:
+        s = socket.socket(socket.AF_INET6)
+        s.settimeout(1.0)
+        try:
+            return s.connect_ex((lab.vip6, port))
+        finally:
+            s.close()
+    return run_in_netns(lab.ns("client"), go)
+
+
+def wait_for(pred, timeout: float, step: float = 0.005) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return time.monotonic() - t0
+        time.sleep(step)
+    return None
+
+
+def test_ipv6_vip_flags_and_kernel_expiry_bound(lab6, announcers):
+    """The lease assumes an unrefreshed IPv6 VIP is gone within KERNEL_EXPIRY_MAX_V6_S."""
+    a = announcers("lb1")
+    worst = 0.0
+    for _ in range(4):
+        for _ in range(3):
+            a.hold(valid_lft=1)
+            t_last = time.monotonic()
+            time.sleep(0.1)
+        line = lab6.ip("lb1", "-6", "-o", "addr", "show", "dev", "eth0").stdout
+        mine = [ln for ln in line.splitlines() if f" {lab6.vip6}/128 " in ln]
+        assert mine and "nodad" in mine[0] and "deprecated" in mine[0] and "tentative" not in mine[0], line
+        assert wait_for(lambda: not a.is_held(), timeout=3, step=0.005) is not None
+        worst = max(worst, time.monotonic() - t_last)
+    print(f"IPv6 VIP removed at most {worst:.3f}s after the last refresh")
+    assert 0.9 < worst < KERNEL_EXPIRY_MAX_V6_S
+    route = lab6.ip("lb1", "-6", "route", "show").stdout
+    assert lab6.vip6 not in route  # noprefixroute: no stray /128 route left behind
+
+
+def test_unsolicited_na_moves_client_neighbour_entry(lab6, announcers):
+    lab = lab6
+    lb1, lb2 = announcers("lb1"), announcers("lb2")
+    mac1, mac2 = lab.hosts["lb1"].mac, lab.hosts["lb2"].mac
+    lb1.hold(valid_lft=30)
+    assert touch6(lab) == errno.ECONNREFUSED  # lb1 answered (RST): reached over IPv6
+    assert neigh6(lab) == mac1
+
+    lb1.release()
+    lb2.hold(valid_lft=30)
+    time.sleep(1.0)
+    assert neigh6(lab) == mac1, "entry changed without an NA: the test cannot discriminate"
+
+    t0 = time.monotonic()
+    assert lb2.send_garp(count=1) == 1  # one NA frame for the one IPv6 VIP
+    switched = wait_for(lambda: neigh6(lab) == mac2, timeout=3)
+    assert switched is not None, f"client still at {neigh6(lab)} after the NA"
+    print(f"client IPv6 neighbour entry switched {1000 * (time.monotonic() - t0):.1f} ms after the NA")
+    assert touch6(lab) == errno.ECONNREFUSED
+
+
+def test_mixed_vip_set_moves_as_one_and_serves_over_ipv6(lab6, announcers):
+    lab = lab6
+    both = [lab.vip, lab.vip6]
+    a = announcers("lb1", both)
+    listener = run_in_netns(lab.ns("lb1"), lambda: freebind_socket(lab.vip6, 8080))  # IPV6_FREEBIND
+    try:
+        a.hold(valid_lft=5)
+        assert sorted(a.held_addresses()) == sorted(both) and a.is_held()
+        assert a.send_garp(count=1) == 3  # two GARP forms + one NA
+
+        def fetch() -> bool:
+            def go() -> bool:
+                try:
+                    socket.create_connection((lab.vip6, 8080), timeout=0.5).close()
+                    return True
+                except OSError:
+                    return False
+            return run_in_netns(lab.ns("client"), go)
+        assert fetch()
+        assert a.release() is True
+        assert a.held_addresses() == [] and not a.is_held()
+        assert a.release() is False
+    finally:
+        listener.close()
+
+
+def test_fenced_hold_checks_the_clock_around_each_address(lab6, announcers):
+    """A freeze in the middle of a set's refresh makes at most one stale add, undone at once."""
+    import asyncio
+
+    lab = lab6
+    a = announcers("lb1", [lab.vip, lab.vip6])
+
+    def ticking(values):
+        it = iter(values)
+        return lambda: next(it)
+
+    # pre-check of the 2nd address sees the lease too short: it is never added
+    kept = asyncio.run(a.ahold_fenced(ticking([0.0, 0.0, 5.0]), not_after=1.0, undo_after=2.0))
+    assert kept is False and a.held_addresses() == [lab.vip]  # the caller then deletes the set
+    a.release()
+    # post-check after the 1st address: too late -> everything deleted, the 2nd never added
+    kept = asyncio.run(a.ahold_fenced(ticking([0.0, 5.0]), not_after=1.0, undo_after=2.0))
+    assert kept is False and a.held_addresses() == []
+    kept = asyncio.run(a.ahold_fenced(lambda: 0.0, not_after=1.0, undo_after=2.0))
+    assert kept is True and sorted(a.held_addresses()) == sorted([lab.vip, lab.vip6])
