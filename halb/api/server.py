@@ -196,6 +196,8 @@ class AdminApi:
         r.add_delete("/v1/tokens/{name}", self.token_revoke)
         for path, handler in self.node.extra_routes():
             r.add_get(path, handler)
+        for path, handler in getattr(self.node, "extra_post_routes", list)():  # admin role (roles.py)
+            r.add_post(path, handler)
         return app
 
     # --- helpers ----------------------------------------------------------------------
