@@ -110,7 +110,7 @@ def render_config(s: BgpSettings, node_id: str) -> str:
             f"  {local}",
             f"  neighbor {r.address} as {r.asn};",
             f"  hold time {s.hold_time_s};",
-            f"  keepalive time {max(1, s.hold_time_s // 3)};",
+            *([f"  keepalive time {max(1, s.hold_time_s // 3)};"] if s.hold_time_s else []),
             "  connect retry time 1;",
             "  error wait time 1, 10;",
         ]
