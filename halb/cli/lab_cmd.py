@@ -33,7 +33,7 @@ def lab(ctx: click.Context, prefix: str, subnet: str, state_dir: str) -> None:
     """Network-namespace lab: a bridge, 3 balancers, 3 backends, a client (root only)."""
     ctx.ensure_object(dict)
     try:
-        ctx.obj["lab"] = Lab(prefix=prefix, subnet=subnet, state_dir=Path(state_dir))
+        ctx.obj["lab"] = Lab.load(prefix=prefix, subnet=subnet, state_dir=Path(state_dir))  # topology from state
     except LabError as exc:
         _fail(exc)
 
@@ -44,12 +44,21 @@ def _run_dir(lab_: Lab) -> Path:
 
 @lab.command()
 @click.option("--start", is_flag=True, help="Also start the checkout backends and three halb balancers inside.")
-@click.option("--mode", type=click.Choice(["vip", "dns"]), default="vip", show_default=True,
-              help="Announcement mode of the started balancers.")
+@click.option("--mode", type=click.Choice(["vip", "dns", "bgp"]), default=None,
+              help="Announcement mode of the started balancers [default: vip; bgp with --topology bgp].")
+@click.option("--topology", type=click.Choice(["flat", "bgp"]), default="flat", show_default=True,
+              help="flat: one bridge for all (VIP drills); bgp: a BIRD 2 router (ECMP, BFD) between the "
+                   "client and the balancers, which announce the service address.")
 @click.pass_context
-def up(ctx: click.Context, start: bool, mode: str) -> None:
+def up(ctx: click.Context, start: bool, mode: str | None, topology: str) -> None:
     """Create the namespaces (removing leftovers of an earlier run first)."""
+    old = _lab(ctx)
+    mode = mode or ("bgp" if topology == "bgp" else "vip")
     try:
+        if (mode == "bgp") != (topology == "bgp"):
+            raise LabError("--mode bgp and --topology bgp go together")
+        old.down()  # whatever topology the last run had
+        ctx.obj["lab"] = Lab(prefix=old.prefix, subnet=old.subnet, state_dir=old.state_dir, topology=topology)
         state = _lab(ctx).up()
         if start:
             from halb.lab.cluster import LabCluster
@@ -68,8 +77,9 @@ def up(ctx: click.Context, start: bool, mode: str) -> None:
         click.echo(json.dumps(state, indent=2))
         return
     lab_ = _lab(ctx)
-    click.echo(f"lab up: {len(state['namespaces'])} namespaces, VIP {lab_.vip}, "
-               f"state {lab_.state_file}")
+    click.echo(f"lab up ({lab_.topology}): {len(state['namespaces'])} namespaces, "
+               + (f"service address {', '.join(lab_.service_addresses)} via router {lab_.hosts['router'].ip}"
+                  if lab_.topology == "bgp" else f"VIP {lab_.vip}") + f", state {lab_.state_file}")
     for h in lab_.hosts.values():
         click.echo(f"  {h.ns:<20} {h.ip:<15} {h.mac}")
     if "cluster" in state:
@@ -77,7 +87,8 @@ def up(ctx: click.Context, start: bool, mode: str) -> None:
         click.echo(f"cluster started ({mode}): configs, logs and token in {cl['run_dir']}")
         for k, pid in cl["pids"].items():
             click.echo(f"  {k:<4} pid {pid}")
-        click.echo(f"  try: halb lab exec client -- curl -s http://{lab_.vip}:8080/health   "
+        target = lab_.service_addresses[0] if lab_.topology == "bgp" else lab_.vip
+        click.echo(f"  try: halb lab exec client -- curl -s http://{target}:8080/health   "
                    "(halb lab down stops everything)")
 
 
@@ -107,7 +118,9 @@ def status(ctx: click.Context) -> None:
     if ctx.obj.get("json"):
         click.echo(json.dumps(st, indent=2))
     else:
-        click.echo(f"lab {st['prefix']!r} subnet {st['subnet']} VIP {st['vip']}: "
+        click.echo(f"lab {st['prefix']!r} ({st['topology']}) subnet {st['subnet']} "
+                   + (f"service addresses {', '.join(st['service_addresses'])}: " if st["service_addresses"]
+                      else f"VIP {st['vip']}: ")
                    + ("up" if st["up"] else "not (fully) up"))
         sw = st["switch"]
         click.echo(f"  {sw['ns']:<20} {'present' if sw['exists'] else 'missing'}  (bridge)")
