@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 TICK_S = 0.025
 REFRESH_EVERY_S = 0.1      # an accepted address's kernel lifetime is renewed this often
 SESSIONS_POLL_S = 1.0      # `birdc show protocols` for the status view
+KERNEL_MIN_LIFETIME_S = 1.0  # valid_lft 1: the kernel removes an unrefreshed address after 1.0-1.15 s
 
 
 class BgpAnnouncement:
@@ -284,9 +285,13 @@ class BgpAnnouncement:
     def announcements(self) -> list[dict[str, Any]]:
         """Per service address: on this node (accepted), announced to the routers, and why not."""
         out = []
+        now = self.clock()
         for a in self.settings.addresses:
             d = self.decisions.get(a.address)
-            accepted = self.accepted.get(a.address, False)
+            # not refreshed for KERNEL_MIN_LIFETIME_S: the kernel may already have dropped it
+            # (the contact is running out and the loop has not removed it yet)
+            accepted = (self.accepted.get(a.address, False)
+                        and now - self.last_refresh.get(a.address, -1e9) < KERNEL_MIN_LIFETIME_S)
             out.append({"address": a.address, "services": list(a.services),
                         "announced": accepted and self.sessions_enabled and not self._stopping and self.bird.alive(),
                         "accepted": accepted, "reason": d.reason if d else "starting"})
