@@ -175,16 +175,27 @@ def heal(ctx: click.Context, host: str, peers: tuple[str, ...]) -> None:
 @lab.command()
 @click.option("--trials", default=5, show_default=True, type=click.IntRange(1, 1000), help="Trials per fault.")
 @click.option("--fault", "faults", multiple=True, default=["kill"], show_default=True,
-              type=click.Choice(["kill", "freeze", "partition", "transfer"]),
-              help="Fault to inject into the VIP holder (repeat for several).")
-@click.option("--freeze-s", default=5.0, show_default=True, help="How long `freeze` keeps the holder stopped.")
+              type=click.Choice(["kill", "freeze", "partition", "transfer", "drain"]),
+              help="Fault to inject into the VIP holder, or in bgp mode into one balancer (repeat for several; "
+                   "transfer is VIP-only, drain bgp-only).")
+@click.option("--mode", type=click.Choice(["vip", "bgp"]), default="vip", show_default=True,
+              help="vip: flat lab, one VIP holder; bgp: bgp topology, three balancers announce via BGP/ECMP.")
+@click.option("--freeze-s", default=None, type=float,
+              help="How long `freeze` keeps the target stopped [default: 5 s vip, 3 s bgp].")
 @click.option("--wait-from", type=click.Choice(["last_renewal_seen", "election"]), default=None,
               help="Override the successor-wait rule (docs/failover.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, wait_from: str | None,
-             as_json: bool) -> None:
-    """Measure VIP failover: build the lab, start the cluster, fault the holder N times, tear down."""
+def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], mode: str, freeze_s: float | None,
+             wait_from: str | None, as_json: bool) -> None:
+    """Measure failover: build the lab, start the cluster, fault the holder (vip) or each balancer
+    in turn (bgp) N times, tear down."""
+    if mode == "bgp":
+        return _failover_bgp(ctx, trials, faults, 3.0 if freeze_s is None else freeze_s, as_json)
+    if "drain" in faults:
+        _fail(LabError("--fault drain needs --mode bgp (VIP mode's planned work is transfer)"))
+        return
+    freeze_s = 5.0 if freeze_s is None else freeze_s
     from halb.lab.cluster import LabCluster
     from halb.lab.failover import FailoverRun, summary
 
@@ -225,3 +236,54 @@ def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s:
         click.echo(f"{f:9s} n={s['n']:3d}  gap p50 {s['p50_gap_s']:.3f}s  p99 {s['p99_gap_s']:.3f}s  "
                    f"max {s['max_gap_s']:.3f}s  VIP moved p50 {s['p50_garp_s']}s")
     click.echo(f"max simultaneous VIP holders: {result['max_holders']}")
+
+
+def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, as_json: bool) -> None:
+    from halb.lab.bgp_failover import BgpFailoverRun, bgp_summary
+    from halb.lab.cluster import LabCluster
+
+    import signal
+
+    if "transfer" in faults:
+        _fail(LabError("--fault transfer is VIP-only (in bgp mode leadership does not decide who announces)"))
+        return
+
+    def _term(*_: object) -> None:
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _term)
+    old = _lab(ctx)
+    old.down()
+    lab_ = Lab(prefix=old.prefix, subnet=old.subnet, state_dir=old.state_dir, topology="bgp")
+    as_json = as_json or bool(ctx.obj.get("json"))
+    say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    run_dir = _run_dir(lab_)
+    try:
+        lab_.up()
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        cluster = LabCluster(lab_, run_dir, mode="bgp")
+        try:
+            cluster.start()
+            with BgpFailoverRun(cluster, freeze_s=freeze_s, log=say) as run:
+                k = 0
+                for _ in range(trials):
+                    for fault in faults:
+                        run.trial(fault, cluster.lbs[k % len(cluster.lbs)])
+                        k += 1
+                result = bgp_summary(run.trials)
+        finally:
+            cluster.stop()
+    except LabError as exc:
+        _fail(exc)
+        return
+    finally:
+        lab_.down()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for f, s in result["by_fault"].items():
+        click.echo(f"{f:9s} n={s['n']:3d}  gap p50 {s['p50_gap_s']:.3f}s  p99 {s['p99_gap_s']:.3f}s  "
+                   f"max {s['max_gap_s']:.3f}s  withdrawn p50 {s['p50_withdrawn_s']}s  "
+                   f"failed requests {s['failed_requests']}  survivor resets {s['survivor_resets']}/{s['survivor_flows']}")
+    click.echo(f"spread of new flows before the faults: {result['spread']}")
