@@ -241,3 +241,42 @@ edge2      BGP        ---        start  2026-12-05 04:08:54  Active        Socke
     assert rows["router1"].proto == "BGP" and rows["router1"].state == "up" and rows["router1"].info == "Established"
     assert rows["edge2"].state == "start" and rows["edge2"].info.startswith("Active")
     assert "Name" not in rows and "BIRD" not in rows
+
+
+# ---- the lease.contact command and the status table ------------------------------------------
+
+def test_lease_contact_commits_and_changes_nothing():
+    from halb.control.state import ClusterState
+
+    st = ClusterState()
+    before = (dict(st.lease), st.event_seq, dict(st.services))
+    applied = st.apply({"op": "lease.contact", "args": {"node": "n1"}, "id": "c1", "by": "node:n1",
+                        "node": "n1", "at": 1.0})
+    assert applied.result == {"ok": True, "node": "n1"} and applied.events == []
+    assert (dict(st.lease), st.event_seq, dict(st.services)) == before
+    bad = st.apply({"op": "lease.contact", "args": {"node": "n1", "x": 1}, "id": "c2", "by": "t", "node": "n1",
+                    "at": 1.0})
+    assert bad.result["ok"] is False and bad.result["error"] == "invalid"
+
+
+def test_cluster_status_table_shows_each_members_announcements(capsys):
+    from halb.cli.cluster_cmd import print_status
+
+    ann = {"address": "10.99.2.10", "services": ["checkout"], "announced": True, "accepted": True, "reason": "ok"}
+    members = [
+        {"id": "n1", "raft_state": "leader", "raft": "a:1", "api": "a:2", "in_raft_config": True,
+         "dataplane_ok": True, "announcements": [ann]},
+        {"id": "n2", "raft_state": "follower", "raft": "b:1", "api": "b:2", "in_raft_config": True,
+         "dataplane_ok": True, "announcements": [dict(ann, announced=False,
+                                                       reason="no contact with a Raft majority within the lease")]},
+        {"id": "n3", "raft_state": "follower", "raft": "c:1", "api": "c:2", "in_raft_config": True,
+         "dataplane_ok": None, "announcements": None},
+    ]
+    print_status({"leader": "n1", "term": 3, "node": "n1", "raft_state": "leader", "health": "ok",
+                  "health_detail": {"voters": 3, "tolerates": 1}, "members": members, "services": []})
+    out = capsys.readouterr().out
+    assert "SERVICE ADDRESS" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("n1 ", "n2 ", "n3 "))
+             and "10.99.2.10" in line or line.startswith("n3 ") and "unknown" in line}
+    assert "announced" in lines["n1"] and "withdrawn: no contact with a Raft majority" in lines["n2"]
+    assert "unknown" in lines["n3"]
