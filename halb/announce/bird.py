@@ -48,8 +48,9 @@ EXPORT_FILTER = "halb_export"
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 
 
-class BirdError(RuntimeError):
-    """BIRD could not be found, configured, started or asked."""
+class BirdError(OSError):
+    """BIRD could not be found, configured, started or asked. An OSError, so `halb node run`
+    reports a BIRD that cannot start like a port it cannot bind: one line, exit 1."""
 
 
 def router_protocol_name(index: int, given: str) -> str:
@@ -253,7 +254,8 @@ class BirdProcess:
             raise BirdError(f"birdc {command!r} timed out after {timeout:g}s") from None
         text = out.decode(errors="replace")
         if proc.returncode != 0 or "Unable to connect" in text:
-            raise BirdError(f"birdc {command!r} failed ({proc.returncode}): {(err or out).decode(errors='replace').strip()}")
+            why = (err or out).decode(errors="replace").strip()
+            raise BirdError(f"birdc {command!r} failed ({proc.returncode}): {why}")
         return text
 
     async def protocols(self) -> list[Protocol]:

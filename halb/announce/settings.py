@@ -235,10 +235,12 @@ def _parse_bgp(t: _T, listen_host: str) -> BgpSettings:
         if isinstance(asn, bool) or not isinstance(asn, int) or not valid_asn(asn):
             raise AnnounceConfigError(f"{key}.as", f"must be an AS number 1-4294967294, got {asn!r}")
         if not isinstance(name, str) or (name and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", name)):
-            raise AnnounceConfigError(f"{key}.name", f"must be letters, digits and _ (a BIRD protocol name), got {name!r}")
+            raise AnnounceConfigError(f"{key}.name",
+                                      f"must be letters, digits and _ (a BIRD protocol name), got {name!r}")
         if password is not None and (not isinstance(password, str) or not password
                                      or any(c in password for c in '"\\\n')):
-            raise AnnounceConfigError(f"{key}.password", "must be a non-empty string without quotes, backslashes or newlines")
+            raise AnnounceConfigError(f"{key}.password",
+                                      "must be a non-empty string without quotes, backslashes or newlines")
         pname = name or f"router{i + 1}"
         if pname in names or pname.startswith("halb_"):
             raise AnnounceConfigError(f"{key}.name", f"protocol name {pname!r} is used twice or reserved")

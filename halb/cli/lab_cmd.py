@@ -180,18 +180,21 @@ def heal(ctx: click.Context, host: str, peers: tuple[str, ...]) -> None:
                    "transfer is VIP-only, drain bgp-only).")
 @click.option("--mode", type=click.Choice(["vip", "bgp"]), default="vip", show_default=True,
               help="vip: flat lab, one VIP holder; bgp: bgp topology, three balancers announce via BGP/ECMP.")
+@click.option("--router-hash", type=click.Choice(["ecmp", "resilient"]), default="ecmp", show_default=True,
+              help="bgp mode: the router's multipath: BIRD's classic ECMP route, or mirrored into a Linux "
+                   "resilient nexthop group (survivors' flows stay put).")
 @click.option("--freeze-s", default=None, type=float,
               help="How long `freeze` keeps the target stopped [default: 5 s vip, 3 s bgp].")
 @click.option("--wait-from", type=click.Choice(["last_renewal_seen", "election"]), default=None,
               help="Override the successor-wait rule (docs/failover.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], mode: str, freeze_s: float | None,
-             wait_from: str | None, as_json: bool) -> None:
+def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], mode: str, router_hash: str,
+             freeze_s: float | None, wait_from: str | None, as_json: bool) -> None:
     """Measure failover: build the lab, start the cluster, fault the holder (vip) or each balancer
     in turn (bgp) N times, tear down."""
     if mode == "bgp":
-        return _failover_bgp(ctx, trials, faults, 3.0 if freeze_s is None else freeze_s, as_json)
+        return _failover_bgp(ctx, trials, faults, 3.0 if freeze_s is None else freeze_s, as_json, router_hash)
     if "drain" in faults:
         _fail(LabError("--fault drain needs --mode bgp (VIP mode's planned work is transfer)"))
         return
@@ -238,7 +241,8 @@ def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], mode: str
     click.echo(f"max simultaneous VIP holders: {result['max_holders']}")
 
 
-def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, as_json: bool) -> None:
+def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, as_json: bool,
+                  router_hash: str = "ecmp") -> None:
     from halb.lab.bgp_failover import BgpFailoverRun, bgp_summary
     from halb.lab.cluster import LabCluster
 
@@ -254,7 +258,8 @@ def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], free
     signal.signal(signal.SIGTERM, _term)
     old = _lab(ctx)
     old.down()
-    lab_ = Lab(prefix=old.prefix, subnet=old.subnet, state_dir=old.state_dir, topology="bgp")
+    lab_ = Lab(prefix=old.prefix, subnet=old.subnet, state_dir=old.state_dir, topology="bgp",
+               router_hash=router_hash)
     as_json = as_json or bool(ctx.obj.get("json"))
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     run_dir = _run_dir(lab_)
@@ -271,7 +276,7 @@ def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], free
                     for fault in faults:
                         run.trial(fault, cluster.lbs[k % len(cluster.lbs)])
                         k += 1
-                result = bgp_summary(run.trials)
+                result = bgp_summary(run.trials, router_hash)
         finally:
             cluster.stop()
     except LabError as exc:
@@ -285,5 +290,6 @@ def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], free
     for f, s in result["by_fault"].items():
         click.echo(f"{f:9s} n={s['n']:3d}  gap p50 {s['p50_gap_s']:.3f}s  p99 {s['p99_gap_s']:.3f}s  "
                    f"max {s['max_gap_s']:.3f}s  withdrawn p50 {s['p50_withdrawn_s']}s  "
-                   f"failed requests {s['failed_requests']}  survivor resets {s['survivor_resets']}/{s['survivor_flows']}")
-    click.echo(f"spread of new flows before the faults: {result['spread']}")
+                   f"failed requests {s['failed_requests']}  "
+                   f"survivor resets {s['survivor_resets']}/{s['survivor_flows']}")
+    click.echo(f"router hash {router_hash}; spread of new flows before the faults: {result['spread']}")

@@ -271,7 +271,8 @@ def _validate(op: str, a: Any, health: HealthCheck | None) -> dict[str, Any]:
 
 OPS = ("seed", "service.add", "service.remove", "service.update", "backend.add", "backend.remove", "backend.state",
        "backend.weight", "backend.limits", "member.register", "member.remove", "event.record", "health.observe",
-       "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release", "lease.contact", "token.add",
+       "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release", "lease.contact",
+       "token.add",
        "token.revoke")
 
 

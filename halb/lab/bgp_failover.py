@@ -43,11 +43,12 @@ PERSISTENT = 30
 class RouteSampler:
     """The router's next hops for one address, every ``interval`` s, over netlink."""
 
-    def __init__(self, cluster: LabCluster, interval: float = 0.01) -> None:
+    def __init__(self, cluster: LabCluster, interval: float = 0.01, sync: Any = None) -> None:
         from pyroute2 import IPRoute
 
         self.addr = cluster.lab.service_addresses[0]
         self.interval = interval
+        self.sync = sync  # ResilientSync: what it applied to the nexthop group is the forwarding state
         self.samples: list[tuple[float, tuple[str, ...]]] = []
         self._ipr = IPRoute(netns=cluster.lab.ns("router"))
         self._stop = threading.Event()
@@ -62,6 +63,8 @@ class RouteSampler:
         self._ipr.close()
 
     def hops_now(self) -> tuple[str, ...]:
+        if self.sync is not None:
+            return self.sync.applied
         out: list[str] = []
         for msg in self._ipr.get_routes(family=2):  # a dump: with dst= it would be a lookup (one hop)
             if msg.get_attr("RTA_DST") != self.addr or msg.get("dst_len") != 32:
@@ -211,13 +214,20 @@ class BgpFailoverRun:
         lab = self.cluster.lab
         self.addr = lab.service_addresses[0]
         self.client = Client(lab.ns("client"), self.addr)
-        self.routes = RouteSampler(self.cluster)
+        self.sync = None
+        if lab.router_hash == "resilient":
+            from halb.lab.bgp_router import ResilientSync
+
+            self.sync = ResilientSync(lab)
+        self.routes = RouteSampler(self.cluster, sync=self.sync)
 
     def _say(self, msg: str) -> None:
         if self.log is not None:
             self.log(msg)
 
     def __enter__(self) -> "BgpFailoverRun":
+        if self.sync is not None:
+            self.sync.start()
         self.routes.start()
         self.client.start()
         return self
@@ -225,6 +235,8 @@ class BgpFailoverRun:
     def __exit__(self, *exc: object) -> None:
         self.client.stop()
         self.routes.stop()
+        if self.sync is not None:
+            self.sync.stop()
 
     def ip(self, lb: str) -> str:
         return self.cluster.lab.hosts[lb].ip
@@ -335,13 +347,14 @@ class BgpFailoverRun:
         self.wait_steady(timeout=60.0)
 
 
-def bgp_summary(trials: list[BgpTrial]) -> dict[str, Any]:
+def bgp_summary(trials: list[BgpTrial], router_hash: str = "ecmp") -> dict[str, Any]:
     """The VIP summary's keys (trials, p50/p99 gap, by_fault) plus spread and survivor_resets."""
     gaps = [t.gap_s for t in trials]
     nodes = sorted({n for t in trials for n in t.spread})
     spread = {n: round(sum(t.spread.get(n, 0.0) for t in trials) / max(1, len(trials)), 3) for n in nodes}
     out: dict[str, Any] = {
         "mode": "bgp",
+        "router_hash": router_hash,
         "trials": [t.row() for t in trials],
         "p50_gap_s": percentile(gaps, 50),
         "p99_gap_s": percentile(gaps, 99),

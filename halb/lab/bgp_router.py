@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 BFD_INTERVAL_MS = 100
 HOLD_TIME_S = 9
+RESILIENT_TABLE = 100   # router_hash "resilient": BIRD's routes land here, ResilientSync mirrors them
+GROUP_ID = 100
+BUCKETS = 64
 
 
 def router_dir(lab: "Lab") -> Path:
@@ -48,6 +51,8 @@ def router_config(lab: "Lab") -> str:
         f"router id {r.ip};",
         "protocol device { scan time 10; }",
         "protocol kernel {",
+        *([f"  kernel table {RESILIENT_TABLE};   # mirrored into a resilient nexthop group (ResilientSync)"]
+          if lab.router_hash == "resilient" else []),
         "  ipv4 { import none; export all; };",
         "  merge paths on;   # equal BGP paths from several balancers -> one ECMP route",
         "}",
@@ -139,3 +144,75 @@ def sessions(lab: "Lab") -> dict[str, str]:
 
     return {p.name: f"{p.state} {p.info}".strip() for p in parse_protocols(birdc(lab, "show protocols"))
             if p.proto == "BGP"}
+
+
+class ResilientSync:
+    """router_hash "resilient": mirror BIRD's multipath route for the service address (in
+    table RESILIENT_TABLE) into a Linux resilient nexthop group that the main table uses.
+
+    Why: BIRD 2.0 installs classic multipath routes, whose hash-threshold mapping moves some
+    flows *between survivors* when a next hop goes; a resilient group reassigns only the
+    removed next hop's buckets (and, with ``idle_timer 1``, gives a returning one only
+    buckets idle for 1 s). This is the lab's stand-in for a router that supports resilient
+    hashing; it adds its polling interval (5 ms) to every change.
+    """
+
+    def __init__(self, lab: "Lab", interval: float = 0.005) -> None:
+        import threading
+
+        from pyroute2 import IPRoute
+
+        self.lab = lab
+        self.addr = lab.service_addresses[0]
+        self.interval = interval
+        self.applied: tuple[str, ...] = ()
+        self.changes = 0
+        self._ids = {h.ip: i + 1 for i, h in enumerate(x for x in lab.hosts.values() if x.role == "lb")}
+        self._ipr = IPRoute(netns=lab.ns("router"))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="resilient-sync", daemon=True)
+
+    def start(self) -> None:
+        for ip, nid in self._ids.items():
+            self.lab.ip("router", "nexthop", "replace", "id", str(nid), "via", ip, "dev", "eth0")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._ipr.close()
+
+    def bird_hops(self) -> tuple[str, ...]:
+        out: list[str] = []
+        for msg in self._ipr.get_routes(family=2, table=RESILIENT_TABLE):
+            if msg.get_attr("RTA_DST") != self.addr or msg.get("dst_len") != 32:
+                continue
+            if msg.get_attr("RTA_GATEWAY"):
+                out.append(msg.get_attr("RTA_GATEWAY"))
+            for nh in msg.get_attr("RTA_MULTIPATH") or []:
+                if nh.get_attr("RTA_GATEWAY"):
+                    out.append(nh.get_attr("RTA_GATEWAY"))
+        return tuple(sorted(h for h in out if h in self._ids))
+
+    def _apply(self, hops: tuple[str, ...]) -> None:
+        if not hops:
+            self.lab.ip("router", "route", "del", f"{self.addr}/32", check=False)
+        else:
+            group = "/".join(str(self._ids[h]) for h in hops)
+            self.lab.ip("router", "nexthop", "replace", "id", str(GROUP_ID), "group", group, "type", "resilient",
+                        "buckets", str(BUCKETS), "idle_timer", "1")
+            self.lab.ip("router", "route", "replace", f"{self.addr}/32", "nhid", str(GROUP_ID))
+        self.applied = hops
+        self.changes += 1
+
+    def _main(self) -> None:
+        import time
+
+        while not self._stop.is_set():
+            try:
+                hops = self.bird_hops()
+                if hops != self.applied:
+                    self._apply(hops)
+            except Exception:  # the namespace vanished at teardown
+                pass
+            time.sleep(self.interval)

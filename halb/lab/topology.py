@@ -99,6 +99,7 @@ class Lab:
     n_be: int = 3
     state_dir: Path = DEFAULT_STATE_DIR
     topology: str = "flat"   # flat: everyone on one bridge (VIP drills); bgp: see bgp_router.py
+    router_hash: str = "ecmp"  # topology bgp: "ecmp" (BIRD's multipath route) or "resilient" (ResilientSync)
     hosts: dict[str, Host] = field(init=False)
     router_pid: int | None = field(init=False, default=None)
     _router_proc: Any = field(init=False, default=None, repr=False)
@@ -106,6 +107,8 @@ class Lab:
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise LabError(f"unknown lab topology {self.topology!r} (known: {', '.join(TOPOLOGIES)})")
+        if self.router_hash not in ("ecmp", "resilient"):
+            raise LabError(f"router_hash must be ecmp or resilient, not {self.router_hash!r}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.prefix):
             raise LabError(f"bad lab prefix {self.prefix!r}")
         net = ipaddress.IPv4Network(self.subnet)

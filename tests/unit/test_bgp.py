@@ -191,7 +191,8 @@ def test_config_file_error_names_file_and_key(tmp_path):
     from halb.config import ConfigError, load_config
 
     p = tmp_path / "n1.toml"
-    p.write_text('node_id = "n1"\ndata_dir = "d"\ntoken_file = "token"\n[raft]\nbind = "127.0.0.1:7100"\n[api]\nbind = "127.0.0.1:7000"\n'
+    p.write_text('node_id = "n1"\ndata_dir = "d"\ntoken_file = "token"\n'
+                 '[raft]\nbind = "127.0.0.1:7100"\n[api]\nbind = "127.0.0.1:7000"\n'
                  '[announce]\nmode = "bgp"\nlocal_as = 65001\nlocal_address = "10.0.0.1"\n'
                  'addresses = ["10.99.100.10"]\n[[announce.routers]]\naddress = "10.0.0.254"\nas = 99999999999\n')
     with pytest.raises(ConfigError) as exc:
