@@ -115,6 +115,8 @@ def render_config(s: BgpSettings, node_id: str) -> str:
             "  connect retry time 1;",
             "  error wait time 1, 10;",
         ]
+        if s.local_address:
+            lines.append("  strict bind on;   # listen on local_address:179 only, not on every address")
         if s.bfd:
             lines.append("  bfd on;")
         if r.password:

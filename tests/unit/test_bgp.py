@@ -217,6 +217,7 @@ def test_rendered_config_exports_only_the_service_addresses():
     assert "protocol bgp router1 {" in text and "protocol bgp edge2 {" in text
     assert text.count("bfd on;") == 2 and "min tx interval 100 ms;" in text
     assert "import none;" in text
+    assert text.count("strict bind on;") == 2  # BGP port only on local_address
 
 
 def test_bird_parses_the_rendered_config(tmp_path):
