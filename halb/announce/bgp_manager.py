@@ -56,6 +56,7 @@ class BgpAnnouncement:
         self.accepted: dict[str, bool] = {a.address: False for a in self.settings.addresses}
         self.decisions: dict[str, Decision] = {}
         self.last_refresh: dict[str, float] = {}
+        self.late_refreshes = 0  # refreshes the contact's margin refused (status: slow commits)
         self.dataplane_ok = True
         self.dataplane_reason = ""
         self.draining = False
@@ -236,7 +237,14 @@ class BgpAnnouncement:
             await self._remove(addr, "refresh failed")
             return
         after = self.clock()
-        if not kept or not c.refresh_was_safe(after):
+        if not kept:
+            # refused (the contact got older than the refresh margin while queued) or undone
+            # by the fence itself: either way nothing outlives the contact. Do not delete: the
+            # next contact usually commits within ms and refreshes it; if none does, the kernel
+            # drops it 1.0-1.15 s after the last refresh (a slow commit must not withdraw at once)
+            self.late_refreshes += 1
+            return
+        if not c.refresh_was_safe(after):  # the netlink call itself was slow: it may outlive the contact
             await self._remove(addr, "refresh too late")
             return
         self.last_refresh[addr] = after
@@ -308,6 +316,7 @@ class BgpAnnouncement:
             "draining": self.draining,
             "quorum_contact": self.contact.fresh(now),
             "contact_remaining_s": round(self.contact.remaining(now), 3),
+            "late_refreshes": self.late_refreshes,
             "lease_s": self.cfg.lease.lease_s,
             "sessions": self.sessions,
             "sessions_enabled": self.sessions_enabled,

@@ -31,6 +31,7 @@ from halb.dataplane.selfcheck import SelfCheckParams
 from halb.tomltable import Table
 
 MODES = ("none", "vip", "dns", "bgp")
+BGP_LEASE_S = 3.0
 ANSWERS = ("leader", "all")
 
 
@@ -114,7 +115,9 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
         t.done("none")
         return cfg
 
-    lease_s = t.take("lease_s", float, LeaseParams.lease_s)
+    # bgp: every node needs a commit to keep announcing, so a leaderless spell longer than the
+    # lease withdraws *every* balancer; 3 s rides out slow elections (docs/failover.md)
+    lease_s = t.take("lease_s", float, BGP_LEASE_S if cfg.mode == "bgp" else LeaseParams.lease_s)
     renew = t.take("renew_interval_s", float, LeaseParams.renew_interval_s)
     wait_from = t.take("wait_from", str, LeaseParams.wait_from)
     params = LeaseParams(lease_s=lease_s, renew_interval_s=renew, wait_from=wait_from)

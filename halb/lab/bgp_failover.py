@@ -190,6 +190,8 @@ class BgpTrial:
     target_flows: int
     target_resets: int
     next_hops_after: list[str] = field(default_factory=list)
+    survivor_reset_at_s: list[float] = field(default_factory=list)  # each reset, seconds after the fault
+    thawed_at_s: float | None = None  # freeze: SIGCONT, seconds after the fault
 
     def row(self) -> dict[str, Any]:
         return asdict(self)
@@ -326,6 +328,8 @@ class BgpFailoverRun:
             survivor_flows=len(surv), survivor_resets=sum(1 for _, b in surv if b is not None and b >= t_fault),
             target_flows=len(tgt), target_resets=sum(1 for _, b in tgt if b is not None and b >= t_fault),
             next_hops_after=list(samples[-1]) if samples else [],
+            survivor_reset_at_s=sorted(round(b - t_fault, 3) for _, b in surv if b is not None and b >= t_fault),
+            thawed_at_s=None if thawed_at is None else round(thawed_at - t_fault, 3),
         )
         self.trials.append(trial)
         self._say(f"{fault:9s} {trial.target}: gap {trial.gap_s:.3f}s ({failed} failed), withdrawn "

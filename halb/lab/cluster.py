@@ -84,7 +84,7 @@ def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[s
                   "[announce]", 'mode = "bgp"', f"local_as = {BALANCER_AS}", f"local_address = {_q(me)}",
                   f"routers = [{{ address = {_q(router)}, as = {ROUTER_AS} }}]",
                   f'addresses = [{{ address = {_q(svc)}, services = ["checkout"] }}]',
-                  "hold_time_s = 9", "bfd = true", "bfd_interval_ms = 100", "lease_s = 1.5"]
+                  "hold_time_s = 9", "bfd = true", "bfd_interval_ms = 100"]
         listen = f"{svc}:{SERVICE_PORT}"
     else:
         raise LabError(f"unknown announce mode {mode!r}")

@@ -150,7 +150,7 @@ def test_parse_bgp_defaults():
     assert b.addresses == (ServiceAddress("10.99.100.10", ()), ServiceAddress("10.99.100.11", ("checkout",)))
     assert (b.bfd, b.bfd_interval_ms, b.bfd_multiplier, b.hold_time_s, b.interface) == (True, 100, 3, 9, "lo")
     assert b.med is None and b.communities == ()
-    assert cfg.lease.lease_s == 1.5
+    assert cfg.lease.lease_s == 3.0  # bgp's default: a slow election must not withdraw every balancer
 
 
 def test_parse_bgp_router_id_from_listen_host():
