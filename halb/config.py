@@ -109,13 +109,14 @@ CAPACITY_SHARES = ("auto", "node", "cluster")
 
 def effective_capacity_share(setting: str, shared_hosts: list[str], announce_mode: str) -> str:
     """What "auto" means for this node. Several nodes serve the same address at once when
-    they share a host (SO_REUSEPORT on one machine) or are all in a DNS answer: then each may
+    they share a host (SO_REUSEPORT on one machine), are all in a DNS answer or all announce
+    the address with BGP (the routers spread flows over them): then each may
     take only its share of a backend's capacity. With one VIP holder, or clients that use
     one node's own address, the serving node's limit is the cluster's: a share learned over
     10 s windows would throttle a new holder right after a handover."""
     if setting != "auto":
         return setting
-    return "cluster" if shared_hosts or announce_mode == "dns" else "node"
+    return "cluster" if shared_hosts or announce_mode in ("dns", "bgp") else "node"
 
 
 @dataclass

@@ -83,6 +83,7 @@ class DataPlaneGuard:
             node.announcer.set_dataplane(v.ok, v.reason)
         handing_over = self._transfer_task is not None and not self._transfer_task.done()
         if (not v.ok and node.announcer is not None and now >= self.holddown_until
+                and getattr(node.announcer, "hands_over_leadership", True)  # bgp: withdraws by itself
                 and not handing_over and self._is_leader()):
             self.holddown_until = now + RETRY_S  # _hand_over extends it to holddown_s once it moved
             self._transfer_task = asyncio.create_task(self._hand_over(v.reason))

@@ -93,6 +93,8 @@ class LoadMeter:
     # each peer's data-plane self-check as its /v1/load last said (None: no answer); read by
     # halb/dataplane_guard.py for `cluster status`, so that view costs no requests of its own
     peer_dataplane: dict[str, dict[str, Any] | None] = field(init=False, default_factory=dict)
+    # bgp mode: each peer's announcements as its /v1/load last said (absent: unknown)
+    peer_announcements: dict[str, list[Any]] = field(init=False, default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(init=False, default_factory=list)
 
     def start(self, session: aiohttp.ClientSession) -> None:
@@ -195,6 +197,11 @@ class LoadMeter:
                     body = await resp.json()
                     dp = body.get("dataplane")
                     self.peer_dataplane[member] = dp if isinstance(dp, dict) else None
+                    ann = body.get("announcements")
+                    if isinstance(ann, list):
+                        self.peer_announcements[member] = ann
+                    else:
+                        self.peer_announcements.pop(member, None)
                     return member, body.get("load", {}), body.get("demand") or {}
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, AttributeError):
                 self.peer_dataplane[member] = None

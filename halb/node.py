@@ -411,8 +411,11 @@ class Node:
             return web.json_response({"node": self.node_id, **stats})
 
         async def load(request: web.Request) -> web.StreamResponse:
-            return web.json_response({"node": self.node_id, "load": self.load_meter.local(),
-                                      "demand": self.load_meter.demand(), "dataplane": self.dp_guard.view()})
+            body = {"node": self.node_id, "load": self.load_meter.local(),
+                    "demand": self.load_meter.demand(), "dataplane": self.dp_guard.view()}
+            if hasattr(self.announcer, "announcements"):  # bgp mode: peers show it in cluster status
+                body["announcements"] = self.announcer.announcements()
+            return web.json_response(body)
 
         async def dataplane_check(request: web.Request) -> web.StreamResponse:
             return web.json_response({"node": self.node_id, **self.dp_guard.view()})
@@ -428,6 +431,26 @@ class Node:
         return [("/metrics", metrics), ("/v1/dataplane", dataplane_stats), ("/v1/load", load),
                 ("/v1/local-events", local_events), ("/v1/dataplane-check", dataplane_check),
                 ("/v1/acme-answers/{token}", acme_answer_ready)]
+
+    def extra_post_routes(self) -> list[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]]:
+        """Admin-only writes that act on this node alone (not replicated)."""
+        async def announce_drain(request: web.Request) -> web.StreamResponse:
+            # bgp mode: {"drain": true} withdraws this node's service addresses from the
+            # routers (flows in flight are still served), {"drain": false} announces again
+            drain = getattr(self.announcer, "drain", None)
+            if drain is None:
+                return web.json_response({"error": "invalid", "message": "drain needs [announce] mode = \"bgp\""},
+                                         status=409)
+            try:
+                body = await request.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, dict) or not isinstance(body.get("drain"), bool) or len(body) != 1:
+                return web.json_response({"error": "invalid", "message": 'body must be {"drain": true|false}'},
+                                         status=400)
+            return web.json_response({"node": self.node_id, **await drain(body["drain"])})
+
+        return [("/v1/announce/drain", announce_drain)]
 
     # --- events from the tick thread --------------------------------------------------
 

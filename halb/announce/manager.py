@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -486,10 +487,19 @@ class Announcement:
 
 
 async def start_announcement(node: Any) -> Announcement | None:
-    """Build and start the node's Announcement from ``node.cfg.announce`` (None for mode none)."""
+    """Build and start the node's announcer from ``node.cfg.announce`` (None for mode none;
+    a BgpAnnouncement, with the same interface, for mode bgp)."""
     cfg = parse_announce(node.cfg.announce, node.cfg.path.parent, node.cfg.dataplane.listen_host)
     if cfg.mode == "none":
         return None
+    if cfg.mode == "bgp":  # every node announces (halb/announce/bgp_manager.py)
+        from halb.announce.bgp_manager import BgpAnnouncement
+
+        bgp = BgpAnnouncement(node.node_id, node.raft, cfg, routes=lambda: node.routing.routes,
+                              conf_dir=Path(node.cfg.data_dir) / "bird")
+        node.add_listener(bgp.on_applied)
+        await bgp.start()
+        return bgp  # type: ignore[return-value]
     ann = Announcement(node.node_id, node.raft, cfg)
     node.add_listener(ann.on_applied)
     await ann.start()

@@ -4,7 +4,8 @@ Kept free of halb.config imports (config.py calls :func:`parse_announce` and wra
 :class:`AnnounceConfigError` into its own ConfigError with the file name), so there is no
 import cycle. Every error names the key and the reason.
 
-Modes::
+Modes (bgp: every balancer announces the service addresses to its routers, see
+:func:`_parse_bgp` and docs/config.md)::
 
     [announce]                      [announce]                    [announce]
     mode = "none"                   mode = "vip"                  mode = "dns"
@@ -25,16 +26,19 @@ kernel's IPv6 address-lifetime timer is coarser (measured, docs/failover.md).
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from halb.announce.bgp import (BgpSettings, RouterPeer, ServiceAddress, is_ipv4, parse_community, valid_asn)
 from halb.announce.lease import LeaseParams
 from halb.dataplane.selfcheck import SelfCheckParams
 
 from halb.tomltable import Table
 
-MODES = ("none", "vip", "dns")
+MODES = ("none", "vip", "dns", "bgp")
+BGP_LEASE_S = 3.0
 # IPv6 valid_lft 1 is removed 1.00-1.25 s after the last refresh (addrconf's timer rounds up
 # to a whole second when that costs < HZ/4; measured max 1.233 s), IPv4 1.00-1.15 s.
 KERNEL_EXPIRY_MAX_V6_S = 1.28
@@ -75,7 +79,9 @@ class AnnounceConfig:
     ttl: int = 1
     address: str = ""                   # this node's advertised address (the first of ``addresses``)
     addresses: list[str] = field(default_factory=list)  # A and AAAA answers for this node
-    # lease (vip and dns)
+    # bgp mode (halb/announce/bgp.py)
+    bgp: BgpSettings | None = None
+    # lease (vip and dns; in bgp mode: the quorum contact)
     lease: LeaseParams = field(default_factory=LeaseParams)
     # data-plane self-check (vip and dns): a failing node does not hold the lease
     dataplane: SelfCheckParams = field(default_factory=SelfCheckParams)
@@ -169,7 +175,9 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
         t.done("none")
         return cfg
 
-    lease_s = t.take("lease_s", float, LeaseParams.lease_s)
+    # bgp: every node needs a commit to keep announcing, so a leaderless spell longer than the
+    # lease withdraws *every* balancer; 3 s rides out slow elections (docs/failover.md)
+    lease_s = t.take("lease_s", float, BGP_LEASE_S if cfg.mode == "bgp" else LeaseParams.lease_s)
     renew = t.take("renew_interval_s", float, LeaseParams.renew_interval_s)
     wait_from = t.take("wait_from", str, LeaseParams.wait_from)
     params = LeaseParams(lease_s=lease_s, renew_interval_s=renew, wait_from=wait_from)
@@ -222,6 +230,11 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
         t.done("vip")
         return cfg
 
+    if cfg.mode == "bgp":
+        cfg.bgp = _parse_bgp(t, listen_host)
+        t.done("bgp")
+        return cfg
+
     # dns
     cfg.bind = t.required("bind", str, "for mode \"dns\" (HOST:PORT to answer on)")
     host, sep, port = cfg.bind.rpartition(":")
@@ -264,3 +277,109 @@ def parse_announce(raw: dict[str, Any] | None, base_dir: Path | None = None,
     cfg.address = cfg.addresses[0]
     t.done("dns")
     return cfg
+
+
+def _parse_bgp(t: _T, listen_host: str) -> BgpSettings:
+    """``mode = "bgp"``: local AS, routers, service addresses, timers, BFD, MED/communities."""
+    why = 'for mode "bgp"'
+    local_as = t.required("local_as", int, why)
+    if not valid_asn(local_as):
+        raise AnnounceConfigError("local_as", f"must be an AS number 1-4294967294 (not 23456), got {local_as}")
+    routers_raw = t.required("routers", list, why + " (a list of {address, as} tables: [[announce.routers]])")
+    if not routers_raw:
+        raise AnnounceConfigError("routers", "give at least one router")
+    routers = []
+    names: set[str] = set()
+    for i, r in enumerate(routers_raw):
+        key = f"routers[{i}]"
+        if not isinstance(r, dict):
+            raise AnnounceConfigError(key, f"must be a table {{address = ..., as = ...}}, got {r!r}")
+        r = dict(r)
+        addr = r.pop("address", None)
+        asn = r.pop("as", None)
+        name = r.pop("name", "")
+        password = r.pop("password", None)
+        for k in r:
+            raise AnnounceConfigError(f"{key}.{k}", "unknown key (known: address, as, name, password)")
+        if not isinstance(addr, str) or not is_ipv4(addr):
+            raise AnnounceConfigError(f"{key}.address", f"must be an IPv4 address, got {addr!r}")
+        if isinstance(asn, bool) or not isinstance(asn, int) or not valid_asn(asn):
+            raise AnnounceConfigError(f"{key}.as", f"must be an AS number 1-4294967294, got {asn!r}")
+        if not isinstance(name, str) or (name and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,31}", name)):
+            raise AnnounceConfigError(f"{key}.name",
+                                      f"must be letters, digits and _ (a BIRD protocol name), got {name!r}")
+        if password is not None and (not isinstance(password, str) or not password
+                                     or any(c in password for c in '"\\\n')):
+            raise AnnounceConfigError(f"{key}.password",
+                                      "must be a non-empty string without quotes, backslashes or newlines")
+        pname = name or f"router{i + 1}"
+        if pname in names or pname.startswith("halb_"):
+            raise AnnounceConfigError(f"{key}.name", f"protocol name {pname!r} is used twice or reserved")
+        names.add(pname)
+        routers.append(RouterPeer(str(addr), int(asn), name, password))
+    addrs_raw = t.required("addresses", list, why + ' (the service addresses: ["10.99.100.10"] or '
+                           '[{address = "...", services = ["checkout"]}])')
+    if not addrs_raw:
+        raise AnnounceConfigError("addresses", "give at least one service address")
+    addresses = []
+    for i, a in enumerate(addrs_raw):
+        key = f"addresses[{i}]"
+        services: list[Any] = []
+        if isinstance(a, dict):
+            a = dict(a)
+            addr = a.pop("address", None)
+            services = a.pop("services", [])
+            for k in a:
+                raise AnnounceConfigError(f"{key}.{k}", "unknown key (known: address, services)")
+        else:
+            addr = a
+        if isinstance(addr, str) and addr.endswith("/32"):
+            addr = addr[:-3]
+        if not isinstance(addr, str) or not is_ipv4(addr):
+            raise AnnounceConfigError(key, f"must be an IPv4 address (a /32 every balancer announces), got {addr!r}")
+        if not isinstance(services, list) or not all(isinstance(s, str) and s for s in services):
+            raise AnnounceConfigError(f"{key}.services", "must be a list of service names")
+        if any(x.address == addr for x in addresses):
+            raise AnnounceConfigError(key, f"address {addr} is listed twice")
+        addresses.append(ServiceAddress(addr, tuple(services)))
+    local_address = t.take("local_address", str, "") or listen_host
+    if local_address and not is_ipv4(local_address):
+        raise AnnounceConfigError("local_address", f"must be an IPv4 address, got {local_address!r}")
+    router_id = t.take("router_id", str, "") or local_address
+    if not router_id or not is_ipv4(router_id):
+        raise AnnounceConfigError("router_id", "must be an IPv4 address; required unless local_address "
+                                  "(or [dataplane] listen_host) is set")
+    hold = t.take("hold_time_s", int, 9)
+    if not (hold == 0 or 3 <= hold <= 65535):
+        raise AnnounceConfigError("hold_time_s", f"must be 0 or 3-65535 (RFC 4271), got {hold}")
+    bfd = t.take("bfd", bool, True)
+    interval = t.take("bfd_interval_ms", int, 100)
+    if not 10 <= interval <= 10000:
+        raise AnnounceConfigError("bfd_interval_ms", f"must be 10-10000, got {interval}")
+    mult = t.take("bfd_multiplier", int, 3)
+    if not 1 <= mult <= 255:
+        raise AnnounceConfigError("bfd_multiplier", f"must be 1-255, got {mult}")
+    med = t.take("med", int, -1)
+    if med != -1 and not 0 <= med <= 4294967295:
+        raise AnnounceConfigError("med", f"must be 0-4294967295, got {med}")
+    communities = []
+    for i, c in enumerate(t.take("communities", list, [])):
+        if not isinstance(c, str):
+            raise AnnounceConfigError(f"communities[{i}]", f"must be a string \"ASN:VALUE\", got {c!r}")
+        try:
+            communities.append(parse_community(c))
+        except ValueError as exc:
+            raise AnnounceConfigError(f"communities[{i}]", str(exc)) from None
+    interface = t.take("interface", str, "lo")
+    if not interface or len(interface) > 15 or "/" in interface or '"' in interface:
+        raise AnnounceConfigError("interface", f"not a valid interface name: {interface!r}")
+    wait = t.take("withdraw_wait_s", float, 0.5)
+    if not 0 <= wait <= 60:
+        raise AnnounceConfigError("withdraw_wait_s", f"must be 0-60, got {wait:g}")
+    bird = t.take("bird", str, "")
+    birdc = t.take("birdc", str, "")
+    return BgpSettings(local_as=local_as, routers=tuple(routers), addresses=tuple(addresses),
+                       local_address=local_address, router_id=router_id, hold_time_s=hold, bfd=bfd,
+                       bfd_interval_ms=interval, bfd_multiplier=mult, med=None if med == -1 else med,
+                       communities=tuple(communities), interface=interface, withdraw_wait_s=wait,
+                       bird=bird, birdc=birdc)

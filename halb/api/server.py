@@ -212,6 +212,8 @@ class AdminApi:
             r.add_get(path, handler)
         bootstrap_hash = hash_token(self.node.token)
         ui.StatusPage(self.node.views, lambda given: identify(given, bootstrap_hash, self.token_records())).add_routes(r)
+        for path, handler in getattr(self.node, "extra_post_routes", list)():  # admin role (roles.py)
+            r.add_post(path, handler)
         return app
 
     # --- helpers ----------------------------------------------------------------------

@@ -166,6 +166,11 @@ class ClusterViews:
             for m in members:
                 p = dp if m["id"] == self.node_id else self.dp_guard.peer(m["id"])
                 m["dataplane_ok"], m["dataplane_reason"] = p.get("ok"), p.get("reason")
+        if hasattr(self.announcer, "announcements"):  # bgp: each member's, peers' from their last /v1/load
+            meter = self.load_meter
+            for m in members:
+                m["announcements"] = (self.announcer.announcements() if m["id"] == self.node_id
+                                      else (meter.peer_announcements.get(m["id"]) if meter is not None else None))
         return {
             "node": self.node_id,
             "leader": self.leader_id() if leader_raft else None,

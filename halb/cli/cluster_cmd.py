@@ -137,6 +137,17 @@ def print_status(status: dict[str, Any]) -> None:
              "yes" if m.get("in_raft_config") else "no", dp.get(m.get("dataplane_ok"), "-"))
             for m in status["members"]]
     click.echo(table(rows, ["MEMBER", "RAFT STATE", "RAFT", "API", "VOTER", "DATA PLANE"]))
+    if any("announcements" in m for m in status["members"]):  # bgp mode
+        click.echo("")
+        rows = []
+        for m in status["members"]:
+            anns = m.get("announcements")
+            if anns is None:
+                rows.append((m.get("id"), "-", "unknown (no answer yet)"))
+            for a in anns or []:
+                rows.append((m.get("id"), a.get("address"), "announced" if a.get("announced")
+                             else f"withdrawn: {a.get('reason')}"))
+        click.echo(table(rows, ["MEMBER", "SERVICE ADDRESS", "BGP"]))
     for m in status["members"]:
         if m.get("dataplane_ok") is False:
             click.echo(f"WARNING: {m.get('id')} data plane self-check fails: {m.get('dataplane_reason')}")

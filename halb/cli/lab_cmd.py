@@ -33,7 +33,7 @@ def lab(ctx: click.Context, prefix: str, subnet: str, state_dir: str) -> None:
     """Network-namespace lab: a bridge, 3 balancers, 3 backends, a client (root only)."""
     ctx.ensure_object(dict)
     try:
-        ctx.obj["lab"] = Lab(prefix=prefix, subnet=subnet, state_dir=Path(state_dir))
+        ctx.obj["lab"] = Lab.load(prefix=prefix, subnet=subnet, state_dir=Path(state_dir))  # topology from state
     except LabError as exc:
         _fail(exc)
 
@@ -44,13 +44,22 @@ def _run_dir(lab_: Lab) -> Path:
 
 @lab.command()
 @click.option("--start", is_flag=True, help="Also start the checkout backends and three halb balancers inside.")
-@click.option("--mode", type=click.Choice(["vip", "dns"]), default="vip", show_default=True,
-              help="Announcement mode of the started balancers.")
+@click.option("--mode", type=click.Choice(["vip", "dns", "bgp"]), default=None,
+              help="Announcement mode of the started balancers [default: vip; bgp with --topology bgp].")
+@click.option("--topology", type=click.Choice(["flat", "bgp"]), default="flat", show_default=True,
+              help="flat: one bridge for all (VIP drills); bgp: a BIRD 2 router (ECMP, BFD) between the "
+                   "client and the balancers, which announce the service address.")
 @click.option("--ipv6", is_flag=True, help="With --start --mode vip: also announce the IPv6 VIP (service on :8081).")
 @click.pass_context
-def up(ctx: click.Context, start: bool, mode: str, ipv6: bool) -> None:
+def up(ctx: click.Context, start: bool, mode: str | None, topology: str, ipv6: bool) -> None:
     """Create the namespaces (removing leftovers of an earlier run first)."""
+    old = _lab(ctx)
+    mode = mode or ("bgp" if topology == "bgp" else "vip")
     try:
+        if (mode == "bgp") != (topology == "bgp"):
+            raise LabError("--mode bgp and --topology bgp go together")
+        old.down()  # whatever topology the last run had
+        ctx.obj["lab"] = Lab(prefix=old.prefix, subnet=old.subnet, state_dir=old.state_dir, topology=topology)
         state = _lab(ctx).up()
         if start:
             from halb.lab.cluster import LabCluster
@@ -69,8 +78,9 @@ def up(ctx: click.Context, start: bool, mode: str, ipv6: bool) -> None:
         click.echo(json.dumps(state, indent=2))
         return
     lab_ = _lab(ctx)
-    click.echo(f"lab up: {len(state['namespaces'])} namespaces, VIP {lab_.vip} (IPv6 {lab_.vip6}), "
-               f"state {lab_.state_file}")
+    click.echo(f"lab up ({lab_.topology}): {len(state['namespaces'])} namespaces, "
+               + (f"service address {', '.join(lab_.service_addresses)} via router {lab_.hosts['router'].ip}"
+                  if lab_.topology == "bgp" else f"VIP {lab_.vip} (IPv6 {lab_.vip6})") + f", state {lab_.state_file}")
     for h in lab_.hosts.values():
         click.echo(f"  {h.ns:<20} {h.ip:<15} {h.ip6:<16} {h.mac}")
     if "cluster" in state:
@@ -78,7 +88,8 @@ def up(ctx: click.Context, start: bool, mode: str, ipv6: bool) -> None:
         click.echo(f"cluster started ({mode}): configs, logs and token in {cl['run_dir']}")
         for k, pid in cl["pids"].items():
             click.echo(f"  {k:<4} pid {pid}")
-        click.echo(f"  try: halb lab exec client -- curl -s http://{lab_.vip}:8080/health   "
+        target = lab_.service_addresses[0] if lab_.topology == "bgp" else lab_.vip
+        click.echo(f"  try: halb lab exec client -- curl -s http://{target}:8080/health   "
                    "(halb lab down stops everything)")
         if ipv6 and mode == "vip":
             click.echo(f"       halb lab exec client -- curl -s 'http://[{lab_.vip6}]:8081/health'")
@@ -110,7 +121,9 @@ def status(ctx: click.Context) -> None:
     if ctx.obj.get("json"):
         click.echo(json.dumps(st, indent=2))
     else:
-        click.echo(f"lab {st['prefix']!r} subnet {st['subnet']} VIP {st['vip']}: "
+        click.echo(f"lab {st['prefix']!r} ({st['topology']}) subnet {st['subnet']} "
+                   + (f"service addresses {', '.join(st['service_addresses'])}: " if st["service_addresses"]
+                      else f"VIP {st['vip']}: ")
                    + ("up" if st["up"] else "not (fully) up"))
         sw = st["switch"]
         click.echo(f"  {sw['ns']:<20} {'present' if sw['exists'] else 'missing'}  (bridge)")
@@ -165,17 +178,31 @@ def heal(ctx: click.Context, host: str, peers: tuple[str, ...]) -> None:
 @lab.command()
 @click.option("--trials", default=5, show_default=True, type=click.IntRange(1, 1000), help="Trials per fault.")
 @click.option("--fault", "faults", multiple=True, default=["kill"], show_default=True,
-              type=click.Choice(["kill", "freeze", "partition", "transfer"]),
-              help="Fault to inject into the VIP holder (repeat for several).")
-@click.option("--freeze-s", default=5.0, show_default=True, help="How long `freeze` keeps the holder stopped.")
+              type=click.Choice(["kill", "freeze", "partition", "transfer", "drain"]),
+              help="Fault to inject into the VIP holder, or in bgp mode into one balancer (repeat for several; "
+                   "transfer is VIP-only, drain bgp-only).")
+@click.option("--mode", type=click.Choice(["vip", "bgp"]), default="vip", show_default=True,
+              help="vip: flat lab, one VIP holder; bgp: bgp topology, three balancers announce via BGP/ECMP.")
+@click.option("--router-hash", type=click.Choice(["ecmp", "resilient"]), default="ecmp", show_default=True,
+              help="bgp mode: the router's multipath: BIRD's classic ECMP route, or mirrored into a Linux "
+                   "resilient nexthop group (survivors' flows stay put).")
+@click.option("--freeze-s", default=None, type=float,
+              help="How long `freeze` keeps the target stopped [default: 5 s vip, 3 s bgp].")
 @click.option("--wait-from", type=click.Choice(["last_renewal_seen", "election"]), default=None,
               help="Override the successor-wait rule (docs/failover.md).")
 @click.option("--ipv6", is_flag=True, help="Announce an IPv6 VIP too and measure what an IPv6 client sees.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, wait_from: str | None,
-             ipv6: bool, as_json: bool) -> None:
-    """Measure VIP failover: build the lab, start the cluster, fault the holder N times, tear down."""
+def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], mode: str, router_hash: str,
+             freeze_s: float | None, wait_from: str | None, ipv6: bool, as_json: bool) -> None:
+    """Measure failover: build the lab, start the cluster, fault the holder (vip) or each balancer
+    in turn (bgp) N times, tear down."""
+    if mode == "bgp":
+        return _failover_bgp(ctx, trials, faults, 3.0 if freeze_s is None else freeze_s, as_json, router_hash)
+    if "drain" in faults:
+        _fail(LabError("--fault drain needs --mode bgp (VIP mode's planned work is transfer)"))
+        return
+    freeze_s = 5.0 if freeze_s is None else freeze_s
     from halb.lab.cluster import LabCluster
     from halb.lab.failover import FailoverRun, summary
 
@@ -216,3 +243,57 @@ def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s:
         click.echo(f"{f:9s} n={s['n']:3d}  gap p50 {s['p50_gap_s']:.3f}s  p99 {s['p99_gap_s']:.3f}s  "
                    f"max {s['max_gap_s']:.3f}s  VIP moved p50 {s['p50_garp_s']}s")
     click.echo(f"max simultaneous VIP holders: {result['max_holders']}")
+
+
+def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, as_json: bool,
+                  router_hash: str = "ecmp") -> None:
+    from halb.lab.bgp_failover import BgpFailoverRun, bgp_summary
+    from halb.lab.cluster import LabCluster
+
+    import signal
+
+    if "transfer" in faults:
+        _fail(LabError("--fault transfer is VIP-only (in bgp mode leadership does not decide who announces)"))
+        return
+
+    def _term(*_: object) -> None:
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, _term)
+    old = _lab(ctx)
+    old.down()
+    lab_ = Lab(prefix=old.prefix, subnet=old.subnet, state_dir=old.state_dir, topology="bgp",
+               router_hash=router_hash)
+    as_json = as_json or bool(ctx.obj.get("json"))
+    say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    run_dir = _run_dir(lab_)
+    try:
+        lab_.up()
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        cluster = LabCluster(lab_, run_dir, mode="bgp")
+        try:
+            cluster.start()
+            with BgpFailoverRun(cluster, freeze_s=freeze_s, log=say) as run:
+                k = 0
+                for _ in range(trials):
+                    for fault in faults:
+                        run.trial(fault, cluster.lbs[k % len(cluster.lbs)])
+                        k += 1
+                result = bgp_summary(run.trials, router_hash)
+        finally:
+            cluster.stop()
+    except LabError as exc:
+        _fail(exc)
+        return
+    finally:
+        lab_.down()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    for f, s in result["by_fault"].items():
+        click.echo(f"{f:9s} n={s['n']:3d}  gap p50 {s['p50_gap_s']:.3f}s  p99 {s['p99_gap_s']:.3f}s  "
+                   f"max {s['max_gap_s']:.3f}s  withdrawn p50 {s['p50_withdrawn_s']}s  "
+                   f"failed requests {s['failed_requests']}  "
+                   f"survivor resets {s['survivor_resets']}/{s['survivor_flows']}")
+    click.echo(f"router hash {router_hash}; spread of new flows before the faults: {result['spread']}")

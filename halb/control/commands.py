@@ -247,6 +247,9 @@ def _validate(op: str, a: Any, health: HealthCheck | None) -> dict[str, Any]:
         if "address" in a:
             out["address"] = _text(a["address"], "lease address", 255)
         return out
+    if op == "lease.contact":
+        a = _obj(a, op, frozenset({"node"}), ("node",))
+        return {"node": _name(a["node"], "node id")}
     if op == "lease.release":
         a = _obj(a, op, frozenset({"holder", "held"}), ("holder",))
         return {"holder": _name(a["holder"], "lease holder"), "held": _bool(a.get("held", False), "held")}
@@ -455,7 +458,8 @@ def frontend_args(op: str, a: Any) -> dict[str, Any]:
 
 OPS = ("seed", "service.add", "service.remove", "service.update", "backend.add", "backend.remove", "backend.state",
        "backend.weight", "backend.limits", "member.register", "member.remove", "event.record", "health.observe",
-       "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release", "token.add",
+       "health.observe_many", "health.liveness", "health.release", "lease.renew", "lease.release", "lease.contact",
+       "token.add",
        "token.revoke", "cert.add", "cert.remove",
        "acme.request", "acme.renew", "acme.failed", "acme.account", "acme.challenge", "acme.challenge_clear",
        "frontend.add", "frontend.remove", "route.add", "route.remove")

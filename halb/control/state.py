@@ -194,6 +194,7 @@ class ClusterState:
             "health.release": self._health_release,
             "lease.renew": self._lease_renew,
             "lease.release": self._lease_release,
+            "lease.contact": self._lease_contact,
             "token.add": self._token_add,
             "token.revoke": self._token_revoke,
             "cert.add": self._cert_add,
@@ -702,6 +703,12 @@ class ClusterState:
         lease["renewals"] = int(lease.get("renewals", 0)) + 1
         lease["term"] = max(term, int(previous.get("term", 0)))
         return ok(epoch=lease["epoch"], first=lease["renewals"] == 1, handover_from=lease.get("handover_from"))
+
+    def _lease_contact(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
+        """BGP mode's quorum contact (halb/announce/bgp.py): its commit is the proof that a
+        majority accepted this node's write when it was submitted. Changes nothing, records
+        nothing (a few per second per node would flood the audit log)."""
+        return ok(node=args["node"])
 
     def _lease_release(self, args: dict[str, Any], cmd: dict[str, Any]) -> dict[str, Any]:
         holder = args["holder"]

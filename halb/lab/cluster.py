@@ -84,6 +84,20 @@ def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[s
                   "[announce]", 'mode = "dns"', f"bind = {_q(f'{me}:{DNS_PORT}')}", 'zone = "halb"',
                   'name = "checkout"', f"answer = {_q(extra.pop('answer', 'leader'))}", "lease_s = 1.5"]
         listen = f"{me}:{SERVICE_PORT}"
+    elif mode == "bgp":
+        if lab.topology != "bgp":
+            raise LabError("announce mode bgp needs the lab's bgp topology (halb lab up --topology bgp)")
+        from halb.lab.topology import BALANCER_AS, ROUTER_AS
+
+        svc = lab.service_addresses[0]
+        router = lab.hosts["router"].ip
+        lines += ["[dataplane]", "# empty: listen where the service says (the service address, IP_FREEBIND);",
+                  "# the address is on lo only while this node announces it", "",
+                  "[announce]", 'mode = "bgp"', f"local_as = {BALANCER_AS}", f"local_address = {_q(me)}",
+                  f"routers = [{{ address = {_q(router)}, as = {ROUTER_AS} }}]",
+                  f'addresses = [{{ address = {_q(svc)}, services = ["checkout"] }}]',
+                  "hold_time_s = 9", "bfd = true", "bfd_interval_ms = 100"]
+        listen = f"{svc}:{SERVICE_PORT}"
     else:
         raise LabError(f"unknown announce mode {mode!r}")
     for k, v in extra.items():
@@ -184,6 +198,10 @@ class LabCluster:
         """SIGTERM everything we started (SIGCONT first, in case it is frozen), then SIGKILL."""
         for proc in self.procs.values():
             if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGCONT)  # a frozen group (node + its BIRD) too
+                except (ProcessLookupError, PermissionError):
+                    pass
                 for sig in (signal.SIGCONT, signal.SIGTERM):
                     try:
                         os.kill(proc.pid, sig)
@@ -201,6 +219,11 @@ class LabCluster:
     # ---- faults -------------------------------------------------------------------------
     def signal(self, lb: str, sig: int) -> None:
         os.kill(self.procs[lb].pid, sig)
+
+    def signal_group(self, lb: str, sig: int) -> None:
+        """Signal the node's process group: the node and the BIRD it supervises (a frozen
+        machine, not a frozen process; spawned with start_new_session, so pgid = pid)."""
+        os.killpg(self.procs[lb].pid, sig)
 
     def kill(self, lb: str) -> None:
         proc = self.procs[lb]

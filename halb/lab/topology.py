@@ -37,7 +37,7 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from halb.announce.sysctl import write_sysctls
 
@@ -60,6 +60,12 @@ VIP = "10.99.0.10"
 LB_ADDRS = {"lb1": "10.99.0.11", "lb2": "10.99.0.12", "lb3": "10.99.0.13"}
 BE_ADDRS = {"be1": "10.99.0.21", "be2": "10.99.0.22", "be3": "10.99.0.23"}
 CLIENT_ADDR = "10.99.0.100"
+
+TOPOLOGIES = ("flat", "bgp")
+ROUTER_OFFSET = 1      # topology bgp: the router's leg on the balancers' segment (10.99.0.1)
+SERVICE_OFFSET = 10    # topology bgp: service address = this host in the second block after the subnet
+ROUTER_AS = 65000
+BALANCER_AS = 65001
 
 
 # IPv6 in every lab namespace: no duplicate address detection, no forwarding
@@ -110,9 +116,17 @@ class Lab:
     n_lb: int = 3
     n_be: int = 3
     state_dir: Path = DEFAULT_STATE_DIR
+    topology: str = "flat"   # flat: everyone on one bridge (VIP drills); bgp: see bgp_router.py
+    router_hash: str = "ecmp"  # topology bgp: "ecmp" (BIRD's multipath route) or "resilient" (ResilientSync)
     hosts: dict[str, Host] = field(init=False)
+    router_pid: int | None = field(init=False, default=None)
+    _router_proc: Any = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise LabError(f"unknown lab topology {self.topology!r} (known: {', '.join(TOPOLOGIES)})")
+        if self.router_hash not in ("ecmp", "resilient"):
+            raise LabError(f"router_hash must be ecmp or resilient, not {self.router_hash!r}")
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.prefix):
             raise LabError(f"bad lab prefix {self.prefix!r}")
         net = ipaddress.IPv4Network(self.subnet)
@@ -122,17 +136,53 @@ class Lab:
         self.hosts = {}
         specs = [(f"lb{i}", "lb", LB_OFFSET + i) for i in range(1, self.n_lb + 1)]
         specs += [(f"be{i}", "be", BE_OFFSET + i) for i in range(1, self.n_be + 1)]
-        specs.append(("client", "client", CLIENT_OFFSET))
+        if self.topology == "bgp":
+            specs.append(("router", "router", ROUTER_OFFSET))
+        else:
+            specs.append(("client", "client", CLIENT_OFFSET))
         net6 = ipaddress.IPv6Network(self.subnet6)
         if net6.prefixlen != 64:
             raise LabError("lab IPv6 subnet must be a /64")
         for name, role, off in specs:
             self.hosts[name] = Host(name, role, self.prefix + name, str(net[off]),
                                     f"02:99:00:00:00:{off:02x}", ip6=self._ip6(off))
+        if self.topology == "bgp":  # the client sits behind the router, on its own link
+            cnet = self.client_network
+            self.hosts["client"] = Host("client", "client", self.prefix + "client", str(cnet[CLIENT_OFFSET]),
+                                        "02:99:00:00:01:64")
 
     def _ip6(self, offset: int) -> str:
         """Host number ``offset`` written with the same digits in hex (11 -> ::11)."""
         return str(ipaddress.IPv6Network(self.subnet6)[int(str(offset), 16)])
+
+    @classmethod
+    def load(cls, prefix: str = DEFAULT_PREFIX, subnet: str = DEFAULT_SUBNET,
+             state_dir: Path = DEFAULT_STATE_DIR) -> "Lab":
+        """The lab as its state file describes it (topology), else a flat one."""
+        lab = cls(prefix=prefix, subnet=subnet, state_dir=state_dir)
+        st = lab._read_state() or {}
+        topo = st.get("topology", "flat")
+        if topo != lab.topology and topo in TOPOLOGIES:
+            lab = cls(prefix=prefix, subnet=str(st.get("subnet", subnet)), state_dir=state_dir, topology=str(topo))
+        return lab
+
+    @property
+    def client_network(self) -> ipaddress.IPv4Network:
+        """topology bgp: the client's link to the router, the /24 right after the lab subnet."""
+        net = self.network
+        return ipaddress.IPv4Network((int(net.network_address) + net.num_addresses, 24))
+
+    @property
+    def service_addresses(self) -> list[str]:
+        """topology bgp: the address every balancer announces (outside every lab subnet)."""
+        if self.topology != "bgp":
+            return []
+        net = self.network
+        return [str(ipaddress.IPv4Address(int(net.network_address) + 2 * net.num_addresses + SERVICE_OFFSET))]
+
+    @property
+    def router_client_ip(self) -> str:
+        return str(self.client_network[1])
 
     # ---- names and addresses ------------------------------------------------------
     @property
@@ -184,7 +234,7 @@ class Lab:
     def _ours(self, ns: str) -> bool:
         """Does a namespace name look like one this lab (same prefix) creates?"""
         rest = ns[len(self.prefix):] if ns.startswith(self.prefix) else None
-        return rest is not None and re.fullmatch(r"sw|lb\d+|be\d+|client", rest) is not None
+        return rest is not None and re.fullmatch(r"sw|lb\d+|be\d+|client|router", rest) is not None
 
     # ---- lifecycle ----------------------------------------------------------------
     def up(self) -> dict[str, object]:
@@ -214,6 +264,8 @@ class Lab:
                 self._write_state(created, complete=False)
                 _ip(["-n", h.ns, "link", "set", "dev", "lo", "up"])
                 write_sysctls(_NO_DAD, h.ns)  # before eth0 exists: it inherits "default"
+                if self.topology == "bgp" and h.role == "client":
+                    continue  # linked to the router below, not to the bridge
                 # both veth ends are created directly inside namespaces: the host
                 # namespace never sees them, even for a moment
                 _ip(["-n", sw, "link", "add", "name", h.name, "type", "veth",
@@ -224,6 +276,10 @@ class Lab:
                 _ip(["-n", h.ns, "link", "set", "dev", h.ifname, "up"])
                 _ip(["-n", sw, "link", "set", "dev", h.name, "master", BRIDGE])
                 _ip(["-n", sw, "link", "set", "dev", h.name, "up"])
+            if self.topology == "bgp":
+                from halb.lab.bgp_router import build_router
+
+                self.router_pid = build_router(self)
             return self._write_state(created, complete=True)
         except BaseException:
             self.down()
@@ -254,6 +310,9 @@ class Lab:
         targets.sort(key=lambda n: n == self.switch_ns)
         for ns in targets:
             self._kill_ns_processes(ns)
+        if self._router_proc is not None:  # reap the router's BIRD if this process started it
+            self._router_proc.poll()
+            self._router_proc = None
         for ns in targets:
             proc = _ip(["netns", "del", ns], check=False)
             if proc.returncode == 0 or ns not in list_netns():
@@ -300,7 +359,17 @@ class Lab:
             "hosts": hosts, "state_file": str(self.state_file),
             "state": self._read_state(), "other_namespaces_with_prefix": stray,
             "up": all(ns in existing for ns in self.namespaces),
+            "topology": self.topology,
+            "namespaces": self.namespace_map(),
+            "service_addresses": self.service_addresses,
         }
+
+    def namespace_map(self) -> dict[str, object]:
+        """{"router": ns|None, "client": ns, "switch": ns, "nodes": {node id: ns}} (node nN on lbN)."""
+        return {"router": self.hosts["router"].ns if "router" in self.hosts else None,
+                "client": self.hosts["client"].ns, "switch": self.switch_ns,
+                "nodes": {f"n{h.name[2:]}": h.ns for h in self.hosts.values() if h.role == "lb"},
+                "backends": {h.name: h.ns for h in self.hosts.values() if h.role == "be"}}
 
     def is_up(self) -> bool:
         existing = set(list_netns())
@@ -310,6 +379,8 @@ class Lab:
         state: dict[str, object] = {
             "prefix": self.prefix, "subnet": self.subnet, "vip": self.vip,
             "subnet6": self.subnet6, "vip6": self.vip6,
+            "topology": self.topology, "service_addresses": self.service_addresses,
+            "namespaces_by_role": self.namespace_map(), "router_pid": self.router_pid,
             "bridge": {"ns": self.switch_ns, "name": BRIDGE},
             "namespaces": list(created),
             "hosts": {n: asdict(h) for n, h in self.hosts.items()},
