@@ -160,7 +160,9 @@ class RedirectConn(HttpClientConn):
         head.append(b"\r\n")
         ex.response_started = True
         ex.close_after = close
-        self._w(b"".join(head))
+        out = b"".join(head)
+        ex.status, ex.sent = 308, len(out)
+        self._w(out)
         self.finish(ex)
 
 

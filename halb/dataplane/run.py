@@ -86,6 +86,8 @@ def build_snapshot(args: argparse.Namespace) -> RoutingSnapshot:
 async def _main(args: argparse.Namespace) -> None:
     raise_nofile("data plane")
     dp = DataPlane("run", workers=args.workers)
+    if args.access_log:
+        dp.set_access_log(args.access_log)
     snap = build_snapshot(args)
     await dp.start(snap)
     tune_process()
@@ -94,6 +96,8 @@ async def _main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.access_log:  # logrotate: reopen
+        loop.add_signal_handler(signal.SIGHUP, lambda: dp.set_access_log(args.access_log))
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), args.stats_interval or 3600)
@@ -116,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-uvloop", action="store_true")
     ap.add_argument("--stats-interval", type=float, default=0.0)
+    ap.add_argument("--access-log", default="", help="JSON lines access log file (SIGHUP reopens it)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(_main(args), use_uvloop=not args.no_uvloop)
