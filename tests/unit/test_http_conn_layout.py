@@ -16,7 +16,7 @@ from halb.dataplane.options import ServiceOptions
 
 def test_client_connection_stays_below_the_shared_keys_cliff() -> None:
     rt = SimpleNamespace(opts=ServiceOptions(), hash_header=None, connections=0, rejected=0)
-    engine = SimpleNamespace(loop=None, conns=set(), new_request_id=lambda: b"rid")
+    engine = SimpleNamespace(loop=None, conns=set(), new_request_id=lambda: b"rid", access_log=None)
     conn = HttpClientConn(SimpleNamespace(engine=engine, rt=rt))  # type: ignore[arg-type]
     conn.transport = SimpleNamespace(write=lambda d: None, close=lambda: None,  # type: ignore[assignment]
                                      pause_reading=lambda: None, resume_reading=lambda: None)
