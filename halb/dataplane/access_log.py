@@ -2,12 +2,13 @@
 
 Why this shape:
 
-- The request path only appends a tuple of values it already has (`AccessLog.add`, ~1 us);
-  nothing is formatted per request on the hot path. `flush` (every 256 records, and from the
-  engine's sweeper every 0.25 s) turns the pending tuples into JSON lines in one go and hands
-  the bytes to a writer thread. Formatting stays in the loop's thread on purpose: a writer
-  thread running Python would hold the GIL and stall the loop up to the switch interval
-  (5 ms); the thread only calls `os.write`, which releases the GIL while the disk works.
+- The request path only appends a tuple of values it already has (`AccessLog.add`); nothing
+  is formatted per request there. `flush` (every 256 records, and from the engine's sweeper
+  every 0.25 s) turns the pending tuples into JSON lines in one C call (_accesslog.c; a
+  pure-Python formatter with the same output where the extension is not built) and hands the
+  bytes to a writer thread. Formatting stays in the loop's thread on purpose: a writer thread
+  running Python would hold the GIL and stall the loop up to the switch interval (5 ms); the
+  thread only calls `os.write`, which releases the GIL while the disk works.
 - The hand-over is bounded (`buffer_bytes` of formatted lines waiting for the writer): when
   the disk (or a FIFO nobody reads) cannot keep up, whole batches are dropped and counted in
   `dropped`; requests never wait and memory never grows past the bound.
@@ -23,11 +24,11 @@ request_id, client (the PROXY-protocol address when the connection had one), fro
 service, host, method, path (without the query: it often carries tokens; at most 1024
 bytes), status, bytes (sent to the client: head and body), duration_ms, backend (null for an
 answer the balancer made itself), attempts, tls (protocol version, null for plain HTTP).
-Values a client sent are JSON-escaped; bytes that are not UTF-8 appear as ``\\xNN``.
+Values a client sent are JSON-escaped: every byte outside printable ASCII as ``\\u00XX``
+(the Latin-1 character), so a line is valid JSON whatever a client sent.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -49,31 +50,54 @@ wall = time.time
 
 # bytes that may go into a JSON string as they are: printable ASCII except '"' and '\'
 _UNSAFE = re.compile(rb'[^\x20\x21\x23-\x5b\x5d-\x7e]')
-_LINE = (b'{"time":"%s.%03dZ","request_id":"%s","client":"%s","frontend":%s,"service":%s,"host":%s,'
-         b'"method":"%s","path":"%s","status":%d,"bytes":%d,"duration_ms":%s,"backend":%s,"attempts":%d,'
-         b'"tls":%s}\n')
+_ESC = [chr(c) if 0x20 <= c < 0x7f and c not in (0x22, 0x5c) else ("\\" + chr(c) if c in (0x22, 0x5c) else
+        "\\u%04x" % c) for c in range(256)]
+
+# the C formatter (halb/dataplane/_accesslog.c); HALB_ACCESS_LOG_ACCEL=0 uses the Python one
+format_lines: Any = None
+if os.environ.get("HALB_ACCESS_LOG_ACCEL", "1") != "0":
+    try:
+        from halb.dataplane._accesslog import format_lines
+    except ImportError:  # built without a C compiler
+        pass
 
 
-def _esc(v: bytes) -> bytes:
-    """Bytes a client sent, as the inside of a JSON string."""
-    if _UNSAFE.search(v) is None:
-        return v
-    return json.dumps(v.decode("utf-8", "backslashreplace"))[1:-1].encode()
-
-
-_names: dict[str, bytes] = {}
-
-
-def _name(v: str | None) -> bytes:
-    """A service / backend / frontend name (validated when configured) as a JSON value; cached."""
+def _jbytes(v: bytes | None, limit: int = 256, query: bool = False) -> bytes:
+    """Bytes a client sent as a JSON string: each byte outside printable ASCII as \\u00XX
+    (the Latin-1 character), '"' and '\\' escaped; exactly what _accesslog.c writes."""
     if v is None:
         return b"null"
-    out = _names.get(v)
-    if out is None:
-        if len(_names) > 10000:
-            _names.clear()
-        out = _names[v] = json.dumps(v).encode()
-    return out
+    if query:
+        i = v.find(b"?")
+        if i >= 0:
+            v = v[:i]
+    v = v[:limit]
+    if _UNSAFE.search(v) is None:
+        return b'"%s"' % v
+    return ('"' + "".join([_ESC[c] for c in v]) + '"').encode()
+
+
+def _jname(v: str | None, frontend_is_null: bool = False) -> bytes:
+    if v is None or (frontend_is_null and v.startswith("frontend:")):
+        return b"null"
+    return _jbytes(v.encode()[:256])
+
+
+def py_format_lines(records: list[tuple[Any, ...]]) -> bytes:
+    """The pure-Python formatter: the same bytes as _accesslog.format_lines (tests compare)."""
+    out = []
+    for (t, dur, rid, peer, fe, service, host, method, url, status, sent, backend, attempts, tls) in records:
+        sec = int(t)
+        ms = min(max(int((t - sec) * 1000), 0), 999)
+        out.append(b'{"time":"%s.%03dZ","request_id":%s,"client":%s,"frontend":%s,"service":%s,"host":%s,'
+                   b'"method":%s,"path":%s,"status":%d,"bytes":%d,"duration_ms":%s,"backend":%s,"attempts":%d,'
+                   b'"tls":%s}\n' % (
+                       time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode(), ms,
+                       _jbytes(rid) if rid is not None else b'""', _jbytes(peer), _jname(fe),
+                       _jname(service, True), _jbytes(host, MAX_HOST), _jbytes(method), _jbytes(url, MAX_PATH, True),
+                       status, sent, b"null" if dur < 0 else b"%.3f" % (dur * 1000), _jname(backend), attempts,
+                       _jname(tls)))
+    return b"".join(out)
 
 
 def tls_version(conn: Any) -> str | None:
@@ -103,19 +127,20 @@ class AccessLog:
         self._cond = threading.Condition()
         self._reopen = False
         self._stopping = False
-        self._sec = -1
-        self._sec_txt = b""
         self._thread = threading.Thread(target=self._run, name="halb-access-log", daemon=True)
         self._thread.start()
 
     # ------------------------------------------------------------------ event loop side
     def add(self, conn: Any, ex: Any, backend: Any) -> None:
-        """One finished request (hot path: a tuple, no formatting). `backend`: the
-        BackendState whose response the client got, None for a local answer."""
+        """One finished request (hot path: a tuple of plain values, no formatting).
+        `backend`: the BackendState whose response the client got, None for a local answer."""
         lst = conn.listener
+        rt = ex.rt
+        t0 = ex.t0
         self.records.append((
-            wall(), ex.t0, monotonic(), ex.rid, conn.peer, lst, ex.rt, ex.host, ex.method, ex.url,
-            ex.status, ex.sent, backend.name if backend is not None else None, ex.attempts,
+            wall(), monotonic() - t0 if t0 else -1.0, ex.rid, conn.peer, lst.frontend,
+            (rt if rt is not None else lst.rt).route.name, ex.host, ex.method, ex.url, ex.status, ex.sent,
+            backend.name if backend is not None else None, ex.attempts,
             tls_version(conn) if lst.ssl is not None else None,
         ))
         if len(self.records) >= BATCH:
@@ -127,7 +152,7 @@ class AccessLog:
         if not recs:
             return
         self.records = []
-        data = b"".join([self._format(r) for r in recs])
+        data = (format_lines or py_format_lines)(recs)
         n = len(recs)
         with self._cond:
             if self._queued + len(data) > self.buffer_bytes:
@@ -137,29 +162,6 @@ class AccessLog:
             self._queued += len(data)
             self.lines += n
             self._cond.notify()
-
-    def _format(self, r: tuple[Any, ...]) -> bytes:
-        (t, t0, t1, rid, peer, lst, rt, host, method, url, status, sent, backend, attempts, tls) = r
-        sec = int(t)
-        if sec != self._sec:
-            self._sec = sec
-            self._sec_txt = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode()
-        fe = getattr(lst, "fe", None)
-        if rt is None:  # a request refused before routing (bad head): the listener's service
-            rt = getattr(lst, "rt", None)
-        service = rt.route.name if rt is not None else None
-        if service is not None and service.startswith("frontend:"):
-            service = None  # the frontend answered itself (no route): no service
-        i = url.find(b"?")
-        path = url[:i] if i >= 0 else url
-        return _LINE % (
-            self._sec_txt, int((t - sec) * 1000), _esc(rid or b""), _esc(peer),
-            _name(fe.name) if fe is not None else b"null", _name(service),
-            b'"%s"' % _esc(host[:MAX_HOST]) if host is not None else b"null",
-            _esc(method), _esc(path[:MAX_PATH]), status, sent,
-            b"%.3f" % ((t1 - t0) * 1000) if t0 else b"null", _name(backend), attempts,
-            _name(tls),
-        )
 
     def reopen(self) -> None:
         """Close and open the file again before the next write (logrotate renamed it)."""

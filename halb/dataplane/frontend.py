@@ -65,6 +65,7 @@ class FrontendListener(Listener):
 
     def setup(self, fe: FrontendRoute, table: RouteTable, redirect: bool) -> "FrontendListener":
         self.fe, self.table, self.redirect = fe, table, redirect
+        self.frontend = fe.name
         if not hasattr(self, "own"):
             self.own, self.services = self.rt, self.engine.listeners
             self.answer_first = self.engine.frontends.answer_first

@@ -1,0 +1,67 @@
+"""The access log's two formatters (C: halb/dataplane/_accesslog.c, Python: py_format_lines)
+write the same bytes, and every line is valid JSON that gives back what a client sent,
+whatever bytes it sent; the query string is never logged; long values are cut."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from halb.dataplane import access_log
+
+C = access_log.format_lines
+
+
+def record(**kw):
+    base = dict(t=1764910000.1234, dur=0.0015, rid=b"n1-abc-1", peer=b"127.0.0.1", fe=None, service="web",
+                host=b"shop.example", method=b"GET", url=b"/a?token=secret", status=200, sent=123, backend="b0",
+                attempts=1, tls=None)
+    base.update(kw)
+    return tuple(base.values())
+
+
+def both(records):
+    py = access_log.py_format_lines(records)
+    if C is not None:
+        assert C(records) == py
+    return py
+
+
+def test_fields_and_values():
+    line = json.loads(both([record(fe="web", tls="TLSv1.3")]))
+    assert line == {"time": "2025-12-05T04:46:40.123Z", "request_id": "n1-abc-1", "client": "127.0.0.1",
+                    "frontend": "web", "service": "web", "host": "shop.example", "method": "GET", "path": "/a",
+                    "status": 200, "bytes": 123, "duration_ms": 1.5, "backend": "b0", "attempts": 1, "tls": "TLSv1.3"}
+
+
+def test_nulls_and_a_frontends_own_runtime():
+    line = json.loads(both([record(rid=None, host=None, backend=None, dur=-1.0, service="frontend:web")]))
+    assert line["request_id"] == "" and line["host"] is None and line["backend"] is None
+    assert line["duration_ms"] is None and line["service"] is None
+
+
+def test_hostile_bytes_stay_inside_their_json_string():
+    rng = random.Random(7)
+    records = []
+    for _ in range(300):
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
+        records.append(record(host=junk, url=b"/" + junk.replace(b"?", b""), rid=junk, method=junk[:8]))
+    text = both(records)
+    for rec, raw in zip(records, text.splitlines()):
+        line = json.loads(raw)
+        assert line["host"] == rec[6].decode("latin-1") and line["path"] == rec[8].decode("latin-1")
+        assert line["request_id"] == rec[2].decode("latin-1") and len(line) == 14
+
+
+def test_long_values_are_cut():
+    line = json.loads(both([record(url=b"/" + b"p" * 5000, host=b"h" * 1000)]))
+    assert len(line["path"]) == access_log.MAX_PATH and len(line["host"]) == access_log.MAX_HOST
+
+
+@pytest.mark.skipif(C is None, reason="halb.dataplane._accesslog not built")
+def test_c_refuses_malformed_records_with_an_error():
+    with pytest.raises(TypeError):
+        C([("not", "a", "record")])
+    with pytest.raises(TypeError):
+        C([record(host="a str")])
