@@ -35,7 +35,8 @@ from halb.system_packages import ensure_tools, find_tool
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 BIG = 1024 * 1024
-LLHTTP_ONLY = "halb, llhttp only"  # HALB_HTTP_ACCEL=0: the pure-Python head path
+LLHTTP_ONLY = "halb, llhttp only"
+ACCESS_LOG_ON = "halb, access log on"  # the same build with [dataplane] access_log set (a file in the temp dir)  # HALB_HTTP_ACCEL=0: the pure-Python head path
 ASYNCIO_TCP = "halb, asyncio TCP"  # HALB_TCP_RELAY=python: TCP mode without the C relay
 NOTES = ROOT / "bench" / "NOTES.md"  # the hand-written analysis appended to the report
 
@@ -97,10 +98,10 @@ class Procs:
 
 
 def start_halb(procs: Procs, port: int, origin_port: int, core: int | str | None, *, mode: str = "http",
-               workers: int = 1, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+               workers: int = 1, env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     """halb's standalone data plane in front of the origin, every feature on as shipped."""
     return procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{port}", "--mode", mode,
-                        "--workers", str(workers), "--backend", f"origin=127.0.0.1:{origin_port}"], core,
+                        "--workers", str(workers), "--backend", f"origin=127.0.0.1:{origin_port}", *extra], core,
                        stdout=subprocess.DEVNULL, cwd=str(ROOT), env=dict(os.environ, **(env or {})))
 
 
@@ -128,6 +129,7 @@ class Case:
     target: str = "rps"  # rps | mib_s | errors: what the case is judged on
     llhttp: bool = False  # also run halb without the C head fast path
     asyncio_tcp: bool = False  # also run halb's TCP mode without the C relay
+    access_log: bool = False  # also run halb with the access log on (judged against halb with it off)
     results: dict[str, list[Result]] = field(default_factory=dict)
     syscalls: dict[str, float] = field(default_factory=dict)  # per request, strace -c
 
@@ -364,7 +366,10 @@ def main() -> int:
              Case("TCP mode, new connection per request (Connection: close), 50 conns", "/", 50, "tcp",
                   headers=("Connection: close",), asyncio_tcp=True),
              Case("HTTP, 1,000 keep-alive connections", "/", 1000, "http", target="errors"),
-             Case("1 MiB response bodies, 8 conns", "/big", 8, "http", target="mib_s")]
+             Case("1 MiB response bodies, 8 conns", "/big", 8, "http", target="mib_s"),
+             # the access log's cost: the same build with it on vs off (target >= 0.9x req/s)
+             Case("plain HTTP with access log, small responses, 50 conns", "/", 50, "http", target="access_log",
+                  access_log=True)]
     if args.only:
         wanted = [w.strip().lower() for w in args.only.split("|") if w.strip()]
         cases = [c for c in cases if any(w in c.name.lower() for w in wanted)]
@@ -417,6 +422,10 @@ def main() -> int:
                 aio = start_halb(procs, aio_port, origin_port, proxy_core, mode="tcp",
                                  env={"HALB_TCP_RELAY": "python"})
                 proxies.append((ASYNCIO_TCP, aio_port, aio))
+            if case.access_log:
+                al_port = free_port()
+                al = start_halb(procs, al_port, origin_port, proxy_core, extra=("--access-log", str(tmp / "access.log")))
+                proxies.append((ACCESS_LOG_ON, al_port, al))
             for _, port, _ in proxies:
                 wait_port(port)
             for name, port, p in proxies:
@@ -520,6 +529,13 @@ def target_lines(cases: list[Case]) -> list[str]:
         h, b = c.results.get("haproxy", []), c.results.get("halb", [])
         if not h or not b:
             continue
+        on = c.results.get(ACCESS_LOG_ON, [])
+        if c.target == "access_log" and on:
+            r = med(on, "rps") / med(b, "rps")
+            cpu = med(on, "cpu_us_per_req") / med(b, "cpu_us_per_req")
+            out.append(f"* {c.name}: req/s with the log on / off {r:.2f}x (target ≥ 0.9x): "
+                       f"**{'met' if r >= 0.9 else 'missed'}**; CPU per request {cpu:.2f}x")
+            continue
         if c.target == "mib_s":
             r = med(b, "mib_s") / med(h, "mib_s")
             out.append(f"* {c.name}: MiB/s {r:.2f}x (target ≥ 1.0x): **{'met' if r >= 1.0 else 'missed'}**")
@@ -594,6 +610,8 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
         for variant in (LLHTTP_ONLY, ASYNCIO_TCP):
             if c.results.get(variant):
                 rows.append((f"{variant} (not judged)", c.results[variant]))
+        if c.results.get(ACCESS_LOG_ON):  # judged against "halb" (targets below)
+            rows.append((ACCESS_LOG_ON, c.results[ACCESS_LOG_ON]))
         for name, rs in rows:
             ratio = ""
             if name != "HAProxy":
@@ -613,7 +631,8 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
         lines += ["", f"1 MiB bodies: halb/HAProxy MiB/s = **{med(c.results['halb'], 'mib_s') / med(c.results['haproxy'], 'mib_s'):.2f}x**."]
     lines += ["", "Targets (measured, not asserted): ≥ 0.8x HAProxy req/s in HTTP mode with p99 ≤ 1.5x, "
               "≥ 0.9x in TCP mode (also with a new connection per request), ≥ 1.0x MiB/s on 1 MiB bodies, "
-              "0 errors with 1,000 keep-alive connections.", ""]
+              "0 errors with 1,000 keep-alive connections; plain HTTP with the access log on ≥ 0.9x the same "
+              "build with it off.", ""]
     lines += target_lines(cases)
     lines += [""] + scaling_lines(scaling)
     lines += per_request_lines(cases)
@@ -633,6 +652,8 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
               "timeouts, smooth weighted round robin), with the C head fast path as `pip install` builds it; "
               f"\"{LLHTTP_ONLY}\" is the same with `HALB_HTTP_ACCEL=0`; TCP mode runs on the C relay "
               f"(`halb.dataplane._tcprelay`), \"{ASYNCIO_TCP}\" is the same with `HALB_TCP_RELAY=python`.",
+              f"* \"{ACCESS_LOG_ON}\": the same halb with `--access-log FILE` (`[dataplane] access_log`): one JSON "
+              "line per request to a file on the temp directory's disk (docs/dataplane.md#access-log).",
               "* nginx origin: 1 worker, `return 200` for the small case, `sendfile` for the 1 MiB file.", ""]
     if NOTES.exists():
         lines += [NOTES.read_text().rstrip(), ""]

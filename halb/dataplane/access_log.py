@@ -118,6 +118,7 @@ class AccessLog:
         self.path = path
         self.buffer_bytes = buffer_bytes
         self.records: list[tuple[Any, ...]] = []
+        self.wall_offset = wall() - monotonic()  # time.time() = time.monotonic() + this (refreshed per flush)
         self.lines = 0  # lines handed to the writer
         self.dropped = 0  # lines dropped: the writer's queue was full, or writing failed
         self.written = 0  # lines written
@@ -137,8 +138,9 @@ class AccessLog:
         lst = conn.listener
         rt = ex.rt
         t0 = ex.t0
+        t1 = monotonic()
         self.records.append((
-            wall(), monotonic() - t0 if t0 else -1.0, ex.rid, conn.peer, lst.frontend,
+            t1 + self.wall_offset, t1 - t0 if t0 else -1.0, ex.rid, conn.peer, lst.frontend,
             (rt if rt is not None else lst.rt).route.name, ex.host, ex.method, ex.url, ex.status, ex.sent,
             backend.name if backend is not None else None, ex.attempts,
             tls_version(conn) if lst.ssl is not None else None,
@@ -149,6 +151,7 @@ class AccessLog:
     def flush(self) -> None:
         """Format the pending records and hand them to the writer (or drop them, counted)."""
         recs = self.records
+        self.wall_offset = wall() - monotonic()  # one clock read per request in add(); follows clock steps
         if not recs:
             return
         self.records = []
