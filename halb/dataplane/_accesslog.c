@@ -52,15 +52,20 @@ static void lit(Buf *b, const char *s, Py_ssize_t n) {  /* caller made room */
 
 #define LIT(b, s) lit((b), (s), (Py_ssize_t)(sizeof(s) - 1))
 static const char HEX[] = "0123456789abcdef";
+static unsigned char SAFE[256];  /* printable ASCII but '"' and '\\': copied as they are */
 
 /* a JSON string from raw bytes (quotes included) */
 static int jstr(Buf *b, const unsigned char *s, Py_ssize_t n) {
     if (grow(b, 6 * n + 2) < 0) return -1;
     char *o = b->p + b->len;
     *o++ = '"';
-    for (Py_ssize_t i = 0; i < n; i++) {
+    Py_ssize_t i = 0;
+    while (i < n && SAFE[s[i]]) i++;  /* the usual case: nothing to escape */
+    memcpy(o, s, (size_t)i);
+    o += i;
+    for (; i < n; i++) {
         unsigned char c = s[i];
-        if (c >= 0x20 && c < 0x7f && c != '"' && c != '\\') {
+        if (SAFE[c]) {
             *o++ = (char)c;
         } else if (c == '"' || c == '\\') {
             *o++ = '\\';
@@ -116,11 +121,26 @@ static int jname(Buf *b, PyObject *v, int frontend_is_null) {
     return jstr(b, (const unsigned char *)s, n);
 }
 
+/* decimal digits of x (no snprintf: it cost more than the rest of a line) */
+static void put_uint(Buf *b, unsigned long long x) {  /* caller made room for 20 bytes */
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + x % 10);
+        x /= 10;
+    } while (x);
+    while (n) b->p[b->len++] = tmp[--n];
+}
+
 static int num(Buf *b, PyObject *v) {
     long long x = PyLong_AsLongLong(v);
     if (x == -1 && PyErr_Occurred()) return -1;
     if (grow(b, 24) < 0) return -1;
-    b->len += snprintf(b->p + b->len, 24, "%lld", x);
+    if (x < 0) {
+        b->p[b->len++] = '-';
+        x = -x;
+    }
+    put_uint(b, (unsigned long long)x);
     return 0;
 }
 
@@ -157,7 +177,13 @@ static PyObject *format_lines(PyObject *self, PyObject *records) {
             cached_sec = sec;
         }
         if (grow(&b, 64) < 0) goto fail;
-        b.len += snprintf(b.p + b.len, 64, "{\"time\":\"%s.%03dZ\",\"request_id\":", cached_txt, ms);
+        LIT(&b, "{\"time\":\"");
+        lit(&b, cached_txt, 19);
+        b.p[b.len++] = '.';
+        b.p[b.len++] = (char)('0' + ms / 100);
+        b.p[b.len++] = (char)('0' + ms / 10 % 10);
+        b.p[b.len++] = (char)('0' + ms % 10);
+        LIT(&b, "Z\",\"request_id\":");
         PyObject *rid = PyTuple_GET_ITEM(r, 2);
         if (rid == Py_None) {
             if (grow(&b, 2) < 0) goto fail;
@@ -191,8 +217,13 @@ static PyObject *format_lines(PyObject *self, PyObject *records) {
         LIT(&b, ",\"duration_ms\":");
         if (dur < 0) {
             LIT(&b, "null");
-        } else {
-            b.len += snprintf(b.p + b.len, 32, "%.3f", dur * 1000.0);
+        } else {  /* milliseconds with 3 decimals, from whole microseconds */
+            unsigned long long us = (unsigned long long)(dur * 1e6 + 0.5);
+            put_uint(&b, us / 1000);
+            b.p[b.len++] = '.';
+            b.p[b.len++] = (char)('0' + us % 1000 / 100);
+            b.p[b.len++] = (char)('0' + us % 100 / 10);
+            b.p[b.len++] = (char)('0' + us % 10);
         }
         if (grow(&b, 16) < 0) goto fail;
         LIT(&b, ",\"backend\":");
@@ -225,5 +256,6 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__accesslog(void) {
+    for (int c = 0; c < 256; c++) SAFE[c] = c >= 0x20 && c < 0x7f && c != '"' && c != '\\';
     return PyModule_Create(&module);
 }

@@ -83,6 +83,12 @@ def _jname(v: str | None, frontend_is_null: bool = False) -> bytes:
     return _jbytes(v.encode()[:256])
 
 
+def _ms(dur: float) -> bytes:
+    """Seconds -> milliseconds with 3 decimals, from whole microseconds (as the C code does)."""
+    us = int(dur * 1e6 + 0.5)
+    return b"%d.%03d" % (us // 1000, us % 1000)
+
+
 def py_format_lines(records: list[tuple[Any, ...]]) -> bytes:
     """The pure-Python formatter: the same bytes as _accesslog.format_lines (tests compare)."""
     out = []
@@ -95,7 +101,7 @@ def py_format_lines(records: list[tuple[Any, ...]]) -> bytes:
                        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)).encode(), ms,
                        _jbytes(rid) if rid is not None else b'""', _jbytes(peer), _jname(fe),
                        _jname(service, True), _jbytes(host, MAX_HOST), _jbytes(method), _jbytes(url, MAX_PATH, True),
-                       status, sent, b"null" if dur < 0 else b"%.3f" % (dur * 1000), _jname(backend), attempts,
+                       status, sent, b"null" if dur < 0 else _ms(dur), _jname(backend), attempts,
                        _jname(tls)))
     return b"".join(out)
 
@@ -123,7 +129,7 @@ class AccessLog:
         self.dropped = 0  # lines dropped: the writer's queue was full, or writing failed
         self.written = 0  # lines written
         self.error = ""  # the last open/write error ("" once writing works again)
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[tuple[bytes, int]] = deque()  # (lines, how many)
         self._queued = 0  # bytes in _queue (under _cond)
         self._cond = threading.Condition()
         self._reopen = False
@@ -161,7 +167,7 @@ class AccessLog:
             if self._queued + len(data) > self.buffer_bytes:
                 self.dropped += n
                 return
-            self._queue.append(data)
+            self._queue.append((data, n))
             self._queued += len(data)
             self.lines += n
             self._cond.notify()
@@ -210,13 +216,13 @@ class AccessLog:
                 os.close(fd)
                 fd = -1
             if batch:
-                data = b"".join(batch)
+                data = batch[0][0] if len(batch) == 1 else b"".join([d for d, _ in batch])
+                n = sum(k for _, k in batch)
                 if fd < 0:
                     fd = self._open(path)
                 ok = fd >= 0 and self._write(fd, data)
-                n = data.count(b"\n")
                 with self._cond:
-                    self._queued -= sum(len(b) for b in batch)
+                    self._queued -= len(data)
                     if ok:
                         self.written += n
                     else:

@@ -46,7 +46,9 @@ def test_hostile_bytes_stay_inside_their_json_string():
     records = []
     for _ in range(300):
         junk = bytes(rng.randrange(256) for _ in range(rng.randrange(0, 40)))
-        records.append(record(host=junk, url=b"/" + junk.replace(b"?", b""), rid=junk, method=junk[:8]))
+        records.append(record(host=junk, url=b"/" + junk.replace(b"?", b""), rid=junk, method=junk[:8],
+                              dur=rng.random() * rng.choice((0.001, 1, 100)), t=1.7e9 + rng.random() * 1e6,
+                              status=rng.randrange(100, 600), sent=rng.randrange(1 << 40)))
     text = both(records)
     for rec, raw in zip(records, text.splitlines()):
         line = json.loads(raw)
