@@ -40,7 +40,8 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER = 4 * 1024 * 1024  # formatted bytes waiting for the writer thread
-BATCH = 256  # records per hand-over (and the sweeper hands over the rest every 0.25 s)
+BATCH = 256  # records formatted at once (and the sweeper hands over the rest every 0.25 s)
+WAKE_BYTES = 256 * 1024  # formatted bytes that wake the writer before the sweeper's next tick
 MAX_PATH = 1024  # bytes of the path logged
 MAX_HOST = 256
 CLIENT_CLOSED = 499  # status logged when the client went away before a response (nginx's convention)
@@ -154,23 +155,26 @@ class AccessLog:
         if len(self.records) >= BATCH:
             self.flush()
 
-    def flush(self) -> None:
-        """Format the pending records and hand them to the writer (or drop them, counted)."""
+    def flush(self, wake: bool = False) -> None:
+        """Format the pending records and hand them to the writer (or drop them, counted).
+        The writer is woken when a quarter of the buffer (at most WAKE_BYTES) waits, or with
+        `wake` (the sweeper, every 0.25 s): fewer, larger writes and thread switches."""
         recs = self.records
         self.wall_offset = wall() - monotonic()  # one clock read per request in add(); follows clock steps
-        if not recs:
-            return
-        self.records = []
-        data = (format_lines or py_format_lines)(recs)
-        n = len(recs)
+        if recs:
+            self.records = []
+            data = (format_lines or py_format_lines)(recs)
+            n = len(recs)
         with self._cond:
-            if self._queued + len(data) > self.buffer_bytes:
-                self.dropped += n
-                return
-            self._queue.append((data, n))
-            self._queued += len(data)
-            self.lines += n
-            self._cond.notify()
+            if recs:
+                if self._queued + len(data) > self.buffer_bytes:
+                    self.dropped += n
+                    return
+                self._queue.append((data, n))
+                self._queued += len(data)
+                self.lines += n
+            if self._queue and (wake or self._queued >= min(WAKE_BYTES, self.buffer_bytes // 4)):
+                self._cond.notify()
 
     def reopen(self) -> None:
         """Close and open the file again before the next write (logrotate renamed it)."""
@@ -194,7 +198,7 @@ class AccessLog:
     def close(self, timeout: float = 2.0) -> None:
         """Hand over what is pending, let the writer finish (up to `timeout`), stop it.
         Blocking: the engine calls it from a thread (asyncio.to_thread)."""
-        self.flush()
+        self.flush(wake=True)
         with self._cond:
             self._stopping = True
             self._cond.notify()

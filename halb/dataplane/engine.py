@@ -444,7 +444,7 @@ class DataPlane:
                     self._relay.expire()
                 al = self.access_log
                 if al is not None:
-                    al.flush()  # lines reach the file within a sweep interval
+                    al.flush(wake=True)  # lines reach the file within a sweep interval
                 for c in list(self.conns):
                     if not c.closed:
                         c.check(now)
