@@ -156,6 +156,7 @@ static PyObject *format_lines(PyObject *self, PyObject *records) {
     }
     Buf b = {NULL, 0, 0};
     Py_ssize_t count = PyList_GET_SIZE(records);
+    if (grow(&b, count * 320 + 64) < 0) return NULL;  /* a typical line is ~260 bytes: no realloc copies */
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *r = PyList_GET_ITEM(records, i);
         if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 14) {
