@@ -24,7 +24,7 @@ from halb.certs.tls import CertSet
 from halb.dataplane.engine import DataPlane
 from halb.dataplane.frontend_routes import FrontendRoute, RouteEntry
 from halb.dataplane.origin import Origin
-from halb.dataplane.testing import free_port, raw_request, run, service, snapshot, spawn_origin, processes
+from halb.dataplane.testing import free_port, processes, run, service, snapshot, spawn_origin
 from tests.certs_util import make_ca, make_leaf
 
 pytestmark = pytest.mark.timeout(120)
