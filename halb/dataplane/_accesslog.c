@@ -8,14 +8,15 @@
  * pure-Python formatter with the same output (tests compare both) for builds without a C
  * compiler.
  *
- * format_lines(records) -> bytes: each record a 14-tuple
- *   (time: float, duration_s: float (<0: null), request_id: bytes|None, client: bytes,
+ * format_lines(records, wall_offset) -> bytes: each record a 14-tuple
+ *   (end: float, start: float (0: unknown, duration null), request_id: bytes|None, client: bytes,
  *    frontend: str|None, service: str|None, host: bytes|None, method: bytes, url: bytes,
  *    status: int, bytes: int, backend: str|None, attempts: int, tls: str|None)
  * Bytes values are written as JSON strings, each byte outside printable ASCII (and '"',
  * '\') escaped, a byte >= 0x80 as \u00XX (the Latin-1 character), so the line is always
  * valid JSON whatever a client sent. The url is cut at '?' (no query) and at MAX_PATH bytes,
  * the host at MAX_HOST. A service named "frontend:..." (a frontend's own runtime) is null.
+ * end and start are time.monotonic() values; the line's time is end + wall_offset.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -147,9 +148,16 @@ static int num(Buf *b, PyObject *v) {
 static long long cached_sec = -1;
 static char cached_txt[32];
 
-PyDoc_STRVAR(format_lines_doc, "format_lines(records) -> bytes: JSON lines of access-log records (module doc).");
+PyDoc_STRVAR(format_lines_doc, "format_lines(records, wall_offset) -> bytes: JSON lines of access-log records (module doc).");
 
-static PyObject *format_lines(PyObject *self, PyObject *records) {
+static PyObject *format_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "format_lines(records, wall_offset)");
+        return NULL;
+    }
+    PyObject *records = args[0];
+    double wall_offset = PyFloat_AsDouble(args[1]);
+    if (wall_offset == -1.0 && PyErr_Occurred()) return NULL;
     if (!PyList_Check(records)) {
         PyErr_SetString(PyExc_TypeError, "format_lines: a list of records");
         return NULL;
@@ -163,9 +171,11 @@ static PyObject *format_lines(PyObject *self, PyObject *records) {
             PyErr_SetString(PyExc_TypeError, "format_lines: each record is a 14-tuple");
             goto fail;
         }
-        double t = PyFloat_AsDouble(PyTuple_GET_ITEM(r, 0));
-        double dur = PyFloat_AsDouble(PyTuple_GET_ITEM(r, 1));
+        double t1 = PyFloat_AsDouble(PyTuple_GET_ITEM(r, 0));
+        double t0 = PyFloat_AsDouble(PyTuple_GET_ITEM(r, 1));
         if (PyErr_Occurred()) goto fail;
+        double t = t1 + wall_offset;
+        double dur = t0 != 0.0 ? t1 - t0 : -1.0;
         long long sec = (long long)t;
         int ms = (int)((t - (double)sec) * 1000.0);
         if (ms < 0) ms = 0;
@@ -247,7 +257,7 @@ fail:
 }
 
 static PyMethodDef methods[] = {
-    {"format_lines", (PyCFunction)format_lines, METH_O, format_lines_doc},
+    {"format_lines", (PyCFunction)(void (*)(void))format_lines, METH_FASTCALL, format_lines_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -2,8 +2,9 @@
 
 Why this shape:
 
-- The request path only appends a tuple of values it already has (`AccessLog.add`); nothing
-  is formatted per request there. `flush` (every 256 records, and from the engine's sweeper
+- The request path only appends a tuple of values it already has (`AccessLog.add`, inlined
+  in HttpClientConn.response_done for keep-alive responses); nothing is formatted per
+  request there. `flush` (every 256 records, and from the engine's sweeper
   every 0.25 s) turns the pending tuples into JSON lines in one C call (_accesslog.c; a
   pure-Python formatter with the same output where the extension is not built) and hands the
   bytes to a writer thread. Formatting stays in the loop's thread on purpose: a writer thread
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BUFFER = 4 * 1024 * 1024  # formatted bytes waiting for the writer thread
 BATCH = 256  # records formatted at once (and the sweeper hands over the rest every 0.25 s)
 WAKE_BYTES = 256 * 1024  # formatted bytes that wake the writer before the sweeper's next tick
+# A record (RECORD): (end: time.monotonic(), start: time.monotonic() or 0.0, request_id,
+# client, frontend, service, host, method, url, status, bytes, backend, attempts, tls)
 MAX_PATH = 1024  # bytes of the path logged
 MAX_HOST = 256
 CLIENT_CLOSED = 499  # status logged when the client went away before a response (nginx's convention)
@@ -90,10 +93,12 @@ def _ms(dur: float) -> bytes:
     return b"%d.%03d" % (us // 1000, us % 1000)
 
 
-def py_format_lines(records: list[tuple[Any, ...]]) -> bytes:
+def py_format_lines(records: list[tuple[Any, ...]], wall_offset: float) -> bytes:
     """The pure-Python formatter: the same bytes as _accesslog.format_lines (tests compare)."""
     out = []
-    for (t, dur, rid, peer, fe, service, host, method, url, status, sent, backend, attempts, tls) in records:
+    for (t1, t0, rid, peer, fe, service, host, method, url, status, sent, backend, attempts, tls) in records:
+        t = t1 + wall_offset
+        dur = t1 - t0 if t0 else -1.0
         sec = int(t)
         ms = min(max(int((t - sec) * 1000), 0), 999)
         out.append(b'{"time":"%s.%03dZ","request_id":%s,"client":%s,"frontend":%s,"service":%s,"host":%s,'
@@ -144,10 +149,9 @@ class AccessLog:
         `backend`: the BackendState whose response the client got, None for a local answer."""
         lst = conn.listener
         rt = ex.rt
-        t0 = ex.t0
-        t1 = monotonic()
+        # the layout (RECORD) is also written inline in HttpClientConn.response_done (hot path)
         self.records.append((
-            t1 + self.wall_offset, t1 - t0 if t0 else -1.0, ex.rid, conn.peer, lst.frontend,
+            monotonic(), ex.t0, ex.rid, conn.peer, lst.frontend,
             (rt if rt is not None else lst.rt).route.name, ex.host, ex.method, ex.url, ex.status, ex.sent,
             backend.name if backend is not None else None, ex.attempts,
             tls_version(conn) if lst.ssl is not None else None,
@@ -160,10 +164,10 @@ class AccessLog:
         The writer is woken when a quarter of the buffer (at most WAKE_BYTES) waits, or with
         `wake` (the sweeper, every 0.25 s): fewer, larger writes and thread switches."""
         recs = self.records
-        self.wall_offset = wall() - monotonic()  # one clock read per request in add(); follows clock steps
+        self.wall_offset = wall() - monotonic()  # records hold monotonic times; follows clock steps
         if recs:
             self.records = []
-            data = (format_lines or py_format_lines)(recs)
+            data = (format_lines or py_format_lines)(recs, self.wall_offset)
             n = len(recs)
         with self._cond:
             if recs:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from halb.dataplane import acme_answer, body_deadline, proxy_protocol, request_target, tunnel
-from halb.dataplane.access_log import CLIENT_CLOSED, monotonic
+from halb.dataplane.access_log import BATCH, CLIENT_CLOSED, monotonic, tls_version
 from halb.dataplane.admission import QUEUE_MESSAGES, Admission
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.local_errors import is_local_resource_error, local_reason, report_local_error, report_rejected
@@ -1359,8 +1359,14 @@ class HttpClientConn(asyncio.Protocol):
             self.finish(ex, b)  # logs it
             return
         al = self.engine.access_log  # the access log (access_log.py): one attribute read when off
-        if al is not None:
-            al.add(self, ex, b)
+        if al is not None:  # AccessLog.add, inlined (its RECORD layout): keep-alive responses end here
+            lst = self.listener
+            recs = al.records
+            recs.append((monotonic(), ex.t0, ex.rid, self.peer, lst.frontend, ex.rt.route.name, ex.host,  # type: ignore[union-attr]
+                         ex.method, ex.url, ex.status, ex.sent, b.name, ex.attempts,
+                         tls_version(self) if lst.ssl is not None else None))
+            if len(recs) >= BATCH:
+                al.flush()
         self.active = True
         if self.queue:
             self._start_next()
