@@ -152,7 +152,8 @@ class AccessLog:
         # the layout (RECORD) is also written inline in HttpClientConn.response_done (hot path)
         self.records.append((
             monotonic(), ex.t0, ex.rid, conn.peer, lst.frontend,
-            (rt if rt is not None else lst.rt).route.name, ex.host, ex.method, ex.url, ex.status, ex.sent,
+            (rt if rt is not None else lst.rt).route.name, ex.host, ex.method, ex.url, ex.status,
+            len(ex.head_out) + ex.sent,
             backend.name if backend is not None else None, ex.attempts,
             tls_version(conn) if lst.ssl is not None else None,
         ))

@@ -35,7 +35,7 @@ def answer(conn: Any, ex: Any, answers: dict[bytes, bytes]) -> bool:
     ex.response_started = True
     ex.close_after = close
     out = b"".join(head) + (b"" if ex.method == b"HEAD" else body)
-    ex.status, ex.sent = 200, len(out)
+    ex.status, ex.head_out = 200, out
     if not conn.closed:
         conn._w(out)
     conn.finish(ex)

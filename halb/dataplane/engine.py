@@ -82,9 +82,9 @@ class DataPlane:
         self._retired: list[Listener] = []
         self._relay: tcp_relay.TcpRelay | None = None  # TCP mode's C relay, made on first use
         self.now = 0.0  # coarse loop time, refreshed by the sweeper (for idle bookkeeping)
-        # the access log (access_log.py): None when off, so the request path pays one attribute read
+        # the access log (access_log.py): None when off. Keep this class below 30 attributes:
+        # at 30 every `self.engine.x` read on the request path got slower (test_http_conn_layout.py)
         self.access_log: AccessLog | None = None
-        self.access_log_settings: tuple[str, int] = ("", DEFAULT_BUFFER)  # (path, buffer bytes), for workers
         from halb.dataplane.shared import SharedListeners  # every service also on shared_hosts
 
         self.shared = SharedListeners(self, shared_hosts)
@@ -138,14 +138,15 @@ class DataPlane:
         """Turn the access log on (a path), off ("") or move it; with the same path the file
         is reopened (SIGHUP after logrotate renamed it). Forwarded to the worker processes,
         each of which appends to the same file. Callable before start()."""
-        self.access_log_settings = (path, buffer_bytes)
         al = self.access_log
         if not path:
             if al is not None:
                 self.access_log = None
+                http_proxy.LOGGING -= 1
                 threading.Thread(target=al.close, name="halb-access-log-close", daemon=True).start()
         elif al is None:
             self.access_log = AccessLog(path, buffer_bytes)
+            http_proxy.LOGGING += 1
         else:
             al.set_path(path, buffer_bytes)  # reopens
         if self._pool_supervisor is not None:
@@ -288,6 +289,7 @@ class DataPlane:
         self.listeners.clear()
         al, self.access_log = self.access_log, None
         if al is not None:  # the last lines are written before stop() returns (up to 2 s)
+            http_proxy.LOGGING -= 1
             await asyncio.to_thread(al.close)
         await asyncio.sleep(0)
 

@@ -162,7 +162,7 @@ class RedirectConn(HttpClientConn):
         ex.response_started = True
         ex.close_after = close
         out = b"".join(head)
-        ex.status, ex.sent = 308, len(out)
+        ex.status, ex.head_out = 308, out
         self._w(out)
         self.finish(ex)
 

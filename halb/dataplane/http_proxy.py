@@ -55,6 +55,12 @@ if os.environ.get("HALB_HTTP_ACCEL", "1") != "0":
         pass
 
 
+# DataPlanes of this process with the access log on (engine.set_access_log keeps the count):
+# while 0 the request path skips the log's bookkeeping after one global read (callgrind: an
+# `self.engine.access_log` check cost ~150 instructions, this one a few dozen)
+LOGGING = 0
+
+
 def accelerated() -> bool:
     """Whether the C head fast path is in use (reported by `halb` at start-up and in bench)."""
     return fast_request is not None
@@ -176,7 +182,7 @@ class Exchange:
         "head", "pending", "pending_size", "copy", "copy_size", "body_sent", "rt", "opts",
         "backend", "upstream", "attempts", "tried", "failed_servers", "deadline", "t_attempt",
         "response_started", "out_mode", "close_after", "finished", "retryable", "key", "hdrs", "upgrade",
-        "t0", "status", "sent",
+        "t0", "status", "head_out", "sent",
     )
 
     url: bytes
@@ -219,7 +225,12 @@ class Exchange:
     upgrade: bytes | None  # the Upgrade header of a WebSocket handshake being forwarded (tunnel.py)
     t0: float  # time.monotonic() when the request began, only while the access log is on (access_log.py)
     status: int  # the final status sent to the client (0: none yet)
-    sent: int  # bytes of the final response sent to the client (head and body)
+    # what the client got, for the access log: the final head (or a whole local answer) as
+    # written, and body bytes after it. A reference and a small int on the hot path: a byte
+    # count like len(head) + body is mostly > 256, a new int object per request (callgrind:
+    # ~400 instructions per request); it is added up only when a line is logged
+    head_out: bytes
+    sent: int
 
     def __init__(self) -> None:
         # one tuple unpack: two opcodes per field instead of three
@@ -230,14 +241,14 @@ class Exchange:
             self.pending_size, self.copy, self.copy_size, self.body_sent, self.rt, self.opts,
             self.backend, self.upstream, self.attempts, self.tried, self.failed_servers,
             self.deadline, self.t_attempt, self.response_started, self.out_mode, self.close_after,
-            self.finished, self.retryable, self.key, self.hdrs, self.upgrade, self.t0, self.status, self.sent,
+            self.finished, self.retryable, self.key, self.hdrs, self.upgrade, self.t0, self.status, self.head_out, self.sent,
         ) = EX_DEFAULTS
 
 
 EX_DEFAULTS = (  # in __slots__ order
     b"", b"", "1.1", True, None, None, None, None, False, None, None, None, False, False, 0, b"",
     None, 0, None, 0, 0, None, None, None, None, 0, None, None, INF, 0.0, False, 0, False, False,
-    False, None, b"", None, 0.0, 0, 0,
+    False, None, b"", None, 0.0, 0, b"", 0,
 )
 
 
@@ -395,7 +406,8 @@ class UpstreamConn(asyncio.Protocol):
         out = client.final_head(ex, status, out)
         body = len(data) - hl
         n = body if body < cl else cl  # body bytes of this response in this read
-        ex.sent += n
+        if LOGGING:
+            ex.sent = n
         if not client.closed:
             if n > BIG_CHUNK:  # one writev, no copy of the body chunk
                 client.transport.writelines((out, memoryview(data)[hl:hl + n]))  # type: ignore[union-attr]
@@ -666,7 +678,7 @@ class HttpClientConn(asyncio.Protocol):
             r = fast_request(data, opts.max_header_bytes, rt.hash_header, opts.max_headers)
             if r is not None:
                 ex = Exchange()
-                if self.engine.access_log is not None:
+                if LOGGING:
                     ex.t0 = monotonic()
                 (ex.method, ex.url, http10, ex.keep_alive, ex.hdrs, ex.host, ex.xff, ex.rid, ex.idem,
                  ex.cookie, ex.hash_value) = r
@@ -755,7 +767,7 @@ class HttpClientConn(asyncio.Protocol):
         al = self.engine.access_log
         if al is not None:  # a request that never became one (bad head): logged with what was parsed
             ex = self.parsing if self.parsing is not None else Exchange()
-            ex.rid, ex.status, ex.sent = rid, status, len(resp)
+            ex.rid, ex.status, ex.head_out = rid, status, resp
             al.add(self, ex, None)
         self._w(resp)
         self.close()
@@ -763,7 +775,7 @@ class HttpClientConn(asyncio.Protocol):
     # --- request parsing callbacks -------------------------------------------------
     def on_message_begin(self) -> None:
         ex = Exchange()
-        if self.engine.access_log is not None:
+        if LOGGING:
             ex.t0 = monotonic()
         self.parsing = ex
         self.in_headers = True
@@ -1263,7 +1275,7 @@ class HttpClientConn(asyncio.Protocol):
         if not self.closed:
             resp = error_response(status, message, ex.rid or self.engine.new_request_id(),
                                   retry_after=retry_after, close=close, reason=reason)
-            ex.sent = len(resp)
+            ex.head_out = resp
             self._w(resp)
         self.finish(ex)
 
@@ -1304,8 +1316,9 @@ class HttpClientConn(asyncio.Protocol):
         elif ex.version == "1.0":
             out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
         ex.response_started = True
-        ex.status = status
-        ex.sent = len(out)
+        if LOGGING:
+            ex.status = status
+            ex.head_out = out
         return out
 
     def reframe(self, up: UpstreamConn, ex: Exchange, out: bytes, chunked: bool) -> bytes:
@@ -1358,12 +1371,14 @@ class HttpClientConn(asyncio.Protocol):
         if ex.close_after or not ex.keep_alive or self.deferred is not None:
             self.finish(ex, b)  # logs it
             return
-        al = self.engine.access_log  # the access log (access_log.py): one attribute read when off
-        if al is not None:  # AccessLog.add, inlined (its RECORD layout): keep-alive responses end here
+        # the access log (access_log.py): one global read when off; AccessLog.add, inlined (its
+        # RECORD layout), when on: keep-alive responses end here
+        al = self.engine.access_log if LOGGING else None
+        if al is not None:
             lst = self.listener
             recs = al.records
             recs.append((monotonic(), ex.t0, ex.rid, self.peer, lst.frontend, ex.rt.route.name, ex.host,  # type: ignore[union-attr]
-                         ex.method, ex.url, ex.status, ex.sent, b.name, ex.attempts,
+                         ex.method, ex.url, ex.status, len(ex.head_out) + ex.sent, b.name, ex.attempts,
                          tls_version(self) if lst.ssl is not None else None))
             if len(recs) >= BATCH:
                 al.flush()

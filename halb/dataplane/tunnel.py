@@ -166,7 +166,7 @@ def send_switch(client: Any, ex: Any, block: bytes) -> None:
     if not block.startswith(b"HTTP/1.1"):
         block = b"HTTP/1.1" + block[8:]
     ex.response_started = True
-    ex.status, ex.sent = 101, len(block)
+    ex.status, ex.head_out = 101, block
     client._w(block)
 
 

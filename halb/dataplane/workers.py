@@ -107,9 +107,9 @@ class WorkerPool:
         writer.write(frame({"t": "snap", "d": snapshot.to_wire()}))
         if self.engine.capacity_share or self.engine.capacity_share_default != 1.0:  # a respawn: today's shares
             writer.write(frame({"t": "share", "d": self.engine.capacity_share, "x": self.engine.capacity_share_default}))
-        path, buffer_bytes = self.engine.access_log_settings
-        if path:
-            writer.write(frame({"t": "alog", "p": path, "b": buffer_bytes}))
+        al = self.engine.access_log
+        if al is not None:
+            writer.write(frame({"t": "alog", "p": al.path, "b": al.buffer_bytes}))
         return w
 
     async def start(self, snapshot: RoutingSnapshot) -> None:
