@@ -1,6 +1,7 @@
 """Build hook for halb's optional C extensions; all metadata lives in pyproject.toml.
 
-halb.dataplane._fasthttp speeds up the HTTP proxy's head handling; halb.dataplane._tcprelay
+halb.dataplane._fasthttp speeds up the HTTP proxy's head handling; halb.dataplane._accesslog
+formats access-log lines; halb.dataplane._tcprelay
 relays TCP mode's connections below Python (Linux epoll); halb.health._probe runs the health
 prober's TCP connects (socket, connect, epoll, close) in C. All are optional: where no C
 compiler is available (or, for the relay and the prober, no epoll) the build skips them and
@@ -14,6 +15,8 @@ _FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 setup(
     ext_modules=[
         Extension("halb.dataplane._fasthttp", ["halb/dataplane/_fasthttp.c"],
+                  extra_compile_args=_FLAGS, optional=True),
+        Extension("halb.dataplane._accesslog", ["halb/dataplane/_accesslog.c"],
                   extra_compile_args=_FLAGS, optional=True),
         Extension("halb.dataplane._tcprelay", ["halb/dataplane/_tcprelay.c"],
                   extra_compile_args=_FLAGS, optional=True),

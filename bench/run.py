@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 BIG = 1024 * 1024
 LLHTTP_ONLY = "halb, llhttp only"  # HALB_HTTP_ACCEL=0: the pure-Python head path
+ACCESS_LOG_ON = "halb, access log on"  # the same build with [dataplane] access_log set (a file in the temp dir)
 ASYNCIO_TCP = "halb, asyncio TCP"  # HALB_TCP_RELAY=python: TCP mode without the C relay
 NOTES = ROOT / "bench" / "NOTES.md"  # the hand-written analysis appended to the report
 
@@ -102,12 +103,12 @@ class Procs:
 
 def start_halb(procs: Procs, port: int, origin_port: int, core: int | str | None, *, mode: str = "http",
                workers: int = 1, env: dict[str, str] | None = None,
-               tls: TlsFiles | None = None) -> subprocess.Popen[bytes]:
+               tls: TlsFiles | None = None, extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
     """halb's standalone data plane in front of the origin, every feature on as shipped
     (with `tls`: --listen is a TLS frontend, as a node serves HTTPS)."""
     return procs.start([PY, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{port}", "--mode", mode,
                         "--workers", str(workers), "--backend", f"origin=127.0.0.1:{origin_port}",
-                        *halb_tls_args(tls)], core,
+                        *halb_tls_args(tls), *extra], core,
                        stdout=subprocess.DEVNULL, cwd=str(ROOT), env=dict(os.environ, **(env or {})))
 
 
@@ -136,6 +137,7 @@ class Case:
     scheme: str = "http"  # https: both proxies terminate TLS (bench/tls.py)
     llhttp: bool = False  # also run halb without the C head fast path
     asyncio_tcp: bool = False  # also run halb's TCP mode without the C relay
+    access_log: bool = False  # also run halb with the access log on (judged against halb with it off)
     results: dict[str, list[Result]] = field(default_factory=dict)
     syscalls: dict[str, float] = field(default_factory=dict)  # per request, strace -c
 
@@ -373,7 +375,10 @@ def main() -> int:
              Case("TCP mode, new connection per request (Connection: close), 50 conns", "/", 50, "tcp",
                   headers=("Connection: close",), asyncio_tcp=True),
              Case("HTTP, 1,000 keep-alive connections", "/", 1000, "http", target="errors"),
-             Case("1 MiB response bodies, 8 conns", "/big", 8, "http", target="mib_s")]
+             Case("1 MiB response bodies, 8 conns", "/big", 8, "http", target="mib_s"),
+             # the access log's cost: the same build with it on vs off (target >= 0.9x req/s)
+             Case("plain HTTP with access log, small responses, 50 conns", "/", 50, "http", target="access_log",
+                  access_log=True)]
     # HTTPS: the same small responses through TLS termination (bench/tls.py)
     cases += [Case("HTTPS keep-alive, small responses, 50 conns", "/", 50, "http", target="tls", scheme="https"),
               Case("HTTPS, new TLS connection per request (Connection: close), 50 conns", "/", 50, "http",
@@ -432,6 +437,10 @@ def main() -> int:
                 aio = start_halb(procs, aio_port, origin_port, proxy_core, mode="tcp",
                                  env={"HALB_TCP_RELAY": "python"})
                 proxies.append((ASYNCIO_TCP, aio_port, aio))
+            if case.access_log:
+                al_port = free_port()
+                al = start_halb(procs, al_port, origin_port, proxy_core, extra=("--access-log", str(tmp / "access.log")))
+                proxies.append((ACCESS_LOG_ON, al_port, al))
             for _, port, _ in proxies:
                 wait_port(port)
             for name, port, p in proxies:
@@ -535,6 +544,13 @@ def target_lines(cases: list[Case]) -> list[str]:
         h, b = c.results.get("haproxy", []), c.results.get("halb", [])
         if not h or not b:
             continue
+        on = c.results.get(ACCESS_LOG_ON, [])
+        if c.target == "access_log" and on:
+            r = med(on, "rps") / med(b, "rps")
+            cpu = med(on, "cpu_us_per_req") / med(b, "cpu_us_per_req")
+            out.append(f"* {c.name}: req/s with the log on / off {r:.2f}x (target ≥ 0.9x): "
+                       f"**{'met' if r >= 0.9 else 'missed'}**; CPU per request {cpu:.2f}x")
+            continue
         if c.target == "mib_s":
             r = med(b, "mib_s") / med(h, "mib_s")
             out.append(f"* {c.name}: MiB/s {r:.2f}x (target ≥ 1.0x): **{'met' if r >= 1.0 else 'missed'}**")
@@ -614,6 +630,8 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
         for variant in (LLHTTP_ONLY, ASYNCIO_TCP):
             if c.results.get(variant):
                 rows.append((f"{variant} (not judged)", c.results[variant]))
+        if c.results.get(ACCESS_LOG_ON):  # judged against "halb" (targets below)
+            rows.append((ACCESS_LOG_ON, c.results[ACCESS_LOG_ON]))
         for name, rs in rows:
             ratio = ""
             if name != "HAProxy":
@@ -634,7 +652,8 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
     lines += ["", "Targets (measured, not asserted): ≥ 0.8x HAProxy req/s in HTTP mode with p99 ≤ 1.5x, "
               "≥ 0.9x in TCP mode (also with a new connection per request), ≥ 1.0x MiB/s on 1 MiB bodies, "
               "0 errors with 1,000 keep-alive connections; HTTPS (keep-alive, and a new TLS connection per "
-              "request) ≥ 0.8x HAProxy req/s.", ""]
+              "request) ≥ 0.8x HAProxy req/s; plain HTTP with the access log on ≥ 0.9x the same build with it "
+              "off.", ""]
     lines += target_lines(cases)
     lines += [""] + scaling_lines(scaling)
     lines += per_request_lines(cases)
@@ -654,6 +673,8 @@ def write_report(path: Path, cases: list[Case], direct: Result, origin: str, ver
               "timeouts, smooth weighted round robin), with the C head fast path as `pip install` builds it; "
               f"\"{LLHTTP_ONLY}\" is the same with `HALB_HTTP_ACCEL=0`; TCP mode runs on the C relay "
               f"(`halb.dataplane._tcprelay`), \"{ASYNCIO_TCP}\" is the same with `HALB_TCP_RELAY=python`.",
+              f"* \"{ACCESS_LOG_ON}\": the same halb with `--access-log FILE` (`[dataplane] access_log`): one JSON "
+              "line per request to a file on the temp directory's disk (docs/dataplane.md#access-log).",
               "* nginx origin: 1 worker, `return 200` for the small case, `sendfile` for the 1 MiB file.",
               "* HTTPS cases: " + TLS_NOTE + ".", ""]
     if NOTES.exists():

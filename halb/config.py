@@ -102,6 +102,11 @@ class DataplaneConfig:
     # "cluster" where several nodes serve one address (shared_hosts or DNS), else "node".
     # docs/dataplane.md
     capacity_share: str = "auto"
+    # JSON lines, one per HTTP request ("" = off); a path relative to the config file's
+    # directory; live: SIGHUP turns it on/off, moves it and reopens it (logrotate).
+    # docs/dataplane.md#access-log
+    access_log: str = ""
+    access_log_buffer: int = 4 * 1024 * 1024  # bytes waiting for the disk before lines are dropped
 
 
 CAPACITY_SHARES = ("auto", "node", "cluster")
@@ -337,6 +342,15 @@ def parse_config(file: Path, raw: dict[str, Any]) -> NodeConfig:
     if dataplane.capacity_share not in CAPACITY_SHARES:
         raise dp_t.error("capacity_share", f"must be one of {', '.join(CAPACITY_SHARES)}, "
                                            f"got {dataplane.capacity_share!r}")
+    access_log = dp_t.take("access_log", str, "")
+    if access_log:
+        if "\0" in access_log or access_log.endswith("/"):
+            raise dp_t.error("access_log", f"must name a file, got {access_log!r}")
+        access_log = str(base / access_log)
+    dataplane.access_log = access_log
+    dataplane.access_log_buffer = dp_t.take("access_log_buffer", int, dataplane.access_log_buffer)
+    if not 65536 <= dataplane.access_log_buffer <= 1 << 30:
+        raise dp_t.error("access_log_buffer", "must be between 65536 and 1073741824 (bytes)")
     dp_t.done()
 
     announce = top.take("announce", dict, {})

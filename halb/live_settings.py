@@ -2,7 +2,9 @@
 in place, and which need a hot restart (`halb node reload`, halb/takeover.py).
 
 Live: settings read afresh on every use by this process alone, where changing them cannot
-leave a half-applied state: ``log_level`` and ``api.write_timeout``. Everything else is
+leave a half-applied state: ``log_level`` and ``api.write_timeout``; and the access log
+(``dataplane.access_log``, ``dataplane.access_log_buffer``), which the node hands to its
+worker processes and which SIGHUP also reopens when unchanged (logrotate). Everything else is
 baked into a listener, the Raft object, a worker process or the announcer when they start;
 a takeover restarts them without dropping a connection, so that is the way to change them.
 ``[[services]]`` only seed an empty cluster: after that the replicated state is the truth
@@ -18,7 +20,7 @@ from typing import Any
 
 from halb.config import NodeConfig
 
-LIVE = ("log_level", "api.write_timeout")
+LIVE = ("log_level", "api.write_timeout", "dataplane.access_log", "dataplane.access_log_buffer")
 SEED_ONLY = ("services",)
 IDENTITY = ("node_id", "data_dir")  # another node, not this one changed: stop it, start that one
 

@@ -95,7 +95,16 @@ class NodeCollector:
         limit = GaugeMetricFamily("halb_backend_limit_conns", "This node's enforced max_conns share", labels=bl)
         at_limit = CounterMetricFamily("halb_backend_at_limit", "Picks that passed the backend over (at a limit)",
                                        labels=bl)
-        for name, svc in node.dataplane.stats().get("services", {}).items():
+        stats = node.dataplane.stats()
+        alog = stats.get("access_log") or {}
+        dropped = CounterMetricFamily("halb_access_log_dropped",
+                                      "Access log lines dropped (the writer could not keep up, or writing failed)",
+                                      labels=["node"])
+        dropped.add_metric([node.node_id], alog.get("dropped", 0))
+        lines = CounterMetricFamily("halb_access_log_lines", "Access log lines handed to the writer", labels=["node"])
+        lines.add_metric([node.node_id], alog.get("lines", 0))
+        yield from (dropped, lines)
+        for name, svc in stats.get("services", {}).items():
             lv = [node.node_id, name]
             q = svc.get("queue") or {}
             length.add_metric(lv, q.get("length", 0))

@@ -314,6 +314,8 @@ class Node:
         self.dataplane = DataPlane(self.node_id, workers=self.cfg.dataplane.workers,
                                    shared_hosts=self.cfg.dataplane.shared_hosts)
         self.dataplane.on_ejection.append(self._on_ejection)
+        if self.cfg.dataplane.access_log:  # before start: the worker processes get it when spawned
+            self.dataplane.set_access_log(self.cfg.dataplane.access_log, self.cfg.dataplane.access_log_buffer)
         self.views.dataplane = self.dataplane
         await self.dataplane.start(self.build_routing())
         try:

@@ -202,6 +202,12 @@ async def reload_settings(node: Any) -> None:
         node.cfg.api.write_timeout = new.api.write_timeout
         if node.writer is not None:
             node.writer.timeout = new.api.write_timeout
+    # the access log: on/off/moved as the file says, and always reopened (logrotate renames
+    # the file, then sends SIGHUP); the worker processes reopen theirs too
+    node.cfg.dataplane.access_log = new.dataplane.access_log
+    node.cfg.dataplane.access_log_buffer = new.dataplane.access_log_buffer
+    if node.dataplane is not None and (new.dataplane.access_log or node.dataplane.access_log is not None):
+        node.dataplane.set_access_log(new.dataplane.access_log, new.dataplane.access_log_buffer)
     await _record(node, "node.reload", f"{node.node_id}: SIGHUP: {plan.summary()}",
                   {"applied": sorted(plan.live), "needs_takeover": plan.needs_takeover,
                    "seed_only": plan.seed_only, "identity": plan.identity})

@@ -34,7 +34,9 @@ def answer(conn: Any, ex: Any, answers: dict[bytes, bytes]) -> bool:
     head.append(b"\r\n")
     ex.response_started = True
     ex.close_after = close
+    out = b"".join(head) + (b"" if ex.method == b"HEAD" else body)
+    ex.status, ex.head_out = 200, out
     if not conn.closed:
-        conn._w(b"".join(head) + (b"" if ex.method == b"HEAD" else body))
+        conn._w(out)
     conn.finish(ex)
     return True

@@ -11,10 +11,12 @@ import asyncio
 import logging
 import os
 import secrets
+import threading
 import time
 from typing import Any, Callable
 
 from halb.dataplane import http_proxy
+from halb.dataplane.access_log import DEFAULT_BUFFER, AccessLog
 from halb.dataplane.http_proxy import HttpClientConn
 from halb.dataplane.listeners import Listener, listen_socket, relay_suits
 from halb.dataplane.local_errors import RateLimitedLog
@@ -80,6 +82,9 @@ class DataPlane:
         self._retired: list[Listener] = []
         self._relay: tcp_relay.TcpRelay | None = None  # TCP mode's C relay, made on first use
         self.now = 0.0  # coarse loop time, refreshed by the sweeper (for idle bookkeeping)
+        # the access log (access_log.py): None when off. Keep this class below 30 attributes:
+        # at 30 every `self.engine.x` read on the request path got slower (test_http_conn_layout.py)
+        self.access_log: AccessLog | None = None
         from halb.dataplane.shared import SharedListeners  # every service also on shared_hosts
 
         self.shared = SharedListeners(self, shared_hosts)
@@ -129,6 +134,24 @@ class DataPlane:
             self.frontends.set_certs(certs)
         self.frontends.update(tuple(frontends))
 
+    def set_access_log(self, path: str, buffer_bytes: int = DEFAULT_BUFFER) -> None:
+        """Turn the access log on (a path), off ("") or move it; with the same path the file
+        is reopened (SIGHUP after logrotate renamed it). Forwarded to the worker processes,
+        each of which appends to the same file. Callable before start()."""
+        al = self.access_log
+        if not path:
+            if al is not None:
+                self.access_log = None
+                http_proxy.LOGGING -= 1
+                threading.Thread(target=al.close, name="halb-access-log-close", daemon=True).start()
+        elif al is None:
+            self.access_log = AccessLog(path, buffer_bytes)
+            http_proxy.LOGGING += 1
+        else:
+            al.set_path(path, buffer_bytes)  # reopens
+        if self._pool_supervisor is not None:
+            self._pool_supervisor.send_access_log(path, buffer_bytes)
+
     def set_capacity_shares(self, shares: dict[str, float], default: float = 1.0) -> None:
         """This node's share of each service's cluster-wide backend limits (limits.py);
         services not listed get `default`. Forwarded to the worker processes."""
@@ -173,6 +196,7 @@ class DataPlane:
                          "connections": len(self.conns)}],
             "listen_errors": {**self.listen_errors, **self.shared.errors},
             "frontends": self.frontends.stats(),
+            "access_log": self.access_log.stats() if self.access_log is not None else None,
             "services": {name: lst.rt.stats() for name, lst in self.listeners.items()
                          if service is None or name == service},
         }
@@ -263,6 +287,10 @@ class DataPlane:
             for b in lst.rt.backends.values():
                 b.close_pool()
         self.listeners.clear()
+        al, self.access_log = self.access_log, None
+        if al is not None:  # the last lines are written before stop() returns (up to 2 s)
+            http_proxy.LOGGING -= 1
+            await asyncio.to_thread(al.close)
         await asyncio.sleep(0)
 
     def tcp_relay(self) -> tcp_relay.TcpRelay | None:
@@ -416,6 +444,9 @@ class DataPlane:
                                 u.close()
                 if self._relay is not None:
                     self._relay.expire()
+                al = self.access_log
+                if al is not None:
+                    al.flush(wake=True)  # lines reach the file within a sweep interval
                 for c in list(self.conns):
                     if not c.closed:
                         c.check(now)

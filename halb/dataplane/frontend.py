@@ -65,6 +65,7 @@ class FrontendListener(Listener):
 
     def setup(self, fe: FrontendRoute, table: RouteTable, redirect: bool) -> "FrontendListener":
         self.fe, self.table, self.redirect = fe, table, redirect
+        self.frontend = fe.name
         if not hasattr(self, "own"):
             self.own, self.services = self.rt, self.engine.listeners
             self.answer_first = self.engine.frontends.answer_first
@@ -160,7 +161,9 @@ class RedirectConn(HttpClientConn):
         head.append(b"\r\n")
         ex.response_started = True
         ex.close_after = close
-        self._w(b"".join(head))
+        out = b"".join(head)
+        ex.status, ex.head_out = 308, out
+        self._w(out)
         self.finish(ex)
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from halb.dataplane import acme_answer, body_deadline, proxy_protocol, request_target, tunnel
+from halb.dataplane.access_log import BATCH, CLIENT_CLOSED, monotonic, tls_version
 from halb.dataplane.admission import QUEUE_MESSAGES, Admission
 from halb.dataplane.http_errors import error_response
 from halb.dataplane.local_errors import is_local_resource_error, local_reason, report_local_error, report_rejected
@@ -52,6 +53,12 @@ if os.environ.get("HALB_HTTP_ACCEL", "1") != "0":
         from halb.dataplane._fasthttp import parse_request as fast_request, parse_response as fast_response
     except ImportError:  # built without a C compiler: the pure-Python path serves everything
         pass
+
+
+# DataPlanes of this process with the access log on (engine.set_access_log keeps the count):
+# while 0 the request path skips the log's bookkeeping after one global read (callgrind: an
+# `self.engine.access_log` check cost ~150 instructions, this one a few dozen)
+LOGGING = 0
 
 
 def accelerated() -> bool:
@@ -175,6 +182,7 @@ class Exchange:
         "head", "pending", "pending_size", "copy", "copy_size", "body_sent", "rt", "opts",
         "backend", "upstream", "attempts", "tried", "failed_servers", "deadline", "t_attempt",
         "response_started", "out_mode", "close_after", "finished", "retryable", "key", "hdrs", "upgrade",
+        "t0", "status", "head_out", "sent",
     )
 
     url: bytes
@@ -215,6 +223,14 @@ class Exchange:
     key: bytes | None
     hdrs: bytes  # forwarded request header lines ("Name: value\r\n" each), concatenated
     upgrade: bytes | None  # the Upgrade header of a WebSocket handshake being forwarded (tunnel.py)
+    t0: float  # time.monotonic() when the request began, only while the access log is on (access_log.py)
+    status: int  # the final status sent to the client (0: none yet)
+    # what the client got, for the access log: the final head (or a whole local answer) as
+    # written, and body bytes after it. A reference and a small int on the hot path: a byte
+    # count like len(head) + body is mostly > 256, a new int object per request (callgrind:
+    # ~400 instructions per request); it is added up only when a line is logged
+    head_out: bytes
+    sent: int
 
     def __init__(self) -> None:
         # one tuple unpack: two opcodes per field instead of three
@@ -225,14 +241,14 @@ class Exchange:
             self.pending_size, self.copy, self.copy_size, self.body_sent, self.rt, self.opts,
             self.backend, self.upstream, self.attempts, self.tried, self.failed_servers,
             self.deadline, self.t_attempt, self.response_started, self.out_mode, self.close_after,
-            self.finished, self.retryable, self.key, self.hdrs, self.upgrade,
+            self.finished, self.retryable, self.key, self.hdrs, self.upgrade, self.t0, self.status, self.head_out, self.sent,
         ) = EX_DEFAULTS
 
 
 EX_DEFAULTS = (  # in __slots__ order
     b"", b"", "1.1", True, None, None, None, None, False, None, None, None, False, False, 0, b"",
     None, 0, None, 0, 0, None, None, None, None, 0, None, None, INF, 0.0, False, 0, False, False,
-    False, None, b"", None,
+    False, None, b"", None, 0.0, 0, b"", 0,
 )
 
 
@@ -390,6 +406,8 @@ class UpstreamConn(asyncio.Protocol):
         out = client.final_head(ex, status, out)
         body = len(data) - hl
         n = body if body < cl else cl  # body bytes of this response in this read
+        if LOGGING:
+            ex.sent = n
         if not client.closed:
             if n > BIG_CHUNK:  # one writev, no copy of the body chunk
                 client.transport.writelines((out, memoryview(data)[hl:hl + n]))  # type: ignore[union-attr]
@@ -410,12 +428,14 @@ class UpstreamConn(asyncio.Protocol):
         rem = self.remaining
         if n < rem:
             self.remaining = rem - n
+            ex.sent += n
             if not client.closed:
                 client.transport.write(data)  # type: ignore[union-attr]
             return
         self.bypass = False
         self.remaining = -1
         self.parser = httptools.HttpResponseParser(self)
+        ex.sent += rem
         if not client.closed:
             client.transport.write(data if n == rem else data[:rem])  # type: ignore[union-attr]
         # bytes beyond the announced length: the backend broke framing, do not reuse
@@ -490,6 +510,7 @@ class UpstreamConn(asyncio.Protocol):
             self.remaining -= len(body)
         if ex.out_mode == OUT_CHUNKED:
             body = b"%x\r\n%b\r\n" % (len(body), body)
+        ex.sent += len(body)
         buf = self.client.wbuf  # type: ignore[union-attr]
         if buf is not None:
             buf.append(body)
@@ -572,6 +593,11 @@ class HttpClientConn(asyncio.Protocol):
             if up is not None:
                 up.close()
             ex.finished = True
+            al = self.engine.access_log
+            if al is not None:
+                if not ex.response_started:
+                    ex.status = CLIENT_CLOSED
+                al.add(self, ex, ex.backend)
             self._detach_backend(ex)
             if ex.rt is not None and ex.rt.queued:
                 ex.rt.admission.wake()  # it may have been waiting: drop it from the queue
@@ -652,6 +678,8 @@ class HttpClientConn(asyncio.Protocol):
             r = fast_request(data, opts.max_header_bytes, rt.hash_header, opts.max_headers)
             if r is not None:
                 ex = Exchange()
+                if LOGGING:
+                    ex.t0 = monotonic()
                 (ex.method, ex.url, http10, ex.keep_alive, ex.hdrs, ex.host, ex.xff, ex.rid, ex.idem,
                  ex.cookie, ex.hash_value) = r
                 if http10:
@@ -735,12 +763,20 @@ class HttpClientConn(asyncio.Protocol):
             self.close()
             return
         rid = self.parsing.rid if self.parsing is not None and self.parsing.rid else self.engine.new_request_id()
-        self._w(error_response(status, message, rid, close=True))
+        resp = error_response(status, message, rid, close=True)
+        al = self.engine.access_log
+        if al is not None:  # a request that never became one (bad head): logged with what was parsed
+            ex = self.parsing if self.parsing is not None else Exchange()
+            ex.rid, ex.status, ex.head_out = rid, status, resp
+            al.add(self, ex, None)
+        self._w(resp)
         self.close()
 
     # --- request parsing callbacks -------------------------------------------------
     def on_message_begin(self) -> None:
         ex = Exchange()
+        if LOGGING:
+            ex.t0 = monotonic()
         self.parsing = ex
         self.in_headers = True
         self.hfed = 0
@@ -1235,9 +1271,12 @@ class HttpClientConn(asyncio.Protocol):
         close = close or ex.close_after or not ex.keep_alive or not ex.body_done
         ex.response_started = True
         ex.close_after = close
+        ex.status = status
         if not self.closed:
-            self._w(error_response(status, message, ex.rid or self.engine.new_request_id(),
-                                   retry_after=retry_after, close=close, reason=reason))
+            resp = error_response(status, message, ex.rid or self.engine.new_request_id(),
+                                  retry_after=retry_after, close=close, reason=reason)
+            ex.head_out = resp
+            self._w(resp)
         self.finish(ex)
 
     # --- response side -----------------------------------------------------------
@@ -1277,6 +1316,9 @@ class HttpClientConn(asyncio.Protocol):
         elif ex.version == "1.0":
             out = out[:-2] + b"Connection: keep-alive\r\n\r\n"
         ex.response_started = True
+        if LOGGING:
+            ex.status = status
+            ex.head_out = out
         return out
 
     def reframe(self, up: UpstreamConn, ex: Exchange, out: bytes, chunked: bool) -> bytes:
@@ -1292,6 +1334,7 @@ class HttpClientConn(asyncio.Protocol):
     def response_done(self, up: UpstreamConn, ex: Exchange, reusable: bool) -> None:
         if ex.out_mode == OUT_CHUNKED and not self.closed:
             self._w(b"0\r\n\r\n")
+            ex.sent += 5
         up.ex = None
         up.client = None
         ex.upstream = None
@@ -1321,10 +1364,24 @@ class HttpClientConn(asyncio.Protocol):
         if self.cur is ex:
             self.cur = None
         if self.closed:
+            al = self.engine.access_log
+            if al is not None:
+                al.add(self, ex, b)
             return
         if ex.close_after or not ex.keep_alive or self.deferred is not None:
-            self.finish(ex)
+            self.finish(ex, b)  # logs it
             return
+        # the access log (access_log.py): one global read when off; AccessLog.add, inlined (its
+        # RECORD layout), when on: keep-alive responses end here
+        al = self.engine.access_log if LOGGING else None
+        if al is not None:
+            lst = self.listener
+            recs = al.records
+            recs.append((monotonic(), ex.t0, ex.rid, self.peer, lst.frontend, ex.rt.route.name, ex.host,  # type: ignore[union-attr]
+                         ex.method, ex.url, ex.status, len(ex.head_out) + ex.sent, b.name, ex.attempts,
+                         tls_version(self) if lst.ssl is not None else None))
+            if len(recs) >= BATCH:
+                al.flush()
         self.active = True
         if self.queue:
             self._start_next()
@@ -1347,6 +1404,9 @@ class HttpClientConn(asyncio.Protocol):
         ex.rt.errors += 1  # type: ignore[union-attr]
         ex.upstream = None
         ex.finished = True
+        al = self.engine.access_log
+        if al is not None:  # the client got a cut response: logged with the bytes it got
+            al.add(self, ex, b)
         self._detach_backend(ex)
         self.cur = None
         self.close()
@@ -1365,7 +1425,9 @@ class HttpClientConn(asyncio.Protocol):
         else:
             up.close()
 
-    def finish(self, ex: Exchange) -> None:
+    def finish(self, ex: Exchange, answered_by: BackendState | None = None) -> None:
+        """A request ends (a local answer, or a response after which the connection closes);
+        `answered_by`: the backend whose response the client got (None: a local answer)."""
         ex.finished = True
         b = ex.backend
         if b is not None:
@@ -1373,6 +1435,9 @@ class HttpClientConn(asyncio.Protocol):
             b.in_flight -= 1
             if ex.rt.queued:  # type: ignore[union-attr]
                 ex.rt.admission.wake()  # type: ignore[union-attr]
+        al = self.engine.access_log
+        if al is not None:
+            al.add(self, ex, answered_by)
         if self.cur is ex:
             self.cur = None
         if self.closed:

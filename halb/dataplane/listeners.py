@@ -72,6 +72,7 @@ class Listener:
     burst: BurstAcceptor | None = None  # drains deep accept queues (see accept_burst.py)
     acceptor: Any = None  # TCP mode on the C relay: tcp_relay.RelayAcceptor instead of a server
     ssl: Any = None  # an ssl.SSLContext: TLS is terminated here (frontends, frontend.py)
+    frontend: str | None = None  # the frontend's name (frontend.py), for the access log
 
     async def serve(self, factory: Any) -> None:
         if self.closed:

@@ -140,6 +140,8 @@ async def start_tls_frontend(dp: DataPlane, args: argparse.Namespace, service: s
 async def _main(args: argparse.Namespace) -> None:
     raise_nofile("data plane")
     dp = DataPlane("run", workers=args.workers)
+    if args.access_log:
+        dp.set_access_log(args.access_log)
     snap = build_snapshot(args)
     await dp.start(snap)
     if args.tls_cert:
@@ -152,6 +154,8 @@ async def _main(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if args.access_log:  # logrotate: reopen
+        loop.add_signal_handler(signal.SIGHUP, lambda: dp.set_access_log(args.access_log))
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), args.stats_interval or 3600)
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stats-interval", type=float, default=0.0)
     ap.add_argument("--tls-cert", default="", help="PEM chain: serve --listen as a TLS frontend (needs --tls-key)")
     ap.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    ap.add_argument("--access-log", default="", help="JSON lines access log file (SIGHUP reopens it)")
     args = ap.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         ap.error("--tls-cert and --tls-key go together")

@@ -31,6 +31,22 @@ def _merge_queue(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _merge_access_log(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """Every process's access log counters, summed; the node process's path and last error
+    (a worker's error is reported when the node process has none)."""
+    logs = [p for p in parts if p]
+    if not logs:
+        return None
+    out = dict(logs[0])
+    for p in logs[1:]:
+        for k in ("lines", "written", "dropped", "queued_bytes"):
+            out[k] = out.get(k, 0) + p.get(k, 0)
+        if not out.get("error") and p.get("error"):
+            out["error"] = p["error"]
+    out["processes"] = len(logs)
+    return out
+
+
 def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge `DataPlane.local_stats()` dicts; the first one gives the static fields."""
     if not parts:
@@ -41,6 +57,7 @@ def merge_stats(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "listen_errors": {k: v for p in parts for k, v in p.get("listen_errors", {}).items()},
         "services": {},
         "frontends": parts[0].get("frontends", {}),  # the node process serves them (frontend.py)
+        "access_log": _merge_access_log([p.get("access_log") for p in parts]),
     }
     for p in parts:
         for name, svc in p.get("services", {}).items():

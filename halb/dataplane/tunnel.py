@@ -33,9 +33,11 @@ class _Side(asyncio.Protocol):
         self.eof = False  # this side sent EOF (its direction is done)
         self.lost = False
         self.paused = False
+        self.received = 0  # bytes read on this side (the upstream side's: sent to the client)
 
     def data_received(self, data: bytes) -> None:
         self.tunnel.last_active = self.tunnel.loop.time()
+        self.received += len(data)
         peer = self.peer
         if peer is not None and not peer.lost:
             peer.transport.write(data)  # type: ignore[union-attr]
@@ -164,6 +166,7 @@ def send_switch(client: Any, ex: Any, block: bytes) -> None:
     if not block.startswith(b"HTTP/1.1"):
         block = b"HTTP/1.1" + block[8:]
     ex.response_started = True
+    ex.status, ex.head_out = 101, block
     client._w(block)
 
 
@@ -179,15 +182,16 @@ def begin(client: Any, up: Any, ex: Any, upstream_early: bytes) -> None:
     ex.upstream = None
     if client.closed:
         up.transport.close()
-        ex.finished = True
-        client._detach_backend(ex)
+        client.finish(ex, b)  # detach the backend; logged like any request (the 101 went out)
         return
     engine.conns.discard(client)
 
     def end() -> None:
-        ex.finished = True
-        client._detach_backend(ex)
-        client.closed = True
+        client.closed = True  # before finish: the tunnel closes the transports itself
+        # the access log's line of a WebSocket is written when it ends: the bytes the client
+        # got through it and the tunnel's whole duration
+        ex.sent += t.upstream.received + len(upstream_early)
+        client.finish(ex, b)
         client.cur = None
         if client.rt_conn is not None:
             client.rt_conn.connections -= 1

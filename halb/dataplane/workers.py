@@ -107,6 +107,9 @@ class WorkerPool:
         writer.write(frame({"t": "snap", "d": snapshot.to_wire()}))
         if self.engine.capacity_share or self.engine.capacity_share_default != 1.0:  # a respawn: today's shares
             writer.write(frame({"t": "share", "d": self.engine.capacity_share, "x": self.engine.capacity_share_default}))
+        al = self.engine.access_log
+        if al is not None:
+            writer.write(frame({"t": "alog", "p": al.path, "b": al.buffer_bytes}))
         return w
 
     async def start(self, snapshot: RoutingSnapshot) -> None:
@@ -163,6 +166,13 @@ class WorkerPool:
 
     def send_shares(self, shares: dict[str, float], default: float) -> None:
         data = frame({"t": "share", "d": shares, "x": default})
+        for w in self.workers:
+            if not w.writer.is_closing():
+                w.writer.write(data)
+
+    def send_access_log(self, path: str, buffer_bytes: int) -> None:
+        """Access log on/off/moved, or reopen (SIGHUP): each worker writes its own lines."""
+        data = frame({"t": "alog", "p": path, "b": buffer_bytes})
         for w in self.workers:
             if not w.writer.is_closing():
                 w.writer.write(data)
@@ -227,6 +237,7 @@ def _die_with_parent() -> None:
 async def _child(fd: int, node_id: str, shared_hosts: list[str], slot: tuple[int, int] = (0, 1),
                  fdchan_fd: int = -1) -> None:
     from halb import takeover
+    from halb.dataplane.access_log import DEFAULT_BUFFER
     from halb.dataplane.engine import DataPlane
 
     fdchan = socket.socket(fileno=fdchan_fd) if fdchan_fd >= 0 else None
@@ -272,6 +283,8 @@ async def _child(fd: int, node_id: str, shared_hosts: list[str], slot: tuple[int
                     await asyncio.to_thread(takeover.send_msg, fdchan, {"sockets": keys}, [s.fileno() for s in socks])
                 except OSError as exc:
                     log.warning("could not hand the listening sockets over: %s", exc)
+            elif msg.get("t") == "alog":
+                dp.set_access_log(str(msg.get("p") or ""), int(msg.get("b") or 0) or DEFAULT_BUFFER)
             elif msg.get("t") == "share" and started:
                 dp.set_capacity_shares(msg.get("d") or {}, float(msg.get("x", 1.0)))
 

@@ -3,6 +3,7 @@ running node process under load without a failed request, and the node keeps its
 identity and data; a takeover that cannot happen leaves the old process serving."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -31,6 +32,13 @@ def _get_ok(address: str) -> bool:
     with socket.create_connection((host, int(port)), timeout=3) as s:
         s.sendall(f"GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
         return s.recv(100).startswith(b"HTTP/1.1 200")
+
+
+def _get_status(address: str) -> int:
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=3) as s:
+        s.sendall(f"GET /health HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+        return int(s.recv(100).split(b" ", 2)[1])
 
 
 def _kill_pid(pid: int) -> None:
@@ -193,6 +201,19 @@ def test_sighup_applies_live_settings_and_names_the_rest(cluster_factory) -> Non
     assert "SIGHUP: re-read" in log  # logged before the new level applies
     assert "event node.reload:" not in log  # INFO after the switch to WARNING: not shown here ...
     assert "event node.reload:" in (c.directory / "logs" / "n1.log").read_text()  # ... but on n1
+
+    # the access log: turned on by SIGHUP, and reopened by SIGHUP after a rename (logrotate)
+    alog = c.directory / f"{node}-access.log"
+    cfg.write_text(text.replace("[dataplane]", f"[dataplane]\naccess_log = {str(alog)!r}", 1))
+    c.nodes[node].signal(signal.SIGHUP)
+    wait_until(lambda: _get_status(c.service_address(node)) and alog.exists() and alog.read_text(), 10, 0.2,
+               "an access log line")
+    line = json.loads(alog.read_text().splitlines()[0])
+    assert line["path"] == "/health" and line["status"] in (502, 503) and line["service"] == "checkout"  # no backend runs
+    alog.rename(alog.with_suffix(".log.1"))
+    c.nodes[node].signal(signal.SIGHUP)
+    wait_until(lambda: _get_status(c.service_address(node)) and alog.exists() and alog.read_text(), 10, 0.2,
+               "a line in the reopened access log")
 
 
 def _dns_answers(address: str, name: str) -> bool:

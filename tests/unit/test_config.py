@@ -158,3 +158,20 @@ def test_capacity_share_defaults_to_auto_and_refuses_unknown_values(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, bad))
     assert "capacity_share" in str(e.value) and "auto, node, cluster" in str(e.value)
+
+
+def test_access_log_path_is_relative_to_the_config_and_the_buffer_is_bounded(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).dataplane.access_log == ""  # off by default
+    cfg = load_config(write(tmp_path, GOOD.replace("[[services]]", '[dataplane]\naccess_log = "logs/access.log"\n'
+                                                                   'access_log_buffer = 65536\n[[services]]', 1)))
+    assert cfg.dataplane.access_log == str(tmp_path / "logs" / "access.log")
+    assert cfg.dataplane.access_log_buffer == 65536
+    absolute = load_config(write(tmp_path, GOOD.replace("[[services]]", '[dataplane]\naccess_log = "/var/log/halb/a.log"'
+                                                                        '\n[[services]]', 1)))
+    assert absolute.dataplane.access_log == "/var/log/halb/a.log"
+    for bad, key, reason in (('access_log = "logs/"', "access_log", "must name a file"),
+                             ("access_log = 1", "access_log", "must be"),
+                             ("access_log_buffer = 100", "access_log_buffer", "between 65536")):
+        with pytest.raises(ConfigError) as err:
+            load_config(write(tmp_path, GOOD.replace("[[services]]", f"[dataplane]\n{bad}\n[[services]]", 1)))
+        assert err.value.key == f"dataplane.{key}" and reason in err.value.reason, str(err.value)

@@ -37,7 +37,7 @@ class CapturingConn(HttpClientConn):
 
     def __init__(self) -> None:
         rt = SimpleNamespace(opts=ServiceOptions(), hash_header=HASH, connections=0, rejected=0)
-        engine = SimpleNamespace(loop=None, conns=set(), new_request_id=lambda: b"rid")
+        engine = SimpleNamespace(loop=None, conns=set(), new_request_id=lambda: b"rid", access_log=None)
         super().__init__(SimpleNamespace(engine=engine, rt=rt))  # type: ignore[arg-type]
         self.transport = SimpleNamespace(write=lambda d: None, close=lambda: None,
                                          pause_reading=lambda: None, resume_reading=lambda: None)  # type: ignore[assignment]

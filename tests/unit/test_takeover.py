@@ -240,3 +240,6 @@ def test_reload_plan_sorts_changes() -> None:
     assert "need `halb node reload` (takeover): dataplane.workers, raft.election_timeout_max" in text
     assert "ignored (seed only; use the API): services" in text and "cannot change in place" in text
     assert "cannot change" not in replace(plan, identity=[]).summary()
+    on = plan_reload(cur, _cfg(dataplane__access_log="/var/log/halb/access.log", dataplane__access_log_buffer=65536))
+    assert on.live == {"dataplane.access_log": ("", "/var/log/halb/access.log"),
+                       "dataplane.access_log_buffer": (4 * 1024 * 1024, 65536)} and not on.needs_takeover
