@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml setup.py halb/dataplane/_fasthttp.c halb/dataplane/_tcprelay.c halb/health/_probe.c | $(BIN)/python
+$(STAMP): pyproject.toml setup.py halb/dataplane/_fasthttp.c halb/dataplane/_tcprelay.c halb/health/_probe.c halb/dataplane/_accesslog.c | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test,report]'
 	touch $(STAMP)
 
