@@ -1,10 +1,12 @@
-"""`halb node run`: one balancer node in the foreground."""
+"""`halb node run|reload|systemd-unit|drain`: one balancer node: run it, hot-restart it, install it, drain it."""
 from __future__ import annotations
 
 import sys
 
 import click
 
+from halb.api.client import ApiError
+from halb.cli.common import api_command, client_from, emit_json, json_option, wants_json
 from halb.config import ConfigError, load_config
 
 
@@ -92,3 +94,25 @@ def systemd_unit(venv: str, config_dir: str, user: str, watchdog_sec: int) -> No
     except ValueError as exc:
         click.echo(f"halb: {exc}", err=True)
         sys.exit(2)
+
+
+@node.command("drain")
+@click.argument("node_id")
+@click.option("--undo", is_flag=True, help="Announce again (end the drain).")
+@json_option
+@click.pass_context
+@api_command
+def drain(ctx: click.Context, node_id: str, undo: bool, as_json: bool) -> None:
+    """BGP mode: withdraw NODE_ID's service addresses from the routers for planned work; the
+    flows still arriving are served (docs/failover.md, "BGP mode"). `--undo` announces again."""
+    client = client_from(ctx)
+    members = {m["id"]: m for m in client.get("/v1/members")["members"]}
+    member = members.get(node_id)
+    if member is None or not member.get("api"):
+        raise ApiError(404, "not_found", f"no member {node_id!r} with an admin API address "
+                                         f"(members: {', '.join(sorted(members)) or 'none'})")
+    res = client.post("/v1/announce/drain", {"drain": not undo}, node=member["api"])
+    if wants_json(ctx, as_json):
+        emit_json(res)
+        return
+    click.echo(f"{node_id}: {'drained: its service addresses are withdrawn' if not undo else 'announcing again'}")
