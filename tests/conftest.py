@@ -354,3 +354,12 @@ def echo() -> Iterator[Any]:
         yield srv
     finally:
         srv.close()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Debian components (BIRD, pebble, Chromium) before any test runs: see tests/system_tools.py."""
+    from tests.system_tools import install_suite_tools
+
+    missing = install_suite_tools()
+    if missing:
+        print(f"\nnot installed (their tests will skip): {', '.join(missing)}", flush=True)

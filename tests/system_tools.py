@@ -20,3 +20,18 @@ def require_tools(tools: dict[str, str]) -> dict[str, str]:
         pytest.skip("needs " + ", ".join(f"{t} (Debian package {tools[t]})" for t in missing)
                     + ": not installed and apt-get is not usable here (root needed)")
     return {t: find_tool(t) or t for t in tools}
+
+
+# Every Debian component some test drives. Installed once at the start of the session
+# (tests/conftest.py), outside any test's timeout: a fresh CI machine downloads Chromium
+# there, not inside a test limited to 150 s.
+SUITE_TOOLS = {"bird": "bird2", "birdc": "bird2", "pebble": "pebble", "pebble-challtestsrv": "pebble",
+               "chromium": "chromium", "chromedriver": "chromium-driver"}
+
+
+def install_suite_tools() -> list[str]:
+    """Install what is missing of SUITE_TOOLS when allowed; returns what is still missing
+    (those tests then skip, naming the package)."""
+    if os.environ.get("HALB_TEST_NO_APT"):
+        return [t for t in SUITE_TOOLS if find_tool(t) is None]
+    return ensure_tools(SUITE_TOOLS, install=True)
