@@ -69,10 +69,9 @@ def open_arp_socket(ifname: str) -> tuple[socket.socket, bytes]:
     return sock, mac
 
 
-def send_garp_burst(sock: socket.socket, mac: bytes, vip: str, count: int = 3,
-                    interval: float = 0.05) -> int:
-    """Send ``count`` rounds of both GARP forms; returns the number of frames sent."""
-    frames = garp_frames(mac, vip)
+def send_rounds(sock: socket.socket, frames: list[bytes], count: int = 3, interval: float = 0.05) -> int:
+    """Send ``count`` rounds of ``frames`` (GARPs, unsolicited NAs), ``interval`` apart;
+    returns the number of frames sent."""
     sent = 0
     for i in range(count):
         for frame in frames:

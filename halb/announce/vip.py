@@ -299,14 +299,7 @@ class VipAnnouncer:
         frames = self.announce_frames(mac)
         with self._lock:
             try:
-                sent = 0
-                for i in range(count):
-                    for frame in frames:
-                        sock.send(frame)
-                        sent += 1
-                    if i + 1 < count and interval > 0:
-                        time.sleep(interval)
-                return sent
+                return _garp.send_rounds(sock, frames, count, interval)
             except OSError as exc:
                 # interface gone or recreated: drop the cached socket so the next
                 # call reopens it on the new interface
