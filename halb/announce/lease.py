@@ -28,6 +28,7 @@ Planned hand-over: the releasing leader deletes the VIP first and then commits
 lease entry before it; then the successor may skip the wait.
 
 Kernel lifetime: the VIP carries ``valid_lft 1``, so the kernel deletes it ~1.0-1.15 s
+(IPv6: 1.25 s, later on an idle machine: its timer is deferrable, docs/failover.md)
 after the last refresh even if this process is frozen or dead. A refresh is allowed only
 while ``lease_end - now > refresh_min_remaining_s`` (1.3 s), re-checked after the netlink
 call against ``kernel_expiry_max_s``; so an unrefreshed VIP is gone before ``lease_end``.

@@ -40,7 +40,9 @@ from halb.tomltable import Table
 MODES = ("none", "vip", "dns", "bgp")
 BGP_LEASE_S = 3.0
 # IPv6 valid_lft 1 is removed 1.00-1.25 s after the last refresh (addrconf's timer rounds up
-# to a whole second when that costs < HZ/4; measured max 1.233 s), IPv4 1.00-1.15 s.
+# to a whole second when that costs < HZ/4; measured max 1.198 s with the CPUs awake), IPv4
+# 1.00-1.15 s. IPv6's check is a *deferrable* timer: on an idle machine it can run later
+# (measured up to 2.7 s); docs/failover.md "Several VIPs and IPv6" says what that leaves open.
 KERNEL_EXPIRY_MAX_V6_S = 1.28
 ANSWERS = ("leader", "all")
 

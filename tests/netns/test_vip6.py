@@ -2,9 +2,14 @@
 neighbour entry (with a no-NA control), a VIP set of IPv4 + IPv6 moves as one."""
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import socket
+import subprocess
+import sys
 import time
+from typing import Iterator
 
 import pytest
 
@@ -65,24 +70,61 @@ def wait_for(pred, timeout: float, step: float = 0.005) -> float | None:
     return None
 
 
+@contextlib.contextmanager
+def cpus_kept_awake(seconds: float) -> Iterator[None]:
+    """One niced spinner pinned to each CPU, bounded in time and killed on exit.
+
+    Why: the kernel expires IPv6 addresses from a *deferrable* timer (addrconf's
+    ``addr_chk_work``), which an idle NO_HZ CPU runs only when it next wakes for something
+    else. With every CPU awake the removal follows the addrconf rounding alone, which is
+    the bound the lease relies on; the idle tail is measured separately (docs/failover.md).
+    """
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
+    spinners = []
+    try:
+        for cpu in sorted(os.sched_getaffinity(0)):
+            spinners.append(subprocess.Popen(
+                [sys.executable, "-c", code],
+                preexec_fn=lambda c=cpu: (os.nice(19), os.sched_setaffinity(0, {c}))))
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+        for p in spinners:
+            p.wait()
+
+
+def expiry_after_last_refresh(lab, a: VipAnnouncer) -> float:
+    """Refresh three times (as the lease does), then time until the kernel removed the VIP."""
+    for _ in range(3):
+        a.hold(valid_lft=1)
+        t_last = time.monotonic()
+        time.sleep(0.1)
+    line = lab.ip("lb1", "-6", "-o", "addr", "show", "dev", "eth0").stdout
+    mine = [ln for ln in line.splitlines() if f" {lab.vip6}/128 " in ln]
+    assert mine and "nodad" in mine[0] and "deprecated" in mine[0] and "tentative" not in mine[0], line
+    assert wait_for(lambda: not a.is_held(), timeout=6, step=0.005) is not None, "never expired"
+    return time.monotonic() - t_last
+
+
 def test_ipv6_vip_flags_and_kernel_expiry_bound(lab6, announcers):
-    """The lease assumes an unrefreshed IPv6 VIP is gone within KERNEL_EXPIRY_MAX_V6_S."""
+    """With the CPUs awake an unrefreshed IPv6 VIP is gone within KERNEL_EXPIRY_MAX_V6_S."""
     a = announcers("lb1")
-    worst = 0.0
-    for _ in range(4):
-        for _ in range(3):
-            a.hold(valid_lft=1)
-            t_last = time.monotonic()
-            time.sleep(0.1)
-        line = lab6.ip("lb1", "-6", "-o", "addr", "show", "dev", "eth0").stdout
-        mine = [ln for ln in line.splitlines() if f" {lab6.vip6}/128 " in ln]
-        assert mine and "nodad" in mine[0] and "deprecated" in mine[0] and "tentative" not in mine[0], line
-        assert wait_for(lambda: not a.is_held(), timeout=3, step=0.005) is not None
-        worst = max(worst, time.monotonic() - t_last)
-    print(f"IPv6 VIP removed at most {worst:.3f}s after the last refresh")
-    assert 0.9 < worst < KERNEL_EXPIRY_MAX_V6_S
+    with cpus_kept_awake(seconds=20):
+        awake = sorted(expiry_after_last_refresh(lab6, a) for _ in range(6))
+    print(f"IPv6 VIP removed {awake[0]:.3f}-{awake[-1]:.3f}s after the last refresh (CPUs awake)")
+    assert 0.9 < awake[0] and awake[-1] < KERNEL_EXPIRY_MAX_V6_S
     route = lab6.ip("lb1", "-6", "route", "show").stdout
     assert lab6.vip6 not in route  # noprefixroute: no stray /128 route left behind
+
+
+def test_ipv6_vip_expires_on_an_idle_machine_too(lab6, announcers):
+    """Idle CPUs defer the removal (measured tail in docs/failover.md), but it still happens
+    with nobody refreshing: the address is never left behind for good."""
+    a = announcers("lb1")
+    idle = sorted(expiry_after_last_refresh(lab6, a) for _ in range(4))
+    print(f"IPv6 VIP removed {idle[0]:.3f}-{idle[-1]:.3f}s after the last refresh (idle)")
+    assert 0.9 < idle[0] and idle[-1] < 6
 
 
 def test_unsolicited_na_moves_client_neighbour_entry(lab6, announcers):
