@@ -178,9 +178,10 @@ def heal(ctx: click.Context, host: str, peers: tuple[str, ...]) -> None:
 @lab.command()
 @click.option("--trials", default=5, show_default=True, type=click.IntRange(1, 1000), help="Trials per fault.")
 @click.option("--fault", "faults", multiple=True, default=["kill"], show_default=True,
-              type=click.Choice(["kill", "freeze", "partition", "transfer", "drain"]),
+              type=click.Choice(["kill", "freeze", "partition", "transfer", "dataplane", "drain"]),
               help="Fault to inject into the VIP holder, or in bgp mode into one balancer (repeat for several; "
-                   "transfer is VIP-only, drain bgp-only).")
+                   "transfer and dataplane are VIP-only, drain bgp-only). dataplane: the holder's data-plane "
+                   "worker processes crash-loop (the balancers then run with 2 data-plane processes).")
 @click.option("--mode", type=click.Choice(["vip", "bgp"]), default="vip", show_default=True,
               help="vip: flat lab, one VIP holder; bgp: bgp topology, three balancers announce via BGP/ECMP.")
 @click.option("--router-hash", type=click.Choice(["ecmp", "resilient"]), default="ecmp", show_default=True,
@@ -221,7 +222,8 @@ def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], mode: str
         lab_.up()
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        cluster = LabCluster(lab_, run_dir, announce_extra=extra, ipv6=ipv6)
+        # dataplane kills the holder's worker processes: every node runs one besides itself
+        cluster = LabCluster(lab_, run_dir, announce_extra=extra, ipv6=ipv6, workers=2 if "dataplane" in faults else 1)
         try:
             cluster.start()
             with FailoverRun(cluster, freeze_s=freeze_s, log=say, ipv6=ipv6) as run:
@@ -254,6 +256,10 @@ def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], free
 
     if "transfer" in faults:
         _fail(LabError("--fault transfer is VIP-only (in bgp mode leadership does not decide who announces)"))
+        return
+    if "dataplane" in faults:
+        _fail(LabError("--fault dataplane is VIP-only (it measures the VIP hand-over; in bgp mode a failing "
+                       "self-check withdraws the node's routes, no leadership moves)"))
         return
 
     def _term(*_: object) -> None:

@@ -43,11 +43,14 @@ def _q(v: Any) -> str:
 
 
 def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[str, Any] | None = None,
-                    ipv6: bool = False) -> str:
+                    ipv6: bool = False, workers: int = 1) -> str:
     """TOML for the balancer on lab host ``lb`` (lb1 -> node n1).
 
     ``ipv6`` (VIP mode): the node announces both VIPs (``vips = [v4, v6]``) and a second
     service, ``checkout6``, listens on ``[IPv6 VIP]:8081`` with the same backends.
+    ``workers`` > 1: that many data-plane processes (``[dataplane] workers``), the node
+    process and ``workers - 1`` worker processes; the ``dataplane`` failover drill kills
+    the holder's worker processes (halb/lab/failover.py).
     """
     idx = lb[2:]
     node_id = f"n{idx}"
@@ -102,6 +105,8 @@ def lab_node_config(lab: Lab, lb: str, mode: str = "vip", announce_extra: dict[s
         raise LabError(f"unknown announce mode {mode!r}")
     for k, v in extra.items():
         lines.append(f"{k} = {_q(v)}")
+    if workers > 1:
+        lines.insert(lines.index("[dataplane]") + 1, f"workers = {int(workers)}")
     services = [("checkout", listen)]
     if ipv6 and mode == "vip":
         services.append(("checkout6", f"[{lab.vip6}]:{SERVICE_PORT6}"))
@@ -123,6 +128,7 @@ class LabCluster:
     mode: str = "vip"
     announce_extra: dict[str, Any] = field(default_factory=dict)
     ipv6: bool = False  # VIP mode: also announce the IPv6 VIP and serve on it (lab_node_config)
+    workers: int = 1  # data-plane processes per node ([dataplane] workers; lab_node_config)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -159,7 +165,8 @@ class LabCluster:
         paths = []
         for lb in self.lbs:
             p = self.run_dir / f"{self.node_id(lb)}.toml"
-            p.write_text(lab_node_config(self.lab, lb, self.mode, self.announce_extra, ipv6=self.ipv6))
+            p.write_text(lab_node_config(self.lab, lb, self.mode, self.announce_extra, ipv6=self.ipv6,
+                                         workers=self.workers))
             paths.append(p)
         ensure_local_tls(self.run_dir)  # the run's CA and each node's certificate, as `cluster init` makes them
         return paths
@@ -229,6 +236,19 @@ class LabCluster:
         proc = self.procs[lb]
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
+
+    def stop_node(self, lb: str, timeout: float = 10.0) -> None:
+        """Stop one balancer the way an operator would (SIGTERM; SIGKILL after ``timeout``):
+        its worker processes stop with it."""
+        proc = self.procs[lb]
+        if proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
     def alive(self, lb: str) -> bool:
         p = self.procs.get(lb)

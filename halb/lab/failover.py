@@ -9,14 +9,20 @@ Three observers run in this process, all on one clock (``time.monotonic``):
   (one pyroute2 socket opened inside each balancer namespace) and records who has the VIP.
 * the trial driver injects one fault on the current holder: ``kill`` (SIGKILL),
   ``freeze`` (SIGSTOP for 5 s, then SIGCONT), ``partition`` (blackhole routes to the other
-  balancers, both ways; the client can still reach it) or ``transfer`` (``POST
-  /v1/leader/transfer`` on the holder), then restores the node (restart / SIGCONT / heal).
+  balancers, both ways; the client can still reach it), ``transfer`` (``POST
+  /v1/leader/transfer`` on the holder) or ``dataplane`` (the holder's data-plane worker
+  processes crash-loop: :class:`halb.lab.crashloop.CrashLoop` SIGKILLs each as it appears,
+  the node itself stays up and in the majority; needs ``workers`` >= 2), then restores the
+  node (restart / SIGCONT / heal / stop the crash loop and restart the node).
 
 Per trial: ``gap_s`` = the longest client-visible outage (from the send of the first
 failed request of a run of failures to the completion of the first later-sent request that
 succeeded); ``garp_s`` = fault -> the VIP appears on another balancer (its GARP follows
 within milliseconds); ``max_holders`` = most balancers holding the VIP in one sample;
-``old_gone_s`` = fault -> the old holder no longer has it.
+``old_gone_s`` = fault -> the old holder no longer has it; ``detect_s`` (``dataplane``
+only) = fault -> the old holder's self-check failed (its ``GET /v1/dataplane-check``
+``failing_since``: CLOCK_MONOTONIC, the same clock on the whole host), so ``garp_s -
+detect_s`` is the hand-over.
 """
 from __future__ import annotations
 
@@ -31,9 +37,10 @@ from typing import Any
 
 from halb.announce.sysctl import enter_netns, run_in_netns
 from halb.lab.cluster import SERVICE_PORT, SERVICE_PORT6, LabCluster
+from halb.lab.crashloop import CrashLoop
 from halb.lab.topology import LabError
 
-FAULTS = ("kill", "freeze", "partition", "transfer")
+FAULTS = ("kill", "freeze", "partition", "transfer", "dataplane")
 
 
 @dataclass
@@ -187,6 +194,7 @@ class Trial:
     new_holder: str | None
     failed_requests: int
     outages_s: list[float] = field(default_factory=list)   # every outage in the window
+    detect_s: float | None = None  # dataplane: fault -> the holder's self-check failed
 
     def row(self) -> dict[str, Any]:
         return asdict(self)
@@ -272,16 +280,32 @@ class FailoverRun:
         if fault not in FAULTS:
             raise ValueError(f"fault must be one of {FAULTS}")
         c = self.cluster
+        if fault == "dataplane" and c.workers < 2:
+            raise LabError("the dataplane fault kills worker processes: the cluster needs workers >= 2")
         holder = self.wait_steady()
         others = [lb for lb in c.lbs if lb != holder]
+        crash = CrashLoop(c.procs[holder].pid) if fault == "dataplane" else None
+        try:
+            trial = self._run(fault, holder, others, crash, max_wait)
+        finally:
+            if crash is not None:
+                crash.stop()
+        self.restore(fault, holder)
+        return trial
+
+    def _run(self, fault: str, holder: str, others: list[str], crash: CrashLoop | None,
+             max_wait: float) -> Trial:
+        c = self.cluster
         t_fault = time.monotonic()
-        if fault == "kill":
+        if crash is not None:
+            crash.start()
+        elif fault == "kill":
             c.kill(holder)
         elif fault == "freeze":
             c.signal(holder, signal.SIGSTOP)
         elif fault == "partition":
             c.lab.partition(holder, others)
-        else:
+        elif fault == "transfer":
             code, body = c.api(holder, "POST", "/v1/leader/transfer", {"to": None})
             if code != 200:
                 raise LabError(f"transfer failed: {code} {body}")
@@ -310,6 +334,11 @@ class FailoverRun:
         new = next(((t, h) for t, h in samples if t >= t_fault and any(x != holder for x in h)), None)
         gone = next((t for t, h in samples if t >= t_fault and holder not in h), None)
         gap, failed = longest_gap(self.client.reqs, t_fault - 0.5, t_end)
+        detect = None
+        if crash is not None:
+            code, body = c.api(holder, "GET", "/v1/dataplane-check")
+            since = body.get("failing_since") if code == 200 and isinstance(body, dict) else None
+            detect = None if since is None else round(float(since) - t_fault, 3)
         trial = Trial(
             fault=fault, holder=holder, gap_s=round(gap, 3),
             garp_s=None if new is None else round(new[0] - t_fault, 3),
@@ -318,12 +347,14 @@ class FailoverRun:
             new_holder=None if new is None else next(x for x in new[1] if x != holder),
             failed_requests=failed,
             outages_s=[round(x, 3) for x in outages(self.client.reqs, t_fault - 0.5, t_end)],
+            detect_s=detect,
         )
         self.trials.append(trial)
+        extra = "" if crash is None else (f", self-check failed {detect}s, worker kills at "
+                                          f"{[round(k - t_fault, 2) for k in crash.kills]}s")
         self._say(f"{fault:9s} holder {holder} -> {trial.new_holder}: gap {trial.gap_s:.3f}s, "
                   f"VIP moved {trial.garp_s}s, old gone {trial.old_gone_s}s, max holders {trial.max_holders}, "
-                  f"outages {trial.outages_s}")
-        self.restore(fault, holder)
+                  f"outages {trial.outages_s}{extra}")
         return trial
 
     def restore(self, fault: str, holder: str) -> None:
@@ -334,8 +365,11 @@ class FailoverRun:
             c.lab.heal(holder)
         elif fault == "freeze":
             c.signal(holder, signal.SIGCONT)
-        # Restored means: every node answers, all agree on one leader, and the faulted node
-        # has caught up (a healed ex-leader's divergent log is repaired one entry per
+        elif fault == "dataplane":  # the crash loop is over; deaths count for 30 s: restart, as an operator would
+            c.stop_node(holder)
+            c.start_node(holder)
+        # Restored means: every node answers, all agree on one leader, every data-plane
+        # self-check passes, and the faulted node has caught up (a healed ex-leader's divergent log is repaired one entry per
         # heartbeat by pysyncobj; killing the leader before that finishes would measure a
         # double fault: the survivors cannot commit until the repair is done).
         deadline = time.monotonic() + 30
@@ -345,6 +379,7 @@ class FailoverRun:
                 leaders = {st.get("leader") for st in sts}
                 applied = [int(st.get("last_applied") or 0) for st in sts]
                 if len(leaders) == 1 and None not in leaders and all(st.get("has_quorum") for st in sts) \
+                        and all(st.get("dataplane_ok") is not False for st in sts) \
                         and max(applied) - min(applied) <= 3:
                     return
             time.sleep(0.1)
@@ -359,7 +394,7 @@ def summary(trials: list[Trial], overall_max: int | None = None) -> dict[str, An
     out: dict[str, Any] = {
         "trials": [{"fault": t.fault, "gap_s": t.gap_s, "garp_s": t.garp_s, "max_holders": t.max_holders,
                     "old_gone_s": t.old_gone_s, "holder": t.holder, "new_holder": t.new_holder,
-                    "outages_s": t.outages_s}
+                    "outages_s": t.outages_s, **({"detect_s": t.detect_s} if t.fault == "dataplane" else {})}
                    for t in trials],
         "p50_gap_s": percentile(gaps, 50),
         "p99_gap_s": percentile(gaps, 99),
@@ -372,5 +407,14 @@ def summary(trials: list[Trial], overall_max: int | None = None) -> dict[str, An
         m = [t.garp_s for t in trials if t.fault == f and t.garp_s is not None]
         by_fault[f] = {"n": len(g), "p50_gap_s": percentile(g, 50), "p99_gap_s": percentile(g, 99),
                        "max_gap_s": max(g), "p50_garp_s": percentile(m, 50) if m else None}
+        if f == "dataplane":  # detection (the self-check) vs. hand-over (VIP moved - detection)
+            d = [t.detect_s for t in trials if t.fault == f and t.detect_s is not None]
+            h = [t.garp_s - t.detect_s for t in trials
+                 if t.fault == f and t.detect_s is not None and t.garp_s is not None]
+            by_fault[f].update({"p50_detect_s": percentile(d, 50) if d else None,
+                                "p99_detect_s": percentile(d, 99) if d else None,
+                                "p50_handover_s": round(percentile(h, 50), 3) if h else None,
+                                "p99_handover_s": round(percentile(h, 99), 3) if h else None,
+                                "p99_garp_s": percentile(m, 99) if m else None})
     out["by_fault"] = by_fault
     return out

@@ -1,0 +1,41 @@
+"""VIP mode: the holder whose data-plane worker processes crash-loop (the node itself alive
+and in the majority) fails its self-check and hands the VIP over; the lab drill's
+``dataplane`` fault, once (issue 16). Real namespaces, root only; ~30 s."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import pytest
+
+from halb.lab import Lab
+from halb.lab.cluster import LabCluster
+from halb.lab.failover import FailoverRun
+
+from .conftest import RUN_PREFIX
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FailoverRun]:
+    lab = Lab(prefix=RUN_PREFIX + "w-", state_dir=tmp_path_factory.mktemp("labstate"))
+    cluster = LabCluster(lab, tmp_path_factory.mktemp("vipcrash"), workers=2)
+    try:
+        lab.up()
+        cluster.start()
+        with FailoverRun(cluster, log=print) as fr:
+            fr.wait_steady(timeout=30)
+            yield fr
+    finally:
+        cluster.stop()
+        lab.down(all_with_prefix=True)
+
+
+def test_holder_whose_workers_crash_loop_hands_the_vip_over(run: FailoverRun) -> None:
+    t = run.trial("dataplane")  # restores too: the faulted node restarted, every self-check passing
+    assert t.new_holder not in (None, t.holder)
+    assert t.max_holders == 1
+    # the check failed (third worker death; the pool respawns after 0.5 s and 1 s) before the VIP moved
+    assert t.detect_s is not None and t.garp_s is not None and 0 < t.detect_s < t.garp_s
+    assert run.cluster.alive(t.holder)
+    assert all(run.cluster.status(lb)["dataplane_ok"] for lb in run.cluster.lbs)
