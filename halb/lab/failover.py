@@ -379,7 +379,7 @@ class FailoverRun:
                 leaders = {st.get("leader") for st in sts}
                 applied = [int(st.get("last_applied") or 0) for st in sts]
                 if len(leaders) == 1 and None not in leaders and all(st.get("has_quorum") for st in sts) \
-                        and all(st.get("dataplane_ok") is not False for st in sts) \
+                        and all(dataplane_ok(st) for st in sts) \
                         and max(applied) - min(applied) <= 3:
                     return
             time.sleep(0.1)
@@ -387,6 +387,11 @@ class FailoverRun:
 
     def max_holders_overall(self) -> int:
         return max((len(h) for _, h in self.sampler.samples), default=0)
+
+
+def dataplane_ok(status: dict[str, Any]) -> bool:
+    """The node's data-plane self-check as /v1/status reports it (under ``announce``)."""
+    return (status.get("announce") or {}).get("dataplane_ok") is True
 
 
 def summary(trials: list[Trial], overall_max: int | None = None) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import pytest
 
 from halb.lab import Lab
 from halb.lab.cluster import LabCluster
-from halb.lab.failover import FailoverRun
+from halb.lab.failover import FailoverRun, dataplane_ok
 
 from .conftest import RUN_PREFIX
 
@@ -38,4 +38,4 @@ def test_holder_whose_workers_crash_loop_hands_the_vip_over(run: FailoverRun) ->
     # the check failed (third worker death; the pool respawns after 0.5 s and 1 s) before the VIP moved
     assert t.detect_s is not None and t.garp_s is not None and 0 < t.detect_s < t.garp_s
     assert run.cluster.alive(t.holder)
-    assert all(run.cluster.status(lb)["dataplane_ok"] for lb in run.cluster.lbs)
+    assert all(dataplane_ok(run.cluster.status(lb)) for lb in run.cluster.lbs)
