@@ -1,0 +1,188 @@
+"""Graceful client drain (halb/dataplane/client_drain.py) and bgp mode's drain sequence
+(halb/announce/bgp_manager.py): real sockets, a real DataPlane and origin on 127.0.0.1.
+BIRD is replaced by a recorder of set_sessions calls (the netns tests drive the real one)."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from halb.dataplane.client_drain import ClientDrain, accept_syns, refuse_syns
+from halb.dataplane.engine import DataPlane
+from halb.dataplane.origin import Origin
+from halb.dataplane.testing import run, service, snapshot
+
+
+def _listener() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    return s
+
+
+def test_refused_syn_gets_no_answer_and_established_flows_keep_working() -> None:
+    lst = _listener()
+    port = lst.getsockname()[1]
+    old = socket.create_connection(("127.0.0.1", port), timeout=2)
+    srv, _ = lst.accept()
+    try:
+        refuse_syns(lst)
+        with pytest.raises(socket.timeout):  # no RST: ConnectionRefusedError would be a reset
+            socket.create_connection(("127.0.0.1", port), timeout=0.3)
+        old.sendall(b"still here")
+        assert srv.recv(64) == b"still here"
+        accept_syns(lst)
+        accept_syns(lst)  # nothing attached: fine
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        for s in (old, srv, lst):
+            s.close()
+
+
+def test_counts_follow_the_connections_open_when_the_drain_began() -> None:
+    a, b, c = object(), object(), object()
+    d = ClientDrain()
+    d.set_phase("closing", {a, b}, [])
+    assert (d.counts({a, b, c}).connections, d.counts({a, b, c}).from_before) == (3, 2)
+    assert d.counts({b, c}).from_before == 1
+    assert d.counts({a, c}).from_before == 0  # a was pruned when it closed: it never counts again
+    d.set_phase("refusing", {c}, [])  # a later phase keeps the set from the start
+    assert d.counts({c}).from_before == 0
+    with pytest.raises(ValueError, match="phase"):
+        d.set_phase("later", set(), [])
+
+
+async def _request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    length = int([ln for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length:")][0].split(b":")[1])
+    await asyncio.wait_for(reader.readexactly(length), 5)
+    return head.lower()
+
+
+async def _connect_times_out(port: int) -> bool:
+    try:
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.3)
+    except asyncio.TimeoutError:
+        return True
+    return False
+
+
+def test_dataplane_phases_close_keepalive_refuse_syns_and_undo() -> None:
+    async def main() -> None:
+        origin = Origin("o")
+        oport = await origin.start()
+        dp = DataPlane("t")
+        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
+        port = dp.listeners["web"].port
+        try:
+            idle = await asyncio.open_connection("127.0.0.1", port)
+            assert b"connection: close" not in await _request(*idle)
+            dp.set_client_drain("closing")
+            counts = dp.client_drain_poll()  # closes the idle keep-alive connection
+            assert await asyncio.wait_for(idle[0].read(), 5) == b""
+            new = await asyncio.open_connection("127.0.0.1", port)  # still accepted while closing
+            assert b"connection: close" in await _request(*new)
+            await asyncio.sleep(0.05)
+            counts = dp.client_drain_poll()
+            assert (counts.phase, counts.connections, counts.from_before) == ("closing", 0, 0)
+            dp.set_client_drain("refusing")
+            assert await _connect_times_out(port)
+            dp.set_client_drain("off")
+            again = await asyncio.open_connection("127.0.0.1", port)
+            assert b"connection: close" not in await _request(*again)
+            again[1].close()
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main(), timeout=30)
+
+
+class SessionsRecorder:
+    """Stands in for BirdProcess: records when the BGP sessions were switched."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, bool]] = []
+
+    def alive(self) -> bool:
+        return True
+
+    async def set_sessions(self, enabled: bool) -> None:
+        self.calls.append((time.monotonic(), enabled))
+
+
+def _announcement(dp: Any, grace: float) -> Any:
+    from halb.announce.bgp_manager import BgpAnnouncement
+    from halb.announce.settings import parse_announce
+
+    cfg = parse_announce({"mode": "bgp", "local_as": 65001, "local_address": "10.0.0.2",
+                          "routers": [{"address": "10.0.0.1", "as": 65000}], "addresses": ["10.99.2.10"],
+                          "drain_grace_s": grace}, Path("."))
+    return BgpAnnouncement("n1", None, cfg, routes=dict, conf_dir=Path("/nonexistent"),
+                           bird=SessionsRecorder(), addresses={}, dataplane=dp)
+
+
+def test_drain_withdraws_only_after_the_nodes_own_flow_ended_and_undo_reverses() -> None:
+    async def main() -> None:
+        origin = Origin("o")
+        oport = await origin.start()
+        dp = DataPlane("t")
+        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
+        port = dp.listeners["web"].port
+        ann = _announcement(dp, grace=5.0)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\n")  # mid-head: not idle, so not closed
+            await asyncio.sleep(0.05)
+            drain = asyncio.ensure_future(ann.drain(True))
+            await asyncio.sleep(0.3)
+            assert ann.drain_phase == "closing" and ann.bird.calls == []  # still announced
+            writer.write(b"Host: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert b"connection: close" in head.lower()
+            answered = time.monotonic()
+            body = await asyncio.wait_for(drain, 5)
+            assert body["drain"]["phase"] == "withdrawn" and body["drain"]["connections_left"] == 0
+            assert [on for _, on in ann.bird.calls] == [False] and ann.bird.calls[0][0] >= answered
+            assert await _connect_times_out(port)  # SYNs still refused while drained
+            events = [e.get("phase", e["event"]) for e in ann.transitions]
+            assert events == ["drain", "closing", "refusing", "withdrawn"]
+            body = await ann.drain(False)
+            assert body["draining"] is False and [on for _, on in ann.bird.calls] == [False, True]
+            again = await asyncio.open_connection("127.0.0.1", port)
+            assert b"connection: close" not in await _request(*again)
+            again[1].close()
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main(), timeout=30)
+
+
+def test_drain_grace_bounds_the_wait() -> None:
+    async def main() -> None:
+        origin = Origin("o")
+        oport = await origin.start()
+        dp = DataPlane("t")
+        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
+        ann = _announcement(dp, grace=0.3)
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", dp.listeners["web"].port)
+            writer.write(b"GET / HTTP/1.1\r\n")  # never finishes its head
+            await asyncio.sleep(0.05)
+            t0 = time.monotonic()
+            body = await asyncio.wait_for(ann.drain(True), 5)
+            assert 0.3 <= time.monotonic() - t0 < 2.0
+            assert (body["drain"]["connections_left"], body["drain"]["own_flows_left"]) == (1, 1)
+            assert [on for _, on in ann.bird.calls] == [False]
+            writer.close()
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main(), timeout=30)
