@@ -188,7 +188,9 @@ class BgpAnnouncement:
         if dp is None:
             return 0, 0
         deadline = t0 + self.settings.drain_grace_s
-        self.drain_info = {"phase": "closing", "grace_s": self.settings.drain_grace_s}
+        start = dp.client_drain_poll()  # before the idle keep-alive connections are closed
+        self.drain_info = {"phase": "closing", "grace_s": self.settings.drain_grace_s,
+                           "connections_at_start": start.connections}
         dp.set_client_drain("closing")
         counts = dp.client_drain_poll()
         self._set_drain_phase("closing", connections=counts.connections, own_flows=counts.from_before)
