@@ -46,7 +46,7 @@ TICK_S = 0.025
 REFRESH_EVERY_S = 0.1      # an accepted address's kernel lifetime is renewed this often
 SESSIONS_POLL_S = 1.0      # `birdc show protocols` for the status view
 KERNEL_MIN_LIFETIME_S = 1.0  # valid_lft 1: the kernel removes an unrefreshed address after 1.0-1.15 s
-DRAIN_POLL_S = 0.02        # client connections counted this often while a drain waits for them
+DRAIN_POLL_S = 0.005       # client connections counted this often while a drain waits (SYNs refused meanwhile)
 
 
 class BgpAnnouncement:

@@ -235,6 +235,7 @@ class BgpTrial:
     patient_slow: int = 0
     patient_max_s: float = 0.0
     drain: dict[str, Any] | None = None  # the drain's own report (phase timings, connections left)
+    broken_why: list[str] = field(default_factory=list)  # "target|survivor: error" of every broken flow
     next_hops_after: list[str] = field(default_factory=list)
     survivor_reset_at_s: list[float] = field(default_factory=list)  # each reset, seconds after the fault
     thawed_at_s: float | None = None  # freeze: SIGCONT, seconds after the fault
@@ -394,6 +395,8 @@ class BgpFailoverRun:
             patient_slow=sum(1 for r in patient if r.ok and r.done - r.sent > 1.0),
             patient_max_s=round(max((r.done - r.sent for r in patient if r.ok), default=0.0), 3),
             drain=drain_report,
+            broken_why=[("target: " if i in tgt_i else "survivor: ") + persistent.why[i]
+                        for i in tgt_i + surv_i if persistent.broken[i] is not None and persistent.broken[i] >= t_fault],
         )
         self.trials.append(trial)
         self._say(f"{fault:9s} {trial.target}: gap {trial.gap_s:.3f}s ({failed} failed), withdrawn "
