@@ -185,7 +185,7 @@ class BgpAnnouncement:
         """Steps 1-2 (module docstring): (client connections, of them open since the drain
         began) left when they ended or ``drain_grace_s`` after t0 (time.monotonic) ran out."""
         dp = self.dataplane
-        if dp is None:
+        if dp is None or self.settings.drain_grace_s <= 0:  # 0: withdraw at once (the routers move the flows)
             return 0, 0
         deadline = t0 + self.settings.drain_grace_s
         start = dp.client_drain_poll()  # before the idle keep-alive connections are closed

@@ -186,3 +186,35 @@ def test_drain_grace_bounds_the_wait() -> None:
             origin.close()
 
     run(main(), timeout=30)
+
+
+def test_grace_zero_withdraws_at_once_and_leaves_the_clients_alone() -> None:
+    async def main() -> None:
+        origin = Origin("o")
+        oport = await origin.start()
+        dp = DataPlane("t")
+        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
+        port = dp.listeners["web"].port
+        ann = _announcement(dp, grace=0.0)
+        try:
+            idle = await asyncio.open_connection("127.0.0.1", port)
+            await _request(*idle)
+            await asyncio.wait_for(ann.drain(True), 5)
+            assert [on for _, on in ann.bird.calls] == [False] and dp.client_drain.phase == "off"
+            assert b"connection: close" not in await _request(*idle)  # still a keep-alive connection
+            idle[1].close()
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main(), timeout=30)
+
+
+def test_drain_grace_is_validated_with_its_key() -> None:
+    from halb.announce.settings import AnnounceConfigError, parse_announce
+
+    base = {"mode": "bgp", "local_as": 65001, "local_address": "10.0.0.2",
+            "routers": [{"address": "10.0.0.1", "as": 65000}], "addresses": ["10.99.2.10"]}
+    assert parse_announce(base, Path(".")).bgp.drain_grace_s == 5.0
+    with pytest.raises(AnnounceConfigError, match="drain_grace_s: must be 0-3600"):
+        parse_announce({**base, "drain_grace_s": -1}, Path("."))
