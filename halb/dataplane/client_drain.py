@@ -31,13 +31,17 @@ import errno
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
 SO_ATTACH_FILTER = 26  # asm-generic/socket.h (not exported by the socket module)
 SO_DETACH_FILTER = 27
 PHASES = ("off", "closing", "refusing")
+# a connection accepted during the drain that has not sent its request yet is left this long
+# (its request is usually on its way: closing it would reset it); its first response says
+# Connection: close anyway, so it never becomes an idle keep-alive connection
+FRESH_IDLE_S = 1.0
 
 
 class _SockFilter(ctypes.Structure):
@@ -92,6 +96,7 @@ class ClientDrain:
     def __init__(self) -> None:
         self.phase = "off"
         self._before: set[Any] = set()  # pruned at every count (connections use __slots__: no weakrefs)
+        self._fresh: dict[Any, float] = {}  # accepted during the drain, idle since (first seen idle)
 
     def set_phase(self, phase: str, conns: Iterable[Any], listeners: Iterable[socket.socket]) -> None:
         if phase not in PHASES:
@@ -100,6 +105,7 @@ class ClientDrain:
             self._before = set(conns)
         if phase == "off":
             self._before = set()
+            self._fresh = {}
         self.phase = phase
         self.apply_filters(listeners)
 
@@ -113,7 +119,18 @@ class ClientDrain:
                 log.warning("client drain: %s filter on %s failed: %s",
                             "attaching" if self.phase == "refusing" else "detaching", s, exc)
 
+    def close_idle(self, conns: Iterable[Any], now: float, idle: Callable[[Any], bool]) -> None:
+        """Close idle keep-alive connections: those from before the drain at once, those
+        accepted since only after FRESH_IDLE_S without a request."""
+        for c in list(conns):
+            if not idle(c):
+                continue
+            if c in self._before or now - self._fresh.setdefault(c, now) >= FRESH_IDLE_S:
+                c.close()
+
     def counts(self, conns: Iterable[Any]) -> DrainCounts:
         live = set(conns)  # a connection leaves DataPlane.conns when it closes
         self._before &= live
+        if self._fresh:
+            self._fresh = {c: t for c, t in self._fresh.items() if c in live}
         return DrainCounts(self.phase, len(live), len(self._before))

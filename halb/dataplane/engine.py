@@ -415,7 +415,7 @@ class DataPlane:
         then count the client connections left, the workers' included (their last report
         made in the current phase; a worker that has not reported in it yet counts as busy)."""
         if self.client_drain.phase != "off":
-            self._close_idle()
+            self.client_drain.close_idle(self.conns, time.monotonic(), self._idle)
         mine = self.client_drain.counts(self.conns)
         if self._pool_supervisor is not None:
             for d in self._pool_supervisor.client_drain_counts():
@@ -427,8 +427,12 @@ class DataPlane:
     def _close_idle(self) -> None:
         """HTTP client connections between requests (not mid-head): closed while draining."""
         for c in list(self.conns):
-            if isinstance(c, HttpClientConn) and not c.closed and c.cur is None and not c.in_headers:
+            if self._idle(c):
                 c.close()
+
+    @staticmethod
+    def _idle(c: Any) -> bool:
+        return isinstance(c, HttpClientConn) and not c.closed and c.cur is None and not c.in_headers
 
     @staticmethod
     def _busy(conn: Any) -> bool:

@@ -218,3 +218,25 @@ def test_drain_grace_is_validated_with_its_key() -> None:
     assert parse_announce(base, Path(".")).bgp.drain_grace_s == 5.0
     with pytest.raises(AnnounceConfigError, match="drain_grace_s: must be 0-3600"):
         parse_announce({**base, "drain_grace_s": -1}, Path("."))
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_idle_connections_from_before_close_at_once_new_ones_after_a_while() -> None:
+    from halb.dataplane.client_drain import FRESH_IDLE_S
+
+    old, new = _Conn(), _Conn()
+    d = ClientDrain()
+    d.set_phase("closing", {old}, [])
+    d.close_idle([old, new], 100.0, lambda c: not c.closed)
+    assert old.closed and not new.closed  # new: its request is probably on its way
+    d.close_idle([new], 100.0 + FRESH_IDLE_S / 2, lambda c: not c.closed)
+    assert not new.closed
+    d.close_idle([new], 100.0 + FRESH_IDLE_S, lambda c: not c.closed)
+    assert new.closed
