@@ -160,11 +160,11 @@ class BgpAnnouncement:
             self._drain_task = asyncio.create_task(self._drain_sequence(), name="announce-bgp-drain")
         elif not on and self.draining:
             task, self._drain_task = self._drain_task, None
+            self.draining = False  # first: a drain call waiting for the task answers with this
+            self.drain_phase = ""
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
-            self.draining = False
-            self.drain_phase = ""
             if self.dataplane is not None:
                 self.dataplane.set_client_drain("off")
             log.warning("BGP drain ended: accepting clients and announcing again")
@@ -173,7 +173,7 @@ class BgpAnnouncement:
             await self._converge_sessions()
         task = self._drain_task
         if on and task is not None and not task.done():
-            await asyncio.shield(task)
+            await asyncio.wait({task})  # not shield: an --undo meanwhile cancels it, and this answers
         return {"draining": self.draining, "sessions_enabled": self.sessions_enabled, "drain": dict(self.drain_info)}
 
     def _set_drain_phase(self, phase: str, **extra: Any) -> None:

@@ -240,3 +240,29 @@ def test_idle_connections_from_before_close_at_once_new_ones_after_a_while() -> 
     assert not new.closed
     d.close_idle([new], 100.0 + FRESH_IDLE_S, lambda c: not c.closed)
     assert new.closed
+
+
+def test_undo_during_a_drain_answers_both_calls_and_reverses_it() -> None:
+    async def main() -> None:
+        origin = Origin("o")
+        oport = await origin.start()
+        dp = DataPlane("t")
+        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
+        port = dp.listeners["web"].port
+        ann = _announcement(dp, grace=5.0)
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\n")  # keeps the drain waiting
+            await asyncio.sleep(0.05)
+            drain = asyncio.ensure_future(ann.drain(True))
+            await asyncio.sleep(0.2)
+            undo = await asyncio.wait_for(ann.drain(False), 5)
+            body = await asyncio.wait_for(drain, 5)
+            assert undo["draining"] is False and body["draining"] is False
+            assert ann.bird.calls == [] and dp.client_drain.phase == "off" and not dp.draining
+            writer.close()
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main(), timeout=30)
