@@ -266,3 +266,36 @@ def test_undo_during_a_drain_answers_both_calls_and_reverses_it() -> None:
             origin.close()
 
     run(main(), timeout=30)
+
+
+def test_worker_processes_refuse_too_and_report_in_the_current_phase() -> None:
+    """workers = 2: the node process and one worker share the port (SO_REUSEPORT); the
+    worker gets the phase over its pipe and reports its counts; until it has reported in
+    the current phase it counts as busy (a drain does not withdraw on a stale zero)."""
+    async def main() -> None:
+        origin = Origin("o")
+        oport = await origin.start()
+        dp = DataPlane("t", workers=2)
+        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
+        port = dp.listeners["web"].port
+        try:
+            dp.set_client_drain("refusing")
+            assert dp.client_drain_poll().connections >= 1  # the worker has not answered yet
+            deadline = time.monotonic() + 10
+            while dp.client_drain_poll().connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert dp.client_drain_poll().connections == 0
+            for _ in range(4):  # whichever socket of the group the kernel picks refuses
+                assert await _connect_times_out(port)
+            dp.set_client_drain("off")
+            while dp.client_drain_poll().connections and time.monotonic() < deadline + 10:
+                await asyncio.sleep(0.02)  # the worker has detached its filter
+            for _ in range(4):
+                c = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.9)
+                assert b"200" in await _request(*c)
+                c[1].close()
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main(), timeout=40)
