@@ -197,6 +197,8 @@ class BgpAnnouncement:
         while counts.from_before and time.monotonic() < deadline:
             await asyncio.sleep(DRAIN_POLL_S)
             counts = dp.client_drain_poll()
+        if not self.settings.drain_drop_syns:  # withdraw now; connections accepted meanwhile may be moved
+            return counts.connections, counts.from_before
         dp.set_client_drain("refusing")
         counts = dp.client_drain_poll()
         self._set_drain_phase("refusing", connections=counts.connections, own_flows=counts.from_before,

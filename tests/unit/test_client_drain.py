@@ -116,13 +116,13 @@ class SessionsRecorder:
         self.calls.append((time.monotonic(), enabled))
 
 
-def _announcement(dp: Any, grace: float) -> Any:
+def _announcement(dp: Any, grace: float, **extra: Any) -> Any:
     from halb.announce.bgp_manager import BgpAnnouncement
     from halb.announce.settings import parse_announce
 
     cfg = parse_announce({"mode": "bgp", "local_as": 65001, "local_address": "10.0.0.2",
                           "routers": [{"address": "10.0.0.1", "as": 65000}], "addresses": ["10.99.2.10"],
-                          "drain_grace_s": grace}, Path("."))
+                          "drain_grace_s": grace, **extra}, Path("."))
     return BgpAnnouncement("n1", None, cfg, routes=dict, conf_dir=Path("/nonexistent"),
                            bird=SessionsRecorder(), addresses={}, dataplane=dp)
 
@@ -299,3 +299,27 @@ def test_worker_processes_refuse_too_and_report_in_the_current_phase() -> None:
             origin.close()
 
     run(main(), timeout=40)
+
+
+def test_without_dropping_syns_the_drain_withdraws_once_the_old_flows_ended() -> None:
+    async def main() -> None:
+        origin = Origin("o")
+        oport = await origin.start()
+        dp = DataPlane("t")
+        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
+        port = dp.listeners["web"].port
+        ann = _announcement(dp, grace=5.0, drain_drop_syns=False)
+        try:
+            idle = await asyncio.open_connection("127.0.0.1", port)
+            await _request(*idle)
+            body = await asyncio.wait_for(ann.drain(True), 5)
+            assert body["drain"]["phase"] == "withdrawn" and [on for _, on in ann.bird.calls] == [False]
+            assert await asyncio.wait_for(idle[0].read(), 5) == b""  # the old flow was ended first
+            late = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)  # accepted
+            assert b"connection: close" in await _request(*late)
+            assert "refusing" not in [e.get("phase") for e in ann.transitions]
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main(), timeout=30)
