@@ -88,6 +88,7 @@ class BgpAnnouncement:
         self._task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stop_begun = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -116,19 +117,26 @@ class BgpAnnouncement:
                  self.cfg.lease.renew_interval_s, self.cfg.lease.lease_s)
 
     async def stop(self) -> None:
-        """Withdraw first (sessions down, the routers stop sending new flows), wait for flows
-        already on their way, then delete the addresses and stop BIRD."""
-        if self._stopping:
+        """The clients' flows end first (as in a drain, at most ``drain_grace_s``), then
+        withdraw (sessions down, the routers stop sending new flows), wait for flows already
+        on their way, then delete the addresses and stop BIRD."""
+        if self._stop_begun:
             return
+        self._stop_begun = True
+        t0 = time.monotonic()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            await asyncio.gather(self._drain_task, return_exceptions=True)
+        if self.drain_phase != "withdrawn" and self.bird.alive() and any(self.accepted.values()):
+            # let the clients' flows end first, as a drain does; the loop keeps running
+            # meanwhile: it refreshes the addresses (valid_lft 1 s) the routers still send to
+            await self._quiesce_clients(t0)
         self._stopping = True
-        for t in (self._task, self._poll_task, self._drain_task):
+        for t in (self._task, self._poll_task):
             if t is not None:
                 t.cancel()
                 await asyncio.gather(t, return_exceptions=True)
-        t0 = time.monotonic()
         if self.bird.alive() and any(self.accepted.values()):
-            if self.drain_phase != "withdrawn":  # let the clients' flows end first, as a drain does
-                await self._quiesce_clients(t0)
             try:
                 await self.bird.set_sessions(False)
                 self._record("withdrawn", reason="shutdown")

@@ -323,3 +323,48 @@ def test_without_dropping_syns_the_drain_withdraws_once_the_old_flows_ended() ->
             origin.close()
 
     run(main(), timeout=30)
+
+
+def test_shutdown_lets_the_flows_end_while_the_address_is_still_refreshed() -> None:
+    """stop(): the announce loop keeps running while the clients' flows end (it refreshes the
+    address on lo, valid_lft 1 s); the sessions go down only after the flow ended."""
+    async def main() -> None:
+        origin = Origin("o")
+        oport = await origin.start()
+        dp = DataPlane("t")
+        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
+        ann = _announcement(dp, grace=5.0)
+        ann.accepted["10.99.2.10"] = True  # as if announcing (no kernel address in a unit test)
+        ann.bird.stop = lambda: None
+        ann._addresses = {"10.99.2.10": _Released()}
+        loop_ran = asyncio.Event()
+        ann._task = asyncio.ensure_future(loop_ran.wait())  # stands for the running announce loop
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", dp.listeners["web"].port)
+            writer.write(b"GET / HTTP/1.1\r\n")
+            await asyncio.sleep(0.05)
+            stop = asyncio.ensure_future(ann.stop())
+            await asyncio.sleep(0.3)
+            assert not ann._task.done() and ann.bird.calls == []  # loop alive, still announced
+            writer.write(b"Host: x\r\n\r\n")
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            answered = time.monotonic()
+            await asyncio.wait_for(stop, 5)
+            assert [on for _, on in ann.bird.calls] == [False] and ann.bird.calls[0][0] >= answered
+            assert ann._addresses["10.99.2.10"].released
+        finally:
+            await dp.stop()
+            origin.close()
+
+    run(main(), timeout=30)
+
+
+class _Released:
+    def __init__(self) -> None:
+        self.released = False
+
+    async def arelease(self) -> None:
+        self.released = True
+
+    def close(self, release: bool = False) -> None:
+        self.released = self.released or release
