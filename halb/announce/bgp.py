@@ -72,6 +72,8 @@ class BgpSettings:
     communities: tuple[tuple[int, int], ...] = ()
     interface: str = "lo"              # where service addresses are added while announced
     withdraw_wait_s: float = 0.5       # shutdown: BGP withdrawn, then this long before the address goes
+    drain_grace_s: float = 5.0         # drain/shutdown: at most this long for client connections to end before withdrawing
+    drain_drop_syns: bool = True       # drain: new SYNs dropped (clients retry in ~1 s) from when the old flows ended
     bird: str = ""                     # path of the bird binary ("" : find it; Debian package bird2)
     birdc: str = ""
 

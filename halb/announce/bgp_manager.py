@@ -6,12 +6,25 @@ One asyncio task, every 25 ms (and at once when a contact commits or an input ch
 2. decides per service address (:func:`~halb.announce.bgp.decide`) and converges the
    kernel: add/refresh the address on ``lo`` with ``valid_lft 1`` (fenced by the contact's
    end, like the VIP) or delete it; BIRD's ``direct`` protocol exports what is there;
-3. keeps the BGP sessions enabled, or disabled while draining;
+3. keeps the BGP sessions enabled, or disabled once a drain has withdrawn;
 4. restarts BIRD if it died (at most once a second).
 
-Shutdown withdraws first, then stops: sessions disabled (the routers withdraw at once),
-``withdraw_wait_s`` for flows already on their way, then the addresses are deleted, then
-BIRD stops; all before the data plane stops (Node.stop_components order).
+Drain (``halb node drain``) lets the node's own client flows finish *before* the routers
+withdraw it (stateless ECMP would re-hash them onto balancers that reset them):
+
+1. ``closing``: responses say ``Connection: close``, idle keep-alive connections are closed,
+   new connections still get one request each, until every connection that was open when
+   the drain began has ended (or ``drain_grace_s``);
+2. ``refusing``: the listeners drop SYNs silently (a BPF filter: no RST; the client
+   retransmits after ~1 s and by then is hashed to another balancer) until no client
+   connection is left (or ``drain_grace_s`` from the start);
+3. ``withdrawn``: the BGP sessions are disabled (BIRD sends a Cease, the routers withdraw),
+   the addresses stay on ``lo`` for packets still on their way.
+
+``--undo`` reverses every step (filters off, keep-alive again, sessions enabled).
+Shutdown runs steps 1-2 too, then withdraws, waits ``withdraw_wait_s`` for flows already
+on their way, deletes the addresses and stops BIRD; all before the data plane stops
+(Node.stop_components order).
 """
 from __future__ import annotations
 
@@ -33,6 +46,7 @@ TICK_S = 0.025
 REFRESH_EVERY_S = 0.1      # an accepted address's kernel lifetime is renewed this often
 SESSIONS_POLL_S = 1.0      # `birdc show protocols` for the status view
 KERNEL_MIN_LIFETIME_S = 1.0  # valid_lft 1: the kernel removes an unrefreshed address after 1.0-1.15 s
+DRAIN_POLL_S = 0.005       # client connections counted this often while a drain waits (SYNs refused meanwhile)
 
 
 class BgpAnnouncement:
@@ -42,7 +56,7 @@ class BgpAnnouncement:
 
     def __init__(self, node_id: str, raft: Any, cfg: AnnounceConfig, *, routes: Callable[[], Mapping[str, Any]],
                  conf_dir: Path, clock: Callable[[], float] = boottime, addresses: Any = None,
-                 bird: Any = None) -> None:
+                 bird: Any = None, dataplane: Any = None) -> None:
         assert cfg.bgp is not None
         self.node_id = node_id
         self.raft = raft
@@ -60,6 +74,10 @@ class BgpAnnouncement:
         self.dataplane_ok = True
         self.dataplane_reason = ""
         self.draining = False
+        self.dataplane = dataplane  # DataPlane (set_client_drain, client_drain_poll); None: withdraw at once
+        self.drain_phase = ""       # "", closing, refusing, withdrawn (module docstring)
+        self.drain_info: dict[str, Any] = {}
+        self._drain_task: asyncio.Task[dict[str, Any]] | None = None
         self.sessions_enabled = True
         self.sessions: list[dict[str, str]] = []
         self.transitions: list[dict[str, Any]] = []
@@ -70,6 +88,7 @@ class BgpAnnouncement:
         self._task: asyncio.Task[None] | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._stop_begun = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -98,16 +117,25 @@ class BgpAnnouncement:
                  self.cfg.lease.renew_interval_s, self.cfg.lease.lease_s)
 
     async def stop(self) -> None:
-        """Withdraw first (sessions down, the routers stop sending new flows), wait for flows
-        already on their way, then delete the addresses and stop BIRD."""
-        if self._stopping:
+        """The clients' flows end first (as in a drain, at most ``drain_grace_s``), then
+        withdraw (sessions down, the routers stop sending new flows), wait for flows already
+        on their way, then delete the addresses and stop BIRD."""
+        if self._stop_begun:
             return
+        self._stop_begun = True
+        t0 = time.monotonic()
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            await asyncio.gather(self._drain_task, return_exceptions=True)
+        if self.drain_phase != "withdrawn" and self.bird.alive() and any(self.accepted.values()):
+            # let the clients' flows end first, as a drain does; the loop keeps running
+            # meanwhile: it refreshes the addresses (valid_lft 1 s) the routers still send to
+            await self._quiesce_clients(t0)
         self._stopping = True
         for t in (self._task, self._poll_task):
             if t is not None:
                 t.cancel()
                 await asyncio.gather(t, return_exceptions=True)
-        t0 = time.monotonic()
         if self.bird.alive() and any(self.accepted.values()):
             try:
                 await self.bird.set_sessions(False)
@@ -129,15 +157,78 @@ class BgpAnnouncement:
         milliseconds against a 1.5 s lease). Planned work on a node is ``drain``."""
 
     async def drain(self, on: bool) -> dict[str, Any]:
-        """Drain (on) or undrain this node: BGP withdrawn, addresses kept for flows in flight."""
-        if on != self.draining:
-            self.draining = on
-            log.warning("BGP %s", "draining: withdrawing every service address from the routers" if on
-                        else "drain ended: announcing again")
-            self._record("drain" if on else "undrain")
+        """Drain (on): the clients' flows end, then BGP is withdrawn (module docstring); the
+        answer comes once withdrawn (at most ``drain_grace_s`` plus a BIRD call). Undrain
+        (off): every step reversed, announcing again."""
+        if on and not self.draining:
+            self.draining = True
+            log.warning("BGP draining: ending client connections (at most %.1fs), then withdrawing every "
+                        "service address from the routers", self.settings.drain_grace_s)
+            self._record("drain", grace_s=self.settings.drain_grace_s)
+            self._drain_task = asyncio.create_task(self._drain_sequence(), name="announce-bgp-drain")
+        elif not on and self.draining:
+            task, self._drain_task = self._drain_task, None
+            self.draining = False  # first: a drain call waiting for the task answers with this
+            self.drain_phase = ""
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            if self.dataplane is not None:
+                self.dataplane.set_client_drain("off")
+            log.warning("BGP drain ended: accepting clients and announcing again")
+            self._record("undrain")
             self._wake.set()
             await self._converge_sessions()
-        return {"draining": self.draining, "sessions_enabled": self.sessions_enabled}
+        task = self._drain_task
+        if on and task is not None and not task.done():
+            await asyncio.wait({task})  # not shield: an --undo meanwhile cancels it, and this answers
+        return {"draining": self.draining, "sessions_enabled": self.sessions_enabled, "drain": dict(self.drain_info)}
+
+    def _set_drain_phase(self, phase: str, **extra: Any) -> None:
+        self.drain_phase = phase
+        self.drain_info = {**self.drain_info, "phase": phase, **extra}
+        self._record("drain_phase", phase=phase, **extra)
+
+    async def _quiesce_clients(self, t0: float) -> tuple[int, int]:
+        """Steps 1-2 (module docstring): (client connections, of them open since the drain
+        began) left when they ended or ``drain_grace_s`` after t0 (time.monotonic) ran out."""
+        dp = self.dataplane
+        if dp is None or self.settings.drain_grace_s <= 0:  # 0: withdraw at once (the routers move the flows)
+            return 0, 0
+        deadline = t0 + self.settings.drain_grace_s
+        start = dp.client_drain_poll()  # before the idle keep-alive connections are closed
+        self.drain_info = {"phase": "closing", "grace_s": self.settings.drain_grace_s,
+                           "connections_at_start": start.connections}
+        dp.set_client_drain("closing")
+        counts = dp.client_drain_poll()
+        self._set_drain_phase("closing", connections=counts.connections, own_flows=counts.from_before)
+        while counts.from_before and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+            counts = dp.client_drain_poll()
+        if not self.settings.drain_drop_syns:  # withdraw now; connections accepted meanwhile may be moved
+            return counts.connections, counts.from_before
+        dp.set_client_drain("refusing")
+        counts = dp.client_drain_poll()
+        self._set_drain_phase("refusing", connections=counts.connections, own_flows=counts.from_before,
+                              after_s=round(time.monotonic() - t0, 3))
+        while counts.connections and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+            counts = dp.client_drain_poll()
+        return counts.connections, counts.from_before
+
+    async def _drain_sequence(self) -> dict[str, Any]:
+        t0 = time.monotonic()
+        left, own_left = await self._quiesce_clients(t0)
+        waited = round(time.monotonic() - t0, 3)
+        if left:
+            log.warning("BGP drain: %d client connection(s) (%d of them from before the drain) still open "
+                        "after drain_grace_s %.1fs: withdrawing anyway (the routers move them)",
+                        left, own_left, self.settings.drain_grace_s)
+        self._set_drain_phase("withdrawn", waited_s=waited, connections_left=left, own_flows_left=own_left)
+        await self._converge_sessions()
+        log.warning("BGP drained in %.3fs (%d client connection(s) left): every service address withdrawn "
+                    "from the routers", waited, left)
+        return dict(self.drain_info)
 
     # ---- inputs from the node -------------------------------------------------------
     def set_dataplane(self, ok: bool, reason: str) -> None:
@@ -199,7 +290,7 @@ class BgpAnnouncement:
                 await self._refresh(a.address)
             elif self.accepted[a.address]:
                 await self._remove(a.address, d.reason)
-        if self.sessions_enabled == self.draining:
+        if self.sessions_enabled != self._sessions_wanted():
             await self._converge_sessions()
 
     def _submit_contact(self) -> None:
@@ -263,8 +354,12 @@ class BgpAnnouncement:
         if was:
             self._record("removed", address=addr, reason=reason)
 
+    def _sessions_wanted(self) -> bool:
+        """Disabled only once a drain reached its last step (its clients' flows ended)."""
+        return not (self.draining and self.drain_phase == "withdrawn")
+
     async def _converge_sessions(self) -> None:
-        want = not self.draining
+        want = self._sessions_wanted()
         if want == self.sessions_enabled or not self.bird.alive():
             return
         try:
@@ -314,6 +409,8 @@ class BgpAnnouncement:
             "routers": [{"address": r.address, "as": r.asn} for r in s.routers],
             "announcements": self.announcements(),
             "draining": self.draining,
+            "drain": dict(self.drain_info) if self.draining else None,
+            "drain_grace_s": s.drain_grace_s,
             "quorum_contact": self.contact.fresh(now),
             "contact_remaining_s": round(self.contact.remaining(now), 3),
             "late_refreshes": self.late_refreshes,

@@ -260,6 +260,37 @@ class BirdProcess:
             raise BirdError(f"birdc {command!r} failed ({proc.returncode}): {why}")
         return text
 
+    async def command(self, command: str, timeout: float = 2.0) -> str:
+        """One command over BIRD's control socket itself: 2-5 ms, against ~10-30 ms for
+        spawning ``birdc`` (a drain withdraws with it: while it runs, the drained node drops
+        new SYNs). Replies are lines ``NNNN-text`` / `` text`` ended by ``NNNN text``; codes
+        8000 and above are errors (BIRD's doc/prog, "Remote control")."""
+        async def talk() -> list[str]:
+            reader, writer = await asyncio.open_unix_connection(str(self.socket))
+            try:
+                await reader.readline()  # 0001 BIRD x.y ready.
+                writer.write(command.encode() + b"\n")
+                lines: list[str] = []
+                while True:
+                    line = (await reader.readline()).decode(errors="replace")
+                    if not line:
+                        raise BirdError(f"bird closed the control socket during {command!r}")
+                    lines.append(line.rstrip("\n"))
+                    if len(line) > 4 and line[:4].isdigit() and line[4] == " ":
+                        return lines
+            finally:
+                writer.close()
+
+        try:
+            lines = await asyncio.wait_for(talk(), timeout)
+        except asyncio.TimeoutError:
+            raise BirdError(f"bird {command!r} timed out after {timeout:g}s") from None
+        except OSError as exc:
+            raise BirdError(f"bird {command!r}: control socket {self.socket}: {exc}") from None
+        if int(lines[-1][:4]) >= 8000:
+            raise BirdError(f"bird {command!r} failed: {lines[-1][5:]}")
+        return "\n".join(ln[5:] if ln[:4].isdigit() else ln[1:] for ln in lines)
+
     async def protocols(self) -> list[Protocol]:
         return parse_protocols(await self.control("show protocols"))
 
@@ -268,7 +299,7 @@ class BirdProcess:
         withdraw this node's routes at once)."""
         verb = "enable" if enabled else "disable"
         for i, r in enumerate(self.settings.routers):
-            out = await self.control(f"{verb} {router_protocol_name(i, r.name)}")
+            out = await self.command(f"{verb} {router_protocol_name(i, r.name)}")
             log.info("bird: %s %s: %s", verb, router_protocol_name(i, r.name), out.strip().splitlines()[-1:] or "")
 
     def stop(self, timeout: float = 3.0) -> None:

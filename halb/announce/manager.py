@@ -496,7 +496,7 @@ async def start_announcement(node: Any) -> Announcement | None:
         from halb.announce.bgp_manager import BgpAnnouncement
 
         bgp = BgpAnnouncement(node.node_id, node.raft, cfg, routes=lambda: node.routing.routes,
-                              conf_dir=Path(node.cfg.data_dir) / "bird")
+                              conf_dir=Path(node.cfg.data_dir) / "bird", dataplane=node.dataplane)
         node.add_listener(bgp.on_applied)
         await bgp.start()
         return bgp  # type: ignore[return-value]

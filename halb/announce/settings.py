@@ -378,10 +378,14 @@ def _parse_bgp(t: _T, listen_host: str) -> BgpSettings:
     wait = t.take("withdraw_wait_s", float, 0.5)
     if not 0 <= wait <= 60:
         raise AnnounceConfigError("withdraw_wait_s", f"must be 0-60, got {wait:g}")
+    grace = t.take("drain_grace_s", float, 5.0)
+    if not 0 <= grace <= 3600:
+        raise AnnounceConfigError("drain_grace_s", f"must be 0-3600, got {grace:g}")
+    drop_syns = t.take("drain_drop_syns", bool, True)
     bird = t.take("bird", str, "")
     birdc = t.take("birdc", str, "")
     return BgpSettings(local_as=local_as, routers=tuple(routers), addresses=tuple(addresses),
                        local_address=local_address, router_id=router_id, hold_time_s=hold, bfd=bfd,
                        bfd_interval_ms=interval, bfd_multiplier=mult, med=None if med == -1 else med,
                        communities=tuple(communities), interface=interface, withdraw_wait_s=wait,
-                       bird=bird, birdc=birdc)
+                       drain_grace_s=grace, drain_drop_syns=drop_syns, bird=bird, birdc=birdc)

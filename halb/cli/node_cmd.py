@@ -103,8 +103,10 @@ def systemd_unit(venv: str, config_dir: str, user: str, watchdog_sec: int) -> No
 @click.pass_context
 @api_command
 def drain(ctx: click.Context, node_id: str, undo: bool, as_json: bool) -> None:
-    """BGP mode: withdraw NODE_ID's service addresses from the routers for planned work; the
-    flows still arriving are served (docs/failover.md, "BGP mode"). `--undo` announces again."""
+    """BGP mode: take NODE_ID out of service for planned work. Its client connections end
+    first (keep-alive closed, new SYNs silently dropped: clients retry on another balancer),
+    at most `drain_grace_s`, then its service addresses are withdrawn from the routers
+    (docs/failover.md, "BGP mode"). `--undo` reverses every step and announces again."""
     client = client_from(ctx)
     members = {m["id"]: m for m in client.get("/v1/members")["members"]}
     member = members.get(node_id)
@@ -115,4 +117,12 @@ def drain(ctx: click.Context, node_id: str, undo: bool, as_json: bool) -> None:
     if wants_json(ctx, as_json):
         emit_json(res)
         return
-    click.echo(f"{node_id}: {'drained: its service addresses are withdrawn' if not undo else 'announcing again'}")
+    if undo:
+        click.echo(f"{node_id}: accepting clients and announcing again")
+        return
+    d = res.get("drain") or {}
+    left = d.get("connections_left", 0)
+    click.echo(f"{node_id}: drained: its service addresses are withdrawn"
+               + (f" after {d['waited_s']:.3f}s" if "waited_s" in d else "")
+               + (f"; {left} client connection(s) were still open at drain_grace_s {d.get('grace_s')}s "
+                  f"(the routers moved them)" if left else "; every client connection had ended"))

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from halb.dataplane import http_proxy
 from halb.dataplane.access_log import DEFAULT_BUFFER, AccessLog
+from halb.dataplane.client_drain import ClientDrain, DrainCounts
 from halb.dataplane.http_proxy import HttpClientConn
 from halb.dataplane.listeners import Listener, listen_socket, relay_suits
 from halb.dataplane.local_errors import RateLimitedLog
@@ -75,10 +76,11 @@ class DataPlane:
         self._rid_prefix = (f"{node_id[:16]}-{os.getpid():x}{secrets.token_hex(3)}-").encode()
         self._rid_counter = 0
         self._pool_supervisor: Any = None
-        self._expected_for: RoutingSnapshot | None = None  # selfcheck_inputs' cache
-        self._expected: frozenset[str] = frozenset()
+        # selfcheck_inputs' cache: (snapshot, its service names); one attribute (class size above)
+        self._expected: tuple[RoutingSnapshot | None, frozenset[str]] = (None, frozenset())
         self._started = False
         self.draining = False  # stopping: responses say Connection: close, idle connections are closed
+        self.client_drain = ClientDrain()  # bgp mode's `halb node drain`: phases in client_drain.py
         self._retired: list[Listener] = []
         self._relay: tcp_relay.TcpRelay | None = None  # TCP mode's C relay, made on first use
         self.now = 0.0  # coarse loop time, refreshed by the sweeper (for idle bookkeeping)
@@ -122,6 +124,8 @@ class DataPlane:
         if not self._started:
             raise RuntimeError("DataPlane.update before start")
         self._apply(snapshot, initial=False)
+        if self.client_drain.phase == "refusing":  # a listener bound by this update refuses too
+            self.client_drain.apply_filters(self.listening_sockets())
         if self._pool_supervisor is not None:
             self._pool_supervisor.send_snapshot(self._worker_snapshot())
 
@@ -210,9 +214,9 @@ class DataPlane:
         subset of the snapshot's services (a failed bind or a retired one is popped), so
         equal counts mean every service is bound; the name set is cached per snapshot."""
         snap = self.snapshot
-        if self._expected_for is not snap:
-            self._expected_for, self._expected = snap, frozenset(s.name for s in snap.services)
-        expected = self._expected
+        if self._expected[0] is not snap:
+            self._expected = (snap, frozenset(s.name for s in snap.services))
+        expected = self._expected[1]
         unbound: dict[str, str] = {}
         if len(self.listeners) != len(expected):
             for name in expected:
@@ -397,11 +401,38 @@ class DataPlane:
         if lst in self._retired:
             self._retired.remove(lst)
 
+    def set_client_drain(self, phase: str) -> None:
+        """Drain this node's clients gracefully (client_drain.py: "closing", "refusing") or
+        end the drain ("off"); the worker processes follow."""
+        self.client_drain.set_phase(phase, self.conns, self.listening_sockets())
+        if self._started:
+            self.draining = phase != "off"
+        if self._pool_supervisor is not None:
+            self._pool_supervisor.send_client_drain(phase)
+
+    def client_drain_poll(self) -> DrainCounts:
+        """While draining: close idle keep-alive connections (again: they go idle one by one),
+        then count the client connections left, the workers' included (their last report
+        made in the current phase; a worker that has not reported in it yet counts as busy)."""
+        if self.client_drain.phase != "off":
+            self.client_drain.close_idle(self.conns, time.monotonic(), self._idle)
+        mine = self.client_drain.counts(self.conns)
+        if self._pool_supervisor is not None:
+            for d in self._pool_supervisor.client_drain_counts():
+                if d.phase != mine.phase:
+                    d = DrainCounts(mine.phase, max(1, d.connections), max(1, d.from_before))
+                mine = DrainCounts(mine.phase, mine.connections + d.connections, mine.from_before + d.from_before)
+        return mine
+
     def _close_idle(self) -> None:
         """HTTP client connections between requests (not mid-head): closed while draining."""
         for c in list(self.conns):
-            if isinstance(c, HttpClientConn) and not c.closed and c.cur is None and not c.in_headers:
+            if self._idle(c):
                 c.close()
+
+    @staticmethod
+    def _idle(c: Any) -> bool:
+        return isinstance(c, HttpClientConn) and not c.closed and c.cur is None and not c.in_headers
 
     @staticmethod
     def _busy(conn: Any) -> bool:

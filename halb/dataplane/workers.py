@@ -32,10 +32,12 @@ from typing import Any
 import msgpack
 
 from halb.aio import run
+from halb.dataplane.client_drain import DrainCounts
 from halb.dataplane.snapshot import RoutingSnapshot
 
 log = logging.getLogger(__name__)
 STATS_INTERVAL = 0.5
+DRAIN_REPORT_INTERVAL = 0.05  # while a client drain waits for the workers' connections to end
 _LEN = struct.Struct("!I")
 
 
@@ -63,6 +65,7 @@ class Worker:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     fdchan: socket.socket | None = None  # listening sockets come up here (hot restart)
+    client_drain: DrainCounts = field(default_factory=DrainCounts)  # its last report (client_drain.py)
 
 
 class WorkerPool:
@@ -110,6 +113,8 @@ class WorkerPool:
         al = self.engine.access_log
         if al is not None:
             writer.write(frame({"t": "alog", "p": al.path, "b": al.buffer_bytes}))
+        if self.engine.client_drain.phase != "off":  # a respawn during a drain drains too
+            writer.write(frame({"t": "cdrain", "p": self.engine.client_drain.phase}))
         return w
 
     async def start(self, snapshot: RoutingSnapshot) -> None:
@@ -154,6 +159,7 @@ class WorkerPool:
             t = msg.get("t")
             if t == "stats":
                 w.stats = msg["d"]
+                w.client_drain = DrainCounts.from_wire(msg.get("cd"))
                 w.ready.set()
             elif t == "ej":
                 self.engine._hook(msg["s"], msg["b"], msg["e"], msg["r"])
@@ -176,6 +182,16 @@ class WorkerPool:
         for w in self.workers:
             if not w.writer.is_closing():
                 w.writer.write(data)
+
+    def send_client_drain(self, phase: str) -> None:
+        """Client drain phase (client_drain.py) for every worker; each reports its counts."""
+        data = frame({"t": "cdrain", "p": phase})
+        for w in self.workers:
+            if not w.writer.is_closing():
+                w.writer.write(data)
+
+    def client_drain_counts(self) -> list[DrainCounts]:
+        return [w.client_drain for w in self.workers if w.proc.poll() is None]
 
     async def listening_sockets(self) -> list[tuple[int, Any, socket.socket]]:
         """(worker slot, SocketKey, a copy of the socket) of every live worker, for a hot
@@ -252,8 +268,9 @@ async def _child(fd: int, node_id: str, shared_hosts: list[str], slot: tuple[int
 
     async def report() -> None:
         while True:
-            writer.write(frame({"t": "stats", "d": dp.local_stats()}))
-            await asyncio.sleep(STATS_INTERVAL)
+            cd = dp.client_drain_poll()  # while draining: closes idle keep-alive connections
+            writer.write(frame({"t": "stats", "d": dp.local_stats(), "cd": cd.wire()}))
+            await asyncio.sleep(STATS_INTERVAL if cd.phase == "off" else DRAIN_REPORT_INTERVAL)
 
     async def commands() -> None:
         started = False
@@ -283,6 +300,9 @@ async def _child(fd: int, node_id: str, shared_hosts: list[str], slot: tuple[int
                     await asyncio.to_thread(takeover.send_msg, fdchan, {"sockets": keys}, [s.fileno() for s in socks])
                 except OSError as exc:
                     log.warning("could not hand the listening sockets over: %s", exc)
+            elif msg.get("t") == "cdrain" and started:
+                dp.set_client_drain(str(msg.get("p") or "off"))
+                writer.write(frame({"t": "stats", "d": dp.local_stats(), "cd": dp.client_drain_poll().wire()}))
             elif msg.get("t") == "alog":
                 dp.set_access_log(str(msg.get("p") or ""), int(msg.get("b") or 0) or DEFAULT_BUFFER)
             elif msg.get("t") == "share" and started:

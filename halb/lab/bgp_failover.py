@@ -5,10 +5,17 @@ Observers, all on one clock (``time.monotonic``):
 
 * new flows: :class:`halb.lab.failover.Client` in the client namespace, a new connection
   to the service address every 10 ms (1 s timeout); the router hashes each on layer 4, so
-  about a third land on each balancer;
+  about a third land on each balancer. A second, *patient* client does the same with a
+  ``PATIENT_TIMEOUT_S`` timeout (curl, browsers and Go wait far longer than 1 s for a
+  connect): a SYN the drained balancer dropped on purpose is retransmitted after ~1 s, which
+  the 1 s client counts as failed and the patient one as slow (answered after > 1 s);
 * established flows: ``PERSISTENT`` keep-alive connections opened before the fault, each
   sending a request every 100 ms; which balancer carries each one is read from ``ss`` in
-  the balancers' namespaces;
+  the balancers' namespaces. Like any HTTP client, one honours ``Connection: close``, and a
+  FIN on an idle connection (the server ended it; checked before reuse as urllib3 and Go's
+  net/http do, or seen as EOF before any byte of the answer: RFC 9112 9.3.1) by opening a
+  new connection for its next request: counted in ``*_reconnects``, not as a failure. A reset,
+  a timeout or an error answer breaks the flow;
 * :class:`RouteSampler`: the router's next hops for the service address every 10 ms
   (netlink, inside the router namespace).
 
@@ -38,6 +45,7 @@ from halb.lab.topology import LabError
 
 FAULTS = ("kill", "freeze", "partition", "drain")
 PERSISTENT = 30
+PATIENT_TIMEOUT_S = 5.0  # covers SYN retransmits at 1 s and 3 s
 
 
 class RouteSampler:
@@ -95,14 +103,20 @@ class RouteSampler:
 class Persistent:
     """``n`` keep-alive connections from the client, each asking every ``interval`` s.
 
-    ``broken[i]`` is the monotonic time connection i first failed (error, close or no
-    answer within 1 s), else None. ``ports[i]`` is its local port (to find its balancer).
+    ``broken[i]`` is the monotonic time flow i first failed (reset, error, or no answer
+    within 1 s), else None. ``ports[i]`` is the local port of its first connection (to find
+    its balancer). ``reconnects[i]``: how often the server ended its connection gracefully
+    (``Connection: close``, or a FIN before any byte of an answer) and it went on on a new
+    one, whose connect and answer then took ``slowest[i]`` at most.
     """
 
     def __init__(self, netns: str, host: str, n: int = PERSISTENT, interval: float = 0.1) -> None:
         self.netns, self.host, self.n, self.interval = netns, host, n, interval
         self.ports: list[int | None] = [None] * n
         self.broken: list[float | None] = [None] * n
+        self.reconnects: list[int] = [0] * n
+        self.slowest: list[float] = [0.0] * n
+        self.why: list[str] = [""] * n  # what broke flow i
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="bgp-persistent", daemon=True)
@@ -137,26 +151,48 @@ class Persistent:
             opened += 1
             if opened == self.n:
                 self.ready.set()
+            reopen_at: float | None = None  # the previous connection ended gracefully at
             try:
                 while not self._stop.is_set():
+                    if reopen_at is None and reader.at_eof():  # the server closed it while idle: a
+                        reopen_at = time.monotonic()            # pooled connection is checked before
+                        self.reconnects[i] += 1                 # reuse (urllib3, Go's net/http do)
+                    if reopen_at is not None:
+                        writer.close()
+                        reader, writer = await asyncio.wait_for(
+                            asyncio.open_connection(self.host, SERVICE_PORT), PATIENT_TIMEOUT_S)
                     writer.write(f"GET /health HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
                     status = await asyncio.wait_for(reader.readline(), 1.0)
+                    if not status and reopen_at is None:  # FIN before any answer: the server closed
+                        reopen_at = time.monotonic()       # an idle connection; ask on a new one
+                        self.reconnects[i] += 1
+                        continue
                     if b" 200 " not in status:
                         raise ConnectionError(status)
-                    length = 0
+                    length, close = 0, False
                     while True:
                         line = await asyncio.wait_for(reader.readline(), 1.0)
                         if not line:
                             raise ConnectionError("closed")
-                        if line.lower().startswith(b"content-length:"):
+                        low = line.lower()
+                        if low.startswith(b"content-length:"):
                             length = int(line.split(b":")[1])
+                        if low.startswith(b"connection:") and b"close" in low:
+                            close = True
                         if line in (b"\r\n", b"\n"):
                             break
                     await asyncio.wait_for(reader.readexactly(length), 1.0)
+                    if reopen_at is not None:
+                        self.slowest[i] = max(self.slowest[i], time.monotonic() - reopen_at)
+                    reopen_at = None
                     await asyncio.sleep(self.interval)
-            except (OSError, asyncio.TimeoutError, ConnectionError, ValueError, asyncio.IncompleteReadError):
+                    if close:  # Connection: close: the next request goes on a new connection
+                        reopen_at = time.monotonic()
+                        self.reconnects[i] += 1
+            except (OSError, asyncio.TimeoutError, ConnectionError, ValueError, asyncio.IncompleteReadError) as exc:
                 if not self._stop.is_set():
                     self.broken[i] = time.monotonic()
+                    self.why[i] = repr(exc)[:80]
             finally:
                 writer.close()
 
@@ -189,6 +225,17 @@ class BgpTrial:
     survivor_resets: int
     target_flows: int
     target_resets: int
+    # the drained balancer's own flows ended gracefully (Connection: close / FIN) and went on
+    # on a new connection; survivor_reconnects likewise on the others
+    target_reconnects: int = 0
+    survivor_reconnects: int = 0
+    reconnect_max_s: float = 0.0  # slowest first answer on such a new connection
+    # the patient new-flow client (PATIENT_TIMEOUT_S): failed, and answered but after > 1 s
+    patient_failed: int = 0
+    patient_slow: int = 0
+    patient_max_s: float = 0.0
+    drain: dict[str, Any] | None = None  # the drain's own report (phase timings, connections left)
+    broken_why: list[str] = field(default_factory=list)  # "target|survivor: error" of every broken flow
     next_hops_after: list[str] = field(default_factory=list)
     survivor_reset_at_s: list[float] = field(default_factory=list)  # each reset, seconds after the fault
     thawed_at_s: float | None = None  # freeze: SIGCONT, seconds after the fault
@@ -216,6 +263,7 @@ class BgpFailoverRun:
         lab = self.cluster.lab
         self.addr = lab.service_addresses[0]
         self.client = Client(lab.ns("client"), self.addr)
+        self.patient = Client(lab.ns("client"), self.addr, timeout=PATIENT_TIMEOUT_S)
         self.sync = None
         if lab.router_hash == "resilient":
             from halb.lab.bgp_router import ResilientSync
@@ -232,10 +280,12 @@ class BgpFailoverRun:
             self.sync.start()
         self.routes.start()
         self.client.start()
+        self.patient.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.client.stop()
+        self.patient.stop()
         self.routes.stop()
         if self.sync is not None:
             self.sync.stop()
@@ -287,6 +337,7 @@ class BgpFailoverRun:
             total = sum(served.values()) or 1
             spread = {c.node_id(lb): round(v / total, 3) for lb, v in served.items()}
             gone_ip = self.ip(target)
+            drain_report = None
             t_fault = time.monotonic()
             if fault == "kill":
                 c.kill(target)
@@ -294,10 +345,11 @@ class BgpFailoverRun:
                 c.signal_group(target, signal.SIGSTOP)
             elif fault == "partition":
                 c.lab.partition(target, [lb for lb in c.lbs if lb != target])
-            else:
-                code, body = c.api(target, "POST", "/v1/announce/drain", {"drain": True})
+            else:  # answers once withdrawn (its clients' flows ended first)
+                code, body = c.api(target, "POST", "/v1/announce/drain", {"drain": True}, timeout=15.0)
                 if code != 200:
                     raise LabError(f"drain failed: {code} {body}")
+                drain_report = body.get("drain") if isinstance(body, dict) else None
             withdrawn = None
             thawed_at: float | None = None
             deadline = t_fault + max_wait
@@ -322,6 +374,12 @@ class BgpFailoverRun:
         surv = [(lb, b) for lb, b in flows if lb is not None and lb != target]
         tgt = [(lb, b) for lb, b in flows if lb == target]
         samples = [h for t, h in self.routes.samples if t_fault <= t <= t_end]
+        gone = [t for t, h in self.routes.samples if t_fault <= t <= t_end and gone_ip not in h]
+        if gone:  # from the samples: the loop above only starts once a drain's API call answered
+            withdrawn = gone[0]
+        patient = [r for r in self.patient.reqs if t_fault - 0.5 <= r.sent <= t_end]
+        tgt_i = [i for i, p in enumerate(persistent.ports) if owners.get(p or -1) == target]
+        surv_i = [i for i, p in enumerate(persistent.ports) if owners.get(p or -1) not in (None, target)]
         trial = BgpTrial(
             fault=fault, target=c.node_id(target), gap_s=round(gap, 3), failed_requests=failed,
             withdrawn_s=None if withdrawn is None else round(withdrawn - t_fault, 3), spread=spread,
@@ -330,11 +388,23 @@ class BgpFailoverRun:
             next_hops_after=list(samples[-1]) if samples else [],
             survivor_reset_at_s=sorted(round(b - t_fault, 3) for _, b in surv if b is not None and b >= t_fault),
             thawed_at_s=None if thawed_at is None else round(thawed_at - t_fault, 3),
+            target_reconnects=sum(1 for i in tgt_i if persistent.reconnects[i]),
+            survivor_reconnects=sum(1 for i in surv_i if persistent.reconnects[i]),
+            reconnect_max_s=round(max(persistent.slowest, default=0.0), 3),
+            patient_failed=sum(1 for r in patient if not r.ok),
+            patient_slow=sum(1 for r in patient if r.ok and r.done - r.sent > 1.0),
+            patient_max_s=round(max((r.done - r.sent for r in patient if r.ok), default=0.0), 3),
+            drain=drain_report,
+            broken_why=[("target: " if i in tgt_i else "survivor: ") + persistent.why[i]
+                        for i in tgt_i + surv_i if persistent.broken[i] is not None and persistent.broken[i] >= t_fault],
         )
         self.trials.append(trial)
         self._say(f"{fault:9s} {trial.target}: gap {trial.gap_s:.3f}s ({failed} failed), withdrawn "
                   f"{trial.withdrawn_s}s, spread {spread}, survivor resets {trial.survivor_resets}/"
-                  f"{trial.survivor_flows}, target's flows reset {trial.target_resets}/{trial.target_flows}")
+                  f"{trial.survivor_flows}, target's flows reset {trial.target_resets}/{trial.target_flows} "
+                  f"(reconnected {trial.target_reconnects}), patient client: {trial.patient_failed} failed, "
+                  f"{trial.patient_slow} slow (max {trial.patient_max_s}s)"
+                  + (f", drain {trial.drain}" if trial.drain else ""))
         self.restore(fault, target)
         return trial
 
@@ -378,6 +448,12 @@ def bgp_summary(trials: list[BgpTrial], router_hash: str = "ecmp") -> dict[str, 
                        "failed_requests": sum(t.failed_requests for t in ts),
                        "survivor_resets": sum(t.survivor_resets for t in ts),
                        "survivor_flows": sum(t.survivor_flows for t in ts),
+                       "target_resets": sum(t.target_resets for t in ts),
+                       "target_flows": sum(t.target_flows for t in ts),
+                       "target_reconnects": sum(t.target_reconnects for t in ts),
+                       "patient_failed": sum(t.patient_failed for t in ts),
+                       "patient_slow": sum(t.patient_slow for t in ts),
+                       "patient_max_s": max(t.patient_max_s for t in ts),
                        "never_withdrawn": sum(1 for t in ts if t.withdrawn_s is None)}
     out["by_fault"] = by_fault
     return out

@@ -165,6 +165,8 @@ def test_drain_withdraws_and_undrain_announces_again(bgp):
     gone = ip_of(lab, "lb2")
     code, body = cluster.api("lb2", "POST", "/v1/announce/drain", {"drain": True})
     assert code == 200 and body["draining"] is True, body
+    # it answers once withdrawn; no client was connected, so nothing was waited for
+    assert body["drain"]["phase"] == "withdrawn" and body["drain"]["connections_left"] == 0, body
     try:
         assert wait_for(lambda: gone not in next_hops(lab), 3) is not None, next_hops(lab)
         # the address stays on lo so flows that were on their way are still served

@@ -282,3 +282,34 @@ def test_cluster_status_table_shows_each_members_announcements(capsys):
              and "10.99.2.10" in line or line.startswith("n3 ") and "unknown" in line}
     assert "announced" in lines["n1"] and "withdrawn: no contact with a Raft majority" in lines["n2"]
     assert "unknown" in lines["n3"]
+
+
+def test_sessions_switch_over_birds_control_socket(tmp_path):
+    """set_sessions talks to BIRD's socket itself (no birdc spawn: a drain refuses SYNs
+    while it runs); a real bird, a session to a router that is not there."""
+    import asyncio
+
+    from halb.announce.bird import BirdError, BirdProcess
+
+    tools = require_tools({"bird": "bird2", "birdc": "bird2"})
+    s = BgpSettings(local_as=65001, routers=(RouterPeer("127.0.0.2", 65000),),
+                    addresses=(ServiceAddress("198.51.100.7"),), local_address="127.0.0.1",
+                    router_id="127.0.0.1", bfd=False, bird=tools["bird"], birdc=tools["birdc"])
+    bird = BirdProcess(s, "n1", tmp_path / "bird")
+
+    async def main():
+        bird.write_config()
+        bird.start()
+        try:
+            await bird.wait_ready()
+            await bird.set_sessions(False)
+            assert "router1: already disabled" in await bird.command("disable router1")
+            assert [p.state for p in await bird.protocols() if p.name == "router1"] == ["down"]
+            await bird.set_sessions(True)
+            assert "enabled" in await bird.command("enable router1")
+            with pytest.raises(BirdError, match="syntax error"):
+                await bird.command("disable no_such_protocol")
+        finally:
+            bird.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
