@@ -309,6 +309,9 @@ def versions() -> dict[str, str]:
         "halb TCP mode relay": first([PY, "-c", "from halb.dataplane.tcp_relay import available as a; "
                                       "print('C extension (halb.dataplane._tcprelay)' if a() else "
                                       "'not built: asyncio Protocols')"]),
+        "halb TLS record calls": first([PY, "-c", "from halb.certs.tls import tls_direct as a; "
+                                        "print('C extension (halb.certs._tlsdirect)' if a() else "
+                                        "'not built: CPython ssl methods')"]),
     }
 
 

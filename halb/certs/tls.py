@@ -40,6 +40,31 @@ CIPHERS_TLS12 = ":".join((
 ALPN = ["http/1.1"]
 
 
+def _direct_binder() -> Callable[..., Any] | None:
+    """`_tlsdirect.bind` when the optional C extension is built and finds the libssl that
+    CPython's _ssl uses; None otherwise (or with HALB_TLS_DIRECT=0): CPython's methods."""
+    if os.environ.get("HALB_TLS_DIRECT", "1") == "0":
+        return None
+    try:
+        import _ssl
+
+        from halb.certs import _tlsdirect
+    except ImportError:
+        return None
+    path = getattr(_ssl, "__file__", None)
+    if not path or not _tlsdirect.load(path):
+        return None
+    return _tlsdirect.bind  # type: ignore[no-any-return]
+
+
+_bind_direct = _direct_binder()
+
+
+def tls_direct() -> bool:
+    """Whether TLS records go through halb/certs/_tlsdirect.c (logged at start-up)."""
+    return _bind_direct is not None
+
+
 class DirectSSLObject(ssl.SSLObject):
     """An `ssl.SSLObject` whose per-record calls skip ssl.py's forwarding methods.
 
@@ -47,16 +72,22 @@ class DirectSSLObject(ssl.SSLObject):
     connection and calls them for every record; on `ssl.SSLObject` each is a Python method
     that only forwards to the C object (`self._sslobj.read(len)` and so on): three Python
     frames per keep-alive request. Bound to the C methods directly they are one C call
-    each (bench/NOTES.md, "HTTPS"). The C `read` needs its size (no default of 1024) and
-    takes no explicit `buffer=None`; both protocols always pass a size, and a buffer only
-    when they have one. Everything else is ssl.SSLObject's.
+    each (bench/NOTES.md, "HTTPS"). With the optional C extension (_tlsdirect.c) they are
+    halb's own C calls on the same OpenSSL connection: no GIL round trip per OpenSSL call,
+    no 256 KiB buffer per record; anything but success goes through CPython's methods, so
+    errors, close_notify and want-read surface exactly as ssl.SSLObject raises them. The C
+    `read` needs its size (no default of 1024) and takes no explicit `buffer=None`; both
+    protocols always pass a size, and a buffer only when they have one. Everything else
+    is ssl.SSLObject's.
     """
 
     @classmethod
     def _create(cls, *args: Any, **kwargs: Any) -> "DirectSSLObject":
         obj: DirectSSLObject = super()._create(*args, **kwargs)  # type: ignore[misc]
         c = obj._sslobj  # type: ignore[attr-defined]
-        obj.read, obj.write, obj.pending = c.read, c.write, c.pending  # type: ignore[method-assign]
+        d = _bind_direct(c, c.read, c.write) if _bind_direct is not None else None
+        src = d if d is not None else c
+        obj.read, obj.write, obj.pending = src.read, src.write, src.pending  # type: ignore[method-assign]
         return obj
 
 
@@ -181,4 +212,4 @@ def server_context(current: Callable[[], CertSet], default_cert: Callable[[], st
     return ctx
 
 
-__all__ = ["CertSet", "DirectSSLObject", "SniIndex", "load_context", "select_cert", "server_context"]
+__all__ = ["CertSet", "DirectSSLObject", "SniIndex", "load_context", "select_cert", "server_context", "tls_direct"]

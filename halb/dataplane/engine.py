@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from halb.certs.tls import tls_direct
 from halb.dataplane import http_proxy
 from halb.dataplane.access_log import DEFAULT_BUFFER, AccessLog
 from halb.dataplane.client_drain import ClientDrain, DrainCounts
@@ -107,6 +108,8 @@ class DataPlane:
                  else "off, llhttp only (extension not built, or HALB_HTTP_ACCEL=0)")
         log.info("TCP mode relay: %s", "C (halb.dataplane._tcprelay)" if tcp_relay.available()
                  else "asyncio Protocols (extension not built, or HALB_TCP_RELAY=python)")
+        log.info("TLS record calls: %s", "C (halb.certs._tlsdirect)" if tls_direct()
+                 else "CPython's ssl methods (extension not built, or HALB_TLS_DIRECT=0)")
         self._apply(snapshot, initial=True)
         # let the servers start before returning, so callers can connect at once
         for lst in list(self.listeners.values()):

@@ -9,7 +9,7 @@ import ssl
 import pytest
 
 from halb.certs.sealing import KeySealer
-from halb.certs.tls import CertSet, DirectSSLObject, SniIndex, load_context, select_cert, server_context
+from halb.certs.tls import CertSet, DirectSSLObject, SniIndex, load_context, select_cert, server_context, tls_direct
 from tests.certs_util import make_ca, make_leaf
 
 RECORDS = {
@@ -115,14 +115,18 @@ def ssl_encoding():
 
 def test_direct_sslobject_reads_and_writes_records_through_the_c_methods():
     """The listening context's SSLObjects skip ssl.py's forwarding frames (uvloop calls
-    read/write/pending per record) and still carry data both ways, into a buffer too."""
+    read/write/pending per record): halb's C calls when _tlsdirect is built, else CPython's
+    C methods; either way data goes both ways, into a buffer too (tests/unit/test_tlsdirect.py
+    compares the two paths)."""
     ca = make_ca()
     leaf = make_leaf(ca, ["shop.example"])
     ctx = load_context(leaf.cert_pem + ca.cert_pem, leaf.key_pem().encode())
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     server = ctx.wrap_bio(s_in, s_out, server_side=True)
     assert isinstance(server, DirectSSLObject)
-    assert server.read.__self__ is server._sslobj and server.pending.__self__ is server._sslobj
+    owner = server.read.__self__
+    assert owner is server.pending.__self__ is server.write.__self__
+    assert owner is not server and (type(owner).__name__ == "Direct") == tls_direct()
     client = ssl.create_default_context(cadata=ca.cert_pem).wrap_bio(c_in, c_out, server_hostname="shop.example")
 
     def pump() -> None:
