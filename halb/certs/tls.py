@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -45,6 +46,8 @@ def _direct_binder() -> Callable[..., Any] | None:
     CPython's _ssl uses; None otherwise (or with HALB_TLS_DIRECT=0): CPython's methods."""
     if os.environ.get("HALB_TLS_DIRECT", "1") == "0":
         return None
+    if sys.implementation.name != "cpython" or not (3, 11) <= sys.version_info[:2] <= (3, 13):
+        return None  # _tlsdirect.c reads _ssl._SSLSocket's first fields: checked on 3.11-3.13 only
     try:
         import _ssl
 
