@@ -28,13 +28,16 @@ import httptools
 if TYPE_CHECKING:  # pragma: no cover
     from halb.dataplane.http_proxy import UpstreamConn
 
-# bytes per read: uvloop's own receive buffer is 256,000 bytes; reads of a busy socket fill it
-SIZE = 256 * 1024
-# body bytes still to come for the switch to pay: two set_protocol calls (read stop/start
-# each) cost about what copying 64 KiB costs (bench/NOTES.md, "1 MiB bodies")
+# bytes per read. Larger than uvloop's 256,000: one read takes what the socket holds, so
+# fewer reads and fewer window updates wake the backend (1 MiB bodies, perf cpu-clock: the
+# kernel's wake-up time per request halved against 256 or 512 KiB; bench/NOTES.md)
+SIZE = 1024 * 1024
+# body bytes still to come for the switch to pay: two set_protocol calls (a read stop and
+# start each, epoll changes) against a copy of every byte; a judgment, not measured
 MIN_BODY = 128 * 1024
-# idle buffers kept per process for the next large body (a fresh bytearray is zero-filled)
-SPARE_MAX = 16
+# idle buffers kept per process for the next large body (a fresh bytearray is zero-filled):
+# at most SPARE_MAX * SIZE = 8 MiB held between large bodies
+SPARE_MAX = 8
 _spare: list[bytearray] = []
 
 
