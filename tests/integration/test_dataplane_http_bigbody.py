@@ -9,6 +9,8 @@ import contextlib
 import random
 import re
 import socket
+import ssl
+from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
@@ -16,8 +18,9 @@ import pytest
 from halb.dataplane import body_relay
 from halb.dataplane.engine import DataPlane
 from halb.dataplane.snapshot import BackendRoute
-from halb.dataplane.testing import free_port, raw_request, run, service, snapshot
+from halb.dataplane.testing import free_port, processes, raw_request, run, service, snapshot, spawn_proxy
 
+from tests.certs_util import make_ca, make_leaf
 from tests.integration.head_paths import head_path  # noqa: F401  (autouse: both head paths)
 
 pytestmark = pytest.mark.timeout(120)
@@ -71,14 +74,16 @@ async def proxy() -> AsyncIterator[int]:
         server.close()
 
 
-async def slow_client(port: int, requests: list[tuple[int, int]], rng: random.Random) -> None:
+async def slow_client(port: int, requests: list[tuple[int, int]], rng: random.Random,
+                      tls: ssl.SSLContext | None = None) -> None:
     """One keep-alive connection with a 4 KiB receive buffer, reading in random small pieces
     with pauses, checking every body byte against what the backend sent."""
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.setblocking(False)
     await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", port))
-    reader, writer = await asyncio.open_connection(sock=s, limit=1 << 16)
+    reader, writer = await asyncio.open_connection(sock=s, limit=1 << 16, ssl=tls,
+                                                   server_hostname="big.example" if tls else None)
     try:
         for seed, size in requests:
             writer.write(b"GET /%d/%d HTTP/1.1\r\nHost: t\r\n\r\n" % (seed, size))
@@ -149,3 +154,31 @@ def test_backend_cut_mid_body_closes_the_client_after_the_bytes_it_sent() -> Non
             assert r is not None and r.complete and r.body == body_of(6, size)
 
     run(main(), 60)
+
+
+def test_large_bodies_byte_exact_through_a_tls_frontend_under_backpressure(tmp_path: Path) -> None:
+    """The client transport is uvloop's TLS transport. It encrypts what it is given at once
+    (OpenSSL copies it into its memory BIO; only in a handshake would it keep it in a backlog,
+    counted in get_write_buffer_size), so buffers are reused; every byte still arrives."""
+    ca = make_ca()
+    leaf = make_leaf(ca, ["big.example"])
+    (tmp_path / "chain.pem").write_text(leaf.cert_pem + ca.cert_pem)
+    (tmp_path / "key.pem").write_text(leaf.key_pem())
+    client = ssl.create_default_context(cadata=ca.cert_pem)
+
+    async def main() -> None:
+        server = await asyncio.start_server(serve_bodies, "127.0.0.1", 0)
+        bport = server.sockets[0].getsockname()[1]
+        try:
+            with processes() as procs:
+                proxy_proc = spawn_proxy("--listen", f"127.0.0.1:{free_port()}", "--backend", f"A=127.0.0.1:{bport}",
+                                         "--tls-cert", str(tmp_path / "chain.pem"), "--tls-key", str(tmp_path / "key.pem"))
+                procs.append(proxy_proc)
+                rng = random.Random(11)
+                await asyncio.gather(*[
+                    slow_client(proxy_proc.port, [(c * 10 + i, (1 << 20) + c * 77_777 + i) for i in range(3)],
+                                random.Random(rng.random()), client) for c in range(2)])
+        finally:
+            server.close()
+
+    run(main(), 100)
