@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from halb.dataplane import acme_answer, body_deadline, proxy_protocol, request_target, tunnel
+from halb.dataplane import acme_answer, body_deadline, body_relay, proxy_protocol, request_target, tunnel
 from halb.dataplane.access_log import BATCH, CLIENT_CLOSED, monotonic, tls_version
 from halb.dataplane.admission import QUEUE_MESSAGES, Admission
 from halb.dataplane.http_errors import error_response
@@ -396,6 +396,8 @@ class UpstreamConn(asyncio.Protocol):
             # no copy of the slice (bulk transfers); a fresh parser serves the next response
             self.bypass = True
             self.ka = self.parser.should_keep_alive()
+            if self.remaining >= body_relay.MIN_BODY:  # read into halb's buffer, no copy per read
+                body_relay.begin(self)
 
     def _fast_response(self, ex: Exchange, client: "HttpClientConn", data: bytes,
                        r: tuple[int, bytes, int, bool, int]) -> None:
@@ -419,6 +421,8 @@ class UpstreamConn(asyncio.Protocol):
             self.remaining = cl - body
             self.bypass = True
             self.ka = ka
+            if self.remaining >= body_relay.MIN_BODY:  # read into halb's buffer, no copy per read
+                body_relay.begin(self)
             return
         # bytes beyond the announced length: the backend broke framing, do not reuse
         client.response_done(self, ex, reusable=ka and body == cl)
