@@ -8,7 +8,7 @@ or ``--snapshot FILE.json`` with ``{"version": 1, "services": [...]}`` in the sh
 RoutingSnapshot.to_wire. ``--tls-cert CHAIN.pem --tls-key KEY.pem`` (HTTP mode) serves
 HTTPS instead: ``--listen`` becomes a TLS frontend whose default service is the (first)
 service, with the context halb/certs/tls.py builds for every frontend (TLS 1.2+, the same
-ciphers, ALPN http/1.1); the service itself then listens on an ephemeral port of the same
+ciphers, ALPN http/1.1; ``--route-host H`` adds a Host route to it, as routed frontends do); the service itself then listens on an ephemeral port of the same
 host. ``--frontend`` does the same in plain HTTP (a frontend without TLS: what routing
 costs per request, measured without TLS). For `make bench` and tests: the node serves TLS
 through the replicated certificate store instead. Prints ``READY <port>`` when serving; SIGTERM/SIGINT stop it
@@ -125,11 +125,13 @@ async def start_frontend(dp: DataPlane, args: argparse.Namespace, service: str) 
     """The frontend on --listen (TLS with --tls-cert, else plain), routing everything to
     `service`; its bound port."""
     from halb.certs.tls import CertSet
-    from halb.dataplane.frontend_routes import FrontendRoute
+    from halb.dataplane.frontend_routes import FrontendRoute, RouteEntry
 
     host, _, port = args.listen.rpartition(":")
     tls = bool(args.tls_cert)
-    fe = FrontendRoute(name=TLS_FRONTEND, listen_host=host, port=int(port), tls=tls, default_service=service)
+    routes = tuple(RouteEntry(host=h, path_prefix="/", service=service) for h in args.route_host)
+    fe = FrontendRoute(name=TLS_FRONTEND, listen_host=host, port=int(port), tls=tls, default_service=service,
+                       routes=routes)
     dp.set_frontends((fe,), load_tls(args.tls_cert, args.tls_key) if tls else CertSet())
     if TLS_FRONTEND in dp.frontends.errors:
         raise SystemExit(dp.frontends.errors[TLS_FRONTEND])
@@ -189,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
     ap.add_argument("--frontend", action="store_true",
                     help="serve --listen as a plain HTTP frontend routing to the service (like --tls-cert, no TLS)")
+    ap.add_argument("--route-host", action="append", default=[],
+                    help="with --frontend/--tls-cert: a Host route to the service (the lookup a routed frontend makes)")
     ap.add_argument("--access-log", default="", help="JSON lines access log file (SIGHUP reopens it)")
     args = ap.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
