@@ -6,10 +6,14 @@ per-service hot path:
 
 - `FrontendConn.start` first picks the service (frontend_routes.RouteTable.pick, inlined;
   a frontend without routes takes its default with one attribute read) and then runs
-  `HttpClientConn.start` with that service's runtime as its `rt` argument: the service's
-  own timeouts, retries, body limit, capacity limits and algorithm apply per request.
-  Per-service listeners never run this code (their `start` reads `self.listener.rt`):
-  their lookup costs nothing.
+  the unchanged `HttpClientConn.start` with that service's runtime: the service's own
+  timeouts, retries, body limit, capacity limits and algorithm apply per request.
+  `HttpClientConn.start` reads `self.listener.rt` once, at its entry, so the frontend
+  points its (shared) listener's `rt` at the routed service for exactly that synchronous
+  call and puts it back after (asyncio runs one callback at a time). Per-service
+  listeners never run this code: their lookup costs nothing. (Passing the runtime as an
+  argument instead saved the frontend ~120 instructions but cost every per-service
+  request ~40: not done.)
 - The connection itself belongs to the frontend's own runtime (`frontend:NAME`, a service
   without backends, default options): max_connections, header limits and header_timeout
   while a head is parsed, idle_timeout between requests; connections and 404s are counted
@@ -59,7 +63,7 @@ class FrontendListener(Listener):
     table: RouteTable
     fe: FrontendRoute
     redirect: bool
-    own: ServiceRuntime  # the frontend's runtime (= rt)
+    own: ServiceRuntime  # the frontend's runtime (`rt` points at a routed service during start)
     services: dict[str, Listener]  # the engine's per-service listeners (their runtimes), by name
     answer_first: "AnswerFirst | None"  # FrontendListeners.answer_first, copied here
     only: str | None  # read first per request: table.only while answer_first is None, else None
@@ -100,8 +104,8 @@ class FrontendConn(HttpClientConn):
         """Route, then the per-service start with the routed runtime. RouteTable.pick
         inlined (one call less per request): the memo of this Host holds its service, or
         the candidates whose first matching prefix decides; a frontend without routes skips
-        even that (`only`). Subscripts, not dict.get (a method call each), and no swap of
-        the listener's `rt`: docs/benchmarks.md, "Frontends"."""
+        even that (`only`). Subscripts, not dict.get (a method call each):
+        docs/benchmarks.md, "Frontends"."""
         lst: FrontendListener = self.listener  # type: ignore[assignment]
         name = lst.only  # None also while answer_first is set: it runs first
         if name is None:
@@ -129,7 +133,11 @@ class FrontendConn(HttpClientConn):
             h: Any = self.head
             h.max_body = rt.opts.max_body_bytes
             h.opts = None  # the next request re-reads the frontend's limits
-        _service_start(self, ex, rt)
+        lst.rt = rt  # HttpClientConn.start reads self.listener.rt once, at its entry
+        try:
+            _service_start(self, ex)
+        finally:
+            lst.rt = lst.own
 
     def local_answer(self, ex: Exchange, own: ServiceRuntime, name: str | None) -> None:
         ex.rt, ex.opts = own, own.opts

@@ -942,13 +942,11 @@ class HttpClientConn(asyncio.Protocol):
             if ex.pending_size > PENDING_HIGH:
                 self.pause(R_PENDING)
 
-    def start(self, ex: Exchange, rt: ServiceRuntime | None = None) -> None:
-        """Route a request whose head is complete and send it (hot path: one call, no helpers).
-        `rt`: the service a frontend routed it to (frontend.py); None: this listener's."""
+    def start(self, ex: Exchange) -> None:
+        """Route a request whose head is complete and send it (hot path: one call, no helpers)."""
         if self.engine.acme_answers and acme_answer.answer(self, ex, self.engine.acme_answers):
             return
-        if rt is None:
-            rt = self.listener.rt
+        rt = self.listener.rt
         opts = rt.opts
         ex.rt = rt
         ex.opts = opts
