@@ -1,7 +1,8 @@
-"""`python -m halb.dataplane.run --tls-cert --tls-key` (the HTTPS cases of `make bench`) and `--frontend`:
+"""`python -m halb.dataplane.run --tls-cert --tls-key` (the HTTPS cases of `make bench`):
 a real TLS client verifying against the CA gets the origin's answer through the TLS
 frontend, keep-alive and session resumption work (the bench's new-connection case relies on
-it, as HAProxy's does), and bad certificate input exits with a clear error."""
+it, as HAProxy's does), and bad certificate input exits with a clear error. `--frontend`
+serves the same frontend in plain HTTP (bench/instr.py --frontend)."""
 from __future__ import annotations
 
 import socket
