@@ -5,11 +5,14 @@ user-space instructions per request move by ~1-2 %, so this is the number to com
 changing the hot path (kernel time is not counted: both proxies make the same syscalls).
 
     .venv/bin/python bench/instr.py [--requests-seconds 10] [--path /] [--origin-port P]
-        [--mode tcp] [--close] [--tls] [--tree DIR] [--access-log]
+        [--mode tcp] [--close] [--tls] [--frontend] [--route-host H] [--tree DIR] [--access-log]
 
 `--close` sends `Connection: close` (a new connection per request: with `--mode tcp` this
 counts what TCP mode spends per proxied connection); `--tls` serves HTTPS (bench/tls.py's
-certificate, `--tls-cert`: a TLS frontend) and drives it with `https://`; `--tree` runs the halb found in DIR
+certificate, `--tls-cert`: a TLS frontend) and drives it with `https://`; `--frontend`
+serves the same frontend in plain HTTP (`--frontend` of halb.dataplane.run: what a frontend
+costs over the service's own listener, without TLS); `--route-host 127.0.0.1` gives either
+frontend a Host route that wrk's requests match (else they take the default service); `--tree` runs the halb found in DIR
 (e.g. a `git archive` of an older commit) for before/after comparisons; `--access-log` runs
 it with the access log on (docs/dataplane.md#access-log).
 
@@ -57,6 +60,8 @@ def main() -> int:
     ap.add_argument("--mode", choices=["http", "tcp"], default="http")
     ap.add_argument("--close", action="store_true", help="wrk -H 'Connection: close'")
     ap.add_argument("--tls", action="store_true", help="HTTPS: halb terminates TLS (a TLS frontend)")
+    ap.add_argument("--frontend", action="store_true", help="plain HTTP through a frontend (no TLS)")
+    ap.add_argument("--route-host", action="append", default=[], help="a Host route on the frontend")
     ap.add_argument("--tree", default=str(ROOT), help="directory whose halb package runs")
     ap.add_argument("--access-log", action="store_true", help="with the access log on (a file in a temp dir)")
     args = ap.parse_args()
@@ -83,6 +88,8 @@ def main() -> int:
                               sys.executable, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{port}",
                               "--mode", args.mode, "--backend", f"origin=127.0.0.1:{origin}",
                               *halb_tls_args(make_cert(tmp) if args.tls else None),
+                              *(["--frontend"] if args.frontend and not args.tls else []),
+                              *[a for h in args.route_host for a in ("--route-host", h)],
                               *(["--access-log", str(tmp / "access.log")] if args.access_log else [])],
                              cwd=args.tree, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         procs.append(p)

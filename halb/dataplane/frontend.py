@@ -4,13 +4,16 @@ A frontend listener is an ordinary HTTP listener (listeners.Listener, the same
 HttpClientConn parsing, limits and proxying) with two differences, both outside the
 per-service hot path:
 
-- `FrontendConn.start` first picks the service (frontend_routes.RouteTable.pick) and then
-  runs the unchanged `HttpClientConn.start` with that service's runtime: the service's
-  own timeouts, retries, body limit, capacity limits and algorithm apply per request.
+- `FrontendConn.start` first picks the service (frontend_routes.RouteTable.pick, inlined;
+  a frontend without routes takes its default with one attribute read) and then runs
+  the unchanged `HttpClientConn.start` with that service's runtime: the service's own
+  timeouts, retries, body limit, capacity limits and algorithm apply per request.
   `HttpClientConn.start` reads `self.listener.rt` once, at its entry, so the frontend
   points its (shared) listener's `rt` at the routed service for exactly that synchronous
   call and puts it back after (asyncio runs one callback at a time). Per-service
-  listeners never run this code: their lookup costs nothing.
+  listeners never run this code: their lookup costs nothing. (Passing the runtime as an
+  argument instead saved the frontend ~120 instructions but cost every per-service
+  request ~40: not done.)
 - The connection itself belongs to the frontend's own runtime (`frontend:NAME`, a service
   without backends, default options): max_connections, header limits and header_timeout
   while a head is parsed, idle_timeout between requests; connections and 404s are counted
@@ -48,7 +51,8 @@ XFF_TAIL_HTTPS = b"\r\nX-Forwarded-Proto: https\r\nX-Request-Id: "
 IPV6_HOST = re.compile(rb"\[[0-9a-f:.]+\]")
 # A request a node answers itself before routing (or redirecting), e.g. an ACME HTTP-01
 # challenge: called with (connection, exchange); True means it answered (conn.send_error /
-# conn._w + conn.finish). None (the default) costs one attribute read per frontend request.
+# conn._w + conn.finish). None (the default) costs nothing on a frontend without routes
+# (FrontendListener.only) and one attribute read per request on one with routes.
 AnswerFirst = Callable[[HttpClientConn, Exchange], bool]
 _service_start = HttpClientConn.start  # the per-service start, run once a frontend request is routed
 
@@ -61,15 +65,22 @@ class FrontendListener(Listener):
     redirect: bool
     own: ServiceRuntime  # the frontend's runtime (`rt` points at a routed service during start)
     services: dict[str, Listener]  # the engine's per-service listeners (their runtimes), by name
-    answer_first: "AnswerFirst | None"  # FrontendListeners.answer_first, copied here (one read per request)
+    answer_first: "AnswerFirst | None"  # FrontendListeners.answer_first, copied here
+    only: str | None  # read first per request: table.only while answer_first is None, else None
 
     def setup(self, fe: FrontendRoute, table: RouteTable, redirect: bool) -> "FrontendListener":
         self.fe, self.table, self.redirect = fe, table, redirect
         self.frontend = fe.name
         if not hasattr(self, "own"):
             self.own, self.services = self.rt, self.engine.listeners
-            self.answer_first = self.engine.frontends.answer_first
+        self.set_answer_first(self.engine.frontends.answer_first)
         return self
+
+    def set_answer_first(self, hook: "AnswerFirst | None") -> None:
+        """The hook, and `only`: a frontend without routes answers every request from its
+        default service with one attribute read, unless a hook must see the request first."""
+        self.answer_first = hook
+        self.only = self.table.only if hook is None else None
 
 
 def _header(hdrs: bytes, name: bytes) -> bytes | None:
@@ -90,34 +101,39 @@ class FrontendConn(HttpClientConn):
             self.xff_head = XFF + self.peer + XFF_TAIL_HTTPS
 
     def start(self, ex: Exchange) -> None:
-        """Route, then the unchanged per-service start. RouteTable.pick inlined (one call
-        less per request): the memoised candidates of this Host, the first whose prefix
-        matches (docs/benchmarks.md, "Frontends")."""
+        """Route, then the per-service start with the routed runtime. RouteTable.pick
+        inlined (one call less per request): the memo of this Host holds its service, or
+        the candidates whose first matching prefix decides; a frontend without routes skips
+        even that (`only`). Subscripts, not dict.get (a method call each):
+        docs/benchmarks.md, "Frontends"."""
         lst: FrontendListener = self.listener  # type: ignore[assignment]
-        if lst.answer_first is not None and lst.answer_first(self, ex):
-            return
-        table = lst.table
-        cands = table.cache.get(ex.host)
-        if cands is None:
-            cands = table.remember(ex.host)
-        url = ex.url
-        name = None
-        for prefix, service in cands:
-            if prefix is None or url.startswith(prefix):
-                name = service
-                break
-        target = lst.services.get(name)  # type: ignore[arg-type]
-        if target is None:
+        name = lst.only  # None also while answer_first is set: it runs first
+        if name is None:
+            if lst.answer_first is not None and lst.answer_first(self, ex):
+                return
+            table = lst.table
+            try:
+                name, cands = table.cache[ex.host]
+            except KeyError:
+                name, cands = table.remember(ex.host)
+            if name is None:  # the path decides
+                url = ex.url
+                for prefix, service in cands:
+                    if prefix is None or url.startswith(prefix):
+                        name = service
+                        break
+        try:
+            rt: ServiceRuntime = lst.services[name].rt  # type: ignore[index]
+        except KeyError:  # no route and no default (None), or a service not run here
             self.local_answer(ex, lst.own, name)
             return
-        rt: ServiceRuntime = target.rt
         if rt.hash_header is not None and ex.hash_value is None:  # parsed with the frontend's (no) hash header
             ex.hash_value = _header(ex.hdrs, rt.hash_header)
-        h = self.head
-        if h is not None and self.parsing is ex:  # its body is still to come: the service's body limit
+        if self.parsing is ex:  # its body is still to come (llhttp path): the service's body limit
+            h: Any = self.head
             h.max_body = rt.opts.max_body_bytes
             h.opts = None  # the next request re-reads the frontend's limits
-        lst.rt = rt
+        lst.rt = rt  # HttpClientConn.start reads self.listener.rt once, at its entry
         try:
             _service_start(self, ex)
         finally:
@@ -193,7 +209,7 @@ class FrontendListeners:
     def answer_first(self, hook: AnswerFirst | None) -> None:
         self._answer_first = hook
         for lst in self.listeners.values():
-            lst.answer_first = hook
+            lst.set_answer_first(hook)
 
     def set_certs(self, certs: CertSet) -> None:
         self.certs = certs  # read by every TLS frontend's SNI callback at the next handshake

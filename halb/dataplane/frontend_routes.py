@@ -43,6 +43,9 @@ Prefixes = tuple[tuple[bytes, str], ...]  # (prefix, service), longest prefix fi
 # (prefix or None for "/", service) in match order for one raw Host value: the exact host's
 # prefixes, then each matching wildcard's, then (None, default) when there is a default
 Candidates = tuple[tuple["bytes | None", str], ...]
+# what the cache holds per raw Host value: (the service when the path cannot change it, i.e.
+# the first candidate has no prefix, else None; the candidates, tested in order otherwise)
+Memo = tuple["str | None", Candidates]
 MAX_CACHED_HOSTS = 4096  # raw Host values remembered per table (beyond: computed each time)
 
 
@@ -52,11 +55,18 @@ class RouteTable:
 
     `pick` is on every frontend request, so the Host part is memoised per raw Host header
     value (`cache`: at most MAX_CACHED_HOSTS entries, so random Host values cannot grow it)
-    and what remains per request is one dict lookup and a prefix test or two."""
+    and what remains per request is one dict lookup, and a prefix test or two only when the
+    path can change the answer (the memo holds the service otherwise)."""
     exact: dict[bytes, Prefixes] = field(default_factory=dict)
     wildcards: tuple[tuple[bytes, Prefixes], ...] = ()  # (".suffix", prefixes), longest suffix first
     default: str | None = None
-    cache: dict[bytes | None, Candidates] = field(default_factory=dict)
+    cache: dict[bytes | None, Memo] = field(default_factory=dict)
+
+    @property
+    def only(self) -> str | None:
+        """The service of every request when there are no routes (the default, or None):
+        then a request needs no Host or path test at all."""
+        return None if self.exact or self.wildcards else self.default
 
     @classmethod
     def build(cls, routes: tuple[RouteEntry, ...], default_service: str = "") -> "RouteTable":
@@ -88,20 +98,24 @@ class RouteTable:
         # "/" matches every origin-form target: no prefix test (it also takes `OPTIONS *`)
         return tuple((None if p == b"/" else p, s) for p, s in out)
 
-    def remember(self, host: bytes | None) -> Candidates:
+    def remember(self, host: bytes | None) -> Memo:
         cands = self.candidates(host)
+        memo = (cands[0][1] if cands and cands[0][0] is None else None, cands)
         if len(self.cache) < MAX_CACHED_HOSTS:
-            self.cache[host] = cands
-        return cands
+            self.cache[host] = memo
+        return memo
 
     def pick(self, host: bytes | None, url: bytes) -> str | None:
         """The service for a request's Host header (raw) and target (origin-form path).
 
         The prefix is tested against the whole target: a prefix holds no '?', so it matches
         the target exactly when it matches the path before the query."""
-        cands = self.cache.get(host)
-        if cands is None:
-            cands = self.remember(host)
+        memo = self.cache.get(host)
+        if memo is None:
+            memo = self.remember(host)
+        fixed, cands = memo
+        if fixed is not None:
+            return fixed
         for prefix, service in cands:
             if prefix is None or url.startswith(prefix):
                 return service

@@ -8,9 +8,10 @@ or ``--snapshot FILE.json`` with ``{"version": 1, "services": [...]}`` in the sh
 RoutingSnapshot.to_wire. ``--tls-cert CHAIN.pem --tls-key KEY.pem`` (HTTP mode) serves
 HTTPS instead: ``--listen`` becomes a TLS frontend whose default service is the (first)
 service, with the context halb/certs/tls.py builds for every frontend (TLS 1.2+, the same
-ciphers, ALPN http/1.1); the service itself then listens on an ephemeral port of the same
-host. For `make bench` and tests: the node serves TLS through the replicated certificate
-store instead. Prints ``READY <port>`` when serving; SIGTERM/SIGINT stop it
+ciphers, ALPN http/1.1; ``--route-host H`` adds a Host route to it, as routed frontends do); the service itself then listens on an ephemeral port of the same
+host. ``--frontend`` does the same in plain HTTP (a frontend without TLS: what routing
+costs per request, measured without TLS). For `make bench` and tests: the node serves TLS
+through the replicated certificate store instead. Prints ``READY <port>`` when serving; SIGTERM/SIGINT stop it
 gracefully; ``--stats-interval S`` prints stats JSON lines to stderr.
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ def build_snapshot(args: argparse.Namespace) -> RoutingSnapshot:
         with open(args.snapshot, "rb") as f:
             return RoutingSnapshot.from_wire(msgpack.packb(json.load(f)))
     host, _, port = args.listen.rpartition(":")
-    if args.tls_cert:  # --listen is the TLS frontend's port; the service takes any free one
+    if args.tls_cert or args.frontend:  # --listen is the frontend's port; the service takes any free one
         port = "0"
     backends = []
     for i, spec in enumerate(args.backend):
@@ -120,13 +121,18 @@ def load_tls(cert_file: str, key_file: str) -> "CertSet":
     return CertSet({TLS_FRONTEND: ctx}, SniIndex.build({TLS_FRONTEND: {"sans": sans, "at": 0}}))
 
 
-async def start_tls_frontend(dp: DataPlane, args: argparse.Namespace, service: str) -> int:
-    """The TLS frontend on --listen, routing everything to `service`; its bound port."""
-    from halb.dataplane.frontend_routes import FrontendRoute
+async def start_frontend(dp: DataPlane, args: argparse.Namespace, service: str) -> int:
+    """The frontend on --listen (TLS with --tls-cert, else plain), routing everything to
+    `service`; its bound port."""
+    from halb.certs.tls import CertSet
+    from halb.dataplane.frontend_routes import FrontendRoute, RouteEntry
 
     host, _, port = args.listen.rpartition(":")
-    fe = FrontendRoute(name=TLS_FRONTEND, listen_host=host, port=int(port), tls=True, default_service=service)
-    dp.set_frontends((fe,), load_tls(args.tls_cert, args.tls_key))
+    tls = bool(args.tls_cert)
+    routes = tuple(RouteEntry(host=h, path_prefix="/", service=service) for h in args.route_host)
+    fe = FrontendRoute(name=TLS_FRONTEND, listen_host=host, port=int(port), tls=tls, default_service=service,
+                       routes=routes)
+    dp.set_frontends((fe,), load_tls(args.tls_cert, args.tls_key) if tls else CertSet())
     if TLS_FRONTEND in dp.frontends.errors:
         raise SystemExit(dp.frontends.errors[TLS_FRONTEND])
     lst = dp.frontends.listeners[(TLS_FRONTEND, "main")]
@@ -144,8 +150,8 @@ async def _main(args: argparse.Namespace) -> None:
         dp.set_access_log(args.access_log)
     snap = build_snapshot(args)
     await dp.start(snap)
-    if args.tls_cert:
-        ports = [await start_tls_frontend(dp, args, snap.services[0].name)]
+    if args.tls_cert or args.frontend:
+        ports = [await start_frontend(dp, args, snap.services[0].name)]
     else:
         ports = [dp.bound_port(s.name) for s in snap.services if s.name in dp.listeners]
     tune_process()
@@ -183,12 +189,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stats-interval", type=float, default=0.0)
     ap.add_argument("--tls-cert", default="", help="PEM chain: serve --listen as a TLS frontend (needs --tls-key)")
     ap.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    ap.add_argument("--frontend", action="store_true",
+                    help="serve --listen as a plain HTTP frontend routing to the service (like --tls-cert, no TLS)")
+    ap.add_argument("--route-host", action="append", default=[],
+                    help="with --frontend/--tls-cert: a Host route to the service (the lookup a routed frontend makes)")
     ap.add_argument("--access-log", default="", help="JSON lines access log file (SIGHUP reopens it)")
     args = ap.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         ap.error("--tls-cert and --tls-key go together")
-    if args.tls_cert and (args.mode != "http" or args.workers != 1):
-        ap.error("--tls-cert serves an HTTP frontend in this process: --mode http and --workers 1 only")
+    if (args.tls_cert or args.frontend) and (args.mode != "http" or args.workers != 1):
+        ap.error("--tls-cert/--frontend serve an HTTP frontend in this process: --mode http and --workers 1 only")
     logging.basicConfig(level=os.environ.get("HALB_LOG", "WARNING"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(_main(args), use_uvloop=not args.no_uvloop)
 

@@ -1,7 +1,8 @@
 """`python -m halb.dataplane.run --tls-cert --tls-key` (the HTTPS cases of `make bench`):
 a real TLS client verifying against the CA gets the origin's answer through the TLS
 frontend, keep-alive and session resumption work (the bench's new-connection case relies on
-it, as HAProxy's does), and bad certificate input exits with a clear error."""
+it, as HAProxy's does), and bad certificate input exits with a clear error. `--frontend`
+serves the same frontend in plain HTTP (bench/instr.py --frontend)."""
 from __future__ import annotations
 
 import socket
@@ -101,3 +102,23 @@ def test_bad_tls_arguments_are_refused(args, message):
     r = _run(*args)
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plain_frontend_serves_http_through_a_host_route_and_the_default():
+    """`--frontend` (bench/instr.py --frontend: the bench's frontend without TLS) with
+    `--route-host`: requests with the routed Host (any case, with a port) and with another
+    Host (the default service) are answered over plain HTTP on one keep-alive connection;
+    `--frontend` with TCP mode is refused."""
+    with processes() as procs:
+        origin = spawn_origin("o1")
+        procs.append(origin)
+        proxy = spawn_proxy("--listen", f"127.0.0.1:{free_port()}", "--backend", f"o1=127.0.0.1:{origin.port}",
+                            "--frontend", "--route-host", "bench.example")
+        procs.append(proxy)
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as raw:
+            for host in (b"bench.example", b"other.example", b"Bench.Example:80"):
+                raw.sendall(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+                resp = _response(raw)  # type: ignore[arg-type]
+                assert resp.startswith(b"HTTP/1.1 200") and resp.endswith(b"ok o1\n"), resp[:200]
+    assert subprocess.run([sys.executable, "-m", "halb.dataplane.run", "--frontend", "--mode", "tcp"],
+                          capture_output=True, text=True, timeout=30).returncode == 2

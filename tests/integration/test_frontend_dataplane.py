@@ -103,6 +103,45 @@ def test_one_connection_reaches_services_by_host_with_their_own_options() -> Non
     run(main())
 
 
+def test_frontend_without_routes_still_asks_the_hook_and_takes_routes_in_place() -> None:
+    """A frontend with only a default service skips the route lookup (FrontendListener.only):
+    the answer_first hook (ACME) still sees every request while set, and routes added by an
+    update apply to the next request of an open connection, by Host and by path prefix."""
+    async def main() -> None:
+        a, b = Origin("a"), Origin("b")
+        dp = DataPlane("t")
+        try:
+            pa, pb = await a.start(), await b.start()
+            await dp.start(snapshot(service("sa", [("127.0.0.1", pa)]), service("sb", [("127.0.0.1", pb)])))
+            fe = FrontendRoute("solo", "127.0.0.1", free_port(), default_service="sa")
+            dp.set_frontends((fe,))
+            await asyncio.sleep(0.05)
+            r, w = await asyncio.open_connection("127.0.0.1", dp.frontends.bound_port("solo"))
+            assert (await exchange(r, w, "b.example"))[1]["x-backend"] == "a"
+            dp.frontends.answer_first = lambda conn, ex: ex.url.startswith(b"/.well-known/acme-challenge/") and (
+                conn.send_error(ex, 503, "challenge hook") or True)
+            status, _, body = await exchange(r, w, "b.example", "/.well-known/acme-challenge/t")
+            assert status == 503 and b"challenge hook" in body
+            assert (await exchange(r, w, "b.example", "/x"))[1]["x-backend"] == "a"
+            dp.frontends.answer_first = None
+            status, headers, _ = await exchange(r, w, "b.example", "/.well-known/acme-challenge/t")
+            assert status == 200 and headers["x-backend"] == "a"
+            routed = FrontendRoute("solo", "127.0.0.1", fe.port, default_service="sa",
+                                   routes=(RouteEntry("b.example", "/api/", "sb"),))
+            dp.set_frontends((routed,))
+            got = [(await exchange(r, w, h, p))[1]["x-backend"]
+                   for h, p in (("b.example", "/api/x"), ("b.example", "/api"), ("c.example", "/api/x"),
+                                ("b.example", "/api/y"))]
+            assert got == ["b", "a", "a", "b"]
+            w.close()
+        finally:
+            await dp.stop()
+            a.close()
+            b.close()
+
+    run(main())
+
+
 def test_tls_burst_and_certificate_swap_without_dropping_connections() -> None:
     ca = make_ca()
     old, new = make_leaf(ca, ["shop.example"]), make_leaf(ca, ["shop.example"])
