@@ -359,6 +359,10 @@ def main() -> int:
                     help="workers=2 vs workers=1: auto runs it on 4+ cores")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     args = ap.parse_args()
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the finally below stops nginx, HAProxy and halb
+    # (a plain SIGTERM used to leave them running)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
     missing = ensure_bench_tools(not args.no_install)
     if "haproxy" in missing or "wrk" in missing:
