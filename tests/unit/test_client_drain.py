@@ -4,10 +4,11 @@ BIRD is replaced by a recorder of set_sessions calls (the netns tests drive the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -15,6 +16,20 @@ from halb.dataplane.client_drain import ClientDrain, accept_syns, refuse_syns
 from halb.dataplane.engine import DataPlane
 from halb.dataplane.origin import Origin
 from halb.dataplane.testing import run, service, snapshot
+
+
+@contextlib.asynccontextmanager
+async def _serving(workers: int = 1) -> AsyncIterator[DataPlane]:
+    """A DataPlane with service ``web`` in front of a real origin; both stopped on exit."""
+    origin = Origin("o")
+    oport = await origin.start()
+    dp = DataPlane("t", workers=workers) if workers != 1 else DataPlane("t")
+    try:
+        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
+        yield dp
+    finally:
+        await dp.stop()
+        origin.close()
 
 
 def _listener() -> socket.socket:
@@ -74,12 +89,8 @@ async def _connect_times_out(port: int) -> bool:
 
 def test_dataplane_phases_close_keepalive_refuse_syns_and_undo() -> None:
     async def main() -> None:
-        origin = Origin("o")
-        oport = await origin.start()
-        dp = DataPlane("t")
-        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
-        port = dp.listeners["web"].port
-        try:
+        async with _serving() as dp:
+            port = dp.listeners["web"].port
             idle = await asyncio.open_connection("127.0.0.1", port)
             assert b"connection: close" not in await _request(*idle)
             dp.set_client_drain("closing")
@@ -96,9 +107,6 @@ def test_dataplane_phases_close_keepalive_refuse_syns_and_undo() -> None:
             again = await asyncio.open_connection("127.0.0.1", port)
             assert b"connection: close" not in await _request(*again)
             again[1].close()
-        finally:
-            await dp.stop()
-            origin.close()
 
     run(main(), timeout=30)
 
@@ -129,13 +137,9 @@ def _announcement(dp: Any, grace: float, **extra: Any) -> Any:
 
 def test_drain_withdraws_only_after_the_nodes_own_flow_ended_and_undo_reverses() -> None:
     async def main() -> None:
-        origin = Origin("o")
-        oport = await origin.start()
-        dp = DataPlane("t")
-        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
-        port = dp.listeners["web"].port
-        ann = _announcement(dp, grace=5.0)
-        try:
+        async with _serving() as dp:
+            port = dp.listeners["web"].port
+            ann = _announcement(dp, grace=5.0)
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET / HTTP/1.1\r\n")  # mid-head: not idle, so not closed
             await asyncio.sleep(0.05)
@@ -157,21 +161,14 @@ def test_drain_withdraws_only_after_the_nodes_own_flow_ended_and_undo_reverses()
             again = await asyncio.open_connection("127.0.0.1", port)
             assert b"connection: close" not in await _request(*again)
             again[1].close()
-        finally:
-            await dp.stop()
-            origin.close()
 
     run(main(), timeout=30)
 
 
 def test_drain_grace_bounds_the_wait() -> None:
     async def main() -> None:
-        origin = Origin("o")
-        oport = await origin.start()
-        dp = DataPlane("t")
-        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
-        ann = _announcement(dp, grace=0.3)
-        try:
+        async with _serving() as dp:
+            ann = _announcement(dp, grace=0.3)
             _, writer = await asyncio.open_connection("127.0.0.1", dp.listeners["web"].port)
             writer.write(b"GET / HTTP/1.1\r\n")  # never finishes its head
             await asyncio.sleep(0.05)
@@ -181,31 +178,21 @@ def test_drain_grace_bounds_the_wait() -> None:
             assert (body["drain"]["connections_left"], body["drain"]["own_flows_left"]) == (1, 1)
             assert [on for _, on in ann.bird.calls] == [False]
             writer.close()
-        finally:
-            await dp.stop()
-            origin.close()
 
     run(main(), timeout=30)
 
 
 def test_grace_zero_withdraws_at_once_and_leaves_the_clients_alone() -> None:
     async def main() -> None:
-        origin = Origin("o")
-        oport = await origin.start()
-        dp = DataPlane("t")
-        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
-        port = dp.listeners["web"].port
-        ann = _announcement(dp, grace=0.0)
-        try:
+        async with _serving() as dp:
+            port = dp.listeners["web"].port
+            ann = _announcement(dp, grace=0.0)
             idle = await asyncio.open_connection("127.0.0.1", port)
             await _request(*idle)
             await asyncio.wait_for(ann.drain(True), 5)
             assert [on for _, on in ann.bird.calls] == [False] and dp.client_drain.phase == "off"
             assert b"connection: close" not in await _request(*idle)  # still a keep-alive connection
             idle[1].close()
-        finally:
-            await dp.stop()
-            origin.close()
 
     run(main(), timeout=30)
 
@@ -244,13 +231,9 @@ def test_idle_connections_from_before_close_at_once_new_ones_after_a_while() -> 
 
 def test_undo_during_a_drain_answers_both_calls_and_reverses_it() -> None:
     async def main() -> None:
-        origin = Origin("o")
-        oport = await origin.start()
-        dp = DataPlane("t")
-        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
-        port = dp.listeners["web"].port
-        ann = _announcement(dp, grace=5.0)
-        try:
+        async with _serving() as dp:
+            port = dp.listeners["web"].port
+            ann = _announcement(dp, grace=5.0)
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(b"GET / HTTP/1.1\r\n")  # keeps the drain waiting
             await asyncio.sleep(0.05)
@@ -261,9 +244,6 @@ def test_undo_during_a_drain_answers_both_calls_and_reverses_it() -> None:
             assert undo["draining"] is False and body["draining"] is False
             assert ann.bird.calls == [] and dp.client_drain.phase == "off" and not dp.draining
             writer.close()
-        finally:
-            await dp.stop()
-            origin.close()
 
     run(main(), timeout=30)
 
@@ -273,12 +253,8 @@ def test_worker_processes_refuse_too_and_report_in_the_current_phase() -> None:
     worker gets the phase over its pipe and reports its counts; until it has reported in
     the current phase it counts as busy (a drain does not withdraw on a stale zero)."""
     async def main() -> None:
-        origin = Origin("o")
-        oport = await origin.start()
-        dp = DataPlane("t", workers=2)
-        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
-        port = dp.listeners["web"].port
-        try:
+        async with _serving(workers=2) as dp:
+            port = dp.listeners["web"].port
             dp.set_client_drain("refusing")
             assert dp.client_drain_poll().connections >= 1  # the worker has not answered yet
             deadline = time.monotonic() + 10
@@ -294,22 +270,15 @@ def test_worker_processes_refuse_too_and_report_in_the_current_phase() -> None:
                 c = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 0.9)
                 assert b"200" in await _request(*c)
                 c[1].close()
-        finally:
-            await dp.stop()
-            origin.close()
 
     run(main(), timeout=40)
 
 
 def test_without_dropping_syns_the_drain_withdraws_once_the_old_flows_ended() -> None:
     async def main() -> None:
-        origin = Origin("o")
-        oport = await origin.start()
-        dp = DataPlane("t")
-        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
-        port = dp.listeners["web"].port
-        ann = _announcement(dp, grace=5.0, drain_drop_syns=False)
-        try:
+        async with _serving() as dp:
+            port = dp.listeners["web"].port
+            ann = _announcement(dp, grace=5.0, drain_drop_syns=False)
             idle = await asyncio.open_connection("127.0.0.1", port)
             await _request(*idle)
             body = await asyncio.wait_for(ann.drain(True), 5)
@@ -318,9 +287,6 @@ def test_without_dropping_syns_the_drain_withdraws_once_the_old_flows_ended() ->
             late = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)  # accepted
             assert b"connection: close" in await _request(*late)
             assert "refusing" not in [e.get("phase") for e in ann.transitions]
-        finally:
-            await dp.stop()
-            origin.close()
 
     run(main(), timeout=30)
 
@@ -329,17 +295,13 @@ def test_shutdown_lets_the_flows_end_while_the_address_is_still_refreshed() -> N
     """stop(): the announce loop keeps running while the clients' flows end (it refreshes the
     address on lo, valid_lft 1 s); the sessions go down only after the flow ended."""
     async def main() -> None:
-        origin = Origin("o")
-        oport = await origin.start()
-        dp = DataPlane("t")
-        await dp.start(snapshot(service("web", [("127.0.0.1", oport)])))
-        ann = _announcement(dp, grace=5.0)
-        ann.accepted["10.99.2.10"] = True  # as if announcing (no kernel address in a unit test)
-        ann.bird.stop = lambda: None
-        ann._addresses = {"10.99.2.10": _Released()}
-        loop_ran = asyncio.Event()
-        ann._task = asyncio.ensure_future(loop_ran.wait())  # stands for the running announce loop
-        try:
+        async with _serving() as dp:
+            ann = _announcement(dp, grace=5.0)
+            ann.accepted["10.99.2.10"] = True  # as if announcing (no kernel address in a unit test)
+            ann.bird.stop = lambda: None
+            ann._addresses = {"10.99.2.10": _Released()}
+            loop_ran = asyncio.Event()
+            ann._task = asyncio.ensure_future(loop_ran.wait())  # stands for the running announce loop
             reader, writer = await asyncio.open_connection("127.0.0.1", dp.listeners["web"].port)
             writer.write(b"GET / HTTP/1.1\r\n")
             await asyncio.sleep(0.05)
@@ -352,9 +314,6 @@ def test_shutdown_lets_the_flows_end_while_the_address_is_still_refreshed() -> N
             await asyncio.wait_for(stop, 5)
             assert [on for _, on in ann.bird.calls] == [False] and ann.bird.calls[0][0] >= answered
             assert ann._addresses["10.99.2.10"].released
-        finally:
-            await dp.stop()
-            origin.close()
 
     run(main(), timeout=30)
 
