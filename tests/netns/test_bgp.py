@@ -8,12 +8,12 @@ and process it made even when a test fails.
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 
 from halb.lab.bgp_router import next_hops, sessions
 from tests.system_tools import require_tools
+from .helpers import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -38,15 +38,6 @@ def bgp(tmp_path_factory):
     finally:
         cluster.stop()
         lab.down(all_with_prefix=True)
-
-
-def wait_for(pred, timeout: float, step: float = 0.005) -> float | None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(step)
-    return None
 
 
 def ip_of(lab, lb: str) -> str:

@@ -2,36 +2,22 @@
 from __future__ import annotations
 
 import errno
-import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from halb.announce.sysctl import run_in_netns
 from halb.lab import Lab, list_netns
 
 from .conftest import RUN_PREFIX
+from .helpers import connect_errno
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def _host_links() -> str:
     return subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-
-
-def _connect_errno(lab: Lab, src: str, dst_ip: str, port: int = 9) -> int:
-    """0 if connected, else the errno (refused = reachable but closed)."""
-    def go() -> int:
-        s = socket.socket()
-        s.settimeout(1.0)
-        try:
-            return s.connect_ex((dst_ip, port))
-        finally:
-            s.close()
-    return run_in_netns(lab.ns(src), go)
 
 
 def test_up_down_creates_and_removes_everything(tmp_path):
@@ -53,8 +39,8 @@ def test_up_down_creates_and_removes_everything(tmp_path):
             out = lab.ip(h.name, "-o", "-4", "addr").stdout
             assert f"{h.ip}/24" in out and "127.0.0.1" in out
             assert h.mac in lab.ip(h.name, "link", "show", "dev", "eth0").stdout
-        assert _connect_errno(lab, "client", lab.hosts["lb1"].ip) == errno.ECONNREFUSED
-        assert _connect_errno(lab, "client", lab.hosts["be3"].ip) == errno.ECONNREFUSED
+        assert connect_errno(lab, "client", lab.hosts["lb1"].ip) == errno.ECONNREFUSED
+        assert connect_errno(lab, "client", lab.hosts["be3"].ip) == errno.ECONNREFUSED
         st = lab.status()
         assert st["up"] is True
     finally:
@@ -117,15 +103,15 @@ def test_cli_up_status_exec_down(tmp_path):
 def test_partition_and_heal(clean_lab):
     lab = clean_lab
     lb2, lb3 = lab.hosts["lb2"].ip, lab.hosts["lb3"].ip
-    assert _connect_errno(lab, "lb1", lb2) == errno.ECONNREFUSED
+    assert connect_errno(lab, "lb1", lb2) == errno.ECONNREFUSED
     lab.partition("lb1", ["lb2"])
     assert lab.blackholes("lb1") == [f"{lb2}/32"]
     assert lab.blackholes("lb2") == [f"{lab.hosts['lb1'].ip}/32"]
     t0 = time.monotonic()
-    assert _connect_errno(lab, "lb1", lb2) == errno.EINVAL  # fails at once, no timeout
-    assert _connect_errno(lab, "lb2", lab.hosts["lb1"].ip) == errno.EINVAL
+    assert connect_errno(lab, "lb1", lb2) == errno.EINVAL  # fails at once, no timeout
+    assert connect_errno(lab, "lb2", lab.hosts["lb1"].ip) == errno.EINVAL
     assert time.monotonic() - t0 < 1.0
-    assert _connect_errno(lab, "lb1", lb3) == errno.ECONNREFUSED  # others unaffected
+    assert connect_errno(lab, "lb1", lb3) == errno.ECONNREFUSED  # others unaffected
     lab.heal("lb1")
     assert lab.blackholes("lb1") == [] and lab.blackholes("lb2") == []
-    assert _connect_errno(lab, "lb1", lb2) == errno.ECONNREFUSED
+    assert connect_errno(lab, "lb1", lb2) == errno.ECONNREFUSED

@@ -12,6 +12,7 @@ import pytest
 from halb.announce.garp import arp_probe
 from halb.announce.sysctl import enable_nonlocal_bind, read_sysctl, run_in_netns, write_sysctls
 from halb.announce.vip import VipAnnouncer, freebind_socket
+from .helpers import connect_errno, neigh_mac, wait_for
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,33 +29,6 @@ def announcers(clean_lab):
     yield make
     for a in made:
         a.close(release=True)
-
-
-def client_neigh_mac(lab) -> str | None:
-    out = lab.ip("client", "neigh", "show", lab.vip, "dev", "eth0").stdout.split()
-    return out[out.index("lladdr") + 1] if "lladdr" in out else None
-
-
-def touch_vip_from_client(lab, port: int = 9) -> int:
-    """A TCP connect from the client to the VIP: resolves ARP, returns the errno."""
-    def go() -> int:
-        s = socket.socket()
-        s.settimeout(1.0)
-        try:
-            return s.connect_ex((lab.vip, port))
-        finally:
-            s.close()
-    return run_in_netns(lab.ns("client"), go)
-
-
-def wait_for(pred, timeout: float, step: float = 0.005) -> float | None:
-    """Seconds until pred() is true, or None after ``timeout``."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(step)
-    return None
 
 
 def test_kernel_removes_unrenewed_vip(clean_lab, announcers):
@@ -113,29 +87,29 @@ def test_garp_moves_client_neighbour_entry(clean_lab, announcers):
     mac1, mac2 = lab.hosts["lb1"].mac, lab.hosts["lb2"].mac
     assert lb1.mac() == mac1 and lb2.mac() == mac2
     lb1.hold(valid_lft=30)  # long lifetime: this test is about ARP, not expiry
-    assert touch_vip_from_client(lab) == errno.ECONNREFUSED
-    assert client_neigh_mac(lab) == mac1
+    assert connect_errno(lab, "client", lab.vip) == errno.ECONNREFUSED
+    assert neigh_mac(lab, "client", lab.vip) == mac1
 
     # move to lb2 WITHOUT GARP: the client keeps the stale MAC (the control case)
     lb1.release()
     lb2.hold(valid_lft=30)
     time.sleep(1.0)
-    assert client_neigh_mac(lab) == mac1, "entry changed without GARP: test cannot discriminate"
+    assert neigh_mac(lab, "client", lab.vip) == mac1, "entry changed without GARP: test cannot discriminate"
 
     # now GARP from lb2: the client's entry moves to lb2's MAC
     t0 = time.monotonic()
     lb2.send_garp(count=1)
-    switched = wait_for(lambda: client_neigh_mac(lab) == mac2, timeout=3)
-    assert switched is not None, f"client still at {client_neigh_mac(lab)} after GARP"
+    switched = wait_for(lambda: neigh_mac(lab, "client", lab.vip) == mac2, timeout=3)
+    assert switched is not None, f"client still at {neigh_mac(lab, 'client', lab.vip)} after GARP"
     print(f"client neighbour entry switched {1000 * (time.monotonic() - t0):.1f} ms after GARP")
-    assert touch_vip_from_client(lab) == errno.ECONNREFUSED  # reaches lb2 now
+    assert connect_errno(lab, "client", lab.vip) == errno.ECONNREFUSED  # reaches lb2 now
 
     # and back to lb1 with a full burst, straight after (well within the 1 s lock time)
     lb2.release()
     lb1.hold(valid_lft=30)
     t0 = time.monotonic()
     lb1.send_garp(count=3, interval=0.05)
-    assert wait_for(lambda: client_neigh_mac(lab) == mac1, timeout=3) is not None
+    assert wait_for(lambda: neigh_mac(lab, "client", lab.vip) == mac1, timeout=3) is not None
     print(f"switch back incl. burst: {1000 * (time.monotonic() - t0):.1f} ms")
 
 

@@ -16,6 +16,7 @@ import pytest
 from halb.announce.settings import KERNEL_EXPIRY_MAX_V6_S
 from halb.announce.sysctl import run_in_netns
 from halb.announce.vip import VipAnnouncer, freebind_socket
+from .helpers import connect_errno, neigh_mac, wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -42,32 +43,6 @@ def announcers(lab6):
     yield make
     for a in made:
         a.close(release=True)
-
-
-def neigh6(lab) -> str | None:
-    out = lab.ip("client", "-6", "neigh", "show", lab.vip6, "dev", "eth0").stdout.split()
-    return out[out.index("lladdr") + 1] if "lladdr" in out else None
-
-
-def touch6(lab, port: int = 9) -> int:
-    """TCP connect from the client to [VIP6]:port: resolves the neighbour, returns the errno."""
-    def go() -> int:
-        s = socket.socket(socket.AF_INET6)
-        s.settimeout(1.0)
-        try:
-            return s.connect_ex((lab.vip6, port))
-        finally:
-            s.close()
-    return run_in_netns(lab.ns("client"), go)
-
-
-def wait_for(pred, timeout: float, step: float = 0.005) -> float | None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if pred():
-            return time.monotonic() - t0
-        time.sleep(step)
-    return None
 
 
 @contextlib.contextmanager
@@ -132,20 +107,20 @@ def test_unsolicited_na_moves_client_neighbour_entry(lab6, announcers):
     lb1, lb2 = announcers("lb1"), announcers("lb2")
     mac1, mac2 = lab.hosts["lb1"].mac, lab.hosts["lb2"].mac
     lb1.hold(valid_lft=30)
-    assert touch6(lab) == errno.ECONNREFUSED  # lb1 answered (RST): reached over IPv6
-    assert neigh6(lab) == mac1
+    assert connect_errno(lab, "client", lab.vip6) == errno.ECONNREFUSED  # lb1 answered (RST): reached over IPv6
+    assert neigh_mac(lab, "client", lab.vip6) == mac1
 
     lb1.release()
     lb2.hold(valid_lft=30)
     time.sleep(1.0)
-    assert neigh6(lab) == mac1, "entry changed without an NA: the test cannot discriminate"
+    assert neigh_mac(lab, "client", lab.vip6) == mac1, "entry changed without an NA: the test cannot discriminate"
 
     t0 = time.monotonic()
     assert lb2.send_garp(count=1) == 1  # one NA frame for the one IPv6 VIP
-    switched = wait_for(lambda: neigh6(lab) == mac2, timeout=3)
-    assert switched is not None, f"client still at {neigh6(lab)} after the NA"
+    switched = wait_for(lambda: neigh_mac(lab, "client", lab.vip6) == mac2, timeout=3)
+    assert switched is not None, f"client still at {neigh_mac(lab, 'client', lab.vip6)} after the NA"
     print(f"client IPv6 neighbour entry switched {1000 * (time.monotonic() - t0):.1f} ms after the NA")
-    assert touch6(lab) == errno.ECONNREFUSED
+    assert connect_errno(lab, "client", lab.vip6) == errno.ECONNREFUSED
 
 
 def test_mixed_vip_set_moves_as_one_and_serves_over_ipv6(lab6, announcers):

@@ -13,39 +13,27 @@ from typing import Iterator
 
 import pytest
 
-from halb.lab import Lab
-from halb.lab.cluster import LabCluster
 from halb.lab.failover import FailoverRun, Sampler
 
-from .conftest import RUN_PREFIX
+from .helpers import lab_failover_run, neigh_mac
 
 pytestmark = pytest.mark.timeout(150)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FailoverRun]:
-    lab = Lab(prefix=RUN_PREFIX + "6-", state_dir=tmp_path_factory.mktemp("labstate"))
-    cluster = LabCluster(lab, tmp_path_factory.mktemp("vip6cluster"), ipv6=True)
-    try:
-        lab.up()
-        cluster.start()
-        with FailoverRun(cluster, freeze_s=5.0, log=print, ipv6=True) as fr:
-            v4 = Sampler(cluster, vip=lab.vip)  # the IPv4 VIP must move with the IPv6 one
-            v4.start()
-            try:
-                fr.wait_steady(timeout=40)
-                fr.v4_sampler = v4  # type: ignore[attr-defined]
-                yield fr
-            finally:
-                v4.stop()
-    finally:
-        cluster.stop()
-        lab.down(all_with_prefix=True)
+    with lab_failover_run(tmp_path_factory, "6-", ipv6=True, steady_timeout=None) as fr:
+        v4 = Sampler(fr.cluster, vip=fr.cluster.lab.vip)  # the IPv4 VIP must move with the IPv6 one
+        v4.start()
+        try:
+            fr.wait_steady(timeout=40)
+            fr.v4_sampler = v4  # type: ignore[attr-defined]
+            yield fr
+        finally:
+            v4.stop()
 
 
-def _neigh_mac(lab: Lab, host: str, addr: str) -> str | None:
-    out = lab.ip(host, "-6", "neigh", "show", addr, "dev", "eth0", check=False).stdout.split()
-    return out[out.index("lladdr") + 1] if "lladdr" in out else None
+
 
 
 def test_client_reaches_the_ipv6_vip_over_ipv6(run: FailoverRun) -> None:
@@ -56,7 +44,7 @@ def test_client_reaches_the_ipv6_vip_over_ipv6(run: FailoverRun) -> None:
     line = lab.ip(holder, "-6", "-o", "addr", "show", "dev", "eth0", check=False).stdout
     mine = [ln for ln in line.splitlines() if f" {lab.vip6}/128 " in ln]
     assert mine and "nodad" in mine[0] and "deprecated" in mine[0], line
-    assert _neigh_mac(lab, "client", lab.vip6) == lab.hosts[holder].mac
+    assert neigh_mac(lab, "client", lab.vip6) == lab.hosts[holder].mac
 
 
 def test_sigkill_of_the_holder_moves_the_ipv6_vip_and_the_client_follows(run: FailoverRun) -> None:
@@ -71,7 +59,7 @@ def test_sigkill_of_the_holder_moves_the_ipv6_vip_and_the_client_follows(run: Fa
     while time.monotonic() < deadline and not run.client.recent_ok(50):
         time.sleep(0.05)
     assert run.client.recent_ok(50), "client not served over IPv6 after the failover"
-    assert _neigh_mac(lab, "client", lab.vip6) == lab.hosts[new].mac
+    assert neigh_mac(lab, "client", lab.vip6) == lab.hosts[new].mac
     assert run.cluster.vip_holders(lab.vip6) == [new] == run.cluster.vip_holders(lab.vip)
 
 

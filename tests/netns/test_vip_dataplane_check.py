@@ -9,11 +9,10 @@ from typing import Iterator
 import pytest
 
 from halb.announce.sysctl import run_in_netns
-from halb.lab import Lab
-from halb.lab.cluster import BACKEND_PORT, LabCluster
+from halb.lab.cluster import BACKEND_PORT
 from halb.lab.failover import Client, FailoverRun
 
-from .conftest import RUN_PREFIX
+from .helpers import lab_failover_run
 
 pytestmark = pytest.mark.timeout(120)
 PORT = 8090  # the new service's port; taken in the holder's namespace before it binds
@@ -21,17 +20,8 @@ PORT = 8090  # the new service's port; taken in the holder's namespace before it
 
 @pytest.fixture
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FailoverRun]:
-    lab = Lab(prefix=RUN_PREFIX + "c-", state_dir=tmp_path_factory.mktemp("labstate"))
-    cluster = LabCluster(lab, tmp_path_factory.mktemp("vipcheck"))
-    try:
-        lab.up()
-        cluster.start()
-        with FailoverRun(cluster, log=print) as fr:
-            fr.wait_steady(timeout=30)
-            yield fr
-    finally:
-        cluster.stop()
-        lab.down(all_with_prefix=True)
+    with lab_failover_run(tmp_path_factory, "c-") as fr:
+        yield fr
 
 
 def test_holder_whose_listener_cannot_bind_hands_the_vip_over(run: FailoverRun) -> None:

@@ -7,28 +7,17 @@ from typing import Iterator
 
 import pytest
 
-from halb.lab import Lab
-from halb.lab.cluster import LabCluster
 from halb.lab.failover import FailoverRun, dataplane_ok
 
-from .conftest import RUN_PREFIX
+from .helpers import lab_failover_run
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FailoverRun]:
-    lab = Lab(prefix=RUN_PREFIX + "w-", state_dir=tmp_path_factory.mktemp("labstate"))
-    cluster = LabCluster(lab, tmp_path_factory.mktemp("vipcrash"), workers=2)
-    try:
-        lab.up()
-        cluster.start()
-        with FailoverRun(cluster, log=print) as fr:
-            fr.wait_steady(timeout=30)
-            yield fr
-    finally:
-        cluster.stop()
-        lab.down(all_with_prefix=True)
+    with lab_failover_run(tmp_path_factory, "w-", workers=2) as fr:
+        yield fr
 
 
 def test_holder_whose_workers_crash_loop_hands_the_vip_over(run: FailoverRun) -> None:

@@ -19,23 +19,15 @@ from halb.lab.cluster import DNS_PORT, LabCluster
 from halb.lab.failover import FailoverRun
 
 from .conftest import RUN_PREFIX
+from .helpers import lab_failover_run
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FailoverRun]:
-    lab = Lab(prefix=RUN_PREFIX + "f-", state_dir=tmp_path_factory.mktemp("labstate"))
-    cluster = LabCluster(lab, tmp_path_factory.mktemp("vipcluster"))
-    try:
-        lab.up()
-        cluster.start()
-        with FailoverRun(cluster, freeze_s=5.0, log=print) as fr:
-            fr.wait_steady(timeout=30)
-            yield fr
-    finally:
-        cluster.stop()
-        lab.down(all_with_prefix=True)
+    with lab_failover_run(tmp_path_factory, "f-") as fr:
+        yield fr
 
 
 def holders_during(run: FailoverRun, seconds: float) -> list[tuple[str, ...]]:
