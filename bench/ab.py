@@ -25,19 +25,17 @@ import collections
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import NGINX_CONF, cpu_ticks, free_port, tool, wait_port  # noqa: E402
+from run import NGINX_CONF, Procs, cpu_ticks, free_port, strace_during, tool, wait_port  # noqa: E402
 
 PROXY_CORE, LOAD_CORE = "0", "1"
 
@@ -84,39 +82,18 @@ def wrk(port: int, path: str, conns: int, seconds: int) -> int:
     return int(m.group(1))
 
 
-def strace(pid: int, args: list[str], port: int, path: str, conns: int, seconds: int) -> tuple[str, int]:
-    """Run wrk while strace (with `args`) is attached to `pid`; strace's output and the requests."""
-    with tempfile.NamedTemporaryFile(suffix=".strace", delete=False) as f:
-        out = f.name
-    st = subprocess.Popen(["strace", "-p", str(pid), "-o", out, *args],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1.0)  # attached
-        n = wrk(port, path, conns, seconds)
-    finally:
-        st.send_signal(signal.SIGINT)
-        try:
-            st.wait(20)
-        except subprocess.TimeoutExpired:
-            st.kill()
-            st.wait()
-    try:
-        return Path(out).read_text(), n
-    finally:
-        os.unlink(out)
-
-
 def syscall_report(arm: Arm, path: str, conns: int) -> list[str]:
     """System calls per request (strace -c), read/write size buckets and body buffer addresses."""
     assert arm.proc is not None
     lines = [f"== {arm.label}"]
-    text, n = strace(arm.proc.pid, ["-c", "-f"], arm.port, path, conns, 3)
+    pid = arm.proc.pid
+    text, n = strace_during(pid, ["-c", "-f"], lambda: wrk(arm.port, path, conns, 3))
     for ln in text.splitlines():
         m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?(\w+)\s*$", ln)
         if m and int(m.group(1)) / n >= 0.01:
             lines.append(f"   {m.group(2):16s} {int(m.group(1)) / n:7.2f} per request")
-    text, n = strace(arm.proc.pid, ["-e", "trace=read,write,writev", "-e", "raw=read,write,writev"],
-                     arm.port, path, conns, 1)
+    text, n = strace_during(pid, ["-e", "trace=read,write,writev", "-e", "raw=read,write,writev"],
+                            lambda: wrk(arm.port, path, conns, 1))
     sizes: collections.Counter[tuple[str, int]] = collections.Counter()
     bufs: collections.Counter[tuple[str, int]] = collections.Counter()
     for ln in text.splitlines():
@@ -155,21 +132,20 @@ def main() -> int:
     arms += [Arm(f"tree {t}", Path(t).resolve()) for t in args.tree]
     if len(arms) < 2:
         ap.error("give two or more arms (--tree, --commit)")
-    procs: list[subprocess.Popen[bytes]] = []
+    procs = Procs()
     try:
         (tmp / "big.bin").write_bytes(os.urandom(1 << 20))
         (tmp / "big.bin").chmod(0o644)
         origin = free_port()
         (tmp / "nginx.conf").write_text(NGINX_CONF.format(dir=tmp, port=origin))
-        procs.append(subprocess.Popen(["taskset", "-c", LOAD_CORE, tool("nginx"), "-c", str(tmp / "nginx.conf")],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.start([tool("nginx"), "-c", str(tmp / "nginx.conf")], LOAD_CORE,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(origin)
         for arm in arms:
             arm.port = free_port()
-            arm.proc = subprocess.Popen(["taskset", "-c", PROXY_CORE, sys.executable, "-m", "halb.dataplane.run",
-                                         "--listen", f"127.0.0.1:{arm.port}", "--backend", f"origin=127.0.0.1:{origin}"],
-                                        cwd=arm.tree, stdout=subprocess.PIPE)
-            procs.append(arm.proc)
+            arm.proc = procs.start([sys.executable, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{arm.port}",
+                                    "--backend", f"origin=127.0.0.1:{origin}"],
+                                   PROXY_CORE, cwd=arm.tree, stdout=subprocess.PIPE)
             assert arm.proc.stdout is not None
             arm.proc.stdout.readline()  # READY
             wrk(arm.port, args.path, args.conns, 2)  # warm-up
@@ -195,14 +171,7 @@ def main() -> int:
             for arm in arms:
                 print("\n".join(syscall_report(arm, args.path, args.conns)))
     finally:
-        for q in reversed(procs):
-            if q.poll() is None:
-                q.terminate()
-                try:
-                    q.wait(10)
-                except subprocess.TimeoutExpired:
-                    q.kill()
-                    q.wait()
+        procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

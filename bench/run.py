@@ -30,6 +30,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from halb.system_packages import ensure_tools, find_tool
 
@@ -200,20 +201,19 @@ def wrk_errors(out: str) -> int:
     return n
 
 
-def syscalls_per_request(pid: int, port: int, case: Case, core: int | str | None, seconds: int = 3) -> float:
-    """System calls of the proxy process per request, counted by `strace -c` under load.
+T = TypeVar("T")
 
-    strace slows the proxy, so only the count is used (it does not depend on speed, unlike
-    req/s or CPU time on a shared machine). NaN when strace is missing or not permitted."""
-    if shutil.which("strace") is None:
-        return float("nan")
+
+def strace_during(pid: int, args: list[str], work: Callable[[], T]) -> tuple[str, T]:
+    """Attach `strace args` to `pid`, run `work` (the load), detach; strace's output and
+    what `work` returned. Detaching with SIGINT makes strace write its summary (-c)."""
     with tempfile.NamedTemporaryFile(suffix=".strace", delete=False) as f:
         out = f.name
-    st = subprocess.Popen(["strace", "-c", "-f", "-p", str(pid), "-o", out],
+    st = subprocess.Popen(["strace", "-p", str(pid), "-o", out, *args],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.0)  # attached
-        r = run_wrk(port, case, seconds, core, [])
+        result = work()
     finally:
         st.send_signal(signal.SIGINT)
         try:
@@ -222,12 +222,24 @@ def syscalls_per_request(pid: int, port: int, case: Case, core: int | str | None
             st.kill()
             st.wait()
     try:
-        total = [ln for ln in open(out) if ln.rstrip().endswith("total")]
-        calls = int(total[-1].split()[3]) if total else 0
-    except (OSError, ValueError, IndexError):
-        calls = 0
+        return Path(out).read_text(), result
     finally:
         os.unlink(out)
+
+
+def syscalls_per_request(pid: int, port: int, case: Case, core: int | str | None, seconds: int = 3) -> float:
+    """System calls of the proxy process per request, counted by `strace -c` under load.
+
+    strace slows the proxy, so only the count is used (it does not depend on speed, unlike
+    req/s or CPU time on a shared machine). NaN when strace is missing or not permitted."""
+    if shutil.which("strace") is None:
+        return float("nan")
+    text, r = strace_during(pid, ["-c", "-f"], lambda: run_wrk(port, case, seconds, core, []))
+    try:
+        total = [ln for ln in text.splitlines() if ln.rstrip().endswith("total")]
+        calls = int(total[-1].split()[3]) if total else 0
+    except (ValueError, IndexError):
+        calls = 0
     return calls / r.requests if calls and r.requests else float("nan")
 
 
