@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any, Callable, ContextManager
 
 import click
 
@@ -40,6 +41,38 @@ def lab(ctx: click.Context, prefix: str, subnet: str, state_dir: str) -> None:
 
 def _run_dir(lab_: Lab) -> Path:
     return lab_.state_dir / f"{lab_.prefix}run"
+
+
+def _run_drill(lab_: Lab, cluster_kw: dict[str, Any], open_run: Callable[[Any], ContextManager[Any]],
+               drive: Callable[[Any, Any], dict[str, Any]]) -> dict[str, Any] | None:
+    """Build the lab, start a cluster on it, open the drill (``open_run(cluster)``) and let
+    ``drive(run, cluster)`` measure; the cluster is stopped and the namespaces removed
+    afterwards, also on failure or SIGTERM. None after a LabError (already reported)."""
+    import signal
+
+    from halb.lab.cluster import LabCluster
+
+    def _term(*_: object) -> None:
+        raise SystemExit(143)  # run the finally blocks: stop the nodes, remove the namespaces
+
+    signal.signal(signal.SIGTERM, _term)
+    run_dir = _run_dir(lab_)
+    try:
+        lab_.up()
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        cluster = LabCluster(lab_, run_dir, **cluster_kw)
+        try:
+            cluster.start()
+            with open_run(cluster) as run:
+                return drive(run, cluster)
+        finally:
+            cluster.stop()
+    except LabError as exc:
+        _fail(exc)
+        return None
+    finally:
+        lab_.down()
 
 
 @lab.command()
@@ -204,40 +237,24 @@ def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], mode: str
         _fail(LabError("--fault drain needs --mode bgp (VIP mode's planned work is transfer)"))
         return
     freeze_s = 5.0 if freeze_s is None else freeze_s
-    from halb.lab.cluster import LabCluster
     from halb.lab.failover import FailoverRun, summary
 
-    import signal
-
-    def _term(*_: object) -> None:
-        raise SystemExit(143)  # run the finally blocks: stop the nodes, remove the namespaces
-
-    signal.signal(signal.SIGTERM, _term)
     lab_ = _lab(ctx)
     as_json = as_json or bool(ctx.obj.get("json"))
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    run_dir = _run_dir(lab_)
     extra = {"wait_from": wait_from} if wait_from else {}
-    try:
-        lab_.up()
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        # dataplane kills the holder's worker processes: every node runs one besides itself
-        cluster = LabCluster(lab_, run_dir, announce_extra=extra, ipv6=ipv6, workers=2 if "dataplane" in faults else 1)
-        try:
-            cluster.start()
-            with FailoverRun(cluster, freeze_s=freeze_s, log=say, ipv6=ipv6) as run:
-                for i in range(trials):
-                    for fault in faults:
-                        run.trial(fault)
-                result = summary(run.trials, run.max_holders_overall())
-        finally:
-            cluster.stop()
-    except LabError as exc:
-        _fail(exc)
+
+    def drive(run: FailoverRun, cluster: Any) -> dict[str, Any]:
+        for _ in range(trials):
+            for fault in faults:
+                run.trial(fault)
+        return summary(run.trials, run.max_holders_overall())
+
+    # dataplane kills the holder's worker processes: every node runs one besides itself
+    result = _run_drill(lab_, dict(announce_extra=extra, ipv6=ipv6, workers=2 if "dataplane" in faults else 1),
+                        lambda cluster: FailoverRun(cluster, freeze_s=freeze_s, log=say, ipv6=ipv6), drive)
+    if result is None:
         return
-    finally:
-        lab_.down()
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -250,9 +267,6 @@ def failover(ctx: click.Context, trials: int, faults: tuple[str, ...], mode: str
 def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], freeze_s: float, as_json: bool,
                   router_hash: str = "ecmp") -> None:
     from halb.lab.bgp_failover import BgpFailoverRun, bgp_summary
-    from halb.lab.cluster import LabCluster
-
-    import signal
 
     if "transfer" in faults:
         _fail(LabError("--fault transfer is VIP-only (in bgp mode leadership does not decide who announces)"))
@@ -262,38 +276,25 @@ def _failover_bgp(ctx: click.Context, trials: int, faults: tuple[str, ...], free
                        "self-check withdraws the node's routes, no leadership moves)"))
         return
 
-    def _term(*_: object) -> None:
-        raise SystemExit(143)
-
-    signal.signal(signal.SIGTERM, _term)
     old = _lab(ctx)
     old.down()
     lab_ = Lab(prefix=old.prefix, subnet=old.subnet, state_dir=old.state_dir, topology="bgp",
                router_hash=router_hash)
     as_json = as_json or bool(ctx.obj.get("json"))
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    run_dir = _run_dir(lab_)
-    try:
-        lab_.up()
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        cluster = LabCluster(lab_, run_dir, mode="bgp")
-        try:
-            cluster.start()
-            with BgpFailoverRun(cluster, freeze_s=freeze_s, log=say) as run:
-                k = 0
-                for _ in range(trials):
-                    for fault in faults:
-                        run.trial(fault, cluster.lbs[k % len(cluster.lbs)])
-                        k += 1
-                result = bgp_summary(run.trials, router_hash)
-        finally:
-            cluster.stop()
-    except LabError as exc:
-        _fail(exc)
+
+    def drive(run: BgpFailoverRun, cluster: Any) -> dict[str, Any]:
+        k = 0
+        for _ in range(trials):
+            for fault in faults:
+                run.trial(fault, cluster.lbs[k % len(cluster.lbs)])
+                k += 1
+        return bgp_summary(run.trials, router_hash)
+
+    result = _run_drill(lab_, dict(mode="bgp"), lambda cluster: BgpFailoverRun(cluster, freeze_s=freeze_s, log=say),
+                        drive)
+    if result is None:
         return
-    finally:
-        lab_.down()
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
