@@ -39,6 +39,7 @@ from halb.announce.bgp import Decision, Inputs, QuorumContact, decide, eligible_
 from halb.announce.bird import BirdError, BirdProcess
 from halb.announce.lease import boottime
 from halb.announce.settings import AnnounceConfig
+from halb.announce.step_loop import run_steps
 
 log = logging.getLogger(__name__)
 
@@ -251,19 +252,7 @@ class BgpAnnouncement:
 
     # ---- the loop -------------------------------------------------------------------
     async def _run(self) -> None:
-        while True:
-            try:
-                await self._step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("BGP announcement step failed")
-                await asyncio.sleep(0.2)
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
-            except asyncio.TimeoutError:
-                pass
+        await run_steps(self._step, self._wake, TICK_S, log, "BGP announcement")
 
     async def _step(self) -> None:
         results, self._results = self._results, []

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from halb.announce.lease import LeaseKeeper, RenewToken, boottime
 from halb.announce.settings import AnnounceConfig, parse_announce
+from halb.announce.step_loop import run_steps
 from halb.control.pysyncobj_compat import last_log_entry
 
 log = logging.getLogger(__name__)
@@ -226,20 +227,7 @@ class Announcement:
 
     # ---- the loop -------------------------------------------------------------------
     async def _run(self) -> None:
-        while True:
-            try:
-                await self._step()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("announcement step failed")
-                self._notify("FAULT")
-                await asyncio.sleep(0.2)
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), TICK_S)
-            except asyncio.TimeoutError:
-                pass
+        await run_steps(self._step, self._wake, TICK_S, log, "announcement", on_error=lambda: self._notify("FAULT"))
 
     def _is_leader(self) -> bool:
         st = self.raft.raft_status()
