@@ -165,7 +165,6 @@ class Side(asyncio.Protocol):
         self.writable.set()
         self.conn: Connection | None = None
         self.early: list[bytes | None] = []
-        self.early_paused = False  # reading paused until the link exists (data_received)
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -187,7 +186,6 @@ class Side(asyncio.Protocol):
             self.early.append(data)
             if self.transport is not None:
                 self.transport.pause_reading()
-                self.early_paused = True
 
     def eof_received(self) -> bool:
         if self.reader is not None:
@@ -201,16 +199,13 @@ class Side(asyncio.Protocol):
         early, self.early = self.early, []
         for item in early:
             link.feed(item)
-        if self.early_paused:
-            # Reading was paused for the early bytes; resume it, or a FIN that came after
-            # them is never read and the other side never sees the end (an upstream that
-            # answers and closes before dial() attached its link hung the client).
-            self.early_paused = False
-            if not link.pause_reasons and self.transport is not None and not self.closed:
-                try:
-                    self.transport.resume_reading()
-                except RuntimeError:
-                    pass
+        if self.transport is not None and not self.closed and not self.transport.is_reading():
+            # Paused for the early bytes: resume through the link (unless it paused for its
+            # own reasons meanwhile), or a FIN that came after them is never read and the
+            # other side never sees the end (an upstream that answers and closes before
+            # dial() attached its link hung the client).
+            link.pause_reasons.add("early")
+            link.src_resume("early")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
