@@ -23,8 +23,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-import httptools
-
 if TYPE_CHECKING:  # pragma: no cover
     from halb.dataplane.http_proxy import UpstreamConn
 
@@ -77,13 +75,9 @@ class BodyRelay(asyncio.BufferedProtocol):
             up.remaining = rem - nbytes
             return
         self._release()
-        up.bypass = False
-        up.remaining = -1
-        up.parser = httptools.HttpResponseParser(up)
         if not up.closed:
             up.transport.set_protocol(up)  # type: ignore[union-attr]
-        # bytes beyond the announced length: the backend broke framing, do not reuse
-        client.response_done(up, ex, reusable=up.ka and nbytes == rem)
+        up.body_ended(ex, client, exact=nbytes == rem)
 
     def _release(self) -> None:
         buf = self.buf

@@ -436,14 +436,19 @@ class UpstreamConn(asyncio.Protocol):
             if not client.closed:
                 client.transport.write(data)  # type: ignore[union-attr]
             return
-        self.bypass = False
-        self.remaining = -1
-        self.parser = httptools.HttpResponseParser(self)
         ex.sent += rem
         if not client.closed:
             client.transport.write(data if n == rem else data[:rem])  # type: ignore[union-attr]
-        # bytes beyond the announced length: the backend broke framing, do not reuse
-        client.response_done(self, ex, reusable=self.ka and n == rem)
+        self.body_ended(ex, client, exact=n == rem)
+
+    def body_ended(self, ex: Exchange, client: "HttpClientConn", exact: bool) -> None:
+        """The known-length body is through (here or in body_relay): a fresh parser reads the
+        next response head. Bytes beyond the announced length (``exact`` false) mean the
+        backend broke framing: the connection is not reused."""
+        self.bypass = False
+        self.remaining = -1
+        self.parser = httptools.HttpResponseParser(self)
+        client.response_done(self, ex, reusable=self.ka and exact)
 
     # --- httptools callbacks -----------------------------------------------------
     # No on_header/on_status: a per-header callback cost ~0.8 us; the response head is
