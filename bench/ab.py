@@ -48,7 +48,16 @@ class Arm:
     tree: Path
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
+    extra: tuple[str, ...] = ()  # more arguments for halb.dataplane.run (--access-log FILE)
     cpu: list[tuple[float, float]] = field(default_factory=list)  # (user, sys) µs per request
+    faults: list[float] = field(default_factory=list)  # minor page faults per 1,000 requests
+
+
+def minor_faults(pid: int) -> int:
+    """Minor page faults of the whole process so far (its threads included): kernel time that
+    no system call count shows, e.g. memory the allocator gave back and takes again."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[7])  # minflt (field 10)
 
 
 def prepare_tree(commit: str, parent: Path) -> Path:
@@ -121,6 +130,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--seconds", type=int, default=4)
     ap.add_argument("--no-strace", action="store_true")
+    ap.add_argument("--access-log", action="store_true",
+                    help="also run every tree with the access log on (a file in the temp dir)")
     args = ap.parse_args()
     for b in ("wrk", "nginx", "taskset") + (() if args.no_strace else ("strace",)):
         if shutil.which(b) is None and not Path(tool(b)).exists():
@@ -130,6 +141,9 @@ def main() -> int:
     tmp.chmod(0o755)
     arms = [Arm(f"commit {c}", prepare_tree(c, tmp)) for c in args.commit]
     arms += [Arm(f"tree {t}", Path(t).resolve()) for t in args.tree]
+    if args.access_log:
+        arms += [Arm(f"{a.label} +access log", a.tree, extra=("--access-log", str(tmp / f"access-{i}.log")))
+                 for i, a in enumerate(list(arms))]
     if len(arms) < 2:
         ap.error("give two or more arms (--tree, --commit)")
     procs = Procs()
@@ -144,7 +158,7 @@ def main() -> int:
         for arm in arms:
             arm.port = free_port()
             arm.proc = procs.start([sys.executable, "-m", "halb.dataplane.run", "--listen", f"127.0.0.1:{arm.port}",
-                                    "--backend", f"origin=127.0.0.1:{origin}"],
+                                    "--backend", f"origin=127.0.0.1:{origin}", *arm.extra],
                                    PROXY_CORE, cwd=arm.tree, stdout=subprocess.PIPE)
             assert arm.proc.stdout is not None
             arm.proc.stdout.readline()  # READY
@@ -154,11 +168,12 @@ def main() -> int:
         for r in range(args.rounds):
             for arm in (arms if r % 2 == 0 else arms[::-1]):
                 assert arm.proc is not None
-                (u0, s0) = cpu_ticks(arm.proc.pid)
+                (u0, s0), f0 = cpu_ticks(arm.proc.pid), minor_faults(arm.proc.pid)
                 n = wrk(arm.port, args.path, args.conns, args.seconds)
-                (u1, s1) = cpu_ticks(arm.proc.pid)
+                (u1, s1), f1 = cpu_ticks(arm.proc.pid), minor_faults(arm.proc.pid)
                 per = 1e6 / hz / max(n, 1)
                 arm.cpu.append(((u1 - u0) * per, (s1 - s0) * per))
+                arm.faults.append((f1 - f0) * 1000 / max(n, 1))
                 print(f"round {r} load {os.getloadavg()[0]:.2f} {arm.label}: {n} requests, "
                       f"{(u1 - u0 + s1 - s0) * per:.1f} µs/request (user {(u1 - u0) * per:.1f})", flush=True)
         print(f"load average at end {os.getloadavg()[0]:.2f}")
@@ -166,7 +181,8 @@ def main() -> int:
             tot = [u + s for u, s in arm.cpu]
             print(f"{arm.label}: median CPU {statistics.median(tot):.1f} µs/request "
                   f"(user {statistics.median(u for u, _ in arm.cpu):.1f}, sys {statistics.median(s for _, s in arm.cpu):.1f}); "
-                  f"runs {', '.join(f'{t:.0f}' for t in tot)}")
+                  f"runs {', '.join(f'{t:.0f}' for t in tot)}; minor faults per 1,000 requests "
+                  f"{statistics.median(arm.faults):.2f}")
         if not args.no_strace:
             for arm in arms:
                 print("\n".join(syscall_report(arm, args.path, args.conns)))

@@ -32,6 +32,11 @@ typedef struct {
     Py_ssize_t len, cap;
 } Buf;
 
+/* The most one record can take: nine strings of at most MAX_* bytes, each byte at most 6
+   escaped ("\u00XX"), plus quotes, numbers and the field names. One grow() per record makes
+   room for all of it, so the writers below never check. */
+#define LINE_MAX (6 * (8 * MAX_OTHER + MAX_PATH) + 18 + 512)
+
 static int grow(Buf *b, Py_ssize_t need) {
     if (b->len + need <= b->cap) return 0;
     Py_ssize_t cap = b->cap ? b->cap : 4096;
@@ -46,7 +51,7 @@ static int grow(Buf *b, Py_ssize_t need) {
     return 0;
 }
 
-static void lit(Buf *b, const char *s, Py_ssize_t n) {  /* caller made room */
+static inline void lit(Buf *b, const char *s, Py_ssize_t n) {
     memcpy(b->p + b->len, s, n);
     b->len += n;
 }
@@ -56,13 +61,16 @@ static const char HEX[] = "0123456789abcdef";
 static unsigned char SAFE[256];  /* printable ASCII but '"' and '\\': copied as they are */
 
 /* a JSON string from raw bytes (quotes included) */
-static int jstr(Buf *b, const unsigned char *s, Py_ssize_t n) {
-    if (grow(b, 6 * n + 2) < 0) return -1;
+static void jstr(Buf *b, const unsigned char *s, Py_ssize_t n) {
     char *o = b->p + b->len;
     *o++ = '"';
     Py_ssize_t i = 0;
-    while (i < n && SAFE[s[i]]) i++;  /* the usual case: nothing to escape */
-    memcpy(o, s, (size_t)i);
+    /* the usual case: a short value with nothing to escape, copied as it is scanned (a libc
+       memcpy call per field cost more than the copy) */
+    while (i < n && SAFE[s[i]]) {
+        o[i] = (char)s[i];
+        i++;
+    }
     o += i;
     for (; i < n; i++) {
         unsigned char c = s[i];
@@ -79,13 +87,11 @@ static int jstr(Buf *b, const unsigned char *s, Py_ssize_t n) {
     }
     *o++ = '"';
     b->len = o - b->p;
-    return 0;
 }
 
 /* bytes or None -> JSON string or null, at most `max` bytes (cut at '?' when `query`) */
 static int jbytes(Buf *b, PyObject *v, Py_ssize_t max, int query) {
     if (v == Py_None) {
-        if (grow(b, 4) < 0) return -1;
         LIT(b, "null");
         return 0;
     }
@@ -100,13 +106,13 @@ static int jbytes(Buf *b, PyObject *v, Py_ssize_t max, int query) {
         if (q != NULL) n = (const unsigned char *)q - s;
     }
     if (n > max) n = max;
-    return jstr(b, s, n);
+    jstr(b, s, n);
+    return 0;
 }
 
 /* str or None -> JSON string or null */
 static int jname(Buf *b, PyObject *v, int frontend_is_null) {
     if (v == Py_None) {
-        if (grow(b, 4) < 0) return -1;
         LIT(b, "null");
         return 0;
     }
@@ -114,16 +120,16 @@ static int jname(Buf *b, PyObject *v, int frontend_is_null) {
     const char *s = PyUnicode_AsUTF8AndSize(v, &n);
     if (s == NULL) return -1;
     if (frontend_is_null && n >= 9 && memcmp(s, "frontend:", 9) == 0) {
-        if (grow(b, 4) < 0) return -1;
         LIT(b, "null");
         return 0;
     }
     if (n > MAX_OTHER) n = MAX_OTHER;
-    return jstr(b, (const unsigned char *)s, n);
+    jstr(b, (const unsigned char *)s, n);
+    return 0;
 }
 
 /* decimal digits of x (no snprintf: it cost more than the rest of a line) */
-static void put_uint(Buf *b, unsigned long long x) {  /* caller made room for 20 bytes */
+static void put_uint(Buf *b, unsigned long long x) {
     char tmp[24];
     int n = 0;
     do {
@@ -136,7 +142,6 @@ static void put_uint(Buf *b, unsigned long long x) {  /* caller made room for 20
 static int num(Buf *b, PyObject *v) {
     long long x = PyLong_AsLongLong(v);
     if (x == -1 && PyErr_Occurred()) return -1;
-    if (grow(b, 24) < 0) return -1;
     if (x < 0) {
         b->p[b->len++] = '-';
         x = -x;
@@ -147,6 +152,78 @@ static int num(Buf *b, PyObject *v) {
 
 static long long cached_sec = -1;
 static char cached_txt[32];
+
+/* One record as a JSON line at the end of `b`. `f` holds the 13 values after the end time
+   (start, request_id, client, frontend, service, host, method, url, status, bytes, backend,
+   attempts, tls: the RECORD layout of access_log.py without its first item). On an error the
+   buffer is left as it was. */
+static int format_record(Buf *b, double t1, PyObject *const *f, double wall_offset) {
+    double t0 = PyFloat_AsDouble(f[0]);
+    if (t0 == -1.0 && PyErr_Occurred()) return -1;
+    if (grow(b, LINE_MAX) < 0) return -1;
+    Py_ssize_t mark = b->len;
+    double t = t1 + wall_offset;
+    double dur = t0 != 0.0 ? t1 - t0 : -1.0;
+    long long sec = (long long)t;
+    int ms = (int)((t - (double)sec) * 1000.0);
+    if (ms < 0) ms = 0;
+    if (ms > 999) ms = 999;
+    if (sec != cached_sec) {
+        time_t tt = (time_t)sec;
+        struct tm tm;
+        gmtime_r(&tt, &tm);
+        strftime(cached_txt, sizeof cached_txt, "%Y-%m-%dT%H:%M:%S", &tm);
+        cached_sec = sec;
+    }
+    LIT(b, "{\"time\":\"");
+    lit(b, cached_txt, 19);
+    b->p[b->len++] = '.';
+    b->p[b->len++] = (char)('0' + ms / 100);
+    b->p[b->len++] = (char)('0' + ms / 10 % 10);
+    b->p[b->len++] = (char)('0' + ms % 10);
+    LIT(b, "Z\",\"request_id\":");
+    if (f[1] == Py_None) {
+        LIT(b, "\"\"");
+    } else if (jbytes(b, f[1], MAX_OTHER, 0) < 0) goto fail;
+    LIT(b, ",\"client\":");
+    if (jbytes(b, f[2], MAX_OTHER, 0) < 0) goto fail;
+    LIT(b, ",\"frontend\":");
+    if (jname(b, f[3], 0) < 0) goto fail;
+    LIT(b, ",\"service\":");
+    if (jname(b, f[4], 1) < 0) goto fail;
+    LIT(b, ",\"host\":");
+    if (jbytes(b, f[5], MAX_HOST, 0) < 0) goto fail;
+    LIT(b, ",\"method\":");
+    if (jbytes(b, f[6], MAX_OTHER, 0) < 0) goto fail;
+    LIT(b, ",\"path\":");
+    if (jbytes(b, f[7], MAX_PATH, 1) < 0) goto fail;
+    LIT(b, ",\"status\":");
+    if (num(b, f[8]) < 0) goto fail;
+    LIT(b, ",\"bytes\":");
+    if (num(b, f[9]) < 0) goto fail;
+    LIT(b, ",\"duration_ms\":");
+    if (dur < 0) {
+        LIT(b, "null");
+    } else {  /* milliseconds with 3 decimals, from whole microseconds */
+        unsigned long long us = (unsigned long long)(dur * 1e6 + 0.5);
+        put_uint(b, us / 1000);
+        b->p[b->len++] = '.';
+        b->p[b->len++] = (char)('0' + us % 1000 / 100);
+        b->p[b->len++] = (char)('0' + us % 100 / 10);
+        b->p[b->len++] = (char)('0' + us % 10);
+    }
+    LIT(b, ",\"backend\":");
+    if (jname(b, f[10], 0) < 0) goto fail;
+    LIT(b, ",\"attempts\":");
+    if (num(b, f[11]) < 0) goto fail;
+    LIT(b, ",\"tls\":");
+    if (jname(b, f[12], 0) < 0) goto fail;
+    LIT(b, "}\n");
+    return 0;
+fail:
+    b->len = mark;
+    return -1;
+}
 
 PyDoc_STRVAR(format_lines_doc, "format_lines(records, wall_offset) -> bytes: JSON lines of access-log records (module doc).");
 
@@ -172,81 +249,8 @@ static PyObject *format_lines(PyObject *self, PyObject *const *args, Py_ssize_t 
             goto fail;
         }
         double t1 = PyFloat_AsDouble(PyTuple_GET_ITEM(r, 0));
-        double t0 = PyFloat_AsDouble(PyTuple_GET_ITEM(r, 1));
-        if (PyErr_Occurred()) goto fail;
-        double t = t1 + wall_offset;
-        double dur = t0 != 0.0 ? t1 - t0 : -1.0;
-        long long sec = (long long)t;
-        int ms = (int)((t - (double)sec) * 1000.0);
-        if (ms < 0) ms = 0;
-        if (ms > 999) ms = 999;
-        if (sec != cached_sec) {
-            time_t tt = (time_t)sec;
-            struct tm tm;
-            gmtime_r(&tt, &tm);
-            strftime(cached_txt, sizeof cached_txt, "%Y-%m-%dT%H:%M:%S", &tm);
-            cached_sec = sec;
-        }
-        if (grow(&b, 64) < 0) goto fail;
-        LIT(&b, "{\"time\":\"");
-        lit(&b, cached_txt, 19);
-        b.p[b.len++] = '.';
-        b.p[b.len++] = (char)('0' + ms / 100);
-        b.p[b.len++] = (char)('0' + ms / 10 % 10);
-        b.p[b.len++] = (char)('0' + ms % 10);
-        LIT(&b, "Z\",\"request_id\":");
-        PyObject *rid = PyTuple_GET_ITEM(r, 2);
-        if (rid == Py_None) {
-            if (grow(&b, 2) < 0) goto fail;
-            LIT(&b, "\"\"");
-        } else if (jbytes(&b, rid, MAX_OTHER, 0) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"client\":");
-        if (jbytes(&b, PyTuple_GET_ITEM(r, 3), MAX_OTHER, 0) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"frontend\":");
-        if (jname(&b, PyTuple_GET_ITEM(r, 4), 0) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"service\":");
-        if (jname(&b, PyTuple_GET_ITEM(r, 5), 1) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"host\":");
-        if (jbytes(&b, PyTuple_GET_ITEM(r, 6), MAX_HOST, 0) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"method\":");
-        if (jbytes(&b, PyTuple_GET_ITEM(r, 7), MAX_OTHER, 0) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"path\":");
-        if (jbytes(&b, PyTuple_GET_ITEM(r, 8), MAX_PATH, 1) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"status\":");
-        if (num(&b, PyTuple_GET_ITEM(r, 9)) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"bytes\":");
-        if (num(&b, PyTuple_GET_ITEM(r, 10)) < 0) goto fail;
-        if (grow(&b, 48) < 0) goto fail;
-        LIT(&b, ",\"duration_ms\":");
-        if (dur < 0) {
-            LIT(&b, "null");
-        } else {  /* milliseconds with 3 decimals, from whole microseconds */
-            unsigned long long us = (unsigned long long)(dur * 1e6 + 0.5);
-            put_uint(&b, us / 1000);
-            b.p[b.len++] = '.';
-            b.p[b.len++] = (char)('0' + us % 1000 / 100);
-            b.p[b.len++] = (char)('0' + us % 100 / 10);
-            b.p[b.len++] = (char)('0' + us % 10);
-        }
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"backend\":");
-        if (jname(&b, PyTuple_GET_ITEM(r, 11), 0) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"attempts\":");
-        if (num(&b, PyTuple_GET_ITEM(r, 12)) < 0) goto fail;
-        if (grow(&b, 16) < 0) goto fail;
-        LIT(&b, ",\"tls\":");
-        if (jname(&b, PyTuple_GET_ITEM(r, 13), 0) < 0) goto fail;
-        if (grow(&b, 2) < 0) goto fail;
-        LIT(&b, "}\n");
+        if (t1 == -1.0 && PyErr_Occurred()) goto fail;
+        if (format_record(&b, t1, &PyTuple_GET_ITEM(r, 1), wall_offset) < 0) goto fail;
     }
     PyObject *out = PyBytes_FromStringAndSize(b.p ? b.p : "", b.len);
     PyMem_Free(b.p);
@@ -255,6 +259,120 @@ fail:
     PyMem_Free(b.p);
     return NULL;
 }
+
+/* ------------------------------------------------------------------ Lines
+   The request path's side: add() formats one record at once into a buffer the object keeps
+   (no tuple per request, no request objects held until a flush) and reads the end time from
+   CLOCK_MONOTONIC itself, the clock of time.monotonic(); take() hands the lines over. */
+
+typedef struct {
+    PyObject_HEAD
+    Buf buf;
+    Py_ssize_t count;  /* lines in buf */
+    double wall_offset;  /* time.time() - time.monotonic(), set by the owner (access_log.py) */
+} Lines;
+
+static void Lines_dealloc(Lines *self) {
+    PyMem_Free(self->buf.p);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Lines_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Lines() takes no arguments");
+        return NULL;
+    }
+    Lines *self = (Lines *)type->tp_alloc(type, 0);
+    return (PyObject *)self;
+}
+
+static PyObject *added(Lines *self, double t1, PyObject *const *f) {
+    if (format_record(&self->buf, t1, f, self->wall_offset) < 0) return NULL;
+    self->count++;
+    return PyLong_FromSsize_t(self->count);
+}
+
+PyDoc_STRVAR(Lines_add_doc, "add(start, request_id, client, frontend, service, host, method, url, status, bytes, "
+             "backend, attempts, tls) -> lines pending: one record ending now (module doc).");
+
+static PyObject *Lines_add(Lines *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "Lines.add takes the 13 values of a record after its end time");
+        return NULL;
+    }
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return added(self, (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9, args);
+}
+
+PyDoc_STRVAR(Lines_add_at_doc, "add_at(end, start, ...) -> lines pending: add() with the end time given (tests).");
+
+static PyObject *Lines_add_at(Lines *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 14) {
+        PyErr_SetString(PyExc_TypeError, "Lines.add_at takes a whole record (14 values)");
+        return NULL;
+    }
+    double t1 = PyFloat_AsDouble(args[0]);
+    if (t1 == -1.0 && PyErr_Occurred()) return NULL;
+    return added(self, t1, args + 1);
+}
+
+PyDoc_STRVAR(Lines_take_doc, "take() -> (bytes, count): the pending lines, and how many; the buffer is emptied.");
+
+static PyObject *Lines_take(Lines *self, PyObject *unused) {
+    PyObject *data = PyBytes_FromStringAndSize(self->buf.p ? self->buf.p : "", self->buf.len);
+    if (data == NULL) return NULL;
+    PyObject *out = Py_BuildValue("(Nn)", data, self->count);
+    if (out == NULL) return NULL;
+    self->buf.len = 0;
+    self->count = 0;
+    if (self->buf.cap > 4 * 1024 * 1024) {  /* a burst grew it: give the memory back */
+        PyMem_Free(self->buf.p);
+        self->buf.p = NULL;
+        self->buf.cap = 0;
+    }
+    return out;
+}
+
+static PyObject *Lines_len_get(Lines *self, void *closure) { return PyLong_FromSsize_t(self->count); }
+
+static PyObject *Lines_offset_get(Lines *self, void *closure) { return PyFloat_FromDouble(self->wall_offset); }
+
+static int Lines_offset_set(Lines *self, PyObject *v, void *closure) {
+    double d = v ? PyFloat_AsDouble(v) : -1.0;
+    if (v == NULL) {
+        PyErr_SetString(PyExc_TypeError, "wall_offset cannot be deleted");
+        return -1;
+    }
+    if (d == -1.0 && PyErr_Occurred()) return -1;
+    self->wall_offset = d;
+    return 0;
+}
+
+static PyMethodDef Lines_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))Lines_add, METH_FASTCALL, Lines_add_doc},
+    {"add_at", (PyCFunction)(void (*)(void))Lines_add_at, METH_FASTCALL, Lines_add_at_doc},
+    {"take", (PyCFunction)Lines_take, METH_NOARGS, Lines_take_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Lines_getset[] = {
+    {"count", (getter)Lines_len_get, NULL, "lines pending", NULL},
+    {"wall_offset", (getter)Lines_offset_get, (setter)Lines_offset_set, "time.time() - time.monotonic()", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject LinesType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "halb.dataplane._accesslog.Lines",
+    .tp_basicsize = sizeof(Lines),
+    .tp_dealloc = (destructor)Lines_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Access-log lines formatted as requests end (module doc).",
+    .tp_methods = Lines_methods,
+    .tp_getset = Lines_getset,
+    .tp_new = Lines_new,
+};
 
 static PyMethodDef methods[] = {
     {"format_lines", (PyCFunction)(void (*)(void))format_lines, METH_FASTCALL, format_lines_doc},
@@ -268,5 +386,14 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__accesslog(void) {
     for (int c = 0; c < 256; c++) SAFE[c] = c >= 0x20 && c < 0x7f && c != '"' && c != '\\';
-    return PyModule_Create(&module);
+    if (PyType_Ready(&LinesType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&LinesType);
+    if (PyModule_AddObject(m, "Lines", (PyObject *)&LinesType) < 0) {
+        Py_DECREF(&LinesType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

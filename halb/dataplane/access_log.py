@@ -2,14 +2,19 @@
 
 Why this shape:
 
-- The request path only appends a tuple of values it already has (`AccessLog.add`, inlined
-  in HttpClientConn.response_done for keep-alive responses); nothing is formatted per
-  request there. `flush` (every 256 records, and from the engine's sweeper
-  every 0.25 s) turns the pending tuples into JSON lines in one C call (_accesslog.c; a
-  pure-Python formatter with the same output where the extension is not built) and hands the
-  bytes to a writer thread. Formatting stays in the loop's thread on purpose: a writer thread
+- The request path makes one C call per request (`Lines.add` of _accesslog.c, through
+  `AccessLog.add`, inlined in HttpClientConn.response_done for keep-alive responses): it
+  reads the end time from the monotonic clock and formats the JSON line at once into a
+  buffer the Lines object keeps. Formatting at once, rather than keeping a tuple per request
+  and formatting a batch later, was measured cheaper: no tuple per request, no Python clock
+  call, and the request's objects are freed at once instead of 256 requests' worth staying
+  alive until the batch (bench/ab.py --access-log; docs/benchmarks.md). `flush` (every 256
+  lines, and from the engine's sweeper every 0.25 s) takes the formatted bytes and hands them
+  to a writer thread. Formatting stays in the loop's thread on purpose: a writer thread
   running Python would hold the GIL and stall the loop up to the switch interval (5 ms); the
-  thread only calls `os.write`, which releases the GIL while the disk works.
+  thread only calls `os.write`, which releases the GIL while the disk works. Builds without
+  the extension use `PyLines`: the same interface, records kept and formatted in Python by
+  `py_format_lines` (the same bytes; tests compare).
 - The hand-over is bounded (`buffer_bytes` of formatted lines waiting for the writer): when
   the disk (or a FIFO nobody reads) cannot keep up, whole batches are dropped and counted in
   `dropped`; requests never wait and memory never grows past the bound.
@@ -59,8 +64,10 @@ _ESC = [chr(c) if 0x20 <= c < 0x7f and c not in (0x22, 0x5c) else ("\\" + chr(c)
 
 # the C formatter (halb/dataplane/_accesslog.c); HALB_ACCESS_LOG_ACCEL=0 uses the Python one
 format_lines: Any = None
+CLines: Any = None
 if os.environ.get("HALB_ACCESS_LOG_ACCEL", "1") != "0":
     try:
+        from halb.dataplane._accesslog import Lines as CLines
         from halb.dataplane._accesslog import format_lines
     except ImportError:  # built without a C compiler
         pass
@@ -112,6 +119,38 @@ def py_format_lines(records: list[tuple[Any, ...]], wall_offset: float) -> bytes
     return b"".join(out)
 
 
+class PyLines:
+    """_accesslog.Lines for builds without the extension: the same interface and bytes, each
+    record formatted by py_format_lines when added (so a malformed one raises there, as in C)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.wall_offset = 0.0
+
+    @property
+    def count(self) -> int:
+        return len(self.chunks)
+
+    def add(self, *values: Any) -> int:
+        """The 13 values of a record after its end time, which is now."""
+        return self.add_at(monotonic(), *values)
+
+    def add_at(self, *record: Any) -> int:
+        if len(record) != 14:
+            raise TypeError("PyLines.add_at takes a whole record (14 values)")
+        self.chunks.append(py_format_lines([record], self.wall_offset))
+        return len(self.chunks)
+
+    def take(self) -> tuple[bytes, int]:
+        chunks, self.chunks = self.chunks, []
+        return b"".join(chunks), len(chunks)
+
+
+def new_lines() -> Any:
+    """A pending-lines buffer: the C one when built (and not turned off), else PyLines."""
+    return CLines() if CLines is not None else PyLines()
+
+
 def tls_version(conn: Any) -> str | None:
     """The TLS protocol version of a client connection, or None for plain HTTP."""
     if getattr(conn.listener, "ssl", None) is None or conn.transport is None:
@@ -129,12 +168,13 @@ class AccessLog:
     def __init__(self, path: str, buffer_bytes: int = DEFAULT_BUFFER) -> None:
         self.path = path
         self.buffer_bytes = buffer_bytes
-        self.records: list[tuple[Any, ...]] = []
-        self.wall_offset = wall() - monotonic()  # time.time() = time.monotonic() + this (refreshed per flush)
+        self.pending = new_lines()  # lines of finished requests not yet handed to the writer
+        self.pending.wall_offset = wall() - monotonic()  # time.time() = time.monotonic() + this (refreshed per flush)
         self.lines = 0  # lines handed to the writer
         self.dropped = 0  # lines dropped: the writer's queue was full, or writing failed
         self.written = 0  # lines written
         self.error = ""  # the last open/write error ("" once writing works again)
+        self._bad_records: set[str] = set()  # errors of records that could not be formatted (logged once each)
         self._queue: deque[tuple[bytes, int]] = deque()  # (lines, how many)
         self._queued = 0  # bytes in _queue (under _cond)
         self._cond = threading.Condition()
@@ -145,33 +185,44 @@ class AccessLog:
 
     # ------------------------------------------------------------------ event loop side
     def add(self, conn: Any, ex: Any, backend: Any) -> None:
-        """One finished request (hot path: a tuple of plain values, no formatting).
+        """One finished request, formatted at once (one C call).
         `backend`: the BackendState whose response the client got, None for a local answer."""
         lst = conn.listener
         rt = ex.rt
         # the layout (RECORD) is also written inline in HttpClientConn.response_done (hot path)
-        self.records.append((
-            monotonic(), ex.t0, ex.rid, conn.peer, lst.frontend,
-            (rt if rt is not None else lst.rt).route.name, ex.host, ex.method, ex.url, ex.status,
-            len(ex.head_out) + ex.sent,
-            backend.name if backend is not None else None, ex.attempts,
-            tls_version(conn) if lst.ssl is not None else None,
-        ))
-        if len(self.records) >= BATCH:
+        try:
+            n = self.pending.add(
+                ex.t0, ex.rid, conn.peer, lst.frontend,
+                (rt if rt is not None else lst.rt).route.name, ex.host, ex.method, ex.url, ex.status,
+                len(ex.head_out) + ex.sent,
+                backend.name if backend is not None else None, ex.attempts,
+                tls_version(conn) if lst.ssl is not None else None)
+        except Exception as exc:
+            self.bad_record(exc)
+            return
+        if n >= BATCH:
             self.flush()
 
+    def bad_record(self, exc: Exception) -> None:
+        """A record that could not be formatted (a value of the wrong type: a bug): dropped and
+        counted, logged once per distinct error; the request it describes is not affected."""
+        self.dropped += 1
+        why = f"{type(exc).__name__}: {exc}"
+        if why not in self._bad_records:
+            self._bad_records.add(why)
+            log.error("access log record dropped (%s); dropped records are counted", why)
+
     def flush(self, wake: bool = False) -> None:
-        """Format the pending records and hand them to the writer (or drop them, counted).
+        """Hand the pending lines to the writer (or drop them, counted).
         The writer is woken when a quarter of the buffer (at most WAKE_BYTES) waits, or with
         `wake` (the sweeper, every 0.25 s): fewer, larger writes and thread switches."""
-        recs = self.records
-        self.wall_offset = wall() - monotonic()  # records hold monotonic times; follows clock steps
-        if recs:
-            self.records = []
-            data = (format_lines or py_format_lines)(recs, self.wall_offset)
-            n = len(recs)
+        pending = self.pending
+        n = pending.count
+        if n:
+            data, n = pending.take()
+        pending.wall_offset = wall() - monotonic()  # lines hold monotonic times; follows clock steps
         with self._cond:
-            if recs:
+            if n:
                 if self._queued + len(data) > self.buffer_bytes:
                     self.dropped += n
                     return

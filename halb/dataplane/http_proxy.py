@@ -1385,11 +1385,14 @@ class HttpClientConn(asyncio.Protocol):
         al = self.engine.access_log if LOGGING else None
         if al is not None:
             lst = self.listener
-            recs = al.records
-            recs.append((monotonic(), ex.t0, ex.rid, self.peer, lst.frontend, ex.rt.route.name, ex.host,  # type: ignore[union-attr]
-                         ex.method, ex.url, ex.status, len(ex.head_out) + ex.sent, b.name, ex.attempts,
-                         tls_version(self) if lst.ssl is not None else None))
-            if len(recs) >= BATCH:
+            try:  # free in 3.11 unless it raises
+                n = al.pending.add(ex.t0, ex.rid, self.peer, lst.frontend, ex.rt.route.name, ex.host,  # type: ignore[union-attr]
+                                   ex.method, ex.url, ex.status, len(ex.head_out) + ex.sent, b.name, ex.attempts,
+                                   tls_version(self) if lst.ssl is not None else None)
+            except Exception as exc:
+                al.bad_record(exc)
+                n = 0
+            if n >= BATCH:
                 al.flush()
         self.active = True
         if self.queue:
