@@ -43,11 +43,13 @@ from tls import halb_tls_args, make_cert  # noqa: E402
 
 
 def handshake_instructions(dump: str) -> int:
-    """Inclusive instructions of uvloop's handshake step (OpenSSL handshake, SNI callback)."""
+    """Inclusive instructions of the TLS handshakes (OpenSSL handshake, SNI callback): uvloop's
+    handshake step, or CPython's do_handshake (halb's own TLS stream, tls_stream.py)."""
     out = subprocess.run(["callgrind_annotate", "--inclusive=yes", dump], capture_output=True, text=True).stdout
-    for line in out.splitlines():
-        if "SSLProtocol__do_handshake" in line:
-            return int(line.split()[0].replace(",", ""))
+    for marker in ("SSLProtocol__do_handshake", "_ssl__SSLSocket_do_handshake"):
+        for line in out.splitlines():
+            if marker in line:
+                return int(line.split()[0].replace(",", ""))
     return 0
 
 

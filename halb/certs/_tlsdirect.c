@@ -24,7 +24,9 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <dlfcn.h>
+#include <limits.h>
 #include <string.h>
 
 typedef struct ssl_st SSL;  /* opaque */
@@ -34,10 +36,19 @@ typedef int (*write_ex_t)(SSL *, const void *, size_t, size_t *);
 typedef int (*pending_t)(const SSL *);
 typedef void *(*get_ex_data_t)(const SSL *, int);
 
+typedef struct bio_st BIO;  /* opaque */
+typedef BIO *(*get_bio_t)(const SSL *);
+typedef int (*bio_rw_t)(BIO *, void *, int);
+typedef size_t (*bio_pending_t)(BIO *);
+
 static read_ex_t p_read_ex;
 static write_ex_t p_write_ex;
 static pending_t p_pending;
 static get_ex_data_t p_get_ex_data;
+/* for StreamCore (below): the memory BIOs CPython attached to the connection */
+static get_bio_t p_get_rbio, p_get_wbio;
+static bio_rw_t p_bio_write, p_bio_read;
+static bio_pending_t p_bio_pending;
 
 #define RECORD_MAX 16384  /* TLS plaintext per record (RFC 8446 5.1, RFC 5246 6.2.1) */
 
@@ -129,6 +140,12 @@ static PyObject *mod_load(PyObject *m, PyObject *arg) {
     if (!r || !w || !p || !g)
         Py_RETURN_FALSE;
     p_read_ex = r, p_write_ex = w, p_pending = p, p_get_ex_data = g;
+    /* libcrypto's BIO functions come through libssl's own dependencies */
+    get_bio_t gr = (get_bio_t)dlsym(h, "SSL_get_rbio"), gw = (get_bio_t)dlsym(h, "SSL_get_wbio");
+    bio_rw_t bw = (bio_rw_t)dlsym(h, "BIO_write"), br = (bio_rw_t)dlsym(h, "BIO_read");
+    bio_pending_t bp = (bio_pending_t)dlsym(h, "BIO_ctrl_pending");
+    if (gr && gw && bw && br && bp)
+        p_get_rbio = gr, p_get_wbio = gw, p_bio_write = bw, p_bio_read = br, p_bio_pending = bp;
     Py_RETURN_TRUE;
 }
 
@@ -150,6 +167,218 @@ static PyObject *mod_bind(PyObject *m, PyObject *args) {
     return (PyObject *)d;
 }
 
+/* ------------------------------------------------------------------ StreamCore
+ * The per-request half of halb/dataplane/tls_stream.py's TlsStream (its base class): the
+ * raw connection's data_received and the application's write, once the handshake is done
+ * and `_bind_core` has taken the OpenSSL connection (the same checks as bind()). Incoming
+ * ciphertext goes into CPython's incoming memory BIO, records come out of SSL_read_ex into
+ * the application's data_received; written data goes through SSL_write_ex and the
+ * outgoing BIO's bytes to the raw transport's write. Anything but success (a partial
+ * record, close_notify, an alert, a failed write) and every state but "ready, not
+ * closing, reading" goes to the Python methods (_data_slow, _write_slow), which redo the
+ * step through CPython's ssl methods: errors are ssl.SSLObject's, as with Direct. */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *app;         /* the application protocol */
+    PyObject *app_data;    /* its bound data_received */
+    PyObject *raw_write;   /* the raw transport's bound write */
+    PyObject *sock;        /* the _ssl._SSLSocket owning `ssl` (NULL: not bound) */
+    SSL *ssl;
+    BIO *rbio, *wbio;
+    char ready, closing, read_paused;
+} StreamCore;
+
+static PyObject *s_data_slow, *s_write_slow, *s_data_received;
+
+static int core_traverse(StreamCore *self, visitproc visit, void *arg) {
+    Py_VISIT(self->app);
+    Py_VISIT(self->app_data);
+    Py_VISIT(self->raw_write);
+    Py_VISIT(self->sock);
+    return 0;
+}
+
+static int core_clear(StreamCore *self) {
+    Py_CLEAR(self->app);
+    Py_CLEAR(self->app_data);
+    Py_CLEAR(self->raw_write);
+    Py_CLEAR(self->sock);
+    self->ssl = NULL;
+    return 0;
+}
+
+static void core_dealloc(StreamCore *self) {
+    PyObject_GC_UnTrack(self);
+    core_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* the outgoing BIO's bytes to the raw transport (0, or -1 with an exception) */
+static int core_flush(StreamCore *self) {
+    size_t n = p_bio_pending(self->wbio);
+    if (n == 0)
+        return 0;
+    if (n > INT_MAX)
+        n = INT_MAX;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+    if (out == NULL)
+        return -1;
+    int got = p_bio_read(self->wbio, PyBytes_AS_STRING(out), (int)n);
+    if (got != (int)n) {  /* a memory BIO hands over what it reported; never expected */
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "TLS outgoing buffer read short");
+        return -1;
+    }
+    PyObject *r = PyObject_CallOneArg(self->raw_write, out);
+    Py_DECREF(out);
+    if (r == NULL)
+        return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *core_data_received(StreamCore *self, PyObject *data) {
+    if (self->sock == NULL || !self->ready || self->closing || self->read_paused || !PyBytes_CheckExact(data)
+        || PyBytes_GET_SIZE(data) > INT_MAX)
+        return PyObject_CallMethodOneArg((PyObject *)self, s_data_slow, data);
+    int len = (int)PyBytes_GET_SIZE(data);
+    if (len > 0 && p_bio_write(self->rbio, PyBytes_AS_STRING(data), len) != len)
+        return PyObject_CallMethodOneArg((PyObject *)self, s_data_slow, data);  /* it writes again */
+    char buf[RECORD_MAX];
+    for (;;) {
+        size_t n = 0;
+        if (p_read_ex(self->ssl, buf, RECORD_MAX, &n) != 1 || n == 0) {
+            /* a partial record, close_notify, an error: CPython's read classifies it */
+            PyObject *empty = PyBytes_FromStringAndSize(NULL, 0);
+            if (empty == NULL)
+                return NULL;
+            PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_data_slow, empty);
+            Py_DECREF(empty);
+            return r;
+        }
+        PyObject *chunk = PyBytes_FromStringAndSize(buf, (Py_ssize_t)n);
+        if (chunk == NULL)
+            return NULL;
+        PyObject *app_data = self->app_data;
+        Py_INCREF(app_data);  /* the application may replace itself (set_protocol) */
+        PyObject *r = PyObject_CallOneArg(app_data, chunk);
+        Py_DECREF(app_data);
+        Py_DECREF(chunk);
+        if (r == NULL)
+            return NULL;
+        Py_DECREF(r);
+        if (self->sock == NULL || self->closing || self->read_paused)
+            break;
+        if (p_bio_pending(self->rbio) == 0 && p_pending(self->ssl) == 0)
+            break;
+    }
+    if (self->sock != NULL && !self->closing && core_flush(self) < 0)  /* a key update's answer */
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *core_write(StreamCore *self, PyObject *data) {
+    if (self->sock == NULL || !self->ready || self->closing)
+        return PyObject_CallMethodOneArg((PyObject *)self, s_write_slow, data);
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        return PyObject_CallMethodOneArg((PyObject *)self, s_write_slow, data);
+    }
+    if (view.len == 0) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    size_t n = 0;
+    int ok = view.len <= INT_MAX && p_write_ex(self->ssl, view.buf, (size_t)view.len, &n) == 1
+             && n == (size_t)view.len;
+    PyBuffer_Release(&view);
+    if (!ok)  /* nothing was written (no partial writes on this connection): CPython's write decides */
+        return PyObject_CallMethodOneArg((PyObject *)self, s_write_slow, data);
+    if (core_flush(self) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* _bind_core(sslsock, app, raw_write) -> bool: take the connection for the fast path */
+static PyObject *core_bind(StreamCore *self, PyObject *args) {
+    PyObject *sock, *app, *raw_write;
+    if (!PyArg_ParseTuple(args, "OOO", &sock, &app, &raw_write))
+        return NULL;
+    if (p_get_rbio == NULL || strcmp(Py_TYPE(sock)->tp_name, "_ssl._SSLSocket") != 0)
+        Py_RETURN_FALSE;
+    SSL *ssl = ((cpython_sslsocket *)sock)->ssl;
+    if (ssl == NULL || p_get_ex_data(ssl, 0) != (void *)sock)
+        Py_RETURN_FALSE;
+    BIO *rb = p_get_rbio(ssl), *wb = p_get_wbio(ssl);
+    if (rb == NULL || wb == NULL)
+        Py_RETURN_FALSE;
+    PyObject *app_data = PyObject_GetAttr(app, s_data_received);
+    if (app_data == NULL)
+        return NULL;
+    Py_INCREF(sock);
+    Py_INCREF(raw_write);
+    Py_INCREF(app);
+    Py_XSETREF(self->sock, sock);
+    Py_XSETREF(self->raw_write, raw_write);
+    Py_XSETREF(self->app, app);
+    Py_XSETREF(self->app_data, app_data);
+    self->ssl = ssl, self->rbio = rb, self->wbio = wb;
+    Py_RETURN_TRUE;
+}
+
+/* _set_app(app): a new application protocol (set_protocol) */
+static PyObject *core_set_app(StreamCore *self, PyObject *app) {
+    PyObject *app_data = PyObject_GetAttr(app, s_data_received);
+    if (app_data == NULL)
+        return NULL;
+    Py_INCREF(app);
+    Py_XSETREF(self->app, app);
+    Py_XSETREF(self->app_data, app_data);
+    Py_RETURN_NONE;
+}
+
+/* _unbind_core(): back to the Python paths (the connection is ending) */
+static PyObject *core_unbind(StreamCore *self, PyObject *unused) {
+    Py_CLEAR(self->sock);
+    Py_CLEAR(self->raw_write);
+    Py_CLEAR(self->app_data);
+    self->ssl = NULL;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef core_methods[] = {
+    {"data_received", (PyCFunction)core_data_received, METH_O, "ciphertext from the socket (module doc)"},
+    {"write", (PyCFunction)core_write, METH_O, "plaintext from the application (module doc)"},
+    {"_bind_core", (PyCFunction)core_bind, METH_VARARGS, "take the OpenSSL connection for the fast path"},
+    {"_set_app", (PyCFunction)core_set_app, METH_O, "set the application protocol"},
+    {"_unbind_core", (PyCFunction)core_unbind, METH_NOARGS, "leave the fast path"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef core_members[] = {
+    {"app", T_OBJECT, offsetof(StreamCore, app), READONLY, "the application protocol (_set_app sets it)"},
+    {"ready", T_BOOL, offsetof(StreamCore, ready), 0, "handshake done, application connected"},
+    {"closing", T_BOOL, offsetof(StreamCore, closing), 0, "close() or abort() called, or the connection lost"},
+    {"read_paused", T_BOOL, offsetof(StreamCore, read_paused), 0, "the application paused reading"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyTypeObject StreamCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "halb.certs._tlsdirect.StreamCore",
+    .tp_basicsize = sizeof(StreamCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_dealloc = (destructor)core_dealloc,
+    .tp_traverse = (traverseproc)core_traverse,
+    .tp_clear = (inquiry)core_clear,
+    .tp_methods = core_methods,
+    .tp_members = core_members,
+    .tp_new = PyType_GenericNew,
+    .tp_doc = "the per-request half of a TLS stream (halb/dataplane/tls_stream.py)",
+};
+
 static PyMethodDef mod_methods[] = {
     {"load", mod_load, METH_O, "resolve libssl's functions through the _ssl extension at PATH"},
     {"bind", mod_bind, METH_VARARGS, "a Direct for an _ssl._SSLSocket, or None"},
@@ -159,7 +388,21 @@ static PyMethodDef mod_methods[] = {
 static struct PyModuleDef moddef = {PyModuleDef_HEAD_INIT, .m_name = "_tlsdirect", .m_size = -1, .m_methods = mod_methods};
 
 PyMODINIT_FUNC PyInit__tlsdirect(void) {
-    if (PyType_Ready(&DirectType) < 0)
+    if (PyType_Ready(&DirectType) < 0 || PyType_Ready(&StreamCoreType) < 0)
         return NULL;
-    return PyModule_Create(&moddef);
+    s_data_slow = PyUnicode_InternFromString("_data_slow");
+    s_write_slow = PyUnicode_InternFromString("_write_slow");
+    s_data_received = PyUnicode_InternFromString("data_received");
+    if (!s_data_slow || !s_write_slow || !s_data_received)
+        return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&StreamCoreType);
+    if (PyModule_AddObject(m, "StreamCore", (PyObject *)&StreamCoreType) < 0) {
+        Py_DECREF(&StreamCoreType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

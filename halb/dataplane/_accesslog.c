@@ -35,7 +35,7 @@ typedef struct {
 /* The most one record can take: nine strings of at most MAX_* bytes, each byte at most 6
    escaped ("\u00XX"), plus quotes, numbers and the field names. One grow() per record makes
    room for all of it, so the writers below never check. */
-#define LINE_MAX (6 * (8 * MAX_OTHER + MAX_PATH) + 18 + 512)
+#define RECORD_LINE_MAX (6 * (8 * MAX_OTHER + MAX_PATH) + 18 + 512)
 
 static int grow(Buf *b, Py_ssize_t need) {
     if (b->len + need <= b->cap) return 0;
@@ -160,7 +160,7 @@ static char cached_txt[32];
 static int format_record(Buf *b, double t1, PyObject *const *f, double wall_offset) {
     double t0 = PyFloat_AsDouble(f[0]);
     if (t0 == -1.0 && PyErr_Occurred()) return -1;
-    if (grow(b, LINE_MAX) < 0) return -1;
+    if (grow(b, RECORD_LINE_MAX) < 0) return -1;
     Py_ssize_t mark = b->len;
     double t = t1 + wall_offset;
     double dur = t0 != 0.0 ? t1 - t0 : -1.0;

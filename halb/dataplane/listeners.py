@@ -11,6 +11,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from halb.dataplane import tls_stream
 from halb.dataplane.accept_burst import BurstAcceptor
 from halb.dataplane.accept_burst import attach as attach_burst
 from halb.dataplane.routing import ServiceRuntime
@@ -20,6 +21,15 @@ log = logging.getLogger(__name__)
 IP_FREEBIND = getattr(socket, "IP_FREEBIND", 15)  # Linux value; not exported by Python
 BACKLOG = 4096
 TLS_HANDSHAKE_TIMEOUT = 10.0  # s; a connection is counted (max_connections) only once its handshake is done
+
+
+def tls_factory(loop: asyncio.AbstractEventLoop, ctx: Any, factory: Any) -> Any:
+    """A protocol factory that terminates TLS (tls_stream.TlsStream) in front of `factory`'s
+    protocols."""
+    def make() -> tls_stream.TlsStream:
+        return tls_stream.TlsStream(loop, ctx, factory(), TLS_HANDSHAKE_TIMEOUT)
+
+    return make
 
 
 def make_listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
@@ -82,7 +92,11 @@ class Listener:
         if relay is not None:  # accepts in batches itself: no server, no BurstAcceptor
             self.acceptor = relay.listen(self)
             return
-        tls = {} if self.ssl is None else {"ssl": self.ssl, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
+        tls: dict[str, Any] = {}
+        if self.ssl is not None and tls_stream.enabled():  # halb's own TLS transport (tls_stream.py)
+            factory = tls_factory(loop, self.ssl, factory)
+        elif self.ssl is not None:  # uvloop's SSL protocol (HALB_TLS_STREAM=0)
+            tls = {"ssl": self.ssl, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
         self.server = await loop.create_server(factory, sock=self.sock, backlog=BACKLOG, **tls)
         if self.closed:
             self.server.close()
