@@ -86,8 +86,9 @@ async def serve(stream_cls: type, ctx: ssl.SSLContext, apps: list[App], timeout:
 
 
 def tls_connect(port: int, ca: Path) -> ssl.SSLSocket:
+    """A TLS client for which an end without close_notify is an error (SSLEOFError), not b""."""
     raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-    return client_context(ca).wrap_socket(raw, server_hostname="tls.example")
+    return client_context(ca).wrap_socket(raw, server_hostname="tls.example", suppress_ragged_eofs=False)
 
 
 def recv_exactly(s: ssl.SSLSocket, n: int) -> bytes:
