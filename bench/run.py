@@ -324,6 +324,9 @@ def versions() -> dict[str, str]:
         "halb TLS record calls": first([PY, "-c", "from halb.certs.tls import tls_direct as a; "
                                         "print('C extension (halb.certs._tlsdirect)' if a() else "
                                         "'not built: CPython ssl methods')"]),
+        "halb TLS transport": first([PY, "-c", "from halb.dataplane import tls_stream as t; "
+                                     "print(f'halb tls_stream, {t.core_in_use()} core' if t.enabled() else "
+                                     "'uvloop SSLProtocol (HALB_TLS_STREAM=0)')"]),
     }
 
 

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable
 
 from halb.certs.tls import tls_direct
-from halb.dataplane import http_proxy
+from halb.dataplane import http_proxy, tls_stream
 from halb.dataplane.access_log import DEFAULT_BUFFER, AccessLog
 from halb.dataplane.client_drain import ClientDrain, DrainCounts
 from halb.dataplane.http_proxy import HttpClientConn
@@ -110,6 +110,8 @@ class DataPlane:
                  else "asyncio Protocols (extension not built, or HALB_TCP_RELAY=python)")
         log.info("TLS record calls: %s", "C (halb.certs._tlsdirect)" if tls_direct()
                  else "CPython's ssl methods (extension not built, or HALB_TLS_DIRECT=0)")
+        log.info("TLS transport: %s", f"halb's own, {tls_stream.core_in_use()} core" if tls_stream.enabled()
+                 else "uvloop's SSL protocol (HALB_TLS_STREAM=0)")
         self._apply(snapshot, initial=True)
         # let the servers start before returning, so callers can connect at once
         for lst in list(self.listeners.values()):
