@@ -32,6 +32,7 @@ def frontend_routes(frontends: dict[str, Any], listen_host: str) -> tuple[Fronte
         out.append(FrontendRoute(
             name=str(fe["name"]), listen_host=listen_host or "0.0.0.0", port=int(fe["port"]), tls=bool(fe["tls"]),
             http_port=int(fe.get("http_port") or 0), redirect_https=bool(fe.get("redirect_https")),
+            accept_proxy=bool(fe.get("accept_proxy")),
             default_service=str(fe.get("default_service") or ""), default_cert=str(fe.get("default_cert") or ""),
             routes=tuple(RouteEntry(str(r["host"]), str(r["path_prefix"]), str(r["service"]))
                          for r in fe.get("routes") or [])))

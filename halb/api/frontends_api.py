@@ -13,7 +13,8 @@ from aiohttp import web
 
 from halb.control.writer import WriteError
 
-FRONTEND_FIELDS = frozenset({"name", "port", "tls", "http_port", "redirect_https", "default_service", "default_cert"})
+FRONTEND_FIELDS = frozenset({"name", "port", "tls", "http_port", "redirect_https", "default_service", "default_cert",
+                             "accept_proxy"})
 ROUTE_FIELDS = frozenset({"host", "path_prefix", "service"})
 
 

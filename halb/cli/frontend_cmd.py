@@ -24,6 +24,8 @@ def frontend() -> None:
 @click.option("--tls", is_flag=True, help="Terminate TLS with the cluster's certificates (chosen by SNI).")
 @click.option("--http-port", type=int, default=0, help="Also serve plain HTTP on this port (TLS frontends).")
 @click.option("--redirect-https", is_flag=True, help="--http-port answers 308 to the https:// URL instead.")
+@click.option("--accept-proxy", is_flag=True, help="Every connection must start with a PROXY header (v1 or v2): "
+              "for a frontend behind another load balancer only; its source address is the client's.")
 @click.option("--default-service", default="", help="Service for requests no route matches (else 404).")
 @click.option("--default-cert", default="", help="Certificate for clients whose SNI matches none "
               "(default: the oldest certificate).")
@@ -31,9 +33,11 @@ def frontend() -> None:
 @click.pass_context
 @api_command
 def add(ctx: click.Context, name: str, port: int, tls: bool, http_port: int, redirect_https: bool,
-        default_service: str, default_cert: str, as_json: bool) -> None:
+        accept_proxy: bool, default_service: str, default_cert: str, as_json: bool) -> None:
     """Add frontend NAME."""
     body = {"name": name, "port": port, "tls": tls, "redirect_https": redirect_https}
+    if accept_proxy:
+        body["accept_proxy"] = True
     for key, value in (("http_port", http_port), ("default_service", default_service),
                        ("default_cert", default_cert)):
         if value:
@@ -43,6 +47,7 @@ def add(ctx: click.Context, name: str, port: int, tls: bool, http_port: int, red
         emit_json(res["frontend"])
         return
     extra = f", plain HTTP on {http_port}" + (" (redirects to HTTPS)" if redirect_https else "") if http_port else ""
+    extra += ", PROXY header required" if accept_proxy else ""
     click.echo(f"frontend {name} added: {'TLS' if tls else 'HTTP'} on port {port}{extra}")
 
 

@@ -402,7 +402,8 @@ def _acme_args(op: str, a: Any) -> dict[str, Any]:
 
 
 FRONTEND_OPS = ("frontend.add", "frontend.remove", "route.add", "route.remove")
-FRONTEND_KEYS = frozenset({"name", "port", "tls", "http_port", "redirect_https", "default_service", "default_cert"})
+FRONTEND_KEYS = frozenset({"name", "port", "tls", "http_port", "redirect_https", "default_service", "default_cert",
+                           "accept_proxy"})
 
 
 def _port(value: Any, what: str, *, optional: bool = False) -> int:
@@ -432,7 +433,8 @@ def frontend_args(op: str, a: Any) -> dict[str, Any]:
                "http_port": _port(a.get("http_port"), "http_port", optional=True),
                "redirect_https": _bool(a.get("redirect_https", False), "redirect_https"),
                "default_service": _optional_name(a.get("default_service"), "default service"),
-               "default_cert": _optional_name(a.get("default_cert"), "default certificate")}
+               "default_cert": _optional_name(a.get("default_cert"), "default certificate"),
+               "accept_proxy": _bool(a.get("accept_proxy", False), "accept_proxy")}
         if out["http_port"] and not out["tls"]:
             raise invalid("http_port is the plain-HTTP port of a TLS frontend: give tls, or use port alone "
                           "for a plain frontend")

@@ -105,6 +105,8 @@ def frontend_add(st: "ClusterState", args: dict[str, Any], cmd: dict[str, Any]) 
     kind = "TLS" if args["tls"] else "HTTP"
     extra = f", HTTP on {args['http_port']}" + (" redirecting to HTTPS" if args["redirect_https"] else "") \
         if args["http_port"] else ""
+    if args.get("accept_proxy"):
+        extra += ", PROXY header required"
     st.record(cmd, "frontend.added", f"frontend {name} added ({kind} on port {args['port']}{extra})", frontend=name)
     return _ok(frontend=record)
 

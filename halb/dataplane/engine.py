@@ -21,9 +21,8 @@ from halb.dataplane.access_log import DEFAULT_BUFFER, AccessLog
 from halb.dataplane.client_drain import ClientDrain, DrainCounts
 from halb.dataplane.http_proxy import HttpClientConn
 from halb.dataplane.listeners import Listener, listen_socket, relay_suits
-from halb.dataplane.local_errors import RateLimitedLog
 from halb.dataplane.options import ServiceOptions
-from halb.dataplane.proxy_protocol import ProxyHeaderGate
+from halb.dataplane.proxy_protocol import gate_for
 from halb.dataplane.routing import ServiceRuntime
 from halb.dataplane.snapshot import RoutingSnapshot, ServiceRoute
 from halb.dataplane.stats import merge_stats
@@ -31,7 +30,6 @@ from halb.dataplane import tcp_relay
 from halb.dataplane.tcp_proxy import TcpClientConn
 
 log = logging.getLogger(__name__)
-proxy_log = RateLimitedLog(logging.WARNING)
 
 SWEEP_INTERVAL = 0.25  # timeout granularity (s)
 # Idle pooled upstream connections are trimmed once a second (every sweep for a service
@@ -326,7 +324,7 @@ class DataPlane:
         def make() -> Any:
             opts = lst.rt.opts
             if opts.accept_proxy:  # read the PROXY header first (proxy_protocol.py)
-                return ProxyHeaderGate(conn(lst), opts.header_timeout, lambda why: _proxy_rejected(lst, why))
+                return gate_for(lst)(conn(lst))
             return conn(lst)
 
         return make
@@ -488,10 +486,3 @@ class DataPlane:
                         c.check(now)
             except Exception:  # the sweeper must survive anything
                 log.exception("data plane sweep failed")
-
-
-def _proxy_rejected(lst: Listener, why: str) -> None:
-    """A connection to an accept_proxy listener without a valid PROXY header: counted and
-    logged (rate-limited), then closed by the gate."""
-    lst.rt.rejected += 1
-    proxy_log("service %s: connection closed: %s (accept_proxy is on)", lst.rt.route.name, why)

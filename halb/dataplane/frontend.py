@@ -41,6 +41,7 @@ from halb.certs.tls import CertSet, server_context
 from halb.dataplane.frontend_routes import FrontendRoute, RouteTable
 from halb.dataplane.http_proxy import XFF, Exchange, HttpClientConn
 from halb.dataplane.listeners import Listener, listen_socket
+from halb.dataplane.proxy_protocol import gate_for
 from halb.dataplane.routing import ServiceRuntime
 from halb.dataplane.snapshot import ServiceRoute
 from halb.frontend_rules import HOST_RE, request_host
@@ -241,7 +242,7 @@ class FrontendListeners:
         wanted.add(key)
         lkey = ("https" if tls else "http", fe.listen_host, port)
         lst = self.listeners.get(key)
-        if lst is not None and lst.key == lkey and lst.redirect == redirect:
+        if lst is not None and lst.key == lkey and lst.redirect == redirect and lst.fe.accept_proxy == fe.accept_proxy:
             lst.setup(fe, table, redirect)  # routes and default change in place: next request sees them
             return
         if lst is not None:
@@ -257,6 +258,8 @@ class FrontendListeners:
                                port=sock.getsockname()[1]).setup(fe, table, redirect)
         if tls:
             lst.ssl = self._context(fe.name)
+        if fe.accept_proxy:  # the gate reads the header before anything else (TLS included)
+            lst.proxy_gate = gate_for(lst)
         self.listeners[key] = lst
         conn = RedirectConn if redirect else FrontendConn
         if self.engine.loop is not None:

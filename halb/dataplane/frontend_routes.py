@@ -34,6 +34,7 @@ class FrontendRoute:
     tls: bool = False
     http_port: int = 0
     redirect_https: bool = False
+    accept_proxy: bool = False  # every connection (both ports) starts with a PROXY header (proxy_protocol.py)
     default_service: str = ""
     default_cert: str = ""
     routes: tuple[RouteEntry, ...] = ()

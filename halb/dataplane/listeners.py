@@ -32,6 +32,13 @@ def tls_factory(loop: asyncio.AbstractEventLoop, ctx: Any, factory: Any) -> Any:
     return make
 
 
+def gated(factory: Any, gate: Any) -> Any:
+    def make() -> Any:
+        return gate(factory())
+
+    return make
+
+
 def make_listen_socket(host: str, port: int, backlog: int = BACKLOG) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
@@ -83,6 +90,8 @@ class Listener:
     acceptor: Any = None  # TCP mode on the C relay: tcp_relay.RelayAcceptor instead of a server
     ssl: Any = None  # an ssl.SSLContext: TLS is terminated here (frontends, frontend.py)
     frontend: str | None = None  # the frontend's name (frontend.py), for the access log
+    # wraps each new connection's protocol, outermost (a frontend's PROXY header gate: before TLS)
+    proxy_gate: Any = None
 
     async def serve(self, factory: Any) -> None:
         if self.closed:
@@ -93,10 +102,14 @@ class Listener:
             self.acceptor = relay.listen(self)
             return
         tls: dict[str, Any] = {}
-        if self.ssl is not None and tls_stream.enabled():  # halb's own TLS transport (tls_stream.py)
+        # halb's own TLS transport (tls_stream.py); uvloop's SSL protocol with HALB_TLS_STREAM=0,
+        # except behind a PROXY header gate, which must read before the handshake starts
+        if self.ssl is not None and (tls_stream.enabled() or self.proxy_gate is not None):
             factory = tls_factory(loop, self.ssl, factory)
-        elif self.ssl is not None:  # uvloop's SSL protocol (HALB_TLS_STREAM=0)
+        elif self.ssl is not None:
             tls = {"ssl": self.ssl, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
+        if self.proxy_gate is not None:
+            factory = gated(factory, self.proxy_gate)
         self.server = await loop.create_server(factory, sock=self.sock, backlog=BACKLOG, **tls)
         if self.closed:
             self.server.close()

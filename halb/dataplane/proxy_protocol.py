@@ -21,7 +21,10 @@ import logging
 import struct
 from typing import Any, Callable
 
+from halb.dataplane.local_errors import RateLimitedLog
+
 log = logging.getLogger(__name__)
+rejected_log = RateLimitedLog(logging.WARNING)
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
 V1_MAX = 107  # the spec's longest v1 line, CRLF included
@@ -180,3 +183,17 @@ class ProxyHeaderGate(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.on_reject(why)
             self.transport.close()
+
+
+def gate_for(lst: Any) -> Callable[[Any], ProxyHeaderGate]:
+    """Wraps a listener's new protocol in a gate with the listener's header_timeout; a
+    connection without a valid header is counted in the listener's `rejected` and logged
+    (rate-limited) before the gate closes it. Outermost: before TLS, on a TLS frontend."""
+    def rejected(why: str) -> None:
+        lst.rt.rejected += 1
+        rejected_log("%s: connection closed: %s (accept_proxy is on)", lst.rt.route.name, why)
+
+    def gate(inner: Any) -> ProxyHeaderGate:
+        return ProxyHeaderGate(inner, lst.rt.opts.header_timeout, rejected)
+
+    return gate

@@ -323,6 +323,10 @@ class _Stream(asyncio.Protocol):
     def is_reading(self) -> bool:
         return not self.read_paused and not self.closing
 
+    def set_proxied(self, addrs: Any) -> None:
+        """The client's addresses from a PROXY header read before TLS (proxy_protocol.py)."""
+        self.app.set_proxied(addrs)
+
     def set_protocol(self, protocol: Any) -> None:
         self._set_app(protocol)
 

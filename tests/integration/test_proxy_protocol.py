@@ -105,3 +105,55 @@ def test_accept_proxy_takes_the_client_address_and_refuses_connections_without_o
     assert raw == b""
     stats = c.get("n1", "/v1/dataplane?service=edge")[1]
     assert stats["services"]["edge"]["rejected"] >= 2, stats
+
+
+def test_frontend_accept_proxy_reads_the_header_before_tls_and_on_the_plain_port(cluster_factory, tmp_path):
+    """A TLS frontend behind another balancer: the PROXY header comes before the TLS
+    handshake (as HAProxy's `send-proxy` sends it), on the TLS port and on its plain port;
+    the backend's X-Forwarded-For is the header's address; no header: closed, counted."""
+    import ssl
+
+    from tests.certs_util import make_ca, make_leaf
+
+    c = cluster_factory(n=3)
+    client = Client(list(c.apis), c.token, 10, tls=c.tls)
+    backend = start_proxy_backend(c, "plain", "--no-proxy")
+    host = c.spec_of("n1").host
+    add_service(client, "edge", "http", free_port(), backend)
+    port, http_port = free_port(host), free_port(host)
+    out = c.cli("frontend", "add", "web", "--port", str(port), "--tls", "--http-port", str(http_port),
+                "--accept-proxy", "--default-service", "edge")
+    assert "PROXY header required" in out.stdout, out.stdout
+    ca = make_ca()
+    leaf = make_leaf(ca, ["shop.example"])
+    (tmp_path / "shop.pem").write_text(leaf.cert_pem + ca.cert_pem)
+    (tmp_path / "shop.key").write_text(leaf.key_pem())
+    c.cli("cert", "add", "shop", "--cert", str(tmp_path / "shop.pem"), "--key", str(tmp_path / "shop.key"))
+    tls = ssl.create_default_context(cadata=ca.cert_pem)
+    req = b"GET / HTTP/1.1\r\nHost: shop.example\r\nConnection: close\r\n\r\n"
+
+    def over_tls(proxy_header: bytes) -> bytes:
+        with socket.create_connection((host, port), timeout=5) as raw:
+            raw.sendall(proxy_header)
+            with tls.wrap_socket(raw, server_hostname="shop.example") as s:
+                s.sendall(req)
+                return b"".join(iter(lambda: s.recv(65536), b""))
+
+    wait_until(lambda: serving(host, port) and serving(host, http_port), 10, 0.05, "frontend listening")
+    for version, client_ip in (("v1", "203.0.113.7"), ("v2", "198.51.100.9")):
+        raw = wait_until(lambda: over_tls(header(version, ((client_ip, 40000), (host, port)))), 10, 0.1,
+                         "the certificate served")
+        assert raw.startswith(b"HTTP/1.1 200") and body_of(raw)["xff"] == client_ip, raw
+    raw, _ = exchange(host, http_port, header("v1", (("192.0.2.5", 1234), (host, http_port))) + req)
+    assert raw.startswith(b"HTTP/1.1 200") and body_of(raw)["xff"] == "192.0.2.5", raw
+    # no header: the TLS ClientHello (or a plain request) is not a PROXY header: closed
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        with socket.create_connection((host, port), timeout=5) as raw_sock:
+            with tls.wrap_socket(raw_sock, server_hostname="shop.example") as s:
+                s.sendall(req)
+                if not s.recv(65536):
+                    raise ConnectionError("closed without an answer")
+    raw, _ = exchange(host, http_port, req)
+    assert raw == b""
+    fe = [f for f in c.get("n1", "/v1/frontends")[1]["frontends"] if f["name"] == "web"][0]
+    assert fe["accept_proxy"] is True

@@ -25,7 +25,8 @@ def st() -> ClusterState:
 
 def test_frontend_and_routes_round_trip(st):
     assert apply(st, "frontend.add", name="web", port=8443, tls=True, http_port=8081, redirect_https=True,
-                 default_service="shop")["ok"]
+                 default_service="shop", accept_proxy=True)["ok"]
+    assert st.frontends["web"]["accept_proxy"] is True and "PROXY header required" in st.events[-1].message
     r = apply(st, "route.add", frontend="web", host="Shop.Example.", path_prefix="/api/", service="shop")
     assert r["ok"] and r["route"] == {"host": "shop.example", "path_prefix": "/api/", "service": "shop"}
     again = ClusterState.from_dict(st.to_dict())
@@ -80,6 +81,7 @@ def test_a_routed_service_cannot_be_removed(st):
     ("frontend.add", {"name": "web", "port": 443, "tls": True, "redirect_https": True}),  # no http_port
     ("frontend.add", {"name": "web", "port": 443, "tls": True, "http_port": 443}),
     ("frontend.add", {"name": "web", "port": 80, "default_cert": "x"}),
+    ("frontend.add", {"name": "web", "port": 80, "accept_proxy": "yes"}),
     ("frontend.add", {"name": "web", "port": 80, "extra": 1}),
     ("route.add", {"frontend": "web", "host": "a.example:80", "service": "shop"}),
     ("route.add", {"frontend": "web", "host": "a.example", "path_prefix": "api", "service": "shop"}),
