@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-unit test-integration bench bench-control chaos fuzz fuzz-http fuzz-tcp fuzz-api fuzz-raft lint clean status-page-screenshot
+.PHONY: venv demo test test-unit test-integration bench bench-control chaos fuzz fuzz-http fuzz-tcp fuzz-tls fuzz-accesslog fuzz-api fuzz-raft lint clean status-page-screenshot
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,8 @@ status-page-screenshot: $(STAMP)
 	HALB_STATUS_PAGE_SCREENSHOT=$(CURDIR)/docs/status-page.png $(BIN)/python -m pytest -q \
 		tests/integration/test_status_page_browser.py
 
-## Fuzz targets (not part of `test`): the C HTTP head parser, the C TCP relay, the admin API and the Raft port.
-fuzz: fuzz-http fuzz-tcp fuzz-api fuzz-raft
+## Fuzz targets (not part of `test`): the C HTTP head parser, the C TCP relay, the C TLS record paths, the C access-log formatter, the admin API and the Raft port.
+fuzz: fuzz-http fuzz-tcp fuzz-tls fuzz-accesslog fuzz-api fuzz-raft
 
 ## Memory-safety fuzz of the C HTTP head fast path under ASan + UBSan (60 s).
 fuzz-http: $(STAMP)
@@ -55,6 +55,14 @@ fuzz-tcp: $(STAMP)
 	$(BIN)/python tests/fuzz_tcprelay.py
 
 ## Random/mutated methods, paths, headers and bodies at a real node's admin API (60 s; --seconds to change).
+## Memory-safety run of the C TLS record paths (_tlsdirect.c: Direct, StreamCore) under ASan + UBSan (60 s).
+fuzz-tls: $(STAMP)
+	$(BIN)/python tests/fuzz_tls.py
+
+## Memory-safety run of the C access-log formatter (_accesslog.c) under ASan + UBSan (30 s).
+fuzz-accesslog: $(STAMP)
+	$(BIN)/python tests/fuzz_accesslog.py --seconds 30
+
 fuzz-api: $(STAMP)
 	$(BIN)/python tests/fuzz_api.py $(FUZZ_ARGS)
 

@@ -380,8 +380,9 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_accesslog",
-    "JSON lines of access-log records, formatted in C (halb/dataplane/access_log.py).", -1, methods,
+    PyModuleDef_HEAD_INIT, .m_name = "_accesslog",
+    .m_doc = "JSON lines of access-log records, formatted in C (halb/dataplane/access_log.py).",
+    .m_size = -1, .m_methods = methods,
 };
 
 PyMODINIT_FUNC PyInit__accesslog(void) {
