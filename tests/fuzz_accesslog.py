@@ -24,15 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fuzz(moddir: str, seconds: int) -> int:
-    sys.path.insert(0, moddir)
-    sys.path.insert(0, str(ROOT))
-    import _accesslog as sanitized  # the sanitized build
-
-    from halb.dataplane import access_log
-
-    if not sanitized_build.sanitized_module_loaded(moddir):
-        print("error: the sanitized build or the ASan runtime is not loaded", file=sys.stderr)
+    sanitized = sanitized_build.load_sanitized(moddir, "_accesslog")
+    if sanitized is None:
         return 2
+    from halb.dataplane import access_log
     rng = random.Random(1)
 
     def blob() -> bytes | None:

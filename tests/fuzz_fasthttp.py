@@ -23,12 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fuzz(moddir: str, seconds: int) -> int:
-    sys.path.insert(0, moddir)
-    sys.path.insert(0, str(ROOT / "tests" / "unit"))
-    import _fasthttp as fast  # the sanitized build
-
-    if not sanitized_build.sanitized_module_loaded(moddir):
-        print("error: the sanitized build or the ASan runtime is not loaded", file=sys.stderr)
+    fast = sanitized_build.load_sanitized(moddir, "_fasthttp", ROOT / "tests" / "unit")
+    if fast is None:
         return 2
     import test_fasthttp as gen  # the differential tests' generators
 

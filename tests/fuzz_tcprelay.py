@@ -24,17 +24,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fuzz(moddir: str, seconds: int) -> int:
-    sys.path.insert(0, moddir)
-    sys.path.insert(0, str(ROOT))
-    import _tcprelay as sanitized  # the sanitized build
+    sanitized = sanitized_build.load_sanitized(moddir, "_tcprelay")
+    if sanitized is None:
+        return 2
 
     from halb.dataplane import tcp_relay
     from halb.dataplane.testing import run
     from tests.relay_stress import stress
 
-    if not sanitized_build.sanitized_module_loaded(moddir):
-        print("error: the sanitized build or the ASan runtime is not loaded", file=sys.stderr)
-        return 2
     tcp_relay.Relay = sanitized.Relay
     rng = random.Random(1)
     rounds = conns = checked = 0

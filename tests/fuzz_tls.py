@@ -104,11 +104,11 @@ def client(port: int, ca: str, rng: random.Random, stats: dict[str, int]) -> Non
 
 
 def fuzz(moddir: str, seconds: int) -> int:
-    sys.path.insert(0, moddir)
-    sys.path.insert(0, str(ROOT))
+    sanitized = sanitized_build.load_sanitized(moddir, "_tlsdirect")
+    if sanitized is None:
+        return 2
     import _ssl
 
-    import _tlsdirect as sanitized  # the sanitized build
     import uvloop
 
     from halb.certs import tls as tls_mod
@@ -116,9 +116,6 @@ def fuzz(moddir: str, seconds: int) -> int:
     from halb.dataplane import tls_stream
     from tests.certs_util import make_ca, make_leaf
 
-    if not sanitized_build.sanitized_module_loaded(moddir):
-        print("error: the sanitized build or the ASan runtime is not loaded", file=sys.stderr)
-        return 2
     if not sanitized.load(_ssl.__file__):
         print("SKIP: libssl's functions not found through _ssl")
         return 0

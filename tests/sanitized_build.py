@@ -9,6 +9,7 @@ finding aborts the child with the sanitizer's report and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import sys
 import sysconfig
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,6 +43,20 @@ def build_and_rerun(source: str, module: str, script: str, seconds: int, extra_c
                               env=env, cwd=str(ROOT)).returncode
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_sanitized(moddir: str, module: str, *paths: Path) -> Any | None:
+    """In the child: import the sanitized `module` from `moddir` (`paths` go on sys.path
+    too, the repository by default). None, reported, when this process did not load the
+    sanitized build with the ASan runtime (the fuzz then proves nothing)."""
+    for path in (paths or (ROOT,)):
+        sys.path.insert(0, str(path))
+    sys.path.insert(0, moddir)
+    mod = importlib.import_module(module)
+    if not sanitized_module_loaded(moddir):
+        print("error: the sanitized build or the ASan runtime is not loaded", file=sys.stderr)
+        return None
+    return mod
 
 
 def sanitized_module_loaded(moddir: str) -> bool:
