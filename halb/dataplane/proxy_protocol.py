@@ -189,9 +189,11 @@ def gate_for(lst: Any) -> Callable[[Any], ProxyHeaderGate]:
     """Wraps a listener's new protocol in a gate with the listener's header_timeout; a
     connection without a valid header is counted in the listener's `rejected` and logged
     (rate-limited) before the gate closes it. Outermost: before TLS, on a TLS frontend."""
+    who = f"frontend {lst.frontend}" if lst.frontend else f"service {lst.rt.route.name}"
+
     def rejected(why: str) -> None:
         lst.rt.rejected += 1
-        rejected_log("%s: connection closed: %s (accept_proxy is on)", lst.rt.route.name, why)
+        rejected_log("%s: connection closed: %s (accept_proxy is on)", who, why)
 
     def gate(inner: Any) -> ProxyHeaderGate:
         return ProxyHeaderGate(inner, lst.rt.opts.header_timeout, rejected)
