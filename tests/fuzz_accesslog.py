@@ -2,7 +2,7 @@
 `make test`).
 
 tests/unit/test_access_log_format.py shows the C and Python formatters write the same
-bytes; this shows `_accesslog.c` (`Lines.add`/`add_at`/`take`, `format_lines`) does so
+bytes; this shows `_accesslog.c` (`Lines.add`/`add_at`/`take`) does so
 without reading or writing out of bounds on any input: for --seconds it feeds records of
 random hostile bytes and lengths around every limit (MAX_PATH, MAX_HOST, the 6-byte
 escapes that make a line's worst case), huge and negative numbers, wrong types (which
@@ -51,9 +51,6 @@ def fuzz(moddir: str, seconds: int) -> int:
         recs = [record() for _ in range(rng.randrange(1, 300))]
         offset = rng.choice([0.0, 1.7e9])
         want = access_log.py_format_lines(recs, offset)
-        if sanitized.format_lines(recs, offset) != want:
-            print("format_lines differs from the Python formatter", file=sys.stderr)
-            return 1
         pending = sanitized.Lines()
         pending.wall_offset = offset
         for r in recs:

@@ -1,14 +1,14 @@
 /*
- * halb.dataplane._accesslog: formats a batch of access-log records as JSON lines in C.
+ * halb.dataplane._accesslog: formats access-log records as JSON lines in C.
  *
  * Why: formatting one line in Python (a %-format of 14 values, JSON escaping of the values a
  * client sent, the timestamp, the duration) cost ~3-5 us, as much as a third of what the
  * whole proxied request costs; the access log's target is >= 0.9x the speed without it.
- * This does the same work in one pass per batch. halb/dataplane/access_log.py keeps a
+ * This does the same work in one pass per record. halb/dataplane/access_log.py keeps a
  * pure-Python formatter with the same output (tests compare both) for builds without a C
  * compiler.
  *
- * format_lines(records, wall_offset) -> bytes: each record a 14-tuple
+ * Lines (below): add(...) / add_at(end, ...) format one record each; a record is 14 values
  *   (end: float, start: float (0: unknown, duration null), request_id: bytes|None, client: bytes,
  *    frontend: str|None, service: str|None, host: bytes|None, method: bytes, url: bytes,
  *    status: int, bytes: int, backend: str|None, attempts: int, tls: str|None)
@@ -225,41 +225,6 @@ fail:
     return -1;
 }
 
-PyDoc_STRVAR(format_lines_doc, "format_lines(records, wall_offset) -> bytes: JSON lines of access-log records (module doc).");
-
-static PyObject *format_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "format_lines(records, wall_offset)");
-        return NULL;
-    }
-    PyObject *records = args[0];
-    double wall_offset = PyFloat_AsDouble(args[1]);
-    if (wall_offset == -1.0 && PyErr_Occurred()) return NULL;
-    if (!PyList_Check(records)) {
-        PyErr_SetString(PyExc_TypeError, "format_lines: a list of records");
-        return NULL;
-    }
-    Buf b = {NULL, 0, 0};
-    Py_ssize_t count = PyList_GET_SIZE(records);
-    if (grow(&b, count * 320 + 64) < 0) return NULL;  /* a typical line is ~260 bytes: no realloc copies */
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *r = PyList_GET_ITEM(records, i);
-        if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 14) {
-            PyErr_SetString(PyExc_TypeError, "format_lines: each record is a 14-tuple");
-            goto fail;
-        }
-        double t1 = PyFloat_AsDouble(PyTuple_GET_ITEM(r, 0));
-        if (t1 == -1.0 && PyErr_Occurred()) goto fail;
-        if (format_record(&b, t1, &PyTuple_GET_ITEM(r, 1), wall_offset) < 0) goto fail;
-    }
-    PyObject *out = PyBytes_FromStringAndSize(b.p ? b.p : "", b.len);
-    PyMem_Free(b.p);
-    return out;
-fail:
-    PyMem_Free(b.p);
-    return NULL;
-}
-
 /* ------------------------------------------------------------------ Lines
    The request path's side: add() formats one record at once into a buffer the object keeps
    (no tuple per request, no request objects held until a flush) and reads the end time from
@@ -375,7 +340,6 @@ static PyTypeObject LinesType = {
 };
 
 static PyMethodDef methods[] = {
-    {"format_lines", (PyCFunction)(void (*)(void))format_lines, METH_FASTCALL, format_lines_doc},
     {NULL, NULL, 0, NULL},
 };
 

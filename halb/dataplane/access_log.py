@@ -63,12 +63,10 @@ _ESC = [chr(c) if 0x20 <= c < 0x7f and c not in (0x22, 0x5c) else ("\\" + chr(c)
         "\\u%04x" % c) for c in range(256)]
 
 # the C formatter (halb/dataplane/_accesslog.c); HALB_ACCESS_LOG_ACCEL=0 uses the Python one
-format_lines: Any = None
 CLines: Any = None
 if os.environ.get("HALB_ACCESS_LOG_ACCEL", "1") != "0":
     try:
         from halb.dataplane._accesslog import Lines as CLines
-        from halb.dataplane._accesslog import format_lines
     except ImportError:  # built without a C compiler
         pass
 
@@ -101,7 +99,7 @@ def _ms(dur: float) -> bytes:
 
 
 def py_format_lines(records: list[tuple[Any, ...]], wall_offset: float) -> bytes:
-    """The pure-Python formatter: the same bytes as _accesslog.format_lines (tests compare)."""
+    """The pure-Python formatter: the same bytes as _accesslog.Lines (tests compare)."""
     out = []
     for (t1, t0, rid, peer, fe, service, host, method, url, status, sent, backend, attempts, tls) in records:
         t = t1 + wall_offset
