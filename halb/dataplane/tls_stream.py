@@ -166,9 +166,7 @@ class _Stream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self._unbind_core()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         if self.ready and not self.app_lost:
             self.app_lost = True
             self.app.connection_lost(exc)
@@ -193,9 +191,7 @@ class _Stream(asyncio.Protocol):
             self._give_up(f"TLS handshake failed: {exc!r}", graceful=True)
             return
         self._flush()
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         self.ready = True
         self._bind_core(self.sslobj._sslobj, self.app, self.raw.write)
         self.app.connection_made(self)
@@ -240,6 +236,11 @@ class _Stream(asyncio.Protocol):
         if self.outgoing.pending and self.raw is not None and not self.raw.is_closing():
             self.raw.write(self.outgoing.read())
 
+    def _stop_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
     def _handshake_timed_out(self) -> None:
         self.timer = None
         if not self.ready:
@@ -248,9 +249,7 @@ class _Stream(asyncio.Protocol):
     def _give_up(self, why: str, graceful: bool = False) -> None:
         log.debug("TLS connection %s: %s", self.raw.get_extra_info("peername") if self.raw else "?", why)
         self.closing = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        self._stop_timer()
         if self.raw is not None:
             if graceful:
                 self.raw.close()  # after the alert
