@@ -150,14 +150,24 @@ static PyObject *mod_load(PyObject *m, PyObject *arg) {
 }
 
 /* bind(sslsock, read, write) -> Direct or None */
+/* The OpenSSL connection of CPython's _ssl._SSLSocket `sock`, or NULL when `sock` is not one
+ * or the pointer read from it is not the connection CPython owns (module doc): bind() and
+ * StreamCore's _bind_core take a connection only through this check. */
+static SSL *checked_ssl(PyObject *sock) {
+    if (p_read_ex == NULL || strcmp(Py_TYPE(sock)->tp_name, "_ssl._SSLSocket") != 0)
+        return NULL;
+    SSL *ssl = ((cpython_sslsocket *)sock)->ssl;
+    if (ssl == NULL || p_get_ex_data(ssl, 0) != (void *)sock)  /* SSL_get_app_data: CPython's own object */
+        return NULL;
+    return ssl;
+}
+
 static PyObject *mod_bind(PyObject *m, PyObject *args) {
     PyObject *sock, *rd, *wr;
     if (!PyArg_ParseTuple(args, "OOO", &sock, &rd, &wr))
         return NULL;
-    if (p_read_ex == NULL || strcmp(Py_TYPE(sock)->tp_name, "_ssl._SSLSocket") != 0)
-        Py_RETURN_NONE;
-    SSL *ssl = ((cpython_sslsocket *)sock)->ssl;
-    if (ssl == NULL || p_get_ex_data(ssl, 0) != (void *)sock)  /* SSL_get_app_data: CPython's own object */
+    SSL *ssl = checked_ssl(sock);
+    if (ssl == NULL)
         Py_RETURN_NONE;
     Direct *d = PyObject_New(Direct, &DirectType);
     if (d == NULL)
@@ -170,7 +180,7 @@ static PyObject *mod_bind(PyObject *m, PyObject *args) {
 /* ------------------------------------------------------------------ StreamCore
  * The per-request half of halb/dataplane/tls_stream.py's TlsStream (its base class): the
  * raw connection's data_received and the application's write, once the handshake is done
- * and `_bind_core` has taken the OpenSSL connection (the same checks as bind()). Incoming
+ * and `_bind_core` has taken the OpenSSL connection (checked_ssl, as bind()). Incoming
  * ciphertext goes into CPython's incoming memory BIO, records come out of SSL_read_ex into
  * the application's data_received; written data goes through SSL_write_ex and the
  * outgoing BIO's bytes to the raw transport's write. Anything but success (a partial
@@ -306,10 +316,8 @@ static PyObject *core_bind(StreamCore *self, PyObject *args) {
     PyObject *sock, *app, *raw_write;
     if (!PyArg_ParseTuple(args, "OOO", &sock, &app, &raw_write))
         return NULL;
-    if (p_get_rbio == NULL || strcmp(Py_TYPE(sock)->tp_name, "_ssl._SSLSocket") != 0)
-        Py_RETURN_FALSE;
-    SSL *ssl = ((cpython_sslsocket *)sock)->ssl;
-    if (ssl == NULL || p_get_ex_data(ssl, 0) != (void *)sock)
+    SSL *ssl = p_get_rbio != NULL ? checked_ssl(sock) : NULL;
+    if (ssl == NULL)
         Py_RETURN_FALSE;
     BIO *rb = p_get_rbio(ssl), *wb = p_get_wbio(ssl);
     if (rb == NULL || wb == NULL)
